@@ -1,0 +1,186 @@
+//! A subscription client: prints a view's changes as JSON lines and resumes
+//! with its last token when the connection drops.
+
+use crate::token;
+use ndc_proto::v1::subscribe_request::Start;
+use ndc_proto::v1::subscription_client::SubscriptionClient;
+use ndc_proto::v1::{Change, Latest, Op, Snapshot, SubscribeRequest, subscribe_response};
+use serde_json::{Value, json};
+use std::time::Duration;
+use tracing::warn;
+
+/// Where to start reading.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum From {
+    Snapshot,
+    Latest,
+    Token(String),
+}
+
+impl std::str::FromStr for From {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "snapshot" => From::Snapshot,
+            "latest" => From::Latest,
+            token => From::Token(token.to_string()),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SubscribeOptions {
+    /// `host:port` or a full `http://` URL.
+    pub addr: String,
+    pub view: String,
+    pub from: From,
+    pub keys: Vec<String>,
+    pub fields: Vec<String>,
+    /// Stop after this many changes (snapshot rows included).
+    pub limit: Option<u64>,
+    /// Also emit progress lines.
+    pub progress: bool,
+    /// Reconnect with the last token when the stream breaks.
+    pub reconnect: bool,
+}
+
+fn endpoint(addr: &str) -> String {
+    if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+fn op_name(op: i32) -> &'static str {
+    match Op::try_from(op) {
+        Ok(Op::Insert) => "insert",
+        Ok(Op::Update) => "update",
+        Ok(Op::Delete) => "delete",
+        Ok(Op::Truncate) => "truncate",
+        Ok(Op::Read) => "read",
+        _ => "unknown",
+    }
+}
+
+fn parse_or_string(text: Option<&str>) -> Value {
+    match text {
+        None => Value::Null,
+        Some(t) => serde_json::from_str(t).unwrap_or_else(|_| Value::String(t.to_string())),
+    }
+}
+
+/// One change as the JSON line `ndc subscribe` prints.
+pub fn change_json(view: &str, c: &Change, resume_token: Option<String>) -> Value {
+    let source = c.source.clone().unwrap_or_default();
+    json!({
+        "view": view,
+        "seq": c.seq,
+        "op": op_name(c.op),
+        "key": parse_or_string(Some(&c.key_json)).clone(),
+        "before": parse_or_string(c.before_json.as_deref()),
+        "after": parse_or_string(c.after_json.as_deref()),
+        "source": {
+            "table": source.table, "db": source.db, "ts_ms": source.ts_ms, "lsn": source.lsn,
+            "tx_id": source.tx_id, "snapshot": source.snapshot, "stream": source.stream, "offset": source.offset,
+        },
+        "committed_at_ms": c.committed_at_ms,
+        "resume_token": resume_token,
+    })
+}
+
+/// Streams a view, handing each output line to `emit` (return false to
+/// stop). Returns when `limit` is reached, `emit` says stop, or on an error
+/// that reconnecting cannot fix.
+pub async fn subscribe(
+    opts: SubscribeOptions,
+    mut emit: impl FnMut(Value) -> bool,
+) -> anyhow::Result<()> {
+    let mut from = opts.from.clone();
+    let mut seen = 0u64;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let result: anyhow::Result<bool> = async {
+            let mut client = SubscriptionClient::connect(endpoint(&opts.addr)).await?;
+            let start = match &from {
+                From::Snapshot => Start::Snapshot(Snapshot {}),
+                From::Latest => Start::Latest(Latest {}),
+                From::Token(t) => Start::ResumeToken(t.clone()),
+            };
+            let request = SubscribeRequest {
+                view: opts.view.clone(),
+                start: Some(start),
+                keys: opts.keys.clone(),
+                fields: opts.fields.clone(),
+                max_batch_size: 0,
+            };
+            let mut stream = client.subscribe(request).await?.into_inner();
+            backoff = Duration::from_millis(200);
+            while let Some(msg) = stream.message().await? {
+                match msg.kind {
+                    Some(subscribe_response::Kind::Batch(b)) => {
+                        let incarnation = token::peek(&b.resume_token).map(|(_, p)| p.incarnation);
+                        for c in &b.changes {
+                            let t = match (incarnation, c.seq) {
+                                (Some(inc), seq) if seq > 0 => Some(token::encode(&opts.view, inc, seq)),
+                                _ => None,
+                            };
+                            seen += 1;
+                            if !emit(change_json(&opts.view, c, t)) {
+                                return Ok(true);
+                            }
+                            if opts.limit.is_some_and(|l| seen >= l) {
+                                return Ok(true);
+                            }
+                        }
+                        if b.snapshot_complete {
+                            if !emit(json!({"view": opts.view, "snapshot_complete": true, "resume_token": b.resume_token})) {
+                                return Ok(true);
+                            }
+                        }
+                        if !b.resume_token.is_empty() {
+                            from = From::Token(b.resume_token.clone());
+                        }
+                    }
+                    Some(subscribe_response::Kind::Progress(p)) => {
+                        from = From::Token(p.resume_token.clone());
+                        if opts.progress
+                            && !emit(json!({"view": opts.view, "progress": {
+                                "committed_seq": p.committed_seq, "server_time_ms": p.server_time_ms,
+                                "resume_token": p.resume_token}}))
+                        {
+                            return Ok(true);
+                        }
+                    }
+                    None => {}
+                }
+            }
+            Ok(false)
+        }
+        .await;
+        match result {
+            Ok(true) => return Ok(()),
+            Ok(false) if !opts.reconnect => return Ok(()),
+            Err(e) if !opts.reconnect || is_final(&e) => return Err(e),
+            Ok(false) => warn!("stream ended; resuming"),
+            Err(e) => warn!(error = %e, "subscription interrupted; resuming from the last token"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Errors that reconnecting cannot fix (bad request, unknown view ...).
+fn is_final(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<tonic::Status>().is_some_and(|s| {
+        matches!(
+            s.code(),
+            tonic::Code::InvalidArgument
+                | tonic::Code::NotFound
+                | tonic::Code::FailedPrecondition
+                | tonic::Code::OutOfRange
+                | tonic::Code::PermissionDenied
+                | tonic::Code::Unauthenticated
+        )
+    })
+}

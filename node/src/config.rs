@@ -1,0 +1,665 @@
+//! Node configuration: YAML file, then environment overrides, then
+//! validation. Every key is documented in `docs/configuration.md`.
+//!
+//! Environment variables `NDC__A__B=value` set key `a.b` (numbers index
+//! lists: `NDC__VIEWS__0__NAME`); values are read as YAML scalars.
+
+use ndc_operators::Format;
+use serde::{Deserialize, Deserializer, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Prefix of environment overrides.
+pub const ENV_PREFIX: &str = "NDC__";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    pub node: NodeSection,
+    /// Absent: no Kafka (file sources only; dead letters go to a file).
+    pub kafka: Option<KafkaSection>,
+    pub storage: StorageSection,
+    pub pipeline: PipelineSection,
+    pub subscriptions: SubscriptionSection,
+    pub changelog: ChangelogSection,
+    pub dead_letter: DeadLetterSection,
+    pub views: Vec<ViewConfig>,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            node: NodeSection::default(),
+            kafka: None,
+            storage: StorageSection::default(),
+            pipeline: PipelineSection::default(),
+            subscriptions: SubscriptionSection::default(),
+            changelog: ChangelogSection::default(),
+            dead_letter: DeadLetterSection::default(),
+            views: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeSection {
+    pub id: String,
+    pub data_dir: PathBuf,
+    pub grpc_listen: SocketAddr,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub http_listen: SocketAddr,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        NodeSection {
+            id: "ndc-0".into(),
+            data_dir: PathBuf::from("ndc-data"),
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StartFrom {
+    Earliest,
+    Latest,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaSection {
+    pub bootstrap_servers: String,
+    pub client_id: String,
+    /// Group under which offsets are committed for lag tooling only; the
+    /// node's own offsets live in RocksDB with its state.
+    pub group_id: String,
+    /// Where to start a partition that has no stored offset.
+    pub start_from: StartFrom,
+    pub dead_letter_topic: String,
+    /// Extra librdkafka properties (TLS, SASL, timeouts ...).
+    pub properties: BTreeMap<String, String>,
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// How often topic metadata is checked for missing topics and new partitions.
+    #[serde(with = "humantime_serde")]
+    pub metadata_refresh: Duration,
+}
+
+impl Default for KafkaSection {
+    fn default() -> Self {
+        KafkaSection {
+            bootstrap_servers: "127.0.0.1:9092".into(),
+            client_id: "ndc".into(),
+            group_id: "ndc".into(),
+            start_from: StartFrom::Earliest,
+            dead_letter_topic: "ndc.dead-letter".into(),
+            properties: BTreeMap::new(),
+            commit_interval: Duration::from_secs(5),
+            metadata_refresh: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageSection {
+    pub block_cache: ByteSize,
+    pub write_buffer: ByteSize,
+    /// fsync every commit (survives power loss, not only a process crash).
+    pub sync_commits: bool,
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        StorageSection {
+            block_cache: ByteSize(128 << 20),
+            write_buffer: ByteSize(128 << 20),
+            sync_commits: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineSection {
+    pub max_batch_records: usize,
+    #[serde(with = "humantime_serde")]
+    pub max_batch_delay: Duration,
+    /// Records (key + value) above this go to the dead-letter sink.
+    pub max_record_bytes: ByteSize,
+    /// Decoded records buffered between sources and the state writer.
+    pub channel_capacity: usize,
+}
+
+impl Default for PipelineSection {
+    fn default() -> Self {
+        PipelineSection {
+            max_batch_records: 5000,
+            max_batch_delay: Duration::from_millis(5),
+            max_record_bytes: ByteSize(1 << 20),
+            channel_capacity: 20_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SubscriptionSection {
+    /// Changes per batch unless the client asks for fewer.
+    pub max_batch_size: u32,
+    /// Batches buffered per subscriber before the server stops reading for it.
+    pub buffer_batches: usize,
+    /// Progress message after this long without changes.
+    #[serde(with = "humantime_serde")]
+    pub progress_interval: Duration,
+    pub max_subscribers: usize,
+}
+
+impl Default for SubscriptionSection {
+    fn default() -> Self {
+        SubscriptionSection {
+            max_batch_size: 1000,
+            buffer_batches: 4,
+            progress_interval: Duration::from_secs(5),
+            max_subscribers: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChangelogSection {
+    /// Changes kept per view (0: no count limit).
+    pub retention_events: u64,
+    /// Changes older than this are dropped.
+    #[serde(with = "humantime_serde")]
+    pub retention_period: Duration,
+    #[serde(with = "humantime_serde")]
+    pub trim_interval: Duration,
+}
+
+impl Default for ChangelogSection {
+    fn default() -> Self {
+        ChangelogSection {
+            retention_events: 50_000_000,
+            retention_period: Duration::from_secs(7 * 24 * 3600),
+            trim_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeadLetterSection {
+    /// File for dead letters when there is no Kafka (default:
+    /// `<data_dir>/dead-letter.ndjson`).
+    pub file: Option<PathBuf>,
+}
+
+/// A replicated table served to subscribers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViewConfig {
+    pub name: String,
+    /// Primary-key columns; empty: the Kafka message key.
+    #[serde(default)]
+    pub key_columns: Vec<String>,
+    pub sources: Vec<SourceConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub enum SourceConfig {
+    Kafka(KafkaSourceConfig),
+    /// Newline-delimited Debezium JSON (an agency's initial export).
+    File(FileSourceConfig),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSourceConfig {
+    pub topic: String,
+    #[serde(default)]
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSourceConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub format: Format,
+}
+
+/// A size in bytes, written as a number or with a unit (`64MiB`, `1GB`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn as_usize(self) -> usize {
+        usize::try_from(self.0).unwrap_or(usize::MAX)
+    }
+
+    fn parse(text: &str) -> Result<ByteSize, String> {
+        let t = text.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{text:?} is not a size (e.g. 512KiB, 64MiB)"))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "kb" => 1000,
+            "kib" | "k" => 1 << 10,
+            "mb" => 1_000_000,
+            "mib" | "m" => 1 << 20,
+            "gb" => 1_000_000_000,
+            "gib" | "g" => 1 << 30,
+            other => return Err(format!("unknown size unit {other:?} in {text:?}")),
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{text:?} is too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Everything wrong with a configuration, each naming its key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid YAML: {message}")]
+    Yaml { path: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+    #[error("invalid configuration:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    Many(Vec<ConfigError>),
+}
+
+impl NodeConfig {
+    /// Loads a YAML file and applies `NDC__*` overrides from the process
+    /// environment, then validates.
+    pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_yaml_with_env(&text, &path.display().to_string(), std::env::vars())
+    }
+
+    /// Parses YAML text, applies the given `NDC__*` variables, validates.
+    pub fn from_yaml_with_env(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<NodeConfig, ConfigError> {
+        let mut value: serde_norway::Value = if text.trim().is_empty() {
+            serde_norway::Value::Mapping(Default::default())
+        } else {
+            serde_norway::from_str(text).map_err(|e| ConfigError::Yaml {
+                path: origin.to_string(),
+                message: e.to_string(),
+            })?
+        };
+        let mut vars: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        vars.sort();
+        for (var, raw) in vars {
+            apply_override(&mut value, &var, &raw)?;
+        }
+        let config: NodeConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::Invalid {
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
+                message: e.into_inner().to_string(),
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks cross-field rules; reports every problem at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        let mut bad = |key: String, message: &str| {
+            errors.push(ConfigError::Invalid {
+                key,
+                message: message.to_string(),
+            })
+        };
+        if self.node.id.trim().is_empty() {
+            bad("node.id".into(), "must not be empty");
+        }
+        if self.node.data_dir.as_os_str().is_empty() {
+            bad("node.data_dir".into(), "must not be empty");
+        }
+        if let Some(k) = &self.kafka {
+            if k.bootstrap_servers.trim().is_empty() {
+                bad("kafka.bootstrap_servers".into(), "must not be empty");
+            }
+            if k.dead_letter_topic.trim().is_empty() {
+                bad("kafka.dead_letter_topic".into(), "must not be empty");
+            }
+            if k.group_id.trim().is_empty() {
+                bad("kafka.group_id".into(), "must not be empty");
+            }
+        }
+        if self.pipeline.max_batch_records == 0 {
+            bad("pipeline.max_batch_records".into(), "must be at least 1");
+        }
+        if self.pipeline.channel_capacity == 0 {
+            bad("pipeline.channel_capacity".into(), "must be at least 1");
+        }
+        if self.pipeline.max_record_bytes.0 < 64 {
+            bad(
+                "pipeline.max_record_bytes".into(),
+                "must be at least 64 bytes",
+            );
+        }
+        if self.storage.block_cache.0 < (1 << 20) {
+            bad("storage.block_cache".into(), "must be at least 1MiB");
+        }
+        if self.storage.write_buffer.0 < (4 << 20) {
+            bad("storage.write_buffer".into(), "must be at least 4MiB");
+        }
+        if self.subscriptions.max_batch_size == 0 {
+            bad("subscriptions.max_batch_size".into(), "must be at least 1");
+        }
+        if self.subscriptions.buffer_batches == 0 {
+            bad("subscriptions.buffer_batches".into(), "must be at least 1");
+        }
+        if self.subscriptions.max_subscribers == 0 {
+            bad("subscriptions.max_subscribers".into(), "must be at least 1");
+        }
+        if self.subscriptions.progress_interval < Duration::from_millis(10) {
+            bad(
+                "subscriptions.progress_interval".into(),
+                "must be at least 10ms",
+            );
+        }
+        if self.views.is_empty() {
+            bad("views".into(), "at least one view is required");
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, view) in self.views.iter().enumerate() {
+            let at = format!("views[{i}]");
+            if view.name.trim().is_empty() {
+                bad(format!("{at}.name"), "must not be empty");
+            } else if !view
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+            {
+                bad(
+                    format!("{at}.name"),
+                    "may contain only letters, digits, '.', '_' and '-'",
+                );
+            } else if !names.insert(view.name.clone()) {
+                bad(format!("{at}.name"), "another view has the same name");
+            }
+            if view.key_columns.iter().any(|c| c.trim().is_empty()) {
+                bad(
+                    format!("{at}.key_columns"),
+                    "column names must not be empty",
+                );
+            }
+            if view.sources.is_empty() {
+                bad(format!("{at}.sources"), "at least one source is required");
+            }
+            for (j, source) in view.sources.iter().enumerate() {
+                match source {
+                    SourceConfig::Kafka(k) => {
+                        if k.topic.trim().is_empty() {
+                            bad(
+                                format!("{at}.sources[{j}].kafka.topic"),
+                                "must not be empty",
+                            );
+                        }
+                        if self.kafka.is_none() {
+                            bad(
+                                format!("{at}.sources[{j}].kafka"),
+                                "a Kafka source needs the top-level `kafka` section",
+                            );
+                        }
+                    }
+                    SourceConfig::File(f) => {
+                        if f.path.as_os_str().is_empty() {
+                            bad(format!("{at}.sources[{j}].file.path"), "must not be empty");
+                        }
+                    }
+                }
+            }
+        }
+        match errors.len() {
+            0 => Ok(()),
+            1 => Err(errors.remove(0)),
+            _ => Err(ConfigError::Many(errors)),
+        }
+    }
+
+    /// Where dead letters go when there is no Kafka.
+    pub fn dead_letter_file(&self) -> PathBuf {
+        self.dead_letter
+            .file
+            .clone()
+            .unwrap_or_else(|| self.node.data_dir.join("dead-letter.ndjson"))
+    }
+}
+
+fn apply_override(root: &mut serde_norway::Value, var: &str, raw: &str) -> Result<(), ConfigError> {
+    use serde_norway::Value;
+    let err = |message: String| ConfigError::Env {
+        var: var.to_string(),
+        message,
+    };
+    let path: Vec<String> = var[ENV_PREFIX.len()..]
+        .split("__")
+        .map(str::to_ascii_lowercase)
+        .collect();
+    if path.iter().any(String::is_empty) {
+        return Err(err("empty path segment".into()));
+    }
+    let parsed: Value =
+        serde_norway::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()));
+    let mut node = root;
+    for (i, segment) in path.iter().enumerate() {
+        let last = i + 1 == path.len();
+        if node.is_null() {
+            *node = Value::Mapping(Default::default());
+        }
+        node = match node {
+            Value::Sequence(items) => {
+                let idx: usize = segment
+                    .parse()
+                    .map_err(|_| err(format!("{segment:?} must be a list index")))?;
+                if idx > items.len() {
+                    return Err(err(format!(
+                        "index {idx} is past the end of a list of {}",
+                        items.len()
+                    )));
+                }
+                if idx == items.len() {
+                    items.push(Value::Null);
+                }
+                &mut items[idx]
+            }
+            Value::Mapping(map) => map
+                .entry(Value::String(segment.clone()))
+                .or_insert(Value::Null),
+            _ => return Err(err(format!("cannot set {segment:?} inside a scalar"))),
+        };
+        if last {
+            *node = parsed.clone();
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+kafka:
+  bootstrap_servers: 127.0.0.1:9092
+views:
+  - name: population.citizens
+    key_columns: [person_id]
+    sources:
+      - kafka: { topic: population.public.citizens }
+"#;
+
+    fn parse(text: &str, env: &[(&str, &str)]) -> Result<NodeConfig, ConfigError> {
+        NodeConfig::from_yaml_with_env(
+            text,
+            "test.yaml",
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MINIMAL, &[]).expect("valid");
+        assert_eq!(c.pipeline.max_record_bytes, ByteSize(1 << 20));
+        assert!(c.storage.sync_commits);
+        assert_eq!(c.views[0].key_columns, vec!["person_id"]);
+        assert!(
+            matches!(&c.views[0].sources[0], SourceConfig::Kafka(k) if k.format == Format::Debezium)
+        );
+    }
+
+    #[test]
+    fn env_overrides_nested_keys_and_list_items() {
+        let c = parse(
+            MINIMAL,
+            &[
+                ("NDC__STORAGE__SYNC_COMMITS", "false"),
+                ("NDC__STORAGE__BLOCK_CACHE", "64MiB"),
+                ("NDC__NODE__GRPC_LISTEN", "0.0.0.0:6000"),
+                ("NDC__VIEWS__0__NAME", "citizens"),
+                ("NDC__KAFKA__PROPERTIES__SECURITY.PROTOCOL", "ssl"),
+                ("OTHER", "ignored"),
+            ],
+        )
+        .expect("valid");
+        assert!(!c.storage.sync_commits);
+        assert_eq!(c.storage.block_cache, ByteSize(64 << 20));
+        assert_eq!(c.node.grpc_listen.port(), 6000);
+        assert_eq!(c.views[0].name, "citizens");
+        assert_eq!(
+            c.kafka
+                .as_ref()
+                .and_then(|k| k.properties.get("security.protocol"))
+                .map(String::as_str),
+            Some("ssl")
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = parse(&MINIMAL.replace("key_columns", "key_colums"), &[]).expect_err("typo");
+        assert!(
+            e.to_string().contains("views[0]") && e.to_string().contains("key_colums"),
+            "{e}"
+        );
+        let e = parse(
+            &format!("{MINIMAL}pipeline:\n  max_batch_delay: soon\n"),
+            &[],
+        )
+        .expect_err("bad duration");
+        assert!(e.to_string().starts_with("pipeline.max_batch_delay"), "{e}");
+        let e = parse(
+            MINIMAL,
+            &[
+                ("NDC__STORAGE__WRITE_BUFFER", "1KiB"),
+                ("NDC__VIEWS__0__SOURCES__0__KAFKA__TOPIC", ""),
+            ],
+        )
+        .expect_err("two problems");
+        let text = e.to_string();
+        assert!(
+            text.contains("storage.write_buffer: must be at least 4MiB"),
+            "{text}"
+        );
+        assert!(
+            text.contains("views[0].sources[0].kafka.topic: must not be empty"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn kafka_source_requires_kafka_section_and_names_must_be_unique() {
+        let text = r#"
+views:
+  - name: a
+    sources: [ { kafka: { topic: t } } ]
+  - name: a
+    sources: [ { file: { path: x.ndjson } } ]
+"#;
+        let text = parse(text, &[]).expect_err("invalid").to_string();
+        assert!(
+            text.contains("views[0].sources[0].kafka: a Kafka source needs"),
+            "{text}"
+        );
+        assert!(
+            text.contains("views[1].name: another view has the same name"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(ByteSize::parse("512"), Ok(ByteSize(512)));
+        assert_eq!(ByteSize::parse("2KiB"), Ok(ByteSize(2048)));
+        assert_eq!(ByteSize::parse("1 GB"), Ok(ByteSize(1_000_000_000)));
+        assert!(ByteSize::parse("12 parsecs").is_err());
+    }
+}

@@ -1,0 +1,20 @@
+//! An ndc node: consumes agency change feeds, keeps synchronized replicas in
+//! RocksDB, and serves them to subscribers over gRPC.
+//!
+//! The binary (`ndc`) is a thin command line over this library; tests and
+//! the load test start nodes through [`node::start`].
+
+pub mod client;
+pub mod config;
+pub mod dead_letter;
+pub mod node;
+pub mod pipeline;
+pub mod quickstart;
+pub mod server;
+pub mod sources;
+pub mod synthetic;
+pub mod telemetry;
+pub mod token;
+
+pub use config::NodeConfig;
+pub use node::{NodeAddrs, NodeHandle, start};

@@ -1,0 +1,178 @@
+//! `ndc`: the command line of the national data center's stream processor.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use ndc_node::client::{self, SubscribeOptions};
+use ndc_node::config::NodeConfig;
+use ndc_node::quickstart::{self, QuickstartOptions};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "ndc",
+    version,
+    about = "Stream processing for the national data center"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node with a YAML configuration (NDC__A__B env vars override keys).
+    Node {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration and print it with every default filled in.
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Follow a view and print one JSON object per line.
+    Subscribe {
+        /// Node gRPC address, host:port.
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: String,
+        #[arg(long)]
+        view: String,
+        /// snapshot | latest | a resume token
+        #[arg(long, default_value = "snapshot")]
+        from: client::From,
+        /// Only this primary key (JSON object); repeatable.
+        #[arg(long = "key")]
+        keys: Vec<String>,
+        /// Only these columns (comma separated).
+        #[arg(long, value_delimiter = ',')]
+        fields: Vec<String>,
+        /// Exit after this many changes.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Also print progress messages (heartbeats with the current token).
+        #[arg(long)]
+        progress: bool,
+        /// Do not resume automatically when the connection drops.
+        #[arg(long)]
+        no_reconnect: bool,
+    },
+    /// List the views a node serves.
+    Views {
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: String,
+    },
+    /// Embedded broker + node + synthetic agency feeds + live subscription.
+    Quickstart {
+        #[arg(long, default_value = "ndc-quickstart-data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        grpc_listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        http_listen: SocketAddr,
+        #[arg(long, default_value_t = 200)]
+        people: u64,
+        #[arg(long, default_value_t = 5)]
+        rate: u32,
+        /// Stop after this long (e.g. 30s); default: until Ctrl-C.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+    },
+    /// Write synthetic Debezium change events as newline-delimited JSON
+    /// (an agency export, for file sources).
+    Generate {
+        #[arg(long, default_value = "citizens")]
+        table: String,
+        #[arg(long, default_value_t = 1000)]
+        people: u64,
+        /// Updates after the snapshot rows.
+        #[arg(long, default_value_t = 0)]
+        updates: u64,
+        #[arg(long, short)]
+        output: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    ndc_node::telemetry::init_logging();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Node { config } => {
+                let config = NodeConfig::load(&config)?;
+                ndc_node::node::run(config).await
+            }
+            Command::CheckConfig { config } => {
+                let config = NodeConfig::load(&config)?;
+                println!("{}", serde_norway::to_string(&config)?);
+                Ok(())
+            }
+            Command::Subscribe { addr, view, from, keys, fields, limit, progress, no_reconnect } => {
+                let stdout = std::io::stdout();
+                let opts = SubscribeOptions { addr, view, from, keys, fields, limit, progress, reconnect: !no_reconnect };
+                client::subscribe(opts, move |line| {
+                    let mut out = stdout.lock();
+                    writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
+                })
+                .await
+            }
+            Command::Views { addr } => {
+                let endpoint = if addr.contains("://") { addr } else { format!("http://{addr}") };
+                let mut c = ndc_proto::v1::subscription_client::SubscriptionClient::connect(endpoint).await?;
+                let views = c.list_views(ndc_proto::v1::ListViewsRequest {}).await?.into_inner().views;
+                for v in views {
+                    println!(
+                        "{}",
+                        serde_json::json!({"view": v.name, "key_columns": v.key_columns, "committed_seq": v.committed_seq,
+                                           "retained_from_seq": v.retained_from_seq, "live_rows": v.live_rows})
+                    );
+                }
+                Ok(())
+            }
+            Command::Quickstart { data_dir, grpc_listen, http_listen, people, rate, duration } => {
+                quickstart::run(QuickstartOptions { data_dir, grpc_listen, http_listen, people, rate, duration }).await
+            }
+            Command::Generate { table, people, updates, output } => generate(&table, people, updates, &output),
+        }
+    })
+}
+
+fn generate(
+    table: &str,
+    people: u64,
+    updates: u64,
+    output: &std::path::Path,
+) -> anyhow::Result<()> {
+    use ndc_node::synthetic::{Feed, Rng, Table};
+    let table = match table {
+        "citizens" => Table::Citizens,
+        "addresses" => Table::Addresses,
+        other => anyhow::bail!("unknown table {other:?} (citizens or addresses)"),
+    };
+    let file = std::fs::File::create(output)
+        .with_context(|| format!("cannot create {}", output.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    let mut feed = Feed::new(table, 1_767_225_600_000);
+    let mut revisions = vec![0u32; people as usize];
+    for i in 0..people {
+        let e = feed.event('r', i, 0, None);
+        out.write_all(e.value.as_deref().unwrap_or_default())?;
+        out.write_all(b"\n")?;
+    }
+    let mut rng = Rng::new(7);
+    for _ in 0..updates {
+        let i = rng.below(people.max(1));
+        revisions[i as usize] += 1;
+        let e = feed.event('u', i, revisions[i as usize], None);
+        out.write_all(e.value.as_deref().unwrap_or_default())?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    eprintln!("wrote {} events to {}", people + updates, output.display());
+    Ok(())
+}

@@ -1,0 +1,304 @@
+//! A running node: state store, sources, state writer, gRPC and HTTP servers.
+
+use crate::config::{NodeConfig, SourceConfig};
+use crate::dead_letter::DeadLetterSink;
+use crate::pipeline::{CommittedOffsets, Writer};
+use crate::server::SubscriptionService;
+use crate::sources::{FileSource, KafkaSource, Route, client_config, file_stream};
+use crate::telemetry::{self, Readiness};
+use anyhow::Context;
+use ndc_operators::{Decoder, DecoderConfig, Store, StoreConfig};
+use ndc_proto::v1::subscription_server::SubscriptionServer;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, error, info, info_span, warn};
+
+/// Addresses a started node listens on; written to `<data_dir>/node.addr`
+/// as JSON so that scripts and tests can find ports chosen at run time.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct NodeAddrs {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+}
+
+/// A started node. Dropping it does not stop it; call [`NodeHandle::shutdown`].
+pub struct NodeHandle {
+    pub addrs: NodeAddrs,
+    pub readiness: Readiness,
+    shutdown: CancellationToken,
+    main: JoinHandle<()>,
+}
+
+impl NodeHandle {
+    /// Stops sources, lets the state writer commit what it holds, ends
+    /// subscriptions, then stops the servers.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        let _ = self.main.await;
+    }
+
+    /// Waits until the node stops (after a shutdown request).
+    pub async fn wait(self) {
+        let _ = self.main.await;
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
+
+/// Opens state, binds listeners and starts every task.
+pub async fn start(config: NodeConfig) -> anyhow::Result<NodeHandle> {
+    let _ = telemetry::prometheus();
+    std::fs::create_dir_all(&config.node.data_dir).with_context(|| {
+        format!(
+            "cannot create node.data_dir {}",
+            config.node.data_dir.display()
+        )
+    })?;
+    let view_names: Vec<String> = config.views.iter().map(|v| v.name.clone()).collect();
+    let mut store_config = StoreConfig::new(config.node.data_dir.join("state"));
+    store_config.block_cache_bytes = config.storage.block_cache.as_usize();
+    store_config.write_buffer_bytes = config.storage.write_buffer.as_usize();
+    store_config.sync_commits = config.storage.sync_commits;
+    let store = Store::open(&store_config, &view_names).with_context(|| {
+        format!(
+            "cannot open the state store in {} (is another node using this data_dir?)",
+            store_config.path.display()
+        )
+    })?;
+    let reader = store.reader();
+
+    let grpc_listener = telemetry::bind(config.node.grpc_listen, "gRPC (node.grpc_listen)").await?;
+    let http_listener = telemetry::bind(config.node.http_listen, "HTTP (node.http_listen)").await?;
+    let addrs = NodeAddrs {
+        grpc: grpc_listener.local_addr()?,
+        http: http_listener.local_addr()?,
+    };
+    std::fs::write(
+        config.node.data_dir.join("node.addr"),
+        serde_json::to_vec(&addrs)?,
+    )?;
+
+    let shutdown = CancellationToken::new();
+    let readiness = Readiness::default();
+    let (tx, rx) = mpsc::channel(config.pipeline.channel_capacity);
+    let committed: CommittedOffsets = Default::default();
+
+    // Commit notifications, one per view.
+    let mut senders = BTreeMap::new();
+    let mut receivers = BTreeMap::new();
+    let mut key_columns = BTreeMap::new();
+    for view in &config.views {
+        let id = store
+            .view_id(&view.name)
+            .context("view registered at open")?;
+        let last = store.meta(id).map_or(0, |m| m.last_seq);
+        let (wtx, wrx) = watch::channel(last);
+        senders.insert(id, wtx);
+        receivers.insert(view.name.clone(), wrx);
+        key_columns.insert(view.name.clone(), view.key_columns.clone());
+    }
+
+    // Sources.
+    let decoder_for = |view: &crate::config::ViewConfig, format| {
+        Decoder::new(DecoderConfig {
+            format,
+            key_columns: view.key_columns.clone(),
+            max_record_bytes: config.pipeline.max_record_bytes.as_usize(),
+        })
+    };
+    let mut routes: BTreeMap<String, Vec<Route>> = BTreeMap::new();
+    let mut start_offsets = HashMap::new();
+    let mut source_tasks: Vec<JoinHandle<()>> = Vec::new();
+    for view in &config.views {
+        let id = store
+            .view_id(&view.name)
+            .context("view registered at open")?;
+        for (stream, next) in store.offsets_of(id) {
+            start_offsets.insert((id, stream.to_string()), next);
+        }
+        for source in &view.sources {
+            match source {
+                SourceConfig::Kafka(k) => routes.entry(k.topic.clone()).or_default().push(Route {
+                    view: id,
+                    decoder: decoder_for(view, k.format),
+                }),
+                SourceConfig::File(f) => {
+                    let fs = FileSource {
+                        path: f.path.clone(),
+                        view: id,
+                        decoder: decoder_for(view, f.format),
+                        start_line: store.next_offset(id, &file_stream(&f.path)).unwrap_or(0),
+                        tx: tx.clone(),
+                        shutdown: shutdown.clone(),
+                    };
+                    let span =
+                        info_span!("file_source", view = %view.name, path = %f.path.display());
+                    source_tasks.push(tokio::task::spawn_blocking(move || {
+                        let _g = span.enter();
+                        if let Err(e) = fs.run() {
+                            error!(error = %e, "file source failed");
+                        }
+                    }));
+                }
+            }
+        }
+    }
+    let dead_letters = match &config.kafka {
+        Some(k) => DeadLetterSink::Kafka {
+            producer: client_config(k)
+                .set("enable.idempotence", "true")
+                .set("linger.ms", "5")
+                .set("message.max.bytes", "10485760")
+                .create()
+                .context("cannot create the dead-letter producer")?,
+            topic: k.dead_letter_topic.clone(),
+            node: config.node.id.clone(),
+            max_value_bytes: 900 << 10,
+        },
+        None => DeadLetterSink::File {
+            path: config.dead_letter_file(),
+        },
+    };
+    if routes.is_empty() {
+        readiness.set(true);
+    } else if let Some(k) = &config.kafka {
+        let source = KafkaSource {
+            config: k.clone(),
+            routes,
+            start_offsets,
+            tx: tx.clone(),
+            committed: committed.clone(),
+            readiness: readiness.clone(),
+            shutdown: shutdown.clone(),
+        };
+        source_tasks.push(tokio::spawn(
+            async move {
+                if let Err(e) = source.run().await {
+                    error!(error = %e, "Kafka source failed");
+                }
+            }
+            .instrument(info_span!("kafka_source")),
+        ));
+    }
+    drop(tx);
+
+    let writer = Writer {
+        store,
+        rx,
+        dead_letters,
+        commits: senders,
+        committed_offsets: committed,
+        pipeline: config.pipeline.clone(),
+        changelog: config.changelog.clone(),
+    };
+    let writer_task = tokio::spawn(writer.run().instrument(info_span!("state_writer")));
+
+    // Servers.
+    let service = SubscriptionService::new(
+        reader,
+        Arc::new(receivers),
+        config.subscriptions.clone(),
+        key_columns,
+    );
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(ndc_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("cannot build gRPC reflection")?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<SubscriptionServer<SubscriptionService>>()
+        .await;
+    let server_stop = CancellationToken::new();
+    let grpc_stop = server_stop.clone();
+    let grpc_task = tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        let result = tonic::transport::Server::builder()
+            .add_service(SubscriptionServer::new(service))
+            .add_service(reflection)
+            .add_service(health_service)
+            .serve_with_incoming_shutdown(incoming, grpc_stop.cancelled_owned())
+            .await;
+        if let Err(e) = result {
+            error!(error = %e, "gRPC server failed");
+        }
+    });
+    let http_task = tokio::spawn(telemetry::serve_http(
+        http_listener,
+        readiness.clone(),
+        server_stop.clone(),
+    ));
+    info!(node = %config.node.id, grpc = %addrs.grpc, http = %addrs.http, views = ?view_names, "node started");
+
+    let grace = config.node.shutdown_grace;
+    let stop = shutdown.clone();
+    let ready = readiness.clone();
+    let main = tokio::spawn(async move {
+        stop.cancelled().await;
+        ready.set(false);
+        info!("shutting down: stopping sources");
+        let orderly = async {
+            for t in source_tasks {
+                let _ = t.await;
+            }
+            // The writer drains the channel, commits, and drops the commit
+            // watchers, which ends the subscriptions.
+            let _ = writer_task.await;
+            info!("state committed; stopping servers");
+            server_stop.cancel();
+            let _ = grpc_task.await;
+            let _ = http_task.await;
+        };
+        if tokio::time::timeout(grace, orderly).await.is_err() {
+            warn!(?grace, "shutdown grace period exceeded; stopping anyway");
+        }
+        info!("node stopped");
+    });
+    Ok(NodeHandle {
+        addrs,
+        readiness,
+        shutdown,
+        main,
+    })
+}
+
+/// Runs a node until SIGTERM or Ctrl-C.
+pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
+    let handle = start(config).await?;
+    let token = handle.shutdown_token();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        token.cancel();
+    });
+    handle.wait().await;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,260 @@
+//! `ndc quickstart`: everything in one process, nothing to install.
+//!
+//! An embedded Kafka-protocol broker (librdkafka's mock cluster: fine for a
+//! demo, never the proof of anything), a node with two views, a generator of
+//! population and residence change feeds, and a live subscription printed to
+//! the terminal. Other terminals can publish to the broker (kcat) and
+//! subscribe to the node while it runs.
+
+use crate::client::{self, SubscribeOptions};
+use crate::config::{KafkaSection, KafkaSourceConfig, NodeConfig, SourceConfig, ViewConfig};
+use crate::synthetic::{Feed, Table};
+use anyhow::Context;
+use rdkafka::ClientConfig;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct QuickstartOptions {
+    pub data_dir: PathBuf,
+    pub grpc_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    /// People in the initial snapshot of each registry.
+    pub people: u64,
+    /// Changes per second after the snapshot.
+    pub rate: u32,
+    /// Stop after this long (None: until Ctrl-C).
+    pub duration: Option<Duration>,
+}
+
+pub const DEAD_LETTER_TOPIC: &str = "ndc.dead-letter";
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The node configuration the quickstart runs (also a template for users).
+pub fn config(bootstrap: &str, opts: &QuickstartOptions) -> NodeConfig {
+    let mut c = NodeConfig::default();
+    c.node.id = "ndc-quickstart".into();
+    c.node.data_dir = opts.data_dir.clone();
+    c.node.grpc_listen = opts.grpc_listen;
+    c.node.http_listen = opts.http_listen;
+    c.node.shutdown_grace = Duration::from_secs(5);
+    c.kafka = Some(KafkaSection {
+        bootstrap_servers: bootstrap.to_string(),
+        dead_letter_topic: DEAD_LETTER_TOPIC.into(),
+        metadata_refresh: Duration::from_secs(2),
+        ..KafkaSection::default()
+    });
+    c.storage.sync_commits = false;
+    c.views = vec![
+        ViewConfig {
+            name: "population.citizens".into(),
+            key_columns: vec!["person_id".into()],
+            sources: vec![SourceConfig::Kafka(KafkaSourceConfig {
+                topic: Table::Citizens.topic().into(),
+                format: Default::default(),
+            })],
+        },
+        ViewConfig {
+            name: "residence.addresses".into(),
+            key_columns: Vec::new(),
+            sources: vec![SourceConfig::Kafka(KafkaSourceConfig {
+                topic: Table::Addresses.topic().into(),
+                format: Default::default(),
+            })],
+        },
+    ];
+    c
+}
+
+pub async fn run(opts: QuickstartOptions) -> anyhow::Result<()> {
+    let cluster = MockCluster::new(1).context("cannot start the embedded Kafka broker")?;
+    let bootstrap = cluster.bootstrap_servers();
+    for topic in [Table::Citizens.topic(), Table::Addresses.topic()] {
+        cluster
+            .create_topic(topic, 3, 1)
+            .with_context(|| format!("cannot create topic {topic}"))?;
+    }
+    cluster
+        .create_topic(DEAD_LETTER_TOPIC, 1, 1)
+        .context("cannot create the dead-letter topic")?;
+
+    if opts.data_dir.exists() {
+        std::fs::remove_dir_all(&opts.data_dir)
+            .with_context(|| format!("cannot clear {}", opts.data_dir.display()))?;
+    }
+    let node = crate::node::start(config(&bootstrap, &opts)).await?;
+    let grpc = node.addrs.grpc;
+    let http = node.addrs.http;
+
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("linger.ms", "5")
+        .create()
+        .context("cannot create the generator's producer")?;
+    let generator = tokio::spawn(generate(producer, opts.people, opts.rate));
+
+    println!(
+        "\n\
+ndc quickstart\n\
+==============\n\
+  embedded Kafka broker   {bootstrap}   (librdkafka mock cluster, in this process)\n\
+  ndc node, gRPC          {grpc}\n\
+  metrics and health      http://{http}/metrics  /healthz  /readyz\n\
+  state                   {data}\n\
+  views                   population.citizens (key person_id), residence.addresses\n\
+\n\
+A generator publishes {people} citizens and their addresses as a Debezium snapshot, then\n\
+{rate} changes/s (and now and then a malformed record, which goes to topic {DEAD_LETTER_TOPIC}).\n\
+\n\
+From a second terminal:\n\
+  ndc subscribe --addr {grpc} --view population.citizens --from snapshot\n\
+  grpcurl -plaintext -d '{{\"view\":\"residence.addresses\",\"latest\":{{}}}}' {grpc} ndc.v1.Subscription/Subscribe\n\
+  kcat -P -b {bootstrap} -t {topic} -K '|'    # publish your own change events\n\
+\n\
+Live subscription to population.citizens (snapshot first, then changes; Ctrl-C to stop):\n",
+        data = opts.data_dir.display(),
+        people = opts.people,
+        rate = opts.rate,
+        topic = Table::Citizens.topic(),
+    );
+
+    let mut snapshot_rows = 0u64;
+    let printer = client::subscribe(
+        SubscribeOptions {
+            addr: grpc.to_string(),
+            view: "population.citizens".into(),
+            from: client::From::Snapshot,
+            keys: Vec::new(),
+            fields: Vec::new(),
+            limit: None,
+            progress: false,
+            reconnect: true,
+        },
+        move |line| {
+            if line.get("op").and_then(|o| o.as_str()) == Some("read") {
+                snapshot_rows += 1;
+                if snapshot_rows <= 3 {
+                    println!("{line}");
+                } else if snapshot_rows == 4 {
+                    println!("... (more snapshot rows)");
+                }
+                return true;
+            }
+            if line.get("snapshot_complete").is_some() {
+                println!("--- snapshot complete: {snapshot_rows} rows; live changes follow ---");
+                return true;
+            }
+            println!("{line}");
+            true
+        },
+    );
+    let stop = async {
+        match opts.duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => crate::node::wait_for_signal().await,
+        }
+    };
+    tokio::select! {
+        r = printer => r?,
+        _ = stop => {}
+    }
+    generator.abort();
+    node.shutdown().await;
+    drop(cluster);
+    println!(
+        "quickstart stopped; state kept in {}",
+        opts.data_dir.display()
+    );
+    Ok(())
+}
+
+/// Publishes a snapshot of `people` citizens and addresses, then a steady
+/// stream of updates, inserts and deletes at `rate` per second.
+async fn generate(producer: FutureProducer, people: u64, rate: u32) -> anyhow::Result<()> {
+    let mut citizens = Feed::new(Table::Citizens, now_ms());
+    let mut addresses = Feed::new(Table::Addresses, now_ms());
+    let mut revisions: Vec<u32> = vec![0; people as usize];
+    let send = |topic: &'static str, e: crate::synthetic::Event| {
+        let producer = producer.clone();
+        async move {
+            let mut record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(topic).key(e.key.as_slice());
+            if let Some(v) = e.value.as_deref() {
+                record = record.payload(v);
+            }
+            producer
+                .send(record, Duration::from_secs(10))
+                .await
+                .map_err(|(e, _)| e)
+        }
+    };
+    for i in 0..people {
+        send(
+            Table::Citizens.topic(),
+            citizens.event('r', i, 0, Some(now_ms())),
+        )
+        .await?;
+        send(
+            Table::Addresses.topic(),
+            addresses.event('r', i, 0, Some(now_ms())),
+        )
+        .await?;
+    }
+    let mut rng = crate::synthetic::Rng::new(now_ms() as u64);
+    let mut next_person = people;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1))));
+    loop {
+        tick.tick().await;
+        let roll = rng.below(100);
+        if roll < 3 {
+            // An agency bug: a change event cut short.
+            let e = crate::synthetic::Event {
+                key: b"{\"person_id\":\"000000000000\"}".to_vec(),
+                value: Some(b"{\"before\":null,\"after\":{\"person_id\":".to_vec()),
+            };
+            send(Table::Citizens.topic(), e).await?;
+        } else if roll < 10 {
+            send(
+                Table::Citizens.topic(),
+                citizens.event('c', next_person, 0, Some(now_ms())),
+            )
+            .await?;
+            revisions.push(0);
+            next_person += 1;
+        } else if roll < 13 && !revisions.is_empty() {
+            let i = rng.below(revisions.len() as u64);
+            let rev = revisions[i as usize];
+            send(
+                Table::Citizens.topic(),
+                citizens.event('d', i, rev, Some(now_ms())),
+            )
+            .await?;
+            send(Table::Citizens.topic(), citizens.tombstone(i)).await?;
+        } else if roll < 60 && !revisions.is_empty() {
+            let i = rng.below(revisions.len() as u64);
+            revisions[i as usize] += 1;
+            let rev = revisions[i as usize];
+            send(
+                Table::Citizens.topic(),
+                citizens.event('u', i, rev, Some(now_ms())),
+            )
+            .await?;
+        } else {
+            let i = rng.below(people.max(1));
+            send(
+                Table::Addresses.topic(),
+                addresses.event('u', i, 1 + rng.below(9) as u32, Some(now_ms())),
+            )
+            .await?;
+        }
+    }
+}

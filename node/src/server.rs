@@ -1,0 +1,434 @@
+//! The gRPC subscription service.
+//!
+//! Each subscription is a task that reads the view from RocksDB and pushes
+//! batches into a bounded channel. When the client reads slowly the channel
+//! fills and the task waits: the server holds at most `buffer_batches`
+//! batches per subscriber, and a subscriber that fell behind catches up from
+//! the durable change stream, never from memory.
+
+use crate::config::SubscriptionSection;
+use crate::telemetry::metric;
+use crate::token;
+use ndc_operators::{Key, SnapshotRow, StoreError, StoreReader};
+use ndc_proto::v1::subscribe_request::Start;
+use ndc_proto::v1::subscription_server::Subscription;
+use ndc_proto::v1::{
+    Change, ChangeBatch, ListViewsRequest, ListViewsResponse, Op, Progress, SourcePosition,
+    SubscribeRequest, SubscribeResponse, ViewInfo, subscribe_response,
+};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::{Instrument, debug, info_span, warn};
+
+/// Committed sequence of each view, published by the state writer after
+/// every commit.
+pub type CommitWatchers = Arc<BTreeMap<String, watch::Receiver<u64>>>;
+
+pub struct SubscriptionService {
+    reader: StoreReader,
+    watchers: CommitWatchers,
+    config: SubscriptionSection,
+    slots: Arc<Semaphore>,
+    key_columns: Arc<BTreeMap<String, Vec<String>>>,
+}
+
+impl SubscriptionService {
+    pub fn new(
+        reader: StoreReader,
+        watchers: CommitWatchers,
+        config: SubscriptionSection,
+        key_columns: BTreeMap<String, Vec<String>>,
+    ) -> Self {
+        let slots = Arc::new(Semaphore::new(config.max_subscribers));
+        SubscriptionService {
+            reader,
+            watchers,
+            config,
+            slots,
+            key_columns: Arc::new(key_columns),
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn refuse(code: tonic::Code, message: String) -> Status {
+    metrics::counter!(metric::SUBSCRIPTION_ERRORS, "code" => format!("{code:?}")).increment(1);
+    Status::new(code, message)
+}
+
+fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::Expired {
+            view,
+            seq,
+            retained_from,
+        } => refuse(
+            tonic::Code::OutOfRange,
+            format!(
+                "view {view:?} no longer retains seq {seq} (retained from {retained_from}); \
+                 subscribe again with start=snapshot"
+            ),
+        ),
+        StoreError::UnknownView(v) => {
+            refuse(tonic::Code::NotFound, format!("view {v:?} does not exist"))
+        }
+        other => refuse(tonic::Code::Internal, format!("state store: {other}")),
+    }
+}
+
+/// What a subscriber asked to see.
+#[derive(Clone)]
+struct Filter {
+    keys: Option<HashSet<String>>,
+    fields: Option<Vec<String>>,
+}
+
+impl Filter {
+    fn admits(&self, c: &Change) -> bool {
+        match &self.keys {
+            // A truncate affects every key.
+            Some(keys) => c.op == Op::Truncate as i32 || keys.contains(&c.key_json),
+            None => true,
+        }
+    }
+
+    fn project(&self, row: Option<String>) -> Option<String> {
+        let (Some(fields), Some(row)) = (&self.fields, row.as_ref()) else {
+            return row;
+        };
+        match serde_json::from_str::<serde_json::Map<String, Value>>(row) {
+            Ok(mut map) => {
+                map.retain(|name, _| fields.iter().any(|f| f == name));
+                Some(Value::Object(map).to_string())
+            }
+            Err(_) => Some(row.clone()),
+        }
+    }
+
+    fn apply(&self, mut c: Change) -> Change {
+        if self.fields.is_some() {
+            c.before_json = self.project(c.before_json.take());
+            c.after_json = self.project(c.after_json.take());
+        }
+        c
+    }
+}
+
+fn snapshot_change(row: SnapshotRow) -> Change {
+    Change {
+        seq: 0,
+        op: Op::Read as i32,
+        key_json: row.key,
+        before_json: None,
+        after_json: Some(row.row_json),
+        source: Some(SourcePosition {
+            ts_ms: row.version.source_ts_ms,
+            lsn: row.version.lsn,
+            stream: row.version.stream,
+            offset: row.version.offset,
+            ..SourcePosition::default()
+        }),
+        committed_at_ms: 0,
+    }
+}
+
+type Sender = mpsc::Sender<Result<SubscribeResponse, Status>>;
+
+fn batch(
+    changes: Vec<Change>,
+    resume_token: String,
+    snapshot: bool,
+    snapshot_complete: bool,
+) -> SubscribeResponse {
+    SubscribeResponse {
+        kind: Some(subscribe_response::Kind::Batch(ChangeBatch {
+            changes,
+            resume_token,
+            snapshot,
+            snapshot_complete,
+        })),
+    }
+}
+
+struct Subscriber {
+    reader: StoreReader,
+    view: String,
+    incarnation: u64,
+    filter: Filter,
+    batch_size: usize,
+    progress_interval: Duration,
+    commits: watch::Receiver<u64>,
+    tx: Sender,
+}
+
+impl Subscriber {
+    /// Sends the view's rows as of one consistent point; returns that point.
+    async fn snapshot(&self) -> Result<u64, Status> {
+        let reader = self.reader.clone();
+        let view = self.view.clone();
+        let keys: Option<Vec<Key>> = self.filter.keys.as_ref().map(|k| {
+            k.iter()
+                .map(|s| Key::from_value(&serde_json::from_str(s).unwrap_or(Value::Null)))
+                .collect()
+        });
+        let tx = self.tx.clone();
+        let filter = self.filter.clone();
+        let batch_size = self.batch_size;
+        let last_seq = tokio::task::spawn_blocking(move || {
+            reader.scan_snapshot(&view, keys.as_deref(), batch_size, |rows| {
+                let changes: Vec<Change> = rows
+                    .into_iter()
+                    .map(|r| filter.apply(snapshot_change(r)))
+                    .collect();
+                metrics::counter!(metric::CHANGES_SENT, "view" => view.clone())
+                    .increment(changes.len() as u64);
+                tx.blocking_send(Ok(batch(changes, String::new(), true, false)))
+                    .is_ok()
+            })
+        })
+        .await
+        .map_err(|e| Status::internal(format!("snapshot task failed: {e}")))?
+        .map_err(store_status)?;
+        let token = token::encode(&self.view, self.incarnation, last_seq);
+        self.send(batch(Vec::new(), token, true, true)).await?;
+        Ok(last_seq)
+    }
+
+    async fn send(&self, msg: SubscribeResponse) -> Result<(), Status> {
+        self.tx
+            .send(Ok(msg))
+            .await
+            .map_err(|_| Status::cancelled("subscriber went away"))
+    }
+
+    /// Streams every change after `cursor` until the client goes away.
+    async fn follow(mut self, mut cursor: u64) -> Result<(), Status> {
+        let mut last_sent = Instant::now();
+        loop {
+            let reader = self.reader.clone();
+            let view = self.view.clone();
+            let limit = self.batch_size;
+            let changes =
+                tokio::task::spawn_blocking(move || reader.changes_after(&view, cursor, limit))
+                    .await
+                    .map_err(|e| Status::internal(format!("read task failed: {e}")))?
+                    .map_err(store_status)?;
+            if let Some(last) = changes.last() {
+                cursor = last.seq;
+                let now = now_ms();
+                let out: Vec<Change> = changes
+                    .into_iter()
+                    .filter(|c| self.filter.admits(c))
+                    .map(|c| {
+                        metrics::histogram!(metric::DELIVERY_LATENCY)
+                            .record((now - c.committed_at_ms).max(0) as f64 / 1000.0);
+                        self.filter.apply(c)
+                    })
+                    .collect();
+                if !out.is_empty() {
+                    metrics::counter!(metric::CHANGES_SENT, "view" => self.view.clone())
+                        .increment(out.len() as u64);
+                    let token = token::encode(&self.view, self.incarnation, cursor);
+                    self.send(batch(out, token, false, false)).await?;
+                    last_sent = Instant::now();
+                }
+                continue;
+            }
+            // Caught up: wait for the next commit, or say we are alive.
+            let wait = self.progress_interval.saturating_sub(last_sent.elapsed());
+            let committed = *self.commits.borrow_and_update();
+            if committed > cursor {
+                continue;
+            }
+            tokio::select! {
+                changed = self.commits.changed() => {
+                    if changed.is_err() {
+                        return Err(Status::unavailable("node is shutting down"));
+                    }
+                }
+                _ = tokio::time::sleep(wait) => {
+                    let progress = SubscribeResponse {
+                        kind: Some(subscribe_response::Kind::Progress(Progress {
+                            resume_token: token::encode(&self.view, self.incarnation, cursor),
+                            committed_seq: committed,
+                            server_time_ms: now_ms(),
+                        })),
+                    };
+                    self.send(progress).await?;
+                    last_sent = Instant::now();
+                }
+                _ = self.tx.closed() => return Ok(()),
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Subscription for SubscriptionService {
+    type SubscribeStream = ReceiverStream<Result<SubscribeResponse, Status>>;
+
+    async fn subscribe(
+        &self,
+        request: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let req = request.into_inner();
+        let Some(commits) = self.watchers.get(&req.view).cloned() else {
+            let names: Vec<&str> = self.reader.view_names().collect();
+            return Err(refuse(
+                tonic::Code::NotFound,
+                format!(
+                    "view {:?} does not exist; this node serves: {}",
+                    req.view,
+                    names.join(", ")
+                ),
+            ));
+        };
+        let meta = self.reader.view_meta(&req.view).map_err(store_status)?;
+        let mut keys = HashSet::new();
+        for k in &req.keys {
+            let key = Key::parse(k).map_err(|e| {
+                refuse(
+                    tonic::Code::InvalidArgument,
+                    format!("key filter {k:?} is not valid JSON: {}", e.message),
+                )
+            })?;
+            keys.insert(key.as_str().to_string());
+        }
+        if let Some(cols) = self.key_columns.get(&req.view).filter(|c| !c.is_empty()) {
+            for k in &keys {
+                let ok = serde_json::from_str::<serde_json::Map<String, Value>>(k)
+                    .is_ok_and(|m| m.len() == cols.len() && cols.iter().all(|c| m.contains_key(c)));
+                if !ok {
+                    return Err(refuse(
+                        tonic::Code::InvalidArgument,
+                        format!(
+                            "key filter {k} must be an object with exactly the key columns {cols:?}"
+                        ),
+                    ));
+                }
+            }
+        }
+        let start = req.start.unwrap_or(Start::Snapshot(Default::default()));
+        let cursor = match &start {
+            Start::Snapshot(_) => None,
+            Start::Latest(_) => Some(*commits.borrow()),
+            Start::ResumeToken(t) => {
+                let pos = token::decode(t, &req.view)
+                    .map_err(|m| refuse(tonic::Code::InvalidArgument, m))?;
+                if pos.incarnation != meta.incarnation {
+                    return Err(refuse(
+                        tonic::Code::FailedPrecondition,
+                        format!(
+                            "resume token is from another incarnation of view {:?} (its change stream was rebuilt); \
+                             subscribe again with start=snapshot",
+                            req.view
+                        ),
+                    ));
+                }
+                if pos.seq > meta.last_seq {
+                    return Err(refuse(
+                        tonic::Code::FailedPrecondition,
+                        format!(
+                            "resume token is ahead of view {:?} (token seq {}, committed {})",
+                            req.view, pos.seq, meta.last_seq
+                        ),
+                    ));
+                }
+                if pos.seq + 1 < meta.retained_from_seq {
+                    return Err(store_status(StoreError::Expired {
+                        view: req.view.clone(),
+                        seq: pos.seq + 1,
+                        retained_from: meta.retained_from_seq,
+                    }));
+                }
+                Some(pos.seq)
+            }
+        };
+        let permit = self.slots.clone().try_acquire_owned().map_err(|_| {
+            refuse(
+                tonic::Code::ResourceExhausted,
+                format!(
+                    "this node already serves {} subscriptions",
+                    self.config.max_subscribers
+                ),
+            )
+        })?;
+        let batch_size = match req.max_batch_size {
+            0 => self.config.max_batch_size,
+            n => n.min(self.config.max_batch_size),
+        } as usize;
+        let (tx, rx) = mpsc::channel(self.config.buffer_batches);
+        let subscriber = Subscriber {
+            reader: self.reader.clone(),
+            view: req.view.clone(),
+            incarnation: meta.incarnation,
+            filter: Filter {
+                keys: (!keys.is_empty()).then_some(keys),
+                fields: (!req.fields.is_empty()).then_some(req.fields.clone()),
+            },
+            batch_size,
+            progress_interval: self.config.progress_interval,
+            commits,
+            tx: tx.clone(),
+        };
+        let view = req.view.clone();
+        let span = info_span!("subscription", view = %view, from = ?cursor);
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                let gauge = metrics::gauge!(metric::SUBSCRIPTIONS, "view" => view.clone());
+                gauge.increment(1.0);
+                let result = async {
+                    let cursor = match cursor {
+                        Some(c) => c,
+                        None => subscriber.snapshot().await?,
+                    };
+                    subscriber.follow(cursor).await
+                }
+                .await;
+                gauge.decrement(1.0);
+                match result {
+                    Ok(()) => debug!("subscriber disconnected"),
+                    Err(status) if status.code() == tonic::Code::Cancelled => {
+                        debug!("subscriber disconnected")
+                    }
+                    Err(status) => {
+                        warn!(error = %status.message(), "subscription ended with an error");
+                        let _ = tx.send(Err(status)).await;
+                    }
+                }
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn list_views(
+        &self,
+        _: Request<ListViewsRequest>,
+    ) -> Result<Response<ListViewsResponse>, Status> {
+        let mut views = Vec::new();
+        for name in self.reader.view_names() {
+            let meta = self.reader.view_meta(name).map_err(store_status)?;
+            views.push(ViewInfo {
+                name: name.to_string(),
+                key_columns: self.key_columns.get(name).cloned().unwrap_or_default(),
+                committed_seq: meta.last_seq,
+                retained_from_seq: meta.retained_from_seq,
+                live_rows: meta.live_rows,
+            });
+        }
+        Ok(Response::new(ListViewsResponse { views }))
+    }
+}

@@ -1,0 +1,404 @@
+//! Sources: Kafka topics and newline-delimited Debezium files.
+//!
+//! Kafka partitions are assigned statically (every partition of every
+//! configured topic, starting after the offset stored with the state);
+//! Kafka's consumer-group protocol is not used to place partitions, and
+//! offsets committed to Kafka are advisory, for lag tooling.
+
+use crate::config::{KafkaSection, StartFrom};
+use crate::pipeline::{CommittedOffsets, Input};
+use crate::telemetry::{Readiness, metric};
+use ndc_operators::{Decoder, Position, ViewId};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{ClientConfig, ClientContext, Offset, Statistics, TopicPartitionList};
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Stream name of a Kafka partition.
+pub fn kafka_stream(topic: &str, partition: i32) -> String {
+    format!("kafka:{topic}:{partition}")
+}
+
+/// Stream name of a file source.
+pub fn file_stream(path: &std::path::Path) -> String {
+    format!("file:{}", path.display())
+}
+
+/// One view reading a topic.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub view: ViewId,
+    pub decoder: Decoder,
+}
+
+/// Reports consumer lag from librdkafka statistics.
+struct StatsContext;
+
+impl ClientContext for StatsContext {
+    fn stats(&self, stats: Statistics) {
+        for (topic, t) in &stats.topics {
+            for (id, p) in &t.partitions {
+                if *id < 0 || p.consumer_lag < 0 {
+                    continue;
+                }
+                metrics::gauge!(metric::SOURCE_LAG, "topic" => topic.clone(), "partition" => id.to_string())
+                    .set(p.consumer_lag as f64);
+            }
+        }
+    }
+}
+
+impl ConsumerContext for StatsContext {}
+
+pub struct KafkaSource {
+    pub config: KafkaSection,
+    /// Topic → the views reading it.
+    pub routes: BTreeMap<String, Vec<Route>>,
+    /// Stored next offsets, by (view, stream), when the node started.
+    pub start_offsets: HashMap<(ViewId, String), u64>,
+    pub tx: mpsc::Sender<Input>,
+    pub committed: CommittedOffsets,
+    pub readiness: Readiness,
+    pub shutdown: CancellationToken,
+}
+
+/// librdkafka settings shared by the node's consumer and producers.
+pub fn client_config(k: &KafkaSection) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &k.bootstrap_servers)
+        .set("client.id", &k.client_id)
+        .set("socket.keepalive.enable", "true");
+    for (key, value) in &k.properties {
+        c.set(key, value);
+    }
+    c
+}
+
+impl KafkaSource {
+    pub async fn run(self) -> anyhow::Result<()> {
+        let mut cc = client_config(&self.config);
+        cc.set("group.id", &self.config.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set("statistics.interval.ms", "5000")
+            .set(
+                "auto.offset.reset",
+                match self.config.start_from {
+                    StartFrom::Earliest => "earliest",
+                    StartFrom::Latest => "latest",
+                },
+            );
+        let consumer: Arc<StreamConsumer<StatsContext>> =
+            Arc::new(cc.create_with_context(StatsContext)?);
+        let mut assigned: HashMap<(String, i32), ()> = HashMap::new();
+        let mut refresh = tokio::time::interval(self.config.metadata_refresh);
+        let mut commit = tokio::time::interval(self.config.commit_interval);
+        let mut decoded_since_error = true;
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => break,
+                _ = refresh.tick() => {
+                    let missing = self.assign_new_partitions(&consumer, &mut assigned).await;
+                    self.readiness.set(missing.is_empty());
+                    if !missing.is_empty() {
+                        warn!(topics = ?missing, "source topics not found; retrying");
+                    }
+                }
+                _ = commit.tick() => self.commit_advisory(&consumer, &assigned),
+                msg = consumer.recv() => match msg {
+                    Ok(m) => {
+                        decoded_since_error = true;
+                        let topic = m.topic();
+                        let Some(routes) = self.routes.get(topic) else { continue };
+                        let partition = m.partition();
+                        let offset = u64::try_from(m.offset()).unwrap_or(0);
+                        let stream: Arc<str> = kafka_stream(topic, partition).into();
+                        let topic_arc: Arc<str> = topic.into();
+                        for route in routes {
+                            let decoded = route.decoder.decode(topic, m.key(), m.payload());
+                            let keep_raw = decoded.is_err();
+                            let input = Input {
+                                view: route.view,
+                                pos: Position { stream: stream.clone(), offset },
+                                decoded,
+                                topic: Some(topic_arc.clone()),
+                                partition: Some(partition),
+                                raw_key: if keep_raw { m.key().map(<[u8]>::to_vec) } else { None },
+                                raw_value: if keep_raw { m.payload().map(<[u8]>::to_vec) } else { None },
+                            };
+                            // Waits while the state writer is busy: backpressure.
+                            if self.tx.send(input).await.is_err() {
+                                return Ok(());
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        metrics::counter!(metric::SOURCE_ERRORS, "kind" => "consume").increment(1);
+                        if decoded_since_error {
+                            warn!(error = %e, "Kafka consumer error; retrying");
+                        }
+                        decoded_since_error = false;
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        }
+        self.commit_advisory(&consumer, &assigned);
+        info!("Kafka source stopped");
+        Ok(())
+    }
+
+    /// Assigns partitions not yet assigned; returns topics not found.
+    async fn assign_new_partitions(
+        &self,
+        consumer: &Arc<StreamConsumer<StatsContext>>,
+        assigned: &mut HashMap<(String, i32), ()>,
+    ) -> Vec<String> {
+        let mut missing = Vec::new();
+        let mut tpl = TopicPartitionList::new();
+        for (topic, routes) in &self.routes {
+            let c = consumer.clone();
+            let t = topic.clone();
+            let meta = tokio::task::spawn_blocking(move || {
+                c.fetch_metadata(Some(&t), Duration::from_secs(5))
+            })
+            .await;
+            let partitions: Vec<i32> = match meta {
+                Ok(Ok(md)) => md
+                    .topics()
+                    .iter()
+                    .filter(|t| t.name() == topic && t.error().is_none())
+                    .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                    .collect(),
+                Ok(Err(e)) => {
+                    metrics::counter!(metric::SOURCE_ERRORS, "kind" => "metadata").increment(1);
+                    warn!(topic = %topic, error = %e, "cannot fetch topic metadata");
+                    Vec::new()
+                }
+                Err(_) => Vec::new(),
+            };
+            if partitions.is_empty() {
+                missing.push(topic.clone());
+                continue;
+            }
+            for p in partitions {
+                if assigned.contains_key(&(topic.clone(), p)) {
+                    continue;
+                }
+                let stream = kafka_stream(topic, p);
+                // A topic shared by several views starts at the lowest stored
+                // offset; each view skips what it has already applied.
+                let stored: Vec<Option<u64>> = routes
+                    .iter()
+                    .map(|r| self.start_offsets.get(&(r.view, stream.clone())).copied())
+                    .collect();
+                let offset = if stored.iter().all(Option::is_some) {
+                    Offset::Offset(stored.iter().flatten().min().copied().unwrap_or(0) as i64)
+                } else {
+                    match self.config.start_from {
+                        StartFrom::Earliest => Offset::Beginning,
+                        StartFrom::Latest => Offset::End,
+                    }
+                };
+                if let Err(e) = tpl.add_partition_offset(topic, p, offset) {
+                    warn!(topic = %topic, partition = p, error = %e, "cannot add partition");
+                    continue;
+                }
+                info!(topic = %topic, partition = p, ?offset, "assigning partition");
+                assigned.insert((topic.clone(), p), ());
+            }
+        }
+        if tpl.count() > 0 {
+            if let Err(e) = consumer.incremental_assign(&tpl) {
+                metrics::counter!(metric::SOURCE_ERRORS, "kind" => "assign").increment(1);
+                warn!(error = %e, "cannot assign partitions; will retry");
+                for el in tpl.elements() {
+                    assigned.remove(&(el.topic().to_string(), el.partition()));
+                }
+            }
+        }
+        missing
+    }
+
+    /// Commits the state's offsets to Kafka so that lag tooling sees progress.
+    fn commit_advisory(
+        &self,
+        consumer: &StreamConsumer<StatsContext>,
+        assigned: &HashMap<(String, i32), ()>,
+    ) {
+        let Ok(committed) = self.committed.lock().map(|c| c.clone()) else {
+            return;
+        };
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, p), ()) in assigned {
+            let stream = kafka_stream(topic, *p);
+            let routes = self.routes.get(topic).map(Vec::as_slice).unwrap_or(&[]);
+            let next = routes
+                .iter()
+                .filter_map(|r| {
+                    committed
+                        .get(&(r.view, Arc::from(stream.as_str())))
+                        .copied()
+                })
+                .min();
+            if let Some(next) = next {
+                metrics::gauge!(metric::SOURCE_OFFSET, "topic" => topic.clone(), "partition" => p.to_string())
+                    .set(next as f64);
+                let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(next as i64));
+            }
+        }
+        if tpl.count() > 0 {
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+                warn!(error = %e, "advisory offset commit failed");
+            }
+        }
+    }
+}
+
+/// Reads a newline-delimited Debezium export once, from the stored line on.
+pub struct FileSource {
+    pub path: PathBuf,
+    pub view: ViewId,
+    pub decoder: Decoder,
+    pub start_line: u64,
+    pub tx: mpsc::Sender<Input>,
+    pub shutdown: CancellationToken,
+}
+
+impl FileSource {
+    /// Blocking: run on a blocking thread.
+    pub fn run(self) -> anyhow::Result<u64> {
+        let file = std::fs::File::open(&self.path)
+            .map_err(|e| anyhow::anyhow!("cannot open file source {}: {e}", self.path.display()))?;
+        let stream: Arc<str> = file_stream(&self.path).into();
+        let limit = self.decoder.config().max_record_bytes;
+        let mut reader = BufReader::with_capacity(1 << 20, file);
+        let mut line_no = 0u64;
+        let mut buf = Vec::new();
+        let mut sent = 0u64;
+        loop {
+            if self.shutdown.is_cancelled() {
+                break;
+            }
+            buf.clear();
+            let (read, truncated) = read_line_bounded(&mut reader, &mut buf, limit)?;
+            if read == 0 {
+                break;
+            }
+            let n = line_no;
+            line_no += 1;
+            if n < self.start_line {
+                continue;
+            }
+            while matches!(buf.last(), Some(b'\n' | b'\r')) {
+                buf.pop();
+            }
+            if buf.iter().all(u8::is_ascii_whitespace) && !truncated {
+                continue;
+            }
+            let decoded = if truncated {
+                Err(ndc_operators::DecodeError::new(
+                    ndc_operators::DecodeErrorKind::Oversized,
+                    format!("line is {read} bytes, the limit is {limit}"),
+                ))
+            } else {
+                self.decoder.decode("", None, Some(&buf))
+            };
+            let keep_raw = decoded.is_err();
+            let input = Input {
+                view: self.view,
+                pos: Position {
+                    stream: stream.clone(),
+                    offset: n,
+                },
+                decoded,
+                topic: None,
+                partition: None,
+                raw_key: None,
+                raw_value: keep_raw.then(|| buf.clone()),
+            };
+            if self.tx.blocking_send(input).is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        info!(path = %self.path.display(), lines = line_no, sent, "file source finished");
+        Ok(sent)
+    }
+}
+
+/// Reads one line into `buf`, keeping at most `limit` bytes (0: no limit)
+/// and discarding the rest. Returns the line's full length and whether it
+/// was cut.
+fn read_line_bounded<R: Read>(
+    reader: &mut BufReader<R>,
+    buf: &mut Vec<u8>,
+    limit: usize,
+) -> std::io::Result<(usize, bool)> {
+    let mut total = 0usize;
+    let mut truncated = false;
+    loop {
+        let available = reader.fill_buf()?;
+        if available.is_empty() {
+            return Ok((total, truncated));
+        }
+        let (chunk, done) = match available.iter().position(|b| *b == b'\n') {
+            Some(i) => (&available[..=i], true),
+            None => (available, false),
+        };
+        let len = chunk.len();
+        if limit == 0 || buf.len() + len <= limit + 2 {
+            buf.extend_from_slice(chunk);
+        } else {
+            truncated = true;
+            let room = (limit + 2).saturating_sub(buf.len());
+            buf.extend_from_slice(&chunk[..room.min(len)]);
+        }
+        total += len;
+        reader.consume(len);
+        if done {
+            return Ok((total, truncated));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_lines_are_cut_not_buffered() {
+        let data = b"short\nxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\nlast".to_vec();
+        let mut r = BufReader::with_capacity(8, data.as_slice());
+        let mut buf = Vec::new();
+        assert_eq!(
+            read_line_bounded(&mut r, &mut buf, 10).expect("read"),
+            (6, false)
+        );
+        assert_eq!(buf, b"short\n");
+        buf.clear();
+        let (n, cut) = read_line_bounded(&mut r, &mut buf, 10).expect("read");
+        assert_eq!((n, cut), (41, true));
+        assert!(buf.len() <= 12);
+        buf.clear();
+        assert_eq!(
+            read_line_bounded(&mut r, &mut buf, 10).expect("read"),
+            (4, false)
+        );
+        assert_eq!(buf, b"last");
+        buf.clear();
+        assert_eq!(
+            read_line_bounded(&mut r, &mut buf, 10).expect("read"),
+            (0, false)
+        );
+    }
+}

@@ -1,0 +1,159 @@
+//! Logs, metrics and health endpoints.
+//!
+//! Metric names follow the Prometheus conventions; all of them are listed in
+//! [`metric`] with their labels, and documented in `docs/operations.md`.
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Names of every metric the node emits.
+pub mod metric {
+    /// Records read from a source, by `view` and `outcome`
+    /// (inserted, updated, deleted, truncated, unchanged, duplicate, stale,
+    /// already_applied, skipped, dead_lettered).
+    pub const SOURCE_RECORDS: &str = "ndc_source_records_total";
+    /// Records sent to the dead-letter sink, by `view` and `reason`.
+    pub const DEAD_LETTERS: &str = "ndc_dead_letter_records_total";
+    /// Failed attempts to write dead letters (the batch is retried).
+    pub const DEAD_LETTER_ERRORS: &str = "ndc_dead_letter_errors_total";
+    /// Time to apply and commit one batch.
+    pub const COMMIT_SECONDS: &str = "ndc_commit_duration_seconds";
+    /// Records per committed batch.
+    pub const BATCH_RECORDS: &str = "ndc_commit_batch_records";
+    /// Last committed sequence of a view's change stream, by `view`.
+    pub const VIEW_SEQ: &str = "ndc_view_committed_seq";
+    /// Live rows in a view, by `view`.
+    pub const VIEW_ROWS: &str = "ndc_view_rows";
+    /// Source commit time of the newest applied change, by `view`.
+    pub const VIEW_SOURCE_TS: &str = "ndc_view_last_source_commit_timestamp_seconds";
+    /// Now minus the source commit time of changes at apply, by `view`.
+    pub const REPLICATION_LAG: &str = "ndc_replication_lag_seconds";
+    /// Newest connector heartbeat seen, by `view`.
+    pub const HEARTBEAT_TS: &str = "ndc_source_heartbeat_timestamp_seconds";
+    /// Next offset per Kafka partition, by `topic`, `partition`.
+    pub const SOURCE_OFFSET: &str = "ndc_source_offset";
+    /// Records behind the partition's high watermark, by `topic`, `partition`.
+    pub const SOURCE_LAG: &str = "ndc_source_lag_records";
+    /// Source errors (broker unreachable, missing topic ...), by `kind`.
+    pub const SOURCE_ERRORS: &str = "ndc_source_errors_total";
+    /// Open subscriptions, by `view`.
+    pub const SUBSCRIPTIONS: &str = "ndc_subscriptions_active";
+    /// Subscriptions refused or ended with an error, by `code`.
+    pub const SUBSCRIPTION_ERRORS: &str = "ndc_subscription_errors_total";
+    /// Changes sent to subscribers, by `view`.
+    pub const CHANGES_SENT: &str = "ndc_subscription_changes_sent_total";
+    /// Commit-to-send delay of changes sent to subscribers.
+    pub const DELIVERY_LATENCY: &str = "ndc_subscription_delivery_latency_seconds";
+    /// Change-stream entries removed by retention, by `view`.
+    pub const CHANGELOG_TRIMMED: &str = "ndc_changelog_trimmed_total";
+    /// RocksDB SST bytes and memtable bytes.
+    pub const STATE_SST_BYTES: &str = "ndc_state_sst_bytes";
+    pub const STATE_MEMTABLE_BYTES: &str = "ndc_state_memtable_bytes";
+}
+
+/// Starts logging: `RUST_LOG` filter (default info), JSON with `NDC_LOG_FORMAT=json`.
+pub fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn"));
+    let json = std::env::var("NDC_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// The process-wide Prometheus recorder (installed on first use).
+pub fn prometheus() -> Option<&'static PrometheusHandle> {
+    PROMETHEUS
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0,
+                ])
+                .ok()?;
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok()?;
+            Some(handle)
+        })
+        .as_ref()
+}
+
+/// Whether the node can serve (sources assigned, state open, gRPC up).
+#[derive(Debug, Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Release);
+    }
+
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Serves `/metrics`, `/healthz` (process up) and `/readyz` (can serve).
+pub async fn serve_http(
+    listener: TcpListener,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(|| async {
+                match prometheus() {
+                    Some(h) => (StatusCode::OK, h.render()),
+                    None => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "metrics recorder unavailable\n".into(),
+                    ),
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = readiness.get();
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                    }
+                }
+            }),
+        );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// Binds a listener, with the address in the error.
+pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen for {what} on {addr}: {e}"))
+}
+
+/// Seconds since the epoch as f64, for timestamp gauges.
+pub fn unix_seconds(ms: i64) -> f64 {
+    ms as f64 / 1000.0
+}

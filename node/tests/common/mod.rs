@@ -1,0 +1,252 @@
+//! Test fixtures: a real Kafka-protocol broker (tansu) on a loopback port
+//! chosen at run time, nodes started in-process or as processes, and
+//! subscription helpers. Every fixture stops what it started when dropped.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use ndc_node::client::{self, SubscribeOptions};
+use ndc_node::config::{KafkaSection, KafkaSourceConfig, NodeConfig, SourceConfig, ViewConfig};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message};
+use serde_json::Value;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A tansu broker process with in-memory storage.
+pub struct Broker {
+    child: Child,
+    pub bootstrap: String,
+}
+
+fn tansu_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("NDC_TANSU_BIN") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let cached = PathBuf::from(home).join(".cache/ndc/tansu-0.6.0/bin/tansu");
+    if cached.exists() {
+        return cached;
+    }
+    panic!(
+        "tansu (the test broker) is not installed: run ./dev.sh setup, or set NDC_TANSU_BIN. \
+         These tests need a real Kafka-protocol broker and do not skip without one."
+    );
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        let bin = tansu_binary();
+        for _ in 0..5 {
+            let port = free_port();
+            let url = format!("tcp://127.0.0.1:{port}");
+            let child = Command::new(&bin)
+                .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+                .args(["--storage-engine", "memory://tansu/"])
+                .env("RUST_LOG", "error")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start tansu");
+            let mut broker = Broker { child, bootstrap: format!("127.0.0.1:{port}") };
+            if broker.wait_ready(Duration::from_secs(15)) {
+                return broker;
+            }
+        }
+        panic!("tansu did not become ready");
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &self.bootstrap)
+                .create()
+                .unwrap();
+            if consumer.fetch_metadata(None, Duration::from_millis(500)).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
+    pub async fn create_topic(&self, name: &str, partitions: i32) {
+        let admin: AdminClient<DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", &self.bootstrap).create().unwrap();
+        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        let results = admin.create_topics(&[topic], &AdminOptions::new()).await.unwrap();
+        for r in results {
+            r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
+        }
+    }
+
+    pub fn producer(&self) -> FutureProducer {
+        ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "2")
+            .create()
+            .unwrap()
+    }
+
+    /// Reads every record of `topic` (all partitions) until `n` are seen.
+    pub fn read_all(&self, topic: &str, n: usize, timeout: Duration) -> Vec<rdkafka::message::OwnedMessage> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", format!("test-reader-{}", free_port()))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        consumer.subscribe(&[topic]).unwrap();
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        while out.len() < n && Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                out.push(m.detach());
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Publishes one record; `value: None` is a tombstone.
+pub async fn publish(p: &FutureProducer, topic: &str, key: Option<&[u8]>, value: Option<&[u8]>) {
+    let mut r: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
+    if let Some(k) = key {
+        r = r.key(k);
+    }
+    if let Some(v) = value {
+        r = r.payload(v);
+    }
+    p.send(r, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+}
+
+/// A node configuration on free ports with one Kafka view per (name, topic, key columns).
+pub fn node_config(data_dir: &Path, bootstrap: &str, views: &[(&str, &str, &[&str])]) -> NodeConfig {
+    let mut c = NodeConfig::default();
+    c.node.data_dir = data_dir.to_path_buf();
+    c.node.grpc_listen = "127.0.0.1:0".parse().unwrap();
+    c.node.http_listen = "127.0.0.1:0".parse().unwrap();
+    c.node.shutdown_grace = Duration::from_secs(10);
+    c.kafka = Some(KafkaSection {
+        bootstrap_servers: bootstrap.into(),
+        metadata_refresh: Duration::from_millis(500),
+        commit_interval: Duration::from_millis(500),
+        ..KafkaSection::default()
+    });
+    c.storage.sync_commits = false;
+    c.subscriptions.progress_interval = Duration::from_millis(200);
+    c.views = views
+        .iter()
+        .map(|(name, topic, keys)| ViewConfig {
+            name: name.to_string(),
+            key_columns: keys.iter().map(|k| k.to_string()).collect(),
+            sources: vec![SourceConfig::Kafka(KafkaSourceConfig { topic: topic.to_string(), format: Default::default() })],
+        })
+        .collect();
+    c
+}
+
+/// Subscribes and collects output lines until `done` says so or `timeout`.
+pub async fn collect(
+    addr: std::net::SocketAddr,
+    view: &str,
+    from: client::From,
+    timeout: Duration,
+    mut done: impl FnMut(&[Value]) -> bool + Send,
+) -> Vec<Value> {
+    let mut lines = Vec::new();
+    let opts = SubscribeOptions {
+        addr: addr.to_string(),
+        view: view.into(),
+        from,
+        keys: Vec::new(),
+        fields: Vec::new(),
+        limit: None,
+        progress: true,
+        reconnect: false,
+    };
+    let fut = client::subscribe(opts, |line| {
+        lines.push(line);
+        !done(&lines)
+    });
+    let _ = tokio::time::timeout(timeout, fut).await;
+    lines
+}
+
+/// Change lines only (no progress / snapshot markers).
+pub fn changes(lines: &[Value]) -> Vec<&Value> {
+    lines.iter().filter(|l| l.get("op").is_some()).collect()
+}
+
+/// Folds change lines into key → row, as a subscriber keeping a copy would.
+pub fn fold(lines: &[Value]) -> std::collections::BTreeMap<String, Value> {
+    let mut state = std::collections::BTreeMap::new();
+    for l in lines {
+        match l.get("op").and_then(Value::as_str) {
+            Some("read" | "insert" | "update") => {
+                state.insert(l["key"].to_string(), l["after"].clone());
+            }
+            Some("delete") => {
+                state.remove(&l["key"].to_string());
+            }
+            Some("truncate") => state.clear(),
+            _ => {}
+        }
+    }
+    state
+}
+
+/// Polls `f` until it returns true.
+pub async fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// Fetches the node's Prometheus exposition.
+pub async fn metrics_text(http: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
+    s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+pub fn header<'a>(m: &'a rdkafka::message::OwnedMessage, name: &str) -> Option<&'a str> {
+    use rdkafka::message::Headers;
+    let h = m.headers()?;
+    h.iter().find(|h| h.key == name).and_then(|h| h.value).and_then(|v| std::str::from_utf8(v).ok())
+}
+
+pub fn payload(m: &rdkafka::message::OwnedMessage) -> Option<&[u8]> {
+    m.payload()
+}

@@ -1,0 +1,23 @@
+//! Operators of ndc: decoding agency change feeds and keeping their state.
+//!
+//! - [`debezium`]: Debezium change events → [`debezium::Decoded`] or a typed
+//!   [`debezium::DecodeError`] (the dead-letter reason).
+//! - [`replica`]: the ordering rule and per-event decision of the
+//!   synchronized replica.
+//! - [`store`]: RocksDB state: replicas, change streams and feed offsets,
+//!   committed atomically.
+//! - [`national_id`]: the 12-digit citizen identification number.
+
+pub mod debezium;
+pub mod national_id;
+pub mod replica;
+pub mod store;
+
+pub use debezium::{
+    ChangeEvent, ChangeOp, DecodeError, DecodeErrorKind, Decoded, Decoder, DecoderConfig, Format,
+    Key, Row,
+};
+pub use replica::{Outcome, Position};
+pub use store::{
+    CommitInfo, SnapshotRow, Store, StoreConfig, StoreError, StoreReader, Txn, ViewId,
+};

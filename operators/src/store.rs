@@ -1,0 +1,897 @@
+//! RocksDB state of a node: replicas, their change streams and the feed
+//! positions they were built from.
+//!
+//! One database, four column families:
+//! - `rows`: `view id ‖ key` → [`StoredRow`] (deleted rows kept as tombstones);
+//! - `changelog`: `view id ‖ seq` → [`Change`], the view's change stream;
+//! - `offsets`: `view id ‖ stream` → next offset to read from that stream;
+//! - `meta`: `view/<name>` → [`ViewMeta`].
+//!
+//! A [`Txn`] gathers the effects of a batch of records and commits them as one
+//! write batch, so rows, change stream and offsets can never disagree after a
+//! crash: a restarted node resumes reading exactly after the last record whose
+//! effects are stored.
+//!
+//! There is one writer ([`Store`]) and any number of readers
+//! ([`StoreReader`]); the writer is the only one that assigns sequence
+//! numbers, so a view's change stream is gapless.
+
+use crate::debezium::{ChangeEvent, ChangeOp, Key, SourceInfo};
+use crate::replica::{Decision, Outcome, Position, compare_versions, decide, version_of};
+use ndc_proto::state::{RowVersion, StoredRow, ViewMeta};
+use ndc_proto::v1::{Change, Op, SourcePosition};
+use prost::Message;
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, Direction,
+    IteratorMode, Options, ReadOptions, WriteBatch, WriteBufferManager, WriteOptions,
+};
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+const CF_ROWS: &str = "rows";
+const CF_CHANGELOG: &str = "changelog";
+const CF_OFFSETS: &str = "offsets";
+const CF_META: &str = "meta";
+const META_NEXT_VIEW_ID: &[u8] = b"next-view-id";
+
+/// Errors of the state store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("corrupt state record {what}: {source}")]
+    Corrupt {
+        what: String,
+        source: prost::DecodeError,
+    },
+    #[error("unknown view {0:?}")]
+    UnknownView(String),
+    #[error(
+        "change stream of view {view:?} no longer holds seq {seq}: retained from {retained_from}"
+    )]
+    Expired {
+        view: String,
+        seq: u64,
+        retained_from: u64,
+    },
+}
+
+/// Settings of the state store.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+    /// Shared block cache for all column families.
+    pub block_cache_bytes: usize,
+    /// Total memtable memory for all column families.
+    pub write_buffer_bytes: usize,
+    /// fsync every commit: a committed batch survives power loss, not only a
+    /// process crash. Subscribers only see committed batches.
+    pub sync_commits: bool,
+}
+
+impl StoreConfig {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        StoreConfig {
+            path: path.into(),
+            block_cache_bytes: 128 << 20,
+            write_buffer_bytes: 128 << 20,
+            sync_commits: true,
+        }
+    }
+}
+
+/// Handle of a view inside the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ViewId(u32);
+
+impl ViewId {
+    fn prefix(self) -> [u8; 4] {
+        self.0.to_be_bytes()
+    }
+}
+
+/// A row of a snapshot scan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotRow {
+    pub key: String,
+    pub row_json: String,
+    pub version: RowVersion,
+}
+
+/// Read side of the store; cheap to clone, safe to share.
+#[derive(Clone)]
+pub struct StoreReader {
+    db: Arc<DB>,
+    views: Arc<BTreeMap<String, ViewId>>,
+}
+
+impl std::fmt::Debug for StoreReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreReader")
+            .field("views", &self.views)
+            .finish()
+    }
+}
+
+fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
+    // Every column family is created when the store is opened.
+    #[allow(clippy::expect_used)]
+    db.cf_handle(name).expect("column family created at open")
+}
+
+fn decode<M: Message + Default>(bytes: &[u8], what: impl Fn() -> String) -> Result<M, StoreError> {
+    M::decode(bytes).map_err(|source| StoreError::Corrupt {
+        what: what(),
+        source,
+    })
+}
+
+fn view_meta_key(name: &str) -> Vec<u8> {
+    format!("view/{name}").into_bytes()
+}
+
+fn changelog_key(view: ViewId, seq: u64) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..4].copy_from_slice(&view.prefix());
+    k[4..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn row_key(view: ViewId, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(4 + key.len());
+    k.extend_from_slice(&view.prefix());
+    k.extend_from_slice(key);
+    k
+}
+
+fn offset_key(view: ViewId, stream: &str) -> Vec<u8> {
+    row_key(view, stream.as_bytes())
+}
+
+/// First key after every key starting with `prefix` (for iterator bounds).
+fn prefix_end(view: ViewId) -> Vec<u8> {
+    (view.0 + 1).to_be_bytes().to_vec()
+}
+
+impl StoreReader {
+    pub fn view_id(&self, name: &str) -> Option<ViewId> {
+        self.views.get(name).copied()
+    }
+
+    pub fn view_names(&self) -> impl Iterator<Item = &str> {
+        self.views.keys().map(String::as_str)
+    }
+
+    /// Committed metadata of a view.
+    pub fn view_meta(&self, name: &str) -> Result<ViewMeta, StoreError> {
+        let bytes = self
+            .db
+            .get_cf(cf(&self.db, CF_META), view_meta_key(name))?
+            .ok_or_else(|| StoreError::UnknownView(name.to_string()))?;
+        decode(&bytes, || format!("meta of view {name}"))
+    }
+
+    /// Up to `limit` changes with sequence numbers after `after_seq`, in
+    /// order. Fails with [`StoreError::Expired`] if retention has removed
+    /// `after_seq + 1`.
+    pub fn changes_after(
+        &self,
+        name: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<Change>, StoreError> {
+        let view = self
+            .view_id(name)
+            .ok_or_else(|| StoreError::UnknownView(name.into()))?;
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(prefix_end(view));
+        let start = changelog_key(view, after_seq.saturating_add(1));
+        let iter = self.db.iterator_cf_opt(
+            cf(&self.db, CF_CHANGELOG),
+            opts,
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in iter.take(limit) {
+            let (k, v) = item?;
+            let change: Change = decode(&v, || format!("change {k:?} of view {name}"))?;
+            out.push(change);
+        }
+        if let Some(first) = out.first() {
+            if first.seq != after_seq + 1 {
+                let meta = self.view_meta(name)?;
+                return Err(StoreError::Expired {
+                    view: name.into(),
+                    seq: after_seq + 1,
+                    retained_from: meta.retained_from_seq,
+                });
+            }
+        } else {
+            // Nothing after `after_seq`: fine if it is the head, expired if
+            // retention trimmed past it.
+            let meta = self.view_meta(name)?;
+            if after_seq + 1 < meta.retained_from_seq {
+                return Err(StoreError::Expired {
+                    view: name.into(),
+                    seq: after_seq + 1,
+                    retained_from: meta.retained_from_seq,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Current row of a key (None if absent or deleted).
+    pub fn get_row(&self, name: &str, key: &Key) -> Result<Option<StoredRow>, StoreError> {
+        let view = self
+            .view_id(name)
+            .ok_or_else(|| StoreError::UnknownView(name.into()))?;
+        let bytes = self
+            .db
+            .get_cf(cf(&self.db, CF_ROWS), row_key(view, key.as_bytes()))?;
+        let row: Option<StoredRow> = bytes
+            .map(|b| decode(&b, || format!("row {key} of view {name}")))
+            .transpose()?;
+        Ok(row.filter(|r| !r.deleted))
+    }
+
+    /// Reads the view's live rows at one consistent point, in key order,
+    /// handing them to `sink` in batches of `batch_size`; `sink` returns
+    /// false to stop early. Returns the view's last sequence at that point:
+    /// the change stream continues with the next one. Blocking: run it on a
+    /// blocking thread.
+    pub fn scan_snapshot(
+        &self,
+        name: &str,
+        keys: Option<&[Key]>,
+        batch_size: usize,
+        mut sink: impl FnMut(Vec<SnapshotRow>) -> bool,
+    ) -> Result<u64, StoreError> {
+        let view = self
+            .view_id(name)
+            .ok_or_else(|| StoreError::UnknownView(name.into()))?;
+        let snapshot = self.db.snapshot();
+        let meta_bytes = snapshot
+            .get_cf(cf(&self.db, CF_META), view_meta_key(name))?
+            .ok_or_else(|| StoreError::UnknownView(name.into()))?;
+        let meta: ViewMeta = decode(&meta_bytes, || format!("meta of view {name}"))?;
+        let rows_cf = cf(&self.db, CF_ROWS);
+        let mut batch = Vec::with_capacity(batch_size.min(4096));
+        let mut push =
+            |key: &[u8], value: &[u8], batch: &mut Vec<SnapshotRow>| -> Result<bool, StoreError> {
+                let row: StoredRow = decode(value, || format!("row of view {name}"))?;
+                if !row.deleted {
+                    batch.push(SnapshotRow {
+                        key: String::from_utf8_lossy(&key[4..]).into_owned(),
+                        row_json: row.row_json,
+                        version: row.version.unwrap_or_default(),
+                    });
+                }
+                if batch.len() >= batch_size {
+                    return Ok(sink(std::mem::take(batch)));
+                }
+                Ok(true)
+            };
+        match keys {
+            Some(keys) => {
+                let mut sorted: Vec<&Key> = keys.iter().collect();
+                sorted.sort();
+                sorted.dedup();
+                for key in sorted {
+                    let rk = row_key(view, key.as_bytes());
+                    if let Some(value) = snapshot.get_cf(rows_cf, &rk)? {
+                        if !push(&rk, &value, &mut batch)? {
+                            return Ok(meta.last_seq);
+                        }
+                    }
+                }
+            }
+            None => {
+                let mut opts = ReadOptions::default();
+                opts.set_iterate_upper_bound(prefix_end(view));
+                opts.fill_cache(false);
+                let start = view.prefix();
+                let iter = snapshot.iterator_cf_opt(
+                    rows_cf,
+                    opts,
+                    IteratorMode::From(&start, Direction::Forward),
+                );
+                for item in iter {
+                    let (k, v) = item?;
+                    if !push(&k, &v, &mut batch)? {
+                        return Ok(meta.last_seq);
+                    }
+                }
+            }
+        }
+        if !batch.is_empty() {
+            sink(batch);
+        }
+        Ok(meta.last_seq)
+    }
+
+    /// Approximate bytes on disk (SST files) and in memtables, for metrics.
+    pub fn size_bytes(&self) -> (u64, u64) {
+        let mut sst = 0;
+        let mut mem = 0;
+        for name in [CF_ROWS, CF_CHANGELOG, CF_OFFSETS, CF_META] {
+            let handle = cf(&self.db, name);
+            sst += self
+                .db
+                .property_int_value_cf(handle, "rocksdb.total-sst-files-size")
+                .ok()
+                .flatten()
+                .unwrap_or(0);
+            mem += self
+                .db
+                .property_int_value_cf(handle, "rocksdb.cur-size-all-mem-tables")
+                .ok()
+                .flatten()
+                .unwrap_or(0);
+        }
+        (sst, mem)
+    }
+}
+
+/// Write side of the store. Exactly one per database.
+pub struct Store {
+    reader: StoreReader,
+    metas: HashMap<ViewId, ViewMeta>,
+    names: HashMap<ViewId, String>,
+    offsets: HashMap<(ViewId, Arc<str>), u64>,
+    write_opts: WriteOptions,
+    // Kept alive for the lifetime of the database.
+    _cache: Cache,
+    _write_buffers: WriteBufferManager,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("views", &self.names).finish()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store with the given views. Views already in
+    /// the store keep their state; new ones start empty.
+    pub fn open(config: &StoreConfig, view_names: &[String]) -> Result<Store, StoreError> {
+        let cache = Cache::new_lru_cache(config.block_cache_bytes);
+        let write_buffers = WriteBufferManager::new_write_buffer_manager_with_cache(
+            config.write_buffer_bytes,
+            false,
+            cache.clone(),
+        );
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.increase_parallelism(2);
+        db_opts.set_max_background_jobs(2);
+        db_opts.set_write_buffer_manager(&write_buffers);
+        db_opts.set_max_total_wal_size(256 << 20);
+        db_opts.set_keep_log_file_num(5);
+        let cf_opts = |point_lookups: bool| {
+            let mut table = BlockBasedOptions::default();
+            table.set_block_cache(&cache);
+            table.set_cache_index_and_filter_blocks(true);
+            table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+            if point_lookups {
+                table.set_bloom_filter(10.0, false);
+            }
+            let mut o = Options::default();
+            o.set_block_based_table_factory(&table);
+            o.set_compression_type(DBCompressionType::Lz4);
+            o.set_write_buffer_size((config.write_buffer_bytes / 4).max(4 << 20));
+            o
+        };
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(CF_ROWS, cf_opts(true)),
+            ColumnFamilyDescriptor::new(CF_CHANGELOG, cf_opts(false)),
+            ColumnFamilyDescriptor::new(CF_OFFSETS, cf_opts(true)),
+            ColumnFamilyDescriptor::new(CF_META, cf_opts(true)),
+        ];
+        let db = DB::open_cf_descriptors(&db_opts, &config.path, cfs)?;
+
+        let meta_cf = cf(&db, CF_META);
+        let mut next_id = match db.get_cf(meta_cf, META_NEXT_VIEW_ID)? {
+            Some(b) if b.len() == 4 => u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+            _ => 1,
+        };
+        let mut views = BTreeMap::new();
+        let mut metas = HashMap::new();
+        let mut names = HashMap::new();
+        let mut created = WriteBatch::default();
+        for name in view_names {
+            let meta = match db.get_cf(meta_cf, view_meta_key(name))? {
+                Some(bytes) => decode::<ViewMeta>(&bytes, || format!("meta of view {name}"))?,
+                None => {
+                    let meta = ViewMeta {
+                        id: next_id,
+                        incarnation: new_incarnation(next_id),
+                        last_seq: 0,
+                        retained_from_seq: 1,
+                        truncated_at: None,
+                        live_rows: 0,
+                    };
+                    next_id += 1;
+                    created.put_cf(meta_cf, view_meta_key(name), meta.encode_to_vec());
+                    meta
+                }
+            };
+            let id = ViewId(meta.id);
+            views.insert(name.clone(), id);
+            names.insert(id, name.clone());
+            metas.insert(id, meta);
+        }
+        created.put_cf(meta_cf, META_NEXT_VIEW_ID, next_id.to_be_bytes());
+        let mut write_opts = WriteOptions::default();
+        write_opts.set_sync(config.sync_commits);
+        db.write_opt(created, &write_opts)?;
+
+        let mut offsets = HashMap::new();
+        for item in db.iterator_cf(cf(&db, CF_OFFSETS), IteratorMode::Start) {
+            let (k, v) = item?;
+            if k.len() < 4 || v.len() != 8 {
+                continue;
+            }
+            let id = ViewId(u32::from_be_bytes([k[0], k[1], k[2], k[3]]));
+            if !names.contains_key(&id) {
+                continue;
+            }
+            let stream: Arc<str> = String::from_utf8_lossy(&k[4..]).into();
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&v);
+            offsets.insert((id, stream), u64::from_be_bytes(b));
+        }
+
+        Ok(Store {
+            reader: StoreReader {
+                db: Arc::new(db),
+                views: Arc::new(views),
+            },
+            metas,
+            names,
+            offsets,
+            write_opts,
+            _cache: cache,
+            _write_buffers: write_buffers,
+        })
+    }
+
+    pub fn reader(&self) -> StoreReader {
+        self.reader.clone()
+    }
+
+    pub fn view_id(&self, name: &str) -> Option<ViewId> {
+        self.reader.view_id(name)
+    }
+
+    pub fn view_name(&self, view: ViewId) -> &str {
+        self.names.get(&view).map(String::as_str).unwrap_or("")
+    }
+
+    /// Committed metadata of a view, as the writer knows it.
+    pub fn meta(&self, view: ViewId) -> Option<&ViewMeta> {
+        self.metas.get(&view)
+    }
+
+    /// Next offset to read from `stream` for `view` (None: never read).
+    pub fn next_offset(&self, view: ViewId, stream: &str) -> Option<u64> {
+        self.offsets.get(&(view, Arc::from(stream))).copied()
+    }
+
+    /// All stored stream positions of a view.
+    pub fn offsets_of(&self, view: ViewId) -> Vec<(Arc<str>, u64)> {
+        let mut v: Vec<_> = self
+            .offsets
+            .iter()
+            .filter(|((id, _), _)| *id == view)
+            .map(|((_, s), o)| (s.clone(), *o))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Starts a batch; `now_ms` stamps its changes' commit time.
+    pub fn begin(&mut self, now_ms: i64) -> Txn<'_> {
+        Txn {
+            store: self,
+            batch: WriteBatch::default(),
+            overlay: HashMap::new(),
+            metas: HashMap::new(),
+            offsets: HashMap::new(),
+            now_ms,
+            changes: 0,
+        }
+    }
+
+    /// Drops the change stream of `view` below what the limits keep: at most
+    /// `max_events` entries, none committed before `min_committed_at_ms`.
+    /// Returns how many entries were removed. Scans at most `scan_limit`
+    /// entries per call for the age limit.
+    pub fn trim_changelog(
+        &mut self,
+        view: ViewId,
+        max_events: u64,
+        min_committed_at_ms: Option<i64>,
+        scan_limit: usize,
+    ) -> Result<u64, StoreError> {
+        let Some(meta) = self.metas.get(&view).cloned() else {
+            return Ok(0);
+        };
+        let mut new_low = meta.retained_from_seq;
+        if max_events > 0 && meta.last_seq >= max_events {
+            new_low = new_low.max(meta.last_seq + 1 - max_events);
+        }
+        if let Some(cutoff) = min_committed_at_ms {
+            let db = &self.reader.db;
+            let mut opts = ReadOptions::default();
+            opts.set_iterate_upper_bound(prefix_end(view));
+            let start = changelog_key(view, new_low);
+            let iter = db.iterator_cf_opt(
+                cf(db, CF_CHANGELOG),
+                opts,
+                IteratorMode::From(&start, Direction::Forward),
+            );
+            for item in iter.take(scan_limit) {
+                let (_, v) = item?;
+                let change: Change = decode(&v, || "change during trim".into())?;
+                if change.committed_at_ms >= cutoff {
+                    break;
+                }
+                new_low = change.seq + 1;
+            }
+        }
+        if new_low <= meta.retained_from_seq {
+            return Ok(0);
+        }
+        let removed = new_low - meta.retained_from_seq;
+        let db = &self.reader.db;
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(
+            cf(db, CF_CHANGELOG),
+            changelog_key(view, meta.retained_from_seq),
+            changelog_key(view, new_low),
+        );
+        let mut meta = meta;
+        meta.retained_from_seq = new_low;
+        batch.put_cf(
+            cf(db, CF_META),
+            view_meta_key(self.view_name(view)),
+            meta.encode_to_vec(),
+        );
+        db.write_opt(batch, &self.write_opts)?;
+        self.metas.insert(view, meta);
+        Ok(removed)
+    }
+}
+
+fn new_incarnation(view_id: u32) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    nanos ^ (u64::from(std::process::id()) << 32) ^ u64::from(view_id).rotate_left(17)
+}
+
+/// What a committed batch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CommitInfo {
+    /// Last committed sequence of each view the batch changed.
+    pub last_seqs: Vec<(ViewId, u64)>,
+    /// Changes appended to change streams.
+    pub changes: u64,
+}
+
+/// Effects of a batch of records, committed atomically by [`Txn::commit`].
+/// Dropping it without committing discards everything.
+pub struct Txn<'s> {
+    store: &'s mut Store,
+    batch: WriteBatch,
+    /// Rows written (Some) or removed (None) in this batch, so later records
+    /// of the batch see them.
+    overlay: HashMap<(ViewId, Vec<u8>), Option<StoredRow>>,
+    metas: HashMap<ViewId, ViewMeta>,
+    offsets: HashMap<(ViewId, Arc<str>), u64>,
+    now_ms: i64,
+    changes: u64,
+}
+
+impl std::fmt::Debug for Txn<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Txn")
+            .field("changes", &self.changes)
+            .finish()
+    }
+}
+
+impl Txn<'_> {
+    /// Has the record at `pos` already been applied (in an earlier batch or
+    /// this one)?
+    pub fn is_applied(&self, view: ViewId, pos: &Position) -> bool {
+        let key = (view, pos.stream.clone());
+        let next = self
+            .offsets
+            .get(&key)
+            .or_else(|| self.store.offsets.get(&key))
+            .copied()
+            .unwrap_or(0);
+        pos.offset < next
+    }
+
+    fn advance(&mut self, view: ViewId, pos: &Position) {
+        let key = (view, pos.stream.clone());
+        let current = self
+            .offsets
+            .get(&key)
+            .or_else(|| self.store.offsets.get(&key))
+            .copied()
+            .unwrap_or(0);
+        self.offsets.insert(key, current.max(pos.offset + 1));
+    }
+
+    /// Records that the record at `pos` was consumed without changing the
+    /// replica (dead-lettered, heartbeat, tombstone, ...).
+    pub fn skip(&mut self, view: ViewId, pos: &Position, outcome: Outcome) -> Outcome {
+        if self.is_applied(view, pos) {
+            return Outcome::AlreadyApplied;
+        }
+        self.advance(view, pos);
+        outcome
+    }
+
+    fn meta_mut(&mut self, view: ViewId) -> Result<&mut ViewMeta, StoreError> {
+        if !self.metas.contains_key(&view) {
+            let meta = self
+                .store
+                .metas
+                .get(&view)
+                .cloned()
+                .ok_or_else(|| StoreError::UnknownView(format!("id {}", view.0)))?;
+            self.metas.insert(view, meta);
+        }
+        self.metas
+            .get_mut(&view)
+            .ok_or_else(|| StoreError::UnknownView(format!("id {}", view.0)))
+    }
+
+    fn current_row(&self, view: ViewId, key: &[u8]) -> Result<Option<StoredRow>, StoreError> {
+        if let Some(row) = self.overlay.get(&(view, key.to_vec())) {
+            return Ok(row.clone());
+        }
+        let db = &self.store.reader.db;
+        db.get_pinned_cf(cf(db, CF_ROWS), row_key(view, key))?
+            .map(|b| decode(&b, || "stored row".into()))
+            .transpose()
+    }
+
+    fn append_change(&mut self, view: ViewId, mut change: Change) -> Result<(), StoreError> {
+        let meta = self.meta_mut(view)?;
+        meta.last_seq += 1;
+        change.seq = meta.last_seq;
+        let seq = meta.last_seq;
+        let db = &self.store.reader.db;
+        self.batch.put_cf(
+            cf(db, CF_CHANGELOG),
+            changelog_key(view, seq),
+            change.encode_to_vec(),
+        );
+        self.changes += 1;
+        Ok(())
+    }
+
+    /// Applies one change event read at `pos` to `view`.
+    pub fn apply(
+        &mut self,
+        view: ViewId,
+        event: &ChangeEvent,
+        pos: &Position,
+    ) -> Result<Outcome, StoreError> {
+        if self.is_applied(view, pos) {
+            return Ok(Outcome::AlreadyApplied);
+        }
+        self.advance(view, pos);
+        if event.op == ChangeOp::Truncate {
+            return self.truncate(view, event, pos);
+        }
+        let Some(key) = &event.key else {
+            return Ok(Outcome::Skipped);
+        };
+        let current = self.current_row(view, key.as_bytes())?;
+        let truncated_at = self.meta_mut(view)?.truncated_at.clone();
+        match decide(
+            current.as_ref(),
+            truncated_at.as_ref(),
+            event,
+            version_of(event, pos),
+        ) {
+            Decision::Skip(outcome) => Ok(outcome),
+            Decision::Write {
+                row,
+                op,
+                before_json,
+                after_json,
+                live_delta,
+                outcome,
+            } => {
+                let db = &self.store.reader.db;
+                self.batch.put_cf(
+                    cf(db, CF_ROWS),
+                    row_key(view, key.as_bytes()),
+                    row.encode_to_vec(),
+                );
+                self.overlay
+                    .insert((view, key.as_bytes().to_vec()), Some(row));
+                let meta = self.meta_mut(view)?;
+                meta.live_rows = meta.live_rows.saturating_add_signed(live_delta);
+                if let Some(op) = op {
+                    let change = Change {
+                        seq: 0,
+                        op: op as i32,
+                        key_json: key.as_str().to_string(),
+                        before_json,
+                        after_json,
+                        source: Some(source_position(&event.source, pos)),
+                        committed_at_ms: self.now_ms,
+                    };
+                    self.append_change(view, change)?;
+                }
+                Ok(outcome)
+            }
+        }
+    }
+
+    /// Removes every row older than the truncate. Emits one TRUNCATE change
+    /// when no live row survives (the usual case), else a DELETE per removed
+    /// row so subscribers keep the rows written after the truncate.
+    fn truncate(
+        &mut self,
+        view: ViewId,
+        event: &ChangeEvent,
+        pos: &Position,
+    ) -> Result<Outcome, StoreError> {
+        let version = version_of(event, pos);
+        if let Some(prev) = &self.meta_mut(view)?.truncated_at {
+            if compare_versions(&version, prev) != Ordering::Greater {
+                return Ok(Outcome::Stale);
+            }
+        }
+        // Current state of every key: committed rows overlaid with this batch.
+        let mut rows: BTreeMap<Vec<u8>, StoredRow> = BTreeMap::new();
+        {
+            let db = &self.store.reader.db;
+            let mut opts = ReadOptions::default();
+            opts.set_iterate_upper_bound(prefix_end(view));
+            let start = view.prefix();
+            for item in db.iterator_cf_opt(
+                cf(db, CF_ROWS),
+                opts,
+                IteratorMode::From(&start, Direction::Forward),
+            ) {
+                let (k, v) = item?;
+                let key = k[4..].to_vec();
+                if self.overlay.contains_key(&(view, key.clone())) {
+                    continue;
+                }
+                rows.insert(key, decode(&v, || "stored row".into())?);
+            }
+        }
+        for ((v, key), row) in &self.overlay {
+            if let (true, Some(row)) = (*v == view, row) {
+                rows.insert(key.clone(), row.clone());
+            }
+        }
+        let mut removed = Vec::new();
+        let mut survivors = 0u64;
+        for (key, row) in rows {
+            let older = row
+                .version
+                .as_ref()
+                .is_none_or(|rv| compare_versions(&version, rv) == Ordering::Greater);
+            if older {
+                if !row.deleted {
+                    removed.push((key.clone(), row.row_json.clone()));
+                }
+                let db = &self.store.reader.db;
+                self.batch.delete_cf(cf(db, CF_ROWS), row_key(view, &key));
+                self.overlay.insert((view, key), None);
+            } else if !row.deleted {
+                survivors += 1;
+            }
+        }
+        {
+            let meta = self.meta_mut(view)?;
+            meta.truncated_at = Some(version);
+            meta.live_rows = survivors;
+        }
+        let source = source_position(&event.source, pos);
+        if survivors == 0 {
+            self.append_change(
+                view,
+                Change {
+                    seq: 0,
+                    op: Op::Truncate as i32,
+                    key_json: String::new(),
+                    before_json: None,
+                    after_json: None,
+                    source: Some(source),
+                    committed_at_ms: self.now_ms,
+                },
+            )?;
+        } else {
+            for (key, before) in removed {
+                self.append_change(
+                    view,
+                    Change {
+                        seq: 0,
+                        op: Op::Delete as i32,
+                        key_json: String::from_utf8_lossy(&key).into_owned(),
+                        before_json: Some(before),
+                        after_json: None,
+                        source: Some(source.clone()),
+                        committed_at_ms: self.now_ms,
+                    },
+                )?;
+            }
+        }
+        Ok(Outcome::Truncated)
+    }
+
+    /// Number of changes this batch appends so far.
+    pub fn pending_changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// Writes the batch atomically (synced when configured). Nothing of it is
+    /// visible to readers before this returns.
+    pub fn commit(self) -> Result<CommitInfo, StoreError> {
+        let Txn {
+            store,
+            mut batch,
+            metas,
+            offsets,
+            changes,
+            ..
+        } = self;
+        let db = store.reader.db.clone();
+        for ((view, stream), next) in &offsets {
+            batch.put_cf(
+                cf(&db, CF_OFFSETS),
+                offset_key(*view, stream),
+                next.to_be_bytes(),
+            );
+        }
+        for (view, meta) in &metas {
+            batch.put_cf(
+                cf(&db, CF_META),
+                view_meta_key(store.view_name(*view)),
+                meta.encode_to_vec(),
+            );
+        }
+        if !batch.is_empty() {
+            db.write_opt(batch, &store.write_opts)?;
+        }
+        let mut last_seqs: Vec<(ViewId, u64)> =
+            metas.iter().map(|(v, m)| (*v, m.last_seq)).collect();
+        last_seqs.sort();
+        store.offsets.extend(offsets);
+        store.metas.extend(metas);
+        Ok(CommitInfo { last_seqs, changes })
+    }
+}
+
+fn source_position(s: &SourceInfo, pos: &Position) -> SourcePosition {
+    SourcePosition {
+        connector: s.connector.clone(),
+        db: s.db.clone(),
+        schema: s.schema.clone(),
+        table: s.table.clone(),
+        ts_ms: s.ts_ms,
+        lsn: s.lsn,
+        tx_id: s.tx_id,
+        snapshot: s.snapshot.clone(),
+        stream: pos.stream.to_string(),
+        offset: pos.offset,
+    }
+}
