@@ -133,11 +133,10 @@ pub async fn subscribe(
                                 return Ok(true);
                             }
                         }
-                        if b.snapshot_complete {
-                            if !emit(json!({"view": opts.view, "snapshot_complete": true, "resume_token": b.resume_token})) {
+                        if b.snapshot_complete
+                            && !emit(json!({"view": opts.view, "snapshot_complete": true, "resume_token": b.resume_token})) {
                                 return Ok(true);
                             }
-                        }
                         if !b.resume_token.is_empty() {
                             from = From::Token(b.resume_token.clone());
                         }

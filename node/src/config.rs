@@ -17,6 +17,7 @@ pub const ENV_PREFIX: &str = "NDC__";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[derive(Default)]
 pub struct NodeConfig {
     pub node: NodeSection,
     /// Absent: no Kafka (file sources only; dead letters go to a file).
@@ -27,21 +28,6 @@ pub struct NodeConfig {
     pub changelog: ChangelogSection,
     pub dead_letter: DeadLetterSection,
     pub views: Vec<ViewConfig>,
-}
-
-impl Default for NodeConfig {
-    fn default() -> Self {
-        NodeConfig {
-            node: NodeSection::default(),
-            kafka: None,
-            storage: StorageSection::default(),
-            pipeline: PipelineSection::default(),
-            subscriptions: SubscriptionSection::default(),
-            changelog: ChangelogSection::default(),
-            dead_letter: DeadLetterSection::default(),
-            views: Vec::new(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -351,6 +337,12 @@ impl NodeConfig {
         for (var, raw) in vars {
             apply_override(&mut value, &var, &raw)?;
         }
+        // Through JSON's data model: externally tagged enums (`kafka: {...}`)
+        // deserialize from single-key maps there.
+        let value = serde_json::to_value(&value).map_err(|e| ConfigError::Yaml {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
         let config: NodeConfig = serde_path_to_error::deserialize(value).map_err(|e| {
             let key = e.path().to_string();
             ConfigError::Invalid {
@@ -507,8 +499,12 @@ fn apply_override(root: &mut serde_norway::Value, var: &str, raw: &str) -> Resul
     if path.iter().any(String::is_empty) {
         return Err(err("empty path segment".into()));
     }
-    let parsed: Value =
-        serde_norway::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()));
+    // An empty value is an empty string (YAML would read it as null).
+    let parsed: Value = if raw.trim().is_empty() {
+        Value::String(raw.to_string())
+    } else {
+        serde_norway::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()))
+    };
     let mut node = root;
     for (i, segment) in path.iter().enumerate() {
         let last = i + 1 == path.len();

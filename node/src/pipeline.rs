@@ -153,7 +153,7 @@ impl Writer {
             (self, outcome)
         })
         .await;
-        let (mut this, outcome) = match result {
+        let (this, outcome) = match result {
             Ok(pair) => pair,
             Err(e) => {
                 // A panic in the apply path: the process cannot continue safely.

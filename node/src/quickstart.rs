@@ -102,31 +102,37 @@ pub async fn run(opts: QuickstartOptions) -> anyhow::Result<()> {
         .context("cannot create the generator's producer")?;
     let generator = tokio::spawn(generate(producer, opts.people, opts.rate));
 
+    let topic = Table::Citizens.topic();
+    let data = opts.data_dir.display();
+    let (people, rate) = (opts.people, opts.rate);
+    println!();
+    println!("ndc quickstart");
+    println!("==============");
+    println!("  embedded Kafka broker   {bootstrap}   (librdkafka mock cluster, in this process)");
+    println!("  ndc node, gRPC          {grpc}");
+    println!("  metrics and health      http://{http}/metrics   /healthz   /readyz");
+    println!("  state                   {data}");
+    println!("  views                   population.citizens (key person_id), residence.addresses");
+    println!();
     println!(
-        "\n\
-ndc quickstart\n\
-==============\n\
-  embedded Kafka broker   {bootstrap}   (librdkafka mock cluster, in this process)\n\
-  ndc node, gRPC          {grpc}\n\
-  metrics and health      http://{http}/metrics  /healthz  /readyz\n\
-  state                   {data}\n\
-  views                   population.citizens (key person_id), residence.addresses\n\
-\n\
-A generator publishes {people} citizens and their addresses as a Debezium snapshot, then\n\
-{rate} changes/s (and now and then a malformed record, which goes to topic {DEAD_LETTER_TOPIC}).\n\
-\n\
-From a second terminal:\n\
-  ndc subscribe --addr {grpc} --view population.citizens --from snapshot\n\
-  grpcurl -plaintext -d '{{\"view\":\"residence.addresses\",\"latest\":{{}}}}' {grpc} ndc.v1.Subscription/Subscribe\n\
-  kcat -P -b {bootstrap} -t {topic} -K '|'    # publish your own change events\n\
-\n\
-Live subscription to population.citizens (snapshot first, then changes; Ctrl-C to stop):\n",
-        data = opts.data_dir.display(),
-        people = opts.people,
-        rate = opts.rate,
-        topic = Table::Citizens.topic(),
+        "A generator publishes {people} citizens and their addresses as a Debezium snapshot, then"
     );
-
+    println!(
+        "{rate} changes/s (about 3% malformed: they go to topic {DEAD_LETTER_TOPIC} with the reason)."
+    );
+    println!();
+    println!("From a second terminal, while this runs:");
+    println!("  ndc subscribe --addr {grpc} --view population.citizens --from snapshot");
+    println!("  ndc views --addr {grpc}");
+    println!(
+        "  grpcurl -plaintext -d '{{\"view\":\"residence.addresses\",\"latest\":{{}}}}' {grpc} ndc.v1.Subscription/Subscribe"
+    );
+    println!("  kcat -P -b {bootstrap} -t {topic} -K '|'    # publish your own change events");
+    println!();
+    wait_for_rows(&grpc.to_string(), "population.citizens", opts.people).await;
+    println!(
+        "Live subscription to population.citizens (snapshot first, then changes; Ctrl-C to stop):"
+    );
     let mut snapshot_rows = 0u64;
     let printer = client::subscribe(
         SubscribeOptions {
@@ -175,6 +181,26 @@ Live subscription to population.citizens (snapshot first, then changes; Ctrl-C t
         opts.data_dir.display()
     );
     Ok(())
+}
+
+/// Waits (up to 30 s) until the view holds `rows` rows, so that the demo
+/// subscription starts with the agency's snapshot in place.
+async fn wait_for_rows(addr: &str, view: &str, rows: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < deadline {
+        let endpoint = format!("http://{addr}");
+        if let Ok(mut c) =
+            ndc_proto::v1::subscription_client::SubscriptionClient::connect(endpoint).await
+            && let Ok(r) = c.list_views(ndc_proto::v1::ListViewsRequest {}).await
+            && r.into_inner()
+                .views
+                .iter()
+                .any(|v| v.name == view && v.live_rows >= rows)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Publishes a snapshot of `people` citizens and addresses, then a steady

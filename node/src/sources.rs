@@ -217,13 +217,13 @@ impl KafkaSource {
                 assigned.insert((topic.clone(), p), ());
             }
         }
-        if tpl.count() > 0 {
-            if let Err(e) = consumer.incremental_assign(&tpl) {
-                metrics::counter!(metric::SOURCE_ERRORS, "kind" => "assign").increment(1);
-                warn!(error = %e, "cannot assign partitions; will retry");
-                for el in tpl.elements() {
-                    assigned.remove(&(el.topic().to_string(), el.partition()));
-                }
+        if tpl.count() > 0
+            && let Err(e) = consumer.incremental_assign(&tpl)
+        {
+            metrics::counter!(metric::SOURCE_ERRORS, "kind" => "assign").increment(1);
+            warn!(error = %e, "cannot assign partitions; will retry");
+            for el in tpl.elements() {
+                assigned.remove(&(el.topic().to_string(), el.partition()));
             }
         }
         missing
@@ -256,10 +256,10 @@ impl KafkaSource {
                 let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(next as i64));
             }
         }
-        if tpl.count() > 0 {
-            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-                warn!(error = %e, "advisory offset commit failed");
-            }
+        if tpl.count() > 0
+            && let Err(e) = consumer.commit(&tpl, CommitMode::Async)
+        {
+            warn!(error = %e, "advisory offset commit failed");
         }
     }
 }

@@ -83,7 +83,7 @@ mod tests {
         );
         assert!(
             decode(&t, "addresses")
-                .unwrap_err()
+                .expect_err("other view")
                 .contains("belongs to view \"citizens\"")
         );
         assert!(decode("!!!", "citizens").is_err());

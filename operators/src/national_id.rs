@@ -157,7 +157,7 @@ impl NationalId {
         }
         let century_gender = digits[3];
         let century = 1900 + 100 * (century_gender / 2) as u16;
-        let gender = if century_gender % 2 == 0 {
+        let gender = if century_gender.is_multiple_of(2) {
             Gender::Male
         } else {
             Gender::Female

@@ -281,10 +281,10 @@ impl StoreReader {
                 sorted.dedup();
                 for key in sorted {
                     let rk = row_key(view, key.as_bytes());
-                    if let Some(value) = snapshot.get_cf(rows_cf, &rk)? {
-                        if !push(&rk, &value, &mut batch)? {
-                            return Ok(meta.last_seq);
-                        }
+                    if let Some(value) = snapshot.get_cf(rows_cf, &rk)?
+                        && !push(&rk, &value, &mut batch)?
+                    {
+                        return Ok(meta.last_seq);
                     }
                 }
             }
@@ -752,10 +752,10 @@ impl Txn<'_> {
         pos: &Position,
     ) -> Result<Outcome, StoreError> {
         let version = version_of(event, pos);
-        if let Some(prev) = &self.meta_mut(view)?.truncated_at {
-            if compare_versions(&version, prev) != Ordering::Greater {
-                return Ok(Outcome::Stale);
-            }
+        if let Some(prev) = &self.meta_mut(view)?.truncated_at
+            && compare_versions(&version, prev) != Ordering::Greater
+        {
+            return Ok(Outcome::Stale);
         }
         // Current state of every key: committed rows overlaid with this batch.
         let mut rows: BTreeMap<Vec<u8>, StoredRow> = BTreeMap::new();

@@ -39,7 +39,11 @@ fn tansu_binary() -> PathBuf {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Broker {
@@ -49,14 +53,23 @@ impl Broker {
             let port = free_port();
             let url = format!("tcp://127.0.0.1:{port}");
             let child = Command::new(&bin)
-                .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+                .args([
+                    "broker",
+                    "--listener-url",
+                    &url,
+                    "--advertised-listener-url",
+                    &url,
+                ])
                 .args(["--storage-engine", "memory://tansu/"])
                 .env("RUST_LOG", "error")
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("start tansu");
-            let mut broker = Broker { child, bootstrap: format!("127.0.0.1:{port}") };
+            let mut broker = Broker {
+                child,
+                bootstrap: format!("127.0.0.1:{port}"),
+            };
             if broker.wait_ready(Duration::from_secs(15)) {
                 return broker;
             }
@@ -74,7 +87,10 @@ impl Broker {
                 .set("bootstrap.servers", &self.bootstrap)
                 .create()
                 .unwrap();
-            if consumer.fetch_metadata(None, Duration::from_millis(500)).is_ok() {
+            if consumer
+                .fetch_metadata(None, Duration::from_millis(500))
+                .is_ok()
+            {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -83,10 +99,15 @@ impl Broker {
     }
 
     pub async fn create_topic(&self, name: &str, partitions: i32) {
-        let admin: AdminClient<DefaultClientContext> =
-            ClientConfig::new().set("bootstrap.servers", &self.bootstrap).create().unwrap();
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .create()
+            .unwrap();
         let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
-        let results = admin.create_topics(&[topic], &AdminOptions::new()).await.unwrap();
+        let results = admin
+            .create_topics(&[topic], &AdminOptions::new())
+            .await
+            .unwrap();
         for r in results {
             r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
         }
@@ -102,7 +123,12 @@ impl Broker {
     }
 
     /// Reads every record of `topic` (all partitions) until `n` are seen.
-    pub fn read_all(&self, topic: &str, n: usize, timeout: Duration) -> Vec<rdkafka::message::OwnedMessage> {
+    pub fn read_all(
+        &self,
+        topic: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> Vec<rdkafka::message::OwnedMessage> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap)
             .set("group.id", format!("test-reader-{}", free_port()))
@@ -138,11 +164,18 @@ pub async fn publish(p: &FutureProducer, topic: &str, key: Option<&[u8]>, value:
     if let Some(v) = value {
         r = r.payload(v);
     }
-    p.send(r, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+    p.send(r, Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
 }
 
 /// A node configuration on free ports with one Kafka view per (name, topic, key columns).
-pub fn node_config(data_dir: &Path, bootstrap: &str, views: &[(&str, &str, &[&str])]) -> NodeConfig {
+pub fn node_config(
+    data_dir: &Path,
+    bootstrap: &str,
+    views: &[(&str, &str, &[&str])],
+) -> NodeConfig {
     let mut c = NodeConfig::default();
     c.node.data_dir = data_dir.to_path_buf();
     c.node.grpc_listen = "127.0.0.1:0".parse().unwrap();
@@ -161,7 +194,10 @@ pub fn node_config(data_dir: &Path, bootstrap: &str, views: &[(&str, &str, &[&st
         .map(|(name, topic, keys)| ViewConfig {
             name: name.to_string(),
             key_columns: keys.iter().map(|k| k.to_string()).collect(),
-            sources: vec![SourceConfig::Kafka(KafkaSourceConfig { topic: topic.to_string(), format: Default::default() })],
+            sources: vec![SourceConfig::Kafka(KafkaSourceConfig {
+                topic: topic.to_string(),
+                format: Default::default(),
+            })],
         })
         .collect();
     c
@@ -233,9 +269,11 @@ pub async fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bo
 pub async fn metrics_text(http: std::net::SocketAddr) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
-    s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(
+        format!("GET /metrics HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     out
@@ -244,9 +282,32 @@ pub async fn metrics_text(http: std::net::SocketAddr) -> String {
 pub fn header<'a>(m: &'a rdkafka::message::OwnedMessage, name: &str) -> Option<&'a str> {
     use rdkafka::message::Headers;
     let h = m.headers()?;
-    h.iter().find(|h| h.key == name).and_then(|h| h.value).and_then(|v| std::str::from_utf8(v).ok())
+    h.iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
 }
 
 pub fn payload(m: &rdkafka::message::OwnedMessage) -> Option<&[u8]> {
     m.payload()
+}
+
+/// Waits until `view` holds `rows` live rows (per ListViews).
+pub async fn wait_rows(addr: std::net::SocketAddr, view: &str, rows: u64) {
+    use ndc_proto::v1::subscription_client::SubscriptionClient;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = 0;
+    while Instant::now() < deadline {
+        if let Ok(mut c) = SubscriptionClient::connect(format!("http://{addr}")).await
+            && let Ok(r) = c.list_views(ndc_proto::v1::ListViewsRequest {}).await
+            && let Some(v) = r.into_inner().views.into_iter().find(|v| v.name == view)
+        {
+            last = v.live_rows;
+            if last >= rows {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("view {view} has {last} rows, expected {rows}");
 }

@@ -1,0 +1,659 @@
+//! One node against a real Kafka-protocol broker (tansu) on loopback.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use ndc_node::client::From;
+use ndc_node::synthetic::{Feed, Table, citizen_row, national_id};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+const CITIZENS: &str = "population.public.citizens";
+const DLQ: &str = "ndc.dead-letter";
+const T: Duration = Duration::from_secs(30);
+
+fn citizen_key(i: u64) -> String {
+    json!({"person_id": national_id(i).to_string()}).to_string()
+}
+
+async fn broker_with_topics(partitions: i32) -> Broker {
+    let broker = Broker::start();
+    broker.create_topic(CITIZENS, partitions).await;
+    broker.create_topic(DLQ, 1).await;
+    broker
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicates_a_feed_and_serves_snapshot_then_every_change() {
+    let broker = broker_with_topics(3).await;
+    let producer = broker.producer();
+    let mut feed = Feed::new(Table::Citizens, 1_767_225_600_000);
+    for i in 0..40 {
+        let e = feed.event('r', i, 0, None);
+        publish(&producer, CITIZENS, Some(&e.key), e.value.as_deref()).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let node = ndc_node::start(node_config(
+        dir.path(),
+        &broker.bootstrap,
+        &[("replicates", CITIZENS, &["person_id"])],
+    ))
+    .await
+    .unwrap();
+
+    // Wait until the snapshot is applied, then subscribe from a snapshot.
+    let addr = node.addrs.grpc;
+    wait_rows(addr, "replicates", 40).await;
+    let lines = collect(addr, "replicates", From::Snapshot, T, |l| {
+        l.iter().any(|x| x.get("snapshot_complete").is_some())
+    })
+    .await;
+    let snapshot = changes(&lines);
+    assert_eq!(snapshot.len(), 40, "snapshot rows");
+    assert!(
+        snapshot
+            .iter()
+            .all(|c| c["op"] == "read" && c["resume_token"].is_null())
+    );
+    let token = lines
+        .iter()
+        .find_map(|l| {
+            l.get("snapshot_complete")
+                .map(|_| l["resume_token"].clone())
+        })
+        .unwrap();
+    let token = token.as_str().unwrap().to_string();
+
+    // Changes after the snapshot: updates, a delete with its tombstone, an insert.
+    let e = feed.event('u', 3, 1, None);
+    publish(&producer, CITIZENS, Some(&e.key), e.value.as_deref()).await;
+    let e = feed.event('d', 5, 0, None);
+    publish(&producer, CITIZENS, Some(&e.key), e.value.as_deref()).await;
+    let t = feed.tombstone(5);
+    publish(&producer, CITIZENS, Some(&t.key), None).await;
+    let e = feed.event('c', 100, 0, None);
+    publish(&producer, CITIZENS, Some(&e.key), e.value.as_deref()).await;
+
+    let follow = collect(addr, "replicates", From::Token(token), T, |l| {
+        changes(l).len() >= 3
+    })
+    .await;
+    let follow = changes(&follow);
+    assert_eq!(follow.len(), 3, "{follow:#?}");
+    let by_op: BTreeMap<&str, &Value> = follow
+        .iter()
+        .map(|c| (c["op"].as_str().unwrap(), *c))
+        .collect();
+    let update = by_op["update"];
+    assert_eq!(update["key"].to_string(), citizen_key(3));
+    assert_eq!(update["before"], citizen_row(3, 0));
+    assert_eq!(update["after"], citizen_row(3, 1));
+    assert_eq!(update["source"]["table"], "citizens");
+    assert!(update["source"]["lsn"].as_u64().unwrap() > 24_000_000);
+    let delete = by_op["delete"];
+    assert_eq!(delete["before"], citizen_row(5, 0));
+    assert!(delete["after"].is_null());
+    assert_eq!(by_op["insert"]["after"], citizen_row(100, 0));
+    // Sequence numbers continue the snapshot's position without a gap.
+    let mut seqs: Vec<u64> = follow.iter().map(|c| c["seq"].as_u64().unwrap()).collect();
+    seqs.sort();
+    assert_eq!(seqs, vec![41, 42, 43]);
+
+    // The replica equals what the feed says.
+    let mut expected: BTreeMap<String, Value> = (0..40)
+        .map(|i| (citizen_key(i), citizen_row(i, 0)))
+        .collect();
+    expected.insert(citizen_key(3), citizen_row(3, 1));
+    expected.remove(&citizen_key(5));
+    expected.insert(citizen_key(100), citizen_row(100, 0));
+    let snap = collect(addr, "replicates", From::Snapshot, T, |l| {
+        l.iter().any(|x| x.get("snapshot_complete").is_some())
+    })
+    .await;
+    assert_eq!(fold(&snap), expected);
+
+    let text = metrics_text(node.addrs.http).await;
+    assert!(
+        text.contains("ndc_source_records_total{view=\"replicates\",outcome=\"inserted\"} 41"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ndc_source_records_total{view=\"replicates\",outcome=\"skipped\"} 1"),
+        "tombstone skipped"
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_records_go_to_the_dead_letter_topic_and_good_ones_flow() {
+    let broker = broker_with_topics(1).await;
+    let producer = broker.producer();
+    let mut feed = Feed::new(Table::Citizens, 1_767_225_600_000);
+    let good = |feed: &mut Feed, i| feed.event('c', i, 0, None);
+    let mut big = feed.event('c', 9, 0, None);
+    big.value = Some(format!("{{\"pad\":\"{}\"}}", "x".repeat(3000)).into_bytes());
+    let bad: Vec<(&str, Vec<u8>, Vec<u8>)> = vec![
+        (
+            "malformed_json",
+            citizen_key(1).into_bytes(),
+            b"{\"before\":null,\"after\":{\"person_id\":".to_vec(),
+        ),
+        ("unknown_op", citizen_key(2).into_bytes(), {
+            let mut v: Value =
+                serde_json::from_slice(good(&mut feed, 2).value.as_deref().unwrap()).unwrap();
+            v["op"] = json!("x");
+            v.to_string().into_bytes()
+        }),
+        ("wrong_type", citizen_key(3).into_bytes(), {
+            let mut v: Value =
+                serde_json::from_slice(good(&mut feed, 3).value.as_deref().unwrap()).unwrap();
+            v["source"]["ts_ms"] = json!("yesterday");
+            v.to_string().into_bytes()
+        }),
+        ("oversized", big.key.clone(), big.value.clone().unwrap()),
+    ];
+    // good, bad, good, bad ... so good records sit around every bad one.
+    let mut good_ids = Vec::new();
+    for (n, (_, key, value)) in bad.iter().enumerate() {
+        let id = 100 + n as u64;
+        let e = good(&mut feed, id);
+        publish(&producer, CITIZENS, Some(&e.key), e.value.as_deref()).await;
+        good_ids.push(id);
+        publish(&producer, CITIZENS, Some(key), Some(value)).await;
+    }
+    let e = good(&mut feed, 200);
+    publish(&producer, CITIZENS, Some(&e.key), e.value.as_deref()).await;
+    good_ids.push(200);
+    // A record with no key at all.
+    let e = good(&mut feed, 201);
+    publish(&producer, CITIZENS, None, e.value.as_deref()).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = node_config(
+        dir.path(),
+        &broker.bootstrap,
+        &[("dead_letters", CITIZENS, &[])],
+    );
+    config.pipeline.max_record_bytes = ndc_node::config::ByteSize(2048);
+    let node = ndc_node::start(config).await.unwrap();
+
+    wait_rows(node.addrs.grpc, "dead_letters", good_ids.len() as u64).await;
+    let snap = collect(node.addrs.grpc, "dead_letters", From::Snapshot, T, |l| {
+        l.iter().any(|x| x.get("snapshot_complete").is_some())
+    })
+    .await;
+    let expected: BTreeMap<String, Value> = good_ids
+        .iter()
+        .map(|i| (citizen_key(*i), citizen_row(*i, 0)))
+        .collect();
+    assert_eq!(
+        fold(&snap),
+        expected,
+        "good records around the bad ones are applied"
+    );
+
+    let letters = broker.read_all(DLQ, 5, T);
+    assert_eq!(letters.len(), 5, "four bad records and one without a key");
+    let mut kinds: Vec<&str> = letters
+        .iter()
+        .map(|m| header(m, "ndc-error-kind").unwrap())
+        .collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        vec![
+            "malformed_json",
+            "missing_key",
+            "oversized",
+            "unknown_op",
+            "wrong_type"
+        ]
+    );
+    for m in &letters {
+        assert_eq!(header(m, "ndc-source-topic"), Some(CITIZENS));
+        assert_eq!(header(m, "ndc-source-partition"), Some("0"));
+        assert_eq!(header(m, "ndc-view"), Some("dead_letters"));
+        let offset: u64 = header(m, "ndc-source-offset").unwrap().parse().unwrap();
+        let kind = header(m, "ndc-error-kind").unwrap();
+        assert!(!header(m, "ndc-reason").unwrap().is_empty());
+        if let Some((_, key, value)) = bad.iter().find(|(k, _, _)| *k == kind) {
+            assert_eq!(
+                payload(m),
+                Some(value.as_slice()),
+                "original bytes kept for {kind}"
+            );
+            assert_eq!(rdkafka::Message::key(m), Some(key.as_slice()));
+            assert_eq!(offset % 2, 1, "bad records sit at odd offsets");
+        }
+    }
+    let wrong = letters
+        .iter()
+        .find(|m| header(m, "ndc-error-kind") == Some("wrong_type"))
+        .unwrap();
+    assert!(
+        header(wrong, "ndc-reason")
+            .unwrap()
+            .contains("source.ts_ms")
+    );
+
+    let text = metrics_text(node.addrs.http).await;
+    for kind in [
+        "malformed_json",
+        "unknown_op",
+        "wrong_type",
+        "oversized",
+        "missing_key",
+    ] {
+        let line =
+            format!("ndc_dead_letter_records_total{{view=\"dead_letters\",reason=\"{kind}\"}} 1");
+        assert!(text.contains(&line), "missing {line}");
+    }
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_tokens_continue_without_gap_or_duplicate_across_disconnects_and_restarts() {
+    let broker = broker_with_topics(2).await;
+    let producer = broker.producer();
+    let mut feed = Feed::new(Table::Citizens, 1_767_225_600_000);
+    for i in 0..30 {
+        let e = feed.event('c', i, 0, None);
+        publish(&producer, CITIZENS, Some(&e.key), e.value.as_deref()).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = node_config(
+        dir.path(),
+        &broker.bootstrap,
+        &[("citizens", CITIZENS, &["person_id"])],
+    );
+    let node = ndc_node::start(config.clone()).await.unwrap();
+
+    // Read the first 10 changes, then disconnect.
+    let mut got: Vec<Value> = Vec::new();
+    let latest_zero =
+        ndc_node::token::encode("citizens", view_incarnation(node.addrs.grpc).await, 0);
+    let part = collect(
+        node.addrs.grpc,
+        "citizens",
+        From::Token(latest_zero),
+        T,
+        |l| changes(l).len() >= 10,
+    )
+    .await;
+    got.extend(changes(&part).into_iter().take(10).cloned());
+    let token = got.last().unwrap()["resume_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Resume on the same node: changes 11..=30.
+    let part = collect(node.addrs.grpc, "citizens", From::Token(token), T, |l| {
+        changes(l).len() >= 10
+    })
+    .await;
+    got.extend(changes(&part).into_iter().take(10).cloned());
+    let token = got.last().unwrap()["resume_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Restart the node; more changes arrive while it is down.
+    node.shutdown().await;
+    for i in 30..45 {
+        let e = feed.event('c', i, 0, None);
+        publish(&producer, CITIZENS, Some(&e.key), e.value.as_deref()).await;
+    }
+    let node = ndc_node::start(config).await.unwrap();
+    let part = collect(node.addrs.grpc, "citizens", From::Token(token), T, |l| {
+        changes(l).len() >= 25
+    })
+    .await;
+    got.extend(changes(&part).into_iter().cloned());
+    let seqs: Vec<u64> = got.iter().map(|c| c["seq"].as_u64().unwrap()).collect();
+    assert_eq!(
+        seqs,
+        (1..=45).collect::<Vec<_>>(),
+        "every change exactly once, in order"
+    );
+    let keys: std::collections::BTreeSet<String> =
+        got.iter().map(|c| c["key"].to_string()).collect();
+    assert_eq!(keys.len(), 45);
+
+    // Nothing more: a progress message, not a duplicate.
+    let token = got.last().unwrap()["resume_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let tail = collect(
+        node.addrs.grpc,
+        "citizens",
+        From::Token(token),
+        Duration::from_secs(3),
+        |l| l.iter().any(|x| x.get("progress").is_some()),
+    )
+    .await;
+    assert!(changes(&tail).is_empty(), "{tail:?}");
+    assert_eq!(tail.last().unwrap()["progress"]["committed_seq"], 45);
+    node.shutdown().await;
+}
+
+async fn view_incarnation(addr: std::net::SocketAddr) -> u64 {
+    view_incarnation_of(addr, "citizens").await
+}
+
+async fn view_incarnation_of(addr: std::net::SocketAddr, view: &str) -> u64 {
+    // A "latest" subscription's progress token carries the incarnation.
+    let lines = collect(addr, view, From::Latest, T, |l| {
+        l.iter().any(|x| x.get("progress").is_some())
+    })
+    .await;
+    let token = lines.iter().find_map(|l| l.get("progress")).unwrap()["resume_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    ndc_node::token::peek(&token).unwrap().1.incarnation
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_statuses() {
+    use ndc_proto::v1::SubscribeRequest;
+    use ndc_proto::v1::subscribe_request::Start;
+    use ndc_proto::v1::subscription_client::SubscriptionClient;
+    let broker = broker_with_topics(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let node = ndc_node::start(node_config(
+        dir.path(),
+        &broker.bootstrap,
+        &[("citizens", CITIZENS, &["person_id"])],
+    ))
+    .await
+    .unwrap();
+    let mut client = SubscriptionClient::connect(format!("http://{}", node.addrs.grpc))
+        .await
+        .unwrap();
+    let req = |view: &str, start: Option<Start>, keys: Vec<String>| SubscribeRequest {
+        view: view.into(),
+        start,
+        keys,
+        fields: vec![],
+        max_batch_size: 0,
+    };
+    let err = client
+        .subscribe(req("nope", None, vec![]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(
+        err.message().contains("\"nope\" does not exist") && err.message().contains("citizens"),
+        "{}",
+        err.message()
+    );
+
+    let err = client
+        .subscribe(req(
+            "citizens",
+            Some(Start::ResumeToken("garbage!".into())),
+            vec![],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("resume token"), "{}", err.message());
+
+    let other = ndc_node::token::encode("addresses", 1, 0);
+    let err = client
+        .subscribe(req("citizens", Some(Start::ResumeToken(other)), vec![]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("belongs to view \"addresses\""),
+        "{}",
+        err.message()
+    );
+
+    let stale = ndc_node::token::encode("citizens", 12345, 0);
+    let err = client
+        .subscribe(req("citizens", Some(Start::ResumeToken(stale)), vec![]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+
+    let err = client
+        .subscribe(req("citizens", None, vec!["{not json".into()]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let err = client
+        .subscribe(req("citizens", None, vec!["{\"id\":1}".into()]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("person_id"), "{}", err.message());
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_and_field_filters() {
+    let broker = broker_with_topics(2).await;
+    let producer = broker.producer();
+    let mut feed = Feed::new(Table::Citizens, 1_767_225_600_000);
+    for i in 0..20 {
+        let e = feed.event('c', i, 0, None);
+        publish(&producer, CITIZENS, Some(&e.key), e.value.as_deref()).await;
+    }
+    for rev in 1..=3 {
+        let e = feed.event('u', 7, rev, None);
+        publish(&producer, CITIZENS, Some(&e.key), e.value.as_deref()).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let node = ndc_node::start(node_config(
+        dir.path(),
+        &broker.bootstrap,
+        &[("citizens", CITIZENS, &["person_id"])],
+    ))
+    .await
+    .unwrap();
+    let mut lines = Vec::new();
+    let opts = ndc_node::client::SubscribeOptions {
+        addr: node.addrs.grpc.to_string(),
+        view: "citizens".into(),
+        from: From::Token(ndc_node::token::encode(
+            "citizens",
+            view_incarnation(node.addrs.grpc).await,
+            0,
+        )),
+        keys: vec![citizen_key(7)],
+        fields: vec!["person_id".into(), "marital_status".into()],
+        limit: Some(4),
+        progress: false,
+        reconnect: false,
+    };
+    tokio::time::timeout(
+        T,
+        ndc_node::client::subscribe(opts, |l| {
+            lines.push(l);
+            true
+        }),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(lines.len(), 4);
+    assert!(lines.iter().all(|l| l["key"] == citizen_key(7)));
+    assert_eq!(lines[0]["op"], "insert");
+    for l in &lines {
+        let after = l["after"].as_object().unwrap();
+        assert_eq!(
+            after.keys().collect::<Vec<_>>(),
+            vec!["marital_status", "person_id"]
+        );
+    }
+    assert_eq!(
+        lines[3]["after"]["marital_status"],
+        citizen_row(7, 3)["marital_status"]
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_subscriber_catches_up_from_storage_and_does_not_hold_back_the_node() {
+    let broker = broker_with_topics(2).await;
+    let producer = broker.producer();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = node_config(
+        dir.path(),
+        &broker.bootstrap,
+        &[("citizens", CITIZENS, &["person_id"])],
+    );
+    config.views[0].name = "slow".into();
+    config.subscriptions.max_batch_size = 50;
+    config.subscriptions.buffer_batches = 2;
+    let node = ndc_node::start(config).await.unwrap();
+    let inc = view_incarnation_of(node.addrs.grpc, "slow").await;
+
+    let total = 3000u64;
+    let mut feed = Feed::new(Table::Citizens, 1_767_225_600_000);
+    let sends: Vec<_> = (0..total).map(|i| feed.event('c', i, 0, None)).collect();
+    let futs = sends
+        .iter()
+        .map(|e| publish(&producer, CITIZENS, Some(&e.key), e.value.as_deref()));
+    futures::future::join_all(futs).await;
+
+    // A subscriber that reads one batch, then stalls.
+    use ndc_proto::v1::subscription_client::SubscriptionClient;
+    use ndc_proto::v1::{SubscribeRequest, subscribe_request::Start};
+    let mut client = SubscriptionClient::connect(format!("http://{}", node.addrs.grpc))
+        .await
+        .unwrap();
+    let mut stream = client
+        .subscribe(SubscribeRequest {
+            view: "slow".into(),
+            start: Some(Start::ResumeToken(ndc_node::token::encode("slow", inc, 0))),
+            keys: vec![],
+            fields: vec![],
+            max_batch_size: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seqs = Vec::new();
+    if let Some(m) = stream.message().await.unwrap()
+        && let Some(ndc_proto::v1::subscribe_response::Kind::Batch(b)) = m.kind
+    {
+        seqs.extend(b.changes.iter().map(|c| c.seq));
+    }
+    // While it stalls, the node keeps applying: all changes get committed.
+    let http = node.addrs.http;
+    let mut committed = 0.0;
+    for _ in 0..300 {
+        let text = metrics_text(http).await;
+        committed = text
+            .lines()
+            .find(|l| l.starts_with("ndc_view_committed_seq{view=\"slow\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        if committed >= total as f64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        committed, total as f64,
+        "the node committed everything while the subscriber stalled"
+    );
+    // Then the subscriber reads on, slowly, and gets every change in order.
+    while seqs.len() < total as usize {
+        let m = tokio::time::timeout(T, stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Some(ndc_proto::v1::subscribe_response::Kind::Batch(b)) = m.kind {
+            assert!(b.changes.len() <= 50);
+            seqs.extend(b.changes.iter().map(|c| c.seq));
+        }
+    }
+    assert_eq!(seqs, (1..=total).collect::<Vec<_>>());
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_export_backfills_through_the_same_path_then_kafka_continues() {
+    let broker = broker_with_topics(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let export = dir.path().join("citizens-export.ndjson");
+    let mut feed = Feed::new(Table::Citizens, 1_767_225_600_000);
+    let mut text = String::new();
+    for i in 0..25 {
+        text.push_str(
+            std::str::from_utf8(feed.event('r', i, 0, None).value.as_deref().unwrap()).unwrap(),
+        );
+        text.push('\n');
+    }
+    text.push_str("{ this line is broken\n");
+    text.push('\n');
+    std::fs::write(&export, text).unwrap();
+
+    let mut config = node_config(
+        &dir.path().join("node"),
+        &broker.bootstrap,
+        &[("backfill", CITIZENS, &["person_id"])],
+    );
+    config.views[0]
+        .sources
+        .push(ndc_node::config::SourceConfig::File(
+            ndc_node::config::FileSourceConfig {
+                path: export.clone(),
+                format: Default::default(),
+            },
+        ));
+    let node = ndc_node::start(config.clone()).await.unwrap();
+    // Kafka then updates some of the exported rows.
+    let producer = broker.producer();
+    for i in 0..5 {
+        let e = feed.event('u', i, 1, None);
+        publish(&producer, CITIZENS, Some(&e.key), e.value.as_deref()).await;
+    }
+    let mut expected: BTreeMap<String, Value> = (0..25)
+        .map(|i| (citizen_key(i), citizen_row(i, 0)))
+        .collect();
+    for i in 0..5 {
+        expected.insert(citizen_key(i), citizen_row(i, 1));
+    }
+    let mut snap = Vec::new();
+    for _ in 0..100 {
+        snap = collect(node.addrs.grpc, "backfill", From::Snapshot, T, |l| {
+            l.iter().any(|x| x.get("snapshot_complete").is_some())
+        })
+        .await;
+        if fold(&snap) == expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(fold(&snap), expected);
+    // The broken line went to the dead-letter topic with its line number.
+    let letters = broker.read_all(DLQ, 1, T);
+    assert_eq!(letters.len(), 1);
+    assert_eq!(header(&letters[0], "ndc-source-offset"), Some("25"));
+    assert_eq!(
+        header(&letters[0], "ndc-source-stream"),
+        Some(format!("file:{}", export.display()).as_str())
+    );
+
+    // A restart does not read the file again.
+    node.shutdown().await;
+    let node = ndc_node::start(config).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let text = metrics_text(node.addrs.http).await;
+    assert!(
+        !text.contains("view=\"backfill\",outcome=\"already_applied\""),
+        "file re-read after restart:\n{text}"
+    );
+    node.shutdown().await;
+}
