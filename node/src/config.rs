@@ -477,6 +477,17 @@ impl NodeConfig {
         }
     }
 
+    /// The configuration as YAML that [`NodeConfig::from_yaml_with_env`]
+    /// reads back (sources as `kafka: {...}` maps, not YAML tags).
+    pub fn to_yaml(&self) -> Result<String, ConfigError> {
+        let invalid = |e: &dyn std::fmt::Display| ConfigError::Invalid {
+            key: "(top level)".into(),
+            message: e.to_string(),
+        };
+        let value = serde_json::to_value(self).map_err(|e| invalid(&e))?;
+        serde_norway::to_string(&value).map_err(|e| invalid(&e))
+    }
+
     /// Where dead letters go when there is no Kafka.
     pub fn dead_letter_file(&self) -> PathBuf {
         self.dead_letter
@@ -649,6 +660,15 @@ views:
             text.contains("views[1].name: another view has the same name"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn printed_config_reads_back() {
+        let c = parse(MINIMAL, &[("NDC__STORAGE__BLOCK_CACHE", "64MiB")]).expect("valid");
+        let text = c.to_yaml().expect("serializes");
+        assert!(text.contains("kafka:") && !text.contains('!'), "{text}");
+        let back = parse(&text, &[]).expect("reads back");
+        assert_eq!(back.to_yaml().expect("serializes"), text);
     }
 
     #[test]

@@ -109,7 +109,7 @@ fn main() -> anyhow::Result<()> {
             }
             Command::CheckConfig { config } => {
                 let config = NodeConfig::load(&config)?;
-                println!("{}", serde_norway::to_string(&config)?);
+                print!("{}", config.to_yaml()?);
                 Ok(())
             }
             Command::Subscribe { addr, view, from, keys, fields, limit, progress, no_reconnect } => {
