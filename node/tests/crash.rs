@@ -104,8 +104,12 @@ async fn kill_9_at_any_point_loses_nothing_and_delivers_no_duplicate() {
     let mut revision: BTreeMap<u64, u32> = BTreeMap::new();
     let mut expected: BTreeMap<String, Value> = BTreeMap::new();
     let mut bad_records = 0usize;
-    let total = 4000;
-    let kills_at = [700, 1500, 2300, 3100];
+    // `./dev.sh soak` (NDC_SOAK=1): ten times the records and kills.
+    let soak = std::env::var("NDC_SOAK").is_ok();
+    let total = if soak { 40_000 } else { 4000 };
+    let kills_at: Vec<usize> = (1..=if soak { 40 } else { 4 })
+        .map(|k| k * total / (if soak { 41 } else { 5 }) + 13 * k)
+        .collect();
     let started = Instant::now();
     for n in 0..total {
         if kills_at.contains(&n) {
@@ -148,7 +152,7 @@ async fn kill_9_at_any_point_loses_nothing_and_delivers_no_duplicate() {
     eprintln!("published {total} records in {:?}", started.elapsed());
 
     // Wait for the subscriber's copy to converge.
-    let deadline = Instant::now() + Duration::from_secs(90);
+    let deadline = Instant::now() + Duration::from_secs(if soak { 600 } else { 90 });
     loop {
         let lines = seen.lock().unwrap().clone();
         if fold(&lines) == expected {

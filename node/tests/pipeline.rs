@@ -483,7 +483,8 @@ async fn key_and_field_filters() {
     .unwrap()
     .unwrap();
     assert_eq!(lines.len(), 4);
-    assert!(lines.iter().all(|l| l["key"] == citizen_key(7)));
+    let key7 = json!({"person_id": national_id(7).to_string()});
+    assert!(lines.iter().all(|l| l["key"] == key7));
     assert_eq!(lines[0]["op"], "insert");
     for l in &lines {
         let after = l["after"].as_object().unwrap();

@@ -164,9 +164,10 @@ pub fn decide(
             }
         }
         ChangeOp::Create | ChangeOp::Read | ChangeOp::Update => {
-            let after = match &event.after {
-                Some(row) => serde_json::Value::Object(row.clone()).to_string(),
-                None => return Decision::Skip(Outcome::Skipped),
+            let after = match event.after.as_ref().map(serde_json::to_string) {
+                Some(Ok(json)) => json,
+                // A map of JSON values always serializes; treat the impossible as "not data".
+                Some(Err(_)) | None => return Decision::Skip(Outcome::Skipped),
             };
             let row = StoredRow {
                 version: Some(version),

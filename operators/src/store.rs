@@ -376,10 +376,14 @@ impl Store {
             table.set_block_cache(&cache);
             table.set_cache_index_and_filter_blocks(true);
             table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+            let mut o = Options::default();
             if point_lookups {
                 table.set_bloom_filter(10.0, false);
+                // Most lookups of new keys miss: answer them from a bloom
+                // filter instead of walking the memtable's skip list.
+                o.set_memtable_whole_key_filtering(true);
+                o.set_memtable_prefix_bloom_ratio(0.02);
             }
-            let mut o = Options::default();
             o.set_block_based_table_factory(&table);
             o.set_compression_type(DBCompressionType::Lz4);
             o.set_write_buffer_size((config.write_buffer_bytes / 4).max(4 << 20));

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Developer entry point. On a fresh machine each command installs what it
+# needs first (Debian packages, the tansu test broker), so nothing has to be
+# set up by hand.
+#
+#   ./dev.sh quickstart [ARGS]   build (release) and run `ndc quickstart`
+#   ./dev.sh test                set up, then run the whole test suite
+#   ./dev.sh lint                rustfmt --check and clippy -D warnings
+#   ./dev.sh ci                  lint + test (what .ci/run calls)
+#   ./dev.sh bench [ARGS]        load test (release), see docs/performance.md
+#   ./dev.sh soak                long crash/resume runs (not in CI)
+#   ./dev.sh setup               only install prerequisites
+#
+# Environment: NDC_CACHE (default ~/.cache/ndc) holds the test broker;
+# CARGO_TARGET_DIR is honoured as usual.
+set -euo pipefail
+
+cd "$(dirname "$0")"
+NDC_CACHE="${NDC_CACHE:-$HOME/.cache/ndc}"
+TANSU_VERSION=0.6.0
+TANSU_ROOT="$NDC_CACHE/tansu-$TANSU_VERSION"
+export NDC_TANSU_BIN="$TANSU_ROOT/bin/tansu"
+DEB_PACKAGES=(build-essential pkg-config cmake libclang-dev protobuf-compiler libcurl4-openssl-dev zlib1g-dev)
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+need_sudo() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    echo "need root to run: $*" >&2; exit 1; fi
+}
+
+setup_packages() {
+  local missing=()
+  for p in "${DEB_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    say "installing Debian packages: ${missing[*]}"
+    need_sudo apt-get update -qq
+    need_sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  if ! command -v cargo >/dev/null; then
+    echo "cargo not found: install Rust (rustup) first" >&2; exit 1
+  fi
+}
+
+setup_broker() {
+  if [ ! -x "$NDC_TANSU_BIN" ]; then
+    say "installing the test broker tansu $TANSU_VERSION into $TANSU_ROOT (about 7 minutes, once)"
+    mkdir -p "$NDC_CACHE"
+    CARGO_TARGET_DIR="$NDC_CACHE/tansu-build" cargo install tansu --version "$TANSU_VERSION" \
+      --locked --features dynostore --root "$TANSU_ROOT" --quiet
+    rm -rf "$NDC_CACHE/tansu-build"
+  fi
+}
+
+cmd="${1:-help}"
+shift || true
+case "$cmd" in
+  setup)
+    setup_packages
+    setup_broker
+    ;;
+  quickstart)
+    setup_packages
+    say "building ndc (release; the first build compiles RocksDB and librdkafka, about 15 minutes)"
+    cargo build --release --locked -p ndc-node --bin ndc
+    exec "${CARGO_TARGET_DIR:-target}/release/ndc" quickstart "$@"
+    ;;
+  test)
+    setup_packages
+    setup_broker
+    say "running the test suite (real tansu broker on loopback, real RocksDB)"
+    cargo test --workspace --locked "$@"
+    ;;
+  lint)
+    setup_packages
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets --locked -- -D warnings
+    ;;
+  ci)
+    "$0" lint
+    "$0" test
+    ;;
+  bench)
+    setup_packages
+    setup_broker
+    cargo build --release --locked -p ndc-loadtest
+    exec "${CARGO_TARGET_DIR:-target}/release/ndc-loadtest" "$@"
+    ;;
+  soak)
+    setup_packages
+    setup_broker
+    NDC_SOAK=1 cargo test --release --locked -p ndc-node --test crash -- --nocapture "$@"
+    ;;
+  help|-h|--help)
+    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+    ;;
+  *)
+    echo "unknown command: $cmd (try ./dev.sh help)" >&2
+    exit 2
+    ;;
+esac

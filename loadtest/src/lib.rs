@@ -1,0 +1,629 @@
+//! Load tests of an ndc node, run as a separate `ndc node` process so that
+//! its memory is measured alone.
+//!
+//! Phases (see `docs/performance.md` for figures):
+//! - `file`: a newline-delimited Debezium export through the file source;
+//! - `broker-ceiling`: the broker's own produce and consume rates;
+//! - `broker`: the node catching up on a topic filled beforehand;
+//! - `latency`: a steady rate through broker and node to a subscriber,
+//!   with end-to-end latency percentiles.
+
+use anyhow::{Context, bail};
+use hdrhistogram::Histogram;
+use ndc_node::config::{
+    FileSourceConfig, KafkaSection, KafkaSourceConfig, NodeConfig, SourceConfig, ViewConfig,
+};
+use ndc_node::synthetic::{Feed, Rng, Table};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const VIEW: &str = "citizens";
+pub const TOPIC: &str = "bench.population.citizens";
+
+/// What one phase measured.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Report {
+    pub phase: String,
+    pub events: u64,
+    pub keys: u64,
+    pub seconds: f64,
+    pub events_per_second: f64,
+    pub mean_event_bytes: u64,
+    pub node_peak_rss_bytes: Option<u64>,
+    pub latency_ms: Option<Percentiles>,
+    pub note: String,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    pub samples: u64,
+}
+
+impl Report {
+    pub fn print(&self) {
+        let rss = self
+            .node_peak_rss_bytes
+            .map(|b| format!("{:.1} MiB", b as f64 / (1 << 20) as f64))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<16} {:>10} events {:>9} keys {:>8.2} s {:>11.0} events/s  node peak RSS {:>10}  {}",
+            self.phase,
+            self.events,
+            self.keys,
+            self.seconds,
+            self.events_per_second,
+            rss,
+            self.note
+        );
+        if let Some(l) = &self.latency_ms {
+            println!(
+                "{:<16} latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}  ({} samples)",
+                "", l.p50, l.p90, l.p99, l.p999, l.max, l.samples
+            );
+        }
+        if let Ok(json) = serde_json::to_string(self) {
+            println!("JSON {json}");
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Path of the `ndc` binary built beside this one.
+pub fn ndc_binary() -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    let bin = me.with_file_name("ndc");
+    if !bin.exists() {
+        bail!(
+            "{} not found: build it first (cargo build --release -p ndc-node)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// A node process on free loopback ports.
+pub struct NodeProcess {
+    child: Child,
+    pub grpc: std::net::SocketAddr,
+    pub http: std::net::SocketAddr,
+}
+
+impl NodeProcess {
+    pub fn start(config: &NodeConfig, work: &Path) -> anyhow::Result<NodeProcess> {
+        let path = work.join("ndc.yaml");
+        std::fs::write(&path, config.to_yaml()?)?;
+        let log = std::fs::File::create(work.join("node.log"))?;
+        let child = Command::new(ndc_binary()?)
+            .args(["node", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        let addr_file = config.node.data_dir.join("node.addr");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(bytes) = std::fs::read(&addr_file)
+                && let Ok(a) = serde_json::from_slice::<ndc_node::NodeAddrs>(&bytes)
+            {
+                return Ok(NodeProcess {
+                    child,
+                    grpc: a.grpc,
+                    http: a.http,
+                });
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "node did not start; see {}",
+                    work.join("node.log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Peak resident memory of the node so far (VmHWM).
+    pub fn peak_rss(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    }
+
+    /// Committed sequence of the view.
+    pub async fn committed(&self) -> anyhow::Result<u64> {
+        let mut c = ndc_proto::v1::subscription_client::SubscriptionClient::connect(format!(
+            "http://{}",
+            self.grpc
+        ))
+        .await?;
+        let views = c
+            .list_views(ndc_proto::v1::ListViewsRequest {})
+            .await?
+            .into_inner()
+            .views;
+        Ok(views
+            .iter()
+            .find(|v| v.name == VIEW)
+            .map_or(0, |v| v.committed_seq))
+    }
+
+    /// Polls until the view has committed `seq`; returns (first progress, done) instants.
+    pub async fn wait_committed(
+        &self,
+        seq: u64,
+        timeout: Duration,
+    ) -> anyhow::Result<(Instant, Instant)> {
+        let deadline = Instant::now() + timeout;
+        let mut first = None;
+        loop {
+            let c = self.committed().await.unwrap_or(0);
+            if c > 0 && first.is_none() {
+                first = Some(Instant::now());
+            }
+            if c >= seq {
+                let now = Instant::now();
+                return Ok((first.unwrap_or(now), now));
+            }
+            if Instant::now() > deadline {
+                bail!("timed out: committed {c} of {seq}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A tansu broker process.
+pub struct Broker {
+    child: Child,
+    pub bootstrap: String,
+}
+
+impl Broker {
+    pub fn start() -> anyhow::Result<Broker> {
+        let bin = std::env::var("NDC_TANSU_BIN")
+            .context("NDC_TANSU_BIN is not set (use ./dev.sh bench)")?;
+        let port = free_port()?;
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let broker = Broker {
+            child,
+            bootstrap: format!("127.0.0.1:{port}"),
+        };
+        let probe: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &broker.bootstrap)
+            .create()?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while probe
+            .fetch_metadata(None, Duration::from_millis(300))
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                bail!("tansu did not start");
+            }
+        }
+        Ok(broker)
+    }
+
+    pub async fn create_topic(&self, name: &str, partitions: i32) -> anyhow::Result<()> {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .create()?;
+        for r in admin
+            .create_topics(
+                &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+                &AdminOptions::new(),
+            )
+            .await?
+        {
+            r.map_err(|(t, e)| anyhow::anyhow!("create topic {t}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    pub fn producer(&self) -> anyhow::Result<FutureProducer> {
+        Ok(ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("linger.ms", "5")
+            .set("batch.num.messages", "10000")
+            .set("queue.buffering.max.messages", "1000000")
+            .set("enable.idempotence", "true")
+            .create()?)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A workload: `events` change events over `keys` people; the first `keys`
+/// events insert everyone, the rest update random people.
+#[derive(Debug, Clone, Copy)]
+pub struct Workload {
+    pub events: u64,
+    pub keys: u64,
+    pub seed: u64,
+}
+
+impl Workload {
+    /// The events in order, as (key, value).
+    pub fn events(&self) -> WorkloadEvents {
+        WorkloadEvents {
+            w: *self,
+            n: 0,
+            feed: Feed::new(Table::Citizens, 1_767_225_600_000),
+            revisions: vec![0; self.keys as usize],
+            rng: Rng::new(self.seed),
+        }
+    }
+}
+
+/// Iterator over a [`Workload`]'s events.
+pub struct WorkloadEvents {
+    w: Workload,
+    n: u64,
+    feed: Feed,
+    revisions: Vec<u32>,
+    rng: Rng,
+}
+
+impl Iterator for WorkloadEvents {
+    type Item = (Vec<u8>, Vec<u8>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.n >= self.w.events {
+            return None;
+        }
+        let (op, i) = if self.n < self.w.keys {
+            ('c', self.n)
+        } else {
+            ('u', self.rng.below(self.w.keys))
+        };
+        self.n += 1;
+        if op == 'u' {
+            self.revisions[i as usize] += 1;
+        }
+        let e = self.feed.event(op, i, self.revisions[i as usize], None);
+        Some((e.key, e.value.unwrap_or_default()))
+    }
+}
+
+pub fn base_config(work: &Path) -> NodeConfig {
+    let mut c = NodeConfig::default();
+    c.node.data_dir = work.join("node");
+    c.node.grpc_listen = "127.0.0.1:0".parse().expect("literal address");
+    c.node.http_listen = "127.0.0.1:0".parse().expect("literal address");
+    c
+}
+
+/// File source: write the export, then time the node applying it.
+pub async fn file_phase(work: &Path, w: Workload) -> anyhow::Result<Report> {
+    let export = work.join("export.ndjson");
+    let mut bytes = 0u64;
+    {
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&export)?);
+        for (_, v) in w.events() {
+            bytes += v.len() as u64;
+            out.write_all(&v)?;
+            out.write_all(b"\n")?;
+        }
+        out.flush()?;
+    }
+    let mut c = base_config(work);
+    c.views = vec![ViewConfig {
+        name: VIEW.into(),
+        key_columns: vec!["person_id".into()],
+        sources: vec![SourceConfig::File(FileSourceConfig {
+            path: export.clone(),
+            format: Default::default(),
+        })],
+    }];
+    let started = Instant::now();
+    let node = NodeProcess::start(&c, work)?;
+    let (_, done) = node
+        .wait_committed(w.events, Duration::from_secs(3600))
+        .await?;
+    let seconds = done.duration_since(started).as_secs_f64();
+    let report = Report {
+        phase: "file".into(),
+        events: w.events,
+        keys: w.keys,
+        seconds,
+        events_per_second: w.events as f64 / seconds,
+        mean_event_bytes: bytes / w.events.max(1),
+        node_peak_rss_bytes: node.peak_rss(),
+        latency_ms: None,
+        note: "node process start to last commit, fsync per batch".into(),
+    };
+    drop(node);
+    let _ = std::fs::remove_file(&export);
+    Ok(report)
+}
+
+/// Fills `topic` with the workload as fast as the broker takes it; returns
+/// (produce report, mean bytes).
+pub async fn produce_phase(broker: &Broker, topic: &str, w: Workload) -> anyhow::Result<Report> {
+    let producer = broker.producer()?;
+    let mut bytes = 0u64;
+    let started = Instant::now();
+    let mut events = w.events().peekable();
+    while events.peek().is_some() {
+        let chunk: Vec<(Vec<u8>, Vec<u8>)> = events.by_ref().take(10_000).collect();
+        let sends = chunk.iter().map(|(k, v)| {
+            bytes += v.len() as u64;
+            producer.send(
+                FutureRecord::to(topic)
+                    .key(k.as_slice())
+                    .payload(v.as_slice()),
+                Duration::from_secs(60),
+            )
+        });
+        for r in futures::future::join_all(sends).await {
+            r.map_err(|(e, _)| e)?;
+        }
+    }
+    producer.flush(Duration::from_secs(60))?;
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Report {
+        phase: "broker-produce".into(),
+        events: w.events,
+        keys: w.keys,
+        seconds,
+        events_per_second: w.events as f64 / seconds,
+        mean_event_bytes: bytes / w.events.max(1),
+        node_peak_rss_bytes: None,
+        latency_ms: None,
+        note: "rdkafka producer, 10k in flight, idempotent, acks=all".into(),
+    })
+}
+
+/// Reads the whole topic with a plain consumer: the broker's consume ceiling.
+pub fn consume_phase(broker: &Broker, topic: &str, w: Workload) -> anyhow::Result<Report> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .set("group.id", "bench-ceiling")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let mut seen = 0u64;
+    let mut bytes = 0u64;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(3600);
+    while seen < w.events && Instant::now() < deadline {
+        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            let m = m?;
+            bytes += m.payload_len() as u64;
+            seen += 1;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Report {
+        phase: "broker-consume".into(),
+        events: seen,
+        keys: w.keys,
+        seconds,
+        events_per_second: seen as f64 / seconds,
+        mean_event_bytes: bytes / seen.max(1),
+        node_peak_rss_bytes: None,
+        latency_ms: None,
+        note: "rdkafka consumer, no processing".into(),
+    })
+}
+
+fn kafka_config(work: &Path, broker: &Broker, topic: &str) -> NodeConfig {
+    let mut c = base_config(work);
+    c.kafka = Some(KafkaSection {
+        bootstrap_servers: broker.bootstrap.clone(),
+        metadata_refresh: Duration::from_millis(500),
+        ..KafkaSection::default()
+    });
+    c.views = vec![ViewConfig {
+        name: VIEW.into(),
+        key_columns: vec!["person_id".into()],
+        sources: vec![SourceConfig::Kafka(KafkaSourceConfig {
+            topic: topic.into(),
+            format: Default::default(),
+        })],
+    }];
+    c
+}
+
+/// The node catching up on a filled topic.
+pub async fn broker_phase(
+    work: &Path,
+    broker: &Broker,
+    topic: &str,
+    w: Workload,
+) -> anyhow::Result<Report> {
+    let c = kafka_config(work, broker, topic);
+    let started = Instant::now();
+    let node = NodeProcess::start(&c, work)?;
+    let (_, done) = node
+        .wait_committed(w.events, Duration::from_secs(3600))
+        .await?;
+    let seconds = done.duration_since(started).as_secs_f64();
+    Ok(Report {
+        phase: "broker".into(),
+        events: w.events,
+        keys: w.keys,
+        seconds,
+        events_per_second: w.events as f64 / seconds,
+        mean_event_bytes: 0,
+        node_peak_rss_bytes: node.peak_rss(),
+        latency_ms: None,
+        note: "node process start to last commit, topic filled beforehand".into(),
+    })
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// Steady `rate` events/s for `seconds`; latency from producer send to
+/// subscriber receipt, per change.
+pub async fn latency_phase(
+    work: &Path,
+    broker: &Broker,
+    topic: &str,
+    keys: u64,
+    rate: u64,
+    seconds: u64,
+) -> anyhow::Result<Report> {
+    use ndc_proto::v1::subscription_client::SubscriptionClient;
+    use ndc_proto::v1::{
+        Latest, SubscribeRequest, subscribe_request::Start, subscribe_response::Kind,
+    };
+    let c = kafka_config(work, broker, topic);
+    let node = NodeProcess::start(&c, work)?;
+    let mut client = SubscriptionClient::connect(format!("http://{}", node.grpc)).await?;
+    let mut stream = client
+        .subscribe(SubscribeRequest {
+            view: VIEW.into(),
+            start: Some(Start::Latest(Latest {})),
+            keys: vec![],
+            fields: vec![],
+            max_batch_size: 0,
+        })
+        .await?
+        .into_inner();
+    let total = rate * seconds;
+    let receiver = tokio::spawn(async move {
+        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+        let mut got = 0u64;
+        while got < total {
+            let Ok(Ok(Some(msg))) =
+                tokio::time::timeout(Duration::from_secs(30), stream.message()).await
+            else {
+                break;
+            };
+            let received = now_us();
+            if let Some(Kind::Batch(b)) = msg.kind {
+                for change in b.changes {
+                    got += 1;
+                    let sent = change
+                        .after_json
+                        .as_deref()
+                        .and_then(|a| serde_json::from_str::<serde_json::Value>(a).ok())
+                        .and_then(|v| v.get("sent_at_us").and_then(serde_json::Value::as_i64));
+                    if let Some(sent) = sent {
+                        let _ = hist.record((received - sent).max(1) as u64);
+                    }
+                }
+            }
+        }
+        hist
+    });
+    let producer_lingerless: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .set("linger.ms", "0")
+        .set("enable.idempotence", "true")
+        .create()?;
+    let mut feed = Feed::new(Table::Citizens, 1_767_225_600_000);
+    let mut revisions = vec![0u32; keys as usize];
+    let mut rng = Rng::new(11);
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let started = Instant::now();
+    let mut inflight = futures::stream::FuturesUnordered::new();
+    use futures::StreamExt;
+    for n in 0..total {
+        let due = started + interval.mul_f64(n as f64);
+        let now = Instant::now();
+        if due > now {
+            tokio::time::sleep(due - now).await;
+        }
+        let i = rng.below(keys);
+        revisions[i as usize] += 1;
+        let e = feed.event('u', i, revisions[i as usize], None);
+        let mut v: serde_json::Value =
+            serde_json::from_slice(e.value.as_deref().unwrap_or_default())?;
+        v["after"]["sent_at_us"] = serde_json::json!(now_us());
+        let value = v.to_string();
+        let p = producer_lingerless.clone();
+        inflight.push(async move {
+            p.send(
+                FutureRecord::to(topic)
+                    .key(e.key.as_slice())
+                    .payload(value.as_str()),
+                Duration::from_secs(30),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| e)
+        });
+        while inflight.len() > 5000 {
+            if let Some(r) = inflight.next().await {
+                r?;
+            }
+        }
+        // Collect finished sends without waiting.
+        while let Some(Some(r)) = futures::FutureExt::now_or_never(inflight.next()) {
+            r?;
+        }
+    }
+    while let Some(r) = inflight.next().await {
+        r?;
+    }
+    let sent_for = started.elapsed().as_secs_f64();
+    let hist = receiver.await?;
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    Ok(Report {
+        phase: "latency".into(),
+        events: total,
+        keys,
+        seconds: sent_for,
+        events_per_second: total as f64 / sent_for,
+        mean_event_bytes: 0,
+        node_peak_rss_bytes: node.peak_rss(),
+        latency_ms: Some(Percentiles {
+            p50: ms(0.5),
+            p90: ms(0.9),
+            p99: ms(0.99),
+            p999: ms(0.999),
+            max: hist.max() as f64 / 1000.0,
+            samples: hist.len(),
+        }),
+        note: format!("steady {rate}/s, producer send to subscriber receipt"),
+    })
+}

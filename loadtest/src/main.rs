@@ -1,0 +1,91 @@
+//! `ndc-loadtest`: measures an ndc node (events/s, latency percentiles, peak
+//! RSS). Run it through `./dev.sh bench`, which builds in release mode and
+//! provides the test broker.
+
+use clap::Parser;
+use ndc_loadtest::{Broker, TOPIC, Workload};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(about = "Load test of an ndc node")]
+struct Args {
+    /// Change events per run.
+    #[arg(long, default_value_t = 2_000_000)]
+    events: u64,
+    /// Distinct primary keys (people).
+    #[arg(long, default_value_t = 500_000)]
+    keys: u64,
+    /// Phases to run, comma separated: file, broker, latency.
+    #[arg(long, value_delimiter = ',', default_value = "file,broker,latency")]
+    phases: Vec<String>,
+    /// Events per second of the latency phase.
+    #[arg(long, default_value_t = 20_000)]
+    rate: u64,
+    /// Length of the latency phase.
+    #[arg(long, default_value_t = 30)]
+    seconds: u64,
+    /// Working directory (default: a temporary one, removed afterwards).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let tmp = tempfile::tempdir()?;
+    let work = args
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| tmp.path().to_path_buf());
+    std::fs::create_dir_all(&work)?;
+    let w = Workload {
+        events: args.events,
+        keys: args.keys,
+        seed: 1,
+    };
+    println!(
+        "ndc load test: {} events over {} keys; {} cores; work dir {}",
+        w.events,
+        w.keys,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        work.display()
+    );
+    let fresh = |name: &str| -> anyhow::Result<PathBuf> {
+        let d = work.join(name);
+        if d.exists() {
+            std::fs::remove_dir_all(&d)?;
+        }
+        std::fs::create_dir_all(&d)?;
+        Ok(d)
+    };
+    if args.phases.iter().any(|p| p == "file") {
+        ndc_loadtest::file_phase(&fresh("file")?, w).await?.print();
+    }
+    if args.phases.iter().any(|p| p == "broker") {
+        let broker = Broker::start()?;
+        broker.create_topic(TOPIC, 4).await?;
+        ndc_loadtest::produce_phase(&broker, TOPIC, w)
+            .await?
+            .print();
+        ndc_loadtest::consume_phase(&broker, TOPIC, w)?.print();
+        ndc_loadtest::broker_phase(&fresh("broker")?, &broker, TOPIC, w)
+            .await?
+            .print();
+    }
+    if args.phases.iter().any(|p| p == "latency") {
+        let broker = Broker::start()?;
+        broker.create_topic(TOPIC, 4).await?;
+        let keys = args.keys.min(100_000);
+        ndc_loadtest::latency_phase(
+            &fresh("latency")?,
+            &broker,
+            TOPIC,
+            keys,
+            args.rate,
+            args.seconds,
+        )
+        .await?
+        .print();
+    }
+    Ok(())
+}
