@@ -138,6 +138,29 @@ impl NodeProcess {
         }
     }
 
+    /// Waits until `/readyz` answers 200 (partitions assigned).
+    pub fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        use std::io::{Read, Write};
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(mut s) = std::net::TcpStream::connect(self.http) {
+                let _ = write!(
+                    s,
+                    "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                );
+                let mut out = String::new();
+                let _ = s.read_to_string(&mut out);
+                if out.starts_with("HTTP/1.1 200") {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("node not ready after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Peak resident memory of the node so far (VmHWM).
     pub fn peak_rss(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
@@ -196,14 +219,25 @@ impl Drop for NodeProcess {
     }
 }
 
-/// A tansu broker process.
+/// A tansu broker process, or (`NDC_BENCH_BROKER=mock`, for comparison
+/// only) librdkafka's in-process mock cluster.
 pub struct Broker {
-    child: Child,
+    child: Option<Child>,
+    _mock:
+        Option<rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>>,
     pub bootstrap: String,
 }
 
 impl Broker {
     pub fn start() -> anyhow::Result<Broker> {
+        if std::env::var("NDC_BENCH_BROKER").is_ok_and(|b| b == "mock") {
+            let mock = rdkafka::mocking::MockCluster::new(1)?;
+            return Ok(Broker {
+                child: None,
+                bootstrap: mock.bootstrap_servers(),
+                _mock: Some(mock),
+            });
+        }
         let bin = std::env::var("NDC_TANSU_BIN")
             .context("NDC_TANSU_BIN is not set (use ./dev.sh bench)")?;
         let port = free_port()?;
@@ -222,7 +256,8 @@ impl Broker {
             .stderr(Stdio::null())
             .spawn()?;
         let broker = Broker {
-            child,
+            child: Some(child),
+            _mock: None,
             bootstrap: format!("127.0.0.1:{port}"),
         };
         let probe: BaseConsumer = ClientConfig::new()
@@ -241,6 +276,10 @@ impl Broker {
     }
 
     pub async fn create_topic(&self, name: &str, partitions: i32) -> anyhow::Result<()> {
+        if let Some(mock) = &self._mock {
+            mock.create_topic(name, partitions, 1)?;
+            return Ok(());
+        }
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap)
             .create()?;
@@ -269,8 +308,10 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -420,6 +461,8 @@ pub fn consume_phase(broker: &Broker, topic: &str, w: Workload) -> anyhow::Resul
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &broker.bootstrap)
         .set("group.id", "bench-ceiling")
+        // The node's own fetch setting, for a like-for-like ceiling.
+        .set("fetch.wait.max.ms", "5")
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .create()?;
@@ -445,7 +488,7 @@ pub fn consume_phase(broker: &Broker, topic: &str, w: Workload) -> anyhow::Resul
         mean_event_bytes: bytes / seen.max(1),
         node_peak_rss_bytes: None,
         latency_ms: None,
-        note: "rdkafka consumer, no processing".into(),
+        note: "rdkafka consumer, no processing, fetch.wait.max.ms=5 as the node".into(),
     })
 }
 
@@ -453,7 +496,12 @@ fn kafka_config(work: &Path, broker: &Broker, topic: &str) -> NodeConfig {
     let mut c = base_config(work);
     c.kafka = Some(KafkaSection {
         bootstrap_servers: broker.bootstrap.clone(),
-        metadata_refresh: Duration::from_millis(500),
+        metadata_refresh: Duration::from_secs(
+            std::env::var("NDC_BENCH_REFRESH_S")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(10),
+        ),
         ..KafkaSection::default()
     });
     c.views = vec![ViewConfig {
@@ -515,8 +563,18 @@ pub async fn latency_phase(
     use ndc_proto::v1::{
         Latest, SubscribeRequest, subscribe_request::Start, subscribe_response::Kind,
     };
-    let c = kafka_config(work, broker, topic);
+    let mut c = kafka_config(work, broker, topic);
+    if let Ok(props) = std::env::var("NDC_BENCH_KAFKA_PROPERTIES") {
+        for kv in props.split(',').filter(|kv| !kv.is_empty()) {
+            if let Some((k, v)) = kv.split_once('=')
+                && let Some(kafka) = c.kafka.as_mut()
+            {
+                kafka.properties.insert(k.into(), v.into());
+            }
+        }
+    }
     let node = NodeProcess::start(&c, work)?;
+    node.wait_ready(Duration::from_secs(30))?;
     let mut client = SubscriptionClient::connect(format!("http://{}", node.grpc)).await?;
     let mut stream = client
         .subscribe(SubscribeRequest {
@@ -528,9 +586,17 @@ pub async fn latency_phase(
         })
         .await?
         .into_inner();
-    let total = rate * seconds;
+    // The first seconds warm up (partition assignment, first fetches,
+    // connection set-up) and are not recorded.
+    let warmup = 3;
+    let total = rate * (seconds + warmup);
+    let measure_from_us = now_us() + (warmup as i64) * 1_000_000;
     let receiver = tokio::spawn(async move {
         let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+        // Split at the node's commit: send → commit (broker and ingest) and
+        // commit → receipt (serving), in ms (commit times are ms).
+        let mut ingest = Histogram::<u64>::new_with_bounds(1, 60_000, 3).expect("valid bounds");
+        let mut serve = Histogram::<u64>::new_with_bounds(1, 60_000, 3).expect("valid bounds");
         let mut got = 0u64;
         while got < total {
             let Ok(Ok(Some(msg))) =
@@ -547,17 +613,23 @@ pub async fn latency_phase(
                         .as_deref()
                         .and_then(|a| serde_json::from_str::<serde_json::Value>(a).ok())
                         .and_then(|v| v.get("sent_at_us").and_then(serde_json::Value::as_i64));
-                    if let Some(sent) = sent {
+                    if let Some(sent) = sent.filter(|s| *s >= measure_from_us) {
                         let _ = hist.record((received - sent).max(1) as u64);
+                        let committed_us = change.committed_at_ms * 1000;
+                        let _ = ingest.record(((committed_us - sent) / 1000).max(1) as u64);
+                        let _ = serve.record(((received - committed_us) / 1000).max(1) as u64);
                     }
                 }
             }
         }
-        hist
+        (hist, ingest, serve)
     });
     let producer_lingerless: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &broker.bootstrap)
-        .set("linger.ms", "0")
+        .set(
+            "linger.ms",
+            std::env::var("NDC_BENCH_LINGER_MS").unwrap_or_else(|_| "0".into()),
+        )
         .set("enable.idempotence", "true")
         .create()?;
     let mut feed = Feed::new(Table::Citizens, 1_767_225_600_000);
@@ -606,7 +678,14 @@ pub async fn latency_phase(
         r?;
     }
     let sent_for = started.elapsed().as_secs_f64();
-    let hist = receiver.await?;
+    let (hist, ingest, serve) = receiver.await?;
+    let split = format!(
+        "; send->commit p50 {} p99 {} ms, commit->receipt p50 {} p99 {} ms",
+        ingest.value_at_quantile(0.5),
+        ingest.value_at_quantile(0.99),
+        serve.value_at_quantile(0.5),
+        serve.value_at_quantile(0.99)
+    );
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     Ok(Report {
         phase: "latency".into(),
@@ -624,6 +703,8 @@ pub async fn latency_phase(
             max: hist.max() as f64 / 1000.0,
             samples: hist.len(),
         }),
-        note: format!("steady {rate}/s, producer send to subscriber receipt"),
+        note: format!(
+            "steady {rate}/s after {warmup} s warm-up, producer send to subscriber receipt{split}"
+        ),
     })
 }

@@ -261,6 +261,10 @@ fn apply_batch(
 ) -> Result<(ndc_operators::CommitInfo, Tally), ndc_operators::StoreError> {
     let mut tally = Tally::default();
     let mut txn = store.begin(now);
+    txn.prefetch(batch.iter().filter_map(|i| match &i.decoded {
+        Ok(Decoded::Change(e)) => e.key.as_ref().map(|k| (i.view, k)),
+        _ => None,
+    }))?;
     for input in batch {
         let outcome = match &input.decoded {
             Ok(Decoded::Change(event)) => {

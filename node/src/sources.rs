@@ -12,10 +12,10 @@ use ndc_operators::{Decoder, Position, ViewId};
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, ClientContext, Offset, Statistics, TopicPartitionList};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -96,29 +96,60 @@ impl KafkaSource {
                     StartFrom::Latest => "latest",
                 },
             );
+        // Defaults for low latency, unless the configuration says otherwise:
+        // a broker that holds fetches for the full wait (librdkafka's default
+        // 500 ms) would otherwise add that to every change.
+        for (key, value) in [("fetch.wait.max.ms", "5")] {
+            if !self.config.properties.contains_key(key) {
+                cc.set(key, value);
+            }
+        }
         let consumer: Arc<StreamConsumer<StatsContext>> =
             Arc::new(cc.create_with_context(StatsContext)?);
-        let mut assigned: HashMap<(String, i32), ()> = HashMap::new();
-        let mut refresh = tokio::time::interval(self.config.metadata_refresh);
-        let mut commit = tokio::time::interval(self.config.commit_interval);
+        let KafkaSource {
+            config,
+            routes,
+            start_offsets,
+            tx,
+            committed,
+            readiness,
+            shutdown,
+        } = self;
+        let assigner = Arc::new(Assigner {
+            routes,
+            start_offsets,
+            start_from: config.start_from,
+            readiness,
+            assigned: Mutex::new(BTreeSet::new()),
+        });
+        // Metadata is fetched on its own task: a metadata request can take
+        // hundreds of milliseconds, and consumption must not wait for it.
+        let refresher = tokio::spawn({
+            let assigner = assigner.clone();
+            let consumer = consumer.clone();
+            let shutdown = shutdown.clone();
+            let mut refresh = tokio::time::interval(config.metadata_refresh);
+            async move {
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = refresh.tick() => assigner.assign_new_partitions(&consumer).await,
+                    }
+                }
+            }
+        });
+        let mut commit = tokio::time::interval(config.commit_interval);
         let mut decoded_since_error = true;
         loop {
             tokio::select! {
                 biased;
-                _ = self.shutdown.cancelled() => break,
-                _ = refresh.tick() => {
-                    let missing = self.assign_new_partitions(&consumer, &mut assigned).await;
-                    self.readiness.set(missing.is_empty());
-                    if !missing.is_empty() {
-                        warn!(topics = ?missing, "source topics not found; retrying");
-                    }
-                }
-                _ = commit.tick() => self.commit_advisory(&consumer, &assigned),
+                _ = shutdown.cancelled() => break,
+                _ = commit.tick() => assigner.commit_advisory(&consumer, &committed),
                 msg = consumer.recv() => match msg {
                     Ok(m) => {
                         decoded_since_error = true;
                         let topic = m.topic();
-                        let Some(routes) = self.routes.get(topic) else { continue };
+                        let Some(routes) = assigner.routes.get(topic) else { continue };
                         let partition = m.partition();
                         let offset = u64::try_from(m.offset()).unwrap_or(0);
                         let stream: Arc<str> = kafka_stream(topic, partition).into();
@@ -136,7 +167,8 @@ impl KafkaSource {
                                 raw_value: if keep_raw { m.payload().map(<[u8]>::to_vec) } else { None },
                             };
                             // Waits while the state writer is busy: backpressure.
-                            if self.tx.send(input).await.is_err() {
+                            if tx.send(input).await.is_err() {
+                                refresher.abort();
                                 return Ok(());
                             }
                         }
@@ -152,19 +184,30 @@ impl KafkaSource {
                 }
             }
         }
-        self.commit_advisory(&consumer, &assigned);
+        let _ = refresher.await;
+        assigner.commit_advisory(&consumer, &committed);
         info!("Kafka source stopped");
         Ok(())
     }
+}
 
-    /// Assigns partitions not yet assigned; returns topics not found.
-    async fn assign_new_partitions(
-        &self,
-        consumer: &Arc<StreamConsumer<StatsContext>>,
-        assigned: &mut HashMap<(String, i32), ()>,
-    ) -> Vec<String> {
+/// Places partitions on the consumer: every partition of every configured
+/// topic, from the offset stored with the state.
+struct Assigner {
+    routes: BTreeMap<String, Vec<Route>>,
+    start_offsets: HashMap<(ViewId, String), u64>,
+    start_from: StartFrom,
+    readiness: Readiness,
+    assigned: Mutex<BTreeSet<(String, i32)>>,
+}
+
+impl Assigner {
+    /// Assigns partitions not yet assigned; the node is ready once every
+    /// topic was found.
+    async fn assign_new_partitions(&self, consumer: &Arc<StreamConsumer<StatsContext>>) {
         let mut missing = Vec::new();
         let mut tpl = TopicPartitionList::new();
+        let mut added = Vec::new();
         for (topic, routes) in &self.routes {
             let c = consumer.clone();
             let t = topic.clone();
@@ -190,8 +233,9 @@ impl KafkaSource {
                 missing.push(topic.clone());
                 continue;
             }
+            let assigned = self.assigned.lock().map(|a| a.clone()).unwrap_or_default();
             for p in partitions {
-                if assigned.contains_key(&(topic.clone(), p)) {
+                if assigned.contains(&(topic.clone(), p)) {
                     continue;
                 }
                 let stream = kafka_stream(topic, p);
@@ -204,7 +248,7 @@ impl KafkaSource {
                 let offset = if stored.iter().all(Option::is_some) {
                     Offset::Offset(stored.iter().flatten().min().copied().unwrap_or(0) as i64)
                 } else {
-                    match self.config.start_from {
+                    match self.start_from {
                         StartFrom::Earliest => Offset::Beginning,
                         StartFrom::Latest => Offset::End,
                     }
@@ -214,32 +258,40 @@ impl KafkaSource {
                     continue;
                 }
                 info!(topic = %topic, partition = p, ?offset, "assigning partition");
-                assigned.insert((topic.clone(), p), ());
+                added.push((topic.clone(), p));
             }
         }
-        if tpl.count() > 0
-            && let Err(e) = consumer.incremental_assign(&tpl)
-        {
-            metrics::counter!(metric::SOURCE_ERRORS, "kind" => "assign").increment(1);
-            warn!(error = %e, "cannot assign partitions; will retry");
-            for el in tpl.elements() {
-                assigned.remove(&(el.topic().to_string(), el.partition()));
+        if tpl.count() > 0 {
+            match consumer.incremental_assign(&tpl) {
+                Ok(()) => {
+                    if let Ok(mut a) = self.assigned.lock() {
+                        a.extend(added);
+                    }
+                }
+                Err(e) => {
+                    metrics::counter!(metric::SOURCE_ERRORS, "kind" => "assign").increment(1);
+                    warn!(error = %e, "cannot assign partitions; will retry");
+                }
             }
         }
-        missing
+        self.readiness.set(missing.is_empty());
+        if !missing.is_empty() {
+            warn!(topics = ?missing, "source topics not found; retrying");
+        }
     }
 
     /// Commits the state's offsets to Kafka so that lag tooling sees progress.
     fn commit_advisory(
         &self,
         consumer: &StreamConsumer<StatsContext>,
-        assigned: &HashMap<(String, i32), ()>,
+        committed: &CommittedOffsets,
     ) {
-        let Ok(committed) = self.committed.lock().map(|c| c.clone()) else {
+        let Ok(committed) = committed.lock().map(|c| c.clone()) else {
             return;
         };
+        let assigned = self.assigned.lock().map(|a| a.clone()).unwrap_or_default();
         let mut tpl = TopicPartitionList::new();
-        for ((topic, p), ()) in assigned {
+        for (topic, p) in &assigned {
             let stream = kafka_stream(topic, *p);
             let routes = self.routes.get(topic).map(Vec::as_slice).unwrap_or(&[]);
             let next = routes

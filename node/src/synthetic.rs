@@ -288,7 +288,7 @@ mod tests {
             ndc_operators::Decoded::Change(c) => {
                 assert_eq!(c.op, ndc_operators::ChangeOp::Update);
                 assert_eq!(c.source.lsn, Some(feed.lsn));
-                assert_eq!(c.after.map(Value::Object), Some(citizen_row(42, 3)));
+                assert_eq!(c.after.map(|r| r.to_value()), Some(citizen_row(42, 3)));
             }
             other => panic!("not a change: {other:?}"),
         }

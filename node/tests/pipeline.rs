@@ -658,3 +658,45 @@ async fn a_file_export_backfills_through_the_same_path_then_kafka_continues() {
     );
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_kafka_a_file_source_works_and_dead_letters_go_to_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let export = dir.path().join("export.ndjson");
+    let mut feed = Feed::new(Table::Citizens, 1_767_225_600_000);
+    let mut lines = Vec::new();
+    for i in 0..10 {
+        lines.push(String::from_utf8(feed.event('r', i, 0, None).value.unwrap()).unwrap());
+    }
+    lines.insert(4, "{\"op\":\"c\",\"after\":[]}".into());
+    std::fs::write(&export, lines.join("\n") + "\n").unwrap();
+
+    let mut config = ndc_node::NodeConfig::default();
+    config.node.data_dir = dir.path().join("node");
+    config.node.grpc_listen = "127.0.0.1:0".parse().unwrap();
+    config.node.http_listen = "127.0.0.1:0".parse().unwrap();
+    config.storage.sync_commits = false;
+    config.views = vec![ndc_node::config::ViewConfig {
+        name: "file_only".into(),
+        key_columns: vec!["person_id".into()],
+        sources: vec![ndc_node::config::SourceConfig::File(
+            ndc_node::config::FileSourceConfig {
+                path: export,
+                format: Default::default(),
+            },
+        )],
+    }];
+    config.validate().unwrap();
+    let node = ndc_node::start(config.clone()).await.unwrap();
+    wait_rows(node.addrs.grpc, "file_only", 10).await;
+    let dead = std::fs::read_to_string(config.dead_letter_file()).unwrap();
+    let letters: Vec<Value> = dead
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(letters.len(), 1, "{dead}");
+    assert_eq!(letters[0]["error_kind"], "wrong_type");
+    assert_eq!(letters[0]["offset"], 4);
+    assert!(letters[0]["reason"].as_str().unwrap().contains("after"));
+    node.shutdown().await;
+}

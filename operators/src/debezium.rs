@@ -10,13 +10,84 @@
 //! Every failure is a [`DecodeError`] with a stable [`DecodeErrorKind`]: the
 //! kind labels metrics and dead-letter records, the message tells a person
 //! what was wrong and where.
+//!
+//! The envelope is read with borrowed [`RawValue`]s: rows stay the JSON text
+//! the agency sent (validated, never rebuilt as maps), because that text is
+//! what the replica stores and serves. Every field that ndc interprets is
+//! still type-checked, with the field named in the error.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+use std::collections::BTreeMap;
 use std::fmt;
 
-/// A row: column name to JSON value, as Debezium's JSON converter writes it.
-pub type Row = Map<String, Value>;
+/// A row: a JSON object, kept as the text the agency sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row(Box<str>);
+
+impl Row {
+    /// A row from a map of columns.
+    pub fn from_map(map: &Map<String, Value>) -> Row {
+        Row(Value::Object(map.clone()).to_string().into_boxed_str())
+    }
+
+    /// Wraps JSON text known to be an object (from a [`RawValue`]).
+    fn from_object_text(text: &str) -> Row {
+        Row(text.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The row as a JSON value (parses the text).
+    pub fn to_value(&self) -> Value {
+        serde_json::from_str(&self.0).unwrap_or(Value::Null)
+    }
+
+    /// One column's value (parses the text; for tests and tools, not hot paths).
+    pub fn get(&self, column: &str) -> Option<Value> {
+        match self.to_value() {
+            Value::Object(mut m) => m.remove(column),
+            _ => None,
+        }
+    }
+
+    /// The values of `columns`, if all are present and not null.
+    fn columns(&self, columns: &[String]) -> Option<Map<String, Value>> {
+        // Borrowed column names; a name with escapes falls back to a full parse.
+        let picked: Option<Vec<(String, Value)>> =
+            match serde_json::from_str::<BTreeMap<&str, &RawValue>>(&self.0) {
+                Ok(all) => columns
+                    .iter()
+                    .map(|c| {
+                        let raw = all.get(c.as_str())?;
+                        let v: Value = serde_json::from_str(raw.get()).ok()?;
+                        (!v.is_null()).then(|| (c.clone(), v))
+                    })
+                    .collect(),
+                Err(_) => match self.to_value() {
+                    Value::Object(all) => columns
+                        .iter()
+                        .map(|c| {
+                            all.get(c)
+                                .filter(|v| !v.is_null())
+                                .map(|v| (c.clone(), v.clone()))
+                        })
+                        .collect(),
+                    _ => None,
+                },
+            };
+        picked.map(|pairs| pairs.into_iter().collect())
+    }
+}
+
+impl fmt::Display for Row {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
 
 /// How the values of a source are shaped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -248,10 +319,10 @@ impl DecodeError {
         }
     }
 
-    fn wrong_type(field: &str, expected: &str, got: &Value) -> Self {
+    fn wrong_type(field: &str, expected: &str, got: &str) -> Self {
         DecodeError::new(
             DecodeErrorKind::WrongType,
-            format!("{field}: expected {expected}, got {}", json_type(got)),
+            format!("{field}: expected {expected}, got {got}"),
         )
     }
 
@@ -271,6 +342,22 @@ fn json_type(v: &Value) -> &'static str {
     }
 }
 
+/// JSON type of raw JSON text, from its first byte.
+fn raw_type(raw: &RawValue) -> &'static str {
+    match raw.get().as_bytes().first() {
+        Some(b'n') => "null",
+        Some(b't' | b'f') => "boolean",
+        Some(b'"') => "string",
+        Some(b'[') => "array",
+        Some(b'{') => "object",
+        _ => "number",
+    }
+}
+
+fn is_null(raw: &RawValue) -> bool {
+    raw.get() == "null"
+}
+
 /// Is this the topic Debezium writes heartbeats to?
 pub fn is_heartbeat_topic(topic: &str) -> bool {
     topic.starts_with("__debezium-heartbeat")
@@ -279,6 +366,125 @@ pub fn is_heartbeat_topic(topic: &str) -> bool {
 /// Is this the transaction-metadata topic (`<prefix>.transaction`)?
 pub fn is_transaction_topic(topic: &str) -> bool {
     topic.ends_with(".transaction")
+}
+
+/// A present field, `null` included (serde's `Option` would fold `null`
+/// into `None`, and the wrapper check needs to tell them apart).
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&'de RawValue>::deserialize(d).map(Some)
+}
+
+/// The top level of a Debezium value: envelope, wrapper or transaction
+/// marker, fields borrowed unparsed.
+#[derive(Deserialize)]
+struct RawTop<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    schema: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    payload: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    op: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    before: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    after: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    source: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    ts_ms: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    status: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    event_count: Option<&'a RawValue>,
+}
+
+impl RawTop<'_> {
+    fn is_wrapper(&self) -> bool {
+        self.schema.is_some()
+            && self.payload.is_some()
+            && self.op.is_none()
+            && self.before.is_none()
+            && self.after.is_none()
+            && self.source.is_none()
+    }
+
+    fn looks_like_transaction(&self) -> bool {
+        self.op.is_none()
+            && self.id.is_some()
+            && matches!(
+                self.status.map(RawValue::get),
+                Some("\"BEGIN\"" | "\"END\"")
+            )
+    }
+}
+
+/// The `source` block, fields borrowed unparsed.
+#[derive(Deserialize)]
+struct RawSource<'a> {
+    #[serde(borrow, default)]
+    connector: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    name: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    db: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    schema: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    table: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    ts_ms: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    lsn: Option<&'a RawValue>,
+    #[serde(borrow, default, rename = "txId")]
+    tx_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    snapshot: Option<&'a RawValue>,
+}
+
+fn raw_i64(raw: Option<&RawValue>, field: &str) -> Result<Option<i64>, DecodeError> {
+    match raw {
+        None => Ok(None),
+        Some(r) if is_null(r) => Ok(None),
+        Some(r) => serde_json::from_str::<i64>(r.get())
+            .map(Some)
+            .map_err(|_| DecodeError::wrong_type(field, "integer", raw_type(r))),
+    }
+}
+
+fn raw_u64(raw: Option<&RawValue>, field: &str) -> Result<Option<u64>, DecodeError> {
+    match raw {
+        None => Ok(None),
+        Some(r) if is_null(r) => Ok(None),
+        Some(r) => serde_json::from_str::<u64>(r.get())
+            .map(Some)
+            .map_err(|_| DecodeError::wrong_type(field, "non-negative integer", raw_type(r))),
+    }
+}
+
+/// A string field (absent or null: empty).
+fn raw_string(raw: Option<&RawValue>, field: &str) -> Result<String, DecodeError> {
+    match raw {
+        None => Ok(String::new()),
+        Some(r) if is_null(r) => Ok(String::new()),
+        Some(r) => serde_json::from_str::<String>(r.get())
+            .map_err(|_| DecodeError::wrong_type(field, "string", raw_type(r))),
+    }
+}
+
+/// `before` / `after`: an object or null.
+fn raw_row(raw: Option<&RawValue>, field: &str) -> Result<Option<Row>, DecodeError> {
+    match raw {
+        None => Ok(None),
+        Some(r) if is_null(r) => Ok(None),
+        Some(r) if r.get().starts_with('{') => Ok(Some(Row::from_object_text(r.get()))),
+        Some(r) => Err(DecodeError::wrong_type(
+            field,
+            "object or null",
+            raw_type(r),
+        )),
+    }
 }
 
 /// Decodes records of one source.
@@ -317,88 +523,130 @@ impl Decoder {
         if is_heartbeat_topic(topic) {
             return Ok(Decoded::Heartbeat {
                 ts_ms: value
-                    .and_then(|v| parse_json(v, "value").ok())
+                    .and_then(|v| serde_json::from_slice::<Value>(v).ok())
                     .map(unwrap_envelope)
                     .and_then(|p| p.get("ts_ms").and_then(Value::as_i64)),
             });
         }
         let Some(value) = value else {
-            return match self.config.format {
-                Format::Debezium => Ok(Decoded::Tombstone {
-                    key: key.map(parse_kafka_key).transpose()?,
-                }),
-                Format::Flattened => {
-                    let key = key.map(parse_kafka_key).transpose()?.ok_or_else(|| {
-                        DecodeError::new(
-                            DecodeErrorKind::MissingKey,
-                            "tombstone without a message key",
-                        )
-                    })?;
-                    Ok(Decoded::Change(ChangeEvent {
-                        op: ChangeOp::Delete,
-                        key: Some(key),
-                        before: None,
-                        after: None,
-                        source: SourceInfo::default(),
-                        processed_ts_ms: None,
-                    }))
-                }
-            };
+            return self.tombstone(key);
         };
-        let payload = unwrap_envelope(parse_json(value, "value")?);
-        let Value::Object(payload) = payload else {
-            if payload.is_null() {
-                // `{"schema": ..., "payload": null}`: the converter's tombstone.
-                return self.decode(topic, key, None);
-            }
-            return Err(DecodeError::new(
-                DecodeErrorKind::NotAnObject,
-                format!("value: expected an object, got {}", json_type(&payload)),
-            ));
-        };
-        if self.config.format == Format::Debezium
-            && (is_transaction_topic(topic) || looks_like_transaction(&payload))
-        {
-            return decode_transaction(&payload).map(Decoded::Transaction);
-        }
+        let text = std::str::from_utf8(value).map_err(|e| {
+            DecodeError::new(
+                DecodeErrorKind::MalformedJson,
+                format!("value: not UTF-8: {e}"),
+            )
+        })?;
         match self.config.format {
-            Format::Debezium => self.decode_envelope(payload, key),
-            Format::Flattened => self.decode_flattened(payload, key),
+            Format::Debezium => self.decode_envelope_text(topic, text, key),
+            Format::Flattened => {
+                let payload = unwrap_envelope(parse_json(value, "value")?);
+                match payload {
+                    Value::Object(row) => self.decode_flattened(row, key),
+                    Value::Null => self.tombstone(key),
+                    other => Err(DecodeError::new(
+                        DecodeErrorKind::NotAnObject,
+                        format!("value: expected an object, got {}", json_type(&other)),
+                    )),
+                }
+            }
         }
     }
 
-    fn decode_envelope(&self, mut p: Row, key: Option<&[u8]>) -> Result<Decoded, DecodeError> {
-        let op = match p.get("op") {
-            None | Some(Value::Null) => return Err(DecodeError::missing("op")),
-            Some(Value::String(s)) => match s.as_str() {
-                "c" => ChangeOp::Create,
-                "u" => ChangeOp::Update,
-                "d" => ChangeOp::Delete,
-                "r" => ChangeOp::Read,
-                "t" => ChangeOp::Truncate,
-                "m" => return Ok(Decoded::Message),
-                other => {
-                    return Err(DecodeError::new(
-                        DecodeErrorKind::UnknownOp,
-                        format!("op: unknown operation {other:?} (expected c, u, d, r, t or m)"),
-                    ));
-                }
-            },
-            Some(other) => return Err(DecodeError::wrong_type("op", "string", other)),
-        };
-        let before = take_row(&mut p, "before")?;
-        let after = take_row(&mut p, "after")?;
-        let source = match p.get("source") {
-            Some(Value::Object(s)) => decode_source(s)?,
-            None | Some(Value::Null) => return Err(DecodeError::missing("source")),
-            Some(other) => return Err(DecodeError::wrong_type("source", "object", other)),
-        };
-        let processed_ts_ms = opt_i64(&p, "ts_ms", "ts_ms")?;
-        match op {
-            ChangeOp::Create | ChangeOp::Read | ChangeOp::Update if after.is_none() => {
-                return Err(DecodeError::missing("after"));
+    fn tombstone(&self, key: Option<&[u8]>) -> Result<Decoded, DecodeError> {
+        match self.config.format {
+            Format::Debezium => Ok(Decoded::Tombstone {
+                key: key.map(parse_kafka_key).transpose()?,
+            }),
+            Format::Flattened => {
+                let key = key.map(parse_kafka_key).transpose()?.ok_or_else(|| {
+                    DecodeError::new(
+                        DecodeErrorKind::MissingKey,
+                        "tombstone without a message key",
+                    )
+                })?;
+                Ok(Decoded::Change(ChangeEvent {
+                    op: ChangeOp::Delete,
+                    key: Some(key),
+                    before: None,
+                    after: None,
+                    source: SourceInfo::default(),
+                    processed_ts_ms: None,
+                }))
             }
-            _ => {}
+        }
+    }
+
+    fn decode_envelope_text(
+        &self,
+        topic: &str,
+        text: &str,
+        key: Option<&[u8]>,
+    ) -> Result<Decoded, DecodeError> {
+        let trimmed = text.trim_start();
+        if !trimmed.starts_with('{') {
+            // Not an object: say which JSON it is, or that it is not JSON.
+            let v: Value = serde_json::from_str(text).map_err(|e| {
+                DecodeError::new(DecodeErrorKind::MalformedJson, format!("value: {e}"))
+            })?;
+            return Err(DecodeError::new(
+                DecodeErrorKind::NotAnObject,
+                format!("value: expected an object, got {}", json_type(&v)),
+            ));
+        }
+        let top: RawTop<'_> = serde_json::from_str(text)
+            .map_err(|e| DecodeError::new(DecodeErrorKind::MalformedJson, format!("value: {e}")))?;
+        if top.is_wrapper() {
+            let payload = top.payload.map(RawValue::get).unwrap_or("null");
+            return match payload.as_bytes().first() {
+                Some(b'{') => self.decode_envelope_text(topic, payload, key),
+                Some(b'n') => self.tombstone(key),
+                _ => Err(DecodeError::new(
+                    DecodeErrorKind::NotAnObject,
+                    format!(
+                        "payload: expected an object, got {}",
+                        top.payload.map_or("nothing", raw_type)
+                    ),
+                )),
+            };
+        }
+        if is_transaction_topic(topic) || top.looks_like_transaction() {
+            return decode_transaction(&top).map(Decoded::Transaction);
+        }
+        let op = match top.op {
+            None => return Err(DecodeError::missing("op")),
+            Some(r) if is_null(r) => return Err(DecodeError::missing("op")),
+            Some(r) => match serde_json::from_str::<String>(r.get()) {
+                Err(_) => return Err(DecodeError::wrong_type("op", "string", raw_type(r))),
+                Ok(s) => match s.as_str() {
+                    "c" => ChangeOp::Create,
+                    "u" => ChangeOp::Update,
+                    "d" => ChangeOp::Delete,
+                    "r" => ChangeOp::Read,
+                    "t" => ChangeOp::Truncate,
+                    "m" => return Ok(Decoded::Message),
+                    other => {
+                        return Err(DecodeError::new(
+                            DecodeErrorKind::UnknownOp,
+                            format!(
+                                "op: unknown operation {other:?} (expected c, u, d, r, t or m)"
+                            ),
+                        ));
+                    }
+                },
+            },
+        };
+        let before = raw_row(top.before, "before")?;
+        let after = raw_row(top.after, "after")?;
+        let source = match top.source {
+            None => return Err(DecodeError::missing("source")),
+            Some(r) if is_null(r) => return Err(DecodeError::missing("source")),
+            Some(r) if r.get().starts_with('{') => decode_source(r)?,
+            Some(r) => return Err(DecodeError::wrong_type("source", "object", raw_type(r))),
+        };
+        let processed_ts_ms = raw_i64(top.ts_ms, "ts_ms")?;
+        if matches!(op, ChangeOp::Create | ChangeOp::Read | ChangeOp::Update) && after.is_none() {
+            return Err(DecodeError::missing("after"));
         }
         let key = if op == ChangeOp::Truncate {
             None
@@ -420,7 +668,11 @@ impl Decoder {
         }))
     }
 
-    fn decode_flattened(&self, mut row: Row, key: Option<&[u8]>) -> Result<Decoded, DecodeError> {
+    fn decode_flattened(
+        &self,
+        mut row: Map<String, Value>,
+        key: Option<&[u8]>,
+    ) -> Result<Decoded, DecodeError> {
         let deleted = match row.get("__deleted") {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
@@ -429,7 +681,7 @@ impl Decoder {
                 return Err(DecodeError::wrong_type(
                     "__deleted",
                     "\"true\" or \"false\"",
-                    other,
+                    json_type(other),
                 ));
             }
         };
@@ -447,7 +699,7 @@ impl Decoder {
                     ));
                 }
             }),
-            Some(other) => return Err(DecodeError::wrong_type("__op", "string", other)),
+            Some(other) => return Err(DecodeError::wrong_type("__op", "string", json_type(other))),
         };
         let op = match (deleted, op) {
             (true, _) | (false, Some(ChangeOp::Delete)) => ChangeOp::Delete,
@@ -455,24 +707,21 @@ impl Decoder {
             (false, None) => ChangeOp::Update,
         };
         let source = SourceInfo {
-            ts_ms: opt_i64(&row, "__source_ts_ms", "__source_ts_ms")?
-                .or(opt_i64(&row, "__ts_ms", "__ts_ms")?)
+            ts_ms: map_i64(&row, "__source_ts_ms")?
+                .or(map_i64(&row, "__ts_ms")?)
                 .unwrap_or(0),
-            lsn: opt_u64(&row, "__lsn", "__lsn")?.or(opt_u64(
-                &row,
-                "__source_lsn",
-                "__source_lsn",
-            )?),
-            db: opt_string(&row, "__db"),
-            schema: opt_string(&row, "__schema"),
+            lsn: map_u64(&row, "__lsn")?.or(map_u64(&row, "__source_lsn")?),
+            db: map_string(&row, "__db"),
+            schema: map_string(&row, "__schema"),
             table: first_non_empty(
-                opt_string(&row, "__table"),
-                opt_string(&row, "__source_table"),
+                map_string(&row, "__table"),
+                map_string(&row, "__source_table"),
             ),
-            connector: opt_string(&row, "__source_connector"),
+            connector: map_string(&row, "__source_connector"),
             ..SourceInfo::default()
         };
         row.retain(|name, _| !name.starts_with("__"));
+        let row = Row::from_map(&row);
         let key = Some(self.key_of(Some(&row), key)?);
         let (before, after) = if op == ChangeOp::Delete {
             (Some(row), None)
@@ -492,22 +741,25 @@ impl Decoder {
     /// Primary key: the configured columns of `row` when set and present,
     /// else the Kafka message key.
     fn key_of(&self, row: Option<&Row>, kafka_key: Option<&[u8]>) -> Result<Key, DecodeError> {
+        // Debezium's message key holds exactly the primary-key columns: when
+        // they are the configured ones, it is the key, without reading the row.
         if !self.config.key_columns.is_empty()
-            && let Some(row) = row
+            && let Some(bytes) = kafka_key
+            && let Ok(Value::Object(k)) =
+                serde_json::from_slice::<Value>(bytes).map(unwrap_envelope)
+            && k.len() == self.config.key_columns.len()
+            && self
+                .config
+                .key_columns
+                .iter()
+                .all(|c| k.get(c).is_some_and(|v| !v.is_null()))
         {
-            let mut key = Row::new();
-            let mut complete = true;
-            for col in &self.config.key_columns {
-                match row.get(col) {
-                    Some(v) if !v.is_null() => {
-                        key.insert(col.clone(), v.clone());
-                    }
-                    _ => complete = false,
-                }
-            }
-            if complete {
-                return Ok(Key::from_value(&Value::Object(key)));
-            }
+            return Ok(Key::from_value(&Value::Object(k)));
+        }
+        if !self.config.key_columns.is_empty()
+            && let Some(columns) = row.and_then(|r| r.columns(&self.config.key_columns))
+        {
+            return Ok(Key::from_value(&Value::Object(columns)));
         }
         match kafka_key {
             Some(k) => parse_kafka_key(k),
@@ -561,37 +813,33 @@ fn parse_kafka_key(bytes: &[u8]) -> Result<Key, DecodeError> {
     Ok(Key::from_value(&value))
 }
 
-fn take_row(p: &mut Row, field: &str) -> Result<Option<Row>, DecodeError> {
-    match p.remove(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Object(row)) => Ok(Some(row)),
-        Some(other) => Err(DecodeError::wrong_type(field, "object or null", &other)),
-    }
-}
-
-fn opt_i64(map: &Row, field: &str, label: &str) -> Result<Option<i64>, DecodeError> {
+fn map_i64(map: &Map<String, Value>, field: &str) -> Result<Option<i64>, DecodeError> {
     match map.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(v @ Value::Number(n)) => n
             .as_i64()
             .map(Some)
-            .ok_or_else(|| DecodeError::wrong_type(label, "integer", v)),
-        Some(v) => Err(DecodeError::wrong_type(label, "integer", v)),
+            .ok_or_else(|| DecodeError::wrong_type(field, "integer", json_type(v))),
+        Some(v) => Err(DecodeError::wrong_type(field, "integer", json_type(v))),
     }
 }
 
-fn opt_u64(map: &Row, field: &str, label: &str) -> Result<Option<u64>, DecodeError> {
+fn map_u64(map: &Map<String, Value>, field: &str) -> Result<Option<u64>, DecodeError> {
     match map.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(v @ Value::Number(n)) => n
             .as_u64()
             .map(Some)
-            .ok_or_else(|| DecodeError::wrong_type(label, "non-negative integer", v)),
-        Some(v) => Err(DecodeError::wrong_type(label, "non-negative integer", v)),
+            .ok_or_else(|| DecodeError::wrong_type(field, "non-negative integer", json_type(v))),
+        Some(v) => Err(DecodeError::wrong_type(
+            field,
+            "non-negative integer",
+            json_type(v),
+        )),
     }
 }
 
-fn opt_string(map: &Row, field: &str) -> String {
+fn map_string(map: &Map<String, Value>, field: &str) -> String {
     match map.get(field) {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Number(n)) => n.to_string(),
@@ -600,67 +848,53 @@ fn opt_string(map: &Row, field: &str) -> String {
     }
 }
 
-fn decode_source(s: &Row) -> Result<SourceInfo, DecodeError> {
+fn decode_source(raw: &RawValue) -> Result<SourceInfo, DecodeError> {
+    let s: RawSource<'_> = serde_json::from_str(raw.get())
+        .map_err(|e| DecodeError::new(DecodeErrorKind::MalformedJson, format!("source: {e}")))?;
     let ts_ms =
-        opt_i64(s, "ts_ms", "source.ts_ms")?.ok_or_else(|| DecodeError::missing("source.ts_ms"))?;
-    let snapshot = match s.get("snapshot") {
-        None | Some(Value::Null) => String::new(),
-        Some(Value::String(v)) => v.clone(),
-        Some(Value::Bool(b)) => b.to_string(),
-        Some(other) => return Err(DecodeError::wrong_type("source.snapshot", "string", other)),
+        raw_i64(s.ts_ms, "source.ts_ms")?.ok_or_else(|| DecodeError::missing("source.ts_ms"))?;
+    let snapshot = match s.snapshot {
+        None => String::new(),
+        Some(r) if is_null(r) => String::new(),
+        Some(r) if r.get() == "true" || r.get() == "false" => r.get().to_string(),
+        Some(r) => raw_string(Some(r), "source.snapshot")?,
     };
-    for field in ["connector", "name", "db", "schema", "table"] {
-        if let Some(v) = s.get(field)
-            && !(v.is_string() || v.is_null())
-        {
-            return Err(DecodeError::wrong_type(
-                &format!("source.{field}"),
-                "string",
-                v,
-            ));
-        }
-    }
     Ok(SourceInfo {
-        connector: opt_string(s, "connector"),
-        name: opt_string(s, "name"),
-        db: opt_string(s, "db"),
-        schema: opt_string(s, "schema"),
-        table: opt_string(s, "table"),
+        connector: raw_string(s.connector, "source.connector")?,
+        name: raw_string(s.name, "source.name")?,
+        db: raw_string(s.db, "source.db")?,
+        schema: raw_string(s.schema, "source.schema")?,
+        table: raw_string(s.table, "source.table")?,
         ts_ms,
-        lsn: opt_u64(s, "lsn", "source.lsn")?,
-        tx_id: opt_i64(s, "txId", "source.txId")?,
+        lsn: raw_u64(s.lsn, "source.lsn")?,
+        tx_id: raw_i64(s.tx_id, "source.txId")?,
         snapshot,
     })
 }
 
-fn looks_like_transaction(p: &Row) -> bool {
-    !p.contains_key("op")
-        && matches!(p.get("status"), Some(Value::String(s)) if s == "BEGIN" || s == "END")
-        && p.contains_key("id")
-}
-
-fn decode_transaction(p: &Row) -> Result<TransactionMarker, DecodeError> {
-    let status = match p.get("status") {
-        Some(Value::String(s)) if s == "BEGIN" => TransactionStatus::Begin,
-        Some(Value::String(s)) if s == "END" => TransactionStatus::End,
-        Some(Value::String(s)) => {
-            return Err(DecodeError::new(
-                DecodeErrorKind::UnknownOp,
-                format!("status: unknown transaction status {s:?} (expected BEGIN or END)"),
-            ));
-        }
-        Some(other) => return Err(DecodeError::wrong_type("status", "string", other)),
+fn decode_transaction(top: &RawTop<'_>) -> Result<TransactionMarker, DecodeError> {
+    let status = match top.status {
         None => return Err(DecodeError::missing("status")),
+        Some(r) => match raw_string(Some(r), "status")?.as_str() {
+            "BEGIN" => TransactionStatus::Begin,
+            "END" => TransactionStatus::End,
+            other => {
+                return Err(DecodeError::new(
+                    DecodeErrorKind::UnknownOp,
+                    format!("status: unknown transaction status {other:?} (expected BEGIN or END)"),
+                ));
+            }
+        },
     };
-    let id = match p.get("id") {
-        Some(Value::String(s)) => s.clone(),
-        Some(other) => return Err(DecodeError::wrong_type("id", "string", other)),
+    let id = match top.id {
         None => return Err(DecodeError::missing("id")),
+        Some(r) if is_null(r) => return Err(DecodeError::missing("id")),
+        Some(r) => raw_string(Some(r), "id")?,
     };
     Ok(TransactionMarker {
         id,
         status,
-        event_count: opt_u64(p, "event_count", "event_count")?,
+        event_count: raw_u64(top.event_count, "event_count")?,
     })
 }
 
@@ -728,7 +962,7 @@ mod tests {
         assert_eq!(c.processed_ts_ms, Some(1_700_000_000_456));
         assert_eq!(
             c.after.as_ref().and_then(|r| r.get("name")),
-            Some(&json!("An"))
+            Some(json!("An"))
         );
     }
 
@@ -861,13 +1095,8 @@ mod tests {
         assert_eq!(c.source.lsn, Some(99));
         assert_eq!(c.source.table, "addr");
         assert_eq!(
-            c.after,
-            Some(
-                json!({"id": 3, "city": "Huế"})
-                    .as_object()
-                    .cloned()
-                    .expect("object")
-            )
+            c.after.map(|r| r.to_value()),
+            Some(json!({"id": 3, "city": "Huế"}))
         );
         let del = json!({"id": 3, "city": "Huế", "__deleted": "true"});
         let c = change(

@@ -164,10 +164,8 @@ pub fn decide(
             }
         }
         ChangeOp::Create | ChangeOp::Read | ChangeOp::Update => {
-            let after = match event.after.as_ref().map(serde_json::to_string) {
-                Some(Ok(json)) => json,
-                // A map of JSON values always serializes; treat the impossible as "not data".
-                Some(Err(_)) | None => return Decision::Skip(Outcome::Skipped),
+            let Some(after) = event.after.as_ref().map(|r| r.as_str().to_string()) else {
+                return Decision::Skip(Outcome::Skipped);
             };
             let row = StoredRow {
                 version: Some(version),

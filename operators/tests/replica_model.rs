@@ -13,7 +13,7 @@ use ndc_operators::debezium::{ChangeEvent, ChangeOp, Key, Row, SourceInfo};
 use ndc_operators::{Position, Store, StoreConfig};
 use ndc_proto::v1::Op;
 use proptest::prelude::*;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::collections::BTreeMap;
 
 #[derive(Debug, Clone)]
@@ -36,10 +36,10 @@ fn key_of(k: u8) -> Key {
 }
 
 fn row_of(k: u8, value: u8) -> Row {
-    let mut row = Row::new();
+    let mut row = serde_json::Map::new();
     row.insert("id".into(), json!(k));
     row.insert("v".into(), json!(value));
-    row
+    Row::from_map(&row)
 }
 
 /// The i-th event of the history (version i + 1).
@@ -88,7 +88,7 @@ fn reference(history: &[Step]) -> BTreeMap<String, String> {
             Step::Upsert { key, value } => {
                 state.insert(
                     key_of(*key).to_string(),
-                    Value::Object(row_of(*key, *value)).to_string(),
+                    row_of(*key, *value).as_str().to_string(),
                 );
             }
             Step::Delete { key } => {
