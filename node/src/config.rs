@@ -131,7 +131,11 @@ impl Default for PipelineSection {
     fn default() -> Self {
         PipelineSection {
             max_batch_records: 5000,
-            max_batch_delay: Duration::from_millis(5),
+            // Group commit: take what has arrived; records arriving during a
+            // commit (and its fsync) form the next batch, so batches grow
+            // with load without an artificial wait (measured: lower latency
+            // and no loss of throughput, docs/performance.md).
+            max_batch_delay: Duration::ZERO,
             max_record_bytes: ByteSize(1 << 20),
             channel_capacity: 20_000,
         }

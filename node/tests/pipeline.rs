@@ -32,8 +32,7 @@ async fn replicates_a_feed_and_serves_snapshot_then_every_change() {
     let producer = broker.producer();
     let mut feed = Feed::new(Table::Citizens, 1_767_225_600_000);
     for i in 0..40 {
-        let e = feed.event('r', i, 0, None);
-        publish(&producer, CITIZENS, Some(&e.key), e.value.as_deref()).await;
+        publish_event(&producer, CITIZENS, &feed.event('r', i, 0, None)).await;
     }
     let dir = tempfile::tempdir().unwrap();
     let node = ndc_node::start(node_config(
@@ -68,14 +67,11 @@ async fn replicates_a_feed_and_serves_snapshot_then_every_change() {
     let token = token.as_str().unwrap().to_string();
 
     // Changes after the snapshot: updates, a delete with its tombstone, an insert.
-    let e = feed.event('u', 3, 1, None);
-    publish(&producer, CITIZENS, Some(&e.key), e.value.as_deref()).await;
-    let e = feed.event('d', 5, 0, None);
-    publish(&producer, CITIZENS, Some(&e.key), e.value.as_deref()).await;
+    publish_event(&producer, CITIZENS, &feed.event('u', 3, 1, None)).await;
+    publish_event(&producer, CITIZENS, &feed.event('d', 5, 0, None)).await;
     let t = feed.tombstone(5);
     publish(&producer, CITIZENS, Some(&t.key), None).await;
-    let e = feed.event('c', 100, 0, None);
-    publish(&producer, CITIZENS, Some(&e.key), e.value.as_deref()).await;
+    publish_event(&producer, CITIZENS, &feed.event('c', 100, 0, None)).await;
 
     let follow = collect(addr, "replicates", From::Token(token), T, |l| {
         changes(l).len() >= 3
@@ -260,8 +256,7 @@ async fn resume_tokens_continue_without_gap_or_duplicate_across_disconnects_and_
     let producer = broker.producer();
     let mut feed = Feed::new(Table::Citizens, 1_767_225_600_000);
     for i in 0..30 {
-        let e = feed.event('c', i, 0, None);
-        publish(&producer, CITIZENS, Some(&e.key), e.value.as_deref()).await;
+        publish_event(&producer, CITIZENS, &feed.event('c', i, 0, None)).await;
     }
     let dir = tempfile::tempdir().unwrap();
     let config = node_config(
@@ -303,8 +298,7 @@ async fn resume_tokens_continue_without_gap_or_duplicate_across_disconnects_and_
     // Restart the node; more changes arrive while it is down.
     node.shutdown().await;
     for i in 30..45 {
-        let e = feed.event('c', i, 0, None);
-        publish(&producer, CITIZENS, Some(&e.key), e.value.as_deref()).await;
+        publish_event(&producer, CITIZENS, &feed.event('c', i, 0, None)).await;
     }
     let node = ndc_node::start(config).await.unwrap();
     let part = collect(node.addrs.grpc, "citizens", From::Token(token), T, |l| {
@@ -442,12 +436,10 @@ async fn key_and_field_filters() {
     let producer = broker.producer();
     let mut feed = Feed::new(Table::Citizens, 1_767_225_600_000);
     for i in 0..20 {
-        let e = feed.event('c', i, 0, None);
-        publish(&producer, CITIZENS, Some(&e.key), e.value.as_deref()).await;
+        publish_event(&producer, CITIZENS, &feed.event('c', i, 0, None)).await;
     }
     for rev in 1..=3 {
-        let e = feed.event('u', 7, rev, None);
-        publish(&producer, CITIZENS, Some(&e.key), e.value.as_deref()).await;
+        publish_event(&producer, CITIZENS, &feed.event('u', 7, rev, None)).await;
     }
     let dir = tempfile::tempdir().unwrap();
     let node = ndc_node::start(node_config(
@@ -617,8 +609,7 @@ async fn a_file_export_backfills_through_the_same_path_then_kafka_continues() {
     // Kafka then updates some of the exported rows.
     let producer = broker.producer();
     for i in 0..5 {
-        let e = feed.event('u', i, 1, None);
-        publish(&producer, CITIZENS, Some(&e.key), e.value.as_deref()).await;
+        publish_event(&producer, CITIZENS, &feed.event('u', i, 1, None)).await;
     }
     let mut expected: BTreeMap<String, Value> = (0..25)
         .map(|i| (citizen_key(i), citizen_row(i, 0)))

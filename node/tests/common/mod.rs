@@ -170,6 +170,11 @@ pub async fn publish(p: &FutureProducer, topic: &str, key: Option<&[u8]>, value:
         .unwrap();
 }
 
+/// Publishes one synthetic change event (tombstone if it has no value).
+pub async fn publish_event(p: &FutureProducer, topic: &str, e: &ndc_node::synthetic::Event) {
+    publish(p, topic, Some(&e.key), e.value.as_deref()).await;
+}
+
 /// A node configuration on free ports with one Kafka view per (name, topic, key columns).
 pub fn node_config(
     data_dir: &Path,
