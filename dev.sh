@@ -9,6 +9,7 @@
 #   ./dev.sh ci                  lint + test (what .ci/run calls)
 #   ./dev.sh bench [ARGS]        load test (release), see docs/performance.md
 #   ./dev.sh soak                long crash/resume runs (not in CI)
+#   ./dev.sh fuzz [SECONDS]      fuzz the Debezium decoder (nightly; first build ~15 min)
 #   ./dev.sh setup               only install prerequisites
 #
 # Environment: NDC_CACHE (default ~/.cache/ndc) holds the test broker;
@@ -93,8 +94,18 @@ case "$cmd" in
     setup_broker
     NDC_SOAK=1 cargo test --release --locked -p ndc-node --test crash -- --nocapture "$@"
     ;;
+  fuzz)
+    setup_packages
+    if [ ! -x "$NDC_CACHE/cargo-fuzz/bin/cargo-fuzz" ]; then
+      say "installing cargo-fuzz into $NDC_CACHE/cargo-fuzz"
+      cargo install cargo-fuzz --locked --root "$NDC_CACHE/cargo-fuzz" --quiet
+    fi
+    cd operators
+    PATH="$NDC_CACHE/cargo-fuzz/bin:$PATH" exec cargo +nightly fuzz run decode -- \
+      -max_total_time="${1:-300}" -max_len=4096
+    ;;
   help|-h|--help)
-    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
     ;;
   *)
     echo "unknown command: $cmd (try ./dev.sh help)" >&2
