@@ -488,7 +488,10 @@ impl NodeConfig {
             key: "(top level)".into(),
             message: e.to_string(),
         };
-        let value = serde_json::to_value(self).map_err(|e| invalid(&e))?;
+        // Through JSON text, which YAML reads: numbers stay numbers (a JSON
+        // value handed to another serializer would not, with exact numbers).
+        let json = serde_json::to_string(self).map_err(|e| invalid(&e))?;
+        let value: serde_norway::Value = serde_norway::from_str(&json).map_err(|e| invalid(&e))?;
         serde_norway::to_string(&value).map_err(|e| invalid(&e))
     }
 

@@ -114,6 +114,8 @@ pub struct DecoderConfig {
 
 /// A primary key in canonical form: compact JSON with object members sorted
 /// by name, so that equal keys are equal bytes whatever produced them.
+/// Numbers keep their digits exactly (serde_json's `arbitrary_precision`):
+/// through `f64`, distinct keys beyond 2^53 would collide.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Key(String);
 
@@ -985,6 +987,16 @@ mod tests {
         let b = Key::parse(r#"{"a":{"c":[1,"x"],"d":1},"b":2}"#).expect("parses");
         assert_eq!(a, b);
         assert_eq!(a.as_str(), r#"{"a":{"c":[1,"x"],"d":1},"b":2}"#);
+    }
+
+    #[test]
+    fn large_numeric_keys_stay_exact_and_distinct() {
+        // Found by fuzzing: through f64, these two keys were one key.
+        let a = Key::parse(r#"{"id": 11111111111111111111111}"#).expect("parses");
+        let b = Key::parse(r#"{"id": 11111111111111111111112}"#).expect("parses");
+        assert_ne!(a, b);
+        assert_eq!(a.as_str(), r#"{"id":11111111111111111111111}"#);
+        assert_eq!(Key::parse(a.as_str()).expect("parses"), a);
     }
 
     #[test]
