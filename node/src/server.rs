@@ -90,17 +90,25 @@ fn store_status(e: StoreError) -> Status {
 /// What a subscriber asked to see.
 #[derive(Clone)]
 struct Filter {
-    keys: Option<HashSet<String>>,
+    /// Keys asked for, parsed once (the snapshot looks them up)...
+    keys: Option<Vec<Key>>,
+    /// ...and their canonical text, which changes are matched against.
+    key_set: HashSet<String>,
     fields: Option<Vec<String>>,
 }
 
 impl Filter {
-    fn admits(&self, c: &Change) -> bool {
-        match &self.keys {
-            // A truncate affects every key.
-            Some(keys) => c.op == Op::Truncate as i32 || keys.contains(&c.key_json),
-            None => true,
+    fn new(keys: Vec<Key>, fields: Vec<String>) -> Self {
+        Filter {
+            key_set: keys.iter().map(|k| k.as_str().to_string()).collect(),
+            keys: (!keys.is_empty()).then_some(keys),
+            fields: (!fields.is_empty()).then_some(fields),
         }
+    }
+
+    fn admits(&self, c: &Change) -> bool {
+        // A truncate affects every key.
+        self.keys.is_none() || c.op == Op::Truncate as i32 || self.key_set.contains(&c.key_json)
     }
 
     fn project(&self, row: Option<String>) -> Option<String> {
@@ -177,11 +185,7 @@ impl Subscriber {
     async fn snapshot(&self) -> Result<u64, Status> {
         let reader = self.reader.clone();
         let view = self.view.clone();
-        let keys: Option<Vec<Key>> = self.filter.keys.as_ref().map(|k| {
-            k.iter()
-                .map(|s| Key::from_value(&serde_json::from_str(s).unwrap_or(Value::Null)))
-                .collect()
-        });
+        let keys = self.filter.keys.clone();
         let tx = self.tx.clone();
         let filter = self.filter.clone();
         let batch_size = self.batch_size;
@@ -295,7 +299,7 @@ impl Subscription for SubscriptionService {
             ));
         };
         let meta = self.reader.view_meta(&req.view).map_err(store_status)?;
-        let mut keys = HashSet::new();
+        let mut keys = std::collections::BTreeSet::new();
         for k in &req.keys {
             let key = Key::parse(k).map_err(|e| {
                 refuse(
@@ -303,11 +307,11 @@ impl Subscription for SubscriptionService {
                     format!("key filter {k:?} is not valid JSON: {}", e.message),
                 )
             })?;
-            keys.insert(key.as_str().to_string());
+            keys.insert(key);
         }
         if let Some(cols) = self.key_columns.get(&req.view).filter(|c| !c.is_empty()) {
             for k in &keys {
-                let ok = serde_json::from_str::<serde_json::Map<String, Value>>(k)
+                let ok = serde_json::from_str::<serde_json::Map<String, Value>>(k.as_str())
                     .is_ok_and(|m| m.len() == cols.len() && cols.iter().all(|c| m.contains_key(c)));
                 if !ok {
                     return Err(refuse(
@@ -373,10 +377,7 @@ impl Subscription for SubscriptionService {
             reader: self.reader.clone(),
             view: req.view.clone(),
             incarnation: meta.incarnation,
-            filter: Filter {
-                keys: (!keys.is_empty()).then_some(keys),
-                fields: (!req.fields.is_empty()).then_some(req.fields.clone()),
-            },
+            filter: Filter::new(keys.into_iter().collect(), req.fields.clone()),
             batch_size,
             progress_interval: self.config.progress_interval,
             commits,

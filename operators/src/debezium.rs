@@ -29,7 +29,10 @@ pub struct Row(Box<str>);
 impl Row {
     /// A row from a map of columns.
     pub fn from_map(map: &Map<String, Value>) -> Row {
-        Row(Value::Object(map.clone()).to_string().into_boxed_str())
+        // Serializing a map of JSON values cannot fail.
+        Row(serde_json::to_string(map)
+            .unwrap_or_default()
+            .into_boxed_str())
     }
 
     /// Wraps JSON text known to be an object (from a [`RawValue`]).
@@ -282,16 +285,6 @@ pub enum DecodeErrorKind {
 }
 
 impl DecodeErrorKind {
-    pub const ALL: [DecodeErrorKind; 7] = [
-        DecodeErrorKind::Oversized,
-        DecodeErrorKind::MalformedJson,
-        DecodeErrorKind::NotAnObject,
-        DecodeErrorKind::UnknownOp,
-        DecodeErrorKind::WrongType,
-        DecodeErrorKind::MissingField,
-        DecodeErrorKind::MissingKey,
-    ];
-
     pub fn as_str(self) -> &'static str {
         match self {
             DecodeErrorKind::Oversized => "oversized",

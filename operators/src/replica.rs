@@ -52,19 +52,6 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 10] = [
-        Outcome::Inserted,
-        Outcome::Updated,
-        Outcome::Deleted,
-        Outcome::Truncated,
-        Outcome::Unchanged,
-        Outcome::Duplicate,
-        Outcome::Stale,
-        Outcome::AlreadyApplied,
-        Outcome::Skipped,
-        Outcome::DeadLettered,
-    ];
-
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Inserted => "inserted",

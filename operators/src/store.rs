@@ -223,20 +223,6 @@ impl StoreReader {
         Ok(out)
     }
 
-    /// Current row of a key (None if absent or deleted).
-    pub fn get_row(&self, name: &str, key: &Key) -> Result<Option<StoredRow>, StoreError> {
-        let view = self
-            .view_id(name)
-            .ok_or_else(|| StoreError::UnknownView(name.into()))?;
-        let bytes = self
-            .db
-            .get_cf(cf(&self.db, CF_ROWS), row_key(view, key.as_bytes()))?;
-        let row: Option<StoredRow> = bytes
-            .map(|b| decode(&b, || format!("row {key} of view {name}")))
-            .transpose()?;
-        Ok(row.filter(|r| !r.deleted))
-    }
-
     /// Reads the view's live rows at one consistent point, in key order,
     /// handing them to `sink` in batches of `batch_size`; `sink` returns
     /// false to stop early. Returns the view's last sequence at that point:
@@ -872,11 +858,6 @@ impl Txn<'_> {
             }
         }
         Ok(Outcome::Truncated)
-    }
-
-    /// Number of changes this batch appends so far.
-    pub fn pending_changes(&self) -> u64 {
-        self.changes
     }
 
     /// Writes the batch atomically (synced when configured). Nothing of it is
