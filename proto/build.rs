@@ -3,7 +3,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("ndc_descriptor.bin"))
         .compile_protos(
-            &["ndc/v1/subscription.proto", "ndc/state/v1/state.proto"],
+            &[
+                "ndc/v1/subscription.proto",
+                "ndc/state/v1/state.proto",
+                "ndc/cluster/v1/cluster.proto",
+            ],
             &["."],
         )?;
     Ok(())

@@ -27,7 +27,91 @@ pub struct NodeConfig {
     pub subscriptions: SubscriptionSection,
     pub changelog: ChangelogSection,
     pub dead_letter: DeadLetterSection,
+    /// Absent: a single node. Present: a Raft-coordinated cluster member.
+    pub cluster: Option<ClusterSection>,
     pub views: Vec<ViewConfig>,
+}
+
+/// Cluster membership and failure-detection timings (`docs/cluster.md`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Raft node id. Absent: the ordinal at the end of `node.id`
+    /// (`ndc-2` → 2), as in a Kubernetes StatefulSet.
+    pub node_id: Option<u64>,
+    /// host:port where other nodes reach this node's gRPC listener. Absent:
+    /// `node.grpc_listen` as bound (fine on loopback, not behind NAT).
+    pub advertise_addr: Option<String>,
+    /// Initial voters, `ID=HOST:PORT` or `HOST:PORT` with the id as the
+    /// ordinal of the host's first label (`ndc-1.ndc:50051` → 1). Nodes in the
+    /// list form the cluster; others wait for `ndc cluster add-node`.
+    pub bootstrap: Vec<String>,
+    /// How often a node renews its lease with the leader.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// How long an accepted heartbeat lets a node act on its partitions.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// Silence after which the leader moves a node's partitions (≥ 2 × lease).
+    #[serde(with = "humantime_serde")]
+    pub failure_timeout: Duration,
+    /// Raft leader heartbeat.
+    #[serde(with = "humantime_serde")]
+    pub raft_heartbeat: Duration,
+    /// Raft election timeout (randomised between this and twice this).
+    #[serde(with = "humantime_serde")]
+    pub election_timeout: Duration,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            node_id: None,
+            advertise_addr: None,
+            bootstrap: Vec::new(),
+            heartbeat_interval: Duration::from_millis(200),
+            lease: Duration::from_millis(600),
+            failure_timeout: Duration::from_millis(1500),
+            raft_heartbeat: Duration::from_millis(100),
+            election_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Id from a name ending in `-N` (`ndc-2`, `ndc-2.ndc.svc:50051` → 2).
+pub fn ordinal_of(name: &str) -> Option<u64> {
+    let first = name.split(['.', ':']).next()?;
+    let (_, n) = first.rsplit_once('-')?;
+    n.parse().ok()
+}
+
+/// Parses a bootstrap entry: `ID=HOST:PORT` or `HOST:PORT` with an ordinal.
+pub fn parse_peer(entry: &str) -> Result<(u64, String), String> {
+    let (id, addr) = match entry.split_once('=') {
+        Some((id, addr)) => (
+            id.trim()
+                .parse::<u64>()
+                .map_err(|_| format!("{entry:?}: id before '=' must be a number"))?,
+            addr.trim(),
+        ),
+        None => (
+            ordinal_of(entry.trim()).ok_or_else(|| {
+                format!("{entry:?}: write ID=HOST:PORT, or use a host name ending in -N")
+            })?,
+            entry.trim(),
+        ),
+    };
+    if !addr.contains(':') {
+        return Err(format!("{entry:?}: address must be HOST:PORT"));
+    }
+    Ok((id, addr.to_string()))
+}
+
+impl ClusterSection {
+    /// This node's Raft id.
+    pub fn resolve_node_id(&self, node_name: &str) -> Option<u64> {
+        self.node_id.or_else(|| ordinal_of(node_name))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -421,6 +505,43 @@ impl NodeConfig {
                 "must be at least 10ms",
             );
         }
+        if let Some(c) = &self.cluster {
+            if c.resolve_node_id(&self.node.id).is_none() {
+                bad(
+                    "cluster.node_id".into(),
+                    "required unless node.id ends in -N (a StatefulSet ordinal)",
+                );
+            }
+            let mut ids = std::collections::BTreeSet::new();
+            for (i, entry) in c.bootstrap.iter().enumerate() {
+                match parse_peer(entry) {
+                    Ok((id, _)) => {
+                        if !ids.insert(id) {
+                            bad(format!("cluster.bootstrap.{i}"), "duplicate node id");
+                        }
+                    }
+                    Err(e) => bad(format!("cluster.bootstrap.{i}"), &e),
+                }
+            }
+            if c.failure_timeout < c.lease * 2 {
+                bad(
+                    "cluster.failure_timeout".into(),
+                    "must be at least twice cluster.lease",
+                );
+            }
+            if c.lease < c.heartbeat_interval * 2 {
+                bad(
+                    "cluster.lease".into(),
+                    "must be at least twice cluster.heartbeat_interval",
+                );
+            }
+            if c.election_timeout < c.raft_heartbeat * 3 {
+                bad(
+                    "cluster.election_timeout".into(),
+                    "must be at least three cluster.raft_heartbeat",
+                );
+            }
+        }
         if self.views.is_empty() {
             bad("views".into(), "at least one view is required");
         }
@@ -577,6 +698,45 @@ views:
             "test.yaml",
             env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
         )
+    }
+
+    #[test]
+    fn cluster_ids_come_from_statefulset_ordinals_or_explicit_ids() {
+        let text = format!(
+            "{MINIMAL}node: {{ id: ndc-2 }}\ncluster:\n  bootstrap: [ndc-0.ndc:50051, ndc-1.ndc:50051, \"7=10.0.0.9:50051\"]\n"
+        );
+        let c = parse(&text, &[]).expect("valid");
+        let cluster = c.cluster.expect("cluster section");
+        assert_eq!(cluster.resolve_node_id(&c.node.id), Some(2));
+        let peers: Vec<_> = cluster
+            .bootstrap
+            .iter()
+            .map(|e| parse_peer(e).expect("peer"))
+            .collect();
+        assert_eq!(
+            peers,
+            vec![
+                (0, "ndc-0.ndc:50051".to_string()),
+                (1, "ndc-1.ndc:50051".to_string()),
+                (7, "10.0.0.9:50051".to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn cluster_errors_name_the_key() {
+        let text = format!(
+            "{MINIMAL}node: {{ id: edge }}\ncluster:\n  bootstrap: [nohost, \"1=a:1\", \"1=b:2\"]\n  lease: 2s\n  failure_timeout: 3s\n"
+        );
+        let err = parse(&text, &[]).expect_err("invalid").to_string();
+        for key in [
+            "cluster.node_id",
+            "cluster.bootstrap.0",
+            "cluster.bootstrap.2",
+            "cluster.failure_timeout",
+        ] {
+            assert!(err.contains(key), "{key} missing from: {err}");
+        }
     }
 
     #[test]

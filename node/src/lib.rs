@@ -5,6 +5,7 @@
 //! the load test start nodes through [`node::start`].
 
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod dead_letter;
 pub mod node;

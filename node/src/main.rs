@@ -85,6 +85,11 @@ enum Command {
         #[arg(long, value_parser = humantime::parse_duration)]
         duration: Option<Duration>,
     },
+    /// Inspect and change the cluster (any node answers; changes go to the leader).
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// Write synthetic Debezium change events as newline-delimited JSON
     /// (an agency export, for file sources).
     Generate {
@@ -98,6 +103,72 @@ enum Command {
         #[arg(long, short)]
         output: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Members, leader, partition assignments and lag.
+    Status {
+        /// gRPC address of any node, host:port.
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: String,
+        /// One JSON object instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a node: it joins as a learner, catches up, then becomes a voter.
+    AddNode {
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: String,
+        /// Raft id of the new node.
+        #[arg(long)]
+        id: u64,
+        /// host:port of the new node's gRPC listener.
+        #[arg(long)]
+        node_addr: String,
+        /// Keep it a learner (it may own partitions but does not vote).
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Remove a node from the cluster; its partitions move to the others.
+    RemoveNode {
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: String,
+        #[arg(long)]
+        id: u64,
+    },
+}
+
+async fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
+    use ndc_node::cluster::admin;
+    let print_membership = |m: ndc_proto::cluster::MembershipReply| {
+        println!(
+            "{}",
+            serde_json::json!({"voters": m.voters, "learners": m.learners})
+        );
+    };
+    match command {
+        ClusterCommand::Status { addr, json } => {
+            let s = admin::status(&addr).await?;
+            if json {
+                println!("{}", admin::status_json(&s));
+            } else {
+                print!("{}", admin::status_text(&s));
+            }
+        }
+        ClusterCommand::AddNode {
+            addr,
+            id,
+            node_addr,
+            learner,
+        } => {
+            print_membership(admin::add_node(&addr, id, &node_addr, learner).await?);
+        }
+        ClusterCommand::RemoveNode { addr, id } => {
+            print_membership(admin::remove_node(&addr, id).await?)
+        }
+    }
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -142,6 +213,7 @@ fn main() -> anyhow::Result<()> {
             Command::Quickstart { data_dir, grpc_listen, http_listen, people, rate, duration } => {
                 quickstart::run(QuickstartOptions { data_dir, grpc_listen, http_listen, people, rate, duration }).await
             }
+            Command::Cluster { command } => cluster(command).await,
             Command::Generate { table, people, updates, output } => generate(&table, people, updates, &output),
         }
     })

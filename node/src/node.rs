@@ -85,6 +85,24 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<NodeHandle> {
     )?;
 
     let shutdown = CancellationToken::new();
+    let coordinator = match &config.cluster {
+        Some(cluster) => {
+            let cc = crate::cluster::coordinator_config(&config, cluster, addrs.grpc)?;
+            let c = ndc_coordinator::Coordinator::start(cc)
+                .await
+                .context("cannot start the cluster coordinator")?;
+            if let Some(k) = &config.kafka {
+                tokio::spawn(crate::cluster::register_partitions(
+                    c.clone(),
+                    config.clone(),
+                    k.clone(),
+                    shutdown.clone(),
+                ));
+            }
+            Some(c)
+        }
+        None => None,
+    };
     let readiness = Readiness::default();
     let (tx, rx) = mpsc::channel(config.pipeline.channel_capacity);
     let committed: CommittedOffsets = Default::default();
@@ -216,12 +234,16 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<NodeHandle> {
         .await;
     let server_stop = CancellationToken::new();
     let grpc_stop = server_stop.clone();
+    let raft_service = coordinator.as_ref().map(|c| c.raft_service());
+    let cluster_service = coordinator.as_ref().map(|c| c.cluster_service());
     let grpc_task = tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
         let result = tonic::transport::Server::builder()
             .add_service(SubscriptionServer::new(service))
             .add_service(reflection)
             .add_service(health_service)
+            .add_optional_service(raft_service)
+            .add_optional_service(cluster_service)
             .serve_with_incoming_shutdown(incoming, grpc_stop.cancelled_owned())
             .await;
         if let Err(e) = result {
@@ -250,6 +272,9 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<NodeHandle> {
             // watchers, which ends the subscriptions.
             let _ = writer_task.await;
             info!("state committed; stopping servers");
+            if let Some(c) = &coordinator {
+                c.shutdown().await;
+            }
             server_stop.cancel();
             let _ = grpc_task.await;
             let _ = http_task.await;

@@ -14,5 +14,10 @@ pub mod state {
     tonic::include_proto!("ndc.state.v1");
 }
 
+/// Cluster protocol: Raft between nodes, liveness and admin (`ndc.cluster.v1`).
+pub mod cluster {
+    tonic::include_proto!("ndc.cluster.v1");
+}
+
 /// Encoded file descriptor set, for gRPC server reflection (`grpcurl`).
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("ndc_descriptor");

@@ -1,0 +1,758 @@
+//! Cluster coordination of ndc nodes: who processes which source partition.
+//!
+//! The cluster, not Kafka's consumer-group protocol, assigns partitions.
+//! Cluster metadata (members, partitions, owners, epochs) is replicated with
+//! openraft ([`store`] keeps its log and state machine in RocksDB; [`network`]
+//! carries its RPCs over tonic gRPC). The leader runs the scheduler:
+//!
+//! - every node sends a heartbeat to the leader every `heartbeat_interval`;
+//!   an accepted heartbeat grants a lease of `lease` counted from its send
+//!   time. The leader accepts only while a quorum acknowledged it recently;
+//! - a node acts on a partition (commits state, publishes output) only while
+//!   its lease is valid and its applied state names it owner with that epoch
+//!   ([`Coordinator::may_act`]);
+//! - the leader hands a partition to a new owner only when nobody can still
+//!   act on it: the old owner reported it stopped after applying the change,
+//!   or it has not been heard from for `failure_timeout` (≥ 2 × lease, so
+//!   any lease it held has expired, even one granted by a previous leader).
+//!
+//! See `docs/cluster.md` for the protocol and each failure case.
+
+mod network;
+mod service;
+pub mod state;
+mod store;
+
+pub use state::{Assignment, ClusterState, Command, NodeId, PartitionId};
+pub use store::Applied;
+
+use ndc_proto::cluster::{HeartbeatReply, HeartbeatRequest, HeldPartition};
+use openraft::{ChangeMembers, ServerState};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// A member as Raft knows it: where its gRPC listener is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub addr: String,
+}
+
+impl std::fmt::Display for Member {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.addr)
+    }
+}
+
+openraft::declare_raft_types!(
+    /// openraft types of the ndc cluster.
+    pub TypeConfig:
+        D = Command,
+        R = state::CommandReply,
+        NodeId = NodeId,
+        Node = Member,
+        SnapshotData = std::io::Cursor<Vec<u8>>,
+);
+
+type Raft = openraft::Raft<TypeConfig>;
+
+/// Errors of the coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("corrupt cluster state: {0}")]
+    Corrupt(String),
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("invalid cluster configuration: {0}")]
+    Config(String),
+}
+
+/// A peer of the static bootstrap list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub id: NodeId,
+    pub addr: String,
+}
+
+/// Settings of the coordinator (the node's `cluster` section).
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    pub node_id: NodeId,
+    /// host:port other nodes reach this node's gRPC listener at.
+    pub advertise_addr: String,
+    /// Initial voters. A node in this list initializes the cluster with all of
+    /// them (safe on several nodes at once); a node not in it waits to be added.
+    pub bootstrap: Vec<Peer>,
+    /// Directory of the Raft database.
+    pub data_dir: PathBuf,
+    pub heartbeat_interval: Duration,
+    pub lease: Duration,
+    pub failure_timeout: Duration,
+    pub raft_heartbeat: Duration,
+    pub election_timeout: Duration,
+}
+
+impl CoordinatorConfig {
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.failure_timeout < self.lease * 2 {
+            return Err(Error::Config(format!(
+                "failure_timeout ({:?}) must be at least twice the lease ({:?})",
+                self.failure_timeout, self.lease
+            )));
+        }
+        if self.heartbeat_interval * 2 > self.lease {
+            return Err(Error::Config(format!(
+                "lease ({:?}) must be at least twice heartbeat_interval ({:?})",
+                self.lease, self.heartbeat_interval
+            )));
+        }
+        if self.raft_heartbeat * 3 > self.election_timeout {
+            return Err(Error::Config(format!(
+                "election_timeout ({:?}) must be at least three raft heartbeats ({:?})",
+                self.election_timeout, self.raft_heartbeat
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Metric names (Prometheus conventions).
+pub mod metric {
+    pub const RAFT_TERM: &str = "ndc_raft_term";
+    pub const RAFT_IS_LEADER: &str = "ndc_raft_is_leader";
+    pub const RAFT_LEADER_ID: &str = "ndc_raft_leader_id";
+    pub const RAFT_APPLIED_INDEX: &str = "ndc_raft_applied_index";
+    pub const RAFT_LAST_LOG_INDEX: &str = "ndc_raft_last_log_index";
+    pub const ASSIGNMENT_CHANGES: &str = "ndc_cluster_assignment_changes_total";
+    pub const LIVE_NODES: &str = "ndc_cluster_live_nodes";
+    pub const OWNED_PARTITIONS: &str = "ndc_cluster_owned_partitions";
+    pub const FAILOVER_SECONDS: &str = "ndc_cluster_failover_seconds";
+    pub const LEASE_VALID: &str = "ndc_cluster_lease_valid";
+}
+
+/// What the leader remembers of a node (not replicated: a new leader starts
+/// from scratch and waits `failure_timeout` before trusting silence).
+#[derive(Debug, Clone)]
+struct NodeReport {
+    accepted_at: Instant,
+    applied_index: u64,
+    held: Vec<HeldPartition>,
+}
+
+#[derive(Debug, Default)]
+struct LeaderView {
+    term: u64,
+    since: Option<Instant>,
+    reports: HashMap<NodeId, NodeReport>,
+}
+
+/// Handle of a node's coordinator. Cheap to clone.
+#[derive(Clone)]
+pub struct Coordinator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: CoordinatorConfig,
+    raft: Raft,
+    applied: watch::Receiver<Arc<Applied>>,
+    /// Until when this node may act on what it owns.
+    lease_until: Mutex<Option<Instant>>,
+    /// What this node processes right now (set by the node, sent in heartbeats).
+    held: Mutex<Vec<HeldPartition>>,
+    leader: Mutex<LeaderView>,
+}
+
+impl Coordinator {
+    /// Opens the Raft state, starts Raft and the background tasks.
+    pub async fn start(config: CoordinatorConfig) -> Result<Coordinator, Error> {
+        config.validate()?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::Config(e.to_string()))?;
+        let (log, machine) = store::open(&config.data_dir)?;
+        let applied = machine.subscribe();
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let raft_config = openraft::Config {
+            cluster_name: "ndc".into(),
+            heartbeat_interval: ms(config.raft_heartbeat),
+            election_timeout_min: ms(config.election_timeout),
+            election_timeout_max: ms(config.election_timeout) * 2,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| Error::Config(e.to_string()))?;
+        let raft = Raft::new(
+            config.node_id,
+            Arc::new(raft_config),
+            network::Network,
+            log,
+            machine,
+        )
+        .await
+        .map_err(|e| Error::Raft(e.to_string()))?;
+        let coordinator = Coordinator {
+            inner: Arc::new(Inner {
+                config,
+                raft,
+                applied,
+                lease_until: Mutex::new(None),
+                held: Mutex::new(Vec::new()),
+                leader: Mutex::new(LeaderView::default()),
+            }),
+        };
+        coordinator.bootstrap().await?;
+        tokio::spawn(coordinator.clone().heartbeats());
+        tokio::spawn(coordinator.clone().scheduler());
+        tokio::spawn(coordinator.clone().observe());
+        Ok(coordinator)
+    }
+
+    async fn bootstrap(&self) -> Result<(), Error> {
+        let c = &self.inner.config;
+        if !c.bootstrap.iter().any(|p| p.id == c.node_id) {
+            info!(
+                node = c.node_id,
+                "not in the bootstrap list: waiting to be added (ndc cluster add-node)"
+            );
+            return Ok(());
+        }
+        let initialized = self
+            .inner
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| Error::Raft(e.to_string()))?;
+        if initialized {
+            return Ok(());
+        }
+        let members: BTreeMap<NodeId, Member> = c
+            .bootstrap
+            .iter()
+            .map(|p| {
+                (
+                    p.id,
+                    Member {
+                        addr: p.addr.clone(),
+                    },
+                )
+            })
+            .collect();
+        match self.inner.raft.initialize(members).await {
+            Ok(()) => info!(
+                node = c.node_id,
+                voters = c.bootstrap.len(),
+                "cluster initialized"
+            ),
+            // Another node was first, or this node already has a log.
+            Err(e) => info!(node = c.node_id, reason = %e, "cluster not initialized here"),
+        }
+        Ok(())
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.inner.config.node_id
+    }
+
+    /// tonic service of the Raft RPCs, to add to the node's gRPC server.
+    pub fn raft_service(
+        &self,
+    ) -> ndc_proto::cluster::raft_server::RaftServer<network::RaftService> {
+        ndc_proto::cluster::raft_server::RaftServer::new(network::RaftService {
+            raft: self.inner.raft.clone(),
+        })
+        .max_decoding_message_size(64 << 20)
+    }
+
+    /// tonic service of heartbeats and cluster administration.
+    pub fn cluster_service(
+        &self,
+    ) -> ndc_proto::cluster::cluster_server::ClusterServer<service::ClusterService> {
+        ndc_proto::cluster::cluster_server::ClusterServer::new(service::ClusterService {
+            coordinator: self.clone(),
+        })
+    }
+
+    /// The applied cluster state, updated on every applied Raft entry.
+    pub fn watch(&self) -> watch::Receiver<Arc<Applied>> {
+        self.inner.applied.clone()
+    }
+
+    /// Registers partitions the cluster must process (through the leader).
+    pub async fn register_partitions(&self, partitions: Vec<PartitionId>) -> Result<(), Error> {
+        let all_known = {
+            let applied = self.inner.applied.borrow();
+            partitions
+                .iter()
+                .all(|p| applied.cluster.partitions.contains(p))
+        };
+        if all_known {
+            return Ok(());
+        }
+        self.inner
+            .raft
+            .client_write(Command::RegisterPartitions { partitions })
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::Raft(e.to_string()))
+    }
+
+    /// Whether this node may commit state or publish output for `partition`
+    /// under `epoch` right now: checked before every commit and publish.
+    pub fn may_act(&self, partition: &str, epoch: u64) -> bool {
+        if !self.lease_valid() {
+            return false;
+        }
+        let applied = self.inner.applied.borrow();
+        applied
+            .cluster
+            .owner(partition)
+            .is_some_and(|a| a.owner == Some(self.node_id()) && a.epoch == epoch)
+    }
+
+    /// Whether this node's lease is valid now.
+    pub fn lease_valid(&self) -> bool {
+        self.inner
+            .lease_until
+            .lock()
+            .ok()
+            .and_then(|l| *l)
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Tells the leader (in the next heartbeats) what this node processes.
+    pub fn set_held(&self, held: Vec<HeldPartition>) {
+        if let Ok(mut h) = self.inner.held.lock() {
+            *h = held;
+        }
+    }
+
+    /// Stops Raft (for an orderly node shutdown).
+    pub async fn shutdown(&self) {
+        let _ = self.inner.raft.shutdown().await;
+    }
+
+    fn leader_addr(&self, leader: NodeId) -> Option<String> {
+        let applied = self.inner.applied.borrow();
+        applied
+            .membership
+            .membership()
+            .get_node(&leader)
+            .map(|m| m.addr.clone())
+    }
+
+    /// Sends a heartbeat to the leader every `heartbeat_interval`, renewing
+    /// this node's lease when accepted.
+    async fn heartbeats(self) {
+        let interval = self.inner.config.heartbeat_interval;
+        let mut clients: HashMap<
+            String,
+            ndc_proto::cluster::cluster_client::ClusterClient<tonic::transport::Channel>,
+        > = HashMap::new();
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let sent = Instant::now();
+            let request = HeartbeatRequest {
+                node_id: self.node_id(),
+                applied_index: self.applied_index(),
+                held: self
+                    .inner
+                    .held
+                    .lock()
+                    .map(|h| h.clone())
+                    .unwrap_or_default(),
+            };
+            let metrics = self.inner.raft.metrics().borrow().clone();
+            let reply = match metrics.current_leader {
+                None => None,
+                Some(leader) if leader == self.node_id() => Some(self.accept_heartbeat(request)),
+                Some(leader) => match self.leader_addr(leader) {
+                    None => None,
+                    Some(addr) => {
+                        let client = match clients.get(&addr) {
+                            Some(c) => c.clone(),
+                            None => {
+                                let Ok(endpoint) = tonic::transport::Endpoint::from_shared(
+                                    format!("http://{addr}"),
+                                ) else {
+                                    continue;
+                                };
+                                let c = ndc_proto::cluster::cluster_client::ClusterClient::new(
+                                    endpoint
+                                        .connect_timeout(Duration::from_millis(500))
+                                        .connect_lazy(),
+                                );
+                                clients.insert(addr.clone(), c.clone());
+                                c
+                            }
+                        };
+                        let mut client = client;
+                        let mut req = tonic::Request::new(request);
+                        req.set_timeout(interval.max(Duration::from_millis(100)));
+                        client.heartbeat(req).await.ok().map(|r| r.into_inner())
+                    }
+                },
+            };
+            if let Some(reply) = reply
+                && reply.accepted
+                && let Ok(mut lease) = self.inner.lease_until.lock()
+            {
+                let granted = Duration::from_millis(reply.lease_ms).min(self.inner.config.lease);
+                *lease = Some(sent + granted);
+            }
+            metrics::gauge!(metric::LEASE_VALID).set(if self.lease_valid() { 1.0 } else { 0.0 });
+        }
+    }
+
+    fn applied_index(&self) -> u64 {
+        self.inner
+            .applied
+            .borrow()
+            .last_applied
+            .map(|l| l.index)
+            .unwrap_or(0)
+    }
+
+    /// Leader side of a heartbeat.
+    pub(crate) fn accept_heartbeat(&self, request: HeartbeatRequest) -> HeartbeatReply {
+        let metrics = self.inner.raft.metrics().borrow().clone();
+        let leader_addr = metrics
+            .current_leader
+            .and_then(|l| self.leader_addr(l))
+            .unwrap_or_default();
+        let mut reply = HeartbeatReply {
+            accepted: false,
+            leader_id: metrics.current_leader,
+            leader_addr,
+            term: metrics.current_term,
+            lease_ms: 0,
+        };
+        let is_leader = metrics.state == ServerState::Leader;
+        // A leader cut off from its quorum must not extend anyone's lease.
+        let quorum_fresh = metrics
+            .millis_since_quorum_ack
+            .is_some_and(|ms| Duration::from_millis(ms) < self.inner.config.lease);
+        let is_member = metrics
+            .membership_config
+            .membership()
+            .get_node(&request.node_id)
+            .is_some();
+        if !(is_leader && quorum_fresh && is_member) {
+            return reply;
+        }
+        let mut view = match self.inner.leader.lock() {
+            Ok(v) => v,
+            Err(_) => return reply,
+        };
+        self.reset_if_new_term(&mut view, metrics.current_term);
+        view.reports.insert(
+            request.node_id,
+            NodeReport {
+                accepted_at: Instant::now(),
+                applied_index: request.applied_index,
+                held: request.held,
+            },
+        );
+        reply.accepted = true;
+        reply.lease_ms = u64::try_from(self.inner.config.lease.as_millis()).unwrap_or(u64::MAX);
+        reply
+    }
+
+    fn reset_if_new_term(&self, view: &mut LeaderView, term: u64) {
+        if view.term != term || view.since.is_none() {
+            *view = LeaderView {
+                term,
+                since: Some(Instant::now()),
+                reports: HashMap::new(),
+            };
+        }
+    }
+
+    /// The leader's periodic scheduling round.
+    async fn scheduler(self) {
+        let mut ticker = tokio::time::interval(self.inner.config.heartbeat_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let metrics = self.inner.raft.metrics().borrow().clone();
+            if metrics.state != ServerState::Leader {
+                continue;
+            }
+            let applied = self.inner.applied.borrow().clone();
+            let (liveness, dead_since) = {
+                let Ok(mut view) = self.inner.leader.lock() else {
+                    continue;
+                };
+                self.reset_if_new_term(&mut view, metrics.current_term);
+                self.liveness(&view, &applied)
+            };
+            metrics::gauge!(metric::LIVE_NODES).set(liveness.live.len() as f64);
+            let changes = state::plan(&applied.cluster, &liveness);
+            if changes.is_empty() {
+                continue;
+            }
+            info!(?changes, live = ?liveness.live, "assignment changes");
+            let failovers: Vec<f64> = changes
+                .iter()
+                .filter_map(|(p, owner)| {
+                    owner
+                        .and(dead_since.get(p))
+                        .map(|t| t.elapsed().as_secs_f64())
+                })
+                .collect();
+            let n = changes.len() as u64;
+            match self
+                .inner
+                .raft
+                .client_write(Command::Assign { changes })
+                .await
+            {
+                Ok(_) => {
+                    metrics::counter!(metric::ASSIGNMENT_CHANGES).increment(n);
+                    for s in failovers {
+                        metrics::histogram!(metric::FAILOVER_SECONDS).record(s);
+                    }
+                }
+                Err(e) => warn!(error = %e, "cannot commit assignment changes"),
+            }
+        }
+    }
+
+    /// Live nodes and released partitions, from the leader's reports. Also
+    /// returns, for partitions whose owner was lost, when it was last heard.
+    fn liveness(
+        &self,
+        view: &LeaderView,
+        applied: &Applied,
+    ) -> (state::Liveness, HashMap<PartitionId, Instant>) {
+        let now = Instant::now();
+        let timeout = self.inner.config.failure_timeout;
+        let since = view.since.unwrap_or(now);
+        let members: BTreeSet<NodeId> = applied
+            .membership
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .collect();
+        // Last time each node could have renewed a lease: its last accepted
+        // heartbeat, or, never heard by this leader, when this leader began.
+        let last_heard = |id: NodeId| {
+            view.reports
+                .get(&id)
+                .map(|r| r.accepted_at)
+                .unwrap_or(since)
+                .max(since)
+        };
+        let silent = |id: NodeId| now.duration_since(last_heard(id)) >= timeout;
+        let live: BTreeSet<NodeId> = members
+            .iter()
+            .copied()
+            .filter(|&id| {
+                id == self.node_id()
+                    || view
+                        .reports
+                        .get(&id)
+                        .is_some_and(|r| now.duration_since(r.accepted_at) < timeout)
+            })
+            .collect();
+        let mut released = BTreeSet::new();
+        let mut dead_since = HashMap::new();
+        // Every node that is or was a member by this leader's knowledge.
+        let known: BTreeSet<NodeId> = members
+            .iter()
+            .copied()
+            .chain(view.reports.keys().copied())
+            .collect();
+        for p in &applied.cluster.partitions {
+            let assignment = applied.cluster.owner(p);
+            let free = match assignment.and_then(|a| a.owner) {
+                Some(owner) if live.contains(&owner) => false,
+                Some(owner) => {
+                    dead_since.insert(p.clone(), last_heard(owner));
+                    silent(owner)
+                }
+                None => {
+                    // Unassigned at `since_index`: every node either reported,
+                    // after applying that change, that it does not hold it, or
+                    // has been silent long enough for its lease to expire.
+                    let since_index = assignment.map(|a| a.since_index).unwrap_or(0);
+                    known.iter().all(|&id| {
+                        let stopped = view.reports.get(&id).is_some_and(|r| {
+                            r.applied_index >= since_index
+                                && !r.held.iter().any(|h| &h.partition == p)
+                        });
+                        stopped || silent(id)
+                    })
+                }
+            };
+            if free {
+                released.insert(p.clone());
+            }
+        }
+        (state::Liveness { live, released }, dead_since)
+    }
+
+    /// Publishes Raft metrics.
+    async fn observe(self) {
+        let mut rx = self.inner.raft.metrics();
+        loop {
+            {
+                let m = rx.borrow_and_update().clone();
+                metrics::gauge!(metric::RAFT_TERM).set(m.current_term as f64);
+                metrics::gauge!(metric::RAFT_IS_LEADER).set(if m.state == ServerState::Leader {
+                    1.0
+                } else {
+                    0.0
+                });
+                metrics::gauge!(metric::RAFT_LEADER_ID)
+                    .set(m.current_leader.map(|l| l as f64).unwrap_or(-1.0));
+                metrics::gauge!(metric::RAFT_APPLIED_INDEX)
+                    .set(m.last_applied.map(|l| l.index as f64).unwrap_or(0.0));
+                metrics::gauge!(metric::RAFT_LAST_LOG_INDEX)
+                    .set(m.last_log_index.unwrap_or(0) as f64);
+                let owned = self
+                    .inner
+                    .applied
+                    .borrow()
+                    .cluster
+                    .owned_by(self.node_id())
+                    .len();
+                metrics::gauge!(metric::OWNED_PARTITIONS).set(owned as f64);
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// Adds a node: as a learner first (it catches up), then as a voter.
+    pub(crate) async fn add_node(
+        &self,
+        id: NodeId,
+        addr: String,
+        learner_only: bool,
+    ) -> Result<(), Error> {
+        self.inner
+            .raft
+            .add_learner(id, Member { addr }, true)
+            .await
+            .map_err(|e| Error::Raft(e.to_string()))?;
+        if !learner_only {
+            self.inner
+                .raft
+                .change_membership(ChangeMembers::AddVoterIds([id].into()), false)
+                .await
+                .map_err(|e| Error::Raft(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Removes a node from the cluster (voter or learner).
+    pub(crate) async fn remove_node(&self, id: NodeId) -> Result<(), Error> {
+        let is_voter = self
+            .inner
+            .applied
+            .borrow()
+            .membership
+            .membership()
+            .voter_ids()
+            .any(|v| v == id);
+        let change = if is_voter {
+            ChangeMembers::RemoveVoters([id].into())
+        } else {
+            ChangeMembers::RemoveNodes([id].into())
+        };
+        self.inner
+            .raft
+            .change_membership(change, false)
+            .await
+            .map_err(|e| Error::Raft(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Leader-side status: members with liveness, assignments with what their
+    /// owners last reported.
+    pub(crate) fn status(&self) -> ndc_proto::cluster::ClusterStatus {
+        use ndc_proto::cluster::{ClusterStatus, MemberStatus, PartitionStatus};
+        let metrics = self.inner.raft.metrics().borrow().clone();
+        let applied = self.inner.applied.borrow().clone();
+        let view = self.inner.leader.lock();
+        let now = Instant::now();
+        let is_leader = metrics.state == ServerState::Leader;
+        let membership = applied.membership.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, m)| {
+                let report = view.as_ref().ok().and_then(|v| v.reports.get(id).cloned());
+                let ago = report.as_ref().map(|r| now.duration_since(r.accepted_at));
+                MemberStatus {
+                    id: *id,
+                    addr: m.addr.clone(),
+                    role: if voters.contains(id) {
+                        "voter"
+                    } else {
+                        "learner"
+                    }
+                    .into(),
+                    last_heartbeat_ms_ago: ago.map(|d| d.as_millis() as u64),
+                    live: is_leader
+                        && (*id == self.node_id()
+                            || ago.is_some_and(|d| d < self.inner.config.failure_timeout)),
+                }
+            })
+            .collect();
+        let partitions = applied
+            .cluster
+            .partitions
+            .iter()
+            .map(|p| {
+                let a = applied.cluster.owner(p);
+                let owner = a.and_then(|a| a.owner);
+                let held = owner.and_then(|o| {
+                    view.as_ref().ok().and_then(|v| {
+                        v.reports
+                            .get(&o)
+                            .and_then(|r| r.held.iter().find(|h| &h.partition == p).cloned())
+                    })
+                });
+                PartitionStatus {
+                    partition: p.clone(),
+                    owner,
+                    epoch: a.map(|a| a.epoch).unwrap_or(0),
+                    running: held.is_some(),
+                    next_offset: held.as_ref().and_then(|h| h.next_offset),
+                    lag: held
+                        .as_ref()
+                        .and_then(|h| Some(h.high_watermark?.saturating_sub(h.next_offset?))),
+                }
+            })
+            .collect();
+        ClusterStatus {
+            answered_by: self.node_id(),
+            leader_id: metrics.current_leader,
+            term: metrics.current_term,
+            last_log_index: metrics.last_log_index,
+            applied_index: applied.last_applied.map(|l| l.index),
+            members,
+            partitions,
+        }
+    }
+
+    /// Whether this node is the Raft leader now.
+    pub fn is_leader(&self) -> bool {
+        self.inner.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    pub(crate) fn current_leader_addr(&self) -> Option<(NodeId, String)> {
+        let leader = self.inner.raft.metrics().borrow().current_leader?;
+        Some((leader, self.leader_addr(leader)?))
+    }
+}

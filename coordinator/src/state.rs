@@ -1,0 +1,295 @@
+//! The replicated cluster state and the pure half of the scheduler.
+//!
+//! Everything here is deterministic: the state machine applies the same
+//! commands to the same state on every node, and [`plan`] turns a state plus
+//! what the leader knows about liveness into the next assignment changes.
+
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Raft node id. Nodes of a StatefulSet take their ordinal (`ndc-2` → 2).
+pub type NodeId = u64;
+
+/// A source partition, `view/stream` (for Kafka, stream is `topic/partition`).
+pub type PartitionId = String;
+
+/// Who processes a partition, and since which epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// `None` while the partition is being released by its previous owner.
+    pub owner: Option<NodeId>,
+    /// Raised on every change; globally unique, so never reused for a partition.
+    pub epoch: u64,
+    /// Raft log index of the change: a node whose state machine has applied
+    /// it knows about it.
+    pub since_index: u64,
+}
+
+/// Commands of the replicated log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Declare the partitions the cluster must process (idempotent; adds only).
+    RegisterPartitions { partitions: Vec<PartitionId> },
+    /// Set owners; each changed partition gets a new epoch.
+    Assign {
+        changes: Vec<(PartitionId, Option<NodeId>)>,
+    },
+}
+
+/// Reply of the state machine to a command.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandReply {
+    /// Epochs of the partitions the command changed.
+    pub epochs: Vec<(PartitionId, u64)>,
+}
+
+/// Cluster metadata as replicated by Raft (members live in Raft's membership).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub partitions: BTreeSet<PartitionId>,
+    pub assignments: BTreeMap<PartitionId, Assignment>,
+    /// Last epoch handed out.
+    pub last_epoch: u64,
+}
+
+impl ClusterState {
+    /// Applies a command committed at Raft log index `index`.
+    pub fn apply(&mut self, command: &Command, index: u64) -> CommandReply {
+        let mut reply = CommandReply::default();
+        match command {
+            Command::RegisterPartitions { partitions } => {
+                for p in partitions {
+                    self.partitions.insert(p.clone());
+                }
+            }
+            Command::Assign { changes } => {
+                for (partition, owner) in changes {
+                    if !self.partitions.contains(partition) {
+                        continue;
+                    }
+                    if self.assignments.get(partition).map(|a| a.owner) == Some(*owner) {
+                        continue;
+                    }
+                    self.last_epoch += 1;
+                    self.assignments.insert(
+                        partition.clone(),
+                        Assignment {
+                            owner: *owner,
+                            epoch: self.last_epoch,
+                            since_index: index,
+                        },
+                    );
+                    reply.epochs.push((partition.clone(), self.last_epoch));
+                }
+            }
+        }
+        reply
+    }
+
+    /// Partitions a node owns, with their epochs.
+    pub fn owned_by(&self, node: NodeId) -> BTreeMap<PartitionId, u64> {
+        self.assignments
+            .iter()
+            .filter(|(_, a)| a.owner == Some(node))
+            .map(|(p, a)| (p.clone(), a.epoch))
+            .collect()
+    }
+
+    pub fn owner(&self, partition: &str) -> Option<&Assignment> {
+        self.assignments.get(partition)
+    }
+}
+
+/// What the leader knows about one partition's owner beyond the replicated
+/// state: whether handing the partition to someone else is safe yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// The owner is live and may keep the partition.
+    Live,
+    /// The owner is dead or removed, but may still hold a lease: wait.
+    Pending,
+    /// Nobody can be acting on the partition any more.
+    Done,
+}
+
+/// Input of [`plan`]: the leader's view of the cluster at one instant.
+#[derive(Debug, Clone, Default)]
+pub struct Liveness {
+    /// Members that heartbeat in time, in id order: they may own partitions.
+    pub live: BTreeSet<NodeId>,
+    /// Partitions (unowned, or owned by a node not live) that no node can be
+    /// acting on any more: reported released, or every lease has expired.
+    pub released: BTreeSet<PartitionId>,
+}
+
+/// Next assignment changes: as few moves as give every live node its fair
+/// share (`⌈P/N⌉` at most, `⌊P/N⌋` at least).
+///
+/// Moves happen in two steps so that no partition is ever processed by two
+/// nodes: a partition leaving a live node is first unassigned (its owner
+/// stops when it applies that), and only handed on once it is in
+/// `liveness.released`. Partitions of dead nodes are handed on once released
+/// (every lease they might hold has expired).
+pub fn plan(state: &ClusterState, liveness: &Liveness) -> Vec<(PartitionId, Option<NodeId>)> {
+    let live = &liveness.live;
+    let mut changes = Vec::new();
+    if live.is_empty() {
+        return changes;
+    }
+    let total = state.partitions.len();
+    let n = live.len();
+    let floor = total / n;
+    let ceil = total.div_ceil(n);
+
+    // Current load of live nodes, and the partitions that need an owner.
+    let mut load: BTreeMap<NodeId, Vec<&PartitionId>> =
+        live.iter().map(|&id| (id, Vec::new())).collect();
+    let mut homeless: Vec<&PartitionId> = Vec::new();
+    for p in &state.partitions {
+        match state.assignments.get(p).and_then(|a| a.owner) {
+            Some(owner) if live.contains(&owner) => {
+                if let Some(v) = load.get_mut(&owner) {
+                    v.push(p);
+                }
+            }
+            Some(_) => {
+                // Owned by a node that is not live: unassign only once
+                // released; until then, leave it (and its epoch) alone.
+                if liveness.released.contains(p) {
+                    homeless.push(p);
+                }
+            }
+            None => {
+                if liveness.released.contains(p) {
+                    homeless.push(p);
+                }
+            }
+        }
+    }
+
+    // How many nodes may keep `ceil` partitions: total - n*floor of them.
+    let mut at_ceil_allowed = total - n * floor;
+    // Nodes above their share give partitions up (first step of a move).
+    for parts in load.values_mut() {
+        let keep = if parts.len() >= ceil && at_ceil_allowed > 0 && ceil > floor {
+            at_ceil_allowed -= 1;
+            ceil
+        } else {
+            floor
+        }
+        .min(parts.len());
+        while parts.len() > keep {
+            // Give up the highest-ordered partitions: deterministic.
+            if let Some(p) = parts.pop() {
+                changes.push((p.clone(), None));
+            }
+        }
+    }
+    // Homeless partitions go to the least-loaded live nodes (ties: lowest id).
+    for p in homeless {
+        let Some((&target, _)) = load
+            .iter()
+            .filter(|(_, parts)| parts.len() < ceil)
+            .min_by_key(|(id, parts)| (parts.len(), **id))
+        else {
+            break;
+        };
+        if let Some(v) = load.get_mut(&target) {
+            v.push(p);
+        }
+        changes.push((p.clone(), Some(target)));
+    }
+    changes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(parts: usize) -> ClusterState {
+        let mut s = ClusterState::default();
+        s.apply(
+            &Command::RegisterPartitions {
+                partitions: (0..parts).map(|i| format!("v/t/{i}")).collect(),
+            },
+            1,
+        );
+        s
+    }
+
+    fn all_released(s: &ClusterState) -> BTreeSet<PartitionId> {
+        s.partitions.iter().cloned().collect()
+    }
+
+    #[test]
+    fn epochs_rise_on_every_change_and_never_repeat() {
+        let mut s = state(2);
+        let r = s.apply(
+            &Command::Assign {
+                changes: vec![("v/t/0".into(), Some(1)), ("v/t/1".into(), Some(2))],
+            },
+            1,
+        );
+        assert_eq!(r.epochs, vec![("v/t/0".into(), 1), ("v/t/1".into(), 2)]);
+        // No change: no new epoch.
+        let r = s.apply(
+            &Command::Assign {
+                changes: vec![("v/t/0".into(), Some(1))],
+            },
+            1,
+        );
+        assert!(r.epochs.is_empty());
+        let r = s.apply(
+            &Command::Assign {
+                changes: vec![("v/t/0".into(), None)],
+            },
+            1,
+        );
+        assert_eq!(r.epochs, vec![("v/t/0".into(), 3)]);
+        // Unknown partitions are ignored.
+        let r = s.apply(
+            &Command::Assign {
+                changes: vec![("v/t/9".into(), Some(1))],
+            },
+            1,
+        );
+        assert!(r.epochs.is_empty());
+        assert_eq!(
+            s.owned_by(2).into_iter().collect::<Vec<_>>(),
+            vec![("v/t/1".to_string(), 2)]
+        );
+    }
+
+    #[test]
+    fn a_dead_owner_keeps_its_partitions_until_they_are_released() {
+        let mut s = state(4);
+        let first = plan(
+            &s,
+            &Liveness {
+                live: [1, 2].into(),
+                released: all_released(&s),
+            },
+        );
+        s.apply(&Command::Assign { changes: first }, 1);
+        assert_eq!(s.owned_by(1).len(), 2);
+        // Node 2 dies; its partitions are not released yet.
+        let l = Liveness {
+            live: [1].into(),
+            released: BTreeSet::new(),
+        };
+        let changes = plan(&s, &l);
+        assert!(
+            changes
+                .iter()
+                .all(|(p, _)| s.owner(p).and_then(|a| a.owner) != Some(2))
+        );
+        // Released: they move to node 1.
+        let l = Liveness {
+            live: [1].into(),
+            released: s.owned_by(2).into_keys().collect(),
+        };
+        let changes = plan(&s, &l);
+        s.apply(&Command::Assign { changes }, 1);
+        assert_eq!(s.owned_by(1).len(), 4);
+    }
+}

@@ -1,0 +1,384 @@
+//! Cluster coordination with real processes: a tansu broker and three (then
+//! four) `ndc node` processes on loopback ports chosen at run time, talking
+//! openraft over gRPC and keeping Raft state in RocksDB. Scenarios: kill -9 a
+//! follower, kill -9 the leader, stop a node for longer than the failure
+//! timeout and bring it back, remove a node and add a new one. After each,
+//! every source partition has exactly one live owner, loads are balanced,
+//! and every moved partition got a higher epoch.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use ndc_node::cluster::admin;
+use ndc_node::config::{ClusterSection, NodeConfig};
+use ndc_proto::cluster::ClusterStatus;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TOPIC: &str = "population.public.citizens";
+const PARTITIONS: i32 = 6;
+
+struct Member {
+    id: u64,
+    addr: String,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Member {
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ndc"))
+            .args(["node", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info,rdkafka=warn,openraft=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap(); // SIGKILL
+            c.wait().unwrap();
+        }
+    }
+
+    fn running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+struct Cluster {
+    _broker: Broker,
+    _dir: tempfile::TempDir,
+    members: Vec<Member>,
+}
+
+fn member_config(dir: &Path, broker: &str, id: u64, port: u16, bootstrap: &[String]) -> Member {
+    let mut c: NodeConfig = node_config(
+        &dir.join(format!("ndc-{id}")),
+        broker,
+        &[("citizens", TOPIC, &["person_id"])],
+    );
+    c.node.id = format!("ndc-{id}");
+    c.node.grpc_listen = format!("127.0.0.1:{port}").parse().unwrap();
+    c.cluster = Some(ClusterSection {
+        bootstrap: bootstrap.to_vec(),
+        ..ClusterSection::default()
+    });
+    let config = dir.join(format!("ndc-{id}.yaml"));
+    std::fs::write(&config, c.to_yaml().unwrap()).unwrap();
+    Member {
+        id,
+        addr: format!("127.0.0.1:{port}"),
+        config,
+        log: dir.join(format!("ndc-{id}.log")),
+        child: None,
+    }
+}
+
+impl Cluster {
+    async fn start(nodes: u64) -> Cluster {
+        let broker = Broker::start();
+        broker.create_topic(TOPIC, PARTITIONS).await;
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<u16> = (0..nodes).map(|_| free_port()).collect();
+        let bootstrap: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{i}=127.0.0.1:{p}"))
+            .collect();
+        let mut members: Vec<Member> = (0..nodes)
+            .map(|i| {
+                member_config(
+                    dir.path(),
+                    &broker.bootstrap,
+                    i,
+                    ports[i as usize],
+                    &bootstrap,
+                )
+            })
+            .collect();
+        for m in &mut members {
+            m.start();
+        }
+        Cluster {
+            _broker: broker,
+            _dir: dir,
+            members,
+        }
+    }
+
+    /// A node that is not part of the bootstrap list (joins by add-node).
+    fn prepare_joiner(&mut self, id: u64) -> String {
+        let port = free_port();
+        let m = member_config(self._dir.path(), &self._broker.bootstrap, id, port, &[]);
+        let addr = m.addr.clone();
+        self.members.push(m);
+        addr
+    }
+
+    fn member(&mut self, id: u64) -> &mut Member {
+        self.members.iter_mut().find(|m| m.id == id).unwrap()
+    }
+
+    /// Status from any running node (forwarded to the leader).
+    async fn status(&self) -> Option<ClusterStatus> {
+        for m in self.members.iter().filter(|m| m.running()) {
+            if let Ok(Ok(s)) =
+                tokio::time::timeout(Duration::from_secs(2), admin::status(&m.addr)).await
+                && s.leader_id.is_some()
+                && self
+                    .members
+                    .iter()
+                    .any(|x| Some(x.id) == s.leader_id && x.running())
+            {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    /// Waits until `ok` holds for the status, returning it and the time taken.
+    async fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        ok: impl Fn(&ClusterStatus) -> bool,
+    ) -> (ClusterStatus, Duration) {
+        let started = Instant::now();
+        let mut last = None;
+        while started.elapsed() < timeout {
+            if let Some(s) = self.status().await {
+                if ok(&s) {
+                    return (s, started.elapsed());
+                }
+                last = Some(s);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.dump_logs();
+        panic!("timed out after {timeout:?} waiting for {what}; last status: {last:#?}");
+    }
+
+    fn dump_logs(&self) {
+        for m in &self.members {
+            let text = std::fs::read_to_string(&m.log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            eprintln!("---- ndc-{} log (last 30 lines, newest first)", m.id);
+            for l in tail {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+fn owners(s: &ClusterStatus) -> BTreeMap<String, (Option<u64>, u64)> {
+    s.partitions
+        .iter()
+        .map(|p| (p.partition.clone(), (p.owner, p.epoch)))
+        .collect()
+}
+
+/// Every partition owned by one of `live`, loads within one of each other.
+fn balanced_over(s: &ClusterStatus, live: &[u64]) -> bool {
+    if s.partitions.len() != PARTITIONS as usize {
+        return false;
+    }
+    let mut load: BTreeMap<u64, usize> = live.iter().map(|&n| (n, 0)).collect();
+    for p in &s.partitions {
+        match p.owner.and_then(|o| load.get_mut(&o)) {
+            Some(c) => *c += 1,
+            None => return false,
+        }
+    }
+    let max = load.values().max().copied().unwrap_or(0);
+    let min = load.values().min().copied().unwrap_or(0);
+    max - min <= 1
+}
+
+fn live_members(s: &ClusterStatus) -> BTreeSet<u64> {
+    s.members.iter().filter(|m| m.live).map(|m| m.id).collect()
+}
+
+/// Partitions that moved got a higher epoch; the others kept theirs.
+fn check_epochs(
+    before: &BTreeMap<String, (Option<u64>, u64)>,
+    after: &BTreeMap<String, (Option<u64>, u64)>,
+) {
+    for (p, (owner, epoch)) in after {
+        let (old_owner, old_epoch) = before[p];
+        if *owner == old_owner {
+            assert!(*epoch >= old_epoch, "{p}: epoch went back");
+        } else {
+            assert!(
+                *epoch > old_epoch,
+                "{p}: moved {old_owner:?} -> {owner:?} without a new epoch"
+            );
+        }
+    }
+}
+
+const SETTLE: Duration = Duration::from_secs(30);
+/// Generous for CI; the measured times are printed (docs/cluster.md).
+const FAILOVER_BOUND: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
+    let mut cluster = Cluster::start(3).await;
+    let (s, t) = cluster
+        .wait_for("three live members and balanced partitions", SETTLE, |s| {
+            live_members(s).len() == 3 && balanced_over(s, &[0, 1, 2])
+        })
+        .await;
+    eprintln!(
+        "cluster formed and assigned in {t:?}: leader {:?}",
+        s.leader_id
+    );
+
+    // 1. kill -9 a follower.
+    let leader = s.leader_id.unwrap();
+    let follower = (0..3).find(|&i| i != leader).unwrap();
+    let before = owners(&s);
+    cluster.member(follower).kill9();
+    let survivors: Vec<u64> = (0..3).filter(|&i| i != follower).collect();
+    let (s, t) = cluster
+        .wait_for("follower's partitions to move", FAILOVER_BOUND, |s| {
+            balanced_over(s, &survivors)
+        })
+        .await;
+    eprintln!("follower {follower} killed: partitions moved in {t:?}");
+    check_epochs(&before, &owners(&s));
+
+    // It comes back (state kept): partitions rebalance onto it.
+    cluster.member(follower).start();
+    let (s, t) = cluster
+        .wait_for("rebalance onto the returning follower", SETTLE, |s| {
+            live_members(s).len() == 3 && balanced_over(s, &[0, 1, 2])
+        })
+        .await;
+    eprintln!("follower {follower} back: rebalanced in {t:?}");
+
+    // 2. kill -9 the leader.
+    let leader = s.leader_id.unwrap();
+    let before = owners(&s);
+    cluster.member(leader).kill9();
+    let survivors: Vec<u64> = (0..3).filter(|&i| i != leader).collect();
+    let (s, t) = cluster
+        .wait_for(
+            "a new leader and the old leader's partitions moved",
+            FAILOVER_BOUND,
+            |s| s.leader_id.is_some_and(|l| l != leader) && balanced_over(s, &survivors),
+        )
+        .await;
+    eprintln!(
+        "leader {leader} killed: new leader {:?}, partitions moved in {t:?}",
+        s.leader_id
+    );
+    check_epochs(&before, &owners(&s));
+
+    // 3. Stopped for longer than the failure timeout, then back.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster.member(leader).start();
+    let (s, _) = cluster
+        .wait_for("rebalance after the old leader returns", SETTLE, |s| {
+            live_members(s).len() == 3 && balanced_over(s, &[0, 1, 2])
+        })
+        .await;
+    assert_eq!(s.members.len(), 3);
+
+    // The CLI shows the same picture.
+    let out = Command::new(env!("CARGO_BIN_EXE_ndc"))
+        .args([
+            "cluster",
+            "status",
+            "--json",
+            "--addr",
+            &cluster.members[0].addr,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["members"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        json["partitions"].as_array().unwrap().len(),
+        PARTITIONS as usize
+    );
+    assert!(json["leader"].as_u64().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_are_removed_and_added_online() {
+    let mut cluster = Cluster::start(3).await;
+    cluster
+        .wait_for("three live members and balanced partitions", SETTLE, |s| {
+            live_members(s).len() == 3 && balanced_over(s, &[0, 1, 2])
+        })
+        .await;
+
+    // Remove node 2 (through node 0, whichever is leader): its partitions move.
+    let addr0 = cluster.members[0].addr.clone();
+    let m = admin::remove_node(&addr0, 2).await.unwrap();
+    assert_eq!(m.voters, vec![0, 1]);
+    let (s, t) = cluster
+        .wait_for("node 2's partitions to move", FAILOVER_BOUND, |s| {
+            s.members.len() == 2 && balanced_over(s, &[0, 1])
+        })
+        .await;
+    eprintln!("node 2 removed: partitions moved in {t:?}");
+    assert!(s.members.iter().all(|m| m.id != 2));
+    cluster.member(2).kill9();
+
+    // A new node 3 joins as learner, catches up, becomes a voter, gets work.
+    let addr3 = cluster.prepare_joiner(3);
+    cluster.member(3).start();
+    let mut joined = None;
+    for _ in 0..100 {
+        match admin::add_node(&addr0, 3, &addr3, false).await {
+            Ok(m) => {
+                joined = Some(m);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let m = joined.expect("add-node succeeds once node 3 listens");
+    assert_eq!(m.voters, vec![0, 1, 3]);
+    let (s, t) = cluster
+        .wait_for("rebalance onto node 3", SETTLE, |s| {
+            live_members(s) == BTreeSet::from([0, 1, 3]) && balanced_over(s, &[0, 1, 3])
+        })
+        .await;
+    eprintln!("node 3 added: rebalanced in {t:?}");
+    assert!(s.members.iter().any(|m| m.id == 3 && m.role == "voter"));
+
+    // Removing an unknown node is a clear error.
+    let err = admin::remove_node(&addr0, 42)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a member"), "{err}");
+}
