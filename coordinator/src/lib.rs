@@ -150,6 +150,9 @@ struct LeaderView {
     term: u64,
     since: Option<Instant>,
     reports: HashMap<NodeId, NodeReport>,
+    /// When a round of heartbeats to a quorum, started at this instant,
+    /// last confirmed this node's leadership.
+    confirmed_at: Option<Instant>,
 }
 
 /// Handle of a node's coordinator. Cheap to clone.
@@ -434,16 +437,12 @@ impl Coordinator {
             lease_ms: 0,
         };
         let is_leader = metrics.state == ServerState::Leader;
-        // A leader cut off from its quorum must not extend anyone's lease.
-        let quorum_fresh = metrics
-            .millis_since_quorum_ack
-            .is_some_and(|ms| Duration::from_millis(ms) < self.inner.config.lease);
         let is_member = metrics
             .membership_config
             .membership()
             .get_node(&request.node_id)
             .is_some();
-        if !(is_leader && quorum_fresh && is_member) {
+        if !(is_leader && is_member) {
             return reply;
         }
         let mut view = match self.inner.leader.lock() {
@@ -451,6 +450,14 @@ impl Coordinator {
             Err(_) => return reply,
         };
         self.reset_if_new_term(&mut view, metrics.current_term);
+        // A leader cut off from its quorum must not extend anyone's lease:
+        // its leadership must have been confirmed by a quorum recently.
+        let confirmed = view
+            .confirmed_at
+            .is_some_and(|t| t.elapsed() < self.inner.config.lease);
+        if !confirmed {
+            return reply;
+        }
         view.reports.insert(
             request.node_id,
             NodeReport {
@@ -470,6 +477,7 @@ impl Coordinator {
                 term,
                 since: Some(Instant::now()),
                 reports: HashMap::new(),
+                confirmed_at: None,
             };
         }
     }
@@ -483,6 +491,20 @@ impl Coordinator {
             let metrics = self.inner.raft.metrics().borrow().clone();
             if metrics.state != ServerState::Leader {
                 continue;
+            }
+            // Confirm leadership with a quorum; the confirmation counts from
+            // when the round started (conservative).
+            let started = Instant::now();
+            let confirm = tokio::time::timeout(
+                self.inner.config.lease,
+                self.inner.raft.ensure_linearizable(),
+            )
+            .await;
+            if let Ok(mut view) = self.inner.leader.lock() {
+                self.reset_if_new_term(&mut view, metrics.current_term);
+                if matches!(confirm, Ok(Ok(_))) {
+                    view.confirmed_at = Some(started);
+                }
             }
             let applied = self.inner.applied.borrow().clone();
             let (liveness, dead_since) = {

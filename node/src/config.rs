@@ -73,7 +73,7 @@ impl Default for ClusterSection {
             lease: Duration::from_millis(600),
             failure_timeout: Duration::from_millis(1500),
             raft_heartbeat: Duration::from_millis(100),
-            election_timeout: Duration::from_millis(500),
+            election_timeout: Duration::from_millis(300),
         }
     }
 }

@@ -144,6 +144,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<NodeHandle> {
             match source {
                 SourceConfig::Kafka(k) => routes.entry(k.topic.clone()).or_default().push(Route {
                     view: id,
+                    view_name: view.name.as_str().into(),
                     decoder: decoder_for(view, k.format),
                 }),
                 SourceConfig::File(f) => {
@@ -194,6 +195,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<NodeHandle> {
             committed: committed.clone(),
             readiness: readiness.clone(),
             shutdown: shutdown.clone(),
+            cluster: coordinator.clone(),
         };
         source_tasks.push(tokio::spawn(
             async move {
@@ -214,6 +216,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<NodeHandle> {
         committed_offsets: committed,
         pipeline: config.pipeline.clone(),
         changelog: config.changelog.clone(),
+        cluster: coordinator.clone(),
     };
     let writer_task = tokio::spawn(writer.run().instrument(info_span!("state_writer")));
 

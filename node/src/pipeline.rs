@@ -32,6 +32,8 @@ pub struct Input {
     /// Kafka coordinates, for dead-letter headers.
     pub topic: Option<Arc<str>>,
     pub partition: Option<i32>,
+    /// Cluster mode: the assignment epoch under which the record was read.
+    pub epoch: Option<u64>,
     /// Original bytes, kept only for rejected records.
     pub raw_key: Option<Vec<u8>>,
     pub raw_value: Option<Vec<u8>>,
@@ -49,6 +51,8 @@ pub struct Writer {
     pub committed_offsets: CommittedOffsets,
     pub pipeline: PipelineSection,
     pub changelog: ChangelogSection,
+    /// Cluster mode: fencing before every commit.
+    pub cluster: Option<ndc_coordinator::Coordinator>,
 }
 
 fn now_ms() -> i64 {
@@ -104,8 +108,14 @@ impl Writer {
         info!("state writer stopped: all sources finished");
     }
 
-    async fn process(mut self, batch: Vec<Input>) -> Self {
+    async fn process(mut self, mut batch: Vec<Input>) -> Self {
         let started = Instant::now();
+        if let Some(c) = &self.cluster {
+            self.fence(c, &mut batch);
+            if batch.is_empty() {
+                return self;
+            }
+        }
         let records = batch.len();
         // 1. Dead letters first, acknowledged, for records not applied before.
         let letters: Vec<DeadLetter> = batch
@@ -195,6 +205,38 @@ impl Writer {
             }
         }
         this
+    }
+
+    /// Drops records of partitions this node may not act on any more (lease
+    /// expired, or the partition moved to another owner or epoch): neither
+    /// their effects nor their offsets are committed, nothing is published.
+    fn fence(&self, coordinator: &ndc_coordinator::Coordinator, batch: &mut Vec<Input>) {
+        let mut verdicts: HashMap<(ViewId, Arc<str>, i32, u64), bool> = HashMap::new();
+        let before = batch.len();
+        batch.retain(|i| {
+            let (Some(topic), Some(partition), Some(epoch)) = (&i.topic, i.partition, i.epoch)
+            else {
+                return true; // not from a cluster-assigned partition (file sources)
+            };
+            *verdicts
+                .entry((i.view, topic.clone(), partition, epoch))
+                .or_insert_with(|| {
+                    let pid = crate::cluster::partition_id(
+                        self.store.view_name(i.view),
+                        topic,
+                        partition,
+                    );
+                    coordinator.may_act(&pid, epoch)
+                })
+        });
+        let dropped = before - batch.len();
+        if dropped > 0 {
+            metrics::counter!(metric::FENCED_RECORDS).increment(dropped as u64);
+            info!(
+                dropped,
+                "records of partitions no longer held here were dropped before commit"
+            );
+        }
     }
 
     fn record(&self, tally: Tally, now: i64) {

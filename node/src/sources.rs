@@ -1,21 +1,24 @@
 //! Sources: Kafka topics and newline-delimited Debezium files.
 //!
-//! Kafka partitions are assigned statically (every partition of every
-//! configured topic, starting after the offset stored with the state);
-//! Kafka's consumer-group protocol is not used to place partitions, and
-//! offsets committed to Kafka are advisory, for lag tooling.
+//! Kafka partitions are assigned by the node, never by Kafka's consumer-group
+//! protocol: on a single node, every partition of every configured topic; in
+//! a cluster, the partitions the cluster assigned to this node, while its
+//! lease is valid. Consumption starts after the offset stored with the
+//! state; offsets committed to Kafka are advisory, for lag tooling.
 
 use crate::config::{KafkaSection, StartFrom};
 use crate::pipeline::{CommittedOffsets, Input};
 use crate::telemetry::{Readiness, metric};
+use ndc_coordinator::Coordinator;
 use ndc_operators::{Decoder, Position, ViewId};
+use ndc_proto::cluster::HeldPartition;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, ClientContext, Offset, Statistics, TopicPartitionList};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -35,16 +38,30 @@ pub fn file_stream(path: &std::path::Path) -> String {
 #[derive(Debug, Clone)]
 pub struct Route {
     pub view: ViewId,
+    pub view_name: Arc<str>,
     pub decoder: Decoder,
 }
 
-/// Reports consumer lag from librdkafka statistics.
-struct StatsContext;
+/// Epoch under which this node holds each (topic, partition), in cluster mode.
+type Epochs = Arc<RwLock<HashMap<(String, i32), u64>>>;
+
+/// Reports consumer lag from librdkafka statistics, and keeps the high
+/// watermarks for cluster status.
+#[derive(Default)]
+struct StatsContext {
+    high_watermarks: Mutex<HashMap<(String, i32), u64>>,
+}
 
 impl ClientContext for StatsContext {
     fn stats(&self, stats: Statistics) {
         for (topic, t) in &stats.topics {
             for (id, p) in &t.partitions {
+                if *id >= 0
+                    && let (Ok(high), Ok(mut w)) =
+                        (u64::try_from(p.hi_offset), self.high_watermarks.lock())
+                {
+                    w.insert((topic.clone(), *id), high);
+                }
                 if *id < 0 || p.consumer_lag < 0 {
                     continue;
                 }
@@ -67,6 +84,8 @@ pub struct KafkaSource {
     pub committed: CommittedOffsets,
     pub readiness: Readiness,
     pub shutdown: CancellationToken,
+    /// Cluster mode: consume only what the cluster assigns to this node.
+    pub cluster: Option<Coordinator>,
 }
 
 /// librdkafka settings shared by the node's consumer and producers.
@@ -88,7 +107,7 @@ impl KafkaSource {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
-            .set("statistics.interval.ms", "5000")
+            .set("statistics.interval.ms", "1000")
             .set(
                 "auto.offset.reset",
                 match self.config.start_from {
@@ -105,7 +124,7 @@ impl KafkaSource {
             }
         }
         let consumer: Arc<StreamConsumer<StatsContext>> =
-            Arc::new(cc.create_with_context(StatsContext)?);
+            Arc::new(cc.create_with_context(StatsContext::default())?);
         let KafkaSource {
             config,
             routes,
@@ -114,7 +133,9 @@ impl KafkaSource {
             committed,
             readiness,
             shutdown,
+            cluster,
         } = self;
+        let epochs: Epochs = Default::default();
         let assigner = Arc::new(Assigner {
             routes,
             start_offsets,
@@ -122,22 +143,32 @@ impl KafkaSource {
             readiness,
             assigned: Mutex::new(BTreeSet::new()),
         });
-        // Metadata is fetched on its own task: a metadata request can take
-        // hundreds of milliseconds, and consumption must not wait for it.
-        let refresher = tokio::spawn({
-            let assigner = assigner.clone();
-            let consumer = consumer.clone();
-            let shutdown = shutdown.clone();
-            let mut refresh = tokio::time::interval(config.metadata_refresh);
-            async move {
-                loop {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = refresh.tick() => assigner.assign_new_partitions(&consumer).await,
+        let refresher = match cluster.clone() {
+            // Metadata is fetched on its own task: a metadata request can take
+            // hundreds of milliseconds, and consumption must not wait for it.
+            None => tokio::spawn({
+                let assigner = assigner.clone();
+                let consumer = consumer.clone();
+                let shutdown = shutdown.clone();
+                let mut refresh = tokio::time::interval(config.metadata_refresh);
+                async move {
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = refresh.tick() => assigner.assign_new_partitions(&consumer).await,
+                        }
                     }
                 }
-            }
-        });
+            }),
+            Some(coordinator) => tokio::spawn(follow_assignments(
+                assigner.clone(),
+                consumer.clone(),
+                coordinator,
+                epochs.clone(),
+                committed.clone(),
+                shutdown.clone(),
+            )),
+        };
         let mut commit = tokio::time::interval(config.commit_interval);
         let mut decoded_since_error = true;
         loop {
@@ -151,6 +182,13 @@ impl KafkaSource {
                         let topic = m.topic();
                         let Some(routes) = assigner.routes.get(topic) else { continue };
                         let partition = m.partition();
+                        let epoch = if cluster.is_some() {
+                            // Fetched before an unassignment: not ours any more.
+                            let Some(e) = epochs.read().ok().and_then(|e| e.get(&(topic.to_string(), partition)).copied()) else { continue };
+                            Some(e)
+                        } else {
+                            None
+                        };
                         let offset = u64::try_from(m.offset()).unwrap_or(0);
                         let stream: Arc<str> = kafka_stream(topic, partition).into();
                         let topic_arc: Arc<str> = topic.into();
@@ -163,6 +201,7 @@ impl KafkaSource {
                                 decoded,
                                 topic: Some(topic_arc.clone()),
                                 partition: Some(partition),
+                                epoch,
                                 raw_key: if keep_raw { m.key().map(<[u8]>::to_vec) } else { None },
                                 raw_value: if keep_raw { m.payload().map(<[u8]>::to_vec) } else { None },
                             };
@@ -316,6 +355,214 @@ impl Assigner {
     }
 }
 
+/// Cluster mode: keeps the consumer's assignment equal to the partitions the
+/// cluster gives this node (none while its lease is not valid), and reports
+/// them, with offsets and high watermarks, in the node's heartbeats.
+async fn follow_assignments(
+    assigner: Arc<Assigner>,
+    consumer: Arc<StreamConsumer<StatsContext>>,
+    coordinator: Coordinator,
+    epochs: Epochs,
+    committed: CommittedOffsets,
+    shutdown: CancellationToken,
+) {
+    let mut applied = coordinator.watch();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_report = std::time::Instant::now() - Duration::from_secs(1);
+    // Partitions gained and not yet caught up: when, and from which offset.
+    let mut restoring: HashMap<(String, i32), (std::time::Instant, u64)> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+            r = applied.changed() => if r.is_err() { break },
+        }
+        let lease = coordinator.lease_valid();
+        assigner.readiness.set(lease);
+        // What this node should consume now: (topic, partition) → epoch.
+        let mut desired: BTreeMap<(String, i32), u64> = BTreeMap::new();
+        if lease {
+            let owned = coordinator
+                .watch()
+                .borrow()
+                .cluster
+                .owned_by(coordinator.node_id());
+            for (topic, routes) in &assigner.routes {
+                for route in routes {
+                    let prefix = format!("{}/{}/", route.view_name, topic);
+                    for (pid, epoch) in &owned {
+                        if let Some(p) = pid
+                            .strip_prefix(&prefix)
+                            .and_then(|p| p.parse::<i32>().ok())
+                        {
+                            let e = desired.entry((topic.clone(), p)).or_insert(*epoch);
+                            *e = (*e).max(*epoch);
+                        }
+                    }
+                }
+            }
+        }
+        let current: HashMap<(String, i32), u64> =
+            epochs.read().map(|e| e.clone()).unwrap_or_default();
+        let removed: Vec<(String, i32)> = current
+            .iter()
+            .filter(|(k, e)| desired.get(*k) != Some(*e))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let added: Vec<((String, i32), u64)> = desired
+            .iter()
+            .filter(|(k, e)| current.get(*k) != Some(*e))
+            .map(|(k, e)| (k.clone(), *e))
+            .collect();
+        if !removed.is_empty() {
+            let mut tpl = TopicPartitionList::new();
+            for (t, p) in &removed {
+                tpl.add_partition(t, *p);
+            }
+            if let Ok(mut e) = epochs.write() {
+                for k in &removed {
+                    e.remove(k);
+                }
+            }
+            if let Ok(mut a) = assigner.assigned.lock() {
+                for k in &removed {
+                    a.remove(k);
+                }
+            }
+            match consumer.incremental_unassign(&tpl) {
+                Ok(()) => {
+                    info!(partitions = ?removed, "stopped consuming partitions (no longer assigned here)")
+                }
+                Err(e) => warn!(error = %e, "cannot unassign partitions"),
+            }
+        }
+        if !added.is_empty() {
+            let offsets = committed.lock().map(|c| c.clone()).unwrap_or_default();
+            let mut tpl = TopicPartitionList::new();
+            for ((topic, p), epoch) in &added {
+                let stream: Arc<str> = kafka_stream(topic, *p).into();
+                let routes = assigner.routes.get(topic).map(Vec::as_slice).unwrap_or(&[]);
+                // The latest committed offset, else the one found at start.
+                let stored: Vec<Option<u64>> = routes
+                    .iter()
+                    .map(|r| {
+                        offsets.get(&(r.view, stream.clone())).copied().or_else(|| {
+                            assigner
+                                .start_offsets
+                                .get(&(r.view, stream.to_string()))
+                                .copied()
+                        })
+                    })
+                    .collect();
+                let offset = if stored.iter().all(Option::is_some) {
+                    Offset::Offset(stored.iter().flatten().min().copied().unwrap_or(0) as i64)
+                } else {
+                    match assigner.start_from {
+                        StartFrom::Earliest => Offset::Beginning,
+                        StartFrom::Latest => Offset::End,
+                    }
+                };
+                if tpl.add_partition_offset(topic, *p, offset).is_ok() {
+                    info!(topic = %topic, partition = p, epoch, ?offset, "consuming partition assigned by the cluster");
+                }
+            }
+            match consumer.incremental_assign(&tpl) {
+                Ok(()) => {
+                    for (k, _) in &added {
+                        let from = assigner
+                            .routes
+                            .get(&k.0)
+                            .and_then(|rs| {
+                                let stream: Arc<str> = kafka_stream(&k.0, k.1).into();
+                                rs.iter()
+                                    .filter_map(|r| offsets.get(&(r.view, stream.clone())).copied())
+                                    .min()
+                            })
+                            .unwrap_or(0);
+                        restoring.insert(k.clone(), (std::time::Instant::now(), from));
+                    }
+                    if let Ok(mut e) = epochs.write() {
+                        e.extend(added.iter().cloned());
+                    }
+                    if let Ok(mut a) = assigner.assigned.lock() {
+                        a.extend(added.iter().map(|(k, _)| k.clone()));
+                    }
+                }
+                Err(e) => {
+                    metrics::counter!(metric::SOURCE_ERRORS, "kind" => "assign").increment(1);
+                    warn!(error = %e, "cannot assign partitions; will retry");
+                }
+            }
+        }
+        if last_report.elapsed() >= Duration::from_millis(200)
+            || !added.is_empty()
+            || !removed.is_empty()
+        {
+            last_report = std::time::Instant::now();
+            let offsets = committed.lock().map(|c| c.clone()).unwrap_or_default();
+            let held: Vec<HeldPartition> = epochs
+                .read()
+                .map(|e| e.clone())
+                .unwrap_or_default()
+                .into_iter()
+                .flat_map(|((topic, p), epoch)| {
+                    let stream: Arc<str> = kafka_stream(&topic, p).into();
+                    let high = consumer
+                        .context()
+                        .high_watermarks
+                        .lock()
+                        .ok()
+                        .and_then(|w| w.get(&(topic.clone(), p)).copied());
+                    assigner
+                        .routes
+                        .get(&topic)
+                        .map(Vec::as_slice)
+                        .unwrap_or(&[])
+                        .iter()
+                        .map(|r| HeldPartition {
+                            partition: format!("{}/{}/{}", r.view_name, topic, p),
+                            epoch,
+                            next_offset: offsets.get(&(r.view, stream.clone())).copied(),
+                            high_watermark: high,
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            // A gained partition is restored once its state has caught up
+            // with the partition's end (replayed from the stored offset, or
+            // from the start of the source topic if this node never held it).
+            let highs = consumer
+                .context()
+                .high_watermarks
+                .lock()
+                .map(|w| w.clone())
+                .unwrap_or_default();
+            restoring.retain(|(topic, p), (since, from)| {
+                let stream: Arc<str> = kafka_stream(topic, *p).into();
+                let next = assigner
+                    .routes
+                    .get(topic)
+                    .and_then(|rs| rs.iter().filter_map(|r| offsets.get(&(r.view, stream.clone())).copied()).min());
+                let (Some(next), Some(high)) = (next, highs.get(&(topic.clone(), *p)).copied()) else {
+                    return true;
+                };
+                if next < high {
+                    return true;
+                }
+                let records = next.saturating_sub(*from);
+                metrics::histogram!(metric::RESTORE_SECONDS).record(since.elapsed().as_secs_f64());
+                metrics::counter!(metric::RESTORE_RECORDS).increment(records);
+                info!(topic = %topic, partition = p, records, seconds = since.elapsed().as_secs_f64(),
+                      "partition state restored and caught up");
+                false
+            });
+            restoring.retain(|k, _| epochs.read().map(|e| e.contains_key(k)).unwrap_or(false));
+            coordinator.set_held(held);
+        }
+    }
+}
+
 /// Reads a newline-delimited Debezium export once, from the stored line on.
 pub struct FileSource {
     pub path: PathBuf,
@@ -375,6 +622,7 @@ impl FileSource {
                 decoded,
                 topic: None,
                 partition: None,
+                epoch: None,
                 raw_key: None,
                 raw_value: keep_raw.then(|| buf.clone()),
             };

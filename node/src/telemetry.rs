@@ -54,6 +54,13 @@ pub mod metric {
     /// RocksDB SST bytes and memtable bytes.
     pub const STATE_SST_BYTES: &str = "ndc_state_sst_bytes";
     pub const STATE_MEMTABLE_BYTES: &str = "ndc_state_memtable_bytes";
+    /// Records dropped before commit because this node no longer held their
+    /// partition (cluster fencing).
+    pub const FENCED_RECORDS: &str = "ndc_cluster_fenced_records_total";
+    /// Time from gaining a partition to having caught up with its end.
+    pub const RESTORE_SECONDS: &str = "ndc_cluster_restore_duration_seconds";
+    /// Source records replayed to restore gained partitions.
+    pub const RESTORE_RECORDS: &str = "ndc_cluster_restore_records_total";
 }
 
 /// Starts logging: `RUST_LOG` filter (default info), JSON with `NDC_LOG_FORMAT=json`.

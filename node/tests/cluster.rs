@@ -4,19 +4,27 @@
 //! follower, kill -9 the leader, stop a node for longer than the failure
 //! timeout and bring it back, remove a node and add a new one. After each,
 //! every source partition has exactly one live owner, loads are balanced,
-//! and every moved partition got a higher epoch.
+//! and every moved partition got a higher epoch. Under a steady load, the
+//! current owner of every partition ends with exactly the rows a
+//! single-threaded reference computes from the input.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use common::*;
+use ndc_node::client::From;
 use ndc_node::cluster::admin;
 use ndc_node::config::{ClusterSection, NodeConfig};
+use ndc_node::synthetic::{Feed, Rng, Table, citizen_row, national_id};
 use ndc_proto::cluster::ClusterStatus;
+use rdkafka::producer::FutureRecord;
+use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const TOPIC: &str = "population.public.citizens";
@@ -53,6 +61,15 @@ impl Member {
             c.kill().unwrap(); // SIGKILL
             c.wait().unwrap();
         }
+    }
+
+    /// SIGSTOP / SIGCONT: a frozen process keeps its sockets and its lease
+    /// deadline but cannot act: a zombie owner, as after a long GC pause or VM
+    /// freeze.
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        let ok = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(ok.success());
     }
 
     fn running(&self) -> bool {
@@ -241,9 +258,117 @@ const SETTLE: Duration = Duration::from_secs(30);
 /// Generous for CI; the measured times are printed (docs/cluster.md).
 const FAILOVER_BOUND: Duration = Duration::from_secs(10);
 
+/// Many people, few events each: losing an event usually leaves a stale or
+/// missing row behind (updates carry whole rows, so with few people a later
+/// update would hide a loss).
+const PEOPLE: u64 = 5000;
+
+/// Expected rows by partition: key → row.
+type Expected = Arc<Mutex<BTreeMap<i32, BTreeMap<String, Value>>>>;
+
+/// Publishes inserts, updates and deletes (with tombstones) of `PEOPLE`
+/// people until stopped; person `i` always goes to partition `i % 6`.
+fn start_load(
+    bootstrap: &str,
+    stop: Arc<AtomicBool>,
+    expected: Expected,
+) -> tokio::task::JoinHandle<u64> {
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "2")
+        .create()
+        .unwrap();
+    tokio::spawn(async move {
+        let mut feed = Feed::new(Table::Citizens, 1_767_225_600_000);
+        let mut rng = Rng::new(7);
+        let mut revision: BTreeMap<u64, u32> = BTreeMap::new();
+        let mut sent = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let i = rng.below(PEOPLE);
+            let partition = (i % PARTITIONS as u64) as i32;
+            let key = json!({"person_id": national_id(i).to_string()}).to_string();
+            let send = |k: Vec<u8>, v: Option<Vec<u8>>| {
+                let producer = producer.clone();
+                async move {
+                    let mut r = FutureRecord::<[u8], [u8]>::to(TOPIC)
+                        .key(&k[..])
+                        .partition(partition);
+                    if let Some(v) = &v {
+                        r = r.payload(&v[..]);
+                    }
+                    producer.send(r, Duration::from_secs(10)).await.unwrap();
+                }
+            };
+            if rng.below(100) < 10 && revision.contains_key(&i) {
+                let e = feed.event('d', i, revision[&i], None);
+                send(e.key.clone(), e.value.clone()).await;
+                send(e.key.clone(), None).await;
+                revision.remove(&i);
+                expected
+                    .lock()
+                    .unwrap()
+                    .entry(partition)
+                    .or_default()
+                    .remove(&key);
+            } else {
+                let (op, rev) = match revision.get(&i) {
+                    Some(r) => ('u', r + 1),
+                    None => ('c', 0),
+                };
+                let e = feed.event(op, i, rev, None);
+                send(e.key.clone(), e.value.clone()).await;
+                revision.insert(i, rev);
+                expected
+                    .lock()
+                    .unwrap()
+                    .entry(partition)
+                    .or_default()
+                    .insert(key, citizen_row(i, rev));
+            }
+            sent += 1;
+            if sent.is_multiple_of(20) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        sent
+    })
+}
+
+/// The rows a node serves, from a snapshot subscription.
+async fn snapshot_rows(addr: &str) -> BTreeMap<String, Value> {
+    let lines = collect(
+        addr.parse().unwrap(),
+        "citizens",
+        From::Snapshot,
+        Duration::from_secs(10),
+        |l| {
+            l.last()
+                .is_some_and(|x| x.get("snapshot_complete").is_some())
+        },
+    )
+    .await;
+    fold(&lines)
+}
+
+fn partitions_of_keys() -> BTreeMap<String, i32> {
+    (0..PEOPLE)
+        .map(|i| {
+            (
+                json!({"person_id": national_id(i).to_string()}).to_string(),
+                (i % PARTITIONS as u64) as i32,
+            )
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
     let mut cluster = Cluster::start(3).await;
+    cluster._broker.create_topic("ndc.dead-letter", 1).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let expected: Expected = Arc::default();
+    let load = start_load(&cluster._broker.bootstrap, stop.clone(), expected.clone());
     let (s, t) = cluster
         .wait_for("three live members and balanced partitions", SETTLE, |s| {
             live_members(s).len() == 3 && balanced_over(s, &[0, 1, 2])
@@ -305,6 +430,30 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
         .await;
     assert_eq!(s.members.len(), 3);
 
+    // 4. Frozen (SIGSTOP) for longer than the failure timeout while owning
+    // partitions: they move; when it thaws its lease has expired, it stops
+    // acting on them, and the cluster rebalances onto it.
+    let frozen = s.leader_id.map(|l| (l + 1) % 3).unwrap();
+    let before = owners(&s);
+    cluster.member(frozen).signal("-STOP");
+    let survivors: Vec<u64> = (0..3).filter(|&i| i != frozen).collect();
+    let (s, t) = cluster
+        .wait_for(
+            "the frozen node's partitions to move",
+            FAILOVER_BOUND,
+            |s| balanced_over(s, &survivors),
+        )
+        .await;
+    eprintln!("node {frozen} frozen: partitions moved in {t:?}");
+    check_epochs(&before, &owners(&s));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.member(frozen).signal("-CONT");
+    cluster
+        .wait_for("rebalance after the frozen node thaws", SETTLE, |s| {
+            live_members(s).len() == 3 && balanced_over(s, &[0, 1, 2])
+        })
+        .await;
+
     // The CLI shows the same picture.
     let out = Command::new(env!("CARGO_BIN_EXE_ndc"))
         .args([
@@ -328,6 +477,50 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
         PARTITIONS as usize
     );
     assert!(json["leader"].as_u64().is_some());
+
+    // Stop the load; every partition's owner catches up to the end of its
+    // partition and holds exactly the reference rows of its people.
+    stop.store(true, Ordering::Relaxed);
+    let sent = load.await.unwrap();
+    eprintln!("load: {sent} records published during the scenarios");
+    let (s, t) = cluster
+        .wait_for(
+            "every owner caught up (lag 0)",
+            Duration::from_secs(60),
+            |s| s.partitions.iter().all(|p| p.running && p.lag == Some(0)),
+        )
+        .await;
+    eprintln!("owners caught up {t:?} after the load stopped");
+    let expected = expected.lock().unwrap().clone();
+    let addrs: BTreeMap<u64, String> = cluster
+        .members
+        .iter()
+        .map(|m| (m.id, m.addr.clone()))
+        .collect();
+    let partition_of = partitions_of_keys();
+    let mut rows_by_node = BTreeMap::new();
+    for (id, addr) in &addrs {
+        rows_by_node.insert(*id, snapshot_rows(addr).await);
+    }
+    for p in &s.partitions {
+        let partition: i32 = p.partition.rsplit('/').next().unwrap().parse().unwrap();
+        let owner = p.owner.unwrap();
+        let have: BTreeMap<String, Value> = rows_by_node[&owner]
+            .iter()
+            .filter(|(k, _)| partition_of.get(*k) == Some(&partition))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let want = expected.get(&partition).cloned().unwrap_or_default();
+        assert_eq!(
+            have.len(),
+            want.len(),
+            "partition {partition} on owner {owner}: row count differs"
+        );
+        assert_eq!(
+            have, want,
+            "partition {partition} on owner {owner}: rows differ"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
