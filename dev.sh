@@ -8,7 +8,7 @@
 #   ./dev.sh lint                rustfmt --check and clippy -D warnings
 #   ./dev.sh ci                  lint + test (what .ci/run calls)
 #   ./dev.sh bench [ARGS]        load test (release), see docs/performance.md
-#   ./dev.sh soak                long crash/resume runs (not in CI)
+#   ./dev.sh soak                long crash/resume and cluster failover runs (not in CI)
 #   ./dev.sh fuzz [SECONDS]      fuzz the Debezium decoder (nightly; first build ~15 min)
 #   ./dev.sh setup               only install prerequisites
 #
@@ -92,7 +92,7 @@ case "$cmd" in
   soak)
     setup_packages
     setup_broker
-    NDC_SOAK=1 cargo test --release --locked -p ndc-node --test crash -- --nocapture "$@"
+    NDC_SOAK=1 cargo test --release --locked -p ndc-node --test crash --test cluster -- --nocapture "$@"
     ;;
   fuzz)
     setup_packages

@@ -379,80 +379,95 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
         s.leader_id
     );
 
-    // 1. kill -9 a follower.
-    let leader = s.leader_id.unwrap();
-    let follower = (0..3).find(|&i| i != leader).unwrap();
-    let before = owners(&s);
-    cluster.member(follower).kill9();
-    let survivors: Vec<u64> = (0..3).filter(|&i| i != follower).collect();
-    let (s, t) = cluster
-        .wait_for("follower's partitions to move", FAILOVER_BOUND, |s| {
-            balanced_over(s, &survivors)
-        })
-        .await;
-    eprintln!("follower {follower} killed: partitions moved in {t:?}");
-    check_epochs(&before, &owners(&s));
+    // `./dev.sh soak` (NDC_SOAK=1): the cycle of failures ten times over.
+    let rounds = if std::env::var("NDC_SOAK").is_ok() {
+        10
+    } else {
+        1
+    };
+    let _ = s;
+    for round in 0..rounds {
+        eprintln!("round {round}");
+        let (s, _) = cluster
+            .wait_for("a balanced cluster before the round", SETTLE, |s| {
+                live_members(s).len() == 3 && balanced_over(s, &[0, 1, 2])
+            })
+            .await;
+        // 1. kill -9 a follower.
+        let leader = s.leader_id.unwrap();
+        let follower = (0..3).find(|&i| i != leader).unwrap();
+        let before = owners(&s);
+        cluster.member(follower).kill9();
+        let survivors: Vec<u64> = (0..3).filter(|&i| i != follower).collect();
+        let (s, t) = cluster
+            .wait_for("follower's partitions to move", FAILOVER_BOUND, |s| {
+                balanced_over(s, &survivors)
+            })
+            .await;
+        eprintln!("follower {follower} killed: partitions moved in {t:?}");
+        check_epochs(&before, &owners(&s));
 
-    // It comes back (state kept): partitions rebalance onto it.
-    cluster.member(follower).start();
-    let (s, t) = cluster
-        .wait_for("rebalance onto the returning follower", SETTLE, |s| {
-            live_members(s).len() == 3 && balanced_over(s, &[0, 1, 2])
-        })
-        .await;
-    eprintln!("follower {follower} back: rebalanced in {t:?}");
+        // It comes back (state kept): partitions rebalance onto it.
+        cluster.member(follower).start();
+        let (s, t) = cluster
+            .wait_for("rebalance onto the returning follower", SETTLE, |s| {
+                live_members(s).len() == 3 && balanced_over(s, &[0, 1, 2])
+            })
+            .await;
+        eprintln!("follower {follower} back: rebalanced in {t:?}");
 
-    // 2. kill -9 the leader.
-    let leader = s.leader_id.unwrap();
-    let before = owners(&s);
-    cluster.member(leader).kill9();
-    let survivors: Vec<u64> = (0..3).filter(|&i| i != leader).collect();
-    let (s, t) = cluster
-        .wait_for(
-            "a new leader and the old leader's partitions moved",
-            FAILOVER_BOUND,
-            |s| s.leader_id.is_some_and(|l| l != leader) && balanced_over(s, &survivors),
-        )
-        .await;
-    eprintln!(
-        "leader {leader} killed: new leader {:?}, partitions moved in {t:?}",
-        s.leader_id
-    );
-    check_epochs(&before, &owners(&s));
+        // 2. kill -9 the leader.
+        let leader = s.leader_id.unwrap();
+        let before = owners(&s);
+        cluster.member(leader).kill9();
+        let survivors: Vec<u64> = (0..3).filter(|&i| i != leader).collect();
+        let (s, t) = cluster
+            .wait_for(
+                "a new leader and the old leader's partitions moved",
+                FAILOVER_BOUND,
+                |s| s.leader_id.is_some_and(|l| l != leader) && balanced_over(s, &survivors),
+            )
+            .await;
+        eprintln!(
+            "leader {leader} killed: new leader {:?}, partitions moved in {t:?}",
+            s.leader_id
+        );
+        check_epochs(&before, &owners(&s));
 
-    // 3. Stopped for longer than the failure timeout, then back.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    cluster.member(leader).start();
-    let (s, _) = cluster
-        .wait_for("rebalance after the old leader returns", SETTLE, |s| {
-            live_members(s).len() == 3 && balanced_over(s, &[0, 1, 2])
-        })
-        .await;
-    assert_eq!(s.members.len(), 3);
+        // 3. Stopped for longer than the failure timeout, then back.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        cluster.member(leader).start();
+        let (s, _) = cluster
+            .wait_for("rebalance after the old leader returns", SETTLE, |s| {
+                live_members(s).len() == 3 && balanced_over(s, &[0, 1, 2])
+            })
+            .await;
+        assert_eq!(s.members.len(), 3);
 
-    // 4. Frozen (SIGSTOP) for longer than the failure timeout while owning
-    // partitions: they move; when it thaws its lease has expired, it stops
-    // acting on them, and the cluster rebalances onto it.
-    let frozen = s.leader_id.map(|l| (l + 1) % 3).unwrap();
-    let before = owners(&s);
-    cluster.member(frozen).signal("-STOP");
-    let survivors: Vec<u64> = (0..3).filter(|&i| i != frozen).collect();
-    let (s, t) = cluster
-        .wait_for(
-            "the frozen node's partitions to move",
-            FAILOVER_BOUND,
-            |s| balanced_over(s, &survivors),
-        )
-        .await;
-    eprintln!("node {frozen} frozen: partitions moved in {t:?}");
-    check_epochs(&before, &owners(&s));
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    cluster.member(frozen).signal("-CONT");
-    cluster
-        .wait_for("rebalance after the frozen node thaws", SETTLE, |s| {
-            live_members(s).len() == 3 && balanced_over(s, &[0, 1, 2])
-        })
-        .await;
+        // 4. Frozen (SIGSTOP) for longer than the failure timeout while owning
+        // partitions: they move; when it thaws its lease has expired, it stops
+        // acting on them, and the cluster rebalances onto it.
+        let frozen = s.leader_id.map(|l| (l + 1) % 3).unwrap();
+        let before = owners(&s);
+        cluster.member(frozen).signal("-STOP");
+        let survivors: Vec<u64> = (0..3).filter(|&i| i != frozen).collect();
+        let (s, t) = cluster
+            .wait_for(
+                "the frozen node's partitions to move",
+                FAILOVER_BOUND,
+                |s| balanced_over(s, &survivors),
+            )
+            .await;
+        eprintln!("node {frozen} frozen: partitions moved in {t:?}");
+        check_epochs(&before, &owners(&s));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        cluster.member(frozen).signal("-CONT");
+        cluster
+            .wait_for("rebalance after the frozen node thaws", SETTLE, |s| {
+                live_members(s).len() == 3 && balanced_over(s, &[0, 1, 2])
+            })
+            .await;
+    }
 
     // The CLI shows the same picture.
     let out = Command::new(env!("CARGO_BIN_EXE_ndc"))
