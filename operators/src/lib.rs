@@ -19,5 +19,6 @@ pub use debezium::{
 };
 pub use replica::{Outcome, Position};
 pub use store::{
-    CommitInfo, SnapshotRow, Store, StoreConfig, StoreError, StoreReader, Txn, ViewId,
+    CommitInfo, Pending, Replayed, SnapshotRow, Store, StoreConfig, StoreError, StoreReader, Txn,
+    ViewId,
 };

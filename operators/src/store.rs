@@ -18,7 +18,7 @@
 
 use crate::debezium::{ChangeEvent, ChangeOp, Key, SourceInfo};
 use crate::replica::{Decision, Outcome, Position, compare_versions, decide, version_of};
-use ndc_proto::state::{RowVersion, StoredRow, ViewMeta};
+use ndc_proto::state::{Effect, LogRecord, RowVersion, StoredRow, ViewMeta, effect};
 use ndc_proto::v1::{Change, Op, SourcePosition};
 use prost::Message;
 use rocksdb::{
@@ -48,6 +48,10 @@ pub enum StoreError {
     },
     #[error("unknown view {0:?}")]
     UnknownView(String),
+    #[error(
+        "view {view:?} already holds changes made outside this cluster; start the node with an empty data_dir"
+    )]
+    Incarnation { view: String },
     #[error(
         "change stream of view {view:?} no longer holds seq {seq}: retained from {retained_from}"
     )]
@@ -497,7 +501,50 @@ impl Store {
             offsets: HashMap::new(),
             now_ms,
             changes: 0,
+            recording: None,
+            pending: None,
         }
+    }
+
+    /// Starts a batch whose effects are recorded (see [`Txn::take_effects`])
+    /// for a cluster's change log rather than committed here: decisions see
+    /// the committed state overlaid with `pending`, the effects this node has
+    /// logged but not yet applied back from the log.
+    pub fn begin_logged<'s>(&'s mut self, now_ms: i64, pending: &'s Pending) -> Txn<'s> {
+        let mut txn = self.begin(now_ms);
+        txn.recording = Some(Vec::new());
+        txn.pending = Some(pending);
+        txn
+    }
+
+    /// Sets the incarnation of a view that has no change yet: in a cluster,
+    /// every node derives it from the view's change log, so that resume
+    /// tokens are valid on every node. Fails if the view already holds
+    /// changes under another incarnation.
+    pub fn set_incarnation(&mut self, view: ViewId, incarnation: u64) -> Result<(), StoreError> {
+        let name = self.view_name(view).to_string();
+        let Some(meta) = self.metas.get(&view).cloned() else {
+            return Err(StoreError::UnknownView(name));
+        };
+        if meta.incarnation == incarnation {
+            return Ok(());
+        }
+        if meta.last_seq > 0 {
+            return Err(StoreError::Incarnation { view: name });
+        }
+        let meta = ViewMeta {
+            incarnation,
+            ..meta
+        };
+        let db = &self.reader.db;
+        db.put_cf_opt(
+            cf(db, CF_META),
+            view_meta_key(&name),
+            meta.encode_to_vec(),
+            &self.write_opts,
+        )?;
+        self.metas.insert(view, meta);
+        Ok(())
     }
 
     /// Drops the change stream of `view` below what the limits keep: at most
@@ -593,6 +640,68 @@ pub struct Txn<'s> {
     offsets: HashMap<(ViewId, Arc<str>), u64>,
     now_ms: i64,
     changes: u64,
+    /// Cluster owner mode: effects decided since the last take.
+    recording: Option<Vec<Effect>>,
+    /// Cluster owner mode: logged effects not yet applied back.
+    pending: Option<&'s Pending>,
+}
+
+/// Effects a cluster node has written to the change log but not yet applied
+/// back from it: the newest row of each key and the newest truncate of each
+/// view, with the log offset that carries them.
+#[derive(Debug, Default)]
+pub struct Pending {
+    rows: HashMap<(ViewId, Vec<u8>), (Option<StoredRow>, u64)>,
+    truncates: HashMap<ViewId, (RowVersion, u64)>,
+}
+
+impl Pending {
+    /// Remembers `effects`, logged for `view` at `offset`.
+    pub fn record(&mut self, view: ViewId, effects: &[Effect], offset: u64) {
+        for e in effects {
+            match &e.kind {
+                Some(effect::Kind::Put(row)) => {
+                    self.rows
+                        .insert((view, e.key.clone()), (Some(row.clone()), offset));
+                }
+                Some(effect::Kind::Remove(_)) => {
+                    self.rows.insert((view, e.key.clone()), (None, offset));
+                }
+                Some(effect::Kind::Truncate(v)) => {
+                    self.truncates.insert(view, (v.clone(), offset));
+                }
+                Some(effect::Kind::Change(_)) | None => {}
+            }
+        }
+    }
+
+    /// Forgets what the log has delivered back: everything of `view` logged
+    /// at or before `offset`.
+    pub fn applied_through(&mut self, view: ViewId, offset: u64) {
+        self.rows.retain(|(v, _), (_, o)| *v != view || *o > offset);
+        self.truncates.retain(|v, (_, o)| *v != view || *o > offset);
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len() + self.truncates.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What applying one log record did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replayed {
+    /// Its effects were applied.
+    Applied,
+    /// A new owner's fence: the partition's epoch rose.
+    Fence,
+    /// From an owner whose epoch was superseded: ignored.
+    Fenced,
+    /// At or below the stored log position (read again after a restart).
+    AlreadyApplied,
 }
 
 impl std::fmt::Debug for Txn<'_> {
@@ -640,12 +749,15 @@ impl Txn<'_> {
 
     fn meta_mut(&mut self, view: ViewId) -> Result<&mut ViewMeta, StoreError> {
         if !self.metas.contains_key(&view) {
-            let meta = self
+            let mut meta = self
                 .store
                 .metas
                 .get(&view)
                 .cloned()
                 .ok_or_else(|| StoreError::UnknownView(format!("id {}", view.0)))?;
+            if let Some((v, _)) = self.pending.and_then(|p| p.truncates.get(&view)) {
+                meta.truncated_at = Some(v.clone());
+            }
             self.metas.insert(view, meta);
         }
         self.metas
@@ -682,6 +794,9 @@ impl Txn<'_> {
         if let Some(row) = self.overlay.get(&lookup) {
             return Ok(row.clone());
         }
+        if let Some((row, _)) = self.pending.and_then(|p| p.rows.get(&lookup)) {
+            return Ok(row.clone());
+        }
         if let Some(row) = self.prefetched.get(&lookup) {
             return Ok(row.clone());
         }
@@ -691,7 +806,26 @@ impl Txn<'_> {
             .transpose()
     }
 
+    fn record(&mut self, key: &[u8], kind: effect::Kind) {
+        if let Some(r) = &mut self.recording {
+            r.push(Effect {
+                key: key.to_vec(),
+                kind: Some(kind),
+            });
+        }
+    }
+
+    /// Effects recorded since the last call (cluster owner mode; empty
+    /// otherwise).
+    pub fn take_effects(&mut self) -> Vec<Effect> {
+        self.recording
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
     fn append_change(&mut self, view: ViewId, mut change: Change) -> Result<(), StoreError> {
+        self.record(&[], effect::Kind::Change(change.clone()));
         let meta = self.meta_mut(view)?;
         meta.last_seq += 1;
         change.seq = meta.last_seq;
@@ -746,6 +880,7 @@ impl Txn<'_> {
                     row_key(view, key.as_bytes()),
                     row.encode_to_vec(),
                 );
+                self.record(key.as_bytes(), effect::Kind::Put(row.clone()));
                 self.overlay
                     .insert((view, key.as_bytes().to_vec()), Some(row));
                 let meta = self.meta_mut(view)?;
@@ -802,10 +937,27 @@ impl Txn<'_> {
                 rows.insert(key, decode(&v, || "stored row".into())?);
             }
         }
-        for ((v, key), row) in &self.overlay {
-            if let (true, Some(row)) = (*v == view, row) {
-                rows.insert(key.clone(), row.clone());
+        // Then what this node has logged but not yet applied back (cluster
+        // owner mode), then this batch.
+        if let Some(pending) = self.pending {
+            for ((v, key), (row, _)) in &pending.rows {
+                if *v != view || self.overlay.contains_key(&(view, key.clone())) {
+                    continue;
+                }
+                match row {
+                    Some(row) => rows.insert(key.clone(), row.clone()),
+                    None => rows.remove(key),
+                };
             }
+        }
+        for ((v, key), row) in &self.overlay {
+            if *v != view {
+                continue;
+            }
+            match row {
+                Some(row) => rows.insert(key.clone(), row.clone()),
+                None => rows.remove(key),
+            };
         }
         let mut removed = Vec::new();
         let mut survivors = 0u64;
@@ -820,11 +972,13 @@ impl Txn<'_> {
                 }
                 let db = &self.store.reader.db;
                 self.batch.delete_cf(cf(db, CF_ROWS), row_key(view, &key));
+                self.record(&key, effect::Kind::Remove(true));
                 self.overlay.insert((view, key), None);
             } else if !row.deleted {
                 survivors += 1;
             }
         }
+        self.record(&[], effect::Kind::Truncate(version.clone()));
         {
             let meta = self.meta_mut(view)?;
             meta.truncated_at = Some(version);
@@ -861,6 +1015,86 @@ impl Txn<'_> {
             }
         }
         Ok(Outcome::Truncated)
+    }
+
+    fn raise(&mut self, view: ViewId, stream: &str, value: u64) {
+        let key = (view, Arc::<str>::from(stream));
+        let current = self
+            .offsets
+            .get(&key)
+            .or_else(|| self.store.offsets.get(&key))
+            .copied()
+            .unwrap_or(0);
+        self.offsets.insert(key, current.max(value));
+    }
+
+    /// Applies one record of a cluster's change log, read from `log_stream`
+    /// at `log_offset`. Records of a partition whose epoch is lower than one
+    /// already applied are ignored (their owner was fenced); every node
+    /// applies the same log with the same rule, so every node's change stream
+    /// gets the same sequence numbers.
+    pub fn replay(
+        &mut self,
+        view: ViewId,
+        record: &LogRecord,
+        log_stream: &Arc<str>,
+        log_offset: u64,
+    ) -> Result<Replayed, StoreError> {
+        let pos = Position {
+            stream: log_stream.clone(),
+            offset: log_offset,
+        };
+        if self.is_applied(view, &pos) {
+            return Ok(Replayed::AlreadyApplied);
+        }
+        self.advance(view, &pos);
+        let epoch_stream = format!("epoch:{}", record.partition);
+        let key = (view, Arc::<str>::from(epoch_stream.as_str()));
+        let current = self
+            .offsets
+            .get(&key)
+            .or_else(|| self.store.offsets.get(&key))
+            .copied()
+            .unwrap_or(0);
+        if record.epoch < current {
+            return Ok(Replayed::Fenced);
+        }
+        self.raise(view, &epoch_stream, record.epoch);
+        if record.fence {
+            return Ok(Replayed::Fence);
+        }
+        for e in &record.effects {
+            match &e.kind {
+                Some(effect::Kind::Put(row)) => {
+                    let was_live = self.current_row(view, &e.key)?.is_some_and(|r| !r.deleted);
+                    let delta = i64::from(!row.deleted) - i64::from(was_live);
+                    let db = &self.store.reader.db;
+                    self.batch
+                        .put_cf(cf(db, CF_ROWS), row_key(view, &e.key), row.encode_to_vec());
+                    self.overlay
+                        .insert((view, e.key.clone()), Some(row.clone()));
+                    let meta = self.meta_mut(view)?;
+                    meta.live_rows = meta.live_rows.saturating_add_signed(delta);
+                }
+                Some(effect::Kind::Remove(_)) => {
+                    let was_live = self.current_row(view, &e.key)?.is_some_and(|r| !r.deleted);
+                    let db = &self.store.reader.db;
+                    self.batch.delete_cf(cf(db, CF_ROWS), row_key(view, &e.key));
+                    self.overlay.insert((view, e.key.clone()), None);
+                    let meta = self.meta_mut(view)?;
+                    meta.live_rows = meta.live_rows.saturating_sub(u64::from(was_live));
+                }
+                Some(effect::Kind::Change(change)) => self.append_change(view, change.clone())?,
+                Some(effect::Kind::Truncate(version)) => {
+                    self.meta_mut(view)?.truncated_at = Some(version.clone());
+                }
+                None => {}
+            }
+        }
+        if !record.source_stream.is_empty() {
+            self.raise(view, &record.source_stream, record.source_next_offset);
+        }
+        Ok(Replayed::Applied)
     }
 
     /// Writes the batch atomically (synced when configured). Nothing of it is

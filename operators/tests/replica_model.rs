@@ -318,3 +318,237 @@ fn a_replay_of_the_whole_topic_changes_nothing() {
     // The same events re-published at new offsets: duplicates.
     assert_eq!(apply_all(&mut store, "kafka:t:1").changes, 0);
 }
+
+/// The cluster path: an owner decides on its committed state overlaid with
+/// what it has logged but not yet applied back (`Pending`), records the
+/// effects instead of committing them, and appends them to a log; every node
+/// (the owner included, lagging behind) applies the log. The result must be
+/// the reference replica, and every node's change stream must be identical,
+/// sequence numbers included, and consistent.
+fn run_logged(s: &Scenario) -> Result<(), TestCaseError> {
+    use ndc_operators::{Pending, Replayed};
+    use ndc_proto::state::LogRecord;
+    use std::sync::Arc;
+
+    let fail = |e: ndc_operators::StoreError| TestCaseError::fail(e.to_string());
+    let open = |dir: &std::path::Path| {
+        let mut config = StoreConfig::new(dir);
+        config.sync_commits = false;
+        config.block_cache_bytes = 1 << 20;
+        config.write_buffer_bytes = 4 << 20;
+        Store::open(&config, &["v".to_string()]).map_err(|e| TestCaseError::fail(e.to_string()))
+    };
+    let owner_dir = tempfile::tempdir().map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let other_dir = tempfile::tempdir().map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let mut owner = open(owner_dir.path())?;
+    let mut other = open(other_dir.path())?;
+    let view = owner
+        .view_id("v")
+        .ok_or_else(|| TestCaseError::fail("view"))?;
+    let log_stream: Arc<str> = "log:ndc.changes.v:0".into();
+    let parts = topic(s);
+    let streams: Vec<String> = (0..parts.len()).map(|p| format!("kafka:t:{p}")).collect();
+    let mut log: Vec<LogRecord> = Vec::new();
+    let mut pending = Pending::default();
+    let mut cursors = vec![0u64; parts.len()];
+
+    let catch_up =
+        |store: &mut Store, log: &[LogRecord], upto: usize| -> Result<(), TestCaseError> {
+            let mut txn = store.begin(0);
+            for (offset, record) in log.iter().enumerate().take(upto) {
+                let r = txn
+                    .replay(view, record, &log_stream, offset as u64)
+                    .map_err(fail)?;
+                prop_assert!(r != Replayed::Fenced, "no owner change in this scenario");
+            }
+            txn.commit().map_err(fail)?;
+            Ok(())
+        };
+
+    let mut schedule = s.schedule.clone();
+    for p in 0..parts.len() {
+        schedule.push((p, usize::MAX));
+    }
+    for (step_no, (p, count)) in schedule.iter().enumerate() {
+        let mut effects = Vec::new();
+        let mut next = None;
+        {
+            let mut txn = owner.begin_logged(0, &pending);
+            let mut read = 0;
+            while read < *count && (cursors[*p] as usize) < parts[*p].len() {
+                let offset = cursors[*p];
+                let i = parts[*p][offset as usize];
+                let pos = Position::new(streams[*p].as_str(), offset);
+                txn.apply(view, &event(i, &s.history[i], s.with_lsn), &pos)
+                    .map_err(fail)?;
+                effects.extend(txn.take_effects());
+                cursors[*p] += 1;
+                next = Some(cursors[*p]);
+                read += 1;
+            }
+            // Dropped: nothing committed on the owner by deciding.
+        }
+        if let Some(next) = next {
+            let offset = log.len() as u64;
+            pending.record(view, &effects, offset);
+            log.push(LogRecord {
+                view: "v".into(),
+                epoch: 1,
+                partition: format!("v/t/{p}"),
+                source_stream: streams[*p].clone(),
+                source_next_offset: next,
+                fence: false,
+                effects,
+            });
+        }
+        // The owner applies the log back, lagging by 0–2 records.
+        let upto = log.len().saturating_sub(step_no % 3);
+        catch_up(&mut owner, &log, upto)?;
+        if upto > 0 {
+            pending.applied_through(view, upto as u64 - 1);
+        }
+        // A crash of the owner: pending effects are lost; on restart it first
+        // applies the whole log, then resumes each source from the stored
+        // offsets.
+        if step_no < s.schedule.len() && s.crashes.contains(&step_no) {
+            drop(owner);
+            owner = open(owner_dir.path())?;
+            pending = Pending::default();
+            catch_up(&mut owner, &log, log.len())?;
+            cursors = streams
+                .iter()
+                .map(|st| owner.next_offset(view, st).unwrap_or(0))
+                .collect();
+        }
+    }
+    catch_up(&mut owner, &log, log.len())?;
+    catch_up(&mut other, &log, log.len())?;
+
+    let expected = reference(&s.history);
+    let rows = |store: &Store| -> Result<BTreeMap<String, String>, TestCaseError> {
+        let mut replica = BTreeMap::new();
+        store
+            .reader()
+            .scan_snapshot("v", None, 7, |rows| {
+                for r in rows {
+                    replica.insert(r.key, r.row_json);
+                }
+                true
+            })
+            .map_err(fail)?;
+        Ok(replica)
+    };
+    prop_assert_eq!(
+        &rows(&owner)?,
+        &expected,
+        "owner's replica differs from the reference"
+    );
+    prop_assert_eq!(
+        &rows(&other)?,
+        &expected,
+        "other node's replica differs from the reference"
+    );
+    let owner_changes = owner
+        .reader()
+        .changes_after("v", 0, usize::MAX)
+        .map_err(fail)?;
+    let other_changes = other
+        .reader()
+        .changes_after("v", 0, usize::MAX)
+        .map_err(fail)?;
+    prop_assert_eq!(
+        &owner_changes,
+        &other_changes,
+        "nodes disagree on the change stream"
+    );
+    let mut folded: BTreeMap<String, String> = BTreeMap::new();
+    for (i, c) in other_changes.iter().enumerate() {
+        prop_assert_eq!(c.seq, i as u64 + 1, "gap in change stream");
+        match Op::try_from(c.op).map_err(|e| TestCaseError::fail(e.to_string()))? {
+            Op::Insert | Op::Update => {
+                prop_assert_eq!(
+                    folded.get(&c.key_json),
+                    c.before_json.as_ref(),
+                    "before mismatch"
+                );
+                folded.insert(c.key_json.clone(), c.after_json.clone().unwrap_or_default());
+            }
+            Op::Delete => {
+                let removed = folded.remove(&c.key_json);
+                prop_assert_eq!(
+                    removed.as_ref(),
+                    c.before_json.as_ref(),
+                    "delete before mismatch"
+                );
+            }
+            Op::Truncate => folded.clear(),
+            other => return Err(TestCaseError::fail(format!("unexpected op {other:?}"))),
+        }
+    }
+    prop_assert_eq!(
+        &folded,
+        &expected,
+        "folded change stream differs from the reference"
+    );
+    let meta = other.reader().view_meta("v").map_err(fail)?;
+    prop_assert_eq!(meta.live_rows, expected.len() as u64);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_cluster_log_gives_every_node_the_reference_replica_and_one_change_stream(s in scenario()) {
+        run_logged(&s)?;
+    }
+}
+
+#[test]
+fn records_of_a_fenced_owner_are_ignored_by_every_node() {
+    use ndc_operators::Replayed;
+    use ndc_proto::state::LogRecord;
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = StoreConfig::new(dir.path());
+    config.sync_commits = false;
+    let mut store = Store::open(&config, &["v".to_string()]).unwrap();
+    let view = store.view_id("v").unwrap();
+    let log: Arc<str> = "log:x:0".into();
+    let record = |epoch: u64, fence: bool, next: u64| LogRecord {
+        view: "v".into(),
+        epoch,
+        partition: "v/t/0".into(),
+        source_stream: "kafka:t:0".into(),
+        source_next_offset: next,
+        fence,
+        effects: vec![],
+    };
+    let mut txn = store.begin(0);
+    assert_eq!(
+        txn.replay(view, &record(3, false, 10), &log, 0).unwrap(),
+        Replayed::Applied
+    );
+    assert_eq!(
+        txn.replay(view, &record(5, true, 0), &log, 1).unwrap(),
+        Replayed::Fence
+    );
+    // The old owner (epoch 3) wrote after the new owner's fence: ignored.
+    assert_eq!(
+        txn.replay(view, &record(3, false, 20), &log, 2).unwrap(),
+        Replayed::Fenced
+    );
+    assert_eq!(
+        txn.replay(view, &record(5, false, 12), &log, 3).unwrap(),
+        Replayed::Applied
+    );
+    // Read again after a restart: already applied.
+    assert_eq!(
+        txn.replay(view, &record(5, false, 12), &log, 3).unwrap(),
+        Replayed::AlreadyApplied
+    );
+    txn.commit().unwrap();
+    assert_eq!(store.next_offset(view, "kafka:t:0"), Some(12));
+    assert_eq!(store.next_offset(view, "log:x:0"), Some(4));
+}

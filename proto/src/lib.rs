@@ -4,20 +4,33 @@
 
 #![allow(clippy::all, missing_docs)]
 
-/// Public subscription API (`ndc.v1`).
-pub mod v1 {
-    tonic::include_proto!("ndc.v1");
+/// Generated code, in modules that mirror the protobuf packages (so that
+/// one package can refer to another).
+pub mod ndc {
+    pub mod v1 {
+        tonic::include_proto!("ndc.v1");
+    }
+    pub mod state {
+        pub mod v1 {
+            tonic::include_proto!("ndc.state.v1");
+        }
+    }
+    pub mod cluster {
+        pub mod v1 {
+            tonic::include_proto!("ndc.cluster.v1");
+        }
+    }
 }
 
-/// Records persisted in RocksDB (`ndc.state.v1`).
-pub mod state {
-    tonic::include_proto!("ndc.state.v1");
-}
+/// Public subscription API (`ndc.v1`).
+pub use ndc::v1;
+
+/// Records persisted in RocksDB and replicated through the cluster's change
+/// log (`ndc.state.v1`).
+pub use ndc::state::v1 as state;
 
 /// Cluster protocol: Raft between nodes, liveness and admin (`ndc.cluster.v1`).
-pub mod cluster {
-    tonic::include_proto!("ndc.cluster.v1");
-}
+pub use ndc::cluster::v1 as cluster;
 
 /// Encoded file descriptor set, for gRPC server reflection (`grpcurl`).
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("ndc_descriptor");
