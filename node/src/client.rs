@@ -30,7 +30,9 @@ impl std::str::FromStr for From {
 
 #[derive(Debug, Clone)]
 pub struct SubscribeOptions {
-    /// `host:port` or a full `http://` URL.
+    /// `host:port` or a full `http://` URL; several, comma separated, are
+    /// tried in turn when a connection fails (nodes of one cluster: a resume
+    /// token is valid on every node).
     pub addr: String,
     pub view: String,
     pub from: From,
@@ -99,9 +101,18 @@ pub async fn subscribe(
     let mut from = opts.from.clone();
     let mut seen = 0u64;
     let mut backoff = Duration::from_millis(200);
+    let addrs: Vec<&str> = opts
+        .addr
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect();
+    anyhow::ensure!(!addrs.is_empty(), "no address to subscribe to");
+    let mut current = 0usize;
     loop {
+        let addr = addrs[current % addrs.len()];
         let result: anyhow::Result<bool> = async {
-            let mut client = SubscriptionClient::connect(endpoint(&opts.addr)).await?;
+            let mut client = SubscriptionClient::connect(endpoint(addr)).await?;
             let start = match &from {
                 From::Snapshot => Start::Snapshot(Snapshot {}),
                 From::Latest => Start::Latest(Latest {}),
@@ -161,8 +172,15 @@ pub async fn subscribe(
             Ok(true) => return Ok(()),
             Ok(false) if !opts.reconnect => return Ok(()),
             Err(e) if !opts.reconnect || is_final(&e) => return Err(e),
-            Ok(false) => warn!("stream ended; resuming"),
-            Err(e) => warn!(error = %e, "subscription interrupted; resuming from the last token"),
+            Ok(false) => warn!(addr, "stream ended; resuming"),
+            Err(e) => {
+                warn!(addr, error = %e, "subscription interrupted; resuming from the last token")
+            }
+        }
+        // Next address, if there are several; back off once all were tried.
+        current += 1;
+        if addrs.len() > 1 && !current.is_multiple_of(addrs.len()) {
+            continue;
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));

@@ -1,20 +1,241 @@
-//! Cluster mode of a node: starts the coordinator and tells the cluster which
-//! source partitions exist.
+//! Cluster mode of a node: the coordinator, the registration of source
+//! partitions, and the cluster's change log.
 //!
-//! Stage reached (issue 3): membership, leader election, leases, the
-//! scheduler and its assignments run for real; the node does not yet let
-//! those assignments decide what its pipeline consumes (see
-//! `docs/cluster.md`, "Status").
+//! In a cluster, the owner of a source partition does not commit its
+//! decisions to its own state: it writes their effects to the view's change
+//! log (`<changes_topic_prefix><view>`, one partition, so every node reads
+//! one order), and every node, the owner included, applies that log to its
+//! RocksDB state ([`run_log_source`] feeds the state writer). Every node thus
+//! holds every partition's rows and the same change stream, with the same
+//! sequence numbers: a subscriber can resume on any node with its token, and
+//! a node that gains a partition has its state already.
 
 use crate::config::{ClusterSection, KafkaSection, NodeConfig, SourceConfig, parse_peer};
+use crate::pipeline::LogInput;
 use crate::sources::client_config;
+use crate::telemetry::metric;
 use anyhow::Context;
 use ndc_coordinator::{Coordinator, CoordinatorConfig, Peer};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use ndc_operators::ViewId;
+use ndc_proto::state::LogRecord;
+use prost::Message as _;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
+
+/// The cluster's change logs, shared by the state writer (which writes
+/// decided effects and applies the logs) and the assignment follower (which
+/// writes fences and waits for them to come back).
+pub struct ClusterLog {
+    pub producer: FutureProducer,
+    /// View → its change-log topic.
+    pub topics: BTreeMap<ViewId, String>,
+    /// View → name of the view (for partition ids).
+    pub names: BTreeMap<ViewId, String>,
+    /// View → next log offset this node has applied.
+    pub applied: BTreeMap<ViewId, watch::Receiver<u64>>,
+}
+
+/// Offsets-store stream name of a change-log topic.
+pub fn log_stream(topic: &str) -> String {
+    format!("log:{topic}:0")
+}
+
+/// Incarnation of a view in a cluster: the same on every node, derived from
+/// its change log, so that resume tokens are valid on every node.
+pub fn incarnation_of(topic: &str) -> u64 {
+    // FNV-1a: stable across releases and platforms (unlike std's hasher).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in "ndc-cluster-log:".bytes().chain(topic.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+impl ClusterLog {
+    /// Appends records to `view`'s change log in order; returns their offsets.
+    pub async fn append(&self, view: ViewId, records: &[LogRecord]) -> anyhow::Result<Vec<u64>> {
+        let topic = self.topics.get(&view).context("view has no change log")?;
+        let payloads: Vec<(Vec<u8>, &str)> = records
+            .iter()
+            .map(|r| (r.encode_to_vec(), r.partition.as_str()))
+            .collect();
+        // Enqueued in order; the idempotent producer keeps that order.
+        let sends = payloads.iter().map(|(bytes, key)| {
+            self.producer.send(
+                FutureRecord::to(topic)
+                    .partition(0)
+                    .key(*key)
+                    .payload(bytes),
+                Duration::from_secs(30),
+            )
+        });
+        let mut offsets = Vec::with_capacity(records.len());
+        for result in futures::future::join_all(sends).await {
+            match result {
+                Ok(d) => offsets.push(u64::try_from(d.offset).unwrap_or(0)),
+                Err((e, _)) => anyhow::bail!("cannot write to change log {topic}: {e}"),
+            }
+        }
+        for (bytes, _) in &payloads {
+            metrics::counter!(metric::LOG_BYTES_WRITTEN).increment(bytes.len() as u64);
+        }
+        Ok(offsets)
+    }
+
+    /// A new owner's first step on a partition: writes a fence with its epoch
+    /// and waits until this node has applied the log up to it. From then on
+    /// the state holds every effect of earlier owners that counts, and the
+    /// partition's stored source offset says where to resume.
+    pub async fn fence(
+        &self,
+        view: ViewId,
+        partition: &str,
+        epoch: u64,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let record = LogRecord {
+            view: self.names.get(&view).cloned().unwrap_or_default(),
+            epoch,
+            partition: partition.to_string(),
+            fence: true,
+            ..LogRecord::default()
+        };
+        let offset = self
+            .append(view, &[record])
+            .await?
+            .first()
+            .copied()
+            .unwrap_or(0);
+        let mut applied = self
+            .applied
+            .get(&view)
+            .context("view has no change log")?
+            .clone();
+        tokio::select! {
+            r = applied.wait_for(|next| *next > offset) => { r.context("state writer stopped")?; }
+            _ = shutdown.cancelled() => anyhow::bail!("shutting down"),
+        }
+        Ok(())
+    }
+}
+
+/// Creates the change-log topics that do not exist yet (one partition each,
+/// kept forever: every node, including one added later, reads them from the
+/// start).
+pub async fn create_log_topics(
+    kafka: &KafkaSection,
+    cluster: &ClusterSection,
+    topics: &[String],
+) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = client_config(kafka)
+        .create()
+        .context("cannot create a Kafka admin client")?;
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| {
+            NewTopic::new(t, 1, TopicReplication::Fixed(cluster.changes_replication))
+                .set("retention.ms", "-1")
+                .set("cleanup.policy", "delete")
+        })
+        .collect();
+    let results = admin
+        .create_topics(
+            &new,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .context("cannot create the change-log topics")?;
+    for r in results {
+        match r {
+            Ok(t) => info!(topic = %t, "change-log topic created"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, e)) => anyhow::bail!("cannot create change-log topic {t}: {e}"),
+        }
+    }
+    Ok(())
+}
+
+/// Reads every view's change log from the offset stored with the state and
+/// hands its records to the state writer.
+pub async fn run_log_source(
+    kafka: KafkaSection,
+    log: Arc<ClusterLog>,
+    start: BTreeMap<ViewId, Option<u64>>,
+    tx: mpsc::Sender<LogInput>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut cc = client_config(&kafka);
+    cc.set("group.id", format!("{}-log", kafka.group_id))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("auto.offset.reset", "earliest");
+    if !kafka.properties.contains_key("fetch.wait.max.ms") {
+        cc.set("fetch.wait.max.ms", "5");
+    }
+    let consumer: StreamConsumer = cc
+        .create()
+        .context("cannot create the change-log consumer")?;
+    let mut tpl = TopicPartitionList::new();
+    let mut views: BTreeMap<String, (ViewId, Arc<str>)> = BTreeMap::new();
+    for (view, topic) in &log.topics {
+        let offset = match start.get(view).copied().flatten() {
+            Some(next) => Offset::Offset(i64::try_from(next).unwrap_or(i64::MAX)),
+            None => Offset::Beginning,
+        };
+        tpl.add_partition_offset(topic, 0, offset)?;
+        views.insert(topic.clone(), (*view, log_stream(topic).into()));
+    }
+    consumer.assign(&tpl)?;
+    let mut quiet_errors = false;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            m = consumer.recv() => match m {
+                Ok(m) => {
+                    quiet_errors = false;
+                    let Some((view, stream)) = views.get(m.topic()).cloned() else { continue };
+                    let offset = u64::try_from(m.offset()).unwrap_or(0);
+                    let record = match LogRecord::decode(m.payload().unwrap_or_default()) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            // Only nodes write these logs: a record that does not
+                            // decode is a bug or foreign data. Count it, skip it.
+                            metrics::counter!(metric::LOG_RECORDS, "outcome" => "undecodable").increment(1);
+                            error!(topic = m.topic(), offset, error = %e, "change-log record does not decode; skipped");
+                            continue;
+                        }
+                    };
+                    if tx.send(LogInput { view, stream, offset, record }).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    if !quiet_errors {
+                        warn!(error = %e, "change-log consumer error; retrying");
+                    }
+                    quiet_errors = true;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+    info!("change-log source stopped");
+    Ok(())
+}
 
 /// Partition id of a Kafka source partition of a view.
 pub fn partition_id(view: &str, topic: &str, partition: i32) -> String {
@@ -50,6 +271,11 @@ pub fn coordinator_config(
         raft_heartbeat: cluster.raft_heartbeat,
         election_timeout: cluster.election_timeout,
     })
+}
+
+/// Change-log topic of a view.
+pub fn log_topic(cluster: &ClusterSection, view: &str) -> String {
+    format!("{}{view}", cluster.changes_topic_prefix)
 }
 
 /// On the leader, registers the partitions of every Kafka source with the

@@ -61,6 +61,10 @@ pub struct ClusterSection {
     /// Raft election timeout (randomised between this and twice this).
     #[serde(with = "humantime_serde")]
     pub election_timeout: Duration,
+    /// Change log of view V: topic `<prefix>V` (created by the nodes).
+    pub changes_topic_prefix: String,
+    /// Replication factor of the change-log topics the nodes create.
+    pub changes_replication: i32,
 }
 
 impl Default for ClusterSection {
@@ -74,6 +78,8 @@ impl Default for ClusterSection {
             failure_timeout: Duration::from_millis(1500),
             raft_heartbeat: Duration::from_millis(100),
             election_timeout: Duration::from_millis(300),
+            changes_topic_prefix: "ndc.changes.".into(),
+            changes_replication: 3,
         }
     }
 }
@@ -534,6 +540,28 @@ impl NodeConfig {
                     "cluster.lease".into(),
                     "must be at least twice cluster.heartbeat_interval",
                 );
+            }
+            if self.kafka.is_none() {
+                bad(
+                    "cluster".into(),
+                    "a cluster needs the kafka section (its change logs are Kafka topics)",
+                );
+            }
+            for (i, v) in self.views.iter().enumerate() {
+                for (j, src) in v.sources.iter().enumerate() {
+                    if matches!(src, SourceConfig::File(_)) {
+                        bad(
+                            format!("views[{i}].sources[{j}].file"),
+                            "file sources are not supported in a cluster (every node would read the file); publish the export to a topic",
+                        );
+                    }
+                }
+            }
+            if c.changes_topic_prefix.trim().is_empty() {
+                bad("cluster.changes_topic_prefix".into(), "must not be empty");
+            }
+            if c.changes_replication < 1 {
+                bad("cluster.changes_replication".into(), "must be at least 1");
             }
             if c.election_timeout < c.raft_heartbeat * 3 {
                 bad(

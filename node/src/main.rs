@@ -40,7 +40,8 @@ enum Command {
     },
     /// Follow a view and print one JSON object per line.
     Subscribe {
-        /// Node gRPC address, host:port.
+        /// Node gRPC address, host:port; several (comma separated) are tried
+        /// in turn when a connection breaks.
         #[arg(long, default_value = "127.0.0.1:50051")]
         addr: String,
         #[arg(long)]

@@ -85,6 +85,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<NodeHandle> {
     )?;
 
     let shutdown = CancellationToken::new();
+    let mut store = store;
     let coordinator = match &config.cluster {
         Some(cluster) => {
             let cc = crate::cluster::coordinator_config(&config, cluster, addrs.grpc)?;
@@ -103,6 +104,79 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<NodeHandle> {
         }
         None => None,
     };
+    // Cluster mode: the change logs (see `cluster.rs`).
+    let mut cluster_writer = None;
+    let mut log_task = None;
+    if let (Some(c), Some(cluster), Some(kafka)) = (&coordinator, &config.cluster, &config.kafka) {
+        let mut topics = BTreeMap::new();
+        let mut names = BTreeMap::new();
+        let mut applied_tx = BTreeMap::new();
+        let mut applied_rx = BTreeMap::new();
+        let mut start = BTreeMap::new();
+        for view in &config.views {
+            let id = store
+                .view_id(&view.name)
+                .context("view registered at open")?;
+            let topic = crate::cluster::log_topic(cluster, &view.name);
+            store
+                .set_incarnation(id, crate::cluster::incarnation_of(&topic))
+                .with_context(|| format!("view {}", view.name))?;
+            let next = store.next_offset(id, &crate::cluster::log_stream(&topic));
+            let (atx, arx) = watch::channel(next.unwrap_or(0));
+            applied_tx.insert(id, atx);
+            applied_rx.insert(id, arx);
+            start.insert(id, next);
+            names.insert(id, view.name.clone());
+            topics.insert(id, topic);
+        }
+        let wanted: Vec<String> = topics.values().cloned().collect();
+        let mut attempt = 0;
+        while let Err(e) = crate::cluster::create_log_topics(kafka, cluster, &wanted).await {
+            attempt += 1;
+            if attempt >= 30 {
+                return Err(e);
+            }
+            warn!(error = %e, "change-log topics not ready; retrying");
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+        let producer = client_config(kafka)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "1")
+            .set("message.max.bytes", "2097152")
+            .create()
+            .context("cannot create the change-log producer")?;
+        let log = Arc::new(crate::cluster::ClusterLog {
+            producer,
+            topics,
+            names,
+            applied: applied_rx,
+        });
+        let (log_tx, log_rx) = mpsc::channel(1024);
+        log_task = Some(tokio::spawn(
+            {
+                let kafka = kafka.clone();
+                let log = log.clone();
+                let shutdown = shutdown.clone();
+                async move {
+                    if let Err(e) =
+                        crate::cluster::run_log_source(kafka, log, start, log_tx, shutdown).await
+                    {
+                        error!(error = %e, "change-log source failed");
+                    }
+                }
+            }
+            .instrument(info_span!("log_source")),
+        ));
+        cluster_writer = Some(crate::pipeline::ClusterWriter {
+            coordinator: c.clone(),
+            log,
+            log_rx: Some(log_rx),
+            applied: applied_tx,
+            pending: Default::default(),
+        });
+    }
+    let store = store;
     let readiness = Readiness::default();
     let (tx, rx) = mpsc::channel(config.pipeline.channel_capacity);
     let committed: CommittedOffsets = Default::default();
@@ -195,7 +269,10 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<NodeHandle> {
             committed: committed.clone(),
             readiness: readiness.clone(),
             shutdown: shutdown.clone(),
-            cluster: coordinator.clone(),
+            cluster: match (&coordinator, &cluster_writer) {
+                (Some(c), Some(w)) => Some((c.clone(), w.log.clone())),
+                _ => None,
+            },
         };
         source_tasks.push(tokio::spawn(
             async move {
@@ -207,6 +284,9 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<NodeHandle> {
         ));
     }
     drop(tx);
+    if let Some(t) = log_task {
+        source_tasks.push(t);
+    }
 
     let writer = Writer {
         store,
@@ -216,7 +296,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<NodeHandle> {
         committed_offsets: committed,
         pipeline: config.pipeline.clone(),
         changelog: config.changelog.clone(),
-        cluster: coordinator.clone(),
+        cluster: cluster_writer,
     };
     let writer_task = tokio::spawn(writer.run().instrument(info_span!("state_writer")));
 

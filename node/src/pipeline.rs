@@ -16,7 +16,9 @@
 use crate::config::{ChangelogSection, PipelineSection};
 use crate::dead_letter::{DeadLetter, DeadLetterSink};
 use crate::telemetry::{metric, unix_seconds};
-use ndc_operators::{DecodeError, Decoded, Outcome, Position, Store, ViewId};
+use ndc_operators::{DecodeError, Decoded, Outcome, Pending, Position, Replayed, Store, ViewId};
+use ndc_proto::state::LogRecord;
+use prost::Message as _;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -39,6 +41,31 @@ pub struct Input {
     pub raw_value: Option<Vec<u8>>,
 }
 
+/// A record of a view's change log (cluster mode), read at `offset`.
+#[derive(Debug)]
+pub struct LogInput {
+    pub view: ViewId,
+    /// Offsets-store stream of the change log.
+    pub stream: Arc<str>,
+    pub offset: u64,
+    pub record: LogRecord,
+}
+
+/// Cluster mode of the state writer: decisions go to the change log, and
+/// the change log is what gets committed.
+pub struct ClusterWriter {
+    pub coordinator: ndc_coordinator::Coordinator,
+    pub log: Arc<crate::cluster::ClusterLog>,
+    pub log_rx: Option<mpsc::Receiver<LogInput>>,
+    /// View → next log offset applied (read by [`crate::cluster::ClusterLog::fence`]).
+    pub applied: BTreeMap<ViewId, watch::Sender<u64>>,
+    pub pending: Pending,
+}
+
+/// Largest change-log record the owner writes (Kafka's default message limit
+/// is 1 MB).
+const MAX_LOG_RECORD_BYTES: usize = 512 << 10;
+
 /// Next offset of each (view, stream) after the latest commit; sources read
 /// it for advisory Kafka commits and lag reporting.
 pub type CommittedOffsets = Arc<Mutex<HashMap<(ViewId, Arc<str>), u64>>>;
@@ -51,8 +78,8 @@ pub struct Writer {
     pub committed_offsets: CommittedOffsets,
     pub pipeline: PipelineSection,
     pub changelog: ChangelogSection,
-    /// Cluster mode: fencing before every commit.
-    pub cluster: Option<ndc_coordinator::Coordinator>,
+    /// Cluster mode: fencing, and the change log instead of direct commits.
+    pub cluster: Option<ClusterWriter>,
 }
 
 fn now_ms() -> i64 {
@@ -74,16 +101,33 @@ impl Writer {
     /// Runs until every source has stopped and the channel is drained.
     pub async fn run(mut self) {
         let mut buf: Vec<Input> = Vec::with_capacity(self.pipeline.max_batch_records);
+        let mut log_buf: Vec<LogInput> = Vec::new();
+        let mut log_rx = self.cluster.as_mut().and_then(|c| c.log_rx.take());
+        let mut sources_done = false;
         let mut last_trim = Instant::now();
         loop {
-            let received = tokio::time::timeout(
-                self.changelog.trim_interval,
-                self.rx.recv_many(&mut buf, self.pipeline.max_batch_records),
-            )
-            .await;
+            if sources_done && log_rx.is_none() {
+                break;
+            }
+            let max = self.pipeline.max_batch_records;
+            let received = tokio::select! {
+                n = self.rx.recv_many(&mut buf, max), if !sources_done => Some(Ok(n)),
+                n = async {
+                    match log_rx.as_mut() {
+                        Some(rx) => rx.recv_many(&mut log_buf, max).await,
+                        None => std::future::pending().await,
+                    }
+                } => Some(Err(n)),
+                _ = tokio::time::sleep(self.changelog.trim_interval) => None,
+            };
             match received {
-                Ok(0) => break,
-                Ok(_) => {
+                Some(Err(0)) => log_rx = None,
+                Some(Err(_)) => {
+                    let batch = std::mem::take(&mut log_buf);
+                    self = self.process_log(batch).await;
+                }
+                Some(Ok(0)) => sources_done = true,
+                Some(Ok(_)) => {
                     // Give the sources a moment to fill the batch.
                     let deadline = tokio::time::Instant::now() + self.pipeline.max_batch_delay;
                     while buf.len() < self.pipeline.max_batch_records {
@@ -98,7 +142,7 @@ impl Writer {
                     let batch = std::mem::take(&mut buf);
                     self = self.process(batch).await;
                 }
-                Err(_) => {}
+                None => {}
             }
             if last_trim.elapsed() >= self.changelog.trim_interval {
                 self = self.trim().await;
@@ -111,7 +155,7 @@ impl Writer {
     async fn process(mut self, mut batch: Vec<Input>) -> Self {
         let started = Instant::now();
         if let Some(c) = &self.cluster {
-            self.fence(c, &mut batch);
+            self.fence(&c.coordinator, &mut batch);
             if batch.is_empty() {
                 return self;
             }
@@ -154,6 +198,9 @@ impl Writer {
                     .increment(1);
             }
         }
+        if self.cluster.is_some() {
+            return self.decide_and_log(batch, started).await;
+        }
         // 2 + 3. Apply and commit, off the async threads.
         let now = now_ms();
         let result = tokio::task::spawn_blocking(move || {
@@ -174,24 +221,7 @@ impl Writer {
         match outcome {
             Ok((info, tally)) => {
                 // 4. Publish.
-                for (view, seq) in &info.last_seqs {
-                    if let Some(tx) = this.commits.get(view) {
-                        tx.send_replace(*seq);
-                    }
-                    let name = this.store.view_name(*view).to_string();
-                    metrics::gauge!(metric::VIEW_SEQ, "view" => name.clone()).set(*seq as f64);
-                    if let Some(meta) = this.store.meta(*view) {
-                        metrics::gauge!(metric::VIEW_ROWS, "view" => name)
-                            .set(meta.live_rows as f64);
-                    }
-                }
-                if let Ok(mut offsets) = this.committed_offsets.lock() {
-                    for view in this.commits.keys() {
-                        for (stream, next) in this.store.offsets_of(*view) {
-                            offsets.insert((*view, stream), next);
-                        }
-                    }
-                }
+                this.publish(&info);
                 this.record(tally, now);
                 metrics::histogram!(metric::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
                 metrics::histogram!(metric::BATCH_RECORDS).record(records as f64);
@@ -200,6 +230,148 @@ impl Writer {
                 // The state store failed (disk full, I/O error). Nothing of the
                 // batch is committed; stopping is the only safe answer: a
                 // restart resumes from the last commit.
+                error!(error = %e, "cannot commit to the state store; stopping the node");
+                std::process::exit(70);
+            }
+        }
+        this
+    }
+
+    /// Tells subscribers and the sources what a commit made durable.
+    fn publish(&self, info: &ndc_operators::CommitInfo) {
+        for (view, seq) in &info.last_seqs {
+            if let Some(tx) = self.commits.get(view) {
+                tx.send_replace(*seq);
+            }
+            let name = self.store.view_name(*view).to_string();
+            metrics::gauge!(metric::VIEW_SEQ, "view" => name.clone()).set(*seq as f64);
+            if let Some(meta) = self.store.meta(*view) {
+                metrics::gauge!(metric::VIEW_ROWS, "view" => name).set(meta.live_rows as f64);
+            }
+        }
+        if let Ok(mut offsets) = self.committed_offsets.lock() {
+            for view in self.commits.keys() {
+                for (stream, next) in self.store.offsets_of(*view) {
+                    offsets.insert((*view, stream), next);
+                }
+            }
+        }
+    }
+
+    /// Cluster mode, owner side: decides the batch against the state plus
+    /// what this node has logged but not applied back, and writes the effects
+    /// to the change log. Nothing is committed here: the log comes back
+    /// through [`Writer::process_log`], on this node as on every other.
+    async fn decide_and_log(self, batch: Vec<Input>, started: Instant) -> Self {
+        let records = batch.len();
+        let now = now_ms();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut this = self;
+            let outcome = match &this.cluster {
+                Some(c) => decide_batch(&mut this.store, &c.pending, &batch, now),
+                None => Ok((Vec::new(), Tally::default())),
+            };
+            (this, outcome)
+        })
+        .await;
+        let (mut this, outcome) = match result {
+            Ok(pair) => pair,
+            Err(e) => {
+                error!(error = %e, "state writer panicked");
+                std::process::abort();
+            }
+        };
+        let (logged, tally) = match outcome {
+            Ok(pair) => pair,
+            Err(e) => {
+                error!(error = %e, "cannot read the state store; stopping the node");
+                std::process::exit(70);
+            }
+        };
+        let mut by_view: BTreeMap<ViewId, Vec<LogRecord>> = BTreeMap::new();
+        for (view, record) in logged {
+            by_view.entry(view).or_default().push(record);
+        }
+        if let Some(c) = this.cluster.as_mut() {
+            for (view, records) in by_view {
+                match c.log.append(view, &records).await {
+                    Ok(offsets) => {
+                        for (record, offset) in records.iter().zip(offsets) {
+                            c.pending.record(view, &record.effects, offset);
+                        }
+                    }
+                    Err(e) => {
+                        // Some records may be in the log; the rest are not.
+                        // A restart resumes from what the log delivers back.
+                        error!(error = %e, "cannot write the change log; stopping the node");
+                        std::process::exit(70);
+                    }
+                }
+            }
+            metrics::gauge!(metric::LOG_PENDING).set(c.pending.len() as f64);
+        }
+        this.record(tally, now);
+        metrics::histogram!(metric::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(metric::BATCH_RECORDS).record(records as f64);
+        this
+    }
+
+    /// Cluster mode, every node: applies change-log records and commits them
+    /// with the log position, then publishes like a local commit.
+    async fn process_log(self, batch: Vec<LogInput>) -> Self {
+        let now = now_ms();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut this = self;
+            let outcome = (|| {
+                let mut counts: HashMap<&'static str, u64> = HashMap::new();
+                let mut txn = this.store.begin(now);
+                for input in &batch {
+                    let r = txn.replay(input.view, &input.record, &input.stream, input.offset)?;
+                    let name = match r {
+                        Replayed::Applied => "applied",
+                        Replayed::Fence => "fence",
+                        Replayed::Fenced => "fenced",
+                        Replayed::AlreadyApplied => "already_applied",
+                    };
+                    *counts.entry(name).or_insert(0) += 1;
+                }
+                let info = txn.commit()?;
+                Ok::<_, ndc_operators::StoreError>((info, counts))
+            })();
+            (this, batch, outcome)
+        })
+        .await;
+        let (mut this, batch, outcome) = match result {
+            Ok(t) => t,
+            Err(e) => {
+                error!(error = %e, "state writer panicked");
+                std::process::abort();
+            }
+        };
+        match outcome {
+            Ok((info, counts)) => {
+                for (outcome, n) in counts {
+                    metrics::counter!(metric::LOG_RECORDS, "outcome" => outcome).increment(n);
+                }
+                let mut last: BTreeMap<ViewId, u64> = BTreeMap::new();
+                for input in &batch {
+                    let e = last.entry(input.view).or_insert(0);
+                    *e = (*e).max(input.offset);
+                }
+                // Publish first: a new owner waiting for its fence reads the
+                // stored source offsets as soon as `applied` passes it.
+                this.publish(&info);
+                if let Some(c) = this.cluster.as_mut() {
+                    for (view, offset) in &last {
+                        c.pending.applied_through(*view, *offset);
+                        if let Some(tx) = c.applied.get(view) {
+                            tx.send_replace(offset + 1);
+                        }
+                    }
+                    metrics::gauge!(metric::LOG_PENDING).set(c.pending.len() as f64);
+                }
+            }
+            Err(e) => {
                 error!(error = %e, "cannot commit to the state store; stopping the node");
                 std::process::exit(70);
             }
@@ -336,4 +508,98 @@ fn apply_batch(
     }
     let info = txn.commit()?;
     Ok((info, tally))
+}
+
+/// Cluster mode: decides a batch without committing it. Returns, per view,
+/// change-log records: runs of consecutive records of one source partition
+/// with their effects and the source offset to resume from after them.
+fn decide_batch(
+    store: &mut Store,
+    pending: &Pending,
+    batch: &[Input],
+    now: i64,
+) -> Result<(Vec<(ViewId, LogRecord)>, Tally), ndc_operators::StoreError> {
+    let mut tally = Tally::default();
+    let names: HashMap<ViewId, String> = batch
+        .iter()
+        .map(|i| (i.view, store.view_name(i.view).to_string()))
+        .collect();
+    let mut txn = store.begin_logged(now, pending);
+    txn.prefetch(batch.iter().filter_map(|i| match &i.decoded {
+        Ok(Decoded::Change(e)) => e.key.as_ref().map(|k| (i.view, k)),
+        _ => None,
+    }))?;
+    let mut out: Vec<(ViewId, LogRecord)> = Vec::new();
+    // (view, stream) → index in `out` of the record being filled, and its size.
+    let mut open: HashMap<(ViewId, Arc<str>), (usize, usize)> = HashMap::new();
+    for input in batch {
+        let outcome = match &input.decoded {
+            Ok(Decoded::Change(event)) => {
+                let outcome = txn.apply(input.view, event, &input.pos)?;
+                if matches!(
+                    outcome,
+                    Outcome::Inserted | Outcome::Updated | Outcome::Deleted | Outcome::Truncated
+                ) {
+                    let ts = tally.newest_source_ts.entry(input.view).or_insert(0);
+                    *ts = (*ts).max(event.source.ts_ms);
+                }
+                outcome
+            }
+            Ok(Decoded::Heartbeat { ts_ms }) => {
+                if let Some(ts) = ts_ms {
+                    let e = tally.heartbeat_ts.entry(input.view).or_insert(0);
+                    *e = (*e).max(*ts);
+                }
+                txn.skip(input.view, &input.pos, Outcome::Skipped)
+            }
+            Ok(Decoded::Tombstone { .. } | Decoded::Transaction(_) | Decoded::Message) => {
+                txn.skip(input.view, &input.pos, Outcome::Skipped)
+            }
+            Err(_) => txn.skip(input.view, &input.pos, Outcome::DeadLettered),
+        };
+        *tally.outcomes.entry((input.view, outcome)).or_insert(0) += 1;
+        let effects = txn.take_effects();
+        if outcome == Outcome::AlreadyApplied {
+            continue;
+        }
+        let (Some(topic), Some(partition), Some(epoch)) =
+            (&input.topic, input.partition, input.epoch)
+        else {
+            continue; // cluster mode reads only cluster-assigned Kafka partitions
+        };
+        let size: usize = effects.iter().map(|e| e.encoded_len()).sum();
+        let key = (input.view, input.pos.stream.clone());
+        let index = match open.get(&key) {
+            Some((index, filled)) if filled + size <= MAX_LOG_RECORD_BYTES || *filled == 0 => {
+                *index
+            }
+            _ => {
+                let view_name = names.get(&input.view).cloned().unwrap_or_default();
+                out.push((
+                    input.view,
+                    LogRecord {
+                        partition: crate::cluster::partition_id(&view_name, topic, partition),
+                        view: view_name,
+                        epoch,
+                        source_stream: input.pos.stream.to_string(),
+                        source_next_offset: 0,
+                        fence: false,
+                        effects: Vec::new(),
+                    },
+                ));
+                open.insert(key.clone(), (out.len() - 1, 0));
+                out.len() - 1
+            }
+        };
+        if let Some((_, record)) = out.get_mut(index) {
+            record.effects.extend(effects);
+            record.source_next_offset = record.source_next_offset.max(input.pos.offset + 1);
+        }
+        if let Some(entry) = open.get_mut(&key) {
+            entry.1 += size;
+        }
+    }
+    // Dropped, not committed: the effects come back through the log.
+    drop(txn);
+    Ok((out, tally))
 }

@@ -341,10 +341,12 @@ impl Subscription for SubscriptionService {
                     ));
                 }
                 if pos.seq > meta.last_seq {
+                    // In a cluster, a node that has not yet applied as much of
+                    // the change log as the subscriber's last node: retryable.
                     return Err(refuse(
-                        tonic::Code::FailedPrecondition,
+                        tonic::Code::Unavailable,
                         format!(
-                            "resume token is ahead of view {:?} (token seq {}, committed {})",
+                            "this node has not caught up with the resume token of view {:?} yet                              (token seq {}, committed here {}); retry shortly or on another node",
                             req.view, pos.seq, meta.last_seq
                         ),
                     ));

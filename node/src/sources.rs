@@ -84,8 +84,9 @@ pub struct KafkaSource {
     pub committed: CommittedOffsets,
     pub readiness: Readiness,
     pub shutdown: CancellationToken,
-    /// Cluster mode: consume only what the cluster assigns to this node.
-    pub cluster: Option<Coordinator>,
+    /// Cluster mode: consume only what the cluster assigns to this node, and
+    /// fence each gained partition in its view's change log first.
+    pub cluster: Option<(Coordinator, Arc<crate::cluster::ClusterLog>)>,
 }
 
 /// librdkafka settings shared by the node's consumer and producers.
@@ -160,10 +161,11 @@ impl KafkaSource {
                     }
                 }
             }),
-            Some(coordinator) => tokio::spawn(follow_assignments(
+            Some((coordinator, log)) => tokio::spawn(follow_assignments(
                 assigner.clone(),
                 consumer.clone(),
                 coordinator,
+                log,
                 epochs.clone(),
                 committed.clone(),
                 shutdown.clone(),
@@ -362,6 +364,7 @@ async fn follow_assignments(
     assigner: Arc<Assigner>,
     consumer: Arc<StreamConsumer<StatsContext>>,
     coordinator: Coordinator,
+    log: Arc<crate::cluster::ClusterLog>,
     epochs: Epochs,
     committed: CommittedOffsets,
     shutdown: CancellationToken,
@@ -437,6 +440,30 @@ async fn follow_assignments(
                 Err(e) => warn!(error = %e, "cannot unassign partitions"),
             }
         }
+        // A gained partition is fenced in each of its views' change logs
+        // first: once this node has applied its fence, its state holds every
+        // effect that counts and the source offset to resume from.
+        let mut fenced = Vec::with_capacity(added.len());
+        for ((topic, p), epoch) in added {
+            let mut ok = true;
+            for route in assigner
+                .routes
+                .get(&topic)
+                .map(Vec::as_slice)
+                .unwrap_or(&[])
+            {
+                let pid = crate::cluster::partition_id(&route.view_name, &topic, p);
+                if let Err(e) = log.fence(route.view, &pid, epoch, &shutdown).await {
+                    warn!(partition = %pid, error = %e, "cannot fence the partition yet; will retry");
+                    ok = false;
+                    break;
+                }
+            }
+            if ok {
+                fenced.push(((topic, p), epoch));
+            }
+        }
+        let added = fenced;
         if !added.is_empty() {
             let offsets = committed.lock().map(|c| c.clone()).unwrap_or_default();
             let mut tpl = TopicPartitionList::new();

@@ -61,6 +61,13 @@ pub mod metric {
     pub const RESTORE_SECONDS: &str = "ndc_cluster_restore_duration_seconds";
     /// Source records replayed to restore gained partitions.
     pub const RESTORE_RECORDS: &str = "ndc_cluster_restore_records_total";
+    /// Change-log records applied, by `outcome` (applied, fence, fenced,
+    /// already_applied, undecodable).
+    pub const LOG_RECORDS: &str = "ndc_cluster_log_records_total";
+    /// Bytes this node wrote to change logs.
+    pub const LOG_BYTES_WRITTEN: &str = "ndc_cluster_log_written_bytes_total";
+    /// Effects logged by this node and not yet applied back.
+    pub const LOG_PENDING: &str = "ndc_cluster_log_pending_effects";
 }
 
 /// Starts logging: `RUST_LOG` filter (default info), JSON with `NDC_LOG_FORMAT=json`.
