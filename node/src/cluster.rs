@@ -209,6 +209,7 @@ pub async fn run_log_source(
                     quiet_errors = false;
                     let Some((view, stream)) = views.get(m.topic()).cloned() else { continue };
                     let offset = u64::try_from(m.offset()).unwrap_or(0);
+                    metrics::counter!(metric::LOG_BYTES_READ).increment(m.payload_len() as u64);
                     let record = match LogRecord::decode(m.payload().unwrap_or_default()) {
                         Ok(r) => r,
                         Err(e) => {

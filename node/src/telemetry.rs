@@ -66,6 +66,8 @@ pub mod metric {
     pub const LOG_RECORDS: &str = "ndc_cluster_log_records_total";
     /// Bytes this node wrote to change logs.
     pub const LOG_BYTES_WRITTEN: &str = "ndc_cluster_log_written_bytes_total";
+    /// Bytes this node read from change logs (its whole state comes this way).
+    pub const LOG_BYTES_READ: &str = "ndc_cluster_log_read_bytes_total";
     /// Effects logged by this node and not yet applied back.
     pub const LOG_PENDING: &str = "ndc_cluster_log_pending_effects";
 }
