@@ -128,6 +128,8 @@ pub mod metric {
     pub const RAFT_IS_LEADER: &str = "ndc_raft_is_leader";
     pub const RAFT_LEADER_ID: &str = "ndc_raft_leader_id";
     pub const RAFT_APPLIED_INDEX: &str = "ndc_raft_applied_index";
+    /// Highest log index known committed (saved by the log store).
+    pub const RAFT_COMMIT_INDEX: &str = "ndc_raft_commit_index";
     pub const RAFT_LAST_LOG_INDEX: &str = "ndc_raft_last_log_index";
     pub const ASSIGNMENT_CHANGES: &str = "ndc_cluster_assignment_changes_total";
     pub const LIVE_NODES: &str = "ndc_cluster_live_nodes";

@@ -169,7 +169,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
-        self.put_meta(COMMITTED, &committed)
+        self.put_meta(COMMITTED, &committed)?;
+        if let Some(c) = committed {
+            metrics::gauge!(crate::metric::RAFT_COMMIT_INDEX).set(c.index as f64);
+        }
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {

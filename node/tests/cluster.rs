@@ -364,20 +364,38 @@ fn partitions_of_keys() -> BTreeMap<String, i32> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
-    let mut cluster = Cluster::start(3).await;
-    cluster._broker.create_topic("ndc.dead-letter", 1).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let expected: Expected = Arc::default();
-    let load = start_load(&cluster._broker.bootstrap, stop.clone(), expected.clone());
-    // A subscriber that knows every node and resumes on the next one with its
-    // token whenever its node dies.
-    let seen: Arc<Mutex<Vec<Value>>> = Arc::default();
-    let subscriber = tokio::spawn({
+/// A steady load on the source topic, the reference state it implies, and a
+/// subscriber that knows several nodes and resumes on the next one with its
+/// token whenever its node goes away.
+struct Workload {
+    stop: Arc<AtomicBool>,
+    expected: Expected,
+    load: tokio::task::JoinHandle<u64>,
+    seen: Arc<Mutex<Vec<Value>>>,
+    subscriber: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Workload {
+    /// Starts the load, and a subscriber trying the nodes `ids` in order.
+    fn start(cluster: &Cluster, ids: &[u64]) -> Workload {
+        let stop = Arc::new(AtomicBool::new(false));
+        let expected: Expected = Arc::default();
+        let load = start_load(&cluster._broker.bootstrap, stop.clone(), expected.clone());
+        let seen: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let addrs: Vec<String> = ids
+            .iter()
+            .map(|id| {
+                cluster
+                    .members
+                    .iter()
+                    .find(|m| m.id == *id)
+                    .unwrap()
+                    .addr
+                    .clone()
+            })
+            .collect();
         let sink = seen.clone();
-        let addrs: Vec<String> = cluster.members.iter().map(|m| m.addr.clone()).collect();
-        ndc_node::client::subscribe(
+        let subscriber = tokio::spawn(ndc_node::client::subscribe(
             ndc_node::client::SubscribeOptions {
                 addr: addrs.join(","),
                 view: "citizens".into(),
@@ -392,8 +410,151 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
                 sink.lock().unwrap().push(line);
                 true
             },
-        )
-    });
+        ));
+        Workload {
+            stop,
+            expected,
+            load,
+            seen,
+            subscriber,
+        }
+    }
+
+    /// Stops the load, then checks that every running node serves exactly
+    /// the reference rows (all partitions) and that the subscriber, after its
+    /// snapshot, saw one gapless sequence of changes: nothing lost, nothing
+    /// twice, across every failover.
+    async fn finish(self, cluster: &Cluster) {
+        let Workload {
+            stop,
+            expected,
+            load,
+            seen,
+            subscriber,
+        } = self;
+        stop.store(true, Ordering::Relaxed);
+        let sent = load.await.unwrap();
+        eprintln!("load: {sent} records published during the scenarios");
+        let (s, t) = cluster
+            .wait_for(
+                "every owner caught up (lag 0)",
+                Duration::from_secs(60),
+                |s| s.partitions.iter().all(|p| p.running && p.lag == Some(0)),
+            )
+            .await;
+        eprintln!("owners caught up {t:?} after the load stopped");
+        let expected = expected.lock().unwrap().clone();
+        let addrs: BTreeMap<u64, String> = cluster
+            .members
+            .iter()
+            .filter(|m| m.running())
+            .map(|m| (m.id, m.addr.clone()))
+            .collect();
+        let partition_of = partitions_of_keys();
+        let mut rows_by_node: BTreeMap<u64, BTreeMap<String, Value>> = BTreeMap::new();
+        for (id, addr) in &addrs {
+            rows_by_node.insert(*id, snapshot_rows(addr).await);
+        }
+        let _ = (&s, &partition_of);
+        let everything: BTreeMap<String, Value> = expected
+            .values()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        // Every node serves every partition, caught up through the change log.
+        for id in addrs.keys() {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let rows = &rows_by_node[id];
+                if rows == &everything {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "ndc-{id} serves {} rows, expected {}; differing keys: {:?}",
+                    rows.len(),
+                    everything.len(),
+                    everything
+                        .iter()
+                        .filter(|(k, v)| rows.get(*k) != Some(v))
+                        .map(|(k, _)| (k.clone(), partition_of.get(k).copied()))
+                        .take(5)
+                        .collect::<Vec<_>>()
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                rows_by_node.insert(*id, snapshot_rows(&addrs[id]).await);
+            }
+        }
+        // The subscriber converged to the same rows, and after its snapshot it
+        // saw one gapless sequence of changes across all its failovers.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while fold(&seen.lock().unwrap()) != everything {
+            assert!(Instant::now() < deadline, "the subscriber did not converge");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        subscriber.abort();
+        let lines = seen.lock().unwrap().clone();
+        let snapshot_end = lines
+            .iter()
+            .position(|l| l.get("snapshot_complete").is_some())
+            .expect("snapshot completed");
+        let first = ndc_node::token::peek(lines[snapshot_end]["resume_token"].as_str().unwrap())
+            .unwrap()
+            .1
+            .seq;
+        let seqs: Vec<u64> = lines[snapshot_end + 1..]
+            .iter()
+            .filter(|l| l.get("op").is_some())
+            .map(|l| l["seq"].as_u64().unwrap())
+            .collect();
+        let want: Vec<u64> = (first + 1..=first + seqs.len() as u64).collect();
+        assert_eq!(seqs, want, "gap, duplicate or reordering across failovers");
+        eprintln!(
+            "subscriber: {} changes after its snapshot, exactly once",
+            seqs.len()
+        );
+        assert_eq!(fold(&lines), everything);
+
+        // Cluster metrics: Raft state on every running node; assignment
+        // changes, failovers and restores recorded somewhere.
+        let mut all = String::new();
+        for m in cluster.members.iter().filter(|m| m.running()) {
+            let addrs: ndc_node::NodeAddrs = serde_json::from_slice(
+                &std::fs::read(cluster._dir.path().join(format!("ndc-{}/node.addr", m.id)))
+                    .unwrap(),
+            )
+            .unwrap();
+            let text = metrics_text(addrs.http).await;
+            for name in [
+                "ndc_raft_term",
+                "ndc_raft_is_leader",
+                "ndc_raft_commit_index",
+                "ndc_raft_applied_index",
+                "ndc_cluster_lease_valid 1",
+                "ndc_cluster_log_read_bytes_total",
+            ] {
+                assert!(text.contains(name), "ndc-{}: {name} missing", m.id);
+            }
+            all.push_str(&text);
+        }
+        for name in [
+            "ndc_cluster_failover_seconds_count",
+            "ndc_cluster_restore_duration_seconds_count",
+            "ndc_cluster_assignment_changes_total",
+            "ndc_cluster_log_written_bytes_total",
+            "ndc_cluster_log_records_total{outcome=\"fence\"}",
+        ] {
+            assert!(all.contains(name), "{name} missing from every node");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
+    let mut cluster = Cluster::start(3).await;
+    cluster._broker.create_topic("ndc.dead-letter", 1).await;
+    let work = Workload::start(&cluster, &[0, 1, 2]);
     let (s, t) = cluster
         .wait_for("three live members and balanced partitions", SETTLE, |s| {
             live_members(s).len() == 3 && balanced_over(s, &[0, 1, 2])
@@ -518,95 +679,15 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
     );
     assert!(json["leader"].as_u64().is_some());
 
-    // Stop the load; every partition's owner catches up to the end of its
-    // partition and holds exactly the reference rows of its people.
-    stop.store(true, Ordering::Relaxed);
-    let sent = load.await.unwrap();
-    eprintln!("load: {sent} records published during the scenarios");
-    let (s, t) = cluster
-        .wait_for(
-            "every owner caught up (lag 0)",
-            Duration::from_secs(60),
-            |s| s.partitions.iter().all(|p| p.running && p.lag == Some(0)),
-        )
-        .await;
-    eprintln!("owners caught up {t:?} after the load stopped");
-    let expected = expected.lock().unwrap().clone();
-    let addrs: BTreeMap<u64, String> = cluster
-        .members
-        .iter()
-        .map(|m| (m.id, m.addr.clone()))
-        .collect();
-    let partition_of = partitions_of_keys();
-    let mut rows_by_node: BTreeMap<u64, BTreeMap<String, Value>> = BTreeMap::new();
-    for (id, addr) in &addrs {
-        rows_by_node.insert(*id, snapshot_rows(addr).await);
-    }
-    let _ = (&s, &partition_of);
-    let everything: BTreeMap<String, Value> = expected
-        .values()
-        .flatten()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    // Every node serves every partition, caught up through the change log.
-    for id in addrs.keys() {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let rows = &rows_by_node[id];
-            if rows == &everything {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "ndc-{id} serves {} rows, expected {}; differing keys: {:?}",
-                rows.len(),
-                everything.len(),
-                everything
-                    .iter()
-                    .filter(|(k, v)| rows.get(*k) != Some(v))
-                    .map(|(k, _)| (k.clone(), partition_of.get(k).copied()))
-                    .take(5)
-                    .collect::<Vec<_>>()
-            );
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            rows_by_node.insert(*id, snapshot_rows(&addrs[id]).await);
-        }
-    }
-    // The subscriber converged to the same rows, and after its snapshot it
-    // saw one gapless sequence of changes across all its failovers.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while fold(&seen.lock().unwrap()) != everything {
-        assert!(Instant::now() < deadline, "the subscriber did not converge");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    subscriber.abort();
-    let lines = seen.lock().unwrap().clone();
-    let snapshot_end = lines
-        .iter()
-        .position(|l| l.get("snapshot_complete").is_some())
-        .expect("snapshot completed");
-    let first = ndc_node::token::peek(lines[snapshot_end]["resume_token"].as_str().unwrap())
-        .unwrap()
-        .1
-        .seq;
-    let seqs: Vec<u64> = lines[snapshot_end + 1..]
-        .iter()
-        .filter(|l| l.get("op").is_some())
-        .map(|l| l["seq"].as_u64().unwrap())
-        .collect();
-    let want: Vec<u64> = (first + 1..=first + seqs.len() as u64).collect();
-    assert_eq!(seqs, want, "gap, duplicate or reordering across failovers");
-    eprintln!(
-        "subscriber: {} changes after its snapshot, exactly once",
-        seqs.len()
-    );
-    assert_eq!(fold(&lines), everything);
+    work.finish(&cluster).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_are_removed_and_added_online() {
     let mut cluster = Cluster::start(3).await;
+    cluster._broker.create_topic("ndc.dead-letter", 1).await;
+    // The subscriber starts on node 2, the one that will be removed.
+    let work = Workload::start(&cluster, &[2, 0, 1]);
     cluster
         .wait_for("three live members and balanced partitions", SETTLE, |s| {
             live_members(s).len() == 3 && balanced_over(s, &[0, 1, 2])
@@ -655,4 +736,6 @@ async fn nodes_are_removed_and_added_online() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("not a member"), "{err}");
+
+    work.finish(&cluster).await;
 }
