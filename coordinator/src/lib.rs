@@ -573,7 +573,15 @@ impl Coordinator {
                 .unwrap_or(since)
                 .max(since)
         };
-        let silent = |id: NodeId| now.duration_since(last_heard(id)) >= timeout;
+        // A node this leader has heard from is silent after `failure_timeout`
+        // without heartbeats. One it never heard from can only hold a lease
+        // granted by an earlier leader, and those end within 2 × lease of
+        // this leader's start (docs/cluster.md, "Protocol of a move").
+        let grace = (self.inner.config.lease * 2).min(timeout);
+        let silent = |id: NodeId| match view.reports.get(&id) {
+            Some(_) => now.duration_since(last_heard(id)) >= timeout,
+            None => now.duration_since(since) >= grace,
+        };
         let live: BTreeSet<NodeId> = members
             .iter()
             .copied()

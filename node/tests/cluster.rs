@@ -201,6 +201,15 @@ impl Cluster {
     fn dump_logs(&self) {
         for m in &self.members {
             let text = std::fs::read_to_string(&m.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            for (i, l) in lines.iter().enumerate() {
+                if l.contains("panicked at") {
+                    eprintln!("---- ndc-{} panicked:", m.id);
+                    for l in &lines[i..(i + 4).min(lines.len())] {
+                        eprintln!("{l}");
+                    }
+                }
+            }
             let tail: Vec<&str> = text.lines().rev().take(30).collect();
             eprintln!("---- ndc-{} log (last 30 lines, newest first)", m.id);
             for l in tail {
@@ -654,6 +663,48 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
             })
             .await;
     }
+
+    // 5. A node loses its disk (kill -9, data directory wiped, restart):
+    // it rejoins with an empty Raft log, the leader catches it up, and it
+    // rebuilds its state from the change log (finish() checks its rows).
+    let s = cluster
+        .wait_for("a balanced cluster", SETTLE, |s| {
+            live_members(s).len() == 3 && balanced_over(s, &[0, 1, 2])
+        })
+        .await
+        .0;
+    let wiped = s.leader_id.map(|l| (l + 2) % 3).unwrap();
+    cluster.member(wiped).kill9();
+    std::fs::remove_dir_all(cluster._dir.path().join(format!("ndc-{wiped}"))).unwrap();
+    cluster.member(wiped).start();
+    let (_, t) = cluster
+        .wait_for("the wiped node back with its share", SETTLE, |s| {
+            live_members(s).len() == 3 && balanced_over(s, &[0, 1, 2])
+        })
+        .await;
+    // Asked through the wiped node itself: it knows the leader again (its
+    // Raft log was re-replicated), and its partitions are running.
+    let wiped_addr = cluster.member(wiped).addr.clone();
+    let started = Instant::now();
+    loop {
+        if let Ok(s) = admin::status(&wiped_addr).await
+            && s.leader_id.is_some_and(|l| l != wiped)
+            && s.members.len() == 3
+            && s.members.iter().any(|m| m.id == wiped && m.live)
+            && s.partitions
+                .iter()
+                .filter(|p| p.owner == Some(wiped))
+                .all(|p| p.running)
+        {
+            break;
+        }
+        assert!(started.elapsed() < SETTLE, "the wiped node did not rejoin");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "node {wiped} lost its data directory: rejoined in {:?}",
+        t + started.elapsed()
+    );
 
     // The CLI shows the same picture.
     let out = Command::new(env!("CARGO_BIN_EXE_ndc"))
