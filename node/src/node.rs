@@ -292,11 +292,14 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<NodeHandle> {
         store,
         rx,
         dead_letters,
-        commits: senders,
+        commits: Arc::new(senders),
         committed_offsets: committed,
         pipeline: config.pipeline.clone(),
         changelog: config.changelog.clone(),
         cluster: cluster_writer,
+        inflight: None,
+        unwritten: Default::default(),
+        batches: 0,
     };
     let writer_task = tokio::spawn(writer.run().instrument(info_span!("state_writer")));
 

@@ -5,13 +5,18 @@
 //! takes them in batches and, for each batch:
 //! 1. writes its dead letters and waits for their acknowledgement;
 //! 2. applies every record through the replica operator into one
-//!    transaction, offsets included;
-//! 3. commits the transaction (fsync by default);
+//!    transaction, offsets included — while the previous batch is still
+//!    being written (this batch sees that one's rows through an overlay);
+//! 3. writes the transaction (fsync by default), after the previous one;
 //! 4. only then tells subscribers about the new changes.
 //!
 //! A crash anywhere before 3 leaves no trace of the batch but its dead
 //! letters (repeated, at-least-once, after restart); a crash after 3 loses
 //! nothing, because reading resumes after the stored offsets.
+//!
+//! In a cluster, step 3 is replaced by writing the batch's effects to the
+//! view's change log, and every node commits what it reads from that log
+//! ([`Writer::process_log`]).
 
 use crate::config::{ChangelogSection, PipelineSection};
 use crate::dead_letter::{DeadLetter, DeadLetterSink};
@@ -74,12 +79,82 @@ pub struct Writer {
     pub store: Store,
     pub rx: mpsc::Receiver<Input>,
     pub dead_letters: DeadLetterSink,
-    pub commits: BTreeMap<ViewId, watch::Sender<u64>>,
+    pub commits: Arc<BTreeMap<ViewId, watch::Sender<u64>>>,
     pub committed_offsets: CommittedOffsets,
     pub pipeline: PipelineSection,
     pub changelog: ChangelogSection,
     /// Cluster mode: fencing, and the change log instead of direct commits.
     pub cluster: Option<ClusterWriter>,
+    /// The batch being written while the next one is applied.
+    pub inflight: Option<Inflight>,
+    /// Rows of the batch in flight, for the batch being applied.
+    pub unwritten: Pending,
+    /// Number of the last prepared batch.
+    pub batches: u64,
+}
+
+/// A prepared batch being written (and then published) on a blocking thread.
+pub struct Inflight {
+    number: u64,
+    task: tokio::task::JoinHandle<Result<(), ndc_operators::StoreError>>,
+}
+
+/// What a commit makes visible, captured when its batch is prepared, so that
+/// the thread that writes the batch can publish it the moment it is durable.
+struct Publication {
+    last_seqs: Vec<(ViewId, String, u64)>,
+    live_rows: Vec<(String, u64)>,
+    offsets: Vec<((ViewId, Arc<str>), u64)>,
+}
+
+fn publication(store: &Store, info: &ndc_operators::CommitInfo, views: &[ViewId]) -> Publication {
+    Publication {
+        last_seqs: info
+            .last_seqs
+            .iter()
+            .map(|(v, seq)| (*v, store.view_name(*v).to_string(), *seq))
+            .collect(),
+        live_rows: info
+            .last_seqs
+            .iter()
+            .filter_map(|(v, _)| Some((store.view_name(*v).to_string(), store.meta(*v)?.live_rows)))
+            .collect(),
+        offsets: views
+            .iter()
+            .flat_map(|v| {
+                store
+                    .offsets_of(*v)
+                    .into_iter()
+                    .map(move |(s, o)| ((*v, s), o))
+            })
+            .collect(),
+    }
+}
+
+/// Hands committed sequence numbers to subscribers and offsets to sources.
+#[derive(Clone)]
+struct Publisher {
+    commits: Arc<BTreeMap<ViewId, watch::Sender<u64>>>,
+    committed_offsets: CommittedOffsets,
+}
+
+impl Publisher {
+    fn publish(&self, p: &Publication) {
+        for (view, name, seq) in &p.last_seqs {
+            if let Some(tx) = self.commits.get(view) {
+                tx.send_replace(*seq);
+            }
+            metrics::gauge!(metric::VIEW_SEQ, "view" => name.clone()).set(*seq as f64);
+        }
+        for (name, rows) in &p.live_rows {
+            metrics::gauge!(metric::VIEW_ROWS, "view" => name.clone()).set(*rows as f64);
+        }
+        if let Ok(mut offsets) = self.committed_offsets.lock() {
+            for (k, o) in &p.offsets {
+                offsets.insert(k.clone(), *o);
+            }
+        }
+    }
 }
 
 fn now_ms() -> i64 {
@@ -145,10 +220,12 @@ impl Writer {
                 None => {}
             }
             if last_trim.elapsed() >= self.changelog.trim_interval {
+                self.finish_inflight().await;
                 self = self.trim().await;
                 last_trim = Instant::now();
             }
         }
+        self.finish_inflight().await;
         info!("state writer stopped: all sources finished");
     }
 
@@ -201,16 +278,24 @@ impl Writer {
         if self.cluster.is_some() {
             return self.decide_and_log(batch, started).await;
         }
-        // 2 + 3. Apply and commit, off the async threads.
+        // 2 + 3. Apply, off the async threads, while the previous batch is
+        // still being written (it is seen through `unwritten`).
         let now = now_ms();
+        self.batches += 1;
+        let number = self.batches;
+        let views: Vec<ViewId> = self.commits.keys().copied().collect();
         let result = tokio::task::spawn_blocking(move || {
-            let mut store = self.store;
-            let outcome = apply_batch(&mut store, &batch, now);
-            self.store = store;
-            (self, outcome)
+            let mut this = self;
+            let outcome = apply_batch(&mut this.store, &this.unwritten, &batch, now).map(
+                |(info, prepared, effects, tally)| {
+                    let publication = publication(&this.store, &info, &views);
+                    (prepared, publication, effects, tally)
+                },
+            );
+            (this, outcome)
         })
         .await;
-        let (this, outcome) = match result {
+        let (mut this, outcome) = match result {
             Ok(pair) => pair,
             Err(e) => {
                 // A panic in the apply path: the process cannot continue safely.
@@ -219,22 +304,53 @@ impl Writer {
             }
         };
         match outcome {
-            Ok((info, tally)) => {
-                // 4. Publish.
-                this.publish(&info);
+            Ok((prepared, publication, effects, tally)) => {
+                // Writes stay in order: the previous batch first.
+                this.finish_inflight().await;
+                this.unwritten.absorb(effects, number);
+                // 4. Write, then publish as soon as it is durable.
+                let publisher = Publisher {
+                    commits: this.commits.clone(),
+                    committed_offsets: this.committed_offsets.clone(),
+                };
+                let task = tokio::task::spawn_blocking(move || {
+                    prepared.write()?;
+                    publisher.publish(&publication);
+                    metrics::histogram!(metric::COMMIT_SECONDS)
+                        .record(started.elapsed().as_secs_f64());
+                    Ok(())
+                });
+                this.inflight = Some(Inflight { number, task });
                 this.record(tally, now);
-                metrics::histogram!(metric::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
                 metrics::histogram!(metric::BATCH_RECORDS).record(records as f64);
             }
             Err(e) => {
-                // The state store failed (disk full, I/O error). Nothing of the
-                // batch is committed; stopping is the only safe answer: a
-                // restart resumes from the last commit.
-                error!(error = %e, "cannot commit to the state store; stopping the node");
+                error!(error = %e, "cannot read the state store; stopping the node");
                 std::process::exit(70);
             }
         }
         this
+    }
+
+    /// Waits for the batch in flight to be durable (and published).
+    async fn finish_inflight(&mut self) {
+        let Some(Inflight { number, task }) = self.inflight.take() else {
+            return;
+        };
+        match task.await {
+            Ok(Ok(())) => self.unwritten.applied_through_all(number),
+            Ok(Err(e)) => {
+                // The state store failed (disk full, I/O error). The batch is
+                // not committed; stopping is the only safe answer: a restart
+                // resumes from the last commit.
+                error!(error = %e, "cannot commit to the state store; stopping the node");
+                std::process::exit(70);
+            }
+            Err(e) => {
+                error!(error = %e, "state write panicked");
+                std::process::abort();
+            }
+        }
     }
 
     /// Tells subscribers and the sources what a commit made durable.
@@ -470,11 +586,20 @@ impl Writer {
 
 fn apply_batch(
     store: &mut Store,
+    unwritten: &Pending,
     batch: &[Input],
     now: i64,
-) -> Result<(ndc_operators::CommitInfo, Tally), ndc_operators::StoreError> {
+) -> Result<
+    (
+        ndc_operators::CommitInfo,
+        ndc_operators::PreparedWrite,
+        ndc_operators::RowOverlay,
+        Tally,
+    ),
+    ndc_operators::StoreError,
+> {
     let mut tally = Tally::default();
-    let mut txn = store.begin(now);
+    let mut txn = store.begin_over(now, unwritten);
     txn.prefetch(batch.iter().filter_map(|i| match &i.decoded {
         Ok(Decoded::Change(e)) => e.key.as_ref().map(|k| (i.view, k)),
         _ => None,
@@ -506,8 +631,8 @@ fn apply_batch(
         };
         *tally.outcomes.entry((input.view, outcome)).or_insert(0) += 1;
     }
-    let info = txn.commit()?;
-    Ok((info, tally))
+    let (info, prepared, rows) = txn.prepare_keeping_rows();
+    Ok((info, prepared, rows, tally))
 }
 
 /// Cluster mode: decides a batch without committing it. Returns, per view,

@@ -19,6 +19,6 @@ pub use debezium::{
 };
 pub use replica::{Outcome, Position};
 pub use store::{
-    CommitInfo, Pending, Replayed, SnapshotRow, Store, StoreConfig, StoreError, StoreReader, Txn,
-    ViewId,
+    CommitInfo, Pending, PreparedWrite, Replayed, RowOverlay, SnapshotRow, Store, StoreConfig,
+    StoreError, StoreReader, Txn, ViewId,
 };

@@ -332,6 +332,7 @@ pub struct Store {
     names: HashMap<ViewId, String>,
     offsets: HashMap<(ViewId, Arc<str>), u64>,
     write_opts: WriteOptions,
+    sync: bool,
     // Kept alive for the lifetime of the database.
     _cache: Cache,
     _write_buffers: WriteBufferManager,
@@ -354,8 +355,10 @@ impl Store {
         // again (measured: ~20% of the file-phase throughput,
         // docs/performance.md). The node's state memory is bounded by the
         // sum of the two budgets.
+        // Stalling writes at the budget keeps memtable memory bounded even
+        // when flushes fall behind the writer.
         let write_buffers =
-            WriteBufferManager::new_write_buffer_manager(config.write_buffer_bytes, false);
+            WriteBufferManager::new_write_buffer_manager(config.write_buffer_bytes, true);
         let mut db_opts = Options::default();
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
@@ -451,6 +454,7 @@ impl Store {
             names,
             offsets,
             write_opts,
+            sync: config.sync_commits,
             _cache: cache,
             _write_buffers: write_buffers,
         })
@@ -514,6 +518,15 @@ impl Store {
         let mut txn = self.begin(now_ms);
         txn.recording = Some(Vec::new());
         txn.pending = Some(pending);
+        txn
+    }
+
+    /// Starts a batch that decides on the committed state overlaid with
+    /// `unwritten` (the rows of a batch still being written, see
+    /// [`Txn::prepare_keeping_rows`]); nothing is recorded.
+    pub fn begin_over<'s>(&'s mut self, now_ms: i64, unwritten: &'s Pending) -> Txn<'s> {
+        let mut txn = self.begin(now_ms);
+        txn.pending = Some(unwritten);
         txn
     }
 
@@ -682,12 +695,31 @@ impl Pending {
         self.truncates.retain(|v, (_, o)| *v != view || *o > offset);
     }
 
+    /// Forgets everything, of every view, recorded at or before `offset`.
+    pub fn applied_through_all(&mut self, offset: u64) {
+        self.rows.retain(|_, (_, o)| *o > offset);
+        self.truncates.retain(|_, (_, o)| *o > offset);
+    }
+
     pub fn len(&self) -> usize {
         self.rows.len() + self.truncates.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Rows a prepared batch wrote (`Some`) or removed (`None`).
+#[derive(Debug, Default)]
+pub struct RowOverlay(HashMap<(ViewId, Vec<u8>), Option<StoredRow>>);
+
+impl Pending {
+    /// Overlays the rows of prepared batch `number` (moved, not copied).
+    pub fn absorb(&mut self, rows: RowOverlay, number: u64) {
+        for (k, row) in rows.0 {
+            self.rows.insert(k, (row, number));
+        }
     }
 }
 
@@ -1100,12 +1132,35 @@ impl Txn<'_> {
     /// Writes the batch atomically (synced when configured). Nothing of it is
     /// visible to readers before this returns.
     pub fn commit(self) -> Result<CommitInfo, StoreError> {
+        let (info, prepared) = self.prepare();
+        prepared.write()?;
+        Ok(info)
+    }
+
+    /// Ends the batch for the writer: the next batch already sees its
+    /// sequence numbers, offsets and view metadata, but nothing is durable or
+    /// visible to readers until [`PreparedWrite::write`] returns. Lets a
+    /// writer apply batch N+1 while batch N is written: batch N+1 must then
+    /// see batch N's rows through a [`Pending`] overlay
+    /// ([`Store::begin_logged`]), and a failed write must stop the writer
+    /// (the in-memory state is ahead of the disk).
+    pub fn prepare(self) -> (CommitInfo, PreparedWrite) {
+        let (info, write, _) = self.prepare_keeping_rows();
+        (info, write)
+    }
+
+    /// [`Txn::prepare`], also handing back the rows the batch wrote (or
+    /// removed), to overlay on the next batch with [`Pending::absorb`] while
+    /// this one is written. (Truncates need no overlay: the view metadata the
+    /// next batch reads is already updated.)
+    pub fn prepare_keeping_rows(self) -> (CommitInfo, PreparedWrite, RowOverlay) {
         let Txn {
             store,
             mut batch,
             metas,
             offsets,
             changes,
+            overlay,
             ..
         } = self;
         let db = store.reader.db.clone();
@@ -1123,15 +1178,45 @@ impl Txn<'_> {
                 meta.encode_to_vec(),
             );
         }
-        if !batch.is_empty() {
-            db.write_opt(batch, &store.write_opts)?;
-        }
         let mut last_seqs: Vec<(ViewId, u64)> =
             metas.iter().map(|(v, m)| (*v, m.last_seq)).collect();
         last_seqs.sort();
         store.offsets.extend(offsets);
         store.metas.extend(metas);
-        Ok(CommitInfo { last_seqs, changes })
+        let sync = store.sync;
+        (
+            CommitInfo { last_seqs, changes },
+            PreparedWrite { db, batch, sync },
+            RowOverlay(overlay),
+        )
+    }
+}
+
+/// The write of a prepared batch; may run on any thread.
+pub struct PreparedWrite {
+    db: Arc<DB>,
+    batch: WriteBatch,
+    sync: bool,
+}
+
+impl std::fmt::Debug for PreparedWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedWrite")
+            .field("bytes", &self.batch.size_in_bytes())
+            .finish()
+    }
+}
+
+impl PreparedWrite {
+    /// Writes the batch atomically (synced when configured).
+    pub fn write(self) -> Result<(), StoreError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let mut opts = WriteOptions::default();
+        opts.set_sync(self.sync);
+        self.db.write_opt(self.batch, &opts)?;
+        Ok(())
     }
 }
 
