@@ -542,6 +542,66 @@ pub async fn broker_phase(
     })
 }
 
+/// A cluster of `nodes` node processes catching up on a filled topic: the
+/// owners decide and write the change log, every node applies all of it.
+/// Timed until the last node has committed every change.
+pub async fn cluster_phase(
+    work: &Path,
+    broker: &Broker,
+    topic: &str,
+    w: Workload,
+    nodes: u64,
+) -> anyhow::Result<Report> {
+    let ports: Vec<u16> = (0..nodes)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+        })
+        .collect::<Result<_, _>>()?;
+    let bootstrap: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{i}=127.0.0.1:{p}"))
+        .collect();
+    let started = Instant::now();
+    let mut procs = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let dir = work.join(format!("ndc-{i}"));
+        std::fs::create_dir_all(&dir)?;
+        let mut c = kafka_config(&dir, broker, topic);
+        c.node.id = format!("ndc-{i}");
+        c.node.grpc_listen = format!("127.0.0.1:{port}").parse()?;
+        c.cluster = Some(ndc_node::config::ClusterSection {
+            bootstrap: bootstrap.clone(),
+            changes_replication: 1,
+            ..Default::default()
+        });
+        procs.push(NodeProcess::start(&c, &dir)?);
+    }
+    let mut done = started;
+    for p in &procs {
+        let (_, d) = p
+            .wait_committed(w.events, Duration::from_secs(3600))
+            .await?;
+        done = done.max(d);
+    }
+    let seconds = done.duration_since(started).as_secs_f64();
+    Ok(Report {
+        phase: format!("cluster-{nodes}"),
+        events: w.events,
+        keys: w.keys,
+        seconds,
+        events_per_second: w.events as f64 / seconds,
+        mean_event_bytes: 0,
+        node_peak_rss_bytes: procs.iter().filter_map(NodeProcess::peak_rss).max(),
+        latency_ms: None,
+        note: format!(
+            "{nodes} node processes from start until every node has committed every change; topic filled beforehand; RSS: largest node"
+        ),
+    })
+}
+
 fn now_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

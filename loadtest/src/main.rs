@@ -15,7 +15,8 @@ struct Args {
     /// Distinct primary keys (people).
     #[arg(long, default_value_t = 500_000)]
     keys: u64,
-    /// Phases to run, comma separated: file, broker, latency.
+    /// Phases to run, comma separated: file, broker, latency, cluster (not
+    /// in the default set: three nodes on one machine).
     #[arg(long, value_delimiter = ',', default_value = "file,broker,latency")]
     phases: Vec<String>,
     /// Events per second of the latency phase.
@@ -69,6 +70,16 @@ async fn main() -> anyhow::Result<()> {
             .print();
         ndc_loadtest::consume_phase(&broker, TOPIC, w)?.print();
         ndc_loadtest::broker_phase(&fresh("broker")?, &broker, TOPIC, w)
+            .await?
+            .print();
+    }
+    if args.phases.iter().any(|p| p == "cluster") {
+        let broker = Broker::start()?;
+        broker.create_topic(TOPIC, 6).await?;
+        ndc_loadtest::produce_phase(&broker, TOPIC, w)
+            .await?
+            .print();
+        ndc_loadtest::cluster_phase(&fresh("cluster")?, &broker, TOPIC, w, 3)
             .await?
             .print();
     }
