@@ -584,6 +584,49 @@ impl Writer {
     }
 }
 
+/// The keys a batch will look up, for one batched read.
+fn keys_of(batch: &[Input]) -> impl Iterator<Item = (ViewId, &ndc_operators::Key)> {
+    batch.iter().filter_map(|i| match &i.decoded {
+        Ok(Decoded::Change(e)) => e.key.as_ref().map(|k| (i.view, k)),
+        _ => None,
+    })
+}
+
+/// Runs one record through the replica operator (or records it as consumed
+/// without effect), counting what happened.
+fn apply_input(
+    txn: &mut ndc_operators::Txn<'_>,
+    input: &Input,
+    tally: &mut Tally,
+) -> Result<Outcome, ndc_operators::StoreError> {
+    let outcome = match &input.decoded {
+        Ok(Decoded::Change(event)) => {
+            let outcome = txn.apply(input.view, event, &input.pos)?;
+            if matches!(
+                outcome,
+                Outcome::Inserted | Outcome::Updated | Outcome::Deleted | Outcome::Truncated
+            ) {
+                let ts = tally.newest_source_ts.entry(input.view).or_insert(0);
+                *ts = (*ts).max(event.source.ts_ms);
+            }
+            outcome
+        }
+        Ok(Decoded::Heartbeat { ts_ms }) => {
+            if let Some(ts) = ts_ms {
+                let e = tally.heartbeat_ts.entry(input.view).or_insert(0);
+                *e = (*e).max(*ts);
+            }
+            txn.skip(input.view, &input.pos, Outcome::Skipped)
+        }
+        Ok(Decoded::Tombstone { .. } | Decoded::Transaction(_) | Decoded::Message) => {
+            txn.skip(input.view, &input.pos, Outcome::Skipped)
+        }
+        Err(_) => txn.skip(input.view, &input.pos, Outcome::DeadLettered),
+    };
+    *tally.outcomes.entry((input.view, outcome)).or_insert(0) += 1;
+    Ok(outcome)
+}
+
 fn apply_batch(
     store: &mut Store,
     unwritten: &Pending,
@@ -600,36 +643,9 @@ fn apply_batch(
 > {
     let mut tally = Tally::default();
     let mut txn = store.begin_over(now, unwritten);
-    txn.prefetch(batch.iter().filter_map(|i| match &i.decoded {
-        Ok(Decoded::Change(e)) => e.key.as_ref().map(|k| (i.view, k)),
-        _ => None,
-    }))?;
+    txn.prefetch(keys_of(batch))?;
     for input in batch {
-        let outcome = match &input.decoded {
-            Ok(Decoded::Change(event)) => {
-                let outcome = txn.apply(input.view, event, &input.pos)?;
-                if matches!(
-                    outcome,
-                    Outcome::Inserted | Outcome::Updated | Outcome::Deleted | Outcome::Truncated
-                ) {
-                    let ts = tally.newest_source_ts.entry(input.view).or_insert(0);
-                    *ts = (*ts).max(event.source.ts_ms);
-                }
-                outcome
-            }
-            Ok(Decoded::Heartbeat { ts_ms }) => {
-                if let Some(ts) = ts_ms {
-                    let e = tally.heartbeat_ts.entry(input.view).or_insert(0);
-                    *e = (*e).max(*ts);
-                }
-                txn.skip(input.view, &input.pos, Outcome::Skipped)
-            }
-            Ok(Decoded::Tombstone { .. } | Decoded::Transaction(_) | Decoded::Message) => {
-                txn.skip(input.view, &input.pos, Outcome::Skipped)
-            }
-            Err(_) => txn.skip(input.view, &input.pos, Outcome::DeadLettered),
-        };
-        *tally.outcomes.entry((input.view, outcome)).or_insert(0) += 1;
+        apply_input(&mut txn, input, &mut tally)?;
     }
     let (info, prepared, rows) = txn.prepare_keeping_rows();
     Ok((info, prepared, rows, tally))
@@ -650,39 +666,12 @@ fn decide_batch(
         .map(|i| (i.view, store.view_name(i.view).to_string()))
         .collect();
     let mut txn = store.begin_logged(now, pending);
-    txn.prefetch(batch.iter().filter_map(|i| match &i.decoded {
-        Ok(Decoded::Change(e)) => e.key.as_ref().map(|k| (i.view, k)),
-        _ => None,
-    }))?;
+    txn.prefetch(keys_of(batch))?;
     let mut out: Vec<(ViewId, LogRecord)> = Vec::new();
     // (view, stream) → index in `out` of the record being filled, and its size.
     let mut open: HashMap<(ViewId, Arc<str>), (usize, usize)> = HashMap::new();
     for input in batch {
-        let outcome = match &input.decoded {
-            Ok(Decoded::Change(event)) => {
-                let outcome = txn.apply(input.view, event, &input.pos)?;
-                if matches!(
-                    outcome,
-                    Outcome::Inserted | Outcome::Updated | Outcome::Deleted | Outcome::Truncated
-                ) {
-                    let ts = tally.newest_source_ts.entry(input.view).or_insert(0);
-                    *ts = (*ts).max(event.source.ts_ms);
-                }
-                outcome
-            }
-            Ok(Decoded::Heartbeat { ts_ms }) => {
-                if let Some(ts) = ts_ms {
-                    let e = tally.heartbeat_ts.entry(input.view).or_insert(0);
-                    *e = (*e).max(*ts);
-                }
-                txn.skip(input.view, &input.pos, Outcome::Skipped)
-            }
-            Ok(Decoded::Tombstone { .. } | Decoded::Transaction(_) | Decoded::Message) => {
-                txn.skip(input.view, &input.pos, Outcome::Skipped)
-            }
-            Err(_) => txn.skip(input.view, &input.pos, Outcome::DeadLettered),
-        };
-        *tally.outcomes.entry((input.view, outcome)).or_insert(0) += 1;
+        let outcome = apply_input(&mut txn, input, &mut tally)?;
         let effects = txn.take_effects();
         if outcome == Outcome::AlreadyApplied {
             continue;

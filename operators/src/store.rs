@@ -748,25 +748,20 @@ impl Txn<'_> {
     /// Has the record at `pos` already been applied (in an earlier batch or
     /// this one)?
     pub fn is_applied(&self, view: ViewId, pos: &Position) -> bool {
-        let key = (view, pos.stream.clone());
-        let next = self
-            .offsets
-            .get(&key)
-            .or_else(|| self.store.offsets.get(&key))
+        pos.offset < self.stored(&(view, pos.stream.clone()))
+    }
+
+    /// A stream's stored value (next offset, or epoch), this batch included.
+    fn stored(&self, key: &(ViewId, Arc<str>)) -> u64 {
+        self.offsets
+            .get(key)
+            .or_else(|| self.store.offsets.get(key))
             .copied()
-            .unwrap_or(0);
-        pos.offset < next
+            .unwrap_or(0)
     }
 
     fn advance(&mut self, view: ViewId, pos: &Position) {
-        let key = (view, pos.stream.clone());
-        let current = self
-            .offsets
-            .get(&key)
-            .or_else(|| self.store.offsets.get(&key))
-            .copied()
-            .unwrap_or(0);
-        self.offsets.insert(key, current.max(pos.offset + 1));
+        self.raise(view, pos.stream.clone(), pos.offset + 1);
     }
 
     /// Records that the record at `pos` was consumed without changing the
@@ -1049,14 +1044,9 @@ impl Txn<'_> {
         Ok(Outcome::Truncated)
     }
 
-    fn raise(&mut self, view: ViewId, stream: &str, value: u64) {
-        let key = (view, Arc::<str>::from(stream));
-        let current = self
-            .offsets
-            .get(&key)
-            .or_else(|| self.store.offsets.get(&key))
-            .copied()
-            .unwrap_or(0);
+    fn raise(&mut self, view: ViewId, stream: Arc<str>, value: u64) {
+        let key = (view, stream);
+        let current = self.stored(&key);
         self.offsets.insert(key, current.max(value));
     }
 
@@ -1081,17 +1071,12 @@ impl Txn<'_> {
         }
         self.advance(view, &pos);
         let epoch_stream = format!("epoch:{}", record.partition);
-        let key = (view, Arc::<str>::from(epoch_stream.as_str()));
-        let current = self
-            .offsets
-            .get(&key)
-            .or_else(|| self.store.offsets.get(&key))
-            .copied()
-            .unwrap_or(0);
+        let epoch_stream: Arc<str> = Arc::from(epoch_stream.as_str());
+        let current = self.stored(&(view, epoch_stream.clone()));
         if record.epoch < current {
             return Ok(Replayed::Fenced);
         }
-        self.raise(view, &epoch_stream, record.epoch);
+        self.raise(view, epoch_stream, record.epoch);
         if record.fence {
             return Ok(Replayed::Fence);
         }
@@ -1124,7 +1109,11 @@ impl Txn<'_> {
             }
         }
         if !record.source_stream.is_empty() {
-            self.raise(view, &record.source_stream, record.source_next_offset);
+            self.raise(
+                view,
+                Arc::from(record.source_stream.as_str()),
+                record.source_next_offset,
+            );
         }
         Ok(Replayed::Applied)
     }
