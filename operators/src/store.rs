@@ -833,11 +833,13 @@ impl Txn<'_> {
             .transpose()
     }
 
-    fn record(&mut self, key: &[u8], kind: effect::Kind) {
+    /// Records an effect in cluster owner mode; `kind` is only built (rows
+    /// and changes cloned) when recording, not on a single node's hot path.
+    fn record(&mut self, key: &[u8], kind: impl FnOnce() -> effect::Kind) {
         if let Some(r) = &mut self.recording {
             r.push(Effect {
                 key: key.to_vec(),
-                kind: Some(kind),
+                kind: Some(kind()),
             });
         }
     }
@@ -852,7 +854,7 @@ impl Txn<'_> {
     }
 
     fn append_change(&mut self, view: ViewId, mut change: Change) -> Result<(), StoreError> {
-        self.record(&[], effect::Kind::Change(change.clone()));
+        self.record(&[], || effect::Kind::Change(change.clone()));
         let meta = self.meta_mut(view)?;
         meta.last_seq += 1;
         change.seq = meta.last_seq;
@@ -907,7 +909,7 @@ impl Txn<'_> {
                     row_key(view, key.as_bytes()),
                     row.encode_to_vec(),
                 );
-                self.record(key.as_bytes(), effect::Kind::Put(row.clone()));
+                self.record(key.as_bytes(), || effect::Kind::Put(row.clone()));
                 self.overlay
                     .insert((view, key.as_bytes().to_vec()), Some(row));
                 let meta = self.meta_mut(view)?;
@@ -999,13 +1001,13 @@ impl Txn<'_> {
                 }
                 let db = &self.store.reader.db;
                 self.batch.delete_cf(cf(db, CF_ROWS), row_key(view, &key));
-                self.record(&key, effect::Kind::Remove(true));
+                self.record(&key, || effect::Kind::Remove(true));
                 self.overlay.insert((view, key), None);
             } else if !row.deleted {
                 survivors += 1;
             }
         }
-        self.record(&[], effect::Kind::Truncate(version.clone()));
+        self.record(&[], || effect::Kind::Truncate(version.clone()));
         {
             let meta = self.meta_mut(view)?;
             meta.truncated_at = Some(version);
