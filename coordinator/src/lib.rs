@@ -60,6 +60,21 @@ openraft::declare_raft_types!(
 
 type Raft = openraft::Raft<TypeConfig>;
 
+/// A lazily connected channel to another node's gRPC listener (`host:port`),
+/// for Raft RPCs, heartbeats and forwarded admin requests alike.
+pub(crate) fn peer_channel(
+    addr: &str,
+    connect_timeout: Duration,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .connect_lazy(),
+    )
+}
+
 /// Errors of the coordinator.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -84,8 +99,6 @@ pub struct Peer {
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
     pub node_id: NodeId,
-    /// host:port other nodes reach this node's gRPC listener at.
-    pub advertise_addr: String,
     /// Initial voters. A node in this list initializes the cluster with all of
     /// them (safe on several nodes at once); a node not in it waits to be added.
     pub bootstrap: Vec<Peer>,
@@ -383,16 +396,12 @@ impl Coordinator {
                         let client = match clients.get(&addr) {
                             Some(c) => c.clone(),
                             None => {
-                                let Ok(endpoint) = tonic::transport::Endpoint::from_shared(
-                                    format!("http://{addr}"),
-                                ) else {
+                                let Ok(channel) = peer_channel(&addr, Duration::from_millis(500))
+                                else {
                                     continue;
                                 };
-                                let c = ndc_proto::cluster::cluster_client::ClusterClient::new(
-                                    endpoint
-                                        .connect_timeout(Duration::from_millis(500))
-                                        .connect_lazy(),
-                                );
+                                let c =
+                                    ndc_proto::cluster::cluster_client::ClusterClient::new(channel);
                                 clients.insert(addr.clone(), c.clone());
                                 c
                             }

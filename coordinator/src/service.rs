@@ -35,10 +35,9 @@ impl ClusterService {
         let Some((id, addr)) = self.coordinator.current_leader_addr() else {
             return Err(Status::unavailable("no leader elected yet; retry shortly"));
         };
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Status::internal(format!("bad address {addr:?} of leader {id}: {e}")))?
-            .connect_timeout(Duration::from_secs(2));
-        Ok(Some(ClusterClient::new(endpoint.connect_lazy())))
+        let channel = crate::peer_channel(&addr, Duration::from_secs(2))
+            .map_err(|e| Status::internal(format!("bad address {addr:?} of leader {id}: {e}")))?;
+        Ok(Some(ClusterClient::new(channel)))
     }
 
     fn membership(&self) -> MembershipReply {

@@ -24,7 +24,6 @@ async fn a_node_acts_only_on_its_current_epoch_and_only_while_its_lease_holds() 
     let addr = listener.local_addr().unwrap().to_string();
     let coordinator = Coordinator::start(CoordinatorConfig {
         node_id: 0,
-        advertise_addr: addr.clone(),
         bootstrap: vec![Peer { id: 0, addr }],
         data_dir: dir.path().join("raft"),
         heartbeat_interval: Duration::from_millis(50),

@@ -46,7 +46,8 @@ pub struct SubscribeOptions {
     pub reconnect: bool,
 }
 
-fn endpoint(addr: &str) -> String {
+/// A gRPC endpoint URL from `host:port` or a full URL.
+pub(crate) fn endpoint(addr: &str) -> String {
     if addr.starts_with("http://") || addr.starts_with("https://") {
         addr.to_string()
     } else {

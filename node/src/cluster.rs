@@ -27,7 +27,6 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -177,17 +176,13 @@ pub async fn run_log_source(
     tx: mpsc::Sender<LogInput>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut cc = client_config(&kafka);
-    cc.set("group.id", format!("{}-log", kafka.group_id))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .set("auto.offset.reset", "earliest");
-    if !kafka.properties.contains_key("fetch.wait.max.ms") {
-        cc.set("fetch.wait.max.ms", "5");
-    }
-    let consumer: StreamConsumer = cc
-        .create()
-        .context("cannot create the change-log consumer")?;
+    let consumer: StreamConsumer = crate::sources::consumer_config(
+        &kafka,
+        &format!("{}-log", kafka.group_id),
+        crate::config::StartFrom::Earliest,
+    )
+    .create()
+    .context("cannot create the change-log consumer")?;
     let mut tpl = TopicPartitionList::new();
     let mut views: BTreeMap<String, (ViewId, Arc<str>)> = BTreeMap::new();
     for (view, topic) in &log.topics {
@@ -247,7 +242,6 @@ pub fn partition_id(view: &str, topic: &str, partition: i32) -> String {
 pub fn coordinator_config(
     config: &NodeConfig,
     cluster: &ClusterSection,
-    grpc: SocketAddr,
 ) -> anyhow::Result<CoordinatorConfig> {
     let node_id = cluster
         .resolve_node_id(&config.node.id)
@@ -260,10 +254,6 @@ pub fn coordinator_config(
         .map_err(|e| anyhow::anyhow!("cluster.bootstrap: {e}"))?;
     Ok(CoordinatorConfig {
         node_id,
-        advertise_addr: cluster
-            .advertise_addr
-            .clone()
-            .unwrap_or_else(|| grpc.to_string()),
         bootstrap,
         data_dir: config.node.data_dir.join("raft"),
         heartbeat_interval: cluster.heartbeat_interval,
@@ -370,12 +360,7 @@ pub mod admin {
     use serde_json::{Value, json};
 
     async fn connect(addr: &str) -> anyhow::Result<ClusterClient<tonic::transport::Channel>> {
-        let endpoint = if addr.contains("://") {
-            addr.to_string()
-        } else {
-            format!("http://{addr}")
-        };
-        Ok(ClusterClient::connect(endpoint).await?)
+        Ok(ClusterClient::connect(crate::client::endpoint(addr)).await?)
     }
 
     pub async fn status(addr: &str) -> anyhow::Result<ClusterStatus> {

@@ -39,9 +39,6 @@ pub struct ClusterSection {
     /// Raft node id. Absent: the ordinal at the end of `node.id`
     /// (`ndc-2` → 2), as in a Kubernetes StatefulSet.
     pub node_id: Option<u64>,
-    /// host:port where other nodes reach this node's gRPC listener. Absent:
-    /// `node.grpc_listen` as bound (fine on loopback, not behind NAT).
-    pub advertise_addr: Option<String>,
     /// Initial voters, `ID=HOST:PORT` or `HOST:PORT` with the id as the
     /// ordinal of the host's first label (`ndc-1.ndc:50051` → 1). Nodes in the
     /// list form the cluster; others wait for `ndc cluster add-node`.
@@ -71,7 +68,6 @@ impl Default for ClusterSection {
     fn default() -> Self {
         ClusterSection {
             node_id: None,
-            advertise_addr: None,
             bootstrap: Vec::new(),
             heartbeat_interval: Duration::from_millis(200),
             lease: Duration::from_millis(600),

@@ -65,7 +65,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<NodeHandle> {
     store_config.block_cache_bytes = config.storage.block_cache.as_usize();
     store_config.write_buffer_bytes = config.storage.write_buffer.as_usize();
     store_config.sync_commits = config.storage.sync_commits;
-    let store = Store::open(&store_config, &view_names).with_context(|| {
+    let mut store = Store::open(&store_config, &view_names).with_context(|| {
         format!(
             "cannot open the state store in {} (is another node using this data_dir?)",
             store_config.path.display()
@@ -85,10 +85,9 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<NodeHandle> {
     )?;
 
     let shutdown = CancellationToken::new();
-    let mut store = store;
     let coordinator = match &config.cluster {
         Some(cluster) => {
-            let cc = crate::cluster::coordinator_config(&config, cluster, addrs.grpc)?;
+            let cc = crate::cluster::coordinator_config(&config, cluster)?;
             let c = ndc_coordinator::Coordinator::start(cc)
                 .await
                 .context("cannot start the cluster coordinator")?;
@@ -176,7 +175,6 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<NodeHandle> {
             pending: Default::default(),
         });
     }
-    let store = store;
     let readiness = Readiness::default();
     let (tx, rx) = mpsc::channel(config.pipeline.channel_capacity);
     let committed: CommittedOffsets = Default::default();

@@ -309,10 +309,7 @@ impl Writer {
                 this.finish_inflight().await;
                 this.unwritten.absorb(effects, number);
                 // 4. Write, then publish as soon as it is durable.
-                let publisher = Publisher {
-                    commits: this.commits.clone(),
-                    committed_offsets: this.committed_offsets.clone(),
-                };
+                let publisher = this.publisher();
                 let task = tokio::task::spawn_blocking(move || {
                     prepared.write()?;
                     publisher.publish(&publication);
@@ -353,24 +350,10 @@ impl Writer {
         }
     }
 
-    /// Tells subscribers and the sources what a commit made durable.
-    fn publish(&self, info: &ndc_operators::CommitInfo) {
-        for (view, seq) in &info.last_seqs {
-            if let Some(tx) = self.commits.get(view) {
-                tx.send_replace(*seq);
-            }
-            let name = self.store.view_name(*view).to_string();
-            metrics::gauge!(metric::VIEW_SEQ, "view" => name.clone()).set(*seq as f64);
-            if let Some(meta) = self.store.meta(*view) {
-                metrics::gauge!(metric::VIEW_ROWS, "view" => name).set(meta.live_rows as f64);
-            }
-        }
-        if let Ok(mut offsets) = self.committed_offsets.lock() {
-            for view in self.commits.keys() {
-                for (stream, next) in self.store.offsets_of(*view) {
-                    offsets.insert((*view, stream), next);
-                }
-            }
+    fn publisher(&self) -> Publisher {
+        Publisher {
+            commits: self.commits.clone(),
+            committed_offsets: self.committed_offsets.clone(),
         }
     }
 
@@ -476,7 +459,9 @@ impl Writer {
                 }
                 // Publish first: a new owner waiting for its fence reads the
                 // stored source offsets as soon as `applied` passes it.
-                this.publish(&info);
+                let views: Vec<ViewId> = this.commits.keys().copied().collect();
+                this.publisher()
+                    .publish(&publication(&this.store, &info, &views));
                 if let Some(c) = this.cluster.as_mut() {
                     for (view, offset) in &last {
                         c.pending.applied_through(*view, *offset);

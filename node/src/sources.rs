@@ -101,29 +101,36 @@ pub fn client_config(k: &KafkaSection) -> ClientConfig {
     c
 }
 
+/// librdkafka settings of a consumer that the node assigns partitions to
+/// itself (offsets live with the state; commits to Kafka are advisory).
+pub fn consumer_config(k: &KafkaSection, group_id: &str, reset: StartFrom) -> ClientConfig {
+    let mut cc = client_config(k);
+    cc.set("group.id", group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set(
+            "auto.offset.reset",
+            match reset {
+                StartFrom::Earliest => "earliest",
+                StartFrom::Latest => "latest",
+            },
+        );
+    // Defaults for low latency, unless the configuration says otherwise:
+    // a broker that holds fetches for the full wait (librdkafka's default
+    // 500 ms) would otherwise add that to every change.
+    for (key, value) in [("fetch.wait.max.ms", "5")] {
+        if !k.properties.contains_key(key) {
+            cc.set(key, value);
+        }
+    }
+    cc
+}
+
 impl KafkaSource {
     pub async fn run(self) -> anyhow::Result<()> {
-        let mut cc = client_config(&self.config);
-        cc.set("group.id", &self.config.group_id)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "false")
-            .set("statistics.interval.ms", "1000")
-            .set(
-                "auto.offset.reset",
-                match self.config.start_from {
-                    StartFrom::Earliest => "earliest",
-                    StartFrom::Latest => "latest",
-                },
-            );
-        // Defaults for low latency, unless the configuration says otherwise:
-        // a broker that holds fetches for the full wait (librdkafka's default
-        // 500 ms) would otherwise add that to every change.
-        for (key, value) in [("fetch.wait.max.ms", "5")] {
-            if !self.config.properties.contains_key(key) {
-                cc.set(key, value);
-            }
-        }
+        let mut cc = consumer_config(&self.config, &self.config.group_id, self.config.start_from);
+        cc.set("statistics.interval.ms", "1000");
         let consumer: Arc<StreamConsumer<StatsContext>> =
             Arc::new(cc.create_with_context(StatsContext::default())?);
         let KafkaSource {
@@ -243,13 +250,63 @@ struct Assigner {
 }
 
 impl Assigner {
+    /// Where to start consuming a partition: the smallest next offset its
+    /// views committed (`committed`, else what was stored when the node
+    /// started), or `start_from` if some view never read it. A topic shared by
+    /// several views starts at the lowest; each view skips what it applied.
+    fn start_offset(
+        &self,
+        topic: &str,
+        p: i32,
+        committed: &HashMap<(ViewId, Arc<str>), u64>,
+    ) -> Offset {
+        let stream: Arc<str> = kafka_stream(topic, p).into();
+        let routes = self.routes.get(topic).map(Vec::as_slice).unwrap_or(&[]);
+        let stored: Vec<Option<u64>> = routes
+            .iter()
+            .map(|r| {
+                committed
+                    .get(&(r.view, stream.clone()))
+                    .copied()
+                    .or_else(|| {
+                        self.start_offsets
+                            .get(&(r.view, stream.to_string()))
+                            .copied()
+                    })
+            })
+            .collect();
+        if stored.iter().all(Option::is_some) {
+            Offset::Offset(stored.iter().flatten().min().copied().unwrap_or(0) as i64)
+        } else {
+            match self.start_from {
+                StartFrom::Earliest => Offset::Beginning,
+                StartFrom::Latest => Offset::End,
+            }
+        }
+    }
+
+    /// The smallest next offset any view of `topic` has committed for `p`.
+    fn committed_next(
+        &self,
+        topic: &str,
+        p: i32,
+        committed: &HashMap<(ViewId, Arc<str>), u64>,
+    ) -> Option<u64> {
+        let stream: Arc<str> = kafka_stream(topic, p).into();
+        self.routes.get(topic).and_then(|rs| {
+            rs.iter()
+                .filter_map(|r| committed.get(&(r.view, stream.clone())).copied())
+                .min()
+        })
+    }
+
     /// Assigns partitions not yet assigned; the node is ready once every
     /// topic was found.
     async fn assign_new_partitions(&self, consumer: &Arc<StreamConsumer<StatsContext>>) {
         let mut missing = Vec::new();
         let mut tpl = TopicPartitionList::new();
         let mut added = Vec::new();
-        for (topic, routes) in &self.routes {
+        for topic in self.routes.keys() {
             let c = consumer.clone();
             let t = topic.clone();
             let meta = tokio::task::spawn_blocking(move || {
@@ -279,21 +336,7 @@ impl Assigner {
                 if assigned.contains(&(topic.clone(), p)) {
                     continue;
                 }
-                let stream = kafka_stream(topic, p);
-                // A topic shared by several views starts at the lowest stored
-                // offset; each view skips what it has already applied.
-                let stored: Vec<Option<u64>> = routes
-                    .iter()
-                    .map(|r| self.start_offsets.get(&(r.view, stream.clone())).copied())
-                    .collect();
-                let offset = if stored.iter().all(Option::is_some) {
-                    Offset::Offset(stored.iter().flatten().min().copied().unwrap_or(0) as i64)
-                } else {
-                    match self.start_from {
-                        StartFrom::Earliest => Offset::Beginning,
-                        StartFrom::Latest => Offset::End,
-                    }
-                };
+                let offset = self.start_offset(topic, p, &HashMap::new());
                 if let Err(e) = tpl.add_partition_offset(topic, p, offset) {
                     warn!(topic = %topic, partition = p, error = %e, "cannot add partition");
                     continue;
@@ -468,28 +511,8 @@ async fn follow_assignments(
             let offsets = committed.lock().map(|c| c.clone()).unwrap_or_default();
             let mut tpl = TopicPartitionList::new();
             for ((topic, p), epoch) in &added {
-                let stream: Arc<str> = kafka_stream(topic, *p).into();
-                let routes = assigner.routes.get(topic).map(Vec::as_slice).unwrap_or(&[]);
                 // The latest committed offset, else the one found at start.
-                let stored: Vec<Option<u64>> = routes
-                    .iter()
-                    .map(|r| {
-                        offsets.get(&(r.view, stream.clone())).copied().or_else(|| {
-                            assigner
-                                .start_offsets
-                                .get(&(r.view, stream.to_string()))
-                                .copied()
-                        })
-                    })
-                    .collect();
-                let offset = if stored.iter().all(Option::is_some) {
-                    Offset::Offset(stored.iter().flatten().min().copied().unwrap_or(0) as i64)
-                } else {
-                    match assigner.start_from {
-                        StartFrom::Earliest => Offset::Beginning,
-                        StartFrom::Latest => Offset::End,
-                    }
-                };
+                let offset = assigner.start_offset(topic, *p, &offsets);
                 if tpl.add_partition_offset(topic, *p, offset).is_ok() {
                     info!(topic = %topic, partition = p, epoch, ?offset, "consuming partition assigned by the cluster");
                 }
@@ -497,16 +520,7 @@ async fn follow_assignments(
             match consumer.incremental_assign(&tpl) {
                 Ok(()) => {
                     for (k, _) in &added {
-                        let from = assigner
-                            .routes
-                            .get(&k.0)
-                            .and_then(|rs| {
-                                let stream: Arc<str> = kafka_stream(&k.0, k.1).into();
-                                rs.iter()
-                                    .filter_map(|r| offsets.get(&(r.view, stream.clone())).copied())
-                                    .min()
-                            })
-                            .unwrap_or(0);
+                        let from = assigner.committed_next(&k.0, k.1, &offsets).unwrap_or(0);
                         restoring.insert(k.clone(), (std::time::Instant::now(), from));
                     }
                     if let Ok(mut e) = epochs.write() {
@@ -528,6 +542,12 @@ async fn follow_assignments(
         {
             last_report = std::time::Instant::now();
             let offsets = committed.lock().map(|c| c.clone()).unwrap_or_default();
+            let highs = consumer
+                .context()
+                .high_watermarks
+                .lock()
+                .map(|w| w.clone())
+                .unwrap_or_default();
             let held: Vec<HeldPartition> = epochs
                 .read()
                 .map(|e| e.clone())
@@ -535,12 +555,7 @@ async fn follow_assignments(
                 .into_iter()
                 .flat_map(|((topic, p), epoch)| {
                     let stream: Arc<str> = kafka_stream(&topic, p).into();
-                    let high = consumer
-                        .context()
-                        .high_watermarks
-                        .lock()
-                        .ok()
-                        .and_then(|w| w.get(&(topic.clone(), p)).copied());
+                    let high = highs.get(&(topic.clone(), p)).copied();
                     assigner
                         .routes
                         .get(&topic)
@@ -559,18 +574,8 @@ async fn follow_assignments(
             // A gained partition is restored once its state has caught up
             // with the partition's end (replayed from the stored offset, or
             // from the start of the source topic if this node never held it).
-            let highs = consumer
-                .context()
-                .high_watermarks
-                .lock()
-                .map(|w| w.clone())
-                .unwrap_or_default();
             restoring.retain(|(topic, p), (since, from)| {
-                let stream: Arc<str> = kafka_stream(topic, *p).into();
-                let next = assigner
-                    .routes
-                    .get(topic)
-                    .and_then(|rs| rs.iter().filter_map(|r| offsets.get(&(r.view, stream.clone())).copied()).min());
+                let next = assigner.committed_next(topic, *p, &offsets);
                 let (Some(next), Some(high)) = (next, highs.get(&(topic.clone(), *p)).copied()) else {
                     return true;
                 };

@@ -9,12 +9,10 @@
 mod common;
 
 use common::*;
-use ndc_node::client::{self, From, SubscribeOptions};
 use ndc_node::synthetic::{Feed, Rng, Table, citizen_row, national_id};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const TOPIC: &str = "population.public.citizens";
@@ -77,24 +75,7 @@ async fn kill_9_at_any_point_loses_nothing_and_delivers_no_duplicate() {
     let mut node = Some(NodeProcess::start(&config_path, &log));
 
     // A subscriber that keeps resuming with its last token.
-    let seen: Arc<Mutex<Vec<Value>>> = Arc::default();
-    let sink = seen.clone();
-    let subscriber = tokio::spawn(client::subscribe(
-        SubscribeOptions {
-            addr: format!("127.0.0.1:{grpc_port}"),
-            view: "citizens".into(),
-            from: From::Snapshot,
-            keys: vec![],
-            fields: vec![],
-            limit: None,
-            progress: false,
-            reconnect: true,
-        },
-        move |line| {
-            sink.lock().unwrap().push(line);
-            true
-        },
-    ));
+    let (seen, subscriber) = follow(format!("127.0.0.1:{grpc_port}"), "citizens");
 
     // The feed: inserts, updates, deletes with tombstones, some bad records.
     let producer = broker.producer();
@@ -170,23 +151,7 @@ async fn kill_9_at_any_point_loses_nothing_and_delivers_no_duplicate() {
     subscriber.abort();
     let lines = seen.lock().unwrap().clone();
 
-    // The subscriber may have started before the first record: its snapshot
-    // can be empty or partial, then the change stream continues from it.
-    let snapshot_end = lines
-        .iter()
-        .position(|l| l.get("snapshot_complete").is_some())
-        .unwrap();
-    let first_token = lines[snapshot_end]["resume_token"].as_str().unwrap();
-    let first_seq = ndc_node::token::peek(first_token).unwrap().1.seq;
-    let seqs: Vec<u64> = lines[snapshot_end + 1..]
-        .iter()
-        .filter(|l| l.get("op").is_some())
-        .map(|l| l["seq"].as_u64().unwrap())
-        .collect();
-    let distinct: BTreeSet<u64> = seqs.iter().copied().collect();
-    assert_eq!(distinct.len(), seqs.len(), "a change was delivered twice");
-    let want: Vec<u64> = (first_seq + 1..=first_seq + seqs.len() as u64).collect();
-    assert_eq!(seqs, want, "gap or reordering in the change stream");
+    seqs_after_snapshot(&lines);
     assert_eq!(fold(&lines), expected);
 
     // Every bad record reached the dead-letter topic (at least once).

@@ -316,3 +316,58 @@ pub async fn wait_rows(addr: std::net::SocketAddr, view: &str, rows: u64) {
     }
     panic!("view {view} has {last} rows, expected {rows}");
 }
+
+/// A subscriber from `snapshot` that resumes with its last token whenever
+/// its connection breaks (on the next address, when `addr` lists several);
+/// returns the lines it prints and its task.
+pub fn follow(
+    addr: String,
+    view: &str,
+) -> (
+    std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<Value>>> = Default::default();
+    let sink = seen.clone();
+    let task = tokio::spawn(client::subscribe(
+        SubscribeOptions {
+            addr,
+            view: view.into(),
+            from: client::From::Snapshot,
+            keys: vec![],
+            fields: vec![],
+            limit: None,
+            progress: false,
+            reconnect: true,
+        },
+        move |line| {
+            sink.lock().unwrap().push(line);
+            true
+        },
+    ));
+    (seen, task)
+}
+
+/// The sequence numbers a subscriber saw after its first completed snapshot,
+/// checked to be each delivered once, with no gap, in order, continuing
+/// from the snapshot's token.
+pub fn seqs_after_snapshot(lines: &[Value]) -> Vec<u64> {
+    // The subscriber may have started before the first record: its snapshot
+    // can be empty or partial, then the change stream continues from it.
+    let snapshot_end = lines
+        .iter()
+        .position(|l| l.get("snapshot_complete").is_some())
+        .expect("snapshot completed");
+    let first_token = lines[snapshot_end]["resume_token"].as_str().unwrap();
+    let first_seq = ndc_node::token::peek(first_token).unwrap().1.seq;
+    let seqs: Vec<u64> = lines[snapshot_end + 1..]
+        .iter()
+        .filter(|l| l.get("op").is_some())
+        .map(|l| l["seq"].as_u64().unwrap())
+        .collect();
+    let distinct: std::collections::BTreeSet<u64> = seqs.iter().copied().collect();
+    assert_eq!(distinct.len(), seqs.len(), "a change was delivered twice");
+    let want: Vec<u64> = (first_seq + 1..=first_seq + seqs.len() as u64).collect();
+    assert_eq!(seqs, want, "gap or reordering in the change stream");
+    seqs
+}
