@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .compile_protos(
             &[
                 "ndc/v1/subscription.proto",
+                "ndc/v1/pipelines.proto",
                 "ndc/state/v1/state.proto",
                 "ndc/cluster/v1/cluster.proto",
             ],

@@ -47,7 +47,7 @@ pub struct SubscribeOptions {
 }
 
 /// A gRPC endpoint URL from `host:port` or a full URL.
-pub(crate) fn endpoint(addr: &str) -> String {
+pub fn endpoint(addr: &str) -> String {
     if addr.starts_with("http://") || addr.starts_with("https://") {
         addr.to_string()
     } else {

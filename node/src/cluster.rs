@@ -19,10 +19,7 @@ use ndc_coordinator::{Coordinator, CoordinatorConfig, Peer};
 use ndc_operators::ViewId;
 use ndc_proto::state::LogRecord;
 use prost::Message as _;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
-use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
@@ -139,32 +136,7 @@ pub async fn create_log_topics(
     cluster: &ClusterSection,
     topics: &[String],
 ) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = client_config(kafka)
-        .create()
-        .context("cannot create a Kafka admin client")?;
-    let new: Vec<NewTopic> = topics
-        .iter()
-        .map(|t| {
-            NewTopic::new(t, 1, TopicReplication::Fixed(cluster.changes_replication))
-                .set("retention.ms", "-1")
-                .set("cleanup.policy", "delete")
-        })
-        .collect();
-    let results = admin
-        .create_topics(
-            &new,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
-        )
-        .await
-        .context("cannot create the change-log topics")?;
-    for r in results {
-        match r {
-            Ok(t) => info!(topic = %t, "change-log topic created"),
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((t, e)) => anyhow::bail!("cannot create change-log topic {t}: {e}"),
-        }
-    }
-    Ok(())
+    crate::sources::create_topics(kafka, topics, 1, cluster.changes_replication, "change-log").await
 }
 
 /// Reads every view's change log from the offset stored with the state and

@@ -30,6 +30,31 @@ pub struct NodeConfig {
     /// Absent: a single node. Present: a Raft-coordinated cluster member.
     pub cluster: Option<ClusterSection>,
     pub views: Vec<ViewConfig>,
+    pub pipelines: PipelinesSection,
+}
+
+/// Pipeline specs and their repartition topics (`docs/pipelines.md`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelinesSection {
+    /// Spec files applied at start. Specs applied through the admin API
+    /// (`ndc pipeline apply`) are kept in the state and run again at start.
+    pub files: Vec<PathBuf>,
+    /// Repartition topic of pipeline P: `<prefix>P` (created by the node).
+    pub repartition_topic_prefix: String,
+    pub repartition_partitions: i32,
+    pub repartition_replication: i32,
+}
+
+impl Default for PipelinesSection {
+    fn default() -> Self {
+        PipelinesSection {
+            files: Vec::new(),
+            repartition_topic_prefix: "ndc.repartition.".into(),
+            repartition_partitions: 4,
+            repartition_replication: 1,
+        }
+    }
 }
 
 /// Cluster membership and failure-detection timings (`docs/cluster.md`).
@@ -507,7 +532,37 @@ impl NodeConfig {
                 "must be at least 10ms",
             );
         }
+        if self.pipelines.repartition_topic_prefix.trim().is_empty() {
+            bad(
+                "pipelines.repartition_topic_prefix".into(),
+                "must not be empty",
+            );
+        }
+        if self.pipelines.repartition_partitions < 1 {
+            bad(
+                "pipelines.repartition_partitions".into(),
+                "must be at least 1",
+            );
+        }
+        if self.pipelines.repartition_replication < 1 {
+            bad(
+                "pipelines.repartition_replication".into(),
+                "must be at least 1",
+            );
+        }
+        if !self.pipelines.files.is_empty() && self.kafka.is_none() {
+            bad(
+                "pipelines.files".into(),
+                "pipelines read Kafka topics and re-key through one: add the kafka section",
+            );
+        }
         if let Some(c) = &self.cluster {
+            if !self.pipelines.files.is_empty() {
+                bad(
+                    "pipelines.files".into(),
+                    "pipelines run on a single node in this release (docs/pipelines.md, Limits)",
+                );
+            }
             if c.resolve_node_id(&self.node.id).is_none() {
                 bad(
                     "cluster.node_id".into(),
@@ -566,8 +621,13 @@ impl NodeConfig {
                 );
             }
         }
-        if self.views.is_empty() {
-            bad("views".into(), "at least one view is required");
+        // With Kafka, a node may start empty and take pipelines through
+        // `ndc pipeline apply`; without it there is nothing it could run.
+        if self.views.is_empty() && self.pipelines.files.is_empty() && self.kafka.is_none() {
+            bad(
+                "views".into(),
+                "at least one view (or, with a kafka section, a pipeline) is required",
+            );
         }
         let mut names = std::collections::BTreeSet::new();
         for (i, view) in self.views.iter().enumerate() {

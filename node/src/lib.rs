@@ -4,18 +4,23 @@
 //! The binary (`ndc`) is a thin command line over this library; tests and
 //! the load test start nodes through [`node::start`].
 
+pub mod admin;
 pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod dead_letter;
+pub mod forward;
 pub mod node;
 pub mod pipeline;
 pub mod quickstart;
+pub mod runtime;
 pub mod server;
 pub mod sources;
+pub mod spec;
 pub mod synthetic;
 pub mod telemetry;
 pub mod token;
+pub mod views;
 
 pub use config::NodeConfig;
 pub use node::{NodeAddrs, NodeHandle, start};

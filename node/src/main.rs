@@ -91,6 +91,11 @@ enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// Apply, list and drop pipeline specs on a running node.
+    Pipeline {
+        #[command(subcommand)]
+        command: PipelineCommand,
+    },
     /// Write synthetic Debezium change events as newline-delimited JSON
     /// (an agency export, for file sources).
     Generate {
@@ -104,6 +109,85 @@ enum Command {
         #[arg(long, short)]
         output: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum PipelineCommand {
+    /// Validate a spec and run it (a new pipeline, or a higher version).
+    Apply {
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: String,
+        /// The spec (YAML); - for standard input.
+        #[arg(long, short)]
+        file: PathBuf,
+        /// Validate only.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// The pipelines a node runs, one JSON object per line.
+    List {
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: String,
+    },
+    /// Stop a pipeline and delete its views and their state.
+    Drop {
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: String,
+        name: String,
+    },
+    /// Validate a spec locally, without a node.
+    Check {
+        #[arg(long, short)]
+        file: PathBuf,
+    },
+}
+
+async fn pipeline(command: PipelineCommand) -> anyhow::Result<()> {
+    use ndc_node::admin;
+    let read = |file: &PathBuf| -> anyhow::Result<String> {
+        if file.as_os_str() == "-" {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+            Ok(s)
+        } else {
+            std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))
+        }
+    };
+    match command {
+        PipelineCommand::Apply {
+            addr,
+            file,
+            dry_run,
+        } => {
+            let r = admin::apply(&addr, read(&file)?, dry_run).await?;
+            println!(
+                "{}",
+                serde_json::json!({"pipeline": r.name, "version": r.version, "outcome": r.outcome,
+                                   "views": r.views, "reset": r.reset})
+            );
+        }
+        PipelineCommand::List { addr } => {
+            for p in admin::list(&addr).await? {
+                println!(
+                    "{}",
+                    serde_json::json!({"pipeline": p.name, "version": p.version, "description": p.description,
+                                       "views": p.views, "topics": p.topics, "repartition_topic": p.repartition_topic})
+                );
+            }
+        }
+        PipelineCommand::Drop { addr, name } => {
+            let views = admin::drop_pipeline(&addr, &name).await?;
+            println!("{}", serde_json::json!({"dropped": name, "views": views}));
+        }
+        PipelineCommand::Check { file } => {
+            let spec = ndc_node::spec::PipelineSpec::from_yaml(&read(&file)?)?;
+            println!(
+                "{}",
+                serde_json::json!({"pipeline": spec.name, "version": spec.version, "views": spec.views()})
+            );
+        }
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -215,6 +299,7 @@ fn main() -> anyhow::Result<()> {
                 quickstart::run(QuickstartOptions { data_dir, grpc_listen, http_listen, people, rate, duration }).await
             }
             Command::Cluster { command } => cluster(command).await,
+            Command::Pipeline { command } => pipeline(command).await,
             Command::Generate { table, people, updates, output } => generate(&table, people, updates, &output),
         }
     })
@@ -230,7 +315,11 @@ fn generate(
     let table = match table {
         "citizens" => Table::Citizens,
         "addresses" => Table::Addresses,
-        other => anyhow::bail!("unknown table {other:?} (citizens or addresses)"),
+        "insurance_cards" => Table::InsuranceCards,
+        "vehicles" => Table::Vehicles,
+        other => anyhow::bail!(
+            "unknown table {other:?} (citizens, addresses, insurance_cards or vehicles)"
+        ),
     };
     let file = std::fs::File::create(output)
         .with_context(|| format!("cannot create {}", output.display()))?;

@@ -1,15 +1,16 @@
 //! A running node: state store, sources, state writer, gRPC and HTTP servers.
 
-use crate::config::{NodeConfig, SourceConfig};
-use crate::dead_letter::DeadLetterSink;
-use crate::pipeline::{CommittedOffsets, Writer};
+use crate::config::NodeConfig;
+use crate::runtime::Runtime;
 use crate::server::SubscriptionService;
-use crate::sources::{FileSource, KafkaSource, Route, client_config, file_stream};
+use crate::sources::client_config;
 use crate::telemetry::{self, Readiness};
+use crate::views::ViewRegistry;
 use anyhow::Context;
-use ndc_operators::{Decoder, DecoderConfig, Store, StoreConfig};
+use ndc_operators::{Store, StoreConfig};
+use ndc_proto::v1::pipelines_server::PipelinesServer;
 use ndc_proto::v1::subscription_server::SubscriptionServer;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
@@ -176,138 +177,17 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<NodeHandle> {
         });
     }
     let readiness = Readiness::default();
-    let (tx, rx) = mpsc::channel(config.pipeline.channel_capacity);
-    let committed: CommittedOffsets = Default::default();
-
-    // Commit notifications, one per view.
-    let mut senders = BTreeMap::new();
-    let mut receivers = BTreeMap::new();
-    let mut key_columns = BTreeMap::new();
-    for view in &config.views {
-        let id = store
-            .view_id(&view.name)
-            .context("view registered at open")?;
-        let last = store.meta(id).map_or(0, |m| m.last_seq);
-        let (wtx, wrx) = watch::channel(last);
-        senders.insert(id, wtx);
-        receivers.insert(view.name.clone(), wrx);
-        key_columns.insert(view.name.clone(), view.key_columns.clone());
+    let views = ViewRegistry::default();
+    let mut runtime = Runtime::new(config.clone(), store, views.clone(), readiness.clone())?;
+    if let Some(w) = cluster_writer {
+        runtime.set_cluster(w, log_task.into_iter().collect());
     }
-
-    // Sources.
-    let decoder_for = |view: &crate::config::ViewConfig, format| {
-        Decoder::new(DecoderConfig {
-            format,
-            key_columns: view.key_columns.clone(),
-            max_record_bytes: config.pipeline.max_record_bytes.as_usize(),
-        })
-    };
-    let mut routes: BTreeMap<String, Vec<Route>> = BTreeMap::new();
-    let mut start_offsets = HashMap::new();
-    let mut source_tasks: Vec<JoinHandle<()>> = Vec::new();
-    for view in &config.views {
-        let id = store
-            .view_id(&view.name)
-            .context("view registered at open")?;
-        for (stream, next) in store.offsets_of(id) {
-            start_offsets.insert((id, stream.to_string()), next);
-        }
-        for source in &view.sources {
-            match source {
-                SourceConfig::Kafka(k) => routes.entry(k.topic.clone()).or_default().push(Route {
-                    view: id,
-                    view_name: view.name.as_str().into(),
-                    decoder: decoder_for(view, k.format),
-                }),
-                SourceConfig::File(f) => {
-                    let fs = FileSource {
-                        path: f.path.clone(),
-                        view: id,
-                        decoder: decoder_for(view, f.format),
-                        start_line: store.next_offset(id, &file_stream(&f.path)).unwrap_or(0),
-                        tx: tx.clone(),
-                        shutdown: shutdown.clone(),
-                    };
-                    let span =
-                        info_span!("file_source", view = %view.name, path = %f.path.display());
-                    source_tasks.push(tokio::task::spawn_blocking(move || {
-                        let _g = span.enter();
-                        if let Err(e) = fs.run() {
-                            error!(error = %e, "file source failed");
-                        }
-                    }));
-                }
-            }
-        }
-    }
-    let dead_letters = match &config.kafka {
-        Some(k) => DeadLetterSink::Kafka {
-            producer: client_config(k)
-                .set("enable.idempotence", "true")
-                .set("linger.ms", "5")
-                .set("message.max.bytes", "10485760")
-                .create()
-                .context("cannot create the dead-letter producer")?,
-            topic: k.dead_letter_topic.clone(),
-            node: config.node.id.clone(),
-            max_value_bytes: 900 << 10,
-        },
-        None => DeadLetterSink::File {
-            path: config.dead_letter_file(),
-        },
-    };
-    if routes.is_empty() {
-        readiness.set(true);
-    } else if let Some(k) = &config.kafka {
-        let source = KafkaSource {
-            config: k.clone(),
-            routes,
-            start_offsets,
-            tx: tx.clone(),
-            committed: committed.clone(),
-            readiness: readiness.clone(),
-            shutdown: shutdown.clone(),
-            cluster: match (&coordinator, &cluster_writer) {
-                (Some(c), Some(w)) => Some((c.clone(), w.log.clone())),
-                _ => None,
-            },
-        };
-        source_tasks.push(tokio::spawn(
-            async move {
-                if let Err(e) = source.run().await {
-                    error!(error = %e, "Kafka source failed");
-                }
-            }
-            .instrument(info_span!("kafka_source")),
-        ));
-    }
-    drop(tx);
-    if let Some(t) = log_task {
-        source_tasks.push(t);
-    }
-
-    let writer = Writer {
-        store,
-        rx,
-        dead_letters,
-        commits: Arc::new(senders),
-        committed_offsets: committed,
-        pipeline: config.pipeline.clone(),
-        changelog: config.changelog.clone(),
-        cluster: cluster_writer,
-        inflight: None,
-        unwritten: Default::default(),
-        batches: 0,
-    };
-    let writer_task = tokio::spawn(writer.run().instrument(info_span!("state_writer")));
+    runtime.start().await?;
+    let runtime = Arc::new(tokio::sync::Mutex::new(runtime));
 
     // Servers.
-    let service = SubscriptionService::new(
-        reader,
-        Arc::new(receivers),
-        config.subscriptions.clone(),
-        key_columns,
-    );
+    let service = SubscriptionService::new(reader, views.clone(), config.subscriptions.clone());
+    let pipelines = crate::admin::PipelineService::new(runtime.clone());
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(ndc_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -324,6 +204,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<NodeHandle> {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
         let result = tonic::transport::Server::builder()
             .add_service(SubscriptionServer::new(service))
+            .add_service(PipelinesServer::new(pipelines))
             .add_service(reflection)
             .add_service(health_service)
             .add_optional_service(raft_service)
@@ -349,12 +230,10 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<NodeHandle> {
         ready.set(false);
         info!("shutting down: stopping sources");
         let orderly = async {
-            for t in source_tasks {
-                let _ = t.await;
-            }
-            // The writer drains the channel, commits, and drops the commit
-            // watchers, which ends the subscriptions.
-            let _ = writer_task.await;
+            // Sources stop; the writer drains the channel and commits.
+            runtime.lock().await.shutdown().await;
+            // Dropping the commit watchers ends the subscriptions.
+            views.clear();
             info!("state committed; stopping servers");
             if let Some(c) = &coordinator {
                 c.shutdown().await;

@@ -67,6 +67,14 @@ pub struct ClusterWriter {
     pub pending: Pending,
 }
 
+/// Commit watchers of the views the writer writes (shared with the
+/// subscription registry, which outlives a writer).
+pub type Commits = Arc<BTreeMap<ViewId, Arc<watch::Sender<u64>>>>;
+
+/// The person-keyed task of each pipeline, by its contributions view (the
+/// view its repartition route feeds).
+pub type Mergers = Arc<HashMap<ViewId, ndc_operators::merge::Merger>>;
+
 /// Largest change-log record the owner writes (Kafka's default message limit
 /// is 1 MB).
 const MAX_LOG_RECORD_BYTES: usize = 512 << 10;
@@ -79,10 +87,11 @@ pub struct Writer {
     pub store: Store,
     pub rx: mpsc::Receiver<Input>,
     pub dead_letters: DeadLetterSink,
-    pub commits: Arc<BTreeMap<ViewId, watch::Sender<u64>>>,
+    pub commits: Commits,
     pub committed_offsets: CommittedOffsets,
     pub pipeline: PipelineSection,
     pub changelog: ChangelogSection,
+    pub mergers: Mergers,
     /// Cluster mode: fencing, and the change log instead of direct commits.
     pub cluster: Option<ClusterWriter>,
     /// The batch being written while the next one is applied.
@@ -134,7 +143,7 @@ fn publication(store: &Store, info: &ndc_operators::CommitInfo, views: &[ViewId]
 /// Hands committed sequence numbers to subscribers and offsets to sources.
 #[derive(Clone)]
 struct Publisher {
-    commits: Arc<BTreeMap<ViewId, watch::Sender<u64>>>,
+    commits: Commits,
     committed_offsets: CommittedOffsets,
 }
 
@@ -173,8 +182,9 @@ struct Tally {
 }
 
 impl Writer {
-    /// Runs until every source has stopped and the channel is drained.
-    pub async fn run(mut self) {
+    /// Runs until every source has stopped and the channel is drained;
+    /// hands itself back (its store) with everything committed.
+    pub async fn run(mut self) -> Self {
         let mut buf: Vec<Input> = Vec::with_capacity(self.pipeline.max_batch_records);
         let mut log_buf: Vec<LogInput> = Vec::new();
         let mut log_rx = self.cluster.as_mut().and_then(|c| c.log_rx.take());
@@ -227,6 +237,7 @@ impl Writer {
         }
         self.finish_inflight().await;
         info!("state writer stopped: all sources finished");
+        self
     }
 
     async fn process(mut self, mut batch: Vec<Input>) -> Self {
@@ -273,6 +284,11 @@ impl Writer {
                       reason = %l.error.message, "record dead-lettered");
                 metrics::counter!(metric::DEAD_LETTERS, "view" => l.view.clone(), "reason" => l.error.kind.as_str())
                     .increment(1);
+                if l.error.kind == ndc_operators::DecodeErrorKind::InvalidNationalId {
+                    metrics::counter!(metric::INVALID_NATIONAL_IDS, "view" => l.view.clone(),
+                        "reason" => l.error.detail.unwrap_or("other"))
+                    .increment(1);
+                }
             }
         }
         if self.cluster.is_some() {
@@ -286,12 +302,11 @@ impl Writer {
         let views: Vec<ViewId> = self.commits.keys().copied().collect();
         let result = tokio::task::spawn_blocking(move || {
             let mut this = self;
-            let outcome = apply_batch(&mut this.store, &this.unwritten, &batch, now).map(
-                |(info, prepared, effects, tally)| {
+            let outcome = apply_batch(&mut this.store, &this.unwritten, &this.mergers, &batch, now)
+                .map(|(info, prepared, effects, tally)| {
                     let publication = publication(&this.store, &info, &views);
                     (prepared, publication, effects, tally)
-                },
-            );
+                });
             (this, outcome)
         })
         .await;
@@ -367,7 +382,7 @@ impl Writer {
         let result = tokio::task::spawn_blocking(move || {
             let mut this = self;
             let outcome = match &this.cluster {
-                Some(c) => decide_batch(&mut this.store, &c.pending, &batch, now),
+                Some(c) => decide_batch(&mut this.store, &c.pending, &this.mergers, &batch, now),
                 None => Ok((Vec::new(), Tally::default())),
             };
             (this, outcome)
@@ -581,6 +596,7 @@ fn keys_of(batch: &[Input]) -> impl Iterator<Item = (ViewId, &ndc_operators::Key
 /// without effect), counting what happened.
 fn apply_input(
     txn: &mut ndc_operators::Txn<'_>,
+    mergers: &Mergers,
     input: &Input,
     tally: &mut Tally,
 ) -> Result<Outcome, ndc_operators::StoreError> {
@@ -603,6 +619,10 @@ fn apply_input(
             }
             txn.skip(input.view, &input.pos, Outcome::Skipped)
         }
+        Ok(Decoded::Fact(fact)) => match mergers.get(&input.view) {
+            Some(merger) => merger.apply(txn, fact, &input.pos)?,
+            None => txn.skip(input.view, &input.pos, Outcome::Skipped),
+        },
         Ok(Decoded::Tombstone { .. } | Decoded::Transaction(_) | Decoded::Message) => {
             txn.skip(input.view, &input.pos, Outcome::Skipped)
         }
@@ -615,6 +635,7 @@ fn apply_input(
 fn apply_batch(
     store: &mut Store,
     unwritten: &Pending,
+    mergers: &Mergers,
     batch: &[Input],
     now: i64,
 ) -> Result<
@@ -630,7 +651,7 @@ fn apply_batch(
     let mut txn = store.begin_over(now, unwritten);
     txn.prefetch(keys_of(batch))?;
     for input in batch {
-        apply_input(&mut txn, input, &mut tally)?;
+        apply_input(&mut txn, mergers, input, &mut tally)?;
     }
     let (info, prepared, rows) = txn.prepare_keeping_rows();
     Ok((info, prepared, rows, tally))
@@ -642,6 +663,7 @@ fn apply_batch(
 fn decide_batch(
     store: &mut Store,
     pending: &Pending,
+    mergers: &Mergers,
     batch: &[Input],
     now: i64,
 ) -> Result<(Vec<(ViewId, LogRecord)>, Tally), ndc_operators::StoreError> {
@@ -656,7 +678,7 @@ fn decide_batch(
     // (view, stream) → index in `out` of the record being filled, and its size.
     let mut open: HashMap<(ViewId, Arc<str>), (usize, usize)> = HashMap::new();
     for input in batch {
-        let outcome = apply_input(&mut txn, input, &mut tally)?;
+        let outcome = apply_input(&mut txn, mergers, input, &mut tally)?;
         let effects = txn.take_effects();
         if outcome == Outcome::AlreadyApplied {
             continue;

@@ -1,8 +1,10 @@
 //! `ndc quickstart`: everything in one process, nothing to install.
 //!
 //! An embedded Kafka-protocol broker (librdkafka's mock cluster: fine for a
-//! demo, never the proof of anything), a node with two views, a generator of
-//! population and residence change feeds, and a live subscription printed to
+//! demo, never the proof of anything), a node with two plain views and the
+//! example pipeline `examples/national.yaml` (golden records of citizens
+//! from four agencies), a generator of population, residence, health
+//! insurance and vehicle change feeds, and a live subscription printed to
 //! the terminal. Other terminals can publish to the broker (kcat) and
 //! subscribe to the node while it runs.
 
@@ -31,6 +33,9 @@ pub struct QuickstartOptions {
 }
 
 pub const DEAD_LETTER_TOPIC: &str = "ndc.dead-letter";
+
+/// The example pipeline the quickstart runs (`examples/national.yaml`).
+pub const EXAMPLE_PIPELINE: &str = include_str!("../../examples/national.yaml");
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -78,7 +83,12 @@ pub fn config(bootstrap: &str, opts: &QuickstartOptions) -> NodeConfig {
 pub async fn run(opts: QuickstartOptions) -> anyhow::Result<()> {
     let cluster = MockCluster::new(1).context("cannot start the embedded Kafka broker")?;
     let bootstrap = cluster.bootstrap_servers();
-    for topic in [Table::Citizens.topic(), Table::Addresses.topic()] {
+    for topic in [
+        Table::Citizens.topic(),
+        Table::Addresses.topic(),
+        Table::InsuranceCards.topic(),
+        Table::Vehicles.topic(),
+    ] {
         cluster
             .create_topic(topic, 3, 1)
             .with_context(|| format!("cannot create topic {topic}"))?;
@@ -91,7 +101,14 @@ pub async fn run(opts: QuickstartOptions) -> anyhow::Result<()> {
         std::fs::remove_dir_all(&opts.data_dir)
             .with_context(|| format!("cannot clear {}", opts.data_dir.display()))?;
     }
-    let node = crate::node::start(config(&bootstrap, &opts)).await?;
+    std::fs::create_dir_all(&opts.data_dir)
+        .with_context(|| format!("cannot create {}", opts.data_dir.display()))?;
+    let spec = opts.data_dir.join("national.yaml");
+    std::fs::write(&spec, EXAMPLE_PIPELINE)
+        .with_context(|| format!("cannot write {}", spec.display()))?;
+    let mut node_config = config(&bootstrap, &opts);
+    node_config.pipelines.files = vec![spec];
+    let node = crate::node::start(node_config).await?;
     let grpc = node.addrs.grpc;
     let http = node.addrs.http;
 
@@ -113,6 +130,10 @@ pub async fn run(opts: QuickstartOptions) -> anyhow::Result<()> {
     println!("  metrics and health      http://{http}/metrics   /healthz   /readyz");
     println!("  state                   {data}");
     println!("  views                   population.citizens (key person_id), residence.addresses");
+    println!(
+        "  pipeline                national (examples/national.yaml): golden records national.people,"
+    );
+    println!("                          national.people.conflicts, national.vehicle_owners, ...");
     println!();
     println!(
         "A generator publishes {people} citizens and their addresses as a Debezium snapshot, then"
@@ -124,12 +145,19 @@ pub async fn run(opts: QuickstartOptions) -> anyhow::Result<()> {
     println!("From a second terminal, while this runs:");
     println!("  ndc subscribe --addr {grpc} --view population.citizens --from snapshot");
     println!("  ndc views --addr {grpc}");
+    println!("  ndc subscribe --addr {grpc} --view national.people             # golden records");
+    println!(
+        "  ndc subscribe --addr {grpc} --view national.people.conflicts   # agencies disagreeing"
+    );
+    println!("  ndc pipeline list --addr {grpc}");
     println!(
         "  grpcurl -plaintext -d '{{\"view\":\"residence.addresses\",\"latest\":{{}}}}' {grpc} ndc.v1.Subscription/Subscribe"
     );
     println!("  kcat -P -b {bootstrap} -t {topic} -K '|'    # publish your own change events");
     println!();
     wait_for_rows(&grpc.to_string(), "population.citizens", opts.people).await;
+    wait_for_rows(&grpc.to_string(), "national.people", opts.people).await;
+    show_golden_record(&grpc.to_string()).await;
     println!(
         "Live subscription to population.citizens (snapshot first, then changes; Ctrl-C to stop):"
     );
@@ -183,6 +211,36 @@ pub async fn run(opts: QuickstartOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints one golden record with its provenance, and the conflict count.
+async fn show_golden_record(addr: &str) {
+    let mut first = None;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        client::subscribe(
+            SubscribeOptions {
+                addr: addr.to_string(),
+                view: "national.people".into(),
+                from: client::From::Snapshot,
+                keys: Vec::new(),
+                fields: Vec::new(),
+                limit: Some(1),
+                progress: false,
+                reconnect: false,
+            },
+            |line| {
+                first = Some(line);
+                false
+            },
+        ),
+    )
+    .await;
+    if let Some(line) = first {
+        println!("A golden record, merged from the population, health and residence registries:");
+        println!("golden record: {}", line["after"]);
+        println!();
+    }
+}
+
 /// Waits (up to 30 s) until the view holds `rows` rows, so that the demo
 /// subscription starts with the agency's snapshot in place.
 async fn wait_for_rows(addr: &str, view: &str, rows: u64) {
@@ -208,6 +266,8 @@ async fn wait_for_rows(addr: &str, view: &str, rows: u64) {
 async fn generate(producer: FutureProducer, people: u64, rate: u32) -> anyhow::Result<()> {
     let mut citizens = Feed::new(Table::Citizens, now_ms());
     let mut addresses = Feed::new(Table::Addresses, now_ms());
+    let mut cards = Feed::new(Table::InsuranceCards, now_ms());
+    let mut vehicles = Feed::new(Table::Vehicles, now_ms());
     let mut revisions: Vec<u32> = vec![0; people as usize];
     let send = |topic: &'static str, e: crate::synthetic::Event| {
         let producer = producer.clone();
@@ -232,6 +292,16 @@ async fn generate(producer: FutureProducer, people: u64, rate: u32) -> anyhow::R
         send(
             Table::Addresses.topic(),
             addresses.event('r', i, 0, Some(now_ms())),
+        )
+        .await?;
+        send(
+            Table::InsuranceCards.topic(),
+            cards.event('r', i, 0, Some(now_ms())),
+        )
+        .await?;
+        send(
+            Table::Vehicles.topic(),
+            vehicles.event('r', i, 0, Some(now_ms())),
         )
         .await?;
     }
@@ -272,6 +342,21 @@ async fn generate(producer: FutureProducer, people: u64, rate: u32) -> anyhow::R
             send(
                 Table::Citizens.topic(),
                 citizens.event('u', i, rev, Some(now_ms())),
+            )
+            .await?;
+        } else if roll < 70 {
+            let i = rng.below(people.max(1));
+            send(
+                Table::InsuranceCards.topic(),
+                cards.event('u', i, 1 + rng.below(9) as u32, Some(now_ms())),
+            )
+            .await?;
+        } else if roll < 75 {
+            // Vehicles change hands (every fifth is sold from revision 2).
+            let i = rng.below(people.max(1));
+            send(
+                Table::Vehicles.topic(),
+                vehicles.event('u', i, 1 + rng.below(3) as u32, Some(now_ms())),
             )
             .await?;
         } else {

@@ -9,6 +9,7 @@
 use crate::config::SubscriptionSection;
 use crate::telemetry::metric;
 use crate::token;
+use crate::views::ViewRegistry;
 use ndc_operators::{Key, SnapshotRow, StoreError, StoreReader};
 use ndc_proto::v1::subscribe_request::Start;
 use ndc_proto::v1::subscription_server::Subscription;
@@ -17,7 +18,7 @@ use ndc_proto::v1::{
     SubscribeRequest, SubscribeResponse, ViewInfo, subscribe_response,
 };
 use serde_json::Value;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -25,32 +26,21 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, info_span, warn};
 
-/// Committed sequence of each view, published by the state writer after
-/// every commit.
-pub type CommitWatchers = Arc<BTreeMap<String, watch::Receiver<u64>>>;
-
 pub struct SubscriptionService {
     reader: StoreReader,
-    watchers: CommitWatchers,
+    views: ViewRegistry,
     config: SubscriptionSection,
     slots: Arc<Semaphore>,
-    key_columns: Arc<BTreeMap<String, Vec<String>>>,
 }
 
 impl SubscriptionService {
-    pub fn new(
-        reader: StoreReader,
-        watchers: CommitWatchers,
-        config: SubscriptionSection,
-        key_columns: BTreeMap<String, Vec<String>>,
-    ) -> Self {
+    pub fn new(reader: StoreReader, views: ViewRegistry, config: SubscriptionSection) -> Self {
         let slots = Arc::new(Semaphore::new(config.max_subscribers));
         SubscriptionService {
             reader,
-            watchers,
+            views,
             config,
             slots,
-            key_columns: Arc::new(key_columns),
         }
     }
 }
@@ -287,8 +277,8 @@ impl Subscription for SubscriptionService {
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let req = request.into_inner();
-        let Some(commits) = self.watchers.get(&req.view).cloned() else {
-            let names: Vec<&str> = self.reader.view_names().collect();
+        let Some(commits) = self.views.receiver(&req.view) else {
+            let names = self.reader.view_names();
             return Err(refuse(
                 tonic::Code::NotFound,
                 format!(
@@ -309,7 +299,8 @@ impl Subscription for SubscriptionService {
             })?;
             keys.insert(key);
         }
-        if let Some(cols) = self.key_columns.get(&req.view).filter(|c| !c.is_empty()) {
+        let cols = self.views.key_columns(&req.view);
+        if !cols.is_empty() {
             for k in &keys {
                 let ok = serde_json::from_str::<serde_json::Map<String, Value>>(k.as_str())
                     .is_ok_and(|m| m.len() == cols.len() && cols.iter().all(|c| m.contains_key(c)));
@@ -423,10 +414,13 @@ impl Subscription for SubscriptionService {
     ) -> Result<Response<ListViewsResponse>, Status> {
         let mut views = Vec::new();
         for name in self.reader.view_names() {
-            let meta = self.reader.view_meta(name).map_err(store_status)?;
+            if self.views.get(&name).is_none() {
+                continue;
+            }
+            let meta = self.reader.view_meta(&name).map_err(store_status)?;
             views.push(ViewInfo {
                 name: name.to_string(),
-                key_columns: self.key_columns.get(name).cloned().unwrap_or_default(),
+                key_columns: self.views.key_columns(&name),
                 committed_seq: meta.last_seq,
                 retained_from_seq: meta.retained_from_seq,
                 live_rows: meta.live_rows,

@@ -24,6 +24,47 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+/// Creates internal topics (change logs, repartition topics) that do not
+/// exist yet, kept forever: the state built from them must be rebuildable.
+pub async fn create_topics(
+    kafka: &KafkaSection,
+    topics: &[String],
+    partitions: i32,
+    replication: i32,
+    what: &str,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::error::RDKafkaErrorCode;
+    let admin: AdminClient<DefaultClientContext> = client_config(kafka)
+        .create()
+        .context("cannot create a Kafka admin client")?;
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| {
+            NewTopic::new(t, partitions, TopicReplication::Fixed(replication))
+                .set("retention.ms", "-1")
+                .set("cleanup.policy", "delete")
+        })
+        .collect();
+    let results = admin
+        .create_topics(
+            &new,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .with_context(|| format!("cannot create the {what} topics"))?;
+    for r in results {
+        match r {
+            Ok(t) => info!(topic = %t, "{what} topic created"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, e)) => anyhow::bail!("cannot create {what} topic {t}: {e}"),
+        }
+    }
+    Ok(())
+}
+
 /// Stream name of a Kafka partition.
 pub fn kafka_stream(topic: &str, partition: i32) -> String {
     format!("kafka:{topic}:{partition}")

@@ -1,6 +1,8 @@
 //! Synthetic agency feeds: realistic Debezium change events of a population
-//! registry (`population.public.citizens`) and a residence registry
-//! (`residence.public.addresses`), for the quickstart, tests and load tests.
+//! registry (`population.public.citizens`), a residence registry
+//! (`residence.public.addresses`), health insurance
+//! (`health.public.insurance_cards`) and vehicle registration
+//! (`vehicles.public.vehicles`), for the quickstart, tests and load tests.
 //!
 //! Deterministic: person `i` always has the same national ID, and revision
 //! `r` of a row always has the same content, so a test can compute the
@@ -143,11 +145,110 @@ pub fn address_row(i: u64, revision: u32) -> Value {
     })
 }
 
+/// Row `revision` of health-insurance card `i` (held by person `i`). Every
+/// seventh card spells the holder's name its own way (no diacritics), and
+/// every thirteenth records a birth date one year off: the disagreements a
+/// golden record has to surface as conflicts.
+pub fn insurance_card_row(i: u64, revision: u32) -> Value {
+    let citizen = citizen_row(i, 0);
+    let id = national_id(i);
+    let h = mix(i ^ 0xCA2D);
+    let r = u64::from(revision);
+    let name = citizen["full_name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let holder_name = if i % 7 == 3 {
+        strip_diacritics(&name)
+    } else {
+        name
+    };
+    let birth_date = citizen["birth_date"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let birth_date = if i % 13 == 5 {
+        format!("{}{}", id.birth_year + 1, &birth_date[4..])
+    } else {
+        birth_date
+    };
+    json!({
+        "card_no": format!("HC{}{:010}", 4 + (h % 5), i),
+        "person_id": id.to_string(),
+        "holder_name": holder_name,
+        "birth_date": birth_date,
+        "mobile": format!("08{:08}", mix(h ^ r) % 100_000_000),
+        "hospital_code": format!("{:03}-{:03}", id.province, (h >> 12) % 200),
+        "valid_to": format!("{}-12-31", 2026 + (r % 3)),
+        "revision": revision,
+    })
+}
+
+/// Row `revision` of vehicle `i`, owned by person `i / 2 * 2` (some people
+/// own two) — or, from revision 2 on for every fifth vehicle, sold to the
+/// next person.
+pub fn vehicle_row(i: u64, revision: u32) -> Value {
+    const MAKES: [(&str, &str); 5] = [
+        ("VinFast", "VF 8"),
+        ("Toyota", "Vios"),
+        ("Honda", "City"),
+        ("Hyundai", "Accent"),
+        ("Kia", "Morning"),
+    ];
+    const COLORS: [&str; 5] = ["white", "black", "silver", "red", "blue"];
+    let h = mix(i ^ 0x7E11);
+    let owner = if revision >= 2 && i.is_multiple_of(5) {
+        i / 2 * 2 + 1
+    } else {
+        i / 2 * 2
+    };
+    let (make, model) = MAKES[(h % 5) as usize];
+    json!({
+        "plate": format!("{:02}A-{:05}", national_id(i).province % 100, i % 100_000),
+        "owner_id": national_id(owner).to_string(),
+        "make": make,
+        "model": model,
+        "year": 2010 + (h >> 8) % 16,
+        "color": COLORS[((h >> 16).wrapping_add(u64::from(revision)) % 5) as usize],
+        "revision": revision,
+    })
+}
+
+/// Vietnamese letters without their diacritics (how some systems store names).
+fn strip_diacritics(text: &str) -> String {
+    const GROUPS: [(&str, char); 14] = [
+        ("àáảãạăằắẳẵặâầấẩẫậ", 'a'),
+        ("ÀÁẢÃẠĂẰẮẲẴẶÂẦẤẨẪẬ", 'A'),
+        ("èéẻẽẹêềếểễệ", 'e'),
+        ("ÈÉẺẼẸÊỀẾỂỄỆ", 'E'),
+        ("ìíỉĩị", 'i'),
+        ("ÌÍỈĨỊ", 'I'),
+        ("òóỏõọôồốổỗộơờớởỡợ", 'o'),
+        ("ÒÓỎÕỌÔỒỐỔỖỘƠỜỚỞỠỢ", 'O'),
+        ("ùúủũụưừứửữự", 'u'),
+        ("ÙÚỦŨỤƯỪỨỬỮỰ", 'U'),
+        ("ỳýỷỹỵ", 'y'),
+        ("ỲÝỶỸỴ", 'Y'),
+        ("đ", 'd'),
+        ("Đ", 'D'),
+    ];
+    text.chars()
+        .map(|c| {
+            GROUPS
+                .iter()
+                .find(|(g, _)| g.contains(c))
+                .map_or(c, |(_, plain)| *plain)
+        })
+        .collect()
+}
+
 /// Which registry a feed imitates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Table {
     Citizens,
     Addresses,
+    InsuranceCards,
+    Vehicles,
 }
 
 impl Table {
@@ -155,6 +256,8 @@ impl Table {
         match self {
             Table::Citizens => "population.public.citizens",
             Table::Addresses => "residence.public.addresses",
+            Table::InsuranceCards => "health.public.insurance_cards",
+            Table::Vehicles => "vehicles.public.vehicles",
         }
     }
 
@@ -162,6 +265,8 @@ impl Table {
         match self {
             Table::Citizens => citizen_row(i, revision),
             Table::Addresses => address_row(i, revision),
+            Table::InsuranceCards => insurance_card_row(i, revision),
+            Table::Vehicles => vehicle_row(i, revision),
         }
     }
 
@@ -170,6 +275,8 @@ impl Table {
         match self {
             Table::Citizens => json!({ "person_id": national_id(i).to_string() }),
             Table::Addresses => json!({ "address_id": i + 1 }),
+            Table::InsuranceCards => json!({ "card_no": insurance_card_row(i, 0)["card_no"] }),
+            Table::Vehicles => json!({ "plate": vehicle_row(i, 0)["plate"] }),
         }
     }
 
@@ -177,6 +284,8 @@ impl Table {
         let (db, table) = match self {
             Table::Citizens => ("population", "citizens"),
             Table::Addresses => ("residence", "addresses"),
+            Table::InsuranceCards => ("health", "insurance_cards"),
+            Table::Vehicles => ("vehicles", "vehicles"),
         };
         json!({
             "version": "2.7.3.Final", "connector": "postgresql", "name": db, "ts_ms": ts_ms,

@@ -19,6 +19,19 @@ pub mod metric {
     pub const SOURCE_RECORDS: &str = "ndc_source_records_total";
     /// Records sent to the dead-letter sink, by `view` and `reason`.
     pub const DEAD_LETTERS: &str = "ndc_dead_letter_records_total";
+    /// Rows rejected for their national ID, by `view` (the source) and
+    /// `reason` (missing, length, not_digits, unknown_province,
+    /// birth_year_mismatch, gender_mismatch, bad_birth_date ...).
+    pub const INVALID_NATIONAL_IDS: &str = "ndc_national_id_invalid_total";
+    /// Facts a pipeline's re-keying stage published to its repartition
+    /// topic, by `pipeline`.
+    pub const FACTS_FORWARDED: &str = "ndc_pipeline_facts_forwarded_total";
+    /// Changes of a pipeline's sources not yet re-keyed, by `view`.
+    pub const FORWARD_LAG: &str = "ndc_pipeline_forward_lag_changes";
+    /// Failed attempts to publish facts (retried), by `pipeline`.
+    pub const FORWARD_ERRORS: &str = "ndc_pipeline_forward_errors_total";
+    /// Pipeline specs applied (`outcome`: applied, unchanged, rejected) and dropped.
+    pub const PIPELINE_APPLIES: &str = "ndc_pipeline_applies_total";
     /// Failed attempts to write dead letters (the batch is retried).
     pub const DEAD_LETTER_ERRORS: &str = "ndc_dead_letter_errors_total";
     /// Time to apply and commit one batch.

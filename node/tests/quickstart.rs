@@ -65,4 +65,19 @@ fn quickstart_replicates_and_shows_live_changes() {
         assert!(c["resume_token"].is_string());
     }
     assert!(stdout.contains("quickstart stopped"));
+    // The example pipeline ran: a golden record with provenance was shown.
+    let golden: serde_json::Value = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("golden record: "))
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no golden record shown:\n{stdout}"));
+    ndc_operators::national_id::NationalId::parse(golden["national_id"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        golden["_provenance"]["full_name"]["source"], "population",
+        "{golden}"
+    );
+    assert!(
+        golden["_contributors"].as_array().unwrap().len() >= 2,
+        "{golden}"
+    );
 }

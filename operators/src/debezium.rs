@@ -102,6 +102,10 @@ pub enum Format {
     /// Rows flattened by `ExtractNewRecordState` (deletes as tombstones or
     /// rows with `__deleted: "true"`).
     Flattened,
+    /// A pipeline's repartition topic: [`crate::merge::Fact`]s keyed by
+    /// national ID. Internal; not a source format.
+    #[serde(skip)]
+    Facts,
 }
 
 /// Settings that decide how one source's records are decoded.
@@ -113,6 +117,20 @@ pub struct DecoderConfig {
     pub key_columns: Vec<String>,
     /// Records whose key plus value exceed this are rejected (0: no limit).
     pub max_record_bytes: usize,
+    /// Rows whose national ID is invalid, or inconsistent with the row, are
+    /// rejected.
+    pub national_id: Option<NationalIdCheck>,
+}
+
+/// Which columns of a source's rows hold a national ID and the facts it
+/// encodes (birth year, gender), checked on every inserted or updated row.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NationalIdCheck {
+    pub column: String,
+    pub birth_date_column: Option<String>,
+    pub gender_column: Option<String>,
+    /// A row without a national ID (column absent or null) is rejected.
+    pub required: bool,
 }
 
 /// A primary key in canonical form: compact JSON with object members sorted
@@ -269,6 +287,8 @@ pub enum Decoded {
     Transaction(TransactionMarker),
     /// Logical-decoding message (`op: m`): not table data.
     Message,
+    /// A fact re-keyed by national ID, from a pipeline's repartition topic.
+    Fact(Box<crate::merge::Fact>),
 }
 
 /// Why a record was rejected. The string form labels metrics and the
@@ -282,6 +302,7 @@ pub enum DecodeErrorKind {
     WrongType,
     MissingField,
     MissingKey,
+    InvalidNationalId,
 }
 
 impl DecodeErrorKind {
@@ -294,6 +315,7 @@ impl DecodeErrorKind {
             DecodeErrorKind::WrongType => "wrong_type",
             DecodeErrorKind::MissingField => "missing_field",
             DecodeErrorKind::MissingKey => "missing_key",
+            DecodeErrorKind::InvalidNationalId => "invalid_national_id",
         }
     }
 }
@@ -304,6 +326,8 @@ impl DecodeErrorKind {
 pub struct DecodeError {
     pub kind: DecodeErrorKind,
     pub message: String,
+    /// Finer reason for metrics (the national-ID check's label).
+    pub detail: Option<&'static str>,
 }
 
 impl DecodeError {
@@ -311,6 +335,7 @@ impl DecodeError {
         DecodeError {
             kind,
             message: message.into(),
+            detail: None,
         }
     }
 
@@ -324,6 +349,38 @@ impl DecodeError {
     fn missing(field: &str) -> Self {
         DecodeError::new(DecodeErrorKind::MissingField, format!("{field} is missing"))
     }
+}
+
+/// Checks the national ID of a row (see [`NationalIdCheck`]).
+fn check_national_id(check: &NationalIdCheck, row: &Row) -> Result<(), DecodeError> {
+    let Ok(Value::Object(map)) = serde_json::from_str::<Value>(row.as_str()) else {
+        return Ok(()); // rows are objects by construction
+    };
+    let reject = |detail: &'static str, message: String| DecodeError {
+        kind: DecodeErrorKind::InvalidNationalId,
+        message: format!("{}: {message}", check.column),
+        detail: Some(detail),
+    };
+    let text = match map.get(&check.column) {
+        None | Some(Value::Null) if check.required => {
+            return Err(reject("missing", "national ID is missing".into()));
+        }
+        None | Some(Value::Null) => return Ok(()),
+        Some(value) => crate::merge::national_id_text(value).ok_or_else(|| {
+            reject(
+                "not_text",
+                format!("expected text, got {}", json_type(value)),
+            )
+        })?,
+    };
+    let column = |c: &Option<String>| c.as_ref().and_then(|c| map.get(c));
+    crate::national_id::check_record(
+        &text,
+        column(&check.birth_date_column),
+        column(&check.gender_column),
+    )
+    .map(|_| ())
+    .map_err(|e| reject(e.label(), format!("{text:?}: {e}")))
 }
 
 fn json_type(v: &Value) -> &'static str {
@@ -505,6 +562,21 @@ impl Decoder {
         key: Option<&[u8]>,
         value: Option<&[u8]>,
     ) -> Result<Decoded, DecodeError> {
+        let decoded = self.decode_record(topic, key, value)?;
+        if let (Some(check), Decoded::Change(event)) = (&self.config.national_id, &decoded)
+            && let Some(after) = &event.after
+        {
+            check_national_id(check, after)?;
+        }
+        Ok(decoded)
+    }
+
+    fn decode_record(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+    ) -> Result<Decoded, DecodeError> {
         let size = key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len);
         if self.config.max_record_bytes > 0 && size > self.config.max_record_bytes {
             return Err(DecodeError::new(
@@ -533,6 +605,18 @@ impl Decoder {
             )
         })?;
         match self.config.format {
+            Format::Facts => crate::merge::Fact::from_json(value)
+                .map(|f| Decoded::Fact(Box::new(f)))
+                .map_err(|e| match e {
+                    crate::merge::FactError::Malformed(m) => {
+                        DecodeError::new(DecodeErrorKind::MalformedJson, m)
+                    }
+                    crate::merge::FactError::InvalidNationalId(_, ref cause) => DecodeError {
+                        kind: DecodeErrorKind::InvalidNationalId,
+                        message: e.to_string(),
+                        detail: Some(cause.label()),
+                    },
+                }),
             Format::Debezium => self.decode_envelope_text(topic, text, key),
             Format::Flattened => {
                 let payload = unwrap_envelope(parse_json(value, "value")?);
@@ -550,7 +634,7 @@ impl Decoder {
 
     fn tombstone(&self, key: Option<&[u8]>) -> Result<Decoded, DecodeError> {
         match self.config.format {
-            Format::Debezium => Ok(Decoded::Tombstone {
+            Format::Debezium | Format::Facts => Ok(Decoded::Tombstone {
                 key: key.map(parse_kafka_key).transpose()?,
             }),
             Format::Flattened => {
@@ -927,6 +1011,67 @@ mod tests {
             Decoded::Change(c) => c,
             other => panic!("expected a change, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn national_ids_are_checked_against_the_row() {
+        let d = Decoder::new(DecoderConfig {
+            national_id: Some(NationalIdCheck {
+                column: "person_id".into(),
+                birth_date_column: Some("birth_date".into()),
+                gender_column: Some("gender".into()),
+                required: true,
+            }),
+            ..DecoderConfig::default()
+        });
+        let row = |id: Value, birth: &str, gender: &str| {
+            bytes(&pg_event(
+                "c",
+                Value::Null,
+                json!({"person_id": id, "birth_date": birth, "gender": gender}),
+            ))
+        };
+        let key = br#"{"person_id":"x"}"#;
+        let ok = d.decode(
+            "t",
+            Some(key),
+            Some(&row(json!("079305000001"), "2005-02-01", "nữ")),
+        );
+        assert!(matches!(ok, Ok(Decoded::Change(_))), "{ok:?}");
+        let cases = [
+            (
+                json!("079305000001"),
+                "2005-02-01",
+                "male",
+                "gender_mismatch",
+            ),
+            (
+                json!("079305000001"),
+                "1905-02-01",
+                "female",
+                "birth_year_mismatch",
+            ),
+            (
+                json!("003089123456"),
+                "1989-01-01",
+                "male",
+                "unknown_province",
+            ),
+            (json!("0790891234"), "1989-01-01", "male", "length"),
+            (json!(null), "1989-01-01", "male", "missing"),
+            (json!(true), "1989-01-01", "male", "not_text"),
+        ];
+        for (id, birth, gender, detail) in cases {
+            let e = d
+                .decode("t", Some(key), Some(&row(id.clone(), birth, gender)))
+                .expect_err("invalid");
+            assert_eq!(e.kind, DecodeErrorKind::InvalidNationalId, "{id}");
+            assert_eq!(e.detail, Some(detail), "{id}: {e}");
+            assert!(e.message.starts_with("person_id: "), "{e}");
+        }
+        // Deletes carry no new row: not checked.
+        let delete = bytes(&pg_event("d", json!({"person_id": "bad"}), Value::Null));
+        assert!(d.decode("t", Some(key), Some(&delete)).is_ok());
     }
 
     #[test]

@@ -6,16 +6,18 @@
 //!   synchronized replica.
 //! - [`store`]: RocksDB state: replicas, change streams and feed offsets,
 //!   committed atomically.
+//! - [`merge`]: the golden record of each citizen from many agencies' facts.
 //! - [`national_id`]: the 12-digit citizen identification number.
 
 pub mod debezium;
+pub mod merge;
 pub mod national_id;
 pub mod replica;
 pub mod store;
 
 pub use debezium::{
     ChangeEvent, ChangeOp, DecodeError, DecodeErrorKind, Decoded, Decoder, DecoderConfig, Format,
-    Key, Row,
+    Key, NationalIdCheck, Row,
 };
 pub use replica::{Outcome, Position};
 pub use store::{

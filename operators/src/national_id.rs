@@ -113,6 +113,109 @@ pub enum NationalIdError {
     YearOutOfRange(u16),
     #[error("serial {0} does not fit in six digits")]
     SerialOutOfRange(u32),
+    #[error(
+        "the ID says born in {id_year} (century/gender and year digits), the record says {record_year}"
+    )]
+    BirthYearMismatch { id_year: u16, record_year: i64 },
+    #[error("the ID's century/gender digit says {id:?}, the record says {record:?}")]
+    GenderMismatch { id: Gender, record: Gender },
+    #[error("birth date {0} is not a date (YYYY-MM-DD or days since 1970-01-01)")]
+    BadBirthDate(String),
+}
+
+impl NationalIdError {
+    /// Short label for metrics and dead-letter headers; never changes.
+    pub fn label(&self) -> &'static str {
+        match self {
+            NationalIdError::Length(_) => "length",
+            NationalIdError::NotDigits => "not_digits",
+            NationalIdError::UnknownProvince(_) => "unknown_province",
+            NationalIdError::YearOutOfRange(_) => "year_out_of_range",
+            NationalIdError::SerialOutOfRange(_) => "serial_out_of_range",
+            NationalIdError::BirthYearMismatch { .. } => "birth_year_mismatch",
+            NationalIdError::GenderMismatch { .. } => "gender_mismatch",
+            NationalIdError::BadBirthDate(_) => "bad_birth_date",
+        }
+    }
+}
+
+/// Year of a birth date as agencies send it: `YYYY-MM-DD…` text, or an
+/// integer — days since 1970-01-01 (Debezium's `io.debezium.time.Date`), or
+/// milliseconds since the epoch when too large to be days.
+pub fn birth_year_of(value: &serde_json::Value) -> Result<Option<i64>, NationalIdError> {
+    use serde_json::Value;
+    let bad = || NationalIdError::BadBirthDate(value.to_string());
+    match value {
+        Value::Null => Ok(None),
+        Value::String(s) => {
+            let year = s.get(..4).filter(|y| y.bytes().all(|b| b.is_ascii_digit()));
+            let dash = s.as_bytes().get(4).is_none_or(|b| *b == b'-');
+            match (year, dash) {
+                (Some(y), true) => y.parse().map(Some).map_err(|_| bad()),
+                _ => Err(bad()),
+            }
+        }
+        Value::Number(n) => {
+            let n = n.as_i64().ok_or_else(bad)?;
+            let days = if n.abs() <= 200_000 {
+                n
+            } else {
+                n.div_euclid(86_400_000)
+            };
+            Ok(Some(year_of_days(days)))
+        }
+        _ => Err(bad()),
+    }
+}
+
+/// Civil year of a day count since 1970-01-01 (proleptic Gregorian).
+fn year_of_days(days: i64) -> i64 {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    yoe + era * 400 + i64::from(month <= 2)
+}
+
+/// Gender of a record's gender column, if recognised (`M`/`F`, `male`,
+/// `female`, `nam`, `nữ`; case-insensitive). Other values are not checked.
+pub fn gender_of(value: &serde_json::Value) -> Option<Gender> {
+    let text = value.as_str()?.trim().to_lowercase();
+    match text.as_str() {
+        "m" | "male" | "nam" => Some(Gender::Male),
+        "f" | "female" | "nu" | "nữ" => Some(Gender::Female),
+        _ => None,
+    }
+}
+
+/// Validates a record's national ID and its consistency with the record's
+/// birth date and gender, where the record has them.
+pub fn check_record(
+    text: &str,
+    birth_date: Option<&serde_json::Value>,
+    gender: Option<&serde_json::Value>,
+) -> Result<NationalId, NationalIdError> {
+    let id = NationalId::parse(text)?;
+    if let Some(year) = birth_date.map(birth_year_of).transpose()?.flatten()
+        && year != i64::from(id.birth_year)
+    {
+        return Err(NationalIdError::BirthYearMismatch {
+            id_year: id.birth_year,
+            record_year: year,
+        });
+    }
+    if let Some(record) = gender.and_then(gender_of)
+        && record != id.gender
+    {
+        return Err(NationalIdError::GenderMismatch {
+            id: id.gender,
+            record,
+        });
+    }
+    Ok(id)
 }
 
 impl NationalId {
@@ -235,7 +338,55 @@ mod tests {
         assert_eq!(province_name(79), Some("Hồ Chí Minh"));
     }
 
+    #[test]
+    fn checks_consistency_with_the_record() {
+        use serde_json::json;
+        let ok = check_record(
+            "001089123456",
+            Some(&json!("1989-04-30")),
+            Some(&json!("M")),
+        );
+        assert!(ok.is_ok());
+        // Debezium's date as days since the epoch: 1989-04-30 is day 7059.
+        assert!(check_record("001089123456", Some(&json!(7059)), Some(&json!("nam"))).is_ok());
+        assert_eq!(
+            check_record("001089123456", Some(&json!("1990-01-01")), None),
+            Err(NationalIdError::BirthYearMismatch {
+                id_year: 1989,
+                record_year: 1990
+            })
+        );
+        // Digit 4 = 2: a man born in the 2000s, not 1989.
+        assert_eq!(
+            check_record("001289123456", Some(&json!("1989-04-30")), None).map_err(|e| e.label()),
+            Err("birth_year_mismatch")
+        );
+        assert_eq!(
+            check_record("001089123456", None, Some(&json!("Nữ"))),
+            Err(NationalIdError::GenderMismatch {
+                id: Gender::Male,
+                record: Gender::Female
+            })
+        );
+        assert_eq!(
+            check_record("001089123456", Some(&json!("30/04/1989")), None).map_err(|e| e.label()),
+            Err("bad_birth_date")
+        );
+        // Unrecognised gender codes and null dates are not checked.
+        assert!(check_record("001089123456", Some(&json!(null)), Some(&json!("X"))).is_ok());
+    }
+
     proptest! {
+        #[test]
+        fn year_of_days_matches_the_calendar(days in -80_000i64..200_000) {
+            // Reference: walk whole years from 1970.
+            let (mut year, mut left) = (1970i64, days);
+            let len = |y: i64| if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 { 366 } else { 365 };
+            while left < 0 { year -= 1; left += len(year); }
+            while left >= len(year) { left -= len(year); year += 1; }
+            prop_assert_eq!(year_of_days(days), year);
+        }
+
         #[test]
         fn display_and_parse_round_trip(
             p in 0usize..63, female in any::<bool>(), year in 1900u16..2400, serial in 0u32..1_000_000

@@ -46,6 +46,8 @@ pub enum StoreError {
         what: String,
         source: prost::DecodeError,
     },
+    #[error("corrupt state: {0}")]
+    CorruptRow(String),
     #[error("unknown view {0:?}")]
     UnknownView(String),
     #[error(
@@ -91,6 +93,11 @@ impl StoreConfig {
 pub struct ViewId(u32);
 
 impl ViewId {
+    /// The id's number: unique in a store, never reused.
+    pub fn as_u32(self) -> u32 {
+        self.0
+    }
+
     fn prefix(self) -> [u8; 4] {
         self.0.to_be_bytes()
     }
@@ -108,7 +115,8 @@ pub struct SnapshotRow {
 #[derive(Clone)]
 pub struct StoreReader {
     db: Arc<DB>,
-    views: Arc<BTreeMap<String, ViewId>>,
+    /// Views can be added and dropped while readers run (pipeline specs).
+    views: Arc<std::sync::RwLock<BTreeMap<String, ViewId>>>,
 }
 
 impl std::fmt::Debug for StoreReader {
@@ -136,6 +144,14 @@ fn view_meta_key(name: &str) -> Vec<u8> {
     format!("view/{name}").into_bytes()
 }
 
+fn cursor_key(name: &str) -> Vec<u8> {
+    format!("cursor/{name}").into_bytes()
+}
+
+fn spec_key(name: &str) -> Vec<u8> {
+    format!("spec/{name}").into_bytes()
+}
+
 fn changelog_key(view: ViewId, seq: u64) -> [u8; 12] {
     let mut k = [0u8; 12];
     k[..4].copy_from_slice(&view.prefix());
@@ -159,13 +175,62 @@ fn prefix_end(view: ViewId) -> Vec<u8> {
     (view.0 + 1).to_be_bytes().to_vec()
 }
 
+/// The smallest key greater than every key starting with `prefix` (`None`
+/// when the prefix is all 0xff).
+fn prefix_upper_bound(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
 impl StoreReader {
     pub fn view_id(&self, name: &str) -> Option<ViewId> {
-        self.views.get(name).copied()
+        self.views
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name)
+            .copied()
     }
 
-    pub fn view_names(&self) -> impl Iterator<Item = &str> {
-        self.views.keys().map(String::as_str)
+    pub fn view_names(&self) -> Vec<String> {
+        self.views
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Position of a consumer of change streams (such as the re-keying
+    /// stage of a pipeline), written by that consumer, not the writer.
+    pub fn cursor(&self, name: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .db
+            .get_cf(cf(&self.db, CF_META), cursor_key(name))?
+            .filter(|b| b.len() == 8)
+            .map_or(0, |b| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(&b);
+                u64::from_be_bytes(a)
+            }))
+    }
+
+    /// Stores a consumer's position durably (synced).
+    pub fn set_cursor(&self, name: &str, value: u64) -> Result<(), StoreError> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.put_cf_opt(
+            cf(&self.db, CF_META),
+            cursor_key(name),
+            value.to_be_bytes(),
+            &opts,
+        )?;
+        Ok(())
     }
 
     /// Committed metadata of a view.
@@ -393,16 +458,40 @@ impl Store {
         ];
         let db = DB::open_cf_descriptors(&db_opts, &config.path, cfs)?;
 
+        let mut write_opts = WriteOptions::default();
+        write_opts.set_sync(config.sync_commits);
+        let mut store = Store {
+            reader: StoreReader {
+                db: Arc::new(db),
+                views: Default::default(),
+            },
+            metas: HashMap::new(),
+            names: HashMap::new(),
+            offsets: HashMap::new(),
+            write_opts,
+            sync: config.sync_commits,
+            _cache: cache,
+            _write_buffers: write_buffers,
+        };
+        store.add_views(view_names)?;
+        Ok(store)
+    }
+
+    /// Registers views; those already in the store keep their state, new
+    /// ones start empty. Safe while readers run.
+    pub fn add_views(&mut self, view_names: &[String]) -> Result<(), StoreError> {
+        let db = self.reader.db.clone();
         let meta_cf = cf(&db, CF_META);
         let mut next_id = match db.get_cf(meta_cf, META_NEXT_VIEW_ID)? {
             Some(b) if b.len() == 4 => u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
             _ => 1,
         };
-        let mut views = BTreeMap::new();
-        let mut metas = HashMap::new();
-        let mut names = HashMap::new();
         let mut created = WriteBatch::default();
+        let mut added = Vec::new();
         for name in view_names {
+            if self.reader.view_id(name).is_some() {
+                continue;
+            }
             let meta = match db.get_cf(meta_cf, view_meta_key(name))? {
                 Some(bytes) => decode::<ViewMeta>(&bytes, || format!("meta of view {name}"))?,
                 None => {
@@ -420,44 +509,94 @@ impl Store {
                 }
             };
             let id = ViewId(meta.id);
-            views.insert(name.clone(), id);
-            names.insert(id, name.clone());
-            metas.insert(id, meta);
+            let mut opts = ReadOptions::default();
+            opts.set_iterate_upper_bound(prefix_end(id));
+            for item in db.iterator_cf_opt(
+                cf(&db, CF_OFFSETS),
+                opts,
+                IteratorMode::From(&id.prefix(), Direction::Forward),
+            ) {
+                let (k, v) = item?;
+                if k.len() < 4 || v.len() != 8 {
+                    continue;
+                }
+                let stream: Arc<str> = String::from_utf8_lossy(&k[4..]).into();
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&v);
+                self.offsets.insert((id, stream), u64::from_be_bytes(b));
+            }
+            self.names.insert(id, name.clone());
+            self.metas.insert(id, meta);
+            added.push((name.clone(), id));
         }
         created.put_cf(meta_cf, META_NEXT_VIEW_ID, next_id.to_be_bytes());
-        let mut write_opts = WriteOptions::default();
-        write_opts.set_sync(config.sync_commits);
-        db.write_opt(created, &write_opts)?;
+        db.write_opt(created, &self.write_opts)?;
+        self.reader
+            .views
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(added);
+        Ok(())
+    }
 
-        let mut offsets = HashMap::new();
-        for item in db.iterator_cf(cf(&db, CF_OFFSETS), IteratorMode::Start) {
-            let (k, v) = item?;
-            if k.len() < 4 || v.len() != 8 {
-                continue;
-            }
-            let id = ViewId(u32::from_be_bytes([k[0], k[1], k[2], k[3]]));
-            if !names.contains_key(&id) {
-                continue;
-            }
-            let stream: Arc<str> = String::from_utf8_lossy(&k[4..]).into();
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&v);
-            offsets.insert((id, stream), u64::from_be_bytes(b));
+    /// Removes a view and all its state (rows, change stream, offsets).
+    /// Its id is never reused. Subscribers of it see it disappear.
+    pub fn drop_view(&mut self, name: &str) -> Result<(), StoreError> {
+        let Some(id) = self.reader.view_id(name) else {
+            return Ok(());
+        };
+        self.reader
+            .views
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(name);
+        let db = self.reader.db.clone();
+        let mut batch = WriteBatch::default();
+        for family in [CF_ROWS, CF_CHANGELOG, CF_OFFSETS] {
+            batch.delete_range_cf(cf(&db, family), id.prefix().to_vec(), prefix_end(id));
         }
+        batch.delete_cf(cf(&db, CF_META), view_meta_key(name));
+        batch.delete_cf(cf(&db, CF_META), cursor_key(name));
+        db.write_opt(batch, &self.write_opts)?;
+        self.names.remove(&id);
+        self.metas.remove(&id);
+        self.offsets.retain(|(v, _), _| *v != id);
+        Ok(())
+    }
 
-        Ok(Store {
-            reader: StoreReader {
-                db: Arc::new(db),
-                views: Arc::new(views),
-            },
-            metas,
-            names,
-            offsets,
-            write_opts,
-            sync: config.sync_commits,
-            _cache: cache,
-            _write_buffers: write_buffers,
-        })
+    /// Stores an applied pipeline spec (opaque text), so a restarted node
+    /// runs what was applied.
+    pub fn save_spec(&self, name: &str, text: &str) -> Result<(), StoreError> {
+        let db = &self.reader.db;
+        db.put_cf_opt(cf(db, CF_META), spec_key(name), text, &self.write_opts)?;
+        Ok(())
+    }
+
+    pub fn remove_spec(&self, name: &str) -> Result<(), StoreError> {
+        let db = &self.reader.db;
+        db.delete_cf_opt(cf(db, CF_META), spec_key(name), &self.write_opts)?;
+        Ok(())
+    }
+
+    /// Every stored pipeline spec, by name.
+    pub fn specs(&self) -> Result<BTreeMap<String, String>, StoreError> {
+        let db = &self.reader.db;
+        let mut out = BTreeMap::new();
+        let start = spec_key("");
+        for item in db.iterator_cf(
+            cf(db, CF_META),
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
+            let (k, v) = item?;
+            if !k.starts_with(&start) {
+                break;
+            }
+            out.insert(
+                String::from_utf8_lossy(&k[start.len()..]).into_owned(),
+                String::from_utf8_lossy(&v).into_owned(),
+            );
+        }
+        Ok(out)
     }
 
     pub fn reader(&self) -> StoreReader {
@@ -876,13 +1015,31 @@ impl Txn<'_> {
         event: &ChangeEvent,
         pos: &Position,
     ) -> Result<Outcome, StoreError> {
-        if self.is_applied(view, pos) {
-            return Ok(Outcome::AlreadyApplied);
-        }
-        self.advance(view, pos);
         if event.op == ChangeOp::Truncate {
+            if self.is_applied(view, pos) {
+                return Ok(Outcome::AlreadyApplied);
+            }
+            self.advance(view, pos);
             return self.truncate(view, event, pos);
         }
+        self.apply_from(view, event, pos, pos)
+    }
+
+    /// Applies a keyed event consumed at `consumed` whose version is that of
+    /// `origin`, where it was first read. Facts re-keyed through a
+    /// repartition topic keep their agency feed's version, so a replay of the
+    /// feed, re-published at new offsets, is still recognised as a duplicate.
+    pub fn apply_from(
+        &mut self,
+        view: ViewId,
+        event: &ChangeEvent,
+        consumed: &Position,
+        origin: &Position,
+    ) -> Result<Outcome, StoreError> {
+        if self.is_applied(view, consumed) {
+            return Ok(Outcome::AlreadyApplied);
+        }
+        self.advance(view, consumed);
         let Some(key) = &event.key else {
             return Ok(Outcome::Skipped);
         };
@@ -892,7 +1049,7 @@ impl Txn<'_> {
             current.as_ref(),
             truncated_at.as_ref(),
             event,
-            version_of(event, pos),
+            version_of(event, origin),
         ) {
             Decision::Skip(outcome) => Ok(outcome),
             Decision::Write {
@@ -903,15 +1060,7 @@ impl Txn<'_> {
                 live_delta,
                 outcome,
             } => {
-                let db = &self.store.reader.db;
-                self.batch.put_cf(
-                    cf(db, CF_ROWS),
-                    row_key(view, key.as_bytes()),
-                    row.encode_to_vec(),
-                );
-                self.record(key.as_bytes(), || effect::Kind::Put(row.clone()));
-                self.overlay
-                    .insert((view, key.as_bytes().to_vec()), Some(row));
+                self.put_row(view, key.as_bytes(), row);
                 let meta = self.meta_mut(view)?;
                 meta.live_rows = meta.live_rows.saturating_add_signed(live_delta);
                 if let Some(op) = op {
@@ -921,7 +1070,7 @@ impl Txn<'_> {
                         key_json: key.as_str().to_string(),
                         before_json,
                         after_json,
-                        source: Some(source_position(&event.source, pos)),
+                        source: Some(source_position(&event.source, origin)),
                         committed_at_ms: self.now_ms,
                     };
                     self.append_change(view, change)?;
@@ -929,6 +1078,126 @@ impl Txn<'_> {
                 Ok(outcome)
             }
         }
+    }
+
+    fn put_row(&mut self, view: ViewId, key: &[u8], row: StoredRow) {
+        let db = &self.store.reader.db;
+        self.batch
+            .put_cf(cf(db, CF_ROWS), row_key(view, key), row.encode_to_vec());
+        self.record(key, || effect::Kind::Put(row.clone()));
+        self.overlay.insert((view, key.to_vec()), Some(row));
+    }
+
+    fn remove_row(&mut self, view: ViewId, key: &[u8]) {
+        let db = &self.store.reader.db;
+        self.batch.delete_cf(cf(db, CF_ROWS), row_key(view, key));
+        self.record(key, || effect::Kind::Remove(true));
+        self.overlay.insert((view, key.to_vec()), None);
+    }
+
+    /// Sets the row of a derived view (one computed from other state, such as
+    /// a golden record) to `row_json`, or removes it (`None`), and emits the
+    /// change if the content differs. Derived rows carry no version: their
+    /// operator is the only writer and decides from state, not from order.
+    pub fn put_derived(
+        &mut self,
+        view: ViewId,
+        key: &Key,
+        row_json: Option<String>,
+        source: SourcePosition,
+    ) -> Result<Option<Op>, StoreError> {
+        let before = self
+            .current_row(view, key.as_bytes())?
+            .filter(|r| !r.deleted)
+            .map(|r| r.row_json);
+        if before == row_json {
+            return Ok(None);
+        }
+        let (op, delta) = match (&before, &row_json) {
+            (None, Some(_)) => (Op::Insert, 1),
+            (Some(_), Some(_)) => (Op::Update, 0),
+            _ => (Op::Delete, -1),
+        };
+        match &row_json {
+            Some(json) => self.put_row(
+                view,
+                key.as_bytes(),
+                StoredRow {
+                    version: None,
+                    deleted: false,
+                    row_json: json.clone(),
+                },
+            ),
+            None => self.remove_row(view, key.as_bytes()),
+        }
+        let meta = self.meta_mut(view)?;
+        meta.live_rows = meta.live_rows.saturating_add_signed(delta);
+        self.append_change(
+            view,
+            Change {
+                seq: 0,
+                op: op as i32,
+                key_json: key.as_str().to_string(),
+                before_json: before,
+                after_json: row_json,
+                source: Some(source),
+                committed_at_ms: self.now_ms,
+            },
+        )?;
+        Ok(Some(op))
+    }
+
+    /// Live rows of `view` whose key starts with `prefix`, as this batch sees
+    /// them (committed rows, then what is logged or in flight, then this
+    /// batch), in key order.
+    pub fn live_rows_with_prefix(
+        &self,
+        view: ViewId,
+        prefix: &[u8],
+    ) -> Result<Vec<(Vec<u8>, StoredRow)>, StoreError> {
+        Ok(self
+            .rows_with_prefix(view, prefix)?
+            .into_iter()
+            .filter(|(_, r)| !r.deleted)
+            .collect())
+    }
+
+    /// Every stored row (tombstones included) of `view` under `prefix`.
+    fn rows_with_prefix(
+        &self,
+        view: ViewId,
+        prefix: &[u8],
+    ) -> Result<BTreeMap<Vec<u8>, StoredRow>, StoreError> {
+        let mut rows: BTreeMap<Vec<u8>, StoredRow> = BTreeMap::new();
+        let db = &self.store.reader.db;
+        let mut opts = ReadOptions::default();
+        let start = row_key(view, prefix);
+        opts.set_iterate_upper_bound(
+            prefix_upper_bound(&start).unwrap_or_else(|| prefix_end(view)),
+        );
+        for item in db.iterator_cf_opt(
+            cf(db, CF_ROWS),
+            opts,
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
+            let (k, v) = item?;
+            rows.insert(k[4..].to_vec(), decode(&v, || "stored row".into())?);
+        }
+        let overlays = self
+            .pending
+            .into_iter()
+            .flat_map(|p| p.rows.iter().map(|(k, (row, _))| (k, row)))
+            .chain(self.overlay.iter());
+        for ((v, key), row) in overlays {
+            if *v != view || !key.starts_with(prefix) {
+                continue;
+            }
+            match row {
+                Some(row) => rows.insert(key.clone(), row.clone()),
+                None => rows.remove(key),
+            };
+        }
+        Ok(rows)
     }
 
     /// Removes every row older than the truncate. Emits one TRUNCATE change
@@ -946,48 +1215,7 @@ impl Txn<'_> {
         {
             return Ok(Outcome::Stale);
         }
-        // Current state of every key: committed rows overlaid with this batch.
-        let mut rows: BTreeMap<Vec<u8>, StoredRow> = BTreeMap::new();
-        {
-            let db = &self.store.reader.db;
-            let mut opts = ReadOptions::default();
-            opts.set_iterate_upper_bound(prefix_end(view));
-            let start = view.prefix();
-            for item in db.iterator_cf_opt(
-                cf(db, CF_ROWS),
-                opts,
-                IteratorMode::From(&start, Direction::Forward),
-            ) {
-                let (k, v) = item?;
-                let key = k[4..].to_vec();
-                if self.overlay.contains_key(&(view, key.clone())) {
-                    continue;
-                }
-                rows.insert(key, decode(&v, || "stored row".into())?);
-            }
-        }
-        // Then what this node has logged but not yet applied back (cluster
-        // owner mode), then this batch.
-        if let Some(pending) = self.pending {
-            for ((v, key), (row, _)) in &pending.rows {
-                if *v != view || self.overlay.contains_key(&(view, key.clone())) {
-                    continue;
-                }
-                match row {
-                    Some(row) => rows.insert(key.clone(), row.clone()),
-                    None => rows.remove(key),
-                };
-            }
-        }
-        for ((v, key), row) in &self.overlay {
-            if *v != view {
-                continue;
-            }
-            match row {
-                Some(row) => rows.insert(key.clone(), row.clone()),
-                None => rows.remove(key),
-            };
-        }
+        let rows = self.rows_with_prefix(view, &[])?;
         let mut removed = Vec::new();
         let mut survivors = 0u64;
         for (key, row) in rows {
@@ -999,10 +1227,7 @@ impl Txn<'_> {
                 if !row.deleted {
                     removed.push((key.clone(), row.row_json.clone()));
                 }
-                let db = &self.store.reader.db;
-                self.batch.delete_cf(cf(db, CF_ROWS), row_key(view, &key));
-                self.record(&key, || effect::Kind::Remove(true));
-                self.overlay.insert((view, key), None);
+                self.remove_row(view, &key);
             } else if !row.deleted {
                 survivors += 1;
             }

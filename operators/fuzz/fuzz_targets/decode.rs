@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
     let (key, value) = rest.split_at(split);
     let key = (ctl & 16 != 0).then_some(key);
     let value = if ctl & 32 != 0 { None } else { Some(value.get(1..).unwrap_or(value)) };
-    let decoder = Decoder::new(DecoderConfig { format, key_columns, max_record_bytes: 4096 });
+    let decoder = Decoder::new(DecoderConfig { format, key_columns, max_record_bytes: 4096, national_id: None });
     if let Ok(Decoded::Change(c)) = decoder.decode(topic, key, value) {
         match c.op {
             ChangeOp::Truncate => assert!(c.key.is_none()),

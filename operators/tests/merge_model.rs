@@ -1,0 +1,574 @@
+//! The merge operator against a reference model, on a real RocksDB store.
+//!
+//! Three agencies' tables (population, health insurance, residence) change
+//! over time: rows appear, change, move to another person and disappear.
+//! Each source's changes become facts as the node's re-keying stage makes
+//! them, and the facts reach the merge task in any interleaving of the
+//! sources (each source in its own order), with replays of earlier facts (a
+//! re-keying stage restarted from an older position), in batches of any size,
+//! and with crashes that lose the open batch. Whatever happens, the golden
+//! records and conflicts must equal the reference computed from each source
+//! row's final state, and each view's change stream, folded from the start,
+//! must give the view.
+
+use ndc_operators::merge::{
+    AttributeRule, Fact, MergeRules, MergeViews, Merger, Rule, facts_of_change,
+};
+use ndc_operators::{Position, Store, StoreConfig};
+use ndc_proto::v1::{Op, SourcePosition};
+use proptest::prelude::*;
+use serde_json::{Map, Value, json};
+use std::collections::BTreeMap;
+
+const SOURCES: [&str; 3] = ["population", "health", "residence"];
+const PEOPLE: [&str; 3] = ["001089000001", "079195000002", "048200000003"];
+const NAMES: [&str; 3] = ["Nguyễn Văn An", "nguyễn  văn an", "Trần Thị Bình"];
+
+/// One change of one source row.
+#[derive(Debug, Clone)]
+enum Step {
+    Upsert {
+        key: u8,
+        person: usize,
+        name: Option<usize>,
+        birth: Option<u8>,
+        phone: Option<u8>,
+    },
+    Delete {
+        key: u8,
+    },
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        5 => (0u8..3, 0..PEOPLE.len(), proptest::option::of(0..NAMES.len()),
+              proptest::option::of(0u8..2), proptest::option::of(0u8..3))
+            .prop_map(|(key, person, name, birth, phone)| Step::Upsert { key, person, name, birth, phone }),
+        1 => (0u8..3).prop_map(|key| Step::Delete { key }),
+    ]
+}
+
+/// A source's history: its steps and how far its commit clock advances
+/// before each (0 makes ties with other sources likely).
+fn history() -> impl Strategy<Value = Vec<(Step, u8)>> {
+    proptest::collection::vec((step(), 0u8..3), 0..14)
+}
+
+fn rules() -> MergeRules {
+    let rule = |rule, sources: &[&str], compare| AttributeRule {
+        rule,
+        sources: sources.iter().map(|s| s.to_string()).collect(),
+        columns: BTreeMap::new(),
+        compare,
+    };
+    let mut attributes = BTreeMap::new();
+    attributes.insert(
+        "full_name".into(),
+        rule(Rule::Priority, &["population", "health"], true),
+    );
+    let mut birth = rule(Rule::FirstNonNull, &["population", "health"], true);
+    birth.columns.insert("health".into(), "dob".into());
+    attributes.insert("birth_date".into(), birth);
+    attributes.insert("phone".into(), rule(Rule::MostRecent, &[], false));
+    attributes.insert(
+        "address_id".into(),
+        rule(Rule::MostRecent, &["residence"], false),
+    );
+    MergeRules {
+        inputs: SOURCES.iter().map(|s| s.to_string()).collect(),
+        attributes,
+    }
+}
+
+/// The row a source stores for a step: each source has its own columns.
+fn row_of(source: &str, step: &Step) -> Option<Map<String, Value>> {
+    let Step::Upsert {
+        key,
+        person,
+        name,
+        birth,
+        phone,
+    } = step
+    else {
+        return None;
+    };
+    let mut row = Map::new();
+    row.insert("person_id".into(), json!(PEOPLE[*person]));
+    let name = name.map(|n| NAMES[n]);
+    let birth = birth.map(|b| format!("19{}-01-0{}", 89 + b, b + 1));
+    match source {
+        "population" => {
+            row.insert("full_name".into(), json!(name));
+            row.insert("birth_date".into(), json!(birth));
+            row.insert("phone".into(), json!(phone));
+        }
+        "health" => {
+            row.insert("card_no".into(), json!(format!("HC{key}")));
+            row.insert("full_name".into(), json!(name));
+            row.insert("dob".into(), json!(birth));
+            row.insert("phone".into(), json!(phone));
+        }
+        _ => {
+            row.insert("address_id".into(), json!(phone.map(|p| format!("A{p}"))));
+        }
+    }
+    Some(row)
+}
+
+/// A source row's final state, with the version of its last change.
+#[derive(Debug, Clone)]
+struct Final {
+    row: Option<Map<String, Value>>,
+    ts_ms: i64,
+    lsn: Option<u64>,
+}
+
+/// Runs each source's history through a replica of the source (to know each
+/// change's `before`) and the re-keying of the node. Returns the facts in
+/// source order and each row's final state.
+fn facts_of(source: &str, history: &[(Step, u8)]) -> (Vec<Fact>, BTreeMap<String, Final>) {
+    let mut replica: BTreeMap<String, Final> = BTreeMap::new();
+    let mut facts = Vec::new();
+    let mut clock = 1_000i64;
+    // Population carries LSNs (PostgreSQL); the others do not.
+    let with_lsn = source == "population";
+    for (offset, (step, tick)) in history.iter().enumerate() {
+        clock += i64::from(*tick);
+        let key = match step {
+            Step::Upsert { key, .. } | Step::Delete { key } => *key,
+        };
+        let key_json = format!("{{\"id\":{key}}}");
+        let before = replica.get(&key_json).and_then(|f| f.row.clone());
+        let after = row_of(source, step);
+        let lsn = with_lsn.then_some(offset as u64 + 1);
+        let origin = SourcePosition {
+            ts_ms: clock,
+            lsn,
+            stream: format!("kafka:{source}:0"),
+            offset: offset as u64,
+            ..SourcePosition::default()
+        };
+        let text = |r: &Option<Map<String, Value>>| {
+            r.as_ref().map(|m| Value::Object(m.clone()).to_string())
+        };
+        facts.extend(facts_of_change(
+            source,
+            "person_id",
+            &key_json,
+            text(&before).as_deref(),
+            text(&after).as_deref(),
+            &origin,
+        ));
+        replica.insert(
+            key_json,
+            Final {
+                row: after,
+                ts_ms: clock,
+                lsn,
+            },
+        );
+    }
+    (facts, replica)
+}
+
+/// A live source row about a person: source, key, row, commit time, LSN.
+type SourceRow = (String, String, Map<String, Value>, i64, Option<u64>);
+/// A row that has the attribute: source rank, the row, the value.
+type Candidate<'a> = (usize, &'a SourceRow, Value);
+
+/// The reference: each person's golden record and conflicts, written
+/// directly from the rules' definitions.
+fn reference(
+    finals: &BTreeMap<&str, BTreeMap<String, Final>>,
+) -> (BTreeMap<String, Value>, BTreeMap<(String, String), Value>) {
+    let rules = rules();
+    let mut golden = BTreeMap::new();
+    let mut conflicts = BTreeMap::new();
+    for person in PEOPLE {
+        // (source, key, row, ts, lsn) of every live row about this person.
+        let mut rows = Vec::new();
+        for (source, replica) in finals {
+            for (key, f) in replica {
+                if let Some(row) = &f.row
+                    && row.get("person_id") == Some(&json!(person))
+                {
+                    rows.push((source.to_string(), key.clone(), row.clone(), f.ts_ms, f.lsn));
+                }
+            }
+        }
+        if rows.is_empty() {
+            continue;
+        }
+        let mut record = Map::new();
+        let mut provenance = Map::new();
+        record.insert("national_id".into(), json!(person));
+        for (attribute, rule) in &rules.attributes {
+            let sources = if rule.sources.is_empty() {
+                &rules.inputs
+            } else {
+                &rule.sources
+            };
+            // Every (rank, row, value) that has the attribute.
+            let mut have = Vec::new();
+            for (rank, source) in sources.iter().enumerate() {
+                let column = rule.columns.get(source).unwrap_or(attribute);
+                for r in rows.iter().filter(|r| &r.0 == source) {
+                    if let Some(v) = r.2.get(column) {
+                        have.push((rank, r, v.clone()));
+                    }
+                }
+            }
+            // Newer first within a rank; then key.
+            let newer_first = |a: &Candidate<'_>, b: &Candidate<'_>| {
+                b.1.3
+                    .cmp(&a.1.3)
+                    .then(b.1.4.cmp(&a.1.4))
+                    .then(a.1.1.cmp(&b.1.1))
+            };
+            let chosen = match rule.rule {
+                Rule::Priority => {
+                    let best = have.iter().map(|h| h.0).min();
+                    let mut top: Vec<_> = have.iter().filter(|h| Some(h.0) == best).collect();
+                    top.sort_by(|a, b| newer_first(a, b));
+                    top.first().map(|h| (*h).clone())
+                }
+                Rule::FirstNonNull => {
+                    let non_null: Vec<_> = have.iter().filter(|h| !h.2.is_null()).collect();
+                    let best = non_null.iter().map(|h| h.0).min();
+                    let mut top: Vec<_> =
+                        non_null.into_iter().filter(|h| Some(h.0) == best).collect();
+                    top.sort_by(|a, b| newer_first(a, b));
+                    top.first().map(|h| (*h).clone())
+                }
+                Rule::MostRecent => {
+                    let mut non_null: Vec<_> = have.iter().filter(|h| !h.2.is_null()).collect();
+                    non_null.sort_by(|a, b| {
+                        b.1.3
+                            .cmp(&a.1.3)
+                            .then(b.1.4.cmp(&a.1.4))
+                            .then(a.0.cmp(&b.0))
+                            .then(a.1.1.cmp(&b.1.1))
+                    });
+                    non_null.first().map(|h| (*h).clone())
+                }
+            };
+            if let Some((_, r, v)) = &chosen {
+                record.insert(attribute.clone(), v.clone());
+                provenance.insert(
+                    attribute.clone(),
+                    json!({"source": r.0, "source_key": r.1, "ts_ms": r.3, "lsn": r.4}),
+                );
+            }
+            if rule.compare {
+                let norm = |v: &Value| match v {
+                    Value::String(s) => s
+                        .split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                        .to_lowercase(),
+                    other => other.to_string(),
+                };
+                let mut distinct: Vec<String> = have
+                    .iter()
+                    .filter(|h| !h.2.is_null())
+                    .map(|h| norm(&h.2))
+                    .collect();
+                distinct.sort();
+                distinct.dedup();
+                if distinct.len() > 1 {
+                    let mut ordered: Vec<_> = have.iter().filter(|h| !h.2.is_null()).collect();
+                    ordered.sort_by(|a, b| a.0.cmp(&b.0).then(newer_first(a, b)));
+                    let values: Vec<Value> = ordered
+                        .iter()
+                        .map(|h| json!({"source": h.1.0, "source_key": h.1.1, "value": h.2, "ts_ms": h.1.3}))
+                        .collect();
+                    conflicts.insert(
+                        (person.to_string(), attribute.clone()),
+                        json!({"national_id": person, "attribute": attribute,
+                               "chosen": chosen.as_ref().map(|c| c.2.clone()), "values": values}),
+                    );
+                }
+            }
+        }
+        let mut contributors: Vec<(String, String)> =
+            rows.iter().map(|r| (r.0.clone(), r.1.clone())).collect();
+        contributors.sort();
+        record.insert("_provenance".into(), Value::Object(provenance));
+        record.insert(
+            "_contributors".into(),
+            contributors
+                .into_iter()
+                .map(|(s, k)| json!({"source": s, "source_key": k}))
+                .collect(),
+        );
+        golden.insert(person.to_string(), Value::Object(record));
+    }
+    (golden, conflicts)
+}
+
+/// A view's rows (parsed), and the same view rebuilt by folding its change
+/// stream, which must agree.
+fn view_rows(store: &Store, name: &str) -> BTreeMap<String, Value> {
+    let reader = store.reader();
+    let mut rows = BTreeMap::new();
+    reader
+        .scan_snapshot(name, None, 5, |batch| {
+            for r in batch {
+                rows.insert(r.key, serde_json::from_str(&r.row_json).expect("json row"));
+            }
+            true
+        })
+        .expect("snapshot");
+    let mut folded = BTreeMap::new();
+    let changes = reader.changes_after(name, 0, usize::MAX).expect("changes");
+    for (i, c) in changes.iter().enumerate() {
+        assert_eq!(c.seq, i as u64 + 1, "{name}: gapless change stream");
+        match Op::try_from(c.op).expect("op") {
+            Op::Delete => {
+                let gone = folded.remove(&c.key_json);
+                assert_eq!(
+                    gone.as_deref(),
+                    c.before_json.as_deref(),
+                    "{name}: delete's before"
+                );
+            }
+            _ => {
+                let before =
+                    folded.insert(c.key_json.clone(), c.after_json.clone().expect("after"));
+                assert_eq!(
+                    before.as_deref(),
+                    c.before_json.as_deref(),
+                    "{name}: before of {}",
+                    c.key_json
+                );
+            }
+        }
+    }
+    let folded: BTreeMap<String, Value> = folded
+        .into_iter()
+        .map(|(k, v)| (k, serde_json::from_str(&v).expect("json")))
+        .collect();
+    assert_eq!(
+        folded, rows,
+        "{name}: folded change stream differs from the view"
+    );
+    rows
+}
+
+/// How the facts reach the merge task.
+#[derive(Debug, Clone)]
+struct Delivery {
+    /// Which source's next fact comes next (indices wrap).
+    picks: Vec<u8>,
+    /// After delivering this many facts, a source is replayed from an
+    /// earlier fact (re-keying restarted from an older position).
+    replays: Vec<(u8, u8, u8)>,
+    /// Commit after each of these counts.
+    batch: usize,
+    /// Crash (lose the open batch) when the delivered count hits these.
+    crashes: Vec<u8>,
+}
+
+fn delivery() -> impl Strategy<Value = Delivery> {
+    (
+        proptest::collection::vec(0u8..3, 0..80),
+        proptest::collection::vec((0u8..60, 0u8..3, 0u8..20), 0..4),
+        1usize..7,
+        proptest::collection::vec(0u8..60, 0..3),
+    )
+        .prop_map(|(picks, replays, batch, crashes)| Delivery {
+            picks,
+            replays,
+            batch,
+            crashes,
+        })
+}
+
+/// The repartition topic as the merge task reads it: the facts in the
+/// generated interleaving, with replays.
+fn topic(per_source: &[Vec<Fact>], d: &Delivery) -> Vec<Fact> {
+    let mut next = vec![0usize; per_source.len()];
+    let mut out = Vec::new();
+    let mut picks = d.picks.iter().copied().chain(std::iter::repeat(0u8));
+    loop {
+        if next.iter().zip(per_source).all(|(n, f)| *n >= f.len()) {
+            break;
+        }
+        for (at, source, back) in &d.replays {
+            if out.len() == usize::from(*at) {
+                let s = usize::from(*source);
+                next[s] = next[s].saturating_sub(usize::from(*back));
+            }
+        }
+        // The next source with facts left, from the pick onwards.
+        let pick = usize::from(picks.next().unwrap_or(0));
+        let Some(s) = (0..per_source.len())
+            .map(|i| (pick + i) % per_source.len())
+            .find(|s| next[*s] < per_source[*s].len())
+        else {
+            break;
+        };
+        out.push(per_source[s][next[s]].clone());
+        next[s] += 1;
+    }
+    out
+}
+
+const VIEWS: [&str; 3] = ["people.contributions", "people.golden", "people.conflicts"];
+
+fn merger(views: MergeViews) -> Merger {
+    Merger {
+        rules: rules(),
+        views,
+        joins: Vec::new(),
+    }
+}
+
+fn open(dir: &std::path::Path) -> (Store, MergeViews) {
+    let names: Vec<String> = VIEWS.iter().map(|s| s.to_string()).collect();
+    let store = Store::open(&StoreConfig::new(dir), &names).expect("open");
+    let id = |n: &str| store.view_id(n).expect("view");
+    let views = MergeViews {
+        contributions: id(VIEWS[0]),
+        golden: id(VIEWS[1]),
+        conflicts: id(VIEWS[2]),
+    };
+    (store, views)
+}
+
+fn run(histories: &[Vec<(Step, u8)>; 3], d: &Delivery) -> Result<(), TestCaseError> {
+    let mut per_source = Vec::new();
+    let mut finals = BTreeMap::new();
+    for (source, history) in SOURCES.iter().zip(histories) {
+        let (facts, replica) = facts_of(source, history);
+        per_source.push(facts);
+        finals.insert(*source, replica);
+    }
+    let topic = topic(&per_source, d);
+    let stream = "kafka:ndc.repartition.people:0";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut store, mut views) = open(dir.path());
+    let mut crashes = d.crashes.clone();
+    loop {
+        let start = store.next_offset(views.contributions, stream).unwrap_or(0) as usize;
+        if start >= topic.len() {
+            break;
+        }
+        let mut txn = store.begin(0);
+        let mut crashed = false;
+        for (i, fact) in topic.iter().enumerate().skip(start) {
+            merger(views)
+                .apply(&mut txn, fact, &Position::new(stream, i as u64))
+                .expect("apply");
+            let delivered = i + 1;
+            if let Some(c) = crashes.iter().position(|c| usize::from(*c) == delivered) {
+                crashes.remove(c);
+                crashed = true;
+                break;
+            }
+            if delivered % d.batch == 0 {
+                break;
+            }
+        }
+        if crashed {
+            drop(txn);
+            drop(store);
+            (store, views) = open(dir.path());
+        } else {
+            txn.commit().expect("commit");
+        }
+    }
+    let (golden, conflicts) = reference(&finals);
+    let stored_golden: BTreeMap<String, Value> = view_rows(&store, VIEWS[1])
+        .into_values()
+        .map(|v| (v["national_id"].as_str().expect("id").to_string(), v))
+        .collect();
+    prop_assert_eq!(stored_golden, golden);
+    let stored_conflicts: BTreeMap<(String, String), Value> = view_rows(&store, VIEWS[2])
+        .into_values()
+        .map(|v| {
+            (
+                (
+                    v["national_id"].as_str().expect("id").to_string(),
+                    v["attribute"].as_str().expect("attribute").to_string(),
+                ),
+                v,
+            )
+        })
+        .collect();
+    prop_assert_eq!(stored_conflicts, conflicts);
+    view_rows(&store, VIEWS[0]);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    #[test]
+    fn golden_records_and_conflicts_match_the_reference(
+        population in history(), health in history(), residence in history(), d in delivery()
+    ) {
+        run(&[population, health, residence], &d)?;
+    }
+}
+
+/// The unmerge case, spelled out: a health card moved to another person
+/// takes its facts with it, and a delete retracts only that source.
+#[test]
+fn a_moved_or_deleted_source_row_retracts_only_its_contribution() {
+    let upsert = |key, person, name| Step::Upsert {
+        key,
+        person,
+        name: Some(name),
+        birth: Some(0),
+        phone: Some(1),
+    };
+    let population = vec![(upsert(0, 0, 0), 1)];
+    let health = vec![
+        (upsert(0, 0, 2), 1), // card 0 says person 0 is "Trần Thị Bình": conflict
+        (upsert(0, 1, 2), 1), // card 0 moves to person 1: conflict resolved
+        (Step::Delete { key: 0 }, 1), // and is deleted: person 1 disappears
+    ];
+    let (pop_facts, _) = facts_of("population", &population);
+    let (health_facts, _) = facts_of("health", &health);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut store, views) = open(dir.path());
+    let merger = merger(views);
+    let mut offset = 0;
+    let mut apply = |store: &mut Store, facts: &[Fact]| {
+        let mut txn = store.begin(0);
+        for f in facts {
+            merger
+                .apply(&mut txn, f, &Position::new("t", offset))
+                .expect("apply");
+            offset += 1;
+        }
+        txn.commit().expect("commit");
+    };
+    apply(&mut store, &pop_facts);
+    apply(&mut store, &health_facts[..1]);
+    let conflicts = view_rows(&store, VIEWS[2]);
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+    let golden = view_rows(&store, VIEWS[1]);
+    let record = golden.values().next().expect("one person");
+    assert_eq!(
+        record["full_name"],
+        json!("Nguyễn Văn An"),
+        "population has priority"
+    );
+    assert_eq!(
+        record["_provenance"]["full_name"]["source"],
+        json!("population")
+    );
+    assert_eq!(record["_contributors"].as_array().map(Vec::len), Some(2));
+    // The move: a retraction for person 0, a contribution for person 1.
+    apply(&mut store, &health_facts[1..3]);
+    assert!(view_rows(&store, VIEWS[2]).is_empty(), "conflict resolved");
+    let golden = view_rows(&store, VIEWS[1]);
+    assert_eq!(golden.len(), 2);
+    apply(&mut store, &health_facts[3..]);
+    let golden = view_rows(&store, VIEWS[1]);
+    assert_eq!(golden.len(), 1, "person 1 had only the card: gone");
+    let record = golden.values().next().expect("person 0");
+    assert_eq!(record["_contributors"].as_array().map(Vec::len), Some(1));
+}
