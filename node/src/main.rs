@@ -317,8 +317,9 @@ fn generate(
         "addresses" => Table::Addresses,
         "insurance_cards" => Table::InsuranceCards,
         "vehicles" => Table::Vehicles,
+        "businesses" => Table::Businesses,
         other => anyhow::bail!(
-            "unknown table {other:?} (citizens, addresses, insurance_cards or vehicles)"
+            "unknown table {other:?} (citizens, addresses, insurance_cards, vehicles or businesses)"
         ),
     };
     let file = std::fs::File::create(output)

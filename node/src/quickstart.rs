@@ -88,6 +88,7 @@ pub async fn run(opts: QuickstartOptions) -> anyhow::Result<()> {
         Table::Addresses.topic(),
         Table::InsuranceCards.topic(),
         Table::Vehicles.topic(),
+        Table::Businesses.topic(),
     ] {
         cluster
             .create_topic(topic, 3, 1)
@@ -133,7 +134,10 @@ pub async fn run(opts: QuickstartOptions) -> anyhow::Result<()> {
     println!(
         "  pipeline                national (examples/national.yaml): golden records national.people,"
     );
-    println!("                          national.people.conflicts, national.vehicle_owners, ...");
+    println!(
+        "                          national.people.conflicts, national.residents, national.vehicle_owners,"
+    );
+    println!("                          national.business_representatives, ...");
     println!();
     println!(
         "A generator publishes {people} citizens and their addresses as a Debezium snapshot, then"
@@ -268,6 +272,7 @@ async fn generate(producer: FutureProducer, people: u64, rate: u32) -> anyhow::R
     let mut addresses = Feed::new(Table::Addresses, now_ms());
     let mut cards = Feed::new(Table::InsuranceCards, now_ms());
     let mut vehicles = Feed::new(Table::Vehicles, now_ms());
+    let mut businesses = Feed::new(Table::Businesses, now_ms());
     let mut revisions: Vec<u32> = vec![0; people as usize];
     let send = |topic: &'static str, e: crate::synthetic::Event| {
         let producer = producer.clone();
@@ -304,6 +309,13 @@ async fn generate(producer: FutureProducer, people: u64, rate: u32) -> anyhow::R
             vehicles.event('r', i, 0, Some(now_ms())),
         )
         .await?;
+        if 3 * i + 1 < people {
+            send(
+                Table::Businesses.topic(),
+                businesses.event('r', i, 0, Some(now_ms())),
+            )
+            .await?;
+        }
     }
     let mut rng = crate::synthetic::Rng::new(now_ms() as u64);
     let mut next_person = people;

@@ -254,13 +254,20 @@ impl PipelineSpec {
                             format!("{at}.join.stream"),
                             &format!("{:?} is not a source of this pipeline", j.stream),
                         ),
-                        Some(_) if self.merge_inputs().contains(j.stream.as_str()) => bad(
-                            format!("{at}.join.stream"),
-                            &format!(
-                                "{:?} is merged into golden records; join a related entity",
-                                j.stream
-                            ),
-                        ),
+                        // A merged source's facts are re-keyed by its
+                        // national_id column; a join of it must use the same.
+                        Some(s)
+                            if self.merge_inputs().contains(j.stream.as_str())
+                                && s.national_id.as_ref().is_some_and(|n| n.column != j.on) =>
+                        {
+                            bad(
+                                format!("{at}.join.on"),
+                                &format!(
+                                    "{:?} is merged by its national_id column; join it on that column",
+                                    j.stream
+                                ),
+                            )
+                        }
                         Some(_) => {}
                     }
                     if !join_streams.insert(j.stream.clone()) {
@@ -487,6 +494,14 @@ operators:
             ],
             "{e}"
         );
+        let merged_join = SPEC.replace(
+            "operators:\n",
+            "operators:\n  homes:\n    join: {stream: health, table: people, on: card_no}\n",
+        );
+        let e = PipelineSpec::from_yaml(&merged_join).expect_err("invalid");
+        assert_eq!(e.0[0].path, "operators.homes.join.on", "{e}");
+        let ok = merged_join.replace("on: card_no", "on: person_id");
+        assert!(PipelineSpec::from_yaml(&ok).is_ok());
         let bad_join = SPEC.replace("table: people", "table: vehicles");
         let e = PipelineSpec::from_yaml(&bad_join).expect_err("invalid");
         assert_eq!(e.0[0].path, "operators.vehicle_owners.join.table");

@@ -1,8 +1,10 @@
 //! Synthetic agency feeds: realistic Debezium change events of a population
 //! registry (`population.public.citizens`), a residence registry
 //! (`residence.public.addresses`), health insurance
-//! (`health.public.insurance_cards`) and vehicle registration
-//! (`vehicles.public.vehicles`), for the quickstart, tests and load tests.
+//! (`health.public.insurance_cards`), vehicle registration
+//! (`vehicles.public.vehicles`) and business registration
+//! (`business.public.registrations`), for the quickstart, tests and load
+//! tests.
 //!
 //! Deterministic: person `i` always has the same national ID, and revision
 //! `r` of a row always has the same content, so a test can compute the
@@ -214,6 +216,39 @@ pub fn vehicle_row(i: u64, revision: u32) -> Value {
     })
 }
 
+/// Row `revision` of business registration `i`, whose legal representative
+/// is person `3i + 1`.
+pub fn business_row(i: u64, revision: u32) -> Value {
+    const KINDS: [&str; 4] = [
+        "Công ty TNHH",
+        "Công ty Cổ phần",
+        "Doanh nghiệp tư nhân",
+        "Hợp tác xã",
+    ];
+    const TRADES: [&str; 6] = [
+        "Thương mại",
+        "Xây dựng",
+        "Nông sản",
+        "Vận tải",
+        "Công nghệ",
+        "Du lịch",
+    ];
+    const INDUSTRIES: [&str; 6] = ["4690", "4100", "0111", "4933", "6201", "7911"];
+    let h = mix(i ^ 0xB125);
+    let trade = (h % 6) as usize;
+    let rep = national_id(3 * i + 1);
+    json!({
+        "business_code": format!("{:010}", 100_000_000 + i),
+        "name": format!("{} {} {}", KINDS[((h >> 8) % 4) as usize], TRADES[trade], FAMILY[((h >> 16) % 16) as usize]),
+        "legal_rep_id": rep.to_string(),
+        "industry_code": INDUSTRIES[trade],
+        "province_code": format!("{:03}", rep.province),
+        "status": if revision % 5 == 4 { "suspended" } else { "active" },
+        "registered_on": format!("{}-{:02}-01", 2005 + (h >> 24) % 20, 1 + (h >> 32) % 12),
+        "revision": revision,
+    })
+}
+
 /// Vietnamese letters without their diacritics (how some systems store names).
 fn strip_diacritics(text: &str) -> String {
     const GROUPS: [(&str, char); 14] = [
@@ -249,6 +284,7 @@ pub enum Table {
     Addresses,
     InsuranceCards,
     Vehicles,
+    Businesses,
 }
 
 impl Table {
@@ -258,6 +294,7 @@ impl Table {
             Table::Addresses => "residence.public.addresses",
             Table::InsuranceCards => "health.public.insurance_cards",
             Table::Vehicles => "vehicles.public.vehicles",
+            Table::Businesses => "business.public.registrations",
         }
     }
 
@@ -267,6 +304,7 @@ impl Table {
             Table::Addresses => address_row(i, revision),
             Table::InsuranceCards => insurance_card_row(i, revision),
             Table::Vehicles => vehicle_row(i, revision),
+            Table::Businesses => business_row(i, revision),
         }
     }
 
@@ -277,6 +315,7 @@ impl Table {
             Table::Addresses => json!({ "address_id": i + 1 }),
             Table::InsuranceCards => json!({ "card_no": insurance_card_row(i, 0)["card_no"] }),
             Table::Vehicles => json!({ "plate": vehicle_row(i, 0)["plate"] }),
+            Table::Businesses => json!({ "business_code": business_row(i, 0)["business_code"] }),
         }
     }
 
@@ -286,6 +325,7 @@ impl Table {
             Table::Addresses => ("residence", "addresses"),
             Table::InsuranceCards => ("health", "insurance_cards"),
             Table::Vehicles => ("vehicles", "vehicles"),
+            Table::Businesses => ("business", "registrations"),
         };
         json!({
             "version": "2.7.3.Final", "connector": "postgresql", "name": db, "ts_ms": ts_ms,

@@ -1,8 +1,9 @@
-//! The citizen golden record end to end: four agencies' feeds on a real
+//! The citizen golden record end to end: five agencies' feeds on a real
 //! Kafka-protocol broker (tansu), the example pipeline of `examples/`,
 //! re-keying through the repartition topic, golden records, conflicts,
-//! unmerge, the vehicle-owner join, invalid national IDs, and pipelines
-//! applied, updated and dropped on a running node.
+//! unmerge, the joins of the four pillars (residents, vehicle owners,
+//! business representatives), invalid national IDs, and pipelines applied,
+//! updated and dropped on a running node.
 
 #![allow(clippy::unwrap_used)]
 
@@ -10,7 +11,9 @@ mod common;
 
 use common::*;
 use ndc_node::client::From;
-use ndc_node::synthetic::{Feed, Table, citizen_row, insurance_card_row, national_id, vehicle_row};
+use ndc_node::synthetic::{
+    Feed, Table, business_row, citizen_row, insurance_card_row, national_id, vehicle_row,
+};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -19,11 +22,14 @@ use std::time::Duration;
 const DLQ: &str = "ndc.dead-letter";
 const T: Duration = Duration::from_secs(30);
 const PEOPLE: u64 = 14;
-const TABLES: [Table; 4] = [
+/// Businesses, represented by persons 1, 4, 7 and 10.
+const BUSINESSES: u64 = 4;
+const TABLES: [Table; 5] = [
     Table::Citizens,
     Table::Addresses,
     Table::InsuranceCards,
     Table::Vehicles,
+    Table::Businesses,
 ];
 
 fn example() -> PathBuf {
@@ -92,7 +98,7 @@ fn bad_citizen(id: &str, birth_date: &str, gender: &str) -> (Vec<u8>, Vec<u8>) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn golden_records_conflicts_and_joins_from_four_agencies() {
+async fn golden_records_conflicts_and_the_four_pillars_from_five_agencies() {
     let broker = broker_with_feeds().await;
     let producer = broker.producer();
     let mut feeds: Vec<Feed> = TABLES
@@ -101,7 +107,9 @@ async fn golden_records_conflicts_and_joins_from_four_agencies() {
         .collect();
     for i in 0..PEOPLE {
         for (t, feed) in TABLES.iter().zip(feeds.iter_mut()) {
-            publish_event(&producer, t.topic(), &feed.event('r', i, 0, None)).await;
+            if *t != Table::Businesses || i < BUSINESSES {
+                publish_event(&producer, t.topic(), &feed.event('r', i, 0, None)).await;
+            }
         }
     }
     // Invalid national IDs: unknown province 003; a woman born in 1989
@@ -205,6 +213,41 @@ async fn golden_records_conflicts_and_joins_from_four_agencies() {
         assert!(
             row["person"].get("_provenance").is_none(),
             "only the chosen attributes"
+        );
+    }
+
+    // Locations: each address with its resident; activities: each
+    // business with its legal representative.
+    let residents = until(addr, "national.residents", "addresses joined", |r| {
+        r.len() == PEOPLE as usize
+    })
+    .await;
+    for row in residents.values() {
+        let i = row["row"]["address_id"].as_u64().unwrap() - 1;
+        assert_eq!(row["national_id"], json!(national_id(i).to_string()));
+        assert_eq!(row["person"]["full_name"], citizen_row(i, 0)["full_name"]);
+        assert_eq!(row["person"]["gender"], citizen_row(i, 0)["gender"]);
+    }
+    let representatives = until(
+        addr,
+        "national.business_representatives",
+        "businesses joined",
+        |r| r.len() == BUSINESSES as usize,
+    )
+    .await;
+    for i in 0..BUSINESSES {
+        let code = business_row(i, 0)["business_code"].clone();
+        let row = representatives
+            .values()
+            .find(|r| r["row"]["business_code"] == code)
+            .unwrap();
+        assert_eq!(
+            row["national_id"],
+            json!(national_id(3 * i + 1).to_string())
+        );
+        assert_eq!(
+            row["person"]["full_name"],
+            citizen_row(3 * i + 1, 0)["full_name"]
         );
     }
 

@@ -440,16 +440,15 @@ impl Merger {
     ) -> Result<(), StoreError> {
         let views = self.views;
         let prefix = contributions_prefix(national_id);
-        let mut merged = Vec::new();
-        let mut related = Vec::new();
+        let mut all = Vec::new();
         for (key, stored) in txn.live_rows_with_prefix(views.contributions, prefix.as_bytes())? {
-            let c = contribution_of(&key, &stored)?;
-            if self.rules.inputs.contains(&c.source) {
-                merged.push(c);
-            } else {
-                related.push(c);
-            }
+            all.push(contribution_of(&key, &stored)?);
         }
+        let merged: Vec<Contribution> = all
+            .iter()
+            .filter(|c| self.rules.inputs.contains(&c.source))
+            .cloned()
+            .collect();
         let resolved = resolve(&self.rules, national_id, &merged);
         let golden: Option<Map<String, Value>> = resolved
             .golden
@@ -485,7 +484,9 @@ impl Merger {
                 }
                 Value::Object(p)
             });
-            for c in related.iter().filter(|c| c.source == join.stream) {
+            // A join's stream may also be a merge input (a residence is
+            // both facts about its resident and a location in its own right).
+            for c in all.iter().filter(|c| c.source == join.stream) {
                 let row = json!({
                     "national_id": national_id,
                     "source_key": c.source_key,
