@@ -105,6 +105,26 @@ impl Default for ClusterSection {
     }
 }
 
+/// Deserializes a parsed YAML document, or says where it is wrong: the path
+/// of the offending key (`operators.people.merge.inputs[1]`) and why. Goes
+/// through JSON's data model, where externally tagged enums (`kafka: {...}`)
+/// deserialize from single-key maps.
+pub(crate) fn from_yaml_value<T: serde::de::DeserializeOwned>(
+    value: &serde_norway::Value,
+) -> Result<T, (String, String)> {
+    let value =
+        serde_json::to_value(value).map_err(|e| ("(top level)".to_string(), e.to_string()))?;
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." {
+            "(top level)".into()
+        } else {
+            path
+        };
+        (path, e.into_inner().to_string())
+    })
+}
+
 /// Id from a name ending in `-N` (`ndc-2`, `ndc-2.ndc.svc:50051` → 2).
 pub fn ordinal_of(name: &str) -> Option<u64> {
     let first = name.split(['.', ':']).next()?;
@@ -452,23 +472,8 @@ impl NodeConfig {
         for (var, raw) in vars {
             apply_override(&mut value, &var, &raw)?;
         }
-        // Through JSON's data model: externally tagged enums (`kafka: {...}`)
-        // deserialize from single-key maps there.
-        let value = serde_json::to_value(&value).map_err(|e| ConfigError::Yaml {
-            path: origin.to_string(),
-            message: e.to_string(),
-        })?;
-        let config: NodeConfig = serde_path_to_error::deserialize(value).map_err(|e| {
-            let key = e.path().to_string();
-            ConfigError::Invalid {
-                key: if key == "." {
-                    "(top level)".into()
-                } else {
-                    key
-                },
-                message: e.into_inner().to_string(),
-            }
-        })?;
+        let config: NodeConfig = from_yaml_value(&value)
+            .map_err(|(key, message)| ConfigError::Invalid { key, message })?;
         config.validate()?;
         Ok(config)
     }

@@ -133,15 +133,8 @@ impl PipelineSpec {
         };
         let value: serde_norway::Value =
             serde_norway::from_str(text).map_err(|e| one("(yaml)", e.to_string()))?;
-        // Through JSON's data model: externally tagged enums (`merge: {...}`).
-        let value = serde_json::to_value(&value).map_err(|e| one("(yaml)", e.to_string()))?;
-        let spec: PipelineSpec = serde_path_to_error::deserialize(value).map_err(|e| {
-            let path = e.path().to_string();
-            one(
-                if path == "." { "(top level)" } else { &path },
-                e.into_inner().to_string(),
-            )
-        })?;
+        let spec: PipelineSpec = crate::config::from_yaml_value(&value)
+            .map_err(|(path, message)| one(&path, message))?;
         spec.validate()?;
         Ok(spec)
     }
