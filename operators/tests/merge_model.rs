@@ -12,7 +12,7 @@
 //! must give the view.
 
 use ndc_operators::merge::{
-    AttributeRule, Fact, MergeRules, MergeViews, Merger, Rule, facts_of_change,
+    AttributeRule, Fact, JoinRule, MergeRules, MergeViews, Merger, Rule, facts_of_change,
 };
 use ndc_operators::{Position, Store, StoreConfig};
 use ndc_proto::v1::{Op, SourcePosition};
@@ -20,7 +20,10 @@ use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
 
-const SOURCES: [&str; 3] = ["population", "health", "residence"];
+/// Merged sources, then a source only joined (vehicles). Residence is both
+/// merged and joined (a location with its resident).
+const SOURCES: [&str; 4] = ["population", "health", "residence", "vehicles"];
+const MERGED: usize = 3;
 const PEOPLE: [&str; 3] = ["001089000001", "079195000002", "048200000003"];
 const NAMES: [&str; 3] = ["Nguyễn Văn An", "nguyễn  văn an", "Trần Thị Bình"];
 
@@ -37,6 +40,11 @@ enum Step {
     Delete {
         key: u8,
     },
+    /// The same row again with a newer version (an UPDATE that changed
+    /// nothing, as an agency's batch job may write).
+    Touch {
+        key: u8,
+    },
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -45,6 +53,7 @@ fn step() -> impl Strategy<Value = Step> {
               proptest::option::of(0u8..2), proptest::option::of(0u8..3))
             .prop_map(|(key, person, name, birth, phone)| Step::Upsert { key, person, name, birth, phone }),
         1 => (0u8..3).prop_map(|key| Step::Delete { key }),
+        1 => (0u8..3).prop_map(|key| Step::Touch { key }),
     ]
 }
 
@@ -75,7 +84,7 @@ fn rules() -> MergeRules {
         rule(Rule::MostRecent, &["residence"], false),
     );
     MergeRules {
-        inputs: SOURCES.iter().map(|s| s.to_string()).collect(),
+        inputs: SOURCES[..MERGED].iter().map(|s| s.to_string()).collect(),
         attributes,
     }
 }
@@ -108,8 +117,12 @@ fn row_of(source: &str, step: &Step) -> Option<Map<String, Value>> {
             row.insert("dob".into(), json!(birth));
             row.insert("phone".into(), json!(phone));
         }
-        _ => {
+        "residence" => {
             row.insert("address_id".into(), json!(phone.map(|p| format!("A{p}"))));
+        }
+        _ => {
+            row.insert("plate".into(), json!(format!("P{key}")));
+            row.insert("color".into(), json!(phone));
         }
     }
     Some(row)
@@ -135,11 +148,15 @@ fn facts_of(source: &str, history: &[(Step, u8)]) -> (Vec<Fact>, BTreeMap<String
     for (offset, (step, tick)) in history.iter().enumerate() {
         clock += i64::from(*tick);
         let key = match step {
-            Step::Upsert { key, .. } | Step::Delete { key } => *key,
+            Step::Upsert { key, .. } | Step::Delete { key } | Step::Touch { key } => *key,
         };
         let key_json = format!("{{\"id\":{key}}}");
         let before = replica.get(&key_json).and_then(|f| f.row.clone());
-        let after = row_of(source, step);
+        let after = match step {
+            Step::Touch { .. } if before.is_none() => continue,
+            Step::Touch { .. } => before.clone(),
+            _ => row_of(source, step),
+        };
         let lsn = with_lsn.then_some(offset as u64 + 1);
         let origin = SourcePosition {
             ts_ms: clock,
@@ -187,7 +204,10 @@ fn reference(
     for person in PEOPLE {
         // (source, key, row, ts, lsn) of every live row about this person.
         let mut rows = Vec::new();
-        for (source, replica) in finals {
+        for (source, replica) in finals
+            .iter()
+            .filter(|(s, _)| rules.inputs.iter().any(|i| i == *s))
+        {
             for (key, f) in replica {
                 if let Some(row) = &f.row
                     && row.get("person_id") == Some(&json!(person))
@@ -371,10 +391,10 @@ struct Delivery {
 
 fn delivery() -> impl Strategy<Value = Delivery> {
     (
-        proptest::collection::vec(0u8..3, 0..80),
-        proptest::collection::vec((0u8..60, 0u8..3, 0u8..20), 0..4),
+        proptest::collection::vec(0u8..4, 0..100),
+        proptest::collection::vec((0u8..70, 0u8..4, 0u8..20), 0..4),
         1usize..7,
-        proptest::collection::vec(0u8..60, 0..3),
+        proptest::collection::vec(0u8..70, 0..3),
     )
         .prop_map(|(picks, replays, batch, crashes)| Delivery {
             picks,
@@ -414,29 +434,75 @@ fn topic(per_source: &[Vec<Fact>], d: &Delivery) -> Vec<Fact> {
     out
 }
 
-const VIEWS: [&str; 3] = ["people.contributions", "people.golden", "people.conflicts"];
+const VIEWS: [&str; 5] = [
+    "people.contributions",
+    "people.golden",
+    "people.conflicts",
+    "people.residents",
+    "people.owners",
+];
 
-fn merger(views: MergeViews) -> Merger {
-    Merger {
-        rules: rules(),
-        views,
-        joins: Vec::new(),
-    }
-}
+/// The joins: (stream, attributes copied, view index).
+const JOINS: [(&str, &[&str], usize); 2] = [("residence", &["full_name"], 3), ("vehicles", &[], 4)];
 
-fn open(dir: &std::path::Path) -> (Store, MergeViews) {
+fn open(dir: &std::path::Path) -> (Store, Merger) {
     let names: Vec<String> = VIEWS.iter().map(|s| s.to_string()).collect();
     let store = Store::open(&StoreConfig::new(dir), &names).expect("open");
     let id = |n: &str| store.view_id(n).expect("view");
-    let views = MergeViews {
-        contributions: id(VIEWS[0]),
-        golden: id(VIEWS[1]),
-        conflicts: id(VIEWS[2]),
+    let merger = Merger {
+        rules: rules(),
+        views: MergeViews {
+            contributions: id(VIEWS[0]),
+            golden: id(VIEWS[1]),
+            conflicts: id(VIEWS[2]),
+        },
+        joins: JOINS
+            .iter()
+            .map(|(stream, attributes, view)| JoinRule {
+                stream: stream.to_string(),
+                attributes: attributes.iter().map(|a| a.to_string()).collect(),
+                view: id(VIEWS[*view]),
+            })
+            .collect(),
     };
-    (store, views)
+    (store, merger)
 }
 
-fn run(histories: &[Vec<(Step, u8)>; 3], d: &Delivery) -> Result<(), TestCaseError> {
+/// The reference rows of a join: each live stream row with its person's
+/// reference golden record (the chosen attributes), or null.
+fn reference_join(
+    finals: &BTreeMap<&str, BTreeMap<String, Final>>,
+    golden: &BTreeMap<String, Value>,
+    stream: &str,
+    attributes: &[&str],
+) -> BTreeMap<(String, String), Value> {
+    let mut out = BTreeMap::new();
+    for (key, f) in &finals[stream] {
+        let Some(row) = &f.row else { continue };
+        let id = row["person_id"].as_str().expect("id").to_string();
+        let person = golden.get(&id).map(|g| {
+            let kept: Map<String, Value> = g
+                .as_object()
+                .expect("object")
+                .iter()
+                .filter(|(k, _)| {
+                    *k == "national_id"
+                        || (!k.starts_with('_')
+                            && (attributes.is_empty() || attributes.contains(&k.as_str())))
+                })
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            Value::Object(kept)
+        });
+        out.insert(
+            (id.clone(), key.clone()),
+            json!({"national_id": id, "source_key": key, "row": row, "person": person}),
+        );
+    }
+    out
+}
+
+fn run(histories: &[Vec<(Step, u8)>; 4], d: &Delivery) -> Result<(), TestCaseError> {
     let mut per_source = Vec::new();
     let mut finals = BTreeMap::new();
     for (source, history) in SOURCES.iter().zip(histories) {
@@ -447,17 +513,19 @@ fn run(histories: &[Vec<(Step, u8)>; 3], d: &Delivery) -> Result<(), TestCaseErr
     let topic = topic(&per_source, d);
     let stream = "kafka:ndc.repartition.people:0";
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut store, mut views) = open(dir.path());
+    let (mut store, mut merger) = open(dir.path());
     let mut crashes = d.crashes.clone();
     loop {
-        let start = store.next_offset(views.contributions, stream).unwrap_or(0) as usize;
+        let start = store
+            .next_offset(merger.views.contributions, stream)
+            .unwrap_or(0) as usize;
         if start >= topic.len() {
             break;
         }
         let mut txn = store.begin(0);
         let mut crashed = false;
         for (i, fact) in topic.iter().enumerate().skip(start) {
-            merger(views)
+            merger
                 .apply(&mut txn, fact, &Position::new(stream, i as u64))
                 .expect("apply");
             let delivered = i + 1;
@@ -473,7 +541,7 @@ fn run(histories: &[Vec<(Step, u8)>; 3], d: &Delivery) -> Result<(), TestCaseErr
         if crashed {
             drop(txn);
             drop(store);
-            (store, views) = open(dir.path());
+            (store, merger) = open(dir.path());
         } else {
             txn.commit().expect("commit");
         }
@@ -483,7 +551,7 @@ fn run(histories: &[Vec<(Step, u8)>; 3], d: &Delivery) -> Result<(), TestCaseErr
         .into_values()
         .map(|v| (v["national_id"].as_str().expect("id").to_string(), v))
         .collect();
-    prop_assert_eq!(stored_golden, golden);
+    prop_assert_eq!(&stored_golden, &golden);
     let stored_conflicts: BTreeMap<(String, String), Value> = view_rows(&store, VIEWS[2])
         .into_values()
         .map(|v| {
@@ -498,6 +566,24 @@ fn run(histories: &[Vec<(Step, u8)>; 3], d: &Delivery) -> Result<(), TestCaseErr
         .collect();
     prop_assert_eq!(stored_conflicts, conflicts);
     view_rows(&store, VIEWS[0]);
+    for (stream, attributes, view) in JOINS {
+        let stored: BTreeMap<(String, String), Value> = view_rows(&store, VIEWS[view])
+            .into_values()
+            .map(|v| {
+                let k = (
+                    v["national_id"].as_str().expect("id").to_string(),
+                    v["source_key"].as_str().expect("key").to_string(),
+                );
+                (k, v)
+            })
+            .collect();
+        prop_assert_eq!(
+            stored,
+            reference_join(&finals, &golden, stream, attributes),
+            "join of {}",
+            stream
+        );
+    }
     Ok(())
 }
 
@@ -505,10 +591,11 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
 
     #[test]
-    fn golden_records_and_conflicts_match_the_reference(
-        population in history(), health in history(), residence in history(), d in delivery()
+    fn golden_records_conflicts_and_joins_match_the_reference(
+        population in history(), health in history(), residence in history(),
+        vehicles in history(), d in delivery()
     ) {
-        run(&[population, health, residence], &d)?;
+        run(&[population, health, residence, vehicles], &d)?;
     }
 }
 
@@ -532,8 +619,7 @@ fn a_moved_or_deleted_source_row_retracts_only_its_contribution() {
     let (pop_facts, _) = facts_of("population", &population);
     let (health_facts, _) = facts_of("health", &health);
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut store, views) = open(dir.path());
-    let merger = merger(views);
+    let (mut store, merger) = open(dir.path());
     let mut offset = 0;
     let mut apply = |store: &mut Store, facts: &[Fact]| {
         let mut txn = store.begin(0);
