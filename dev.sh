@@ -86,7 +86,8 @@ case "$cmd" in
   bench)
     setup_packages
     setup_broker
-    cargo build --release --locked -p ndc-loadtest
+    # The load test starts `ndc node` processes: build the binary too.
+    cargo build --release --locked -p ndc-node -p ndc-loadtest
     exec "${CARGO_TARGET_DIR:-target}/release/ndc-loadtest" "$@"
     ;;
   soak)

@@ -6,7 +6,10 @@
 //! - `broker-ceiling`: the broker's own produce and consume rates;
 //! - `broker`: the node catching up on a topic filled beforehand;
 //! - `latency`: a steady rate through broker and node to a subscriber,
-//!   with end-to-end latency percentiles.
+//!   with end-to-end latency percentiles;
+//! - `golden`: the example pipeline (`examples/national.yaml`) catching up
+//!   on five agencies' snapshots: replicas, re-keying through the
+//!   repartition topic, golden records, conflicts and joins.
 
 use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
@@ -167,6 +170,24 @@ impl NodeProcess {
         let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
         let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
         Some(kb * 1024)
+    }
+
+    /// Live rows of any view (0 when it does not exist yet).
+    pub async fn live_rows(&self, view: &str) -> anyhow::Result<u64> {
+        let mut c = ndc_proto::v1::subscription_client::SubscriptionClient::connect(format!(
+            "http://{}",
+            self.grpc
+        ))
+        .await?;
+        let views = c
+            .list_views(ndc_proto::v1::ListViewsRequest {})
+            .await?
+            .into_inner()
+            .views;
+        Ok(views
+            .iter()
+            .find(|v| v.name == view)
+            .map_or(0, |v| v.live_rows))
     }
 
     /// Committed sequence of the view.
@@ -513,6 +534,107 @@ fn kafka_config(work: &Path, broker: &Broker, topic: &str) -> NodeConfig {
         })],
     }];
     c
+}
+
+/// Source tables of the golden phase, with how many rows each has for
+/// `people` people.
+fn golden_tables(people: u64) -> [(Table, u64); 5] {
+    [
+        (Table::Citizens, people),
+        (Table::Addresses, people),
+        (Table::InsuranceCards, people),
+        (Table::Vehicles, people),
+        (Table::Businesses, people / 3),
+    ]
+}
+
+/// Fills the five agencies' topics with their snapshots.
+pub async fn golden_produce(broker: &Broker, people: u64) -> anyhow::Result<Report> {
+    let producer = broker.producer()?;
+    let started = Instant::now();
+    let mut events = 0u64;
+    let mut bytes = 0u64;
+    for (table, rows) in golden_tables(people) {
+        broker.create_topic(table.topic(), 4).await?;
+        let mut feed = Feed::new(table, 1_767_225_600_000);
+        let mut inflight = Vec::with_capacity(10_000);
+        for i in 0..rows {
+            let e = feed.event('r', i, 0, None);
+            let value = e.value.unwrap_or_default();
+            bytes += value.len() as u64;
+            let record = FutureRecord::to(table.topic()).key(&e.key).payload(&value);
+            match producer.send_result(record) {
+                Ok(d) => inflight.push(d),
+                Err((e, _)) => bail!("produce: {e}"),
+            }
+            events += 1;
+            if inflight.len() >= 10_000 {
+                for d in inflight.drain(..) {
+                    d.await?.map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+                }
+            }
+        }
+        for d in inflight.drain(..) {
+            d.await?.map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Report {
+        phase: "golden-produce".into(),
+        events,
+        keys: people,
+        seconds,
+        events_per_second: events as f64 / seconds,
+        mean_event_bytes: bytes / events.max(1),
+        node_peak_rss_bytes: None,
+        latency_ms: None,
+        note: "five agencies' snapshots into the broker".into(),
+    })
+}
+
+/// The example pipeline catching up on the filled topics: timed from the
+/// node's start until every person's golden record holds the facts of all
+/// three merged agencies and every vehicle is joined with its owner.
+pub async fn golden_phase(work: &Path, broker: &Broker, people: u64) -> anyhow::Result<Report> {
+    let mut c = base_config(work);
+    c.kafka = Some(KafkaSection {
+        bootstrap_servers: broker.bootstrap.clone(),
+        metadata_refresh: Duration::from_secs(2),
+        ..KafkaSection::default()
+    });
+    let spec = work.join("national.yaml");
+    std::fs::write(&spec, ndc_node::quickstart::EXAMPLE_PIPELINE)?;
+    c.pipelines.files = vec![spec];
+    let events: u64 = golden_tables(people).iter().map(|(_, n)| n).sum();
+    let started = Instant::now();
+    let node = NodeProcess::start(&c, work)?;
+    let deadline = started + Duration::from_secs(3600);
+    loop {
+        let merged = node
+            .live_rows("national.people.contributions")
+            .await
+            .unwrap_or(0);
+        let joined = node.live_rows("national.vehicle_owners").await.unwrap_or(0);
+        if merged >= 3 * people && joined >= people {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("timed out: {merged} contributions, {joined} vehicles joined");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Report {
+        phase: "golden".into(),
+        events,
+        keys: people,
+        seconds,
+        events_per_second: events as f64 / seconds,
+        mean_event_bytes: 0,
+        node_peak_rss_bytes: node.peak_rss(),
+        latency_ms: None,
+        note: "source events/s: node start to all golden records and joins complete".into(),
+    })
 }
 
 /// The node catching up on a filled topic.

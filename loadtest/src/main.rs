@@ -15,13 +15,20 @@ struct Args {
     /// Distinct primary keys (people).
     #[arg(long, default_value_t = 500_000)]
     keys: u64,
-    /// Phases to run, comma separated: file, broker, latency, cluster (not
-    /// in the default set: three nodes on one machine).
-    #[arg(long, value_delimiter = ',', default_value = "file,broker,latency")]
+    /// Phases to run, comma separated: file, broker, latency, golden,
+    /// cluster (not in the default set: three nodes on one machine).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "file,broker,latency,golden"
+    )]
     phases: Vec<String>,
     /// Events per second of the latency phase.
     #[arg(long, default_value_t = 20_000)]
     rate: u64,
+    /// People of the golden phase (five agencies' rows about them).
+    #[arg(long, default_value_t = 100_000)]
+    people: u64,
     /// Length of the latency phase.
     #[arg(long, default_value_t = 30)]
     seconds: u64,
@@ -80,6 +87,15 @@ async fn main() -> anyhow::Result<()> {
             .await?
             .print();
         ndc_loadtest::cluster_phase(&fresh("cluster")?, &broker, TOPIC, w, 3)
+            .await?
+            .print();
+    }
+    if args.phases.iter().any(|p| p == "golden") {
+        let broker = Broker::start()?;
+        ndc_loadtest::golden_produce(&broker, args.people)
+            .await?
+            .print();
+        ndc_loadtest::golden_phase(&fresh("golden")?, &broker, args.people)
             .await?
             .print();
     }

@@ -33,7 +33,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Validate a configuration and print it with every default filled in.
+    /// Validate a configuration (and the pipeline specs it names) and print
+    /// it with every default filled in.
     CheckConfig {
         #[arg(long, short)]
         config: PathBuf,
@@ -270,6 +271,13 @@ fn main() -> anyhow::Result<()> {
             }
             Command::CheckConfig { config } => {
                 let config = NodeConfig::load(&config)?;
+                // The pipeline specs it names must be valid too.
+                for file in &config.pipelines.files {
+                    let text = std::fs::read_to_string(file)
+                        .with_context(|| format!("pipelines.files: cannot read {}", file.display()))?;
+                    ndc_node::spec::PipelineSpec::from_yaml(&text)
+                        .with_context(|| format!("pipelines.files: {}", file.display()))?;
+                }
                 print!("{}", config.to_yaml()?);
                 Ok(())
             }

@@ -569,6 +569,18 @@ fn build(
     let mut mergers = HashMap::new();
     let mut forwarders = Vec::new();
     let mut repartition_topics = Vec::new();
+    // A truncate of a source re-keyed by national ID must say which rows
+    // went, so that their facts are retracted from the people they named.
+    let mut store = store;
+    for spec in specs.values() {
+        for name in spec.sources.keys() {
+            if spec.rekey_column(name).is_some()
+                && let Some(id) = store.view_id(&spec.view(name))
+            {
+                store.set_truncate_as_deletes(id, true);
+            }
+        }
+    }
     let view_id = |name: &str| {
         store
             .view_id(name)
@@ -733,6 +745,9 @@ fn build(
                 .set("enable.idempotence", "true")
                 .set("acks", "all")
                 .set("linger.ms", "2")
+                // A broker that does not answer fails a round in 30 s (then
+                // retried) rather than holding a pipeline apply for minutes.
+                .set("message.timeout.ms", "30000")
                 .create()
             {
                 Ok(p) => p,

@@ -307,6 +307,44 @@ async fn golden_records_conflicts_and_the_four_pillars_from_five_agencies() {
         "join follows the golden record"
     );
 
+    // The residence registry truncates its table (Debezium names no rows):
+    // every address's facts leave its resident's golden record, and the
+    // residents join empties; the other agencies' facts stay.
+    let truncate = json!({
+        "before": null, "after": null,
+        "source": {"connector": "postgresql", "db": "residence", "schema": "public", "table": "addresses",
+                   "ts_ms": 1_767_300_000_000i64, "lsn": 99_000_000, "snapshot": "false"},
+        "op": "t", "ts_ms": 1_767_300_000_003i64,
+    })
+    .to_string();
+    publish(
+        &producer,
+        Table::Addresses.topic(),
+        None,
+        Some(truncate.as_bytes()),
+    )
+    .await;
+    let golden = until(addr, "national.people", "residence retracted", |r| {
+        r.values().all(|g| g.get("address_id").is_none())
+    })
+    .await;
+    assert_eq!(
+        golden.len(),
+        PEOPLE as usize,
+        "the other agencies' facts keep everyone"
+    );
+    assert!(golden.values().all(|g| {
+        g["_contributors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["source"] != "residence")
+    }));
+    until(addr, "national.residents", "residents emptied", |r| {
+        r.is_empty()
+    })
+    .await;
+
     // Invalid national IDs went to the dead-letter topic, with the reason,
     // and are counted per source.
     let letters = broker.read_all(DLQ, 3, Duration::from_secs(20));

@@ -398,6 +398,8 @@ pub struct Store {
     offsets: HashMap<(ViewId, Arc<str>), u64>,
     write_opts: WriteOptions,
     sync: bool,
+    /// Views whose truncates are emitted as one delete per removed row.
+    row_truncates: std::collections::HashSet<ViewId>,
     // Kept alive for the lifetime of the database.
     _cache: Cache,
     _write_buffers: WriteBufferManager,
@@ -470,6 +472,7 @@ impl Store {
             offsets: HashMap::new(),
             write_opts,
             sync: config.sync_commits,
+            row_truncates: Default::default(),
             _cache: cache,
             _write_buffers: write_buffers,
         };
@@ -562,6 +565,18 @@ impl Store {
         self.metas.remove(&id);
         self.offsets.retain(|(v, _), _| *v != id);
         Ok(())
+    }
+
+    /// Emits a truncate of `view` as one delete per removed row (with its
+    /// `before`) instead of a single TRUNCATE change, so that consumers
+    /// keyed differently (a pipeline's re-keying stage) learn which rows
+    /// went. Not stored: set it every time the store is opened.
+    pub fn set_truncate_as_deletes(&mut self, view: ViewId, on: bool) {
+        if on {
+            self.row_truncates.insert(view);
+        } else {
+            self.row_truncates.remove(&view);
+        }
     }
 
     /// Stores an applied pipeline spec (opaque text), so a restarted node
@@ -1239,7 +1254,7 @@ impl Txn<'_> {
             meta.live_rows = survivors;
         }
         let source = source_position(&event.source, pos);
-        if survivors == 0 {
+        if survivors == 0 && !self.store.row_truncates.contains(&view) {
             self.append_change(
                 view,
                 Change {
