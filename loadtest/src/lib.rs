@@ -593,8 +593,8 @@ pub async fn golden_produce(broker: &Broker, people: u64) -> anyhow::Result<Repo
 }
 
 /// The example pipeline catching up on the filled topics: timed from the
-/// node's start until every person's golden record holds the facts of all
-/// three merged agencies and every vehicle is joined with its owner.
+/// node's start until every source row's facts are merged (or kept for a
+/// join) and every vehicle is joined with its owner.
 pub async fn golden_phase(work: &Path, broker: &Broker, people: u64) -> anyhow::Result<Report> {
     let mut c = base_config(work);
     c.kafka = Some(KafkaSection {
@@ -615,7 +615,8 @@ pub async fn golden_phase(work: &Path, broker: &Broker, people: u64) -> anyhow::
             .await
             .unwrap_or(0);
         let joined = node.live_rows("national.vehicle_owners").await.unwrap_or(0);
-        if merged >= 3 * people && joined >= people {
+        // Every source row is one contribution (merged or joined).
+        if merged >= events && joined >= people {
             break;
         }
         if Instant::now() > deadline {

@@ -100,7 +100,7 @@ impl Runtime {
                     "a newer version of this pipeline was applied through the admin API; keeping it"
                 ),
                 _ => {
-                    let reset = reconcile(&mut store, specs.get(&spec.name), &spec, &config)?;
+                    let reset = reconcile(&mut store, specs.get(&spec.name), &spec)?;
                     store.save_spec(&spec.name, &text)?;
                     info!(pipeline = %spec.name, version = spec.version, ?reset, "pipeline from file applied");
                     specs.insert(spec.name.clone(), spec);
@@ -302,7 +302,7 @@ impl Runtime {
         let old_views: BTreeSet<String> = old
             .map(|o| o.views().into_iter().collect())
             .unwrap_or_default();
-        let reset = reconcile(store, old, spec, &self.config)?;
+        let reset = reconcile(store, old, spec)?;
         for v in &old_views {
             if store.view_id(v).is_none() {
                 self.views.remove(v);
@@ -329,6 +329,7 @@ impl Runtime {
             && let Some(store) = self.store.as_mut()
             && let Some(merger) = merger_of(spec, store)?
         {
+            store.set_prefix_scanned(merger.views.contributions);
             let mut txn = store.begin(now_ms());
             let people = merger.refresh_all(&mut txn)?;
             txn.commit()?;
@@ -419,7 +420,6 @@ fn reconcile(
     store: &mut Store,
     old: Option<&PipelineSpec>,
     new: &PipelineSpec,
-    _config: &NodeConfig,
 ) -> anyhow::Result<BTreeSet<String>> {
     let Some(old) = old else {
         return Ok(BTreeSet::new());
@@ -570,7 +570,8 @@ fn build(
     let mut forwarders = Vec::new();
     let mut repartition_topics = Vec::new();
     // A truncate of a source re-keyed by national ID must say which rows
-    // went, so that their facts are retracted from the people they named.
+    // went, so that their facts are retracted from the people they named;
+    // and the merge reads a person's contributions by key prefix.
     let mut store = store;
     for spec in specs.values() {
         for name in spec.sources.keys() {
@@ -579,6 +580,12 @@ fn build(
             {
                 store.set_truncate_as_deletes(id, true);
             }
+        }
+        // The merge reads a person's contributions by key prefix.
+        if let Some((merge, _)) = spec.merges().next()
+            && let Some(id) = store.view_id(&format!("{}.contributions", spec.view(merge)))
+        {
+            store.set_prefix_scanned(id);
         }
     }
     let view_id = |name: &str| {

@@ -63,7 +63,7 @@ pub struct AttributeRule {
 pub struct MergeRules {
     /// Sources merged, in default priority order.
     pub inputs: Vec<String>,
-    /// Attributes of the golden record, in output order.
+    /// Attributes of the golden record, by name.
     pub attributes: BTreeMap<String, AttributeRule>,
 }
 

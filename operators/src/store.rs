@@ -400,6 +400,9 @@ pub struct Store {
     sync: bool,
     /// Views whose truncates are emitted as one delete per removed row.
     row_truncates: std::collections::HashSet<ViewId>,
+    /// Views read by key prefix while a batch is applied: their rows in a
+    /// batch's overlay are also indexed in key order.
+    prefix_scanned: std::collections::HashSet<ViewId>,
     // Kept alive for the lifetime of the database.
     _cache: Cache,
     _write_buffers: WriteBufferManager,
@@ -473,6 +476,7 @@ impl Store {
             write_opts,
             sync: config.sync_commits,
             row_truncates: Default::default(),
+            prefix_scanned: Default::default(),
             _cache: cache,
             _write_buffers: write_buffers,
         };
@@ -579,6 +583,13 @@ impl Store {
         }
     }
 
+    /// Marks a view as read by key prefix during batches
+    /// ([`Txn::live_rows_with_prefix`]): its unwritten rows are indexed in
+    /// key order, so a prefix read costs the prefix, not the whole batch.
+    pub fn set_prefix_scanned(&mut self, view: ViewId) {
+        self.prefix_scanned.insert(view);
+    }
+
     /// Stores an applied pipeline spec (opaque text), so a restarted node
     /// runs what was applied.
     pub fn save_spec(&self, name: &str, text: &str) -> Result<(), StoreError> {
@@ -654,6 +665,7 @@ impl Store {
             store: self,
             batch: WriteBatch::default(),
             overlay: HashMap::new(),
+            overlay_index: Default::default(),
             prefetched: HashMap::new(),
             metas: HashMap::new(),
             offsets: HashMap::new(),
@@ -800,6 +812,8 @@ pub struct Txn<'s> {
     /// Rows written (Some) or removed (None) in this batch, so later records
     /// of the batch see them.
     overlay: HashMap<(ViewId, Vec<u8>), Option<StoredRow>>,
+    /// Keys of `overlay` in prefix-scanned views, in order.
+    overlay_index: std::collections::BTreeSet<(ViewId, Vec<u8>)>,
     /// Committed rows read ahead by [`Txn::prefetch`] (the writer is the only
     /// writer, so they stay valid for the whole transaction).
     prefetched: HashMap<(ViewId, Vec<u8>), Option<StoredRow>>,
@@ -820,6 +834,8 @@ pub struct Txn<'s> {
 pub struct Pending {
     rows: HashMap<(ViewId, Vec<u8>), (Option<StoredRow>, u64)>,
     truncates: HashMap<ViewId, (RowVersion, u64)>,
+    /// Keys of `rows` in prefix-scanned views, in order.
+    index: std::collections::BTreeSet<(ViewId, Vec<u8>)>,
 }
 
 impl Pending {
@@ -827,12 +843,16 @@ impl Pending {
     pub fn record(&mut self, view: ViewId, effects: &[Effect], offset: u64) {
         for e in effects {
             match &e.kind {
+                // Indexed for every view: which views are read by prefix is
+                // the store's knowledge, and a stale index entry is harmless.
                 Some(effect::Kind::Put(row)) => {
                     self.rows
                         .insert((view, e.key.clone()), (Some(row.clone()), offset));
+                    self.index.insert((view, e.key.clone()));
                 }
                 Some(effect::Kind::Remove(_)) => {
                     self.rows.insert((view, e.key.clone()), (None, offset));
+                    self.index.insert((view, e.key.clone()));
                 }
                 Some(effect::Kind::Truncate(v)) => {
                     self.truncates.insert(view, (v.clone(), offset));
@@ -847,12 +867,21 @@ impl Pending {
     pub fn applied_through(&mut self, view: ViewId, offset: u64) {
         self.rows.retain(|(v, _), (_, o)| *v != view || *o > offset);
         self.truncates.retain(|v, (_, o)| *v != view || *o > offset);
+        self.reindex();
+    }
+
+    fn reindex(&mut self) {
+        if !self.index.is_empty() {
+            let rows = &self.rows;
+            self.index.retain(|k| rows.contains_key(k));
+        }
     }
 
     /// Forgets everything, of every view, recorded at or before `offset`.
     pub fn applied_through_all(&mut self, offset: u64) {
         self.rows.retain(|_, (_, o)| *o > offset);
         self.truncates.retain(|_, (_, o)| *o > offset);
+        self.reindex();
     }
 
     pub fn len(&self) -> usize {
@@ -866,7 +895,10 @@ impl Pending {
 
 /// Rows a prepared batch wrote (`Some`) or removed (`None`).
 #[derive(Debug, Default)]
-pub struct RowOverlay(HashMap<(ViewId, Vec<u8>), Option<StoredRow>>);
+pub struct RowOverlay(
+    HashMap<(ViewId, Vec<u8>), Option<StoredRow>>,
+    std::collections::BTreeSet<(ViewId, Vec<u8>)>,
+);
 
 impl Pending {
     /// Overlays the rows of prepared batch `number` (moved, not copied).
@@ -874,6 +906,7 @@ impl Pending {
         for (k, row) in rows.0 {
             self.rows.insert(k, (row, number));
         }
+        self.index.extend(rows.1);
     }
 }
 
@@ -1100,13 +1133,21 @@ impl Txn<'_> {
         self.batch
             .put_cf(cf(db, CF_ROWS), row_key(view, key), row.encode_to_vec());
         self.record(key, || effect::Kind::Put(row.clone()));
+        self.index(view, key);
         self.overlay.insert((view, key.to_vec()), Some(row));
+    }
+
+    fn index(&mut self, view: ViewId, key: &[u8]) {
+        if self.store.prefix_scanned.contains(&view) {
+            self.overlay_index.insert((view, key.to_vec()));
+        }
     }
 
     fn remove_row(&mut self, view: ViewId, key: &[u8]) {
         let db = &self.store.reader.db;
         self.batch.delete_cf(cf(db, CF_ROWS), row_key(view, key));
         self.record(key, || effect::Kind::Remove(true));
+        self.index(view, key);
         self.overlay.insert((view, key.to_vec()), None);
     }
 
@@ -1198,19 +1239,39 @@ impl Txn<'_> {
             let (k, v) = item?;
             rows.insert(k[4..].to_vec(), decode(&v, || "stored row".into())?);
         }
-        let overlays = self
-            .pending
-            .into_iter()
-            .flat_map(|p| p.rows.iter().map(|(k, (row, _))| (k, row)))
-            .chain(self.overlay.iter());
-        for ((v, key), row) in overlays {
-            if *v != view || !key.starts_with(prefix) {
-                continue;
-            }
+        let mut overlay = |key: &Vec<u8>, row: &Option<StoredRow>| {
             match row {
                 Some(row) => rows.insert(key.clone(), row.clone()),
                 None => rows.remove(key),
             };
+        };
+        if self.store.prefix_scanned.contains(&view) {
+            // In key order from the indexes: the prefix, not the batch.
+            let from = (view, prefix.to_vec());
+            let under = |(v, k): &&(ViewId, Vec<u8>)| *v == view && k.starts_with(prefix);
+            if let Some(p) = self.pending {
+                for k in p.index.range(from.clone()..).take_while(under) {
+                    if let Some((row, _)) = p.rows.get(k) {
+                        overlay(&k.1, row);
+                    }
+                }
+            }
+            for k in self.overlay_index.range(from..).take_while(under) {
+                if let Some(row) = self.overlay.get(k) {
+                    overlay(&k.1, row);
+                }
+            }
+        } else {
+            let overlays = self
+                .pending
+                .into_iter()
+                .flat_map(|p| p.rows.iter().map(|(k, (row, _))| (k, row)))
+                .chain(self.overlay.iter());
+            for ((v, key), row) in overlays {
+                if *v == view && key.starts_with(prefix) {
+                    overlay(key, row);
+                }
+            }
         }
         Ok(rows)
     }
@@ -1330,6 +1391,7 @@ impl Txn<'_> {
                     let db = &self.store.reader.db;
                     self.batch
                         .put_cf(cf(db, CF_ROWS), row_key(view, &e.key), row.encode_to_vec());
+                    self.index(view, &e.key);
                     self.overlay
                         .insert((view, e.key.clone()), Some(row.clone()));
                     let meta = self.meta_mut(view)?;
@@ -1339,6 +1401,7 @@ impl Txn<'_> {
                     let was_live = self.current_row(view, &e.key)?.is_some_and(|r| !r.deleted);
                     let db = &self.store.reader.db;
                     self.batch.delete_cf(cf(db, CF_ROWS), row_key(view, &e.key));
+                    self.index(view, &e.key);
                     self.overlay.insert((view, e.key.clone()), None);
                     let meta = self.meta_mut(view)?;
                     meta.live_rows = meta.live_rows.saturating_sub(u64::from(was_live));
@@ -1392,6 +1455,7 @@ impl Txn<'_> {
             offsets,
             changes,
             overlay,
+            overlay_index,
             ..
         } = self;
         let db = store.reader.db.clone();
@@ -1418,7 +1482,7 @@ impl Txn<'_> {
         (
             CommitInfo { last_seqs, changes },
             PreparedWrite { db, batch, sync },
-            RowOverlay(overlay),
+            RowOverlay(overlay, overlay_index),
         )
     }
 }

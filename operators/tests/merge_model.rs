@@ -14,7 +14,7 @@
 use ndc_operators::merge::{
     AttributeRule, Fact, JoinRule, MergeRules, MergeViews, Merger, Rule, facts_of_change,
 };
-use ndc_operators::{Position, Store, StoreConfig};
+use ndc_operators::{Pending, Position, PreparedWrite, Store, StoreConfig};
 use ndc_proto::v1::{Op, SourcePosition};
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
@@ -387,6 +387,8 @@ struct Delivery {
     batch: usize,
     /// Crash (lose the open batch) when the delivered count hits these.
     crashes: Vec<u8>,
+    /// Write each batch while the next is applied, as the node does.
+    pipelined: bool,
 }
 
 fn delivery() -> impl Strategy<Value = Delivery> {
@@ -395,12 +397,14 @@ fn delivery() -> impl Strategy<Value = Delivery> {
         proptest::collection::vec((0u8..70, 0u8..4, 0u8..20), 0..4),
         1usize..7,
         proptest::collection::vec(0u8..70, 0..3),
+        any::<bool>(),
     )
-        .prop_map(|(picks, replays, batch, crashes)| Delivery {
+        .prop_map(|(picks, replays, batch, crashes, pipelined)| Delivery {
             picks,
             replays,
             batch,
             crashes,
+            pipelined,
         })
 }
 
@@ -447,7 +451,10 @@ const JOINS: [(&str, &[&str], usize); 2] = [("residence", &["full_name"], 3), ("
 
 fn open(dir: &std::path::Path) -> (Store, Merger) {
     let names: Vec<String> = VIEWS.iter().map(|s| s.to_string()).collect();
-    let store = Store::open(&StoreConfig::new(dir), &names).expect("open");
+    let mut store = Store::open(&StoreConfig::new(dir), &names).expect("open");
+    // As the node does: contributions are read by person (key prefix).
+    let contributions = store.view_id(VIEWS[0]).expect("view");
+    store.set_prefix_scanned(contributions);
     let id = |n: &str| store.view_id(n).expect("view");
     let merger = Merger {
         rules: rules(),
@@ -515,36 +522,62 @@ fn run(histories: &[Vec<(Step, u8)>; 4], d: &Delivery) -> Result<(), TestCaseErr
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut store, mut merger) = open(dir.path());
     let mut crashes = d.crashes.clone();
+    // Pipelined as the node's writer: batch N is written after batch N+1
+    // was applied over it (through `pending`); a crash loses both.
+    let mut pending = Pending::default();
+    let mut inflight: Option<(PreparedWrite, u64)> = None;
+    let mut batches = 0u64;
+    // Next fact to deliver: after the stored offset, or after what was
+    // applied in memory when pipelining.
+    let mut next = 0usize;
     loop {
-        let start = store
-            .next_offset(merger.views.contributions, stream)
-            .unwrap_or(0) as usize;
-        if start >= topic.len() {
+        if next >= topic.len() {
             break;
         }
-        let mut txn = store.begin(0);
+        batches += 1;
+        let mut txn = if d.pipelined {
+            store.begin_over(0, &pending)
+        } else {
+            store.begin(0)
+        };
         let mut crashed = false;
-        for (i, fact) in topic.iter().enumerate().skip(start) {
+        for (i, fact) in topic.iter().enumerate().skip(next) {
             merger
                 .apply(&mut txn, fact, &Position::new(stream, i as u64))
                 .expect("apply");
-            let delivered = i + 1;
-            if let Some(c) = crashes.iter().position(|c| usize::from(*c) == delivered) {
+            next = i + 1;
+            if let Some(c) = crashes.iter().position(|c| usize::from(*c) == next) {
                 crashes.remove(c);
                 crashed = true;
                 break;
             }
-            if delivered % d.batch == 0 {
+            if next.is_multiple_of(d.batch) {
                 break;
             }
         }
         if crashed {
             drop(txn);
+            inflight = None;
+            pending = Pending::default();
             drop(store);
             (store, merger) = open(dir.path());
+            next = store
+                .next_offset(merger.views.contributions, stream)
+                .unwrap_or(0) as usize;
+        } else if d.pipelined {
+            let (_, prepared, rows) = txn.prepare_keeping_rows();
+            if let Some((write, n)) = inflight.take() {
+                write.write().expect("write");
+                pending.applied_through_all(n);
+            }
+            pending.absorb(rows, batches);
+            inflight = Some((prepared, batches));
         } else {
             txn.commit().expect("commit");
         }
+    }
+    if let Some((write, _)) = inflight.take() {
+        write.write().expect("write");
     }
     let (golden, conflicts) = reference(&finals);
     let stored_golden: BTreeMap<String, Value> = view_rows(&store, VIEWS[1])
