@@ -200,7 +200,7 @@ impl Runtime {
             p.repartition_replication,
             "repartition",
         );
-        match tokio::time::timeout(std::time::Duration::from_secs(10), created).await {
+        match tokio::time::timeout(std::time::Duration::from_secs(3), created).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => warn!(error = %e, "cannot create repartition topics yet"),
             Err(_) => warn!("creating repartition topics timed out"),
