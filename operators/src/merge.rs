@@ -131,7 +131,9 @@ impl Fact {
     }
 }
 
-/// Key prefix of every contribution of one person.
+/// Key prefix of every contribution of one person; as long as
+/// [`crate::store::ROW_PREFIX_BLOOM_BYTES`] for a 12-digit ID, so that
+/// reading one person's contributions uses the prefix bloom filters.
 fn contributions_prefix(national_id: &str) -> String {
     format!("{{\"national_id\":{},", Value::from(national_id))
 }
@@ -553,4 +555,15 @@ fn contribution_of(
         ts_ms: version.source_ts_ms,
         lsn: version.lsn,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_persons_prefix_has_the_bloom_filtered_length() {
+        assert_eq!(
+            super::contributions_prefix("001089123456").len(),
+            crate::store::ROW_PREFIX_BLOOM_BYTES
+        );
+    }
 }
