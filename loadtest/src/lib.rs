@@ -172,37 +172,24 @@ impl NodeProcess {
         Some(kb * 1024)
     }
 
-    /// Live rows of any view (0 when it does not exist yet).
-    pub async fn live_rows(&self, view: &str) -> anyhow::Result<u64> {
+    /// Every view the node serves, as `ListViews` reports it.
+    pub async fn views(&self) -> anyhow::Result<Vec<ndc_proto::v1::ViewInfo>> {
         let mut c = ndc_proto::v1::subscription_client::SubscriptionClient::connect(format!(
             "http://{}",
             self.grpc
         ))
         .await?;
-        let views = c
-            .list_views(ndc_proto::v1::ListViewsRequest {})
+        Ok(c.list_views(ndc_proto::v1::ListViewsRequest {})
             .await?
             .into_inner()
-            .views;
-        Ok(views
-            .iter()
-            .find(|v| v.name == view)
-            .map_or(0, |v| v.live_rows))
+            .views)
     }
 
     /// Committed sequence of the view.
     pub async fn committed(&self) -> anyhow::Result<u64> {
-        let mut c = ndc_proto::v1::subscription_client::SubscriptionClient::connect(format!(
-            "http://{}",
-            self.grpc
-        ))
-        .await?;
-        let views = c
-            .list_views(ndc_proto::v1::ListViewsRequest {})
+        Ok(self
+            .views()
             .await?
-            .into_inner()
-            .views;
-        Ok(views
             .iter()
             .find(|v| v.name == VIEW)
             .map_or(0, |v| v.committed_seq))
@@ -610,11 +597,16 @@ pub async fn golden_phase(work: &Path, broker: &Broker, people: u64) -> anyhow::
     let node = NodeProcess::start(&c, work)?;
     let deadline = started + Duration::from_secs(3600);
     loop {
-        let merged = node
-            .live_rows("national.people.contributions")
-            .await
-            .unwrap_or(0);
-        let joined = node.live_rows("national.vehicle_owners").await.unwrap_or(0);
+        // One ListViews per poll for both views.
+        let views = node.views().await.unwrap_or_default();
+        let rows = |name: &str| {
+            views
+                .iter()
+                .find(|v| v.name == name)
+                .map_or(0, |v| v.live_rows)
+        };
+        let merged = rows("national.people.contributions");
+        let joined = rows("national.vehicle_owners");
         // Every source row is one contribution (merged or joined).
         if merged >= events && joined >= people {
             break;

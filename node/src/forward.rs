@@ -139,15 +139,7 @@ impl Forwarder {
                 change.after_json.as_deref(),
                 &origin,
             ) {
-                let payload = fact.to_json();
-                let record = FutureRecord::to(&self.topic)
-                    .key(fact.national_id.as_bytes())
-                    .payload(&payload);
-                let delivery = self
-                    .producer
-                    .send_result(record)
-                    .map_err(|(e, _)| anyhow::anyhow!("cannot queue a fact: {e}"))?;
-                deliveries.push(delivery);
+                deliveries.push(queue(&self.producer, &self.topic, &fact)?);
                 facts += 1;
             }
         }
@@ -196,14 +188,10 @@ impl Forwarder {
                         Some(&row.row_json),
                         &origin,
                     ) {
-                        let payload = fact.to_json();
-                        let record = FutureRecord::to(&topic)
-                            .key(fact.national_id.as_bytes())
-                            .payload(&payload);
-                        match producer.send_result(record) {
+                        match queue(&producer, &topic, &fact) {
                             Ok(d) => deliveries.push(d),
-                            Err((e, _)) => {
-                                failure = Some(anyhow::anyhow!("cannot queue a fact: {e}"));
+                            Err(e) => {
+                                failure = Some(e);
                                 return false;
                             }
                         }
@@ -230,4 +218,19 @@ impl Forwarder {
         info!(pipeline = %self.pipeline, view = %s.view, facts, seq, "re-keyed the current rows");
         Ok(seq)
     }
+}
+
+/// Queues one fact on the repartition topic, keyed by its national ID.
+fn queue(
+    producer: &FutureProducer,
+    topic: &str,
+    fact: &ndc_operators::merge::Fact,
+) -> anyhow::Result<rdkafka::producer::DeliveryFuture> {
+    let payload = fact.to_json();
+    let record = FutureRecord::to(topic)
+        .key(fact.national_id.as_bytes())
+        .payload(&payload);
+    producer
+        .send_result(record)
+        .map_err(|(e, _)| anyhow::anyhow!("cannot queue a fact: {e}"))
 }

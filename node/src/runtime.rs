@@ -127,10 +127,6 @@ impl Runtime {
         self.cluster = Some((writer, tasks));
     }
 
-    pub fn committed_offsets(&self) -> CommittedOffsets {
-        self.committed.clone()
-    }
-
     /// Adds every view of the config and the specs to the store and serves it.
     fn register_views(&mut self) -> anyhow::Result<()> {
         let store = self.store.as_mut().context("data path is running")?;

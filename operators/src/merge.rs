@@ -560,10 +560,20 @@ fn contribution_of(
 #[cfg(test)]
 mod tests {
     #[test]
-    fn a_persons_prefix_has_the_bloom_filtered_length() {
-        assert_eq!(
-            super::contributions_prefix("001089123456").len(),
-            crate::store::ROW_PREFIX_BLOOM_BYTES
-        );
+    fn a_persons_prefix_has_the_bloom_filtered_length_and_starts_their_keys() {
+        let prefix = super::contributions_prefix("001089123456");
+        assert_eq!(prefix.len(), crate::store::ROW_PREFIX_BLOOM_BYTES);
+        // Written by hand beside the canonical key: they must agree.
+        let fact = super::Fact {
+            national_id: "001089123456".into(),
+            source: "health".into(),
+            source_key: r#"{"card_no":"HC1"}"#.into(),
+            row: None,
+            ts_ms: 0,
+            lsn: None,
+            origin_stream: String::new(),
+            origin_offset: 0,
+        };
+        assert!(fact.contribution_key().as_str().starts_with(&prefix));
     }
 }
