@@ -411,7 +411,20 @@ impl Writer {
                 match c.log.append(view, &records).await {
                     Ok(offsets) => {
                         for (record, offset) in records.iter().zip(offsets) {
-                            c.pending.record(view, &record.effects, offset);
+                            // An effect on another view (a merge's golden
+                            // record, conflicts, joins) names it.
+                            let on = |e: &ndc_proto::state::Effect| {
+                                if e.view.is_empty() {
+                                    view
+                                } else {
+                                    this.store.view_id(&e.view).unwrap_or(view)
+                                }
+                            };
+                            c.pending.record(
+                                view,
+                                record.effects.iter().map(|e| (on(e), e)),
+                                offset,
+                            );
                         }
                     }
                     Err(e) => {
@@ -679,7 +692,7 @@ fn decide_batch(
     let mut open: HashMap<(ViewId, Arc<str>), (usize, usize)> = HashMap::new();
     for input in batch {
         let outcome = apply_input(&mut txn, mergers, input, &mut tally)?;
-        let effects = txn.take_effects();
+        let effects = txn.take_effects(input.view);
         if outcome == Outcome::AlreadyApplied {
             continue;
         }
@@ -688,7 +701,7 @@ fn decide_batch(
         else {
             continue; // cluster mode reads only cluster-assigned Kafka partitions
         };
-        let size: usize = effects.iter().map(|e| e.encoded_len()).sum();
+        let size: usize = effects.iter().map(|(_, e)| e.encoded_len()).sum();
         let key = (input.view, input.pos.stream.clone());
         let index = match open.get(&key) {
             Some((index, filled)) if filled + size <= MAX_LOG_RECORD_BYTES || *filled == 0 => {
@@ -713,7 +726,7 @@ fn decide_batch(
             }
         };
         if let Some((_, record)) = out.get_mut(index) {
-            record.effects.extend(effects);
+            record.effects.extend(effects.into_iter().map(|(_, e)| e));
             record.source_next_offset = record.source_next_offset.max(input.pos.offset + 1);
         }
         if let Some(entry) = open.get_mut(&key) {

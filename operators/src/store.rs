@@ -838,8 +838,9 @@ pub struct Txn<'s> {
     offsets: HashMap<(ViewId, Arc<str>), u64>,
     now_ms: i64,
     changes: u64,
-    /// Cluster owner mode: effects decided since the last take.
-    recording: Option<Vec<Effect>>,
+    /// Cluster owner mode: effects decided since the last take, with the
+    /// view each is on.
+    recording: Option<Vec<(ViewId, Effect)>>,
     /// Cluster owner mode: logged effects not yet applied back.
     pending: Option<&'s Pending>,
 }
@@ -849,41 +850,58 @@ pub struct Txn<'s> {
 /// view, with the log offset that carries them.
 #[derive(Debug, Default)]
 pub struct Pending {
-    rows: HashMap<(ViewId, Vec<u8>), (Option<StoredRow>, u64)>,
-    truncates: HashMap<ViewId, (RowVersion, u64)>,
+    /// (view, key) → (row, the log it was written to, offset there).
+    rows: HashMap<(ViewId, Vec<u8>), (Option<StoredRow>, Logged)>,
+    truncates: HashMap<ViewId, (RowVersion, Logged)>,
     /// Keys of `rows` in prefix-scanned views, in order.
     index: std::collections::BTreeSet<(ViewId, Vec<u8>)>,
 }
 
+/// Where a pending effect was logged: the change log of `log` (a view), at
+/// `offset` (or, for the single node's pipelined writer, batch number).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Logged {
+    log: ViewId,
+    offset: u64,
+}
+
 impl Pending {
-    /// Remembers `effects`, logged for `view` at `offset`.
-    pub fn record(&mut self, view: ViewId, effects: &[Effect], offset: u64) {
-        for e in effects {
+    /// Remembers `effects` (each on its view), logged in `log`'s change log at
+    /// `offset`.
+    pub fn record<'e>(
+        &mut self,
+        log: ViewId,
+        effects: impl IntoIterator<Item = (ViewId, &'e Effect)>,
+        offset: u64,
+    ) {
+        let at = Logged { log, offset };
+        for (view, e) in effects {
             match &e.kind {
                 // Indexed for every view: which views are read by prefix is
                 // the store's knowledge, and a stale index entry is harmless.
                 Some(effect::Kind::Put(row)) => {
                     self.rows
-                        .insert((view, e.key.clone()), (Some(row.clone()), offset));
+                        .insert((view, e.key.clone()), (Some(row.clone()), at));
                     self.index.insert((view, e.key.clone()));
                 }
                 Some(effect::Kind::Remove(_)) => {
-                    self.rows.insert((view, e.key.clone()), (None, offset));
+                    self.rows.insert((view, e.key.clone()), (None, at));
                     self.index.insert((view, e.key.clone()));
                 }
                 Some(effect::Kind::Truncate(v)) => {
-                    self.truncates.insert(view, (v.clone(), offset));
+                    self.truncates.insert(view, (v.clone(), at));
                 }
                 Some(effect::Kind::Change(_)) | None => {}
             }
         }
     }
 
-    /// Forgets what the log has delivered back: everything of `view` logged
-    /// at or before `offset`.
-    pub fn applied_through(&mut self, view: ViewId, offset: u64) {
-        self.rows.retain(|(v, _), (_, o)| *v != view || *o > offset);
-        self.truncates.retain(|v, (_, o)| *v != view || *o > offset);
+    /// Forgets what `log`'s change log has delivered back: everything
+    /// logged there at or before `offset`, whichever view it is on.
+    pub fn applied_through(&mut self, log: ViewId, offset: u64) {
+        let done = |at: &Logged| at.log == log && at.offset <= offset;
+        self.rows.retain(|_, (_, at)| !done(at));
+        self.truncates.retain(|_, (_, at)| !done(at));
         self.reindex();
     }
 
@@ -896,8 +914,8 @@ impl Pending {
 
     /// Forgets everything, of every view, recorded at or before `offset`.
     pub fn applied_through_all(&mut self, offset: u64) {
-        self.rows.retain(|_, (_, o)| *o > offset);
-        self.truncates.retain(|_, (_, o)| *o > offset);
+        self.rows.retain(|_, (_, at)| at.offset > offset);
+        self.truncates.retain(|_, (_, at)| at.offset > offset);
         self.reindex();
     }
 
@@ -920,8 +938,12 @@ pub struct RowOverlay(
 impl Pending {
     /// Overlays the rows of prepared batch `number` (moved, not copied).
     pub fn absorb(&mut self, rows: RowOverlay, number: u64) {
+        let at = Logged {
+            log: ViewId(u32::MAX),
+            offset: number,
+        };
         for (k, row) in rows.0 {
-            self.rows.insert(k, (row, number));
+            self.rows.insert(k, (row, at));
         }
         self.index.extend(rows.1);
     }
@@ -1039,26 +1061,38 @@ impl Txn<'_> {
 
     /// Records an effect in cluster owner mode; `kind` is only built (rows
     /// and changes cloned) when recording, not on a single node's hot path.
-    fn record(&mut self, key: &[u8], kind: impl FnOnce() -> effect::Kind) {
+    fn record(&mut self, view: ViewId, key: &[u8], kind: impl FnOnce() -> effect::Kind) {
         if let Some(r) = &mut self.recording {
-            r.push(Effect {
-                key: key.to_vec(),
-                kind: Some(kind()),
-            });
+            r.push((
+                view,
+                Effect {
+                    key: key.to_vec(),
+                    kind: Some(kind()),
+                    view: String::new(),
+                },
+            ));
         }
     }
 
     /// Effects recorded since the last call (cluster owner mode; empty
-    /// otherwise).
-    pub fn take_effects(&mut self) -> Vec<Effect> {
-        self.recording
+    /// otherwise), each with its view, to be carried by `log`'s change log:
+    /// an effect on another view names it.
+    pub fn take_effects(&mut self, log: ViewId) -> Vec<(ViewId, Effect)> {
+        let mut effects = self
+            .recording
             .as_mut()
             .map(std::mem::take)
-            .unwrap_or_default()
+            .unwrap_or_default();
+        for (view, e) in &mut effects {
+            if *view != log {
+                e.view = self.store.view_name(*view).to_string();
+            }
+        }
+        effects
     }
 
     fn append_change(&mut self, view: ViewId, mut change: Change) -> Result<(), StoreError> {
-        self.record(&[], || effect::Kind::Change(change.clone()));
+        self.record(view, &[], || effect::Kind::Change(change.clone()));
         let meta = self.meta_mut(view)?;
         meta.last_seq += 1;
         change.seq = meta.last_seq;
@@ -1149,7 +1183,7 @@ impl Txn<'_> {
         let db = &self.store.reader.db;
         self.batch
             .put_cf(cf(db, CF_ROWS), row_key(view, key), row.encode_to_vec());
-        self.record(key, || effect::Kind::Put(row.clone()));
+        self.record(view, key, || effect::Kind::Put(row.clone()));
         self.index(view, key);
         self.overlay.insert((view, key.to_vec()), Some(row));
     }
@@ -1163,7 +1197,7 @@ impl Txn<'_> {
     fn remove_row(&mut self, view: ViewId, key: &[u8]) {
         let db = &self.store.reader.db;
         self.batch.delete_cf(cf(db, CF_ROWS), row_key(view, key));
-        self.record(key, || effect::Kind::Remove(true));
+        self.record(view, key, || effect::Kind::Remove(true));
         self.index(view, key);
         self.overlay.insert((view, key.to_vec()), None);
     }
@@ -1330,7 +1364,7 @@ impl Txn<'_> {
                 survivors += 1;
             }
         }
-        self.record(&[], || effect::Kind::Truncate(version.clone()));
+        self.record(view, &[], || effect::Kind::Truncate(version.clone()));
         {
             let meta = self.meta_mut(view)?;
             meta.truncated_at = Some(version);
@@ -1406,6 +1440,13 @@ impl Txn<'_> {
             return Ok(Replayed::Fence);
         }
         for e in &record.effects {
+            let view = if e.view.is_empty() {
+                view
+            } else {
+                self.store
+                    .view_id(&e.view)
+                    .ok_or_else(|| StoreError::UnknownView(e.view.clone()))?
+            };
             match &e.kind {
                 Some(effect::Kind::Put(row)) => {
                     let was_live = self.current_row(view, &e.key)?.is_some_and(|r| !r.deleted);

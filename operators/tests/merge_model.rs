@@ -389,6 +389,10 @@ struct Delivery {
     crashes: Vec<u8>,
     /// Write each batch while the next is applied, as the node does.
     pipelined: bool,
+    /// Cluster path instead: decide over logged-but-unapplied effects and
+    /// write them to a change log that the owner (lagging) and another node
+    /// apply; `pipelined` is then ignored.
+    logged: bool,
 }
 
 fn delivery() -> impl Strategy<Value = Delivery> {
@@ -398,14 +402,18 @@ fn delivery() -> impl Strategy<Value = Delivery> {
         1usize..7,
         proptest::collection::vec(0u8..70, 0..3),
         any::<bool>(),
+        any::<bool>(),
     )
-        .prop_map(|(picks, replays, batch, crashes, pipelined)| Delivery {
-            picks,
-            replays,
-            batch,
-            crashes,
-            pipelined,
-        })
+        .prop_map(
+            |(picks, replays, batch, crashes, pipelined, logged)| Delivery {
+                picks,
+                replays,
+                batch,
+                crashes,
+                pipelined,
+                logged,
+            },
+        )
 }
 
 /// The repartition topic as the merge task reads it: the facts in the
@@ -518,9 +526,20 @@ fn run(histories: &[Vec<(Step, u8)>; 4], d: &Delivery) -> Result<(), TestCaseErr
         finals.insert(*source, replica);
     }
     let topic = topic(&per_source, d);
-    let stream = "kafka:ndc.repartition.people:0";
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut store, mut merger) = open(dir.path());
+    let other_dir = tempfile::tempdir().expect("tempdir");
+    let store = if d.logged {
+        run_logged(&topic, d, dir.path(), other_dir.path())?
+    } else {
+        run_local(&topic, d, dir.path())
+    };
+    check(&store, &finals)
+}
+
+/// The single node's writer: commits each batch (pipelined or not).
+fn run_local(topic: &[Fact], d: &Delivery, dir: &std::path::Path) -> Store {
+    let stream = "kafka:ndc.repartition.people:0";
+    let (mut store, mut merger) = open(dir);
     let mut crashes = d.crashes.clone();
     // Pipelined as the node's writer: batch N is written after batch N+1
     // was applied over it (through `pending`); a crash loses both.
@@ -560,7 +579,7 @@ fn run(histories: &[Vec<(Step, u8)>; 4], d: &Delivery) -> Result<(), TestCaseErr
             inflight = None;
             pending = Pending::default();
             drop(store);
-            (store, merger) = open(dir.path());
+            (store, merger) = open(dir);
             next = store
                 .next_offset(merger.views.contributions, stream)
                 .unwrap_or(0) as usize;
@@ -579,13 +598,120 @@ fn run(histories: &[Vec<(Step, u8)>; 4], d: &Delivery) -> Result<(), TestCaseErr
     if let Some((write, _)) = inflight.take() {
         write.write().expect("write");
     }
-    let (golden, conflicts) = reference(&finals);
-    let stored_golden: BTreeMap<String, Value> = view_rows(&store, VIEWS[1])
+    store
+}
+
+/// The cluster path: the owner of the repartition partition decides each
+/// batch over what it logged but has not applied back, records the effects
+/// (contributions, golden records, conflicts and joins: four views in one
+/// log record) in the contributions view's change log, and every node
+/// applies that log — the owner lagging 0–2 records behind, and losing its
+/// pending effects in a crash. Both nodes must end with the reference views
+/// and identical change streams, sequence numbers included.
+fn run_logged(
+    topic: &[Fact],
+    d: &Delivery,
+    owner_dir: &std::path::Path,
+    other_dir: &std::path::Path,
+) -> Result<Store, TestCaseError> {
+    use ndc_proto::state::LogRecord;
+    use std::sync::Arc;
+    let stream = "kafka:ndc.repartition.people:0";
+    let (mut owner, mut merger) = open(owner_dir);
+    let (mut other, _) = open(other_dir);
+    let view = merger.views.contributions;
+    let log_stream: Arc<str> = "log:ndc.changes.people.contributions:0".into();
+    let mut log: Vec<LogRecord> = Vec::new();
+    let mut pending = Pending::default();
+    let catch_up = |store: &mut Store, log: &[LogRecord], upto: usize| {
+        let mut txn = store.begin(0);
+        for (offset, record) in log.iter().enumerate().take(upto) {
+            txn.replay(view, record, &log_stream, offset as u64)
+                .expect("replay");
+        }
+        txn.commit().expect("commit");
+    };
+    let mut crashes = d.crashes.clone();
+    let mut next = 0usize;
+    let mut step = 0usize;
+    while next < topic.len() {
+        step += 1;
+        let mut effects = Vec::new();
+        let mut crashed = false;
+        {
+            let mut txn = owner.begin_logged(0, &pending);
+            for (i, fact) in topic.iter().enumerate().skip(next) {
+                merger
+                    .apply(&mut txn, fact, &Position::new(stream, i as u64))
+                    .expect("apply");
+                effects.extend(txn.take_effects(view));
+                next = i + 1;
+                if let Some(c) = crashes.iter().position(|c| usize::from(*c) == next) {
+                    crashes.remove(c);
+                    crashed = true;
+                    break;
+                }
+                if next.is_multiple_of(d.batch) {
+                    break;
+                }
+            }
+        }
+        if crashed {
+            // The batch never reached the log; the owner restarts, applies
+            // the whole log and resumes from the offset it stores.
+            drop(owner);
+            (owner, merger) = open(owner_dir);
+            pending = Pending::default();
+            catch_up(&mut owner, &log, log.len());
+            next = owner.next_offset(view, stream).unwrap_or(0) as usize;
+            continue;
+        }
+        let offset = log.len() as u64;
+        pending.record(view, effects.iter().map(|(v, e)| (*v, e)), offset);
+        log.push(LogRecord {
+            view: VIEWS[0].into(),
+            epoch: 1,
+            partition: "people.contributions/t/0".into(),
+            source_stream: stream.into(),
+            source_next_offset: next as u64,
+            fence: false,
+            effects: effects.into_iter().map(|(_, e)| e).collect(),
+        });
+        let upto = log.len().saturating_sub(step % 3);
+        // Replaying is idempotent: the stored log position skips the rest.
+        catch_up(&mut owner, &log, upto);
+        if upto > 0 {
+            pending.applied_through(view, upto as u64 - 1);
+        }
+    }
+    catch_up(&mut owner, &log, log.len());
+    catch_up(&mut other, &log, log.len());
+    for name in VIEWS {
+        let a = owner
+            .reader()
+            .changes_after(name, 0, usize::MAX)
+            .expect("changes");
+        let b = other
+            .reader()
+            .changes_after(name, 0, usize::MAX)
+            .expect("changes");
+        prop_assert_eq!(a, b, "nodes disagree on the change stream of {}", name);
+    }
+    Ok(other)
+}
+
+/// The views equal the reference written from the rules' definitions.
+fn check(
+    store: &Store,
+    finals: &BTreeMap<&str, BTreeMap<String, Final>>,
+) -> Result<(), TestCaseError> {
+    let (golden, conflicts) = reference(finals);
+    let stored_golden: BTreeMap<String, Value> = view_rows(store, VIEWS[1])
         .into_values()
         .map(|v| (v["national_id"].as_str().expect("id").to_string(), v))
         .collect();
     prop_assert_eq!(&stored_golden, &golden);
-    let stored_conflicts: BTreeMap<(String, String), Value> = view_rows(&store, VIEWS[2])
+    let stored_conflicts: BTreeMap<(String, String), Value> = view_rows(store, VIEWS[2])
         .into_values()
         .map(|v| {
             (
@@ -598,9 +724,9 @@ fn run(histories: &[Vec<(Step, u8)>; 4], d: &Delivery) -> Result<(), TestCaseErr
         })
         .collect();
     prop_assert_eq!(stored_conflicts, conflicts);
-    view_rows(&store, VIEWS[0]);
+    view_rows(store, VIEWS[0]);
     for (stream, attributes, view) in JOINS {
-        let stored: BTreeMap<(String, String), Value> = view_rows(&store, VIEWS[view])
+        let stored: BTreeMap<(String, String), Value> = view_rows(store, VIEWS[view])
             .into_values()
             .map(|v| {
                 let k = (
@@ -612,7 +738,7 @@ fn run(histories: &[Vec<(Step, u8)>; 4], d: &Delivery) -> Result<(), TestCaseErr
             .collect();
         prop_assert_eq!(
             stored,
-            reference_join(&finals, &golden, stream, attributes),
+            reference_join(finals, &golden, stream, attributes),
             "join of {}",
             stream
         );

@@ -458,7 +458,7 @@ fn run_logged(s: &Scenario) -> Result<(), TestCaseError> {
                 let pos = Position::new(streams[*p].as_str(), offset);
                 txn.apply(view, &event(i, &s.history[i], s.with_lsn), &pos)
                     .map_err(fail)?;
-                effects.extend(txn.take_effects());
+                effects.extend(txn.take_effects(view).into_iter().map(|(_, e)| e));
                 cursors[*p] += 1;
                 next = Some(cursors[*p]);
                 read += 1;
@@ -467,7 +467,7 @@ fn run_logged(s: &Scenario) -> Result<(), TestCaseError> {
         }
         if let Some(next) = next {
             let offset = log.len() as u64;
-            pending.record(view, &effects, offset);
+            pending.record(view, effects.iter().map(|e| (view, e)), offset);
             log.push(LogRecord {
                 view: "v".into(),
                 epoch: 1,
