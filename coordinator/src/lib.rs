@@ -23,7 +23,7 @@ mod service;
 pub mod state;
 mod store;
 
-pub use state::{Assignment, ClusterState, Command, NodeId, PartitionId};
+pub use state::{Assignment, ClusterState, Command, NodeId, PartitionId, StoredSpec};
 pub use store::Applied;
 
 use ndc_proto::cluster::{HeartbeatReply, HeartbeatRequest, HeldPartition};
@@ -86,6 +86,9 @@ pub enum Error {
     Raft(String),
     #[error("invalid cluster configuration: {0}")]
     Config(String),
+    /// Only the leader writes to the replicated state.
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader { leader: Option<(NodeId, String)> },
 }
 
 /// A peer of the static bootstrap list.
@@ -317,6 +320,30 @@ impl Coordinator {
             .await
             .map(|_| ())
             .map_err(|e| Error::Raft(e.to_string()))
+    }
+
+    /// Writes a command to the replicated state; only on the leader (else
+    /// [`Error::NotLeader`], naming the leader to forward to).
+    pub async fn propose(&self, command: Command) -> Result<state::CommandReply, Error> {
+        match self.inner.raft.client_write(command).await {
+            Ok(r) => Ok(r.data),
+            Err(openraft::error::RaftError::APIError(
+                openraft::error::ClientWriteError::ForwardToLeader(f),
+            )) => Err(Error::NotLeader {
+                leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
+            }),
+            Err(e) => Err(Error::Raft(e.to_string())),
+        }
+    }
+
+    /// Forgets partitions (see [`Command::UnregisterPartitions`]).
+    pub async fn unregister_partitions(&self, partitions: Vec<PartitionId>) -> Result<(), Error> {
+        if partitions.is_empty() {
+            return Ok(());
+        }
+        self.propose(Command::UnregisterPartitions { partitions })
+            .await
+            .map(|_| ())
     }
 
     /// Whether this node may commit state or publish output for `partition`
@@ -792,7 +819,8 @@ impl Coordinator {
         self.inner.raft.metrics().borrow().state == ServerState::Leader
     }
 
-    pub(crate) fn current_leader_addr(&self) -> Option<(NodeId, String)> {
+    /// The leader now, with its gRPC address.
+    pub fn current_leader_addr(&self) -> Option<(NodeId, String)> {
         let leader = self.inner.raft.metrics().borrow().current_leader?;
         Some((leader, self.leader_addr(leader)?))
     }

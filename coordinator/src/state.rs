@@ -34,6 +34,27 @@ pub enum Command {
     Assign {
         changes: Vec<(PartitionId, Option<NodeId>)>,
     },
+    /// Runs a pipeline spec on every node (ignored unless its version is
+    /// above the stored one).
+    PutSpec { name: String, spec: StoredSpec },
+    /// Stops a pipeline on every node.
+    DropSpec { name: String },
+    /// Forgets partitions (of dropped pipelines, or of views reset to a new
+    /// generation), with their assignments.
+    UnregisterPartitions { partitions: Vec<PartitionId> },
+}
+
+/// A pipeline spec as the cluster runs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredSpec {
+    pub version: u64,
+    /// The spec as submitted (YAML).
+    pub text: String,
+    /// Generation of each of the pipeline's views: the spec version that
+    /// created its current state. A reset view gets a new generation, and
+    /// with it fresh change-log and repartition topics, the same on every
+    /// node.
+    pub generations: BTreeMap<String, u64>,
 }
 
 /// Reply of the state machine to a command.
@@ -50,6 +71,9 @@ pub struct ClusterState {
     pub assignments: BTreeMap<PartitionId, Assignment>,
     /// Last epoch handed out.
     pub last_epoch: u64,
+    /// Pipeline specs, by name.
+    #[serde(default)]
+    pub specs: BTreeMap<String, StoredSpec>,
 }
 
 impl ClusterState {
@@ -80,6 +104,24 @@ impl ClusterState {
                         },
                     );
                     reply.epochs.push((partition.clone(), self.last_epoch));
+                }
+            }
+            Command::PutSpec { name, spec } => {
+                if self
+                    .specs
+                    .get(name)
+                    .is_none_or(|s| s.version < spec.version)
+                {
+                    self.specs.insert(name.clone(), spec.clone());
+                }
+            }
+            Command::DropSpec { name } => {
+                self.specs.remove(name);
+            }
+            Command::UnregisterPartitions { partitions } => {
+                for p in partitions {
+                    self.partitions.remove(p);
+                    self.assignments.remove(p);
                 }
             }
         }
@@ -291,5 +333,55 @@ mod tests {
         let changes = plan(&s, &l);
         s.apply(&Command::Assign { changes }, 1);
         assert_eq!(s.owned_by(1).len(), 4);
+    }
+
+    #[test]
+    fn a_spec_is_replaced_only_by_a_higher_version_and_dropped_partitions_are_forgotten() {
+        let spec = |version: u64| StoredSpec {
+            version,
+            text: format!("version: {version}"),
+            generations: [("p.people".to_string(), version)].into(),
+        };
+        let mut s = state(2);
+        s.apply(
+            &Command::PutSpec {
+                name: "p".into(),
+                spec: spec(2),
+            },
+            1,
+        );
+        // A late, older proposal does not go back.
+        s.apply(
+            &Command::PutSpec {
+                name: "p".into(),
+                spec: spec(1),
+            },
+            2,
+        );
+        assert_eq!(s.specs.get("p").map(|s| s.version), Some(2));
+        s.apply(
+            &Command::PutSpec {
+                name: "p".into(),
+                spec: spec(3),
+            },
+            3,
+        );
+        assert_eq!(s.specs.get("p"), Some(&spec(3)));
+        s.apply(
+            &Command::Assign {
+                changes: vec![("v/t/0".into(), Some(1))],
+            },
+            4,
+        );
+        s.apply(
+            &Command::UnregisterPartitions {
+                partitions: vec!["v/t/0".into()],
+            },
+            5,
+        );
+        assert!(!s.partitions.contains("v/t/0") && s.owner("v/t/0").is_none());
+        assert!(s.partitions.contains("v/t/1"));
+        s.apply(&Command::DropSpec { name: "p".into() }, 6);
+        assert!(s.specs.is_empty());
     }
 }

@@ -2,7 +2,9 @@
 //! node's [`Runtime`], and the client calls behind `ndc pipeline`.
 
 use crate::runtime::{ApplyError, Runtime};
+use crate::spec::PipelineSpec;
 use crate::telemetry::metric;
+use ndc_coordinator::{Command, Coordinator};
 use ndc_proto::v1::pipelines_client::PipelinesClient;
 use ndc_proto::v1::pipelines_server::Pipelines;
 use ndc_proto::v1::{
@@ -10,16 +12,246 @@ use ndc_proto::v1::{
     ListPipelinesRequest, ListPipelinesResponse, PipelineInfo,
 };
 use std::sync::Arc;
-use tonic::{Request, Response, Status};
-use tracing::{Instrument, info_span, warn};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Request, Response, Status};
+use tracing::{Instrument, error, info, info_span, warn};
 
 pub struct PipelineService {
     runtime: Arc<tokio::sync::Mutex<Runtime>>,
+    /// Cluster mode: specs are replicated through the leader.
+    coordinator: Option<Coordinator>,
 }
 
 impl PipelineService {
-    pub fn new(runtime: Arc<tokio::sync::Mutex<Runtime>>) -> Self {
-        PipelineService { runtime }
+    pub fn new(
+        runtime: Arc<tokio::sync::Mutex<Runtime>>,
+        coordinator: Option<Coordinator>,
+    ) -> Self {
+        PipelineService {
+            runtime,
+            coordinator,
+        }
+    }
+
+    /// Cluster mode: validates against the replicated specs, replicates the
+    /// spec through the leader (forwarding the request when this node is
+    /// not the leader), and answers once this node runs it.
+    async fn apply_in_cluster(
+        &self,
+        coordinator: &Coordinator,
+        req: ApplyPipelineRequest,
+    ) -> Result<ApplyPipelineResponse, Status> {
+        let replicated = coordinator.watch().borrow().cluster.specs.clone();
+        let (applied, stored) = self
+            .runtime
+            .lock()
+            .await
+            .plan_cluster(&req.spec_yaml, &replicated)
+            .map_err(status)?;
+        let response = ApplyPipelineResponse {
+            name: applied.name.clone(),
+            version: applied.version,
+            outcome: if req.dry_run {
+                "valid"
+            } else {
+                applied.outcome
+            }
+            .to_string(),
+            views: applied.views.clone(),
+            reset: applied.reset.clone(),
+        };
+        let Some(stored) = stored.filter(|_| !req.dry_run) else {
+            return Ok(response);
+        };
+        let command = Command::PutSpec {
+            name: applied.name.clone(),
+            spec: stored,
+        };
+        match coordinator.propose(command).await {
+            Ok(_) => {}
+            Err(ndc_coordinator::Error::NotLeader {
+                leader: Some((leader, addr)),
+            }) if leader != coordinator.node_id() => {
+                // The leader validates again against the latest state.
+                let forwarded = client(&addr)
+                    .await
+                    .map_err(|e| {
+                        Status::unavailable(format!("cannot reach the leader at {addr}: {e}"))
+                    })?
+                    .apply(req)
+                    .await?
+                    .into_inner();
+                self.wait_until_running(&forwarded.name, Some(forwarded.version))
+                    .await?;
+                return Ok(forwarded);
+            }
+            Err(e) => {
+                return Err(Status::unavailable(format!(
+                    "cannot replicate the spec: {e}"
+                )));
+            }
+        }
+        self.wait_until_running(&applied.name, Some(applied.version))
+            .await?;
+        metrics::counter!(metric::PIPELINE_APPLIES, "outcome" => "applied").increment(1);
+        Ok(response)
+    }
+
+    /// Waits until this node runs `version` of pipeline `name` (`None`: no
+    /// longer runs it).
+    async fn wait_until_running(&self, name: &str, version: Option<u64>) -> Result<(), Status> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let running = self
+                .runtime
+                .lock()
+                .await
+                .specs()
+                .get(name)
+                .map(|s| s.version);
+            let done = match version {
+                Some(v) => running.is_some_and(|r| r >= v),
+                None => running.is_none(),
+            };
+            if done {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Status::deadline_exceeded(
+                    "replicated, but this node does not run it yet; see ndc pipeline list",
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn drop_in_cluster(
+        &self,
+        coordinator: &Coordinator,
+        name: String,
+    ) -> Result<Vec<String>, Status> {
+        let views = {
+            let stored = coordinator
+                .watch()
+                .borrow()
+                .cluster
+                .specs
+                .get(&name)
+                .cloned();
+            match stored.map(|s| PipelineSpec::from_yaml(&s.text)) {
+                Some(Ok(spec)) => spec.views(),
+                Some(Err(_)) => Vec::new(),
+                None => return Err(status(ApplyError::Unknown(name))),
+            }
+        };
+        match coordinator
+            .propose(Command::DropSpec { name: name.clone() })
+            .await
+        {
+            Ok(_) => {}
+            Err(ndc_coordinator::Error::NotLeader {
+                leader: Some((leader, addr)),
+            }) if leader != coordinator.node_id() => {
+                let dropped = drop_pipeline(&addr, &name)
+                    .await
+                    .map_err(|e| Status::unavailable(format!("{e:#}")))?;
+                self.wait_until_running(&name, None).await?;
+                return Ok(dropped);
+            }
+            Err(e) => {
+                return Err(Status::unavailable(format!(
+                    "cannot replicate the drop: {e}"
+                )));
+            }
+        }
+        self.wait_until_running(&name, None).await?;
+        metrics::counter!(metric::PIPELINE_APPLIES, "outcome" => "dropped").increment(1);
+        Ok(views)
+    }
+}
+
+/// Cluster mode: keeps the node's data path on the replicated specs.
+pub async fn follow_replicated_specs(
+    runtime: Arc<tokio::sync::Mutex<Runtime>>,
+    coordinator: Coordinator,
+    shutdown: CancellationToken,
+) {
+    let mut watch = coordinator.watch();
+    loop {
+        let replicated = watch.borrow_and_update().cluster.specs.clone();
+        let mut r = runtime.lock().await;
+        if shutdown.is_cancelled() {
+            return;
+        }
+        if !r.in_sync(&replicated)
+            && let Err(e) = r.sync(&replicated).await
+        {
+            error!(error = %format!("{e:#}"), "cannot run the replicated pipeline specs; retrying");
+            drop(r);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        drop(r);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = watch.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Cluster mode: submits `pipelines.files` to the cluster through this
+/// node's own admin API (which forwards to the leader), until each is
+/// replicated or refused (an older version than the one running).
+pub async fn submit_files(
+    addr: String,
+    files: Vec<std::path::PathBuf>,
+    shutdown: CancellationToken,
+) {
+    for file in files {
+        let text = match std::fs::read_to_string(&file) {
+            Ok(t) => t,
+            Err(e) => {
+                error!(file = %file.display(), error = %e, "cannot read pipelines.files entry");
+                continue;
+            }
+        };
+        let mut attempt = 0u32;
+        loop {
+            let mut c = match client(&addr).await {
+                Ok(c) => c,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            let request = ApplyPipelineRequest {
+                spec_yaml: text.clone(),
+                dry_run: false,
+            };
+            match c.apply(request).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    info!(file = %file.display(), pipeline = %r.name, version = r.version, outcome = %r.outcome,
+                          "pipeline file submitted to the cluster");
+                    break;
+                }
+                Err(s) if matches!(s.code(), Code::InvalidArgument | Code::FailedPrecondition) => {
+                    warn!(file = %file.display(), reason = %s.message(), "pipeline file not applied");
+                    break;
+                }
+                Err(s) => {
+                    attempt += 1;
+                    if attempt % 20 == 1 {
+                        info!(file = %file.display(), reason = %s.message(), "pipeline file waits for the cluster");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
     }
 }
 
@@ -40,6 +272,14 @@ impl Pipelines for PipelineService {
     ) -> Result<Response<ApplyPipelineResponse>, Status> {
         let req = request.into_inner();
         let span = info_span!("pipeline_apply", dry_run = req.dry_run);
+        if let Some(c) = &self.coordinator {
+            return self
+                .apply_in_cluster(c, req)
+                .instrument(span)
+                .await
+                .map(Response::new)
+                .inspect_err(|e| warn!(error = %e.message(), "pipeline spec refused"));
+        }
         async {
             // One change at a time: applies and drops are serialised.
             let mut runtime = self.runtime.lock().await;
@@ -88,6 +328,13 @@ impl Pipelines for PipelineService {
         request: Request<DropPipelineRequest>,
     ) -> Result<Response<DropPipelineResponse>, Status> {
         let name = request.into_inner().name;
+        if let Some(c) = &self.coordinator {
+            let dropped_views = self
+                .drop_in_cluster(c, name.clone())
+                .instrument(info_span!("pipeline_drop", pipeline = %name))
+                .await?;
+            return Ok(Response::new(DropPipelineResponse { dropped_views }));
+        }
         let mut runtime = self.runtime.lock().await;
         let dropped_views = runtime
             .drop_pipeline(&name)

@@ -10,7 +10,7 @@
 //! sequence numbers: a subscriber can resume on any node with its token, and
 //! a node that gains a partition has its state already.
 
-use crate::config::{ClusterSection, KafkaSection, NodeConfig, SourceConfig, parse_peer};
+use crate::config::{ClusterSection, KafkaSection, NodeConfig, parse_peer};
 use crate::pipeline::LogInput;
 use crate::sources::client_config;
 use crate::telemetry::metric;
@@ -23,7 +23,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -241,27 +241,25 @@ pub fn log_topic(cluster: &ClusterSection, view: &str) -> String {
     format!("{}{view}", cluster.changes_topic_prefix)
 }
 
+/// Change-log topic of a view: a configured view's by name; a pipeline
+/// view's by name and generation, so that a view reset by a spec update
+/// starts a fresh log (and incarnation) on every node.
+pub fn view_log_topic(cluster: &ClusterSection, view: &str, generation: Option<u64>) -> String {
+    match generation {
+        None => log_topic(cluster, view),
+        Some(g) => format!("{}{view}.g{g}", cluster.changes_topic_prefix),
+    }
+}
+
 /// On the leader, registers the partitions of every Kafka source with the
-/// cluster, and again when topics appear or grow.
+/// cluster — configured views and the replicated pipeline specs — as topics
+/// appear or grow, and forgets those of views no longer run.
 pub async fn register_partitions(
     coordinator: Coordinator,
     config: NodeConfig,
     kafka: KafkaSection,
     shutdown: CancellationToken,
 ) {
-    let topics: Vec<(String, String)> = config
-        .views
-        .iter()
-        .flat_map(|v| {
-            v.sources.iter().filter_map(|s| match s {
-                SourceConfig::Kafka(k) => Some((v.name.clone(), k.topic.clone())),
-                SourceConfig::File(_) => None,
-            })
-        })
-        .collect();
-    if topics.is_empty() {
-        return;
-    }
     let consumer: BaseConsumer = match client_config(&kafka).create() {
         Ok(c) => c,
         Err(e) => {
@@ -271,17 +269,48 @@ pub async fn register_partitions(
     };
     let consumer = std::sync::Arc::new(consumer);
     let mut every = tokio::time::interval(Duration::from_secs(1));
-    let mut refresh = kafka.metadata_refresh;
+    let mut last_fetch: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = every.tick() => {}
         }
         if !coordinator.is_leader() {
+            last_fetch = None;
             continue;
         }
+        let state = coordinator.watch().borrow().cluster.clone();
+        let routes = crate::runtime::cluster_routes(&config, &state.specs);
+        let pair_of = |pid: &str| {
+            let mut parts = pid.splitn(3, '/');
+            Some((parts.next()?.to_string(), parts.next()?.to_string()))
+        };
+        // Partitions of views (or topics) no longer run.
+        let stale: Vec<String> = state
+            .partitions
+            .iter()
+            .filter(|p| pair_of(p).is_none_or(|pair| !routes.contains(&pair)))
+            .cloned()
+            .collect();
+        if !stale.is_empty() {
+            match coordinator.unregister_partitions(stale.clone()).await {
+                Ok(()) => {
+                    info!(partitions = ?stale, "partitions of views no longer run unregistered")
+                }
+                Err(e) => warn!(error = %e, "cannot unregister partitions; will retry"),
+            }
+        }
+        // A route without partitions yet is looked up every second; the
+        // rest every metadata refresh (topics that grow).
+        let registered: BTreeSet<(String, String)> =
+            state.partitions.iter().filter_map(|p| pair_of(p)).collect();
+        let missing = routes.iter().any(|r| !registered.contains(r));
+        if !missing && last_fetch.is_some_and(|t| t.elapsed() < kafka.metadata_refresh) {
+            continue;
+        }
+        last_fetch = Some(std::time::Instant::now());
         let c = consumer.clone();
-        let names: Vec<String> = topics.iter().map(|(_, t)| t.clone()).collect();
+        let names: BTreeSet<String> = routes.iter().map(|(_, t)| t.clone()).collect();
         let found = tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
             for topic in names {
@@ -300,24 +329,18 @@ pub async fn register_partitions(
         .await
         .unwrap_or_default();
         let mut partitions = Vec::new();
-        for (view, topic) in &topics {
+        for (view, topic) in &routes {
             for (t, p) in &found {
                 if t == topic {
                     partitions.push(partition_id(view, topic, *p));
                 }
             }
         }
-        if partitions.is_empty() {
+        if partitions.iter().all(|p| state.partitions.contains(p)) {
             continue;
         }
         match coordinator.register_partitions(partitions.clone()).await {
-            Ok(()) => {
-                info!(count = partitions.len(), "source partitions registered");
-                // Found everything once: slow down to the metadata refresh.
-                every = tokio::time::interval(refresh);
-                every.tick().await;
-                refresh = kafka.metadata_refresh;
-            }
+            Ok(()) => info!(count = partitions.len(), "source partitions registered"),
             Err(e) => warn!(error = %e, "cannot register partitions; will retry"),
         }
     }

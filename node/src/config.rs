@@ -562,12 +562,6 @@ impl NodeConfig {
             );
         }
         if let Some(c) = &self.cluster {
-            if !self.pipelines.files.is_empty() {
-                bad(
-                    "pipelines.files".into(),
-                    "pipelines run on a single node in this release (docs/pipelines.md, Limits)",
-                );
-            }
             if c.resolve_node_id(&self.node.id).is_none() {
                 bad(
                     "cluster.node_id".into(),

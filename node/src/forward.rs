@@ -42,6 +42,12 @@ pub struct Forwarder {
     pub reader: StoreReader,
     pub producer: FutureProducer,
     pub shutdown: CancellationToken,
+    /// Cluster mode: every node holds every source view's change stream;
+    /// only the leader (with a valid lease) re-keys it. After a leader
+    /// change, the new leader resumes from its own cursor: facts it sends
+    /// again are duplicates, which the merge recognises by their origin
+    /// version and ignores.
+    pub active_if_leader: Option<ndc_coordinator::Coordinator>,
 }
 
 impl Forwarder {
@@ -55,6 +61,15 @@ impl Forwarder {
         }
         let mut failures = 0u32;
         loop {
+            if let Some(c) = &self.active_if_leader
+                && !(c.is_leader() && c.lease_valid())
+            {
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+                continue;
+            }
             let mut progressed = false;
             for (i, s) in self.sources.iter().enumerate() {
                 let committed = *s.commits.borrow();

@@ -3,17 +3,14 @@
 use crate::config::NodeConfig;
 use crate::runtime::Runtime;
 use crate::server::SubscriptionService;
-use crate::sources::client_config;
 use crate::telemetry::{self, Readiness};
 use crate::views::ViewRegistry;
 use anyhow::Context;
 use ndc_operators::{Store, StoreConfig};
 use ndc_proto::v1::pipelines_server::PipelinesServer;
 use ndc_proto::v1::subscription_server::SubscriptionServer;
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
@@ -66,7 +63,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<NodeHandle> {
     store_config.block_cache_bytes = config.storage.block_cache.as_usize();
     store_config.write_buffer_bytes = config.storage.write_buffer.as_usize();
     store_config.sync_commits = config.storage.sync_commits;
-    let mut store = Store::open(&store_config, &view_names).with_context(|| {
+    let store = Store::open(&store_config, &view_names).with_context(|| {
         format!(
             "cannot open the state store in {} (is another node using this data_dir?)",
             store_config.path.display()
@@ -104,90 +101,27 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<NodeHandle> {
         }
         None => None,
     };
-    // Cluster mode: the change logs (see `cluster.rs`).
-    let mut cluster_writer = None;
-    let mut log_task = None;
-    if let (Some(c), Some(cluster), Some(kafka)) = (&coordinator, &config.cluster, &config.kafka) {
-        let mut topics = BTreeMap::new();
-        let mut names = BTreeMap::new();
-        let mut applied_tx = BTreeMap::new();
-        let mut applied_rx = BTreeMap::new();
-        let mut start = BTreeMap::new();
-        for view in &config.views {
-            let id = store
-                .view_id(&view.name)
-                .context("view registered at open")?;
-            let topic = crate::cluster::log_topic(cluster, &view.name);
-            store
-                .set_incarnation(id, crate::cluster::incarnation_of(&topic))
-                .with_context(|| format!("view {}", view.name))?;
-            let next = store.next_offset(id, &crate::cluster::log_stream(&topic));
-            let (atx, arx) = watch::channel(next.unwrap_or(0));
-            applied_tx.insert(id, atx);
-            applied_rx.insert(id, arx);
-            start.insert(id, next);
-            names.insert(id, view.name.clone());
-            topics.insert(id, topic);
-        }
-        let wanted: Vec<String> = topics.values().cloned().collect();
-        let mut attempt = 0;
-        while let Err(e) = crate::cluster::create_log_topics(kafka, cluster, &wanted).await {
-            attempt += 1;
-            if attempt >= 30 {
-                return Err(e);
-            }
-            warn!(error = %e, "change-log topics not ready; retrying");
-            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        }
-        let producer = client_config(kafka)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "1")
-            .set("message.max.bytes", "2097152")
-            .create()
-            .context("cannot create the change-log producer")?;
-        let log = Arc::new(crate::cluster::ClusterLog {
-            producer,
-            topics,
-            names,
-            applied: applied_rx,
-        });
-        let (log_tx, log_rx) = mpsc::channel(1024);
-        log_task = Some(tokio::spawn(
-            {
-                let kafka = kafka.clone();
-                let log = log.clone();
-                let shutdown = shutdown.clone();
-                async move {
-                    if let Err(e) =
-                        crate::cluster::run_log_source(kafka, log, start, log_tx, shutdown).await
-                    {
-                        error!(error = %e, "change-log source failed");
-                    }
-                }
-            }
-            .instrument(info_span!("log_source")),
-        ));
-        cluster_writer = Some(crate::pipeline::ClusterWriter {
-            coordinator: c.clone(),
-            log,
-            log_rx: Some(log_rx),
-            applied: applied_tx,
-            pending: Default::default(),
-        });
-    }
     let readiness = Readiness::default();
     let views = ViewRegistry::default();
-    let mut runtime = Runtime::new(config.clone(), store, views.clone(), readiness.clone())?;
-    if let Some(w) = cluster_writer {
-        runtime.set_cluster(w, log_task.into_iter().collect());
-    }
-    runtime.start().await?;
+    let runtime = Runtime::new(
+        config.clone(),
+        store,
+        views.clone(),
+        readiness.clone(),
+        coordinator.clone(),
+    )?;
     let runtime = Arc::new(tokio::sync::Mutex::new(runtime));
+    runtime.lock().await.start().await?;
+    if let Some(c) = &coordinator {
+        tokio::spawn(
+            crate::admin::follow_replicated_specs(runtime.clone(), c.clone(), shutdown.clone())
+                .instrument(info_span!("pipeline_sync")),
+        );
+    }
 
     // Servers.
     let service = SubscriptionService::new(reader, views.clone(), config.subscriptions.clone());
-    let pipelines = crate::admin::PipelineService::new(runtime.clone());
+    let pipelines = crate::admin::PipelineService::new(runtime.clone(), coordinator.clone());
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(ndc_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -221,6 +155,16 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<NodeHandle> {
         server_stop.clone(),
     ));
     info!(node = %config.node.id, grpc = %addrs.grpc, http = %addrs.http, views = ?view_names, "node started");
+    if coordinator.is_some() && !config.pipelines.files.is_empty() {
+        tokio::spawn(
+            crate::admin::submit_files(
+                addrs.grpc.to_string(),
+                config.pipelines.files.clone(),
+                shutdown.clone(),
+            )
+            .instrument(info_span!("pipeline_files")),
+        );
+    }
 
     let grace = config.node.shutdown_grace;
     let stop = shutdown.clone();

@@ -18,10 +18,12 @@ use crate::spec::{OperatorSpec, PipelineSpec, SpecErrors};
 use crate::telemetry::{Readiness, metric};
 use crate::views::ViewRegistry;
 use anyhow::Context;
+use ndc_coordinator::{Coordinator, StoredSpec};
 use ndc_operators::merge::{JoinRule, MergeViews, Merger};
 use ndc_operators::{Decoder, DecoderConfig, Format, NationalIdCheck, Store, StoreReader};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use tokio::sync::mpsc;
+use std::sync::Arc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
@@ -69,8 +71,24 @@ pub struct Runtime {
     /// Present while stopped.
     store: Option<Store>,
     running: Option<DataPath>,
-    /// Cluster mode: the change-log side, handed to the first data path.
-    cluster: Option<(ClusterWriter, Vec<JoinHandle<()>>)>,
+    /// Cluster mode: specs come from the replicated state.
+    cluster: Option<ClusterSide>,
+}
+
+/// Cluster mode of a runtime. Specs are replicated by Raft; every node runs
+/// what the replicated state holds, and names the topics of a pipeline's
+/// views after their generation, so that every node agrees on them.
+struct ClusterSide {
+    coordinator: Coordinator,
+    /// View → generation, for the pipelines this node runs.
+    generations: BTreeMap<String, u64>,
+    /// Pipeline → the replicated version this node runs.
+    running: BTreeMap<String, u64>,
+}
+
+/// Cursor-store name under which a node keeps a pipeline view's generation.
+fn generation_key(view: &str) -> String {
+    format!("generation:{view}")
 }
 
 impl Runtime {
@@ -81,12 +99,51 @@ impl Runtime {
         mut store: Store,
         views: ViewRegistry,
         readiness: Readiness,
+        coordinator: Option<Coordinator>,
     ) -> anyhow::Result<Runtime> {
         let mut specs = BTreeMap::new();
         for (name, text) in store.specs()? {
             let spec = PipelineSpec::from_yaml(&text)
                 .map_err(|e| anyhow::anyhow!("stored spec of pipeline {name}: {e}"))?;
             specs.insert(name, spec);
+        }
+        if let Some(coordinator) = coordinator {
+            // The replicated specs decide; what this node stored is what it
+            // ran last, to compare with. (`pipelines.files` are submitted
+            // to the cluster by the node, see `submit_files`.)
+            let reader = store.reader();
+            let mut generations = BTreeMap::new();
+            for spec in specs.values() {
+                for v in spec.views() {
+                    let g = reader.cursor(&generation_key(&v))?;
+                    if g > 0 {
+                        generations.insert(v, g);
+                    }
+                }
+            }
+            let running = specs
+                .values()
+                .map(|s| (s.name.clone(), s.version))
+                .collect();
+            let replicated = coordinator.watch().borrow().cluster.specs.clone();
+            let mut runtime = Runtime {
+                config,
+                views,
+                readiness,
+                committed: Default::default(),
+                specs,
+                reader,
+                store: Some(store),
+                running: None,
+                cluster: Some(ClusterSide {
+                    coordinator,
+                    generations,
+                    running,
+                }),
+            };
+            runtime.sync_stopped(&replicated)?;
+            runtime.register_views()?;
+            return Ok(runtime);
         }
         for file in &config.pipelines.files {
             let text = std::fs::read_to_string(file)
@@ -122,11 +179,6 @@ impl Runtime {
         Ok(runtime)
     }
 
-    /// Cluster mode: the writer's change-log side and its tasks.
-    pub fn set_cluster(&mut self, writer: ClusterWriter, tasks: Vec<JoinHandle<()>>) {
-        self.cluster = Some((writer, tasks));
-    }
-
     /// Adds every view of the config and the specs to the store and serves it.
     fn register_views(&mut self) -> anyhow::Result<()> {
         let store = self.store.as_mut().context("data path is running")?;
@@ -152,16 +204,13 @@ impl Runtime {
     /// Starts the data path.
     pub async fn start(&mut self) -> anyhow::Result<()> {
         self.create_repartition_topics().await;
+        let shutdown = CancellationToken::new();
+        let logs = match self.cluster.is_some() {
+            true => Some(self.open_logs(&shutdown).await?),
+            false => None,
+        };
         let store = self.store.take().context("data path already running")?;
-        match build(
-            &self.config,
-            &self.specs,
-            store,
-            &self.views,
-            &self.readiness,
-            &self.committed,
-            self.cluster.take(),
-        ) {
+        match build(self, store, logs, shutdown) {
             Ok(path) => {
                 self.running = Some(path);
                 Ok(())
@@ -183,7 +232,14 @@ impl Runtime {
         let topics: Vec<String> = self
             .specs
             .values()
-            .filter_map(|s| repartition_topic(&self.config, &store.reader(), s))
+            .filter_map(|s| {
+                repartition_topic(
+                    &self.config,
+                    &store.reader(),
+                    self.cluster.as_ref().map(|c| &c.generations),
+                    s,
+                )
+            })
             .collect();
         if topics.is_empty() {
             return;
@@ -225,13 +281,7 @@ impl Runtime {
     pub async fn apply(&mut self, text: &str, dry_run: bool) -> Result<Applied, ApplyError> {
         let spec = PipelineSpec::from_yaml(text)?;
         let views = spec.views();
-        let config_views: BTreeSet<&str> =
-            self.config.views.iter().map(|v| v.name.as_str()).collect();
-        if let Some(clash) = views.iter().find(|v| config_views.contains(v.as_str())) {
-            return Err(ApplyError::Refused(format!(
-                "view {clash} is already configured in the node's views section"
-            )));
-        }
+        self.check_views(&spec)?;
         let running = self.specs.get(&spec.name);
         if let Some(r) = running {
             if r == &spec {
@@ -250,14 +300,9 @@ impl Runtime {
                 )));
             }
         }
-        if self.config.cluster.is_some() {
+        if self.cluster.is_some() {
             return Err(ApplyError::Refused(
-                "pipelines run on a single node in this release (docs/pipelines.md, Limits)".into(),
-            ));
-        }
-        if self.config.kafka.is_none() {
-            return Err(ApplyError::Refused(
-                "this node has no kafka section; pipelines read Kafka topics".into(),
+                "a cluster node applies specs through the replicated state".into(),
             ));
         }
         let created = running.is_none();
@@ -360,13 +405,345 @@ impl Runtime {
         result.map_err(ApplyError::Failed)
     }
 
+    /// Cluster mode: the change-log side of a data path. Every view gets the
+    /// incarnation of its change log; views fed by sources (configured
+    /// views, pipeline sources, merge contributions) get their log topic
+    /// created and read.
+    async fn open_logs(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<(ClusterWriter, Vec<JoinHandle<()>>)> {
+        let (Some(side), Some(section), Some(kafka)) =
+            (&self.cluster, &self.config.cluster, &self.config.kafka)
+        else {
+            anyhow::bail!("cluster mode needs the cluster and kafka sections");
+        };
+        let store = self.store.as_mut().context("data path is running")?;
+        let mut all: Vec<(String, Option<u64>)> = self
+            .config
+            .views
+            .iter()
+            .map(|v| (v.name.clone(), None))
+            .collect();
+        let mut logged: BTreeSet<String> =
+            self.config.views.iter().map(|v| v.name.clone()).collect();
+        for spec in self.specs.values() {
+            for v in spec.views() {
+                let g = side.generations.get(&v).copied();
+                all.push((v, g));
+            }
+            logged.extend(spec.sources.keys().map(|s| spec.view(s)));
+            if let Some((merge, _)) = spec.merges().next() {
+                logged.insert(format!("{}.contributions", spec.view(merge)));
+            }
+        }
+        let mut topics = BTreeMap::new();
+        let mut names = BTreeMap::new();
+        let mut applied_tx = BTreeMap::new();
+        let mut applied_rx = BTreeMap::new();
+        let mut start = BTreeMap::new();
+        for (name, generation) in all {
+            let id = store
+                .view_id(&name)
+                .with_context(|| format!("view {name} is not registered"))?;
+            let topic = crate::cluster::view_log_topic(section, &name, generation);
+            store
+                .set_incarnation(id, crate::cluster::incarnation_of(&topic))
+                .with_context(|| format!("view {name}"))?;
+            if !logged.contains(&name) {
+                continue;
+            }
+            let next = store.next_offset(id, &crate::cluster::log_stream(&topic));
+            let (atx, arx) = watch::channel(next.unwrap_or(0));
+            applied_tx.insert(id, atx);
+            applied_rx.insert(id, arx);
+            start.insert(id, next);
+            names.insert(id, name);
+            topics.insert(id, topic);
+        }
+        let wanted: Vec<String> = topics.values().cloned().collect();
+        let mut attempt = 0;
+        while !wanted.is_empty()
+            && let Err(e) = crate::cluster::create_log_topics(kafka, section, &wanted).await
+        {
+            attempt += 1;
+            if attempt >= 30 {
+                return Err(e);
+            }
+            warn!(error = %e, "change-log topics not ready; retrying");
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+        let producer = client_config(kafka)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "1")
+            .set("message.max.bytes", "2097152")
+            .create()
+            .context("cannot create the change-log producer")?;
+        let log = Arc::new(crate::cluster::ClusterLog {
+            producer,
+            topics,
+            names,
+            applied: applied_rx,
+        });
+        let (log_tx, log_rx) = mpsc::channel(1024);
+        let task = tokio::spawn(
+            {
+                let kafka = kafka.clone();
+                let log = log.clone();
+                let shutdown = shutdown.clone();
+                async move {
+                    if let Err(e) =
+                        crate::cluster::run_log_source(kafka, log, start, log_tx, shutdown).await
+                    {
+                        error!(error = %e, "change-log source failed");
+                    }
+                }
+            }
+            .instrument(info_span!("log_source")),
+        );
+        let writer = ClusterWriter {
+            coordinator: side.coordinator.clone(),
+            log,
+            log_rx: Some(log_rx),
+            applied: applied_tx,
+            pending: Default::default(),
+        };
+        Ok((writer, vec![task]))
+    }
+
+    /// Cluster mode: whether this node runs exactly the replicated specs.
+    pub fn in_sync(&self, replicated: &BTreeMap<String, StoredSpec>) -> bool {
+        self.cluster.as_ref().is_none_or(|side| {
+            side.running.len() == replicated.len()
+                && replicated
+                    .iter()
+                    .all(|(name, s)| side.running.get(name) == Some(&s.version))
+        })
+    }
+
+    /// Cluster mode: brings the data path to the replicated specs.
+    pub async fn sync(&mut self, replicated: &BTreeMap<String, StoredSpec>) -> anyhow::Result<()> {
+        self.stop().await;
+        let result = self.sync_stopped(replicated);
+        if result.is_ok() {
+            metrics::counter!(metric::PIPELINE_APPLIES, "outcome" => "replicated").increment(1);
+        }
+        self.start().await?;
+        result
+    }
+
+    /// Cluster mode, data path stopped: runs the replicated specs. A view
+    /// whose replicated generation differs from the one this node holds is
+    /// dropped and rebuilt from the change log (and, for a merge, from
+    /// re-keyed facts on a fresh repartition topic).
+    fn sync_stopped(&mut self, replicated: &BTreeMap<String, StoredSpec>) -> anyhow::Result<()> {
+        let store = self.store.as_mut().context("data path is running")?;
+        let side = self.cluster.as_mut().context("not a cluster node")?;
+        let reader = store.reader();
+        let gone: Vec<String> = self
+            .specs
+            .keys()
+            .filter(|n| !replicated.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(spec) = self.specs.remove(&name) {
+                for v in spec.views() {
+                    store.drop_view(&v)?;
+                    self.views.remove(&v);
+                    side.generations.remove(&v);
+                    reader.set_cursor(&generation_key(&v), 0)?;
+                }
+            }
+            store.remove_spec(&name)?;
+            side.running.remove(&name);
+            info!(pipeline = %name, "pipeline dropped (replicated)");
+        }
+        for (name, stored) in replicated {
+            if side.running.get(name) == Some(&stored.version) {
+                continue;
+            }
+            let new = match PipelineSpec::from_yaml(&stored.text) {
+                Ok(s) => s,
+                Err(e) => {
+                    // Validated by the leader before it was replicated.
+                    error!(pipeline = %name, error = %e, "replicated spec does not parse; not run");
+                    continue;
+                }
+            };
+            let old = self.specs.get(name).cloned();
+            let new_views: BTreeSet<String> = new.views().into_iter().collect();
+            let mut every: BTreeSet<String> = new_views.clone();
+            if let Some(o) = &old {
+                every.extend(o.views());
+            }
+            let mut dropped = BTreeSet::new();
+            for v in &every {
+                let want = stored.generations.get(v).copied();
+                let have = side.generations.get(v).copied();
+                if new_views.contains(v) && want == have && want.is_some() {
+                    continue;
+                }
+                if store.view_id(v).is_some() {
+                    store.drop_view(v)?;
+                    dropped.insert(v.clone());
+                }
+                self.views.remove(v);
+                side.generations.remove(v);
+            }
+            // A re-created source, merge or join re-reads its inputs.
+            let merge_dropped = new
+                .merges()
+                .next()
+                .is_some_and(|(m, _)| dropped.contains(&format!("{}.contributions", new.view(m))));
+            for source in new.sources.keys() {
+                let v = new.view(source);
+                let join_dropped = new
+                    .joins()
+                    .any(|(j, js)| &js.stream == source && dropped.contains(&new.view(j)));
+                if dropped.contains(&v) || merge_dropped || join_dropped {
+                    reader.set_cursor(&v, 0)?;
+                }
+            }
+            for v in &new_views {
+                let g = stored.generations.get(v).copied().unwrap_or(stored.version);
+                reader.set_cursor(&generation_key(v), g)?;
+                side.generations.insert(v.clone(), g);
+            }
+            store.save_spec(name, &stored.text)?;
+            self.specs.insert(name.clone(), new);
+            side.running.insert(name.clone(), stored.version);
+            info!(pipeline = %name, version = stored.version, ?dropped, "pipeline applied (replicated)");
+        }
+        self.register_views()
+    }
+
+    /// Cluster mode: validates a spec against the replicated state and
+    /// computes what it replicates: its views' generations (a view keeps
+    /// its generation, and so its state, unless its operator is reset).
+    /// `None` when the spec is already running.
+    pub fn plan_cluster(
+        &self,
+        text: &str,
+        replicated: &BTreeMap<String, StoredSpec>,
+    ) -> Result<(Applied, Option<StoredSpec>), ApplyError> {
+        let spec = PipelineSpec::from_yaml(text)?;
+        self.check_views(&spec)?;
+        let views = spec.views();
+        let current = replicated.get(&spec.name);
+        let old = current.and_then(|c| PipelineSpec::from_yaml(&c.text).ok());
+        if let (Some(c), Some(o)) = (current, &old) {
+            if o == &spec {
+                return Ok((
+                    Applied {
+                        name: spec.name.clone(),
+                        version: spec.version,
+                        outcome: "unchanged",
+                        views,
+                        reset: Vec::new(),
+                    },
+                    None,
+                ));
+            }
+            if spec.version <= c.version {
+                return Err(ApplyError::Refused(format!(
+                    "pipeline {} runs version {}; raise version above it to update",
+                    spec.name, c.version
+                )));
+            }
+        }
+        let mut reset = old
+            .as_ref()
+            .map(|o| reset_set(o, &spec))
+            .unwrap_or_default();
+        if let Some(o) = &old
+            && o.operators != spec.operators
+        {
+            // Changed rules: a single node recomputes golden records from
+            // the kept contributions; a cluster rebuilds the operators'
+            // state through the change log, so that every node computes it
+            // in the same order (docs/pipelines.md, "In a cluster").
+            reset.extend(
+                spec.operators
+                    .keys()
+                    .filter(|n| o.operators.contains_key(*n))
+                    .cloned(),
+            );
+        }
+        let mut generations = BTreeMap::new();
+        let nodes = spec.sources.keys().chain(spec.operators.keys());
+        for node in nodes {
+            let kept = old.as_ref().is_some_and(|o| {
+                (o.sources.contains_key(node) || o.operators.contains_key(node))
+                    && !reset.contains(node)
+            });
+            for v in views_of_node(&spec, node) {
+                let g = match (kept, current) {
+                    (true, Some(c)) => c.generations.get(&v).copied().unwrap_or(spec.version),
+                    _ => spec.version,
+                };
+                generations.insert(v, g);
+            }
+        }
+        Ok((
+            Applied {
+                name: spec.name.clone(),
+                version: spec.version,
+                outcome: if current.is_some() {
+                    "updated"
+                } else {
+                    "created"
+                },
+                views,
+                reset: reset.into_iter().collect(),
+            },
+            Some(StoredSpec {
+                version: spec.version,
+                text: text.to_string(),
+                generations,
+            }),
+        ))
+    }
+
+    /// A spec may not take a configured view's name, and needs Kafka.
+    fn check_views(&self, spec: &PipelineSpec) -> Result<(), ApplyError> {
+        let config_views: BTreeSet<&str> =
+            self.config.views.iter().map(|v| v.name.as_str()).collect();
+        if let Some(clash) = spec
+            .views()
+            .iter()
+            .find(|v| config_views.contains(v.as_str()))
+        {
+            return Err(ApplyError::Refused(format!(
+                "view {clash} is already configured in the node's views section"
+            )));
+        }
+        if self.config.kafka.is_none() {
+            return Err(ApplyError::Refused(
+                "this node has no kafka section; pipelines read Kafka topics".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Cluster mode: the coordinator.
+    pub fn coordinator(&self) -> Option<&Coordinator> {
+        self.cluster.as_ref().map(|c| &c.coordinator)
+    }
+
     pub fn specs(&self) -> &BTreeMap<String, PipelineSpec> {
         &self.specs
     }
 
     /// Repartition topic of a running pipeline, if it has a merge.
     pub fn repartition_topic(&self, spec: &PipelineSpec) -> Option<String> {
-        repartition_topic(&self.config, &self.reader, spec)
+        repartition_topic(
+            &self.config,
+            &self.reader,
+            self.cluster.as_ref().map(|c| &c.generations),
+            spec,
+        )
     }
 
     /// Stops the data path for good (node shutdown).
@@ -420,21 +797,7 @@ fn reconcile(
     let Some(old) = old else {
         return Ok(BTreeSet::new());
     };
-    let mut reset = old.reshaped(new);
-    // Propagate along the DAG: sources → merges → joins.
-    for (name, rules) in new.merges() {
-        if rules.inputs.iter().any(|i| reset.contains(i)) {
-            reset.insert(name.to_string());
-        }
-    }
-    for (name, join) in new.joins() {
-        if reset.contains(&join.stream) || reset.contains(&join.table) {
-            reset.insert(name.to_string());
-        }
-    }
-    // Only what existed can be reset; what is new starts empty anyway.
-    let existed: BTreeSet<&String> = old.sources.keys().chain(old.operators.keys()).collect();
-    reset.retain(|n| existed.contains(n));
+    let reset = reset_set(old, new);
     let new_views: BTreeSet<String> = new.views().into_iter().collect();
     let mut drop: Vec<String> = old
         .views()
@@ -467,14 +830,101 @@ fn reconcile(
     Ok(reset)
 }
 
+/// The sources and operators of `old` whose state `new` cannot keep: those
+/// reshaped, and what reads them along the DAG (sources → merges → joins).
+fn reset_set(old: &PipelineSpec, new: &PipelineSpec) -> BTreeSet<String> {
+    let mut reset = old.reshaped(new);
+    for (name, rules) in new.merges() {
+        if rules.inputs.iter().any(|i| reset.contains(i)) {
+            reset.insert(name.to_string());
+        }
+    }
+    for (name, join) in new.joins() {
+        if reset.contains(&join.stream) || reset.contains(&join.table) {
+            reset.insert(name.to_string());
+        }
+    }
+    // Only what existed can be reset; what is new starts empty anyway.
+    let existed: BTreeSet<&String> = old.sources.keys().chain(old.operators.keys()).collect();
+    reset.retain(|n| existed.contains(n));
+    reset
+}
+
+/// The views of one source or operator of a spec.
+fn views_of_node(spec: &PipelineSpec, node: &str) -> Vec<String> {
+    let base = spec.view(node);
+    match spec.operators.get(node) {
+        Some(OperatorSpec::Merge(_)) => vec![
+            format!("{base}.conflicts"),
+            format!("{base}.contributions"),
+            base,
+        ],
+        _ => vec![base],
+    }
+}
+
+/// Cluster mode: the repartition topic of a pipeline, named after its
+/// contributions view's generation (the same on every node).
+pub fn cluster_repartition_topic(
+    config: &NodeConfig,
+    spec: &PipelineSpec,
+    generations: &BTreeMap<String, u64>,
+) -> Option<String> {
+    let (merge, _) = spec.merges().next()?;
+    let g = generations.get(&format!("{}.contributions", spec.view(merge)))?;
+    Some(format!(
+        "{}{}.{merge}.g{g}",
+        config.pipelines.repartition_topic_prefix, spec.name
+    ))
+}
+
+/// Cluster mode: every (view, Kafka topic) the cluster must consume, from
+/// the configured views and the replicated specs. The leader registers
+/// their partitions with the scheduler.
+pub fn cluster_routes(
+    config: &NodeConfig,
+    specs: &BTreeMap<String, StoredSpec>,
+) -> BTreeSet<(String, String)> {
+    let mut out = BTreeSet::new();
+    for v in &config.views {
+        for s in &v.sources {
+            if let SourceConfig::Kafka(k) = s {
+                out.insert((v.name.clone(), k.topic.clone()));
+            }
+        }
+    }
+    for stored in specs.values() {
+        let Ok(spec) = PipelineSpec::from_yaml(&stored.text) else {
+            continue;
+        };
+        for (name, source) in &spec.sources {
+            out.insert((spec.view(name), source.topic.clone()));
+        }
+        if let (Some((merge, _)), Some(topic)) = (
+            spec.merges().next(),
+            cluster_repartition_topic(config, &spec, &stored.generations),
+        ) {
+            out.insert((format!("{}.contributions", spec.view(merge)), topic));
+        }
+    }
+    out
+}
+
 /// Repartition topic of a pipeline: named after its merge state (the
 /// contributions view's id), so a reset merge starts on a fresh topic
 /// instead of re-reading facts re-keyed by the old rules.
+///
+/// In a cluster it is named after the contributions view's generation
+/// instead, the same on every node.
 fn repartition_topic(
     config: &NodeConfig,
     store: &StoreReader,
+    generations: Option<&BTreeMap<String, u64>>,
     spec: &PipelineSpec,
 ) -> Option<String> {
+    if let Some(generations) = generations {
+        return cluster_repartition_topic(config, spec, generations);
+    }
     let (merge, _) = spec.merges().next()?;
     let id = store.view_id(&format!("{}.contributions", spec.view(merge)))?;
     Some(format!(
@@ -541,15 +991,20 @@ fn national_id_check(spec: &PipelineSpec, source: &str) -> Option<NationalIdChec
 /// back.
 #[allow(clippy::result_large_err)]
 fn build(
-    config: &NodeConfig,
-    specs: &BTreeMap<String, PipelineSpec>,
+    runtime: &Runtime,
     store: Store,
-    views: &ViewRegistry,
-    readiness: &Readiness,
-    committed: &CommittedOffsets,
     cluster: Option<(ClusterWriter, Vec<JoinHandle<()>>)>,
+    shutdown: CancellationToken,
 ) -> Result<DataPath, (Store, anyhow::Error)> {
-    let shutdown = CancellationToken::new();
+    let Runtime {
+        config,
+        specs,
+        views,
+        readiness,
+        committed,
+        ..
+    } = runtime;
+    let generations = runtime.cluster.as_ref().map(|c| &c.generations);
     let (tx, rx) = mpsc::channel(config.pipeline.channel_capacity);
     let decoder = |format, key_columns: &[String], national_id| {
         Decoder::new(DecoderConfig {
@@ -644,7 +1099,7 @@ fn build(
             let Some(merger) = merger_of(spec, &store)? else {
                 continue;
             };
-            let topic = repartition_topic(config, &store.reader(), spec)
+            let topic = repartition_topic(config, &store.reader(), generations, spec)
                 .context("merge views registered")?;
             let merge_views = merger.views;
             let contributions = store.view_name(merge_views.contributions).to_string();
@@ -769,6 +1224,7 @@ fn build(
                 reader: store.reader(),
                 producer,
                 shutdown: shutdown.clone(),
+                active_if_leader: cluster_writer.as_ref().map(|w| w.coordinator.clone()),
             };
             tasks.push(tokio::spawn(
                 f.run()

@@ -50,6 +50,7 @@ impl Member {
             .args(["node", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info,rdkafka=warn,openraft=warn")
+            .env("RUST_BACKTRACE", "0")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -88,14 +89,27 @@ struct Cluster {
     _broker: Broker,
     _dir: tempfile::TempDir,
     members: Vec<Member>,
+    /// What the members run, on top of the common configuration.
+    edit: fn(&mut NodeConfig),
 }
 
-fn member_config(dir: &Path, broker: &str, id: u64, port: u16, bootstrap: &[String]) -> Member {
+/// Members of the replica scenarios: one configured view of `TOPIC`.
+fn replica_member(_: &mut NodeConfig) {}
+
+fn member_config(
+    dir: &Path,
+    broker: &str,
+    id: u64,
+    port: u16,
+    bootstrap: &[String],
+    edit: fn(&mut NodeConfig),
+) -> Member {
     let mut c: NodeConfig = node_config(
         &dir.join(format!("ndc-{id}")),
         broker,
         &[("citizens", TOPIC, &["person_id"])],
     );
+    edit(&mut c);
     c.node.id = format!("ndc-{id}");
     c.node.grpc_listen = format!("127.0.0.1:{port}").parse().unwrap();
     c.cluster = Some(ClusterSection {
@@ -116,8 +130,14 @@ fn member_config(dir: &Path, broker: &str, id: u64, port: u16, bootstrap: &[Stri
 
 impl Cluster {
     async fn start(nodes: u64) -> Cluster {
+        Cluster::start_with(nodes, &[(TOPIC, PARTITIONS)], replica_member).await
+    }
+
+    async fn start_with(nodes: u64, topics: &[(&str, i32)], edit: fn(&mut NodeConfig)) -> Cluster {
         let broker = Broker::start();
-        broker.create_topic(TOPIC, PARTITIONS).await;
+        for (topic, partitions) in topics {
+            broker.create_topic(topic, *partitions).await;
+        }
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<u16> = (0..nodes).map(|_| free_port()).collect();
         let bootstrap: Vec<String> = ports
@@ -133,6 +153,7 @@ impl Cluster {
                     i,
                     ports[i as usize],
                     &bootstrap,
+                    edit,
                 )
             })
             .collect();
@@ -143,13 +164,21 @@ impl Cluster {
             _broker: broker,
             _dir: dir,
             members,
+            edit,
         }
     }
 
     /// A node that is not part of the bootstrap list (joins by add-node).
     fn prepare_joiner(&mut self, id: u64) -> String {
         let port = free_port();
-        let m = member_config(self._dir.path(), &self._broker.bootstrap, id, port, &[]);
+        let m = member_config(
+            self._dir.path(),
+            &self._broker.bootstrap,
+            id,
+            port,
+            &[],
+            self.edit,
+        );
         let addr = m.addr.clone();
         self.members.push(m);
         addr
@@ -759,4 +788,316 @@ async fn nodes_are_removed_and_added_online() {
     assert!(err.contains("not a member"), "{err}");
 
     work.finish(&cluster).await;
+}
+
+// ---------------------------------------------------------------------------
+// Pipelines on the cluster: the citizen golden record of `examples/`.
+
+const GOLDEN_PEOPLE: u64 = 24;
+/// Businesses, represented by persons 0..4.
+const GOLDEN_BUSINESSES: u64 = 4;
+const AGENCIES: [Table; 5] = [
+    Table::Citizens,
+    Table::Addresses,
+    Table::InsuranceCards,
+    Table::Vehicles,
+    Table::Businesses,
+];
+
+fn example_spec() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/national.yaml")
+}
+
+/// Members that run only the example pipeline, submitted from each node's
+/// `pipelines.files` (the first to reach the leader creates it).
+fn pipeline_member(c: &mut NodeConfig) {
+    c.views.clear();
+    c.pipelines.files = vec![example_spec()];
+}
+
+fn socket(addr: &str) -> std::net::SocketAddr {
+    addr.parse().unwrap()
+}
+
+/// The rows of a view as a subscriber of `addr` sees them after its snapshot.
+async fn view_rows(addr: &str, view: &str) -> BTreeMap<String, Value> {
+    let lines = collect(
+        socket(addr),
+        view,
+        From::Snapshot,
+        Duration::from_secs(20),
+        |l| l.iter().any(|x| x.get("snapshot_complete").is_some()),
+    )
+    .await;
+    fold(&lines)
+}
+
+fn golden_by_person(rows: &BTreeMap<String, Value>) -> BTreeMap<String, Value> {
+    rows.values()
+        .map(|v| (v["national_id"].as_str().unwrap().to_string(), v.clone()))
+        .collect()
+}
+
+/// Waits until `check` holds for `view` on every node of `addrs`, and
+/// until every node holds exactly the same rows; returns them.
+async fn converged(
+    cluster: &Cluster,
+    addrs: &[String],
+    view: &str,
+    what: &str,
+    check: impl Fn(&BTreeMap<String, Value>) -> bool,
+) -> BTreeMap<String, Value> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let mut all = Vec::new();
+        for a in addrs {
+            all.push(view_rows(a, view).await);
+        }
+        if all.iter().all(&check) && all.windows(2).all(|w| w[0] == w[1]) {
+            return all.swap_remove(0);
+        }
+        if Instant::now() >= deadline {
+            cluster.dump_logs();
+            panic!(
+                "timed out waiting for {what} in {view} on {addrs:?}; rows per node: {:?}; first node: {:#?}",
+                all.iter().map(BTreeMap::len).collect::<Vec<_>>(),
+                all.first()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn golden_records_are_the_same_on_every_node_through_a_leader_kill_and_a_rule_change() {
+    use ndc_node::admin as pipelines;
+    use ndc_node::synthetic::insurance_card_row;
+    let topics: Vec<(&str, i32)> = AGENCIES
+        .iter()
+        .map(|t| (t.topic(), 2))
+        .chain([("ndc.dead-letter", 1)])
+        .collect();
+    let mut cluster = Cluster::start_with(3, &topics, pipeline_member).await;
+    let producer = cluster._broker.producer();
+    let mut feeds: Vec<Feed> = AGENCIES
+        .iter()
+        .map(|t| Feed::new(*t, 1_767_225_600_000))
+        .collect();
+    for i in 0..GOLDEN_PEOPLE {
+        for (t, feed) in AGENCIES.iter().zip(feeds.iter_mut()) {
+            if *t != Table::Businesses || i < GOLDEN_BUSINESSES {
+                publish_event(&producer, t.topic(), &feed.event('r', i, 0, None)).await;
+            }
+        }
+    }
+    let addrs: Vec<String> = cluster.members.iter().map(|m| m.addr.clone()).collect();
+
+    // The spec was replicated to every node; each runs it under one name.
+    for a in &addrs {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(list) = pipelines::list(a).await
+                && list.iter().any(|p| p.name == "national" && p.version == 1)
+            {
+                assert!(
+                    list[0].repartition_topic.ends_with("national.people.g1"),
+                    "{list:?}"
+                );
+                break;
+            }
+            if Instant::now() >= deadline {
+                cluster.dump_logs();
+                panic!("node {a} does not run the spec");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // Every node holds the same golden records, conflicts and joins.
+    let golden = converged(
+        &cluster,
+        &addrs,
+        "national.people",
+        "all people merged",
+        |r| {
+            r.len() == GOLDEN_PEOPLE as usize
+                && r.values()
+                    .all(|g| g["_contributors"].as_array().map(Vec::len) == Some(3))
+        },
+    )
+    .await;
+    let golden = golden_by_person(&golden);
+    for i in 0..GOLDEN_PEOPLE {
+        let g = &golden[&national_id(i).to_string()];
+        assert_eq!(g["full_name"], citizen_row(i, 0)["full_name"]);
+        assert_eq!(g["_provenance"]["full_name"]["source"], "population");
+    }
+    converged(
+        &cluster,
+        &addrs,
+        "national.people.conflicts",
+        "conflicts",
+        |r| !r.is_empty(),
+    )
+    .await;
+    converged(
+        &cluster,
+        &addrs,
+        "national.vehicle_owners",
+        "vehicles joined",
+        |r| r.len() == GOLDEN_PEOPLE as usize,
+    )
+    .await;
+    // The pipeline's partitions (five agencies and the repartition topic,
+    // two partitions each; four of the repartition topic) are spread over
+    // the nodes.
+    let (s, _) = cluster
+        .wait_for("pipeline partitions owned", SETTLE, |s| {
+            s.partitions.len() == 14 && s.partitions.iter().all(|p| p.owner.is_some())
+        })
+        .await;
+    let owners: BTreeSet<u64> = s.partitions.iter().filter_map(|p| p.owner).collect();
+    assert!(owners.len() > 1, "spread over nodes: {s:#?}");
+
+    // Under load (every citizen changes phone), the leader — which also
+    // re-keys the sources — is killed: a new leader takes over the re-keying
+    // and the dead node's partitions; nothing is lost, nothing doubled.
+    let leader = s.leader_id.unwrap();
+    // The same feed: its LSNs go on rising.
+    let mut citizens = feeds.swap_remove(0);
+    let load = {
+        let producer = producer.clone();
+        tokio::spawn(async move {
+            for i in 0..GOLDEN_PEOPLE {
+                publish_event(
+                    &producer,
+                    Table::Citizens.topic(),
+                    &citizens.event('u', i, 1, None),
+                )
+                .await;
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.member(leader).kill9();
+    load.await.unwrap();
+    let survivors: Vec<String> = cluster
+        .members
+        .iter()
+        .filter(|m| m.running())
+        .map(|m| m.addr.clone())
+        .collect();
+    let phones_updated = |r: &BTreeMap<String, Value>| {
+        let g = golden_by_person(r);
+        (0..GOLDEN_PEOPLE).all(|i| {
+            g.get(&national_id(i).to_string())
+                .is_some_and(|g| g["phone"] == citizen_row(i, 1)["phone"])
+        })
+    };
+    converged(
+        &cluster,
+        &survivors,
+        "national.people",
+        "new phones",
+        phones_updated,
+    )
+    .await;
+    converged(
+        &cluster,
+        &survivors,
+        "national.vehicle_owners",
+        "owners' new phones",
+        |r| {
+            r.len() == GOLDEN_PEOPLE as usize
+                && r.values().all(|v| {
+                    let i = (0..GOLDEN_PEOPLE)
+                        .find(|i| v["national_id"] == json!(national_id(*i).to_string()))
+                        .unwrap();
+                    v["person"]["phone"] == citizen_row(i, 1)["phone"]
+                })
+        },
+    )
+    .await;
+    // The killed node comes back, catches up from the change logs, agrees.
+    cluster.member(leader).start();
+    converged(
+        &cluster,
+        &addrs,
+        "national.people",
+        "the returning node caught up",
+        phones_updated,
+    )
+    .await;
+
+    // Version 2 changes a rule, submitted to a follower (forwarded to the
+    // leader): the merge is rebuilt on a fresh repartition topic, the same
+    // on every node.
+    let text = std::fs::read_to_string(example_spec()).unwrap();
+    let v2 = text.replace("version: 1\n", "version: 2\n").replace(
+        "        phone:\n          rule: most_recent\n          sources: [population, health]",
+        "        phone:\n          rule: priority\n          sources: [health, population]",
+    );
+    assert_ne!(
+        v2,
+        text.replace("version: 1\n", "version: 2\n"),
+        "rule edited"
+    );
+    let s = cluster.status().await.unwrap();
+    let follower = cluster
+        .members
+        .iter()
+        .find(|m| Some(m.id) != s.leader_id && m.running())
+        .unwrap()
+        .addr
+        .clone();
+    let r = pipelines::apply(&follower, v2, false).await.unwrap();
+    assert_eq!(r.outcome, "updated");
+    assert!(r.reset.contains(&"people".to_string()), "{r:?}");
+    let golden = converged(&cluster, &addrs, "national.people", "health phones", |r| {
+        let g = golden_by_person(r);
+        g.len() == GOLDEN_PEOPLE as usize
+            && (0..GOLDEN_PEOPLE).all(|i| {
+                g.get(&national_id(i).to_string())
+                    .is_some_and(|g| g["phone"] == insurance_card_row(i, 0)["mobile"])
+            })
+    })
+    .await;
+    assert!(
+        golden
+            .values()
+            .all(|g| g["_provenance"]["phone"]["source"] == "health")
+    );
+    for a in &addrs {
+        let list = pipelines::list(a).await.unwrap();
+        assert_eq!(list[0].version, 2);
+        assert!(
+            list[0].repartition_topic.ends_with("national.people.g2"),
+            "{list:?}"
+        );
+    }
+    // The old repartition topic's partitions were forgotten.
+    cluster
+        .wait_for("only the new generation's partitions", SETTLE, |s| {
+            s.partitions.len() == 14 && s.partitions.iter().all(|p| !p.partition.contains(".g1/"))
+        })
+        .await;
+
+    // Dropped from one node: gone on every node, partitions unregistered.
+    let dropped = pipelines::drop_pipeline(&addrs[0], "national")
+        .await
+        .unwrap();
+    assert!(dropped.contains(&"national.people".to_string()));
+    for a in &addrs {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !pipelines::list(a).await.unwrap().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "node {a} still runs the pipeline"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    cluster
+        .wait_for("no partitions left", SETTLE, |s| s.partitions.is_empty())
+        .await;
 }
