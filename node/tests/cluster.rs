@@ -490,18 +490,31 @@ impl Workload {
                 if rows == &everything {
                     break;
                 }
-                assert!(
-                    Instant::now() < deadline,
-                    "ndc-{id} serves {} rows, expected {}; differing keys: {:?}",
-                    rows.len(),
-                    everything.len(),
-                    everything
+                if Instant::now() >= deadline {
+                    let differing: Vec<&String> = everything
                         .iter()
                         .filter(|(k, v)| rows.get(*k) != Some(v))
-                        .map(|(k, _)| (k.clone(), partition_of.get(k).copied()))
+                        .map(|(k, _)| k)
                         .take(5)
-                        .collect::<Vec<_>>()
-                );
+                        .collect();
+                    // What every node and the input say of those keys.
+                    for k in &differing {
+                        eprintln!(
+                            "key {k} (partition {:?}): expected {}",
+                            partition_of.get(*k),
+                            everything[*k]
+                        );
+                        for (n, r) in &rows_by_node {
+                            eprintln!("  ndc-{n}: {:?}", r.get(*k).map(|v| v.to_string()));
+                        }
+                    }
+                    cluster.dump_logs();
+                    panic!(
+                        "ndc-{id} serves {} rows, expected {}; differing keys: {differing:?}",
+                        rows.len(),
+                        everything.len(),
+                    );
+                }
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 rows_by_node.insert(*id, snapshot_rows(&addrs[id]).await);
             }
@@ -819,8 +832,9 @@ fn socket(addr: &str) -> std::net::SocketAddr {
     addr.parse().unwrap()
 }
 
-/// The rows of a view as a subscriber of `addr` sees them after its snapshot.
-async fn view_rows(addr: &str, view: &str) -> BTreeMap<String, Value> {
+/// The rows of a view as a subscriber of `addr` sees them after its
+/// snapshot, and the resume token that ends the snapshot.
+async fn view_rows(addr: &str, view: &str) -> (BTreeMap<String, Value>, Value) {
     let lines = collect(
         socket(addr),
         view,
@@ -829,7 +843,12 @@ async fn view_rows(addr: &str, view: &str) -> BTreeMap<String, Value> {
         |l| l.iter().any(|x| x.get("snapshot_complete").is_some()),
     )
     .await;
-    fold(&lines)
+    let token = lines
+        .iter()
+        .find(|x| x.get("snapshot_complete").is_some())
+        .map(|x| x["resume_token"].clone())
+        .unwrap_or_default();
+    (fold(&lines), token)
 }
 
 fn golden_by_person(rows: &BTreeMap<String, Value>) -> BTreeMap<String, Value> {
@@ -839,7 +858,10 @@ fn golden_by_person(rows: &BTreeMap<String, Value>) -> BTreeMap<String, Value> {
 }
 
 /// Waits until `check` holds for `view` on every node of `addrs`, and
-/// until every node holds exactly the same rows; returns them.
+/// until every node holds exactly the same rows at the same position of the
+/// view's change stream (equal resume tokens: the same incarnation and
+/// sequence number everywhere, so a subscriber may resume on any node);
+/// returns the rows.
 async fn converged(
     cluster: &Cluster,
     addrs: &[String],
@@ -853,15 +875,21 @@ async fn converged(
         for a in addrs {
             all.push(view_rows(a, view).await);
         }
-        if all.iter().all(&check) && all.windows(2).all(|w| w[0] == w[1]) {
-            return all.swap_remove(0);
+        // A node that is (re)starting its data path may not serve the view
+        // for a moment: no token yet.
+        let served = all.iter().all(|(_, t)| !t.is_null());
+        if served && all.iter().all(|(rows, _)| check(rows)) && all.windows(2).all(|w| w[0] == w[1])
+        {
+            return all.swap_remove(0).0;
         }
         if Instant::now() >= deadline {
             cluster.dump_logs();
             panic!(
                 "timed out waiting for {what} in {view} on {addrs:?}; rows per node: {:?}; first node: {:#?}",
-                all.iter().map(BTreeMap::len).collect::<Vec<_>>(),
-                all.first()
+                all.iter()
+                    .map(|(r, t)| (r.len(), t.clone()))
+                    .collect::<Vec<_>>(),
+                all.first().map(|(r, _)| r)
             );
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
