@@ -107,63 +107,39 @@ impl Runtime {
                 .map_err(|e| anyhow::anyhow!("stored spec of pipeline {name}: {e}"))?;
             specs.insert(name, spec);
         }
-        if let Some(coordinator) = coordinator {
+        let cluster = match coordinator {
             // The replicated specs decide; what this node stored is what it
             // ran last, to compare with. (`pipelines.files` are submitted
-            // to the cluster by the node, see `submit_files`.)
-            let reader = store.reader();
-            let mut generations = BTreeMap::new();
-            for spec in specs.values() {
-                for v in spec.views() {
-                    let g = reader.cursor(&generation_key(&v))?;
-                    if g > 0 {
-                        generations.insert(v, g);
+            // to the cluster by the node, see `admin::submit_files`.)
+            Some(coordinator) => {
+                let reader = store.reader();
+                let mut generations = BTreeMap::new();
+                for spec in specs.values() {
+                    for v in spec.views() {
+                        let g = reader.cursor(&generation_key(&v))?;
+                        if g > 0 {
+                            generations.insert(v, g);
+                        }
                     }
                 }
-            }
-            let running = specs
-                .values()
-                .map(|s| (s.name.clone(), s.version))
-                .collect();
-            let replicated = coordinator.watch().borrow().cluster.specs.clone();
-            let mut runtime = Runtime {
-                config,
-                views,
-                readiness,
-                committed: Default::default(),
-                specs,
-                reader,
-                store: Some(store),
-                running: None,
-                cluster: Some(ClusterSide {
+                let running = specs
+                    .values()
+                    .map(|s| (s.name.clone(), s.version))
+                    .collect();
+                Some(ClusterSide {
                     coordinator,
                     generations,
                     running,
-                }),
-            };
-            runtime.sync_stopped(&replicated)?;
-            runtime.register_views()?;
-            return Ok(runtime);
-        }
-        for file in &config.pipelines.files {
-            let text = std::fs::read_to_string(file)
-                .with_context(|| format!("cannot read pipelines.files {}", file.display()))?;
-            let spec = PipelineSpec::from_yaml(&text)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            match specs.get(&spec.name) {
-                Some(running) if running == &spec => {}
-                Some(running) if running.version >= spec.version => warn!(
-                    pipeline = %spec.name, file = %file.display(), running = running.version, file_version = spec.version,
-                    "a newer version of this pipeline was applied through the admin API; keeping it"
-                ),
-                _ => {
-                    let reset = reconcile(&mut store, specs.get(&spec.name), &spec)?;
-                    store.save_spec(&spec.name, &text)?;
-                    info!(pipeline = %spec.name, version = spec.version, ?reset, "pipeline from file applied");
-                    specs.insert(spec.name.clone(), spec);
-                }
+                })
             }
-        }
+            None => {
+                apply_files(&config, &mut store, &mut specs)?;
+                None
+            }
+        };
+        let replicated = cluster
+            .as_ref()
+            .map(|c| c.coordinator.watch().borrow().cluster.specs.clone());
         let mut runtime = Runtime {
             config,
             views,
@@ -173,9 +149,12 @@ impl Runtime {
             reader: store.reader(),
             store: Some(store),
             running: None,
-            cluster: None,
+            cluster,
         };
-        runtime.register_views()?;
+        match replicated {
+            Some(r) => runtime.sync_stopped(&r)?,
+            None => runtime.register_views()?,
+        }
         Ok(runtime)
     }
 
@@ -750,6 +729,35 @@ impl Runtime {
     pub async fn shutdown(&mut self) {
         self.stop().await;
     }
+}
+
+/// Single node: runs the spec files of `pipelines.files` that are newer than
+/// what the node runs.
+fn apply_files(
+    config: &NodeConfig,
+    store: &mut Store,
+    specs: &mut BTreeMap<String, PipelineSpec>,
+) -> anyhow::Result<()> {
+    for file in &config.pipelines.files {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read pipelines.files {}", file.display()))?;
+        let spec = PipelineSpec::from_yaml(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        match specs.get(&spec.name) {
+            Some(running) if running == &spec => {}
+            Some(running) if running.version >= spec.version => warn!(
+                pipeline = %spec.name, file = %file.display(), running = running.version, file_version = spec.version,
+                "a newer version of this pipeline was applied through the admin API; keeping it"
+            ),
+            _ => {
+                let reset = reconcile(store, specs.get(&spec.name), &spec)?;
+                store.save_spec(&spec.name, &text)?;
+                info!(pipeline = %spec.name, version = spec.version, ?reset, "pipeline from file applied");
+                specs.insert(spec.name.clone(), spec);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn now_ms() -> i64 {

@@ -536,6 +536,36 @@ fn run(histories: &[Vec<(Step, u8)>; 4], d: &Delivery) -> Result<(), TestCaseErr
     check(&store, &finals)
 }
 
+/// Applies the facts of `topic` from `next` on, each followed by
+/// `after_each`, until a batch is full or a crash point is reached (then
+/// returns true: the batch is lost).
+fn fill_batch(
+    merger: &Merger,
+    txn: &mut ndc_operators::Txn<'_>,
+    topic: &[Fact],
+    next: &mut usize,
+    crashes: &mut Vec<u8>,
+    batch: usize,
+    mut after_each: impl FnMut(&mut ndc_operators::Txn<'_>),
+) -> bool {
+    let stream = "kafka:ndc.repartition.people:0";
+    for (i, fact) in topic.iter().enumerate().skip(*next) {
+        merger
+            .apply(txn, fact, &Position::new(stream, i as u64))
+            .expect("apply");
+        after_each(txn);
+        *next = i + 1;
+        if let Some(c) = crashes.iter().position(|c| usize::from(*c) == *next) {
+            crashes.remove(c);
+            return true;
+        }
+        if next.is_multiple_of(batch) {
+            return false;
+        }
+    }
+    false
+}
+
 /// The single node's writer: commits each batch (pipelined or not).
 fn run_local(topic: &[Fact], d: &Delivery, dir: &std::path::Path) -> Store {
     let stream = "kafka:ndc.repartition.people:0";
@@ -559,21 +589,15 @@ fn run_local(topic: &[Fact], d: &Delivery, dir: &std::path::Path) -> Store {
         } else {
             store.begin(0)
         };
-        let mut crashed = false;
-        for (i, fact) in topic.iter().enumerate().skip(next) {
-            merger
-                .apply(&mut txn, fact, &Position::new(stream, i as u64))
-                .expect("apply");
-            next = i + 1;
-            if let Some(c) = crashes.iter().position(|c| usize::from(*c) == next) {
-                crashes.remove(c);
-                crashed = true;
-                break;
-            }
-            if next.is_multiple_of(d.batch) {
-                break;
-            }
-        }
+        let crashed = fill_batch(
+            &merger,
+            &mut txn,
+            topic,
+            &mut next,
+            &mut crashes,
+            d.batch,
+            |_| {},
+        );
         if crashed {
             drop(txn);
             inflight = None;
@@ -637,25 +661,20 @@ fn run_logged(
     while next < topic.len() {
         step += 1;
         let mut effects = Vec::new();
-        let mut crashed = false;
-        {
+        let crashed = {
             let mut txn = owner.begin_logged(0, &pending);
-            for (i, fact) in topic.iter().enumerate().skip(next) {
-                merger
-                    .apply(&mut txn, fact, &Position::new(stream, i as u64))
-                    .expect("apply");
-                effects.extend(txn.take_effects(view));
-                next = i + 1;
-                if let Some(c) = crashes.iter().position(|c| usize::from(*c) == next) {
-                    crashes.remove(c);
-                    crashed = true;
-                    break;
-                }
-                if next.is_multiple_of(d.batch) {
-                    break;
-                }
-            }
-        }
+            fill_batch(
+                &merger,
+                &mut txn,
+                topic,
+                &mut next,
+                &mut crashes,
+                d.batch,
+                |txn| {
+                    effects.extend(txn.take_effects(view));
+                },
+            )
+        };
         if crashed {
             // The batch never reached the log; the owner restarts, applies
             // the whole log and resumes from the offset it stores.
