@@ -234,6 +234,9 @@ pub struct StorageSection {
     pub write_buffer: ByteSize,
     /// fsync every commit (survives power loss, not only a process crash).
     pub sync_commits: bool,
+    /// LZ4 on stored rows: less disk, but every block read back from disk
+    /// (not from the block cache) is decompressed first.
+    pub compress_rows: bool,
 }
 
 impl Default for StorageSection {
@@ -242,6 +245,7 @@ impl Default for StorageSection {
             block_cache: ByteSize(128 << 20),
             write_buffer: ByteSize(128 << 20),
             sync_commits: true,
+            compress_rows: false,
         }
     }
 }

@@ -81,6 +81,10 @@ pub struct StoreConfig {
     /// fsync every commit: a committed batch survives power loss, not only a
     /// process crash. Subscribers only see committed batches.
     pub sync_commits: bool,
+    /// LZ4 on the rows column family. Off, its blocks cost no decompression
+    /// when read back from the OS page cache (the golden-record merge reads
+    /// far more state than a block cache holds), at the price of disk.
+    pub compress_rows: bool,
 }
 
 impl StoreConfig {
@@ -90,6 +94,7 @@ impl StoreConfig {
             block_cache_bytes: 128 << 20,
             write_buffer_bytes: 128 << 20,
             sync_commits: true,
+            compress_rows: false,
         }
     }
 }
@@ -445,7 +450,7 @@ impl Store {
         db_opts.set_write_buffer_manager(&write_buffers);
         db_opts.set_max_total_wal_size(256 << 20);
         db_opts.set_keep_log_file_num(5);
-        let cf_opts = |point_lookups: bool, prefix_bloom: bool| {
+        let cf_opts = |point_lookups: bool, prefix_bloom: bool, compression: DBCompressionType| {
             let mut table = BlockBasedOptions::default();
             table.set_block_cache(&cache);
             table.set_cache_index_and_filter_blocks(true);
@@ -468,15 +473,29 @@ impl Store {
                 ));
             }
             o.set_block_based_table_factory(&table);
-            o.set_compression_type(DBCompressionType::Lz4);
+            o.set_compression_type(compression);
             o.set_write_buffer_size((config.write_buffer_bytes / 4).max(4 << 20));
             o
         };
         let cfs = vec![
-            ColumnFamilyDescriptor::new(CF_ROWS, cf_opts(true, true)),
-            ColumnFamilyDescriptor::new(CF_CHANGELOG, cf_opts(false, false)),
-            ColumnFamilyDescriptor::new(CF_OFFSETS, cf_opts(true, false)),
-            ColumnFamilyDescriptor::new(CF_META, cf_opts(true, false)),
+            ColumnFamilyDescriptor::new(
+                CF_ROWS,
+                cf_opts(
+                    true,
+                    true,
+                    if config.compress_rows {
+                        DBCompressionType::Lz4
+                    } else {
+                        DBCompressionType::None
+                    },
+                ),
+            ),
+            ColumnFamilyDescriptor::new(
+                CF_CHANGELOG,
+                cf_opts(false, false, DBCompressionType::Lz4),
+            ),
+            ColumnFamilyDescriptor::new(CF_OFFSETS, cf_opts(true, false, DBCompressionType::Lz4)),
+            ColumnFamilyDescriptor::new(CF_META, cf_opts(true, false, DBCompressionType::Lz4)),
         ];
         let db = DB::open_cf_descriptors(&db_opts, &config.path, cfs)?;
 
