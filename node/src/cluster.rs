@@ -41,6 +41,11 @@ pub struct ClusterLog {
     pub names: BTreeMap<ViewId, String>,
     /// View → next log offset this node has applied.
     pub applied: BTreeMap<ViewId, watch::Receiver<u64>>,
+    /// Consumer assignments of which the writer dropped records (fenced:
+    /// lease lapsed or partition moved). The rest of such an assignment is
+    /// dropped too, and the consumer restarts the partition from the
+    /// committed offset: going on after a dropped record would skip it.
+    pub revoked: std::sync::Mutex<std::collections::HashSet<u64>>,
 }
 
 /// Offsets-store stream name of a change-log topic.
@@ -61,6 +66,28 @@ pub fn incarnation_of(topic: &str) -> u64 {
 }
 
 impl ClusterLog {
+    /// Marks a consumer assignment as revoked (see [`ClusterLog::revoked`]).
+    pub fn revoke_assignment(&self, assignment: u64) {
+        if let Ok(mut r) = self.revoked.lock() {
+            r.insert(assignment);
+        }
+    }
+
+    pub fn is_revoked(&self, assignment: u64) -> bool {
+        self.revoked.lock().is_ok_and(|r| r.contains(&assignment))
+    }
+
+    pub fn revoked_assignments(&self) -> std::collections::HashSet<u64> {
+        self.revoked.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// The assignment ended: nothing of it is read any more.
+    pub fn forget_assignment(&self, assignment: u64) {
+        if let Ok(mut r) = self.revoked.lock() {
+            r.remove(&assignment);
+        }
+    }
+
     /// Appends records to `view`'s change log in order; returns their offsets.
     pub async fn append(&self, view: ViewId, records: &[LogRecord]) -> anyhow::Result<Vec<u64>> {
         let topic = self.topics.get(&view).context("view has no change log")?;
@@ -159,7 +186,7 @@ pub async fn run_log_source(
     let mut views: BTreeMap<String, (ViewId, Arc<str>)> = BTreeMap::new();
     for (view, topic) in &log.topics {
         let offset = match start.get(view).copied().flatten() {
-            Some(next) => Offset::Offset(i64::try_from(next).unwrap_or(i64::MAX)),
+            Some(next) => crate::sources::resume_offset(next),
             None => Offset::Beginning,
         };
         tpl.add_partition_offset(topic, 0, offset)?;

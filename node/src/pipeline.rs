@@ -41,6 +41,9 @@ pub struct Input {
     pub partition: Option<i32>,
     /// Cluster mode: the assignment epoch under which the record was read.
     pub epoch: Option<u64>,
+    /// Cluster mode: the consumer assignment that read it (see
+    /// `ClusterLog::revoked`).
+    pub assignment: Option<u64>,
     /// Original bytes, kept only for rejected records.
     pub raw_key: Option<Vec<u8>>,
     pub raw_value: Option<Vec<u8>>,
@@ -243,7 +246,7 @@ impl Writer {
     async fn process(mut self, mut batch: Vec<Input>) -> Self {
         let started = Instant::now();
         if let Some(c) = &self.cluster {
-            self.fence(&c.coordinator, &mut batch);
+            self.fence(c, &mut batch);
             if batch.is_empty() {
                 return self;
             }
@@ -494,7 +497,15 @@ impl Writer {
                     for (view, offset) in &last {
                         c.pending.applied_through(*view, *offset);
                         if let Some(tx) = c.applied.get(view) {
-                            tx.send_replace(offset + 1);
+                            // Records re-read below the stored position (see
+                            // `sources::RESUME_REWIND_RECORDS`) never move it back.
+                            tx.send_if_modified(|next| {
+                                let raised = offset + 1 > *next;
+                                if raised {
+                                    *next = offset + 1;
+                                }
+                                raised
+                            });
                         }
                     }
                     metrics::gauge!(metric::LOG_PENDING).set(c.pending.len() as f64);
@@ -511,23 +522,37 @@ impl Writer {
     /// Drops records of partitions this node may not act on any more (lease
     /// expired, or the partition moved to another owner or epoch): neither
     /// their effects nor their offsets are committed, nothing is published.
-    fn fence(&self, coordinator: &ndc_coordinator::Coordinator, batch: &mut Vec<Input>) {
-        let mut verdicts: HashMap<(ViewId, Arc<str>, i32, u64), bool> = HashMap::new();
+    ///
+    /// Once some records of a consumer assignment are dropped, the rest of
+    /// that assignment is dropped too (even if the lease comes back at once)
+    /// and the consumer restarts the partition from the committed offset:
+    /// deciding later records would move the stored offset past the dropped
+    /// ones, and they would never be read again.
+    fn fence(&self, cluster: &ClusterWriter, batch: &mut Vec<Input>) {
+        let mut verdicts: HashMap<(ViewId, Arc<str>, i32, u64, u64), bool> = HashMap::new();
         let before = batch.len();
         batch.retain(|i| {
             let (Some(topic), Some(partition), Some(epoch)) = (&i.topic, i.partition, i.epoch)
             else {
                 return true; // not from a cluster-assigned partition (file sources)
             };
+            let assignment = i.assignment.unwrap_or(0);
             *verdicts
-                .entry((i.view, topic.clone(), partition, epoch))
+                .entry((i.view, topic.clone(), partition, epoch, assignment))
                 .or_insert_with(|| {
+                    if cluster.log.is_revoked(assignment) {
+                        return false;
+                    }
                     let pid = crate::cluster::partition_id(
                         self.store.view_name(i.view),
                         topic,
                         partition,
                     );
-                    coordinator.may_act(&pid, epoch)
+                    let ok = cluster.coordinator.may_act(&pid, epoch);
+                    if !ok {
+                        cluster.log.revoke_assignment(assignment);
+                    }
+                    ok
                 })
         });
         let dropped = before - batch.len();

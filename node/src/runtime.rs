@@ -464,6 +464,7 @@ impl Runtime {
             topics,
             names,
             applied: applied_rx,
+            revoked: Default::default(),
         });
         let (log_tx, log_rx) = mpsc::channel(1024);
         let task = tokio::spawn(

@@ -65,6 +65,26 @@ pub async fn create_topics(
     Ok(())
 }
 
+/// Records re-read before a stored offset when a partition is resumed.
+///
+/// A Kafka broker answers a fetch from offset `n` with the record batch that
+/// contains `n` (the client skips the records before it). tansu 0.6.0, the
+/// test broker, answers with the first batch that *starts* at or after `n`:
+/// resuming in the middle of a batch silently skipped the rest of it (seen
+/// as a node missing one row of the cluster's change log after a restart;
+/// `node/tests/broker_fetch.rs`). Resuming this many records earlier lands
+/// at or before the batch's start whatever the broker; the records already
+/// applied are recognised by their offsets and skipped by the state writer.
+/// Larger than any batch the node's own producers write (change-log records
+/// are batched by the thousand at most) and than agency connectors' batches.
+pub const RESUME_REWIND_RECORDS: u64 = 10_000;
+
+/// Where to resume reading a partition whose next offset to apply is `next`.
+pub fn resume_offset(next: u64) -> Offset {
+    let from = next.saturating_sub(RESUME_REWIND_RECORDS);
+    Offset::Offset(i64::try_from(from).unwrap_or(i64::MAX))
+}
+
 /// Stream name of a Kafka partition.
 pub fn kafka_stream(topic: &str, partition: i32) -> String {
     format!("kafka:{topic}:{partition}")
@@ -84,7 +104,20 @@ pub struct Route {
 }
 
 /// Epoch under which this node holds each (topic, partition), in cluster mode.
-type Epochs = Arc<RwLock<HashMap<(String, i32), u64>>>;
+/// Cluster mode: the partitions the consumer holds, each with the epoch the
+/// cluster gave it and the local assignment that reads it.
+type Epochs = Arc<RwLock<HashMap<(String, i32), Held>>>;
+
+/// One assignment of a partition to this node's consumer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Held {
+    epoch: u64,
+    /// Unique per (re)assignment of the partition to the consumer, which
+    /// (re)starts reading at the committed offset. Records carry it, so that
+    /// once the writer has dropped some of an assignment's records, the rest
+    /// of that assignment can be dropped too (see `ClusterLog::revoked`).
+    assignment: u64,
+}
 
 /// Reports consumer lag from librdkafka statistics, and keeps the high
 /// watermarks for cluster status.
@@ -232,10 +265,10 @@ impl KafkaSource {
                         let topic = m.topic();
                         let Some(routes) = assigner.routes.get(topic) else { continue };
                         let partition = m.partition();
-                        let epoch = if cluster.is_some() {
+                        let held = if cluster.is_some() {
                             // Fetched before an unassignment: not ours any more.
-                            let Some(e) = epochs.read().ok().and_then(|e| e.get(&(topic.to_string(), partition)).copied()) else { continue };
-                            Some(e)
+                            let Some(h) = epochs.read().ok().and_then(|e| e.get(&(topic.to_string(), partition)).copied()) else { continue };
+                            Some(h)
                         } else {
                             None
                         };
@@ -251,7 +284,8 @@ impl KafkaSource {
                                 decoded,
                                 topic: Some(topic_arc.clone()),
                                 partition: Some(partition),
-                                epoch,
+                                epoch: held.map(|h| h.epoch),
+                                assignment: held.map(|h| h.assignment),
                                 raw_key: if keep_raw { m.key().map(<[u8]>::to_vec) } else { None },
                                 raw_value: if keep_raw { m.payload().map(<[u8]>::to_vec) } else { None },
                             };
@@ -317,7 +351,7 @@ impl Assigner {
             })
             .collect();
         if stored.iter().all(Option::is_some) {
-            Offset::Offset(stored.iter().flatten().min().copied().unwrap_or(0) as i64)
+            resume_offset(stored.iter().flatten().min().copied().unwrap_or(0))
         } else {
             match self.start_from {
                 StartFrom::Earliest => Offset::Beginning,
@@ -457,6 +491,7 @@ async fn follow_assignments(
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_report = std::time::Instant::now() - Duration::from_secs(1);
+    let mut next_assignment = 0u64;
     // Partitions gained and not yet caught up: when, and from which offset.
     let mut restoring: HashMap<(String, i32), (std::time::Instant, u64)> = HashMap::new();
     loop {
@@ -490,18 +525,28 @@ async fn follow_assignments(
                 }
             }
         }
-        let current: HashMap<(String, i32), u64> =
+        let current: HashMap<(String, i32), Held> =
             epochs.read().map(|e| e.clone()).unwrap_or_default();
+        // An assignment some of whose records the writer dropped (its lease
+        // had lapsed) must not go on from where the consumer is: it is
+        // restarted from the committed offset (removed now, added again on
+        // the next round), or the dropped records would be skipped for good.
+        let revoked = log.revoked_assignments();
         let removed: Vec<(String, i32)> = current
             .iter()
-            .filter(|(k, e)| desired.get(*k) != Some(*e))
+            .filter(|(k, h)| desired.get(*k) != Some(&h.epoch) || revoked.contains(&h.assignment))
             .map(|(k, _)| k.clone())
             .collect();
         let added: Vec<((String, i32), u64)> = desired
             .iter()
-            .filter(|(k, e)| current.get(*k) != Some(*e))
+            .filter(|(k, e)| current.get(*k).map(|h| h.epoch) != Some(**e))
             .map(|(k, e)| (k.clone(), *e))
             .collect();
+        for k in &removed {
+            if let Some(h) = current.get(k) {
+                log.forget_assignment(h.assignment);
+            }
+        }
         if !removed.is_empty() {
             let mut tpl = TopicPartitionList::new();
             for (t, p) in &removed {
@@ -565,7 +610,16 @@ async fn follow_assignments(
                         restoring.insert(k.clone(), (std::time::Instant::now(), from));
                     }
                     if let Ok(mut e) = epochs.write() {
-                        e.extend(added.iter().cloned());
+                        for (k, epoch) in &added {
+                            next_assignment += 1;
+                            e.insert(
+                                k.clone(),
+                                Held {
+                                    epoch: *epoch,
+                                    assignment: next_assignment,
+                                },
+                            );
+                        }
                     }
                     if let Ok(mut a) = assigner.assigned.lock() {
                         a.extend(added.iter().map(|(k, _)| k.clone()));
@@ -594,7 +648,7 @@ async fn follow_assignments(
                 .map(|e| e.clone())
                 .unwrap_or_default()
                 .into_iter()
-                .flat_map(|((topic, p), epoch)| {
+                .flat_map(|((topic, p), Held { epoch, .. })| {
                     let stream: Arc<str> = kafka_stream(&topic, p).into();
                     let high = highs.get(&(topic.clone(), p)).copied();
                     assigner
@@ -696,6 +750,7 @@ impl FileSource {
                 topic: None,
                 partition: None,
                 epoch: None,
+                assignment: None,
                 raw_key: None,
                 raw_value: keep_raw.then(|| buf.clone()),
             };
