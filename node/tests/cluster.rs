@@ -248,6 +248,41 @@ impl Cluster {
     }
 }
 
+/// Diagnostics: the change-log records that touch `keys`, and the fences of
+/// their partitions, in log order.
+fn log_history(cluster: &Cluster, keys: &[&String], partition_of: &BTreeMap<String, i32>) {
+    use prost::Message as _;
+    use rdkafka::message::Message as _;
+    let log = cluster
+        ._broker
+        .read_all("ndc.changes.citizens", usize::MAX, Duration::from_secs(5));
+    let parts: BTreeSet<String> = keys
+        .iter()
+        .filter_map(|k| partition_of.get(*k))
+        .map(|p| format!("citizens/{TOPIC}/{p}"))
+        .collect();
+    for m in &log {
+        let Some(Ok(r)) = m.payload().map(ndc_proto::state::LogRecord::decode) else {
+            continue;
+        };
+        let touches = r
+            .effects
+            .iter()
+            .any(|e| keys.iter().any(|k| e.key == k.as_bytes()));
+        if touches || (r.fence && parts.contains(&r.partition)) {
+            eprintln!(
+                "  log offset {} partition {} epoch {} fence {} source_next {} effects {} touches {touches}",
+                m.offset(),
+                r.partition,
+                r.epoch,
+                r.fence,
+                r.source_next_offset,
+                r.effects.len()
+            );
+        }
+    }
+}
+
 fn owners(s: &ClusterStatus) -> BTreeMap<String, (Option<u64>, u64)> {
     s.partitions
         .iter()
@@ -508,6 +543,7 @@ impl Workload {
                             eprintln!("  ndc-{n}: {:?}", r.get(*k).map(|v| v.to_string()));
                         }
                     }
+                    log_history(cluster, &differing, &partition_of);
                     cluster.dump_logs();
                     panic!(
                         "ndc-{id} serves {} rows, expected {}; differing keys: {differing:?}",
