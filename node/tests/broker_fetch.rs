@@ -1,4 +1,6 @@
-//! Resuming a partition in the middle of a record batch. A node resumes a
+//! What the node assumes of the broker when it reads a partition.
+//!
+//! Resuming a partition in the middle of a record batch: a node resumes a
 //! source topic or a change log from the offset stored with its state, which
 //! may fall inside a batch its producer wrote. tansu 0.6.0 (the test broker)
 //! answers a fetch from such an offset with the next batch only, skipping
@@ -75,5 +77,67 @@ async fn resuming_inside_a_record_batch_reads_the_rest_of_the_batch() {
         let wanted: Vec<i64> = (next as i64..=20).collect();
         let from_next: Vec<i64> = read.into_iter().filter(|o| *o >= next as i64).collect();
         assert_eq!(from_next, wanted, "resuming at {next}");
+    }
+}
+
+/// Reading a long history with small fetch responses (as a node catching up
+/// a change log does): the offsets read must be contiguous.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_history_in_small_fetches_skips_nothing() {
+    let broker = Broker::start();
+    broker.create_topic("history", 1).await;
+    let producer: rdkafka::producer::FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let payload = vec![b'x'; 3000];
+    let total = 3000i64;
+    for _ in 0..(total / 300) {
+        let sends = (0..300).map(|_| {
+            producer.send(
+                FutureRecord::<(), _>::to("history")
+                    .partition(0)
+                    .payload(&payload),
+                Duration::from_secs(10),
+            )
+        });
+        for r in futures::future::join_all(sends).await {
+            r.unwrap();
+        }
+    }
+    for max in ["65536", "1048576"] {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &broker.bootstrap)
+            .set("group.id", format!("probe-{}", free_port()))
+            .set("enable.auto.commit", "false")
+            .set("fetch.max.bytes", max)
+            .set("message.max.bytes", "65536")
+            .set("max.partition.fetch.bytes", max)
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("history", 0, Offset::Beginning)
+            .unwrap();
+        consumer.assign(&tpl).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut read = Vec::new();
+        while read.last() != Some(&(total - 1)) && Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                read.push(m.offset());
+            }
+        }
+        let gaps: Vec<(i64, i64)> = read
+            .windows(2)
+            .filter(|w| w[1] != w[0] + 1)
+            .map(|w| (w[0], w[1]))
+            .take(10)
+            .collect();
+        assert!(
+            gaps.is_empty(),
+            "fetches of at most {max} bytes: gaps {gaps:?}"
+        );
+        assert_eq!(read.len() as i64, total, "fetches of at most {max} bytes");
     }
 }
