@@ -77,6 +77,8 @@ pub mod metric {
     /// Change-log records applied, by `outcome` (applied, fence, fenced,
     /// already_applied, undecodable).
     pub const LOG_RECORDS: &str = "ndc_cluster_log_records_total";
+    /// Gaps in a change log as delivered by the broker (then read again).
+    pub const LOG_GAPS: &str = "ndc_cluster_log_gaps_total";
     /// Bytes this node wrote to change logs.
     pub const LOG_BYTES_WRITTEN: &str = "ndc_cluster_log_written_bytes_total";
     /// Bytes this node read from change logs (its whole state comes this way).

@@ -261,6 +261,16 @@ fn log_history(cluster: &Cluster, keys: &[&String], partition_of: &BTreeMap<Stri
         .filter_map(|k| partition_of.get(*k))
         .map(|p| format!("citizens/{TOPIC}/{p}"))
         .collect();
+    for member in &cluster.members {
+        let text = std::fs::read_to_string(&member.log).unwrap_or_default();
+        for l in text
+            .lines()
+            .filter(|l| l.contains("change-log gap"))
+            .take(5)
+        {
+            eprintln!("  ndc-{}: {l}", member.id);
+        }
+    }
     for m in &log {
         let Some(Ok(r)) = m.payload().map(ndc_proto::state::LogRecord::decode) else {
             continue;
@@ -583,6 +593,12 @@ impl Workload {
             )
             .unwrap();
             let text = metrics_text(addrs.http).await;
+            for l in text
+                .lines()
+                .filter(|l| l.starts_with("ndc_cluster_log_gaps_total"))
+            {
+                eprintln!("ndc-{}: {l}", m.id);
+            }
             for name in [
                 "ndc_raft_term",
                 "ndc_raft_is_leader",
