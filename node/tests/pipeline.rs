@@ -643,10 +643,15 @@ async fn a_file_export_backfills_through_the_same_path_then_kafka_continues() {
     let node = ndc_node::start(config).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let text = metrics_text(node.addrs.http).await;
-    assert!(
-        !text.contains("view=\"backfill\",outcome=\"already_applied\""),
-        "file re-read after restart:\n{text}"
-    );
+    // Kafka partitions are resumed a little before their stored offsets (the
+    // 5 updates come again and are recognised as applied); the file's 26
+    // lines are not read again.
+    let again: u64 = text
+        .lines()
+        .find(|l| l.contains("view=\"backfill\",outcome=\"already_applied\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .map_or(0, |n| n.parse().unwrap());
+    assert!(again <= 5, "file re-read after restart:\n{text}");
     node.shutdown().await;
 }
 
