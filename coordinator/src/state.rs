@@ -34,9 +34,16 @@ pub enum Command {
     Assign {
         changes: Vec<(PartitionId, Option<NodeId>)>,
     },
-    /// Runs a pipeline spec on every node (ignored unless its version is
-    /// above the stored one).
-    PutSpec { name: String, spec: StoredSpec },
+    /// Runs a pipeline spec on every node. Applied only if the stored
+    /// version is still `previous` (the one the spec was validated and its
+    /// generations computed against; `None`: no such pipeline) and below
+    /// the new one: two concurrent updates cannot both win.
+    PutSpec {
+        name: String,
+        spec: StoredSpec,
+        #[serde(default)]
+        previous: Option<u64>,
+    },
     /// Stops a pipeline on every node.
     DropSpec { name: String },
     /// Forgets partitions (of dropped pipelines, or of views reset to a new
@@ -62,6 +69,9 @@ pub struct StoredSpec {
 pub struct CommandReply {
     /// Epochs of the partitions the command changed.
     pub epochs: Vec<(PartitionId, u64)>,
+    /// Why the command changed nothing (a spec update that lost a race).
+    #[serde(default)]
+    pub refused: Option<String>,
 }
 
 /// Cluster metadata as replicated by Raft (members live in Raft's membership).
@@ -106,13 +116,21 @@ impl ClusterState {
                     reply.epochs.push((partition.clone(), self.last_epoch));
                 }
             }
-            Command::PutSpec { name, spec } => {
-                if self
-                    .specs
-                    .get(name)
-                    .is_none_or(|s| s.version < spec.version)
-                {
+            Command::PutSpec {
+                name,
+                spec,
+                previous,
+            } => {
+                let current = self.specs.get(name).map(|s| s.version);
+                if current == *previous && current.is_none_or(|v| v < spec.version) {
                     self.specs.insert(name.clone(), spec.clone());
+                } else {
+                    reply.refused = Some(match current {
+                        Some(v) => {
+                            format!("pipeline {name} changed meanwhile: it runs version {v} now")
+                        }
+                        None => format!("pipeline {name} was dropped meanwhile"),
+                    });
                 }
             }
             Command::DropSpec { name } => {
@@ -343,29 +361,18 @@ mod tests {
             generations: [("p.people".to_string(), version)].into(),
         };
         let mut s = state(2);
-        s.apply(
-            &Command::PutSpec {
-                name: "p".into(),
-                spec: spec(2),
-            },
-            1,
-        );
+        let put = |version, previous| Command::PutSpec {
+            name: "p".into(),
+            spec: spec(version),
+            previous,
+        };
+        assert_eq!(s.apply(&put(2, None), 1).refused, None);
         // A late, older proposal does not go back.
-        s.apply(
-            &Command::PutSpec {
-                name: "p".into(),
-                spec: spec(1),
-            },
-            2,
-        );
+        assert!(s.apply(&put(1, None), 2).refused.is_some());
         assert_eq!(s.specs.get("p").map(|s| s.version), Some(2));
-        s.apply(
-            &Command::PutSpec {
-                name: "p".into(),
-                spec: spec(3),
-            },
-            3,
-        );
+        // Two updates validated against version 2: the first wins.
+        assert_eq!(s.apply(&put(3, Some(2)), 3).refused, None);
+        assert!(s.apply(&put(4, Some(2)), 3).refused.is_some());
         assert_eq!(s.specs.get("p"), Some(&spec(3)));
         s.apply(
             &Command::Assign {

@@ -67,9 +67,14 @@ impl PipelineService {
         let command = Command::PutSpec {
             name: applied.name.clone(),
             spec: stored,
+            previous: replicated.get(&applied.name).map(|s| s.version),
         };
         match coordinator.propose(command).await {
-            Ok(_) => {}
+            Ok(reply) => {
+                if let Some(why) = reply.refused {
+                    return Err(Status::aborted(format!("{why}; apply again")));
+                }
+            }
             Err(ndc_coordinator::Error::NotLeader {
                 leader: Some((leader, addr)),
             }) if leader != coordinator.node_id() => {
