@@ -405,29 +405,19 @@ impl Writer {
                 std::process::exit(70);
             }
         };
-        let mut by_view: BTreeMap<ViewId, Vec<LogRecord>> = BTreeMap::new();
-        for (view, record) in logged {
-            by_view.entry(view).or_default().push(record);
+        let mut by_view: BTreeMap<ViewId, (Vec<LogRecord>, Vec<Vec<ViewId>>)> = BTreeMap::new();
+        for d in logged {
+            let (records, on) = by_view.entry(d.log).or_default();
+            records.push(d.record);
+            on.push(d.on);
         }
         if let Some(c) = this.cluster.as_mut() {
-            for (view, records) in by_view {
+            for (view, (records, on)) in by_view {
                 match c.log.append(view, &records).await {
                     Ok(offsets) => {
-                        for (record, offset) in records.iter().zip(offsets) {
-                            // An effect on another view (a merge's golden
-                            // record, conflicts, joins) names it.
-                            let on = |e: &ndc_proto::state::Effect| {
-                                if e.view.is_empty() {
-                                    view
-                                } else {
-                                    this.store.view_id(&e.view).unwrap_or(view)
-                                }
-                            };
-                            c.pending.record(
-                                view,
-                                record.effects.iter().map(|e| (on(e), e)),
-                                offset,
-                            );
+                        for ((record, on), offset) in records.iter().zip(&on).zip(offsets) {
+                            c.pending
+                                .record(view, on.iter().copied().zip(&record.effects), offset);
                         }
                     }
                     Err(e) => {
@@ -497,15 +487,7 @@ impl Writer {
                     for (view, offset) in &last {
                         c.pending.applied_through(*view, *offset);
                         if let Some(tx) = c.applied.get(view) {
-                            // Records re-read below the stored position (see
-                            // `sources::RESUME_REWIND_RECORDS`) never move it back.
-                            tx.send_if_modified(|next| {
-                                let raised = offset + 1 > *next;
-                                if raised {
-                                    *next = offset + 1;
-                                }
-                                raised
-                            });
+                            tx.send_replace(offset + 1);
                         }
                     }
                     metrics::gauge!(metric::LOG_PENDING).set(c.pending.len() as f64);
@@ -695,6 +677,14 @@ fn apply_batch(
     Ok((info, prepared, rows, tally))
 }
 
+/// A change-log record being decided, with the view each of its effects is
+/// on (index for index), for the writer's pending overlay.
+struct Decided {
+    log: ViewId,
+    record: LogRecord,
+    on: Vec<ViewId>,
+}
+
 /// Cluster mode: decides a batch without committing it. Returns, per view,
 /// change-log records: runs of consecutive records of one source partition
 /// with their effects and the source offset to resume from after them.
@@ -704,7 +694,7 @@ fn decide_batch(
     mergers: &Mergers,
     batch: &[Input],
     now: i64,
-) -> Result<(Vec<(ViewId, LogRecord)>, Tally), ndc_operators::StoreError> {
+) -> Result<(Vec<Decided>, Tally), ndc_operators::StoreError> {
     let mut tally = Tally::default();
     let names: HashMap<ViewId, String> = batch
         .iter()
@@ -712,7 +702,7 @@ fn decide_batch(
         .collect();
     let mut txn = store.begin_logged(now, pending);
     txn.prefetch(keys_of(batch))?;
-    let mut out: Vec<(ViewId, LogRecord)> = Vec::new();
+    let mut out: Vec<Decided> = Vec::new();
     // (view, stream) → index in `out` of the record being filled, and its size.
     let mut open: HashMap<(ViewId, Arc<str>), (usize, usize)> = HashMap::new();
     for input in batch {
@@ -734,9 +724,9 @@ fn decide_batch(
             }
             _ => {
                 let view_name = names.get(&input.view).cloned().unwrap_or_default();
-                out.push((
-                    input.view,
-                    LogRecord {
+                out.push(Decided {
+                    log: input.view,
+                    record: LogRecord {
                         partition: crate::cluster::partition_id(&view_name, topic, partition),
                         view: view_name,
                         epoch,
@@ -745,14 +735,18 @@ fn decide_batch(
                         fence: false,
                         effects: Vec::new(),
                     },
-                ));
+                    on: Vec::new(),
+                });
                 open.insert(key.clone(), (out.len() - 1, 0));
                 out.len() - 1
             }
         };
-        if let Some((_, record)) = out.get_mut(index) {
-            record.effects.extend(effects.into_iter().map(|(_, e)| e));
-            record.source_next_offset = record.source_next_offset.max(input.pos.offset + 1);
+        if let Some(d) = out.get_mut(index) {
+            for (on, effect) in effects {
+                d.on.push(on);
+                d.record.effects.push(effect);
+            }
+            d.record.source_next_offset = d.record.source_next_offset.max(input.pos.offset + 1);
         }
         if let Some(entry) = open.get_mut(&key) {
             entry.1 += size;
