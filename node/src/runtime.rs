@@ -182,14 +182,14 @@ impl Runtime {
 
     /// Starts the data path.
     pub async fn start(&mut self) -> anyhow::Result<()> {
-        self.create_repartition_topics().await;
+        let repartition_ready = self.create_repartition_topics().await;
         let shutdown = CancellationToken::new();
         let logs = match self.cluster.is_some() {
             true => Some(self.open_logs(&shutdown).await?),
             false => None,
         };
         let store = self.store.take().context("data path already running")?;
-        match build(self, store, logs, shutdown) {
+        match build(self, store, logs, shutdown, repartition_ready) {
             Ok(path) => {
                 self.running = Some(path);
                 Ok(())
@@ -204,9 +204,10 @@ impl Runtime {
     /// Creates the pipelines' repartition topics before the sources look
     /// for them (else the first facts wait for a metadata refresh). A broker
     /// that does not answer only delays: the data path retries.
-    async fn create_repartition_topics(&self) {
+    /// Returns whether they all exist now (else the data path keeps trying).
+    async fn create_repartition_topics(&self) -> bool {
         let (Some(kafka), Some(store)) = (&self.config.kafka, &self.store) else {
-            return;
+            return true;
         };
         let topics: Vec<String> = self
             .specs
@@ -221,7 +222,7 @@ impl Runtime {
             })
             .collect();
         if topics.is_empty() {
-            return;
+            return true;
         }
         let p = &self.config.pipelines;
         let created = crate::sources::create_topics(
@@ -232,9 +233,15 @@ impl Runtime {
             "repartition",
         );
         match tokio::time::timeout(std::time::Duration::from_secs(3), created).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(error = %e, "cannot create repartition topics yet"),
-            Err(_) => warn!("creating repartition topics timed out"),
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot create repartition topics yet");
+                false
+            }
+            Err(_) => {
+                warn!("creating repartition topics timed out");
+                false
+            }
         }
     }
 
@@ -658,7 +665,7 @@ impl Runtime {
                 (o.sources.contains_key(node) || o.operators.contains_key(node))
                     && !reset.contains(node)
             });
-            for v in views_of_node(&spec, node) {
+            for v in spec.node_views(node) {
                 let g = match (kept, current) {
                     (true, Some(c)) => c.generations.get(&v).copied().unwrap_or(spec.version),
                     _ => spec.version,
@@ -814,10 +821,7 @@ fn reconcile(
         .filter(|v| !new_views.contains(v))
         .collect();
     for name in &reset {
-        let base = new.view(name);
-        drop.push(base.clone());
-        drop.push(format!("{base}.conflicts"));
-        drop.push(format!("{base}.contributions"));
+        drop.extend(new.node_views(name));
     }
     // A reset merge re-reads its inputs from the start: their re-keying
     // cursors go back to zero.
@@ -857,19 +861,6 @@ fn reset_set(old: &PipelineSpec, new: &PipelineSpec) -> BTreeSet<String> {
     let existed: BTreeSet<&String> = old.sources.keys().chain(old.operators.keys()).collect();
     reset.retain(|n| existed.contains(n));
     reset
-}
-
-/// The views of one source or operator of a spec.
-fn views_of_node(spec: &PipelineSpec, node: &str) -> Vec<String> {
-    let base = spec.view(node);
-    match spec.operators.get(node) {
-        Some(OperatorSpec::Merge(_)) => vec![
-            format!("{base}.conflicts"),
-            format!("{base}.contributions"),
-            base,
-        ],
-        _ => vec![base],
-    }
 }
 
 /// Cluster mode: the repartition topic of a pipeline, named after its
@@ -1004,6 +995,7 @@ fn build(
     store: Store,
     cluster: Option<(ClusterWriter, Vec<JoinHandle<()>>)>,
     shutdown: CancellationToken,
+    repartition_ready: bool,
 ) -> Result<DataPath, (Store, anyhow::Error)> {
     let Runtime {
         config,
@@ -1162,12 +1154,12 @@ fn build(
     if routes.is_empty() {
         readiness.set(true);
     } else if let Some(k) = &config.kafka {
-        if !repartition_topics.is_empty() {
+        if !repartition_ready && !repartition_topics.is_empty() {
             let kafka = k.clone();
             let section = config.pipelines.clone();
             let topics = repartition_topics.clone();
-            // Created before the consumer looks for them; the source waits
-            // for missing topics anyway, so a slow broker only delays.
+            // Not created at start (broker slow or down): keep trying; the
+            // source waits for missing topics, so this only delays.
             tasks.push(tokio::spawn(async move {
                 let mut attempt = 0;
                 while let Err(e) = crate::sources::create_topics(

@@ -333,15 +333,25 @@ impl PipelineSpec {
 
     /// Every view this pipeline writes, in a stable order.
     pub fn views(&self) -> Vec<String> {
-        let mut views: Vec<String> = self.sources.keys().map(|s| self.view(s)).collect();
-        for (name, op) in &self.operators {
-            views.push(self.view(name));
-            if let OperatorSpec::Merge(_) = op {
-                views.push(format!("{}.conflicts", self.view(name)));
-                views.push(format!("{}.contributions", self.view(name)));
-            }
+        self.sources
+            .keys()
+            .chain(self.operators.keys())
+            .flat_map(|node| self.node_views(node))
+            .collect()
+    }
+
+    /// The views of one source or operator: a merge also writes its
+    /// conflicts and contributions.
+    pub fn node_views(&self, node: &str) -> Vec<String> {
+        let base = self.view(node);
+        match self.operators.get(node) {
+            Some(OperatorSpec::Merge(_)) => vec![
+                base.clone(),
+                format!("{base}.conflicts"),
+                format!("{base}.contributions"),
+            ],
+            _ => vec![base],
         }
-        views
     }
 
     /// The column of `source` that carries the national ID facts are
