@@ -3,6 +3,8 @@
 //!
 //! Phases (see `docs/performance.md` for figures):
 //! - `file`: a newline-delimited Debezium export through the file source;
+//! - `storage-ceiling`: RocksDB alone writing what the file phase makes the
+//!   node write (and the floor: each event once), in this process;
 //! - `broker-ceiling`: the broker's own produce and consume rates;
 //! - `broker`: the node catching up on a topic filled beforehand;
 //! - `latency`: a steady rate through broker and node to a subscriber,
@@ -27,6 +29,9 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod storage;
+pub use storage::{StorageLoad, storage_phase};
 
 pub const VIEW: &str = "citizens";
 pub const TOPIC: &str = "bench.population.citizens";

@@ -15,12 +15,13 @@ struct Args {
     /// Distinct primary keys (people).
     #[arg(long, default_value_t = 500_000)]
     keys: u64,
-    /// Phases to run, comma separated: file, broker, latency, golden,
-    /// cluster (not in the default set: three nodes on one machine).
+    /// Phases to run, comma separated: file, storage (RocksDB's own
+    /// ceiling), broker, latency, golden, cluster (not in the default set:
+    /// three nodes on one machine).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "file,broker,latency,golden"
+        default_value = "file,storage,broker,latency,golden"
     )]
     phases: Vec<String>,
     /// Events per second of the latency phase.
@@ -68,6 +69,14 @@ async fn main() -> anyhow::Result<()> {
     };
     if args.phases.iter().any(|p| p == "file") {
         ndc_loadtest::file_phase(&fresh("file")?, w).await?.print();
+    }
+    if args.phases.iter().any(|p| p == "storage") {
+        for load in [
+            ndc_loadtest::StorageLoad::NodeBytes,
+            ndc_loadtest::StorageLoad::Floor,
+        ] {
+            ndc_loadtest::storage_phase(&fresh("storage")?, w, load)?.print();
+        }
     }
     if args.phases.iter().any(|p| p == "broker") {
         let broker = Broker::start()?;
