@@ -88,6 +88,18 @@ impl Report {
     }
 }
 
+/// CPU time (user + system, all threads) of process `pid` ("self" for
+/// this one), from `/proc` (Linux).
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields 14 and 15, counted after the command name in parentheses.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let user: u64 = fields.get(11)?.parse().ok()?;
+    let system: u64 = fields.get(12)?.parse().ok()?;
+    // USER_HZ is 100 on every Linux this runs on.
+    Some((user + system) as f64 / 100.0)
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -175,6 +187,11 @@ impl NodeProcess {
         let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
         let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
         Some(kb * 1024)
+    }
+
+    /// CPU time the node has used so far, all threads.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        cpu_seconds(&self.child.id().to_string())
     }
 
     /// Every view the node serves, as `ListViews` reports it.
@@ -416,6 +433,15 @@ pub async fn file_phase(work: &Path, w: Workload) -> anyhow::Result<Report> {
         .wait_committed(w.events, Duration::from_secs(3600))
         .await?;
     let seconds = done.duration_since(started).as_secs_f64();
+    let cpu = node
+        .cpu_seconds()
+        .map(|s| {
+            format!(
+                "; node CPU {:.1} us per event",
+                s * 1e6 / w.events.max(1) as f64
+            )
+        })
+        .unwrap_or_default();
     let report = Report {
         phase: "file".into(),
         events: w.events,
@@ -425,7 +451,7 @@ pub async fn file_phase(work: &Path, w: Workload) -> anyhow::Result<Report> {
         mean_event_bytes: bytes / w.events.max(1),
         node_peak_rss_bytes: node.peak_rss(),
         latency_ms: None,
-        note: "node process start to last commit, fsync per batch".into(),
+        note: format!("node process start to last commit, fsync per batch{cpu}"),
     };
     drop(node);
     let _ = std::fs::remove_file(&export);
@@ -729,6 +755,68 @@ fn now_us() -> i64 {
         .unwrap_or(0)
 }
 
+/// Placeholder of the send time in a prepared event: as many digits as a
+/// microsecond Unix time has (until the year 2286), so that stamping it is
+/// an overwrite in place.
+const STAMP_PLACEHOLDER: &str = "1000000000000000";
+
+/// An update event whose `after.sent_at_us` is stamped when it is sent.
+struct StampedEvent {
+    key: Vec<u8>,
+    value: Vec<u8>,
+    stamp_at: usize,
+}
+
+impl StampedEvent {
+    fn stamp(&mut self, now_us: i64) {
+        let digits = now_us.to_string();
+        if digits.len() == STAMP_PLACEHOLDER.len() {
+            self.value[self.stamp_at..self.stamp_at + digits.len()]
+                .copy_from_slice(digits.as_bytes());
+        }
+    }
+}
+
+/// The latency phase's events, built before its clock starts: building and
+/// re-serialising JSON per event cost the generator most of a core, taken
+/// from the node and the broker it measures on the same two cores.
+fn prepare_stamped_events(keys: u64, total: u64) -> anyhow::Result<Vec<StampedEvent>> {
+    let mut feed = Feed::new(Table::Citizens, 1_767_225_600_000);
+    let mut revisions = vec![0u32; keys as usize];
+    let mut rng = Rng::new(11);
+    let field = format!("\"sent_at_us\":{STAMP_PLACEHOLDER}");
+    let mut events = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let i = rng.below(keys);
+        revisions[i as usize] += 1;
+        let e = feed.event('u', i, revisions[i as usize], None);
+        let mut v: serde_json::Value =
+            serde_json::from_slice(e.value.as_deref().unwrap_or_default())?;
+        v["after"]["sent_at_us"] = serde_json::from_str(STAMP_PLACEHOLDER)?;
+        let value = v.to_string();
+        let stamp_at = value
+            .find(&field)
+            .context("placeholder of the send time in the event")?
+            + field.len()
+            - STAMP_PLACEHOLDER.len();
+        events.push(StampedEvent {
+            key: e.key,
+            value: value.into_bytes(),
+            stamp_at,
+        });
+    }
+    Ok(events)
+}
+
+/// The send time a latency-phase row carries, read without parsing the row.
+fn sent_at_us(after_json: &str) -> Option<i64> {
+    let rest = &after_json[after_json.find("\"sent_at_us\":")? + 13..];
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
 /// Steady `rate` events/s for `seconds`; latency from producer send to
 /// subscriber receipt, per change.
 pub async fn latency_phase(
@@ -743,6 +831,11 @@ pub async fn latency_phase(
     use ndc_proto::v1::{
         Latest, SubscribeRequest, subscribe_request::Start, subscribe_response::Kind,
     };
+    // The first seconds warm up (partition assignment, first fetches,
+    // connection set-up) and are not recorded.
+    let warmup = 3;
+    let total = rate * (seconds + warmup);
+    let prepared = prepare_stamped_events(keys, total)?;
     let mut c = kafka_config(work, broker, topic);
     if let Ok(props) = std::env::var("NDC_BENCH_KAFKA_PROPERTIES") {
         for kv in props.split(',').filter(|kv| !kv.is_empty()) {
@@ -766,10 +859,6 @@ pub async fn latency_phase(
         })
         .await?
         .into_inner();
-    // The first seconds warm up (partition assignment, first fetches,
-    // connection set-up) and are not recorded.
-    let warmup = 3;
-    let total = rate * (seconds + warmup);
     let measure_from_us = now_us() + (warmup as i64) * 1_000_000;
     let receiver = tokio::spawn(async move {
         let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
@@ -788,11 +877,7 @@ pub async fn latency_phase(
             if let Some(Kind::Batch(b)) = msg.kind {
                 for change in b.changes {
                     got += 1;
-                    let sent = change
-                        .after_json
-                        .as_deref()
-                        .and_then(|a| serde_json::from_str::<serde_json::Value>(a).ok())
-                        .and_then(|v| v.get("sent_at_us").and_then(serde_json::Value::as_i64));
+                    let sent = change.after_json.as_deref().and_then(sent_at_us);
                     if let Some(sent) = sent.filter(|s| *s >= measure_from_us) {
                         let _ = hist.record((received - sent).max(1) as u64);
                         let committed_us = change.committed_at_ms * 1000;
@@ -804,17 +889,17 @@ pub async fn latency_phase(
         }
         (hist, ingest, serve)
     });
-    let producer_lingerless: FutureProducer = ClientConfig::new()
+    let linger = std::env::var("NDC_BENCH_LINGER_MS").unwrap_or_else(|_| "5".into());
+    let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &broker.bootstrap)
-        .set(
-            "linger.ms",
-            std::env::var("NDC_BENCH_LINGER_MS").unwrap_or_else(|_| "0".into()),
-        )
+        // Kafka's own default since 4.0 (KIP-1030). With 0, librdkafka's
+        // broker thread wakes for every message: measured here at ~0.45 of
+        // a core at 20,000/s, taken from the node and the broker under test.
+        // The linger is inside the measured latency (it starts at send).
+        .set("linger.ms", &linger)
         .set("enable.idempotence", "true")
         .create()?;
-    let mut feed = Feed::new(Table::Citizens, 1_767_225_600_000);
-    let mut revisions = vec![0u32; keys as usize];
-    let mut rng = Rng::new(11);
+    let mut events = prepared.into_iter();
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let started = Instant::now();
     let mut inflight = futures::stream::FuturesUnordered::new();
@@ -825,19 +910,14 @@ pub async fn latency_phase(
         if due > now {
             tokio::time::sleep(due - now).await;
         }
-        let i = rng.below(keys);
-        revisions[i as usize] += 1;
-        let e = feed.event('u', i, revisions[i as usize], None);
-        let mut v: serde_json::Value =
-            serde_json::from_slice(e.value.as_deref().unwrap_or_default())?;
-        v["after"]["sent_at_us"] = serde_json::json!(now_us());
-        let value = v.to_string();
-        let p = producer_lingerless.clone();
+        let Some(mut e) = events.next() else { break };
+        e.stamp(now_us());
+        let p = producer.clone();
         inflight.push(async move {
             p.send(
                 FutureRecord::to(topic)
                     .key(e.key.as_slice())
-                    .payload(value.as_str()),
+                    .payload(e.value.as_slice()),
                 Duration::from_secs(30),
             )
             .await
@@ -884,7 +964,7 @@ pub async fn latency_phase(
             samples: hist.len(),
         }),
         note: format!(
-            "steady {rate}/s after {warmup} s warm-up, producer send to subscriber receipt{split}"
+            "steady {rate}/s after {warmup} s warm-up, producer send (linger {linger} ms) to subscriber receipt{split}"
         ),
     })
 }

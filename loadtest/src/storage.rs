@@ -80,6 +80,7 @@ pub fn storage_phase(dir: &Path, w: Workload, load: StorageLoad) -> anyhow::Resu
     sync.set_sync(true);
 
     let written_before = process_write_bytes();
+    let cpu_before = process_cpu_seconds();
     let mut rng = Rng::new(w.seed);
     let started = Instant::now();
     let mut batch = WriteBatch::default();
@@ -117,6 +118,9 @@ pub fn storage_phase(dir: &Path, w: Workload, load: StorageLoad) -> anyhow::Resu
     db.write_opt(batch, &sync)?;
     let seconds = started.elapsed().as_secs_f64();
     let written = process_write_bytes().saturating_sub(written_before);
+    // Background flushes and compactions included: every thread of this
+    // process, which does nothing else meanwhile.
+    let cpu_us_per_event = (process_cpu_seconds() - cpu_before) * 1e6 / w.events.max(1) as f64;
     let (phase, what) = match load {
         StorageLoad::Floor => ("storage-floor", "each event's bytes once"),
         StorageLoad::NodeBytes => ("storage-node", "row + change with before and after"),
@@ -131,10 +135,15 @@ pub fn storage_phase(dir: &Path, w: Workload, load: StorageLoad) -> anyhow::Resu
         node_peak_rss_bytes: None,
         latency_ms: None,
         note: format!(
-            "RocksDB alone: {what}, WAL + fsync per {batch_records} events; {:.0} bytes written to disk per event by the end",
+            "RocksDB alone: {what}, WAL + fsync per {batch_records} events; {:.0} bytes written to disk and {cpu_us_per_event:.1} us of CPU per event",
             written as f64 / w.events.max(1) as f64
         ),
     })
+}
+
+/// CPU time of this process so far, all threads (Linux).
+fn process_cpu_seconds() -> f64 {
+    crate::cpu_seconds("self").unwrap_or(0.0)
 }
 
 /// Bytes this process has caused to be written to storage (Linux).
