@@ -44,6 +44,10 @@ pub struct PipelinesSection {
     pub repartition_topic_prefix: String,
     pub repartition_partitions: i32,
     pub repartition_replication: i32,
+    /// Off where the platform provisions topics (a Strimzi `KafkaTopic`,
+    /// GitOps) or the broker creates them on first use: the node then
+    /// waits for them instead of retrying CreateTopics with warnings.
+    pub create_repartition_topics: bool,
 }
 
 impl Default for PipelinesSection {
@@ -53,6 +57,7 @@ impl Default for PipelinesSection {
             repartition_topic_prefix: "ndc.repartition.".into(),
             repartition_partitions: 4,
             repartition_replication: 1,
+            create_repartition_topics: true,
         }
     }
 }
@@ -831,6 +836,7 @@ views:
         let c = parse(MINIMAL, &[]).expect("valid");
         assert_eq!(c.pipeline.max_record_bytes, ByteSize(1 << 20));
         assert!(c.storage.sync_commits);
+        assert!(c.pipelines.create_repartition_topics);
         assert_eq!(c.views[0].key_columns, vec!["person_id"]);
         assert!(
             matches!(&c.views[0].sources[0], SourceConfig::Kafka(k) if k.format == Format::Debezium)
@@ -847,11 +853,13 @@ views:
                 ("NDC__NODE__GRPC_LISTEN", "0.0.0.0:6000"),
                 ("NDC__VIEWS__0__NAME", "citizens"),
                 ("NDC__KAFKA__PROPERTIES__SECURITY.PROTOCOL", "ssl"),
+                ("NDC__PIPELINES__CREATE_REPARTITION_TOPICS", "false"),
                 ("OTHER", "ignored"),
             ],
         )
         .expect("valid");
         assert!(!c.storage.sync_commits);
+        assert!(!c.pipelines.create_repartition_topics);
         assert_eq!(c.storage.block_cache, ByteSize(64 << 20));
         assert_eq!(c.node.grpc_listen.port(), 6000);
         assert_eq!(c.views[0].name, "citizens");

@@ -59,6 +59,10 @@ pub fn config(bootstrap: &str, opts: &QuickstartOptions) -> NodeConfig {
         ..KafkaSection::default()
     });
     c.storage.sync_commits = false;
+    // The embedded broker has no CreateTopics (the node's request would go
+    // unanswered and be retried with a warning a minute); it creates a
+    // topic when a client first uses it.
+    c.pipelines.create_repartition_topics = false;
     c.views = vec![
         ViewConfig {
             name: "population.citizens".into(),

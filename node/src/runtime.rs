@@ -209,6 +209,10 @@ impl Runtime {
         let (Some(kafka), Some(store)) = (&self.config.kafka, &self.store) else {
             return true;
         };
+        if !self.config.pipelines.create_repartition_topics {
+            // Provisioned elsewhere: the source waits until they exist.
+            return true;
+        }
         let topics: Vec<String> = self
             .specs
             .values()
