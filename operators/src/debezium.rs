@@ -585,6 +585,30 @@ struct RawSource<'a> {
     snapshot: Option<&'a RawValue>,
 }
 
+/// The `source` block when every field has its expected type (see
+/// [`decode_source`]).
+#[derive(Deserialize)]
+struct TypedSource<'a> {
+    #[serde(default)]
+    connector: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    db: Option<String>,
+    #[serde(default)]
+    schema: Option<String>,
+    #[serde(default)]
+    table: Option<String>,
+    #[serde(default)]
+    ts_ms: Option<i64>,
+    #[serde(default)]
+    lsn: Option<u64>,
+    #[serde(default, rename = "txId")]
+    tx_id: Option<i64>,
+    #[serde(borrow, default)]
+    snapshot: Option<&'a RawValue>,
+}
+
 fn raw_i64(raw: Option<&RawValue>, field: &str) -> Result<Option<i64>, DecodeError> {
     match raw {
         None => Ok(None),
@@ -1025,16 +1049,34 @@ fn map_string(map: &Map<String, Value>, field: &str) -> String {
 }
 
 fn decode_source(raw: &RawValue) -> Result<SourceInfo, DecodeError> {
+    // A well-formed block in one typed pass (5% of the node's CPU went to
+    // reading it field by field); anything it does not accept takes the
+    // field-by-field path below, which says what is wrong.
+    if let Ok(s) = serde_json::from_str::<TypedSource<'_>>(raw.get())
+        && let Some(ts_ms) = s.ts_ms
+    {
+        return Ok(SourceInfo {
+            connector: s.connector.unwrap_or_default(),
+            name: s.name.unwrap_or_default(),
+            db: s.db.unwrap_or_default(),
+            schema: s.schema.unwrap_or_default(),
+            table: s.table.unwrap_or_default(),
+            ts_ms,
+            lsn: s.lsn,
+            tx_id: s.tx_id,
+            snapshot: snapshot_of(s.snapshot)?,
+        });
+    }
+    decode_source_by_field(raw)
+}
+
+/// The `source` block read field by field, each checked for its type.
+fn decode_source_by_field(raw: &RawValue) -> Result<SourceInfo, DecodeError> {
     let s: RawSource<'_> = serde_json::from_str(raw.get())
         .map_err(|e| DecodeError::new(DecodeErrorKind::MalformedJson, format!("source: {e}")))?;
     let ts_ms =
         raw_i64(s.ts_ms, "source.ts_ms")?.ok_or_else(|| DecodeError::missing("source.ts_ms"))?;
-    let snapshot = match s.snapshot {
-        None => String::new(),
-        Some(r) if is_null(r) => String::new(),
-        Some(r) if r.get() == "true" || r.get() == "false" => r.get().to_string(),
-        Some(r) => raw_string(Some(r), "source.snapshot")?,
-    };
+    let snapshot = snapshot_of(s.snapshot)?;
     Ok(SourceInfo {
         connector: raw_string(s.connector, "source.connector")?,
         name: raw_string(s.name, "source.name")?,
@@ -1045,6 +1087,17 @@ fn decode_source(raw: &RawValue) -> Result<SourceInfo, DecodeError> {
         lsn: raw_u64(s.lsn, "source.lsn")?,
         tx_id: raw_i64(s.tx_id, "source.txId")?,
         snapshot,
+    })
+}
+
+/// `source.snapshot`: a string (`"true"`, `"last"`, `"incremental"`, …) or,
+/// from older connectors, a boolean.
+fn snapshot_of(raw: Option<&RawValue>) -> Result<String, DecodeError> {
+    Ok(match raw {
+        None => String::new(),
+        Some(r) if is_null(r) => String::new(),
+        Some(r) if r.get() == "true" || r.get() == "false" => r.get().to_string(),
+        Some(r) => raw_string(Some(r), "source.snapshot")?,
     })
 }
 
@@ -1501,5 +1554,68 @@ mod key_from_text {
             key.map(|k| k.as_str().to_string()),
             Some(r#"{"person_id":"7"}"#.into())
         );
+    }
+}
+
+/// The one-pass `source` reader against the field-by-field one, which
+/// defines the result and every error.
+#[cfg(test)]
+mod source_block {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn value() -> impl Strategy<Value = Option<String>> {
+        proptest::option::of(prop_oneof![
+            Just("null".to_string()),
+            Just("true".to_string()),
+            Just("false".to_string()),
+            Just("\"true\"".to_string()),
+            Just("\"incremental\"".to_string()),
+            Just("\"a\\u00e9\"".to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            Just("18446744073709551615".to_string()),
+            Just("18446744073709551616".to_string()),
+            Just("1.5".to_string()),
+            Just("1e3".to_string()),
+            Just("[1]".to_string()),
+            Just("{\"x\":1}".to_string()),
+        ])
+    }
+
+    const FIELDS: [&str; 10] = [
+        "connector",
+        "name",
+        "db",
+        "schema",
+        "table",
+        "ts_ms",
+        "lsn",
+        "txId",
+        "snapshot",
+        "version",
+    ];
+
+    proptest! {
+        #[test]
+        fn one_pass_and_field_by_field_agree(
+            values in proptest::collection::vec(value(), FIELDS.len()),
+            duplicate in proptest::option::of(0..FIELDS.len()),
+        ) {
+            let mut members: Vec<String> = FIELDS
+                .iter()
+                .zip(&values)
+                .filter_map(|(f, v)| v.as_ref().map(|v| format!("\"{f}\":{v}")))
+                .collect();
+            if let Some(i) = duplicate {
+                members.push(format!("\"{}\":1", FIELDS[i]));
+            }
+            let text = format!("{{{}}}", members.join(","));
+            let Ok(raw) = serde_json::from_str::<&RawValue>(&text) else {
+                return Ok(());
+            };
+            let fast = decode_source(raw).map_err(|e| e.to_string());
+            let slow = decode_source_by_field(raw).map_err(|e| e.to_string());
+            prop_assert_eq!(format!("{fast:?}"), format!("{slow:?}"), "{}", text);
+        }
     }
 }
