@@ -3,8 +3,9 @@
 //!
 //! Phases (see `docs/performance.md` for figures):
 //! - `file`: a newline-delimited Debezium export through the file source;
-//! - `storage-ceiling`: RocksDB alone writing what the file phase makes the
-//!   node write (and the floor: each event once), in this process;
+//! - `storage` (reports `storage-node` and `storage-floor`): RocksDB alone
+//!   writing what the file phase makes the node write, and the floor (each
+//!   event once), in this process;
 //! - `broker-ceiling`: the broker's own produce and consume rates;
 //! - `broker`: the node catching up on a topic filled beforehand;
 //! - `latency`: a steady rate through broker and node to a subscriber,
