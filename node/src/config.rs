@@ -660,6 +660,13 @@ impl NodeConfig {
                     "column names must not be empty",
                 );
             }
+            let mut columns = std::collections::BTreeSet::new();
+            if let Some(repeated) = view.key_columns.iter().find(|c| !columns.insert(*c)) {
+                bad(
+                    format!("{at}.key_columns"),
+                    &format!("column {repeated:?} is named twice"),
+                );
+            }
             if view.sources.is_empty() {
                 bad(format!("{at}.sources"), "at least one source is required");
             }
@@ -901,6 +908,20 @@ views:
         assert!(
             text.contains("views[0].sources[0].kafka.topic: must not be empty"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn a_key_column_named_twice_is_rejected() {
+        let text = MINIMAL.replace(
+            "key_columns: [person_id]",
+            "key_columns: [person_id, person_id]",
+        );
+        let e = parse(&text, &[]).expect_err("repeated key column");
+        assert!(
+            e.to_string()
+                .contains(r#"views[0].key_columns: column "person_id" is named twice"#),
+            "{e}"
         );
     }
 

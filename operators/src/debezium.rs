@@ -67,7 +67,9 @@ impl Row {
 /// read straight from an object's JSON text, without building a map of it:
 /// the decoder's hottest step when it was a full parse of every row.
 /// `None` if the text is not an object, a column is missing or null, or
-/// (with `exact`) the object has other members too.
+/// (with `exact`) the object has members other than the columns (a column
+/// named twice counts once; an object naming a member twice gives `None`,
+/// left to the caller's parse-everything path).
 fn key_of_object_columns(text: &str, columns: &[String], exact: bool) -> Option<Key> {
     use serde::de::DeserializeSeed;
     // Sorted and unique: the order of the canonical key, and one member of
@@ -78,7 +80,7 @@ fn key_of_object_columns(text: &str, columns: &[String], exact: bool) -> Option<
     let mut de = serde_json::Deserializer::from_str(text);
     let (found, members) = ColumnPicker(&names).deserialize(&mut de).ok()?;
     de.end().ok()?;
-    if exact && members != columns.len() {
+    if exact && members != names.len() {
         return None;
     }
     let order: Vec<(&str, &RawValue)> = names
@@ -98,6 +100,15 @@ fn key_of_object_columns(text: &str, columns: &[String], exact: bool) -> Option<
     }
     out.push('}');
     Some(Key(out))
+}
+
+/// How many different names `columns` holds: a column configured twice is
+/// still one member of a key.
+fn distinct_count(columns: &[String]) -> usize {
+    columns
+        .iter()
+        .collect::<std::collections::HashSet<_>>()
+        .len()
 }
 
 /// Appends the canonical form of a raw JSON value: its own text where that
@@ -947,7 +958,7 @@ impl Decoder {
             && let Some(bytes) = kafka_key
             && let Ok(Value::Object(k)) =
                 serde_json::from_slice::<Value>(bytes).map(unwrap_envelope)
-            && k.len() == self.config.key_columns.len()
+            && k.len() == distinct_count(&self.config.key_columns)
             && self
                 .config
                 .key_columns
@@ -1477,7 +1488,7 @@ mod key_from_text {
         let Ok(Value::Object(all)) = serde_json::from_str::<Value>(text) else {
             return None;
         };
-        if exact && all.len() != columns.len() {
+        if exact && all.len() != distinct_count(columns) {
             return None;
         }
         let picked: Map<String, Value> = columns
