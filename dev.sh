@@ -72,7 +72,7 @@ case "$cmd" in
     setup_packages
     setup_broker
     say "running the test suite (real tansu broker on loopback, real RocksDB)"
-    cargo test --workspace --locked "$@"
+    cargo test --workspace --locked --no-fail-fast "$@"
     ;;
   lint)
     setup_packages
