@@ -8,6 +8,8 @@
 #   ./dev.sh lint                rustfmt --check and clippy -D warnings
 #   ./dev.sh ci                  lint + test (what .ci/run calls)
 #   ./dev.sh bench [ARGS]        load test (release), see docs/performance.md
+#   ./dev.sh bench-ops [ARGS]    decode and apply stages alone (release); with
+#                                --callgrind [EVENTS]: instructions per event
 #   ./dev.sh soak                long crash/resume and cluster failover runs (not in CI)
 #   ./dev.sh fuzz [SECONDS]      fuzz the Debezium decoder (nightly; first build ~15 min)
 #   ./dev.sh setup               only install prerequisites
@@ -89,6 +91,41 @@ case "$cmd" in
     # The load test starts `ndc node` processes: build the binary too.
     cargo build --release --locked -p ndc-node -p ndc-loadtest
     exec "${CARGO_TARGET_DIR:-target}/release/ndc-loadtest" "$@"
+    ;;
+  bench-ops)
+    setup_packages
+    say "building the operator bench (release)"
+    bin=$(cargo bench --locked -q --no-run -p ndc-loadtest --bench operators --message-format=json |
+      grep '"kind":\["bench"\]' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
+    [ -x "$bin" ] || { echo "cannot find the operator bench's binary" >&2; exit 1; }
+    if [ "${1:-}" != --callgrind ]; then
+      exec "$bin" "$@"
+    fi
+    # Instructions do not depend on how fast the machine is this hour: each
+    # stage's count is the difference between runs that stop before and
+    # after it, over the same generated events.
+    events="${2:-50000}"
+    command -v valgrind >/dev/null || {
+      say "installing valgrind"
+      need_sudo apt-get update -qq
+      need_sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
+    }
+    out=$(mktemp -d)
+    say "counting instructions under callgrind: $events events, $((events / 4)) keys (a few minutes)"
+    pids=()
+    for stage in none decode all; do
+      valgrind --tool=callgrind --callgrind-out-file="$out/$stage.callgrind" "$bin" \
+        --events "$events" --keys $((events / 4)) --stage "$stage" >"$out/$stage.log" 2>&1 &
+      pids+=($!)
+    done
+    for pid in "${pids[@]}"; do
+      wait "$pid" || { echo "a callgrind run failed; see $out" >&2; exit 1; }
+    done
+    ir() { sed -n 's/^totals: //p' "$out/$1.callgrind"; }
+    none=$(ir none) decode=$(ir decode) all=$(ir all)
+    printf 'decode   %8d instructions per event\n' $(((decode - none) / events))
+    printf 'apply    %8d instructions per event (RocksDB threads included)\n' $(((all - decode) / events))
+    rm -rf "$out"
     ;;
   soak)
     setup_packages

@@ -91,7 +91,7 @@ impl Report {
 
 /// CPU time (user + system, all threads) of process `pid` ("self" for
 /// this one), from `/proc` (Linux).
-fn cpu_seconds(pid: &str) -> Option<f64> {
+pub fn cpu_seconds(pid: &str) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields 14 and 15, counted after the command name in parentheses.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
@@ -99,6 +99,14 @@ fn cpu_seconds(pid: &str) -> Option<f64> {
     let system: u64 = fields.get(12)?.parse().ok()?;
     // USER_HZ is 100 on every Linux this runs on.
     Some((user + system) as f64 / 100.0)
+}
+
+/// Peak resident memory (VmHWM) of process `pid` ("self" for this one).
+pub fn peak_rss(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -184,10 +192,7 @@ impl NodeProcess {
 
     /// Peak resident memory of the node so far (VmHWM).
     pub fn peak_rss(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kb * 1024)
+        peak_rss(&self.child.id().to_string())
     }
 
     /// CPU time the node has used so far, all threads.
