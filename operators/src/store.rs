@@ -449,6 +449,9 @@ impl StoreReader {
     }
 }
 
+/// The most a new batch reserves up front, whatever the last one took.
+const MAX_BATCH_RESERVE: usize = 32 << 20;
+
 /// Write side of the store. Exactly one per database.
 pub struct Store {
     reader: StoreReader,
@@ -457,6 +460,10 @@ pub struct Store {
     offsets: InternalMap<(ViewId, Arc<str>), u64>,
     write_opts: WriteOptions,
     sync: bool,
+    /// Bytes of the last prepared batch: the next one starts that large
+    /// instead of growing by doubling (each doubling copies the batch so far
+    /// and touches fresh pages).
+    last_batch_bytes: usize,
     /// Views whose truncates are emitted as one delete per removed row.
     row_truncates: InternalSet<ViewId>,
     /// Views read by key prefix while a batch is applied: their rows in a
@@ -557,6 +564,7 @@ impl Store {
             offsets: InternalMap::default(),
             write_opts,
             sync: config.sync_commits,
+            last_batch_bytes: 0,
             row_truncates: Default::default(),
             prefix_scanned: Default::default(),
             _cache: cache,
@@ -743,9 +751,10 @@ impl Store {
 
     /// Starts a batch; `now_ms` stamps its changes' commit time.
     pub fn begin(&mut self, now_ms: i64) -> Txn<'_> {
+        let capacity = (self.last_batch_bytes + self.last_batch_bytes / 8).min(MAX_BATCH_RESERVE);
         Txn {
             store: self,
-            batch: WriteBatch::default(),
+            batch: WriteBatch::with_capacity_bytes(capacity),
             overlay: HashMap::new(),
             overlay_index: Default::default(),
             prefetched: HashMap::new(),
@@ -1611,6 +1620,7 @@ impl Txn<'_> {
         store.offsets.extend(offsets);
         store.metas.extend(metas);
         let sync = store.sync;
+        store.last_batch_bytes = batch.size_in_bytes();
         (
             CommitInfo { last_seqs, changes },
             PreparedWrite { db, batch, sync },
