@@ -10,6 +10,7 @@
 #   ./dev.sh bench [ARGS]        load test (release), see docs/performance.md
 #   ./dev.sh bench-ops [ARGS]    decode and apply stages alone (release); with
 #                                --callgrind [EVENTS]: instructions per event
+#                                (decode, apply, and the whole node on a file)
 #   ./dev.sh soak                long crash/resume and cluster failover runs (not in CI)
 #   ./dev.sh fuzz [SECONDS]      fuzz the Debezium decoder (nightly; first build ~15 min)
 #   ./dev.sh setup               only install prerequisites
@@ -125,6 +126,37 @@ case "$cmd" in
     none=$(ir none) decode=$(ir decode) all=$(ir all)
     printf 'decode   %8d instructions per event\n' $(((decode - none) / events))
     printf 'apply    %8d instructions per event (RocksDB threads included)\n' $(((all - decode) / events))
+    # The whole node on a file of as many events: every instruction of the
+    # process, start and stop included (~36M, under 1,000 per event here).
+    cargo build --release --locked -q -p ndc-node
+    ndc="${CARGO_TARGET_DIR:-target}/release/ndc"
+    "$ndc" generate --people $((events / 4)) --updates $((events - events / 4)) \
+      -o "$out/export.ndjson" >/dev/null 2>&1
+    cat >"$out/node.yaml" <<YAML
+node: { id: callgrind, data_dir: $out/data, grpc_listen: "127.0.0.1:0", http_listen: "127.0.0.1:0" }
+views:
+  - name: population.citizens
+    key_columns: [person_id]
+    sources: [ { file: { path: $out/export.ndjson } } ]
+YAML
+    valgrind --tool=callgrind --callgrind-out-file="$out/node.callgrind" "$ndc" node \
+      --config "$out/node.yaml" >"$out/node.log" 2>&1 &
+    node=$!
+    committed=0
+    for _ in $(seq 1 900); do
+      sleep 2
+      kill -0 "$node" 2>/dev/null || { echo "the node stopped; see $out/node.log" >&2; exit 1; }
+      addr=$(sed -n 's/.*"grpc":"\([^"]*\)".*/\1/p' "$out/data/node.addr" 2>/dev/null || true)
+      [ -n "$addr" ] || continue
+      committed=$("$ndc" views --addr "$addr" 2>/dev/null |
+        sed -n 's/.*"committed_seq":\([0-9]*\).*/\1/p' | head -1)
+      [ "${committed:-0}" -ge "$events" ] && break
+    done
+    kill -TERM "$node"
+    wait "$node" || true
+    [ "${committed:-0}" -ge "$events" ] ||
+      { echo "the node committed ${committed:-0} of $events events" >&2; exit 1; }
+    printf 'node     %8d instructions per event (file source, whole process)\n' $(($(ir node) / events))
     rm -rf "$out"
     ;;
   soak)
