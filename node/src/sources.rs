@@ -779,7 +779,9 @@ fn read_line_bounded<R: Read>(
         if available.is_empty() {
             return Ok((total, truncated));
         }
-        let (chunk, done) = match available.iter().position(|b| *b == b'\n') {
+        // memchr scans a word or a vector register at a time; a byte-wise
+        // search was 4% of the node's instructions on a file source.
+        let (chunk, done) = match memchr::memchr(b'\n', available) {
             Some(i) => (&available[..=i], true),
             None => (available, false),
         };
