@@ -637,6 +637,24 @@ struct TypedSource<'a> {
     snapshot: Option<&'a RawValue>,
 }
 
+impl TypedSource<'_> {
+    /// `None` without `ts_ms` (the field-by-field reader words that error).
+    fn into_info(self) -> Option<Result<SourceInfo, DecodeError>> {
+        let ts_ms = self.ts_ms?;
+        Some(snapshot_of(self.snapshot).map(|snapshot| SourceInfo {
+            connector: self.connector.unwrap_or_default(),
+            name: self.name.unwrap_or_default(),
+            db: self.db.unwrap_or_default(),
+            schema: self.schema.unwrap_or_default(),
+            table: self.table.unwrap_or_default(),
+            ts_ms,
+            lsn: self.lsn,
+            tx_id: self.tx_id,
+            snapshot,
+        }))
+    }
+}
+
 fn raw_i64(raw: Option<&RawValue>, field: &str) -> Result<Option<i64>, DecodeError> {
     match raw {
         None => Ok(None),
@@ -833,18 +851,7 @@ impl Decoder {
         };
         let before = raw_row(top.before, "before").ok()?;
         let after = raw_row(top.after, "after").ok()?;
-        let s = top.source;
-        let source = SourceInfo {
-            ts_ms: s.ts_ms?,
-            snapshot: snapshot_of(s.snapshot).ok()?,
-            connector: s.connector.unwrap_or_default(),
-            name: s.name.unwrap_or_default(),
-            db: s.db.unwrap_or_default(),
-            schema: s.schema.unwrap_or_default(),
-            table: s.table.unwrap_or_default(),
-            lsn: s.lsn,
-            tx_id: s.tx_id,
-        };
+        let source = top.source.into_info()?.ok()?;
         let row = match op {
             ChangeOp::Delete => before.as_ref(),
             // Without `after`, the general path words the error.
@@ -1145,19 +1152,9 @@ fn decode_source(raw: &RawValue) -> Result<SourceInfo, DecodeError> {
     // reading it field by field); anything it does not accept takes the
     // field-by-field path below, which says what is wrong.
     if let Ok(s) = serde_json::from_str::<TypedSource<'_>>(raw.get())
-        && let Some(ts_ms) = s.ts_ms
+        && let Some(info) = s.into_info()
     {
-        return Ok(SourceInfo {
-            connector: s.connector.unwrap_or_default(),
-            name: s.name.unwrap_or_default(),
-            db: s.db.unwrap_or_default(),
-            schema: s.schema.unwrap_or_default(),
-            table: s.table.unwrap_or_default(),
-            ts_ms,
-            lsn: s.lsn,
-            tx_id: s.tx_id,
-            snapshot: snapshot_of(s.snapshot)?,
-        });
+        return info;
     }
     decode_source_by_field(raw)
 }
