@@ -58,8 +58,22 @@ impl Row {
 
     /// The key made of `columns`, if all are present and not null: one pass
     /// over the row's text that parses only those columns' values.
-    fn key_of_columns(&self, columns: &[String]) -> Option<Key> {
+    fn key_of_columns(&self, columns: &KeyColumns) -> Option<Key> {
         key_of_object_columns(&self.0, columns, false)
+    }
+}
+
+/// Key column names sorted and unique, once per decoder: the order of the
+/// canonical key, and one member per name, as when the object is parsed.
+#[derive(Debug, Clone, Default)]
+struct KeyColumns(Vec<String>);
+
+impl KeyColumns {
+    fn new(columns: &[String]) -> Self {
+        let mut names = columns.to_vec();
+        names.sort_unstable();
+        names.dedup();
+        KeyColumns(names)
     }
 }
 
@@ -70,21 +84,17 @@ impl Row {
 /// (with `exact`) the object has members other than the columns (a column
 /// named twice counts once; an object naming a member twice gives `None`,
 /// left to the caller's parse-everything path).
-fn key_of_object_columns(text: &str, columns: &[String], exact: bool) -> Option<Key> {
+fn key_of_object_columns(text: &str, columns: &KeyColumns, exact: bool) -> Option<Key> {
     use serde::de::DeserializeSeed;
-    // Sorted and unique: the order of the canonical key, and one member of
-    // the map per name, as when the object is parsed.
-    let mut names: Vec<&str> = columns.iter().map(String::as_str).collect();
-    names.sort_unstable();
-    names.dedup();
+    let names = columns.0.as_slice();
     let mut de = serde_json::Deserializer::from_str(text);
-    let (found, members) = ColumnPicker(&names).deserialize(&mut de).ok()?;
+    let (found, members) = ColumnPicker(names).deserialize(&mut de).ok()?;
     de.end().ok()?;
     if exact && members != names.len() {
         return None;
     }
-    let order: Vec<(&str, &RawValue)> = names
-        .into_iter()
+    let order: Vec<(&String, &RawValue)> = names
+        .iter()
         .zip(found)
         .map(|(c, raw)| raw.filter(|r| !is_null(r)).map(|r| (c, r)))
         .collect::<Option<_>>()?;
@@ -100,15 +110,6 @@ fn key_of_object_columns(text: &str, columns: &[String], exact: bool) -> Option<
     }
     out.push('}');
     Some(Key(out))
-}
-
-/// How many different names `columns` holds: a column configured twice is
-/// still one member of a key.
-fn distinct_count(columns: &[String]) -> usize {
-    columns
-        .iter()
-        .collect::<std::collections::HashSet<_>>()
-        .len()
 }
 
 /// Appends the canonical form of a raw JSON value: its own text where that
@@ -130,7 +131,7 @@ fn write_canonical_raw(raw: &RawValue, out: &mut String) -> Option<()> {
 
 /// Visits an object once, keeping the raw values of the wanted columns and
 /// counting its members.
-struct ColumnPicker<'c>(&'c [&'c str]);
+struct ColumnPicker<'c>(&'c [String]);
 
 impl<'de> serde::de::DeserializeSeed<'de> for ColumnPicker<'_> {
     type Value = (Vec<Option<&'de RawValue>>, usize);
@@ -165,7 +166,7 @@ impl<'de> serde::de::Visitor<'de> for ColumnPicker<'_> {
 }
 
 /// A member name, as the index of the column it names (if any).
-struct ColumnName<'c>(&'c [&'c str]);
+struct ColumnName<'c>(&'c [String]);
 
 impl<'de> serde::de::DeserializeSeed<'de> for ColumnName<'_> {
     type Value = Option<usize>;
@@ -183,7 +184,7 @@ impl serde::de::Visitor<'_> for ColumnName<'_> {
     }
 
     fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(self.0.iter().position(|c| *c == v))
+        Ok(self.0.iter().position(|c| c == v))
     }
 }
 
@@ -703,11 +704,15 @@ fn raw_row(raw: Option<&RawValue>, field: &str) -> Result<Option<Row>, DecodeErr
 #[derive(Debug, Clone)]
 pub struct Decoder {
     config: DecoderConfig,
+    key_names: KeyColumns,
 }
 
 impl Decoder {
     pub fn new(config: DecoderConfig) -> Self {
-        Decoder { config }
+        Decoder {
+            key_names: KeyColumns::new(&config.key_columns),
+            config,
+        }
     }
 
     pub fn config(&self) -> &DecoderConfig {
@@ -1038,7 +1043,7 @@ impl Decoder {
         if !self.config.key_columns.is_empty()
             && let Some(key) = kafka_key
                 .and_then(|b| std::str::from_utf8(b).ok())
-                .and_then(|text| key_of_object_columns(text, &self.config.key_columns, true))
+                .and_then(|text| key_of_object_columns(text, &self.key_names, true))
         {
             return Ok(key);
         }
@@ -1046,7 +1051,7 @@ impl Decoder {
             && let Some(bytes) = kafka_key
             && let Ok(Value::Object(k)) =
                 serde_json::from_slice::<Value>(bytes).map(unwrap_envelope)
-            && k.len() == distinct_count(&self.config.key_columns)
+            && k.len() == self.key_names.0.len()
             && self
                 .config
                 .key_columns
@@ -1056,7 +1061,7 @@ impl Decoder {
             return Ok(Key::from_value(&Value::Object(k)));
         }
         if !self.config.key_columns.is_empty()
-            && let Some(key) = row.and_then(|r| r.key_of_columns(&self.config.key_columns))
+            && let Some(key) = row.and_then(|r| r.key_of_columns(&self.key_names))
         {
             return Ok(key);
         }
@@ -1566,7 +1571,9 @@ mod key_from_text {
         let Ok(Value::Object(all)) = serde_json::from_str::<Value>(text) else {
             return None;
         };
-        if exact && all.len() != distinct_count(columns) {
+        // A column named twice is one member of the key.
+        let distinct: std::collections::BTreeSet<&String> = columns.iter().collect();
+        if exact && all.len() != distinct.len() {
             return None;
         }
         let picked: Map<String, Value> = columns
@@ -1619,7 +1626,7 @@ mod key_from_text {
                 .map(|(n, v)| format!("{}:{v}", serde_json::to_string(n).unwrap_or_default()))
                 .collect();
             let text = format!("{{{}}}", body.join(sep));
-            let fast = key_of_object_columns(&text, &columns, exact);
+            let fast = key_of_object_columns(&text, &KeyColumns::new(&columns), exact);
             let slow = reference(&text, &columns, exact);
             let duplicates = {
                 let mut names: Vec<&String> = members.iter().map(|(n, _)| n).collect();
@@ -1638,7 +1645,11 @@ mod key_from_text {
     #[test]
     fn escaped_member_names_are_matched() {
         let columns = vec!["person_id".to_string()];
-        let key = key_of_object_columns(r#"{"person\u005fid":"7","x":1}"#, &columns, false);
+        let key = key_of_object_columns(
+            r#"{"person\u005fid":"7","x":1}"#,
+            &KeyColumns::new(&columns),
+            false,
+        );
         assert_eq!(
             key.map(|k| k.as_str().to_string()),
             Some(r#"{"person_id":"7"}"#.into())
