@@ -431,6 +431,7 @@ pub async fn file_phase(work: &Path, w: Workload) -> anyhow::Result<Report> {
         sources: vec![SourceConfig::File(FileSourceConfig {
             path: export.clone(),
             format: Default::default(),
+            follow: false,
         })],
     }];
     let started = Instant::now();

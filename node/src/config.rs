@@ -369,6 +369,10 @@ pub struct FileSourceConfig {
     pub path: PathBuf,
     #[serde(default)]
     pub format: Format,
+    /// Keep reading as the file grows (`tail -f`), for exports that are
+    /// appended to; a last line without its newline waits for the rest.
+    #[serde(default)]
+    pub follow: bool,
 }
 
 /// A size in bytes, written as a number or with a unit (`64MiB`, `1GB`).

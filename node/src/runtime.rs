@@ -1067,6 +1067,7 @@ fn build(
                             view: id,
                             decoder: decoder(f.format, &view.key_columns, None),
                             start_line: store.next_offset(id, &file_stream(&f.path)).unwrap_or(0),
+                            follow: f.follow,
                             tx: tx.clone(),
                             shutdown: shutdown.clone(),
                         };

@@ -690,15 +690,24 @@ async fn follow_assignments(
     }
 }
 
-/// Reads a newline-delimited Debezium export once, from the stored line on.
+/// Reads a newline-delimited Debezium export from the stored line on: once,
+/// or, with `follow`, as it grows.
 pub struct FileSource {
     pub path: PathBuf,
     pub view: ViewId,
     pub decoder: Decoder,
     pub start_line: u64,
+    /// Wait at the end of the file for more lines instead of finishing.
+    pub follow: bool,
     pub tx: mpsc::Sender<Input>,
     pub shutdown: CancellationToken,
 }
+
+/// How long a following source waits at the end of the file: short while
+/// lines keep coming (the wait is in every event's latency), longer once
+/// the file has been idle for a while (each wait is a wakeup and a read).
+const FOLLOW_POLL_MIN: std::time::Duration = std::time::Duration::from_millis(1);
+const FOLLOW_POLL_MAX: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl FileSource {
     /// Blocking: run on a blocking thread.
@@ -711,12 +720,34 @@ impl FileSource {
         let mut line_no = 0u64;
         let mut buf = Vec::new();
         let mut sent = 0u64;
+        // A line read in parts (following a file whose writer has not yet
+        // written its newline): its length and whether it was cut so far.
+        let mut partial: Option<(usize, bool)> = None;
+        let mut poll = FOLLOW_POLL_MIN;
         loop {
-            if self.shutdown.is_cancelled() {
+            // A closed channel: the node is gone (a following source would
+            // otherwise wait at the end of the file forever, holding up the
+            // runtime's shutdown).
+            if self.shutdown.is_cancelled() || self.tx.is_closed() {
                 break;
             }
-            buf.clear();
-            let (read, truncated) = read_line_bounded(&mut reader, &mut buf, limit)?;
+            let (before, cut_before) = partial.take().unwrap_or_else(|| {
+                buf.clear();
+                (0, false)
+            });
+            let line = read_line_bounded(&mut reader, &mut buf, limit)?;
+            let (read, truncated) = (before + line.len, cut_before || line.cut);
+            if self.follow && !line.complete {
+                // At the end of the file: wait for the rest of the line, or
+                // for the next one.
+                if read > 0 {
+                    partial = Some((read, truncated));
+                }
+                std::thread::sleep(poll);
+                poll = (poll * 2).min(FOLLOW_POLL_MAX);
+                continue;
+            }
+            poll = FOLLOW_POLL_MIN;
             if read == 0 {
                 break;
             }
@@ -764,20 +795,33 @@ impl FileSource {
     }
 }
 
-/// Reads one line into `buf`, keeping at most `limit` bytes (0: no limit)
-/// and discarding the rest. Returns the line's full length and whether it
-/// was cut.
+/// What one call of [`read_line_bounded`] read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LineRead {
+    /// Bytes read, the newline included.
+    len: usize,
+    /// Bytes were dropped to keep the line within the limit.
+    cut: bool,
+    /// The newline was found (else the file ended first).
+    complete: bool,
+}
+
+/// Reads one line into `buf` (appending to what it holds), keeping it to at
+/// most `limit` bytes (0: no limit) and discarding the rest.
 fn read_line_bounded<R: Read>(
     reader: &mut BufReader<R>,
     buf: &mut Vec<u8>,
     limit: usize,
-) -> std::io::Result<(usize, bool)> {
-    let mut total = 0usize;
-    let mut truncated = false;
+) -> std::io::Result<LineRead> {
+    let mut line = LineRead {
+        len: 0,
+        cut: false,
+        complete: false,
+    };
     loop {
         let available = reader.fill_buf()?;
         if available.is_empty() {
-            return Ok((total, truncated));
+            return Ok(line);
         }
         // memchr scans a word or a vector register at a time; a byte-wise
         // search was 4% of the node's instructions on a file source.
@@ -789,14 +833,15 @@ fn read_line_bounded<R: Read>(
         if limit == 0 || buf.len() + len <= limit + 2 {
             buf.extend_from_slice(chunk);
         } else {
-            truncated = true;
+            line.cut = true;
             let room = (limit + 2).saturating_sub(buf.len());
             buf.extend_from_slice(&chunk[..room.min(len)]);
         }
-        total += len;
+        line.len += len;
         reader.consume(len);
         if done {
-            return Ok((total, truncated));
+            line.complete = true;
+            return Ok(line);
         }
     }
 }
@@ -810,25 +855,28 @@ mod tests {
         let data = b"short\nxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\nlast".to_vec();
         let mut r = BufReader::with_capacity(8, data.as_slice());
         let mut buf = Vec::new();
+        let line = |len, cut, complete| LineRead { len, cut, complete };
         assert_eq!(
             read_line_bounded(&mut r, &mut buf, 10).expect("read"),
-            (6, false)
+            line(6, false, true)
         );
         assert_eq!(buf, b"short\n");
         buf.clear();
-        let (n, cut) = read_line_bounded(&mut r, &mut buf, 10).expect("read");
-        assert_eq!((n, cut), (41, true));
+        assert_eq!(
+            read_line_bounded(&mut r, &mut buf, 10).expect("read"),
+            line(41, true, true)
+        );
         assert!(buf.len() <= 12);
         buf.clear();
         assert_eq!(
             read_line_bounded(&mut r, &mut buf, 10).expect("read"),
-            (4, false)
+            line(4, false, false)
         );
         assert_eq!(buf, b"last");
         buf.clear();
         assert_eq!(
             read_line_bounded(&mut r, &mut buf, 10).expect("read"),
-            (0, false)
+            line(0, false, false)
         );
     }
 }

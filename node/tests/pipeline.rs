@@ -603,6 +603,7 @@ async fn a_file_export_backfills_through_the_same_path_then_kafka_continues() {
             ndc_node::config::FileSourceConfig {
                 path: export.clone(),
                 format: Default::default(),
+                follow: false,
             },
         ));
     let node = ndc_node::start(config.clone()).await.unwrap();
@@ -679,6 +680,7 @@ async fn without_kafka_a_file_source_works_and_dead_letters_go_to_a_file() {
             ndc_node::config::FileSourceConfig {
                 path: export,
                 format: Default::default(),
+                follow: false,
             },
         )],
     }];
@@ -694,5 +696,85 @@ async fn without_kafka_a_file_source_works_and_dead_letters_go_to_a_file() {
     assert_eq!(letters[0]["error_kind"], "wrong_type");
     assert_eq!(letters[0]["offset"], 4);
     assert!(letters[0]["reason"].as_str().unwrap().contains("after"));
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followed_file_is_read_as_it_grows_and_a_half_written_line_waits() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let export = dir.path().join("growing.ndjson");
+    let mut feed = Feed::new(Table::Citizens, 1_767_225_600_000);
+    let lines: Vec<String> = (0..8)
+        .map(|i| String::from_utf8(feed.event('r', i, 0, None).value.unwrap()).unwrap())
+        .collect();
+    std::fs::write(&export, "").unwrap();
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&export)
+        .unwrap();
+
+    let mut config = ndc_node::NodeConfig::default();
+    config.node.data_dir = dir.path().join("node");
+    config.node.grpc_listen = "127.0.0.1:0".parse().unwrap();
+    config.node.http_listen = "127.0.0.1:0".parse().unwrap();
+    config.storage.sync_commits = false;
+    config.views = vec![ndc_node::config::ViewConfig {
+        name: "growing".into(),
+        key_columns: vec!["person_id".into()],
+        sources: vec![ndc_node::config::SourceConfig::File(
+            ndc_node::config::FileSourceConfig {
+                path: export.clone(),
+                format: Default::default(),
+                follow: true,
+            },
+        )],
+    }];
+    config.validate().unwrap();
+    let view_info = |addr: std::net::SocketAddr| async move {
+        use ndc_proto::v1::subscription_client::SubscriptionClient;
+        let mut c = SubscriptionClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let views = c.list_views(ndc_proto::v1::ListViewsRequest {}).await;
+        views.unwrap().into_inner().views.remove(0)
+    };
+
+    let node = ndc_node::start(config.clone()).await.unwrap();
+    // Lines appended after the start are read: the source did not finish
+    // at the (empty) end of the file.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    writeln!(file, "{}\n{}\n{}", lines[0], lines[1], lines[2]).unwrap();
+    wait_rows(node.addrs.grpc, "growing", 3).await;
+
+    // Half a line: held, not decoded (it would be malformed JSON).
+    let (head, tail) = lines[3].split_at(lines[3].len() / 2);
+    write!(file, "{head}").unwrap();
+    file.flush().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(view_info(node.addrs.grpc).await.committed_seq, 3);
+    writeln!(file, "{tail}\n{}", lines[4]).unwrap();
+    wait_rows(node.addrs.grpc, "growing", 5).await;
+    node.shutdown().await;
+
+    // After a restart the source goes on from the first line not applied.
+    writeln!(file, "{}", lines[5]).unwrap();
+    let node = ndc_node::start(config.clone()).await.unwrap();
+    wait_rows(node.addrs.grpc, "growing", 6).await;
+    writeln!(file, "{}\n{}", lines[6], lines[7]).unwrap();
+    wait_rows(node.addrs.grpc, "growing", 8).await;
+    let info = view_info(node.addrs.grpc).await;
+    assert_eq!((info.live_rows, info.committed_seq), (8, 8));
+    let snapshot = collect(node.addrs.grpc, "growing", From::Snapshot, T, |l| {
+        l.iter().any(|l| l.get("snapshot_complete").is_some())
+    })
+    .await;
+    let rows = fold(&snapshot);
+    let expected: Value = serde_json::from_str::<Value>(&lines[3]).unwrap()["after"].clone();
+    assert_eq!(rows.get(&citizen_key(3)), Some(&expected), "{rows:?}");
+    assert!(
+        std::fs::read_to_string(config.dead_letter_file()).map_or(true, |d| d.is_empty()),
+        "no line was dead-lettered"
+    );
     node.shutdown().await;
 }
