@@ -3,7 +3,7 @@
 //! Metric names follow the Prometheus conventions; all of them are listed in
 //! [`metric`] with their labels, and documented in `docs/operations.md`.
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::OnceLock;
@@ -114,6 +114,16 @@ pub fn prometheus() -> Option<&'static PrometheusHandle> {
                     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                     10.0,
                 ])
+                .ok()?
+                // A count, not seconds: with the seconds' buckets every batch
+                // of more than ten records fell in `+Inf`.
+                .set_buckets_for_metric(
+                    Matcher::Full(metric::BATCH_RECORDS.into()),
+                    &[
+                        1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0,
+                        5000.0, 10000.0,
+                    ],
+                )
                 .ok()?;
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
@@ -187,4 +197,35 @@ pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 /// Seconds since the epoch as f64, for timestamp gauges.
 pub fn unix_seconds(ms: i64) -> f64 {
     ms as f64 / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_sizes_are_counted_in_buckets_of_records_not_seconds() {
+        let handle = prometheus().expect("recorder installed");
+        metrics::histogram!(metric::BATCH_RECORDS).record(3000.0);
+        let text = handle.render();
+        let bucket = |le: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with(&format!("{}_bucket{{le=\"{le}\"}}", metric::BATCH_RECORDS))
+                })
+                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        };
+        assert_eq!(bucket("2000"), Some(0), "{text}");
+        assert_eq!(bucket("5000"), Some(1), "{text}");
+        // Durations keep the seconds' buckets.
+        metrics::histogram!(metric::COMMIT_SECONDS).record(0.003);
+        let text = handle.render();
+        assert!(
+            text.contains(&format!(
+                "{}_bucket{{le=\"0.005\"}} 1",
+                metric::COMMIT_SECONDS
+            )),
+            "{text}"
+        );
+    }
 }
