@@ -136,7 +136,17 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<NodeHandle> {
     let raft_service = coordinator.as_ref().map(|c| c.raft_service());
     let cluster_service = coordinator.as_ref().map(|c| c.cluster_service());
     let grpc_task = tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        // tonic's own `tcp_nodelay` is ignored for an incoming stream, and
+        // with Nagle's algorithm on, a change batch written behind one not
+        // yet acknowledged waited for the subscriber's delayed ACK.
+        let incoming = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            |conn| {
+                let conn = conn?;
+                conn.set_nodelay(true)?;
+                Ok::<_, std::io::Error>(conn)
+            },
+        );
         let result = tonic::transport::Server::builder()
             .add_service(SubscriptionServer::new(service))
             .add_service(PipelinesServer::new(pipelines))
