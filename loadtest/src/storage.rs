@@ -60,6 +60,7 @@ pub fn storage_phase(dir: &Path, w: Workload, load: StorageLoad) -> anyhow::Resu
     db_opts.set_max_background_jobs(2);
     db_opts.set_write_buffer_manager(&manager);
     db_opts.set_max_total_wal_size(256 << 20);
+    db_opts.set_bytes_per_sync(1 << 20);
     let cf = |compression| {
         let mut o = Options::default();
         o.set_compression_type(compression);

@@ -503,6 +503,11 @@ impl Store {
         db_opts.set_write_buffer_manager(&write_buffers);
         db_opts.set_max_total_wal_size(256 << 20);
         db_opts.set_keep_log_file_num(5);
+        // Flushes and compactions write their files to disk a megabyte at a
+        // time instead of all at the end: a 32 MiB flush synced at once
+        // queued every commit's WAL fsync behind it for 100-400 ms
+        // (docs/performance.md, "Latency without the broker").
+        db_opts.set_bytes_per_sync(1 << 20);
         let cf_opts = |point_lookups: bool, prefix_bloom: bool, compression: DBCompressionType| {
             let mut table = BlockBasedOptions::default();
             table.set_block_cache(&cache);
