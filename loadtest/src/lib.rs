@@ -25,6 +25,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -191,6 +192,21 @@ impl NodeProcess {
     }
 
     /// Peak resident memory of the node so far (VmHWM).
+    /// The node's Prometheus exposition.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.http).await?;
+        let http = self.http;
+        s.write_all(
+            format!("GET /metrics HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        Ok(out)
+    }
+
     pub fn peak_rss(&self) -> Option<u64> {
         peak_rss(&self.child.id().to_string())
     }
@@ -824,12 +840,21 @@ fn sent_at_us(after_json: &str) -> Option<i64> {
     rest[..end].parse().ok()
 }
 
-/// Steady `rate` events/s for `seconds`; latency from producer send to
-/// subscriber receipt, per change.
+/// Where the latency phase's events enter the node.
+pub enum LatencyFeed<'a> {
+    /// Produced to `topic` on the test broker, which shares the node's cores.
+    Broker { broker: &'a Broker, topic: &'a str },
+    /// Appended to a file the node follows: the node's own latency, without
+    /// a broker's batching, fetch waits and CPU on the same two cores.
+    File,
+}
+
+/// Steady `rate` events/s for `seconds`; latency from the event's send
+/// (producer send, or write to the followed file) to subscriber receipt,
+/// per change.
 pub async fn latency_phase(
     work: &Path,
-    broker: &Broker,
-    topic: &str,
+    feed: LatencyFeed<'_>,
     keys: u64,
     rate: u64,
     seconds: u64,
@@ -843,16 +868,36 @@ pub async fn latency_phase(
     let warmup = 3;
     let total = rate * (seconds + warmup);
     let prepared = prepare_stamped_events(keys, total)?;
-    let mut c = kafka_config(work, broker, topic);
-    if let Ok(props) = std::env::var("NDC_BENCH_KAFKA_PROPERTIES") {
-        for kv in props.split(',').filter(|kv| !kv.is_empty()) {
-            if let Some((k, v)) = kv.split_once('=')
-                && let Some(kafka) = c.kafka.as_mut()
-            {
-                kafka.properties.insert(k.into(), v.into());
+    let export = work.join("latency.ndjson");
+    let c = match &feed {
+        LatencyFeed::Broker { broker, topic } => {
+            let mut c = kafka_config(work, broker, topic);
+            if let Ok(props) = std::env::var("NDC_BENCH_KAFKA_PROPERTIES") {
+                for kv in props.split(',').filter(|kv| !kv.is_empty()) {
+                    if let Some((k, v)) = kv.split_once('=')
+                        && let Some(kafka) = c.kafka.as_mut()
+                    {
+                        kafka.properties.insert(k.into(), v.into());
+                    }
+                }
             }
+            c
         }
-    }
+        LatencyFeed::File => {
+            std::fs::File::create(&export)?;
+            let mut c = base_config(work);
+            c.views = vec![ViewConfig {
+                name: VIEW.into(),
+                key_columns: vec!["person_id".into()],
+                sources: vec![SourceConfig::File(FileSourceConfig {
+                    path: export.clone(),
+                    format: Default::default(),
+                    follow: true,
+                })],
+            }];
+            c
+        }
+    };
     let node = NodeProcess::start(&c, work)?;
     node.wait_ready(Duration::from_secs(30))?;
     let mut client = SubscriptionClient::connect(format!("http://{}", node.grpc)).await?;
@@ -873,6 +918,9 @@ pub async fn latency_phase(
         // commit → receipt (serving), in ms (commit times are ms).
         let mut ingest = Histogram::<u64>::new_with_bounds(1, 60_000, 3).expect("valid bounds");
         let mut serve = Histogram::<u64>::new_with_bounds(1, 60_000, 3).expect("valid bounds");
+        // Per second of the run, the worst latency (ms): the tail's moments,
+        // to lay beside the node's log (flushes, compactions).
+        let mut worst_per_second: BTreeMap<i64, i64> = BTreeMap::new();
         let mut got = 0u64;
         while got < total {
             let Ok(Ok(Some(msg))) =
@@ -887,6 +935,8 @@ pub async fn latency_phase(
                     let sent = change.after_json.as_deref().and_then(sent_at_us);
                     if let Some(sent) = sent.filter(|s| *s >= measure_from_us) {
                         let _ = hist.record((received - sent).max(1) as u64);
+                        let worst = worst_per_second.entry(sent / 1_000_000).or_default();
+                        *worst = (*worst).max((received - sent) / 1000);
                         let committed_us = change.committed_at_ms * 1000;
                         let _ = ingest.record(((committed_us - sent) / 1000).max(1) as u64);
                         let _ = serve.record(((received - committed_us) / 1000).max(1) as u64);
@@ -894,30 +944,99 @@ pub async fn latency_phase(
                 }
             }
         }
-        (hist, ingest, serve)
+        (hist, ingest, serve, worst_per_second)
     });
-    let linger = std::env::var("NDC_BENCH_LINGER_MS").unwrap_or_else(|_| "5".into());
+    let phase = match feed {
+        LatencyFeed::Broker { .. } => "latency",
+        LatencyFeed::File => "latency-file",
+    };
+    let (sent_for, how) = match feed {
+        LatencyFeed::Broker { broker, topic } => {
+            let linger = std::env::var("NDC_BENCH_LINGER_MS").unwrap_or_else(|_| "5".into());
+            let sent_for = send_to_broker(broker, topic, &linger, prepared, rate).await?;
+            (sent_for, format!("producer send (linger {linger} ms)"))
+        }
+        LatencyFeed::File => {
+            let sent_for = append_to_file(&export, prepared, rate).await?;
+            (sent_for, "write to the followed file".to_string())
+        }
+    };
+    let (hist, ingest, serve, worst_per_second) = receiver.await?;
+    if std::env::var_os("NDC_BENCH_TIMELINE").is_some() {
+        for (second, worst) in &worst_per_second {
+            println!("  second {second} (unix): worst latency {worst} ms");
+        }
+    }
+    let split = format!(
+        "; send->commit p50 {} p99 {} ms, commit->receipt p50 {} p99 {} ms",
+        ingest.value_at_quantile(0.5),
+        ingest.value_at_quantile(0.99),
+        serve.value_at_quantile(0.5),
+        serve.value_at_quantile(0.99)
+    );
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    let cpu = node
+        .cpu_seconds()
+        .map(|s| format!("; node CPU {:.2} cores", s / (sent_for + warmup as f64)))
+        .unwrap_or_default();
+    let inside = node
+        .metrics()
+        .await
+        .map(|m| node_breakdown(&m))
+        .unwrap_or_default();
+    let report = Report {
+        phase: phase.into(),
+        events: total,
+        keys,
+        seconds: sent_for,
+        events_per_second: total as f64 / sent_for,
+        mean_event_bytes: 0,
+        node_peak_rss_bytes: node.peak_rss(),
+        latency_ms: Some(Percentiles {
+            p50: ms(0.5),
+            p90: ms(0.9),
+            p99: ms(0.99),
+            p999: ms(0.999),
+            max: hist.max() as f64 / 1000.0,
+            samples: hist.len(),
+        }),
+        note: format!(
+            "steady {rate}/s after {warmup} s warm-up, {how} to subscriber receipt{split}{cpu}{inside}"
+        ),
+    };
+    drop(node);
+    let _ = std::fs::remove_file(&export);
+    Ok(report)
+}
+
+/// Sends `events` at `rate` per second, each stamped as it is sent; returns
+/// the seconds the sending took.
+async fn send_to_broker(
+    broker: &Broker,
+    topic: &str,
+    linger: &str,
+    events: Vec<StampedEvent>,
+    rate: u64,
+) -> anyhow::Result<f64> {
+    use futures::StreamExt;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &broker.bootstrap)
         // Kafka's own default since 4.0 (KIP-1030). With 0, librdkafka's
         // broker thread wakes for every message: measured here at ~0.45 of
         // a core at 20,000/s, taken from the node and the broker under test.
         // The linger is inside the measured latency (it starts at send).
-        .set("linger.ms", &linger)
+        .set("linger.ms", linger)
         .set("enable.idempotence", "true")
         .create()?;
-    let mut events = prepared.into_iter();
-    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
     let started = Instant::now();
     let mut inflight = futures::stream::FuturesUnordered::new();
-    use futures::StreamExt;
-    for n in 0..total {
+    for (n, mut e) in events.into_iter().enumerate() {
         let due = started + interval.mul_f64(n as f64);
         let now = Instant::now();
         if due > now {
             tokio::time::sleep(due - now).await;
         }
-        let Some(mut e) = events.next() else { break };
         e.stamp(now_us());
         let p = producer.clone();
         inflight.push(async move {
@@ -944,34 +1063,109 @@ pub async fn latency_phase(
     while let Some(r) = inflight.next().await {
         r?;
     }
-    let sent_for = started.elapsed().as_secs_f64();
-    let (hist, ingest, serve) = receiver.await?;
-    let split = format!(
-        "; send->commit p50 {} p99 {} ms, commit->receipt p50 {} p99 {} ms",
-        ingest.value_at_quantile(0.5),
-        ingest.value_at_quantile(0.99),
-        serve.value_at_quantile(0.5),
-        serve.value_at_quantile(0.99)
-    );
-    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
-    Ok(Report {
-        phase: "latency".into(),
-        events: total,
-        keys,
-        seconds: sent_for,
-        events_per_second: total as f64 / sent_for,
-        mean_event_bytes: 0,
-        node_peak_rss_bytes: node.peak_rss(),
-        latency_ms: Some(Percentiles {
-            p50: ms(0.5),
-            p90: ms(0.9),
-            p99: ms(0.99),
-            p999: ms(0.999),
-            max: hist.max() as f64 / 1000.0,
-            samples: hist.len(),
-        }),
-        note: format!(
-            "steady {rate}/s after {warmup} s warm-up, producer send (linger {linger} ms) to subscriber receipt{split}"
-        ),
-    })
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Appends `events` to `path` at `rate` per second, each stamped as it is
+/// written; the events due at one wakeup go out in one write, as an agency's
+/// exporter flushing its buffer would. Returns the seconds it took.
+async fn append_to_file(path: &Path, events: Vec<StampedEvent>, rate: u64) -> anyhow::Result<f64> {
+    let mut file = std::fs::OpenOptions::new().append(true).open(path)?;
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+    let started = Instant::now();
+    let mut pending = Vec::with_capacity(1 << 20);
+    for (n, mut e) in events.into_iter().enumerate() {
+        let due = started + interval.mul_f64(n as f64);
+        let now = Instant::now();
+        if due > now {
+            if !pending.is_empty() {
+                file.write_all(&pending)?;
+                pending.clear();
+            }
+            tokio::time::sleep(due - now).await;
+        }
+        e.stamp(now_us());
+        pending.extend_from_slice(&e.value);
+        pending.push(b'\n');
+    }
+    file.write_all(&pending)?;
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// The bucket bound at or below which `q` of a Prometheus histogram's
+/// observations fall (over all its label sets): enough to tell a 2 ms
+/// commit from a 100 ms one.
+pub fn histogram_quantile(metrics: &str, name: &str, q: f64) -> Option<f64> {
+    let prefix = format!("{name}_bucket{{");
+    let mut buckets: BTreeMap<u64, f64> = BTreeMap::new();
+    for line in metrics.lines().filter(|l| l.starts_with(&prefix)) {
+        let le = line.split("le=\"").nth(1)?.split('"').next()?;
+        let count: f64 = line.rsplit(' ').next()?.parse().ok()?;
+        let bound = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().ok()?
+        };
+        *buckets.entry(bound.to_bits()).or_default() += count;
+    }
+    let mut sorted: Vec<(f64, f64)> = buckets
+        .into_iter()
+        .map(|(b, c)| (f64::from_bits(b), c))
+        .collect();
+    sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = sorted.last()?.1;
+    sorted
+        .into_iter()
+        .find(|(_, c)| *c >= q * total)
+        .map(|(b, _)| b)
+}
+
+/// Where the node's time went in a latency phase, from its own histograms.
+fn node_breakdown(metrics: &str) -> String {
+    let q = |name: &str, q: f64| {
+        histogram_quantile(metrics, name, q).map_or("?".to_string(), |v| {
+            if v.is_finite() {
+                format!("{}", v * 1000.0)
+            } else {
+                "inf".into()
+            }
+        })
+    };
+    let records = |q: f64| {
+        histogram_quantile(metrics, "ndc_commit_batch_records", q)
+            .map_or("?".to_string(), |v| format!("{v}"))
+    };
+    format!(
+        "; node: batch start->durable p50 <= {} p99 <= {} ms, batch records p50 <= {} p99 <= {}, \
+         commit->send p99 <= {} ms",
+        q("ndc_commit_duration_seconds", 0.5),
+        q("ndc_commit_duration_seconds", 0.99),
+        records(0.5),
+        records(0.99),
+        q("ndc_subscription_delivery_latency_seconds", 0.99),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_come_from_the_buckets_of_every_label_set() {
+        let text = "\
+# TYPE h histogram
+h_bucket{view=\"a\",le=\"0.001\"} 50
+h_bucket{view=\"a\",le=\"0.01\"} 98
+h_bucket{view=\"a\",le=\"+Inf\"} 100
+h_bucket{view=\"b\",le=\"0.001\"} 0
+h_bucket{view=\"b\",le=\"0.01\"} 0
+h_bucket{view=\"b\",le=\"+Inf\"} 100
+h_sum 1
+h_count 200
+";
+        assert_eq!(histogram_quantile(text, "h", 0.25), Some(0.001));
+        assert_eq!(histogram_quantile(text, "h", 0.49), Some(0.01));
+        assert_eq!(histogram_quantile(text, "h", 0.99), Some(f64::INFINITY));
+        assert_eq!(histogram_quantile(text, "other", 0.5), None);
+    }
 }

@@ -3,7 +3,7 @@
 //! provides the test broker.
 
 use clap::Parser;
-use ndc_loadtest::{Broker, TOPIC, Workload};
+use ndc_loadtest::{Broker, LatencyFeed, TOPIC, Workload};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -16,12 +16,13 @@ struct Args {
     #[arg(long, default_value_t = 500_000)]
     keys: u64,
     /// Phases to run, comma separated: file, storage (RocksDB's own
-    /// ceiling), broker, latency, golden, cluster (not in the default set:
-    /// three nodes on one machine).
+    /// ceiling), broker, latency (through the broker), latency-file (from a
+    /// followed file: the node's own latency), golden, cluster (not in the
+    /// default set: three nodes on one machine).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "file,storage,broker,latency,golden"
+        default_value = "file,storage,broker,latency,latency-file,golden"
     )]
     phases: Vec<String>,
     /// Events per second of the latency phase.
@@ -114,8 +115,22 @@ async fn main() -> anyhow::Result<()> {
         let keys = args.keys.min(100_000);
         ndc_loadtest::latency_phase(
             &fresh("latency")?,
-            &broker,
-            TOPIC,
+            LatencyFeed::Broker {
+                broker: &broker,
+                topic: TOPIC,
+            },
+            keys,
+            args.rate,
+            args.seconds,
+        )
+        .await?
+        .print();
+    }
+    if args.phases.iter().any(|p| p == "latency-file") {
+        let keys = args.keys.min(100_000);
+        ndc_loadtest::latency_phase(
+            &fresh("latency-file")?,
+            LatencyFeed::File,
             keys,
             args.rate,
             args.seconds,
