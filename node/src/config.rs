@@ -242,6 +242,10 @@ pub struct StorageSection {
     /// LZ4 on stored rows: less disk, but every block read back from disk
     /// (not from the block cache) is decompressed first.
     pub compress_rows: bool,
+    /// The write-ahead log's directory (default: with the state, in
+    /// `data_dir/state`). On a device of its own, commit fsyncs do not queue
+    /// behind flushes and compactions.
+    pub wal_dir: Option<PathBuf>,
 }
 
 impl Default for StorageSection {
@@ -251,6 +255,7 @@ impl Default for StorageSection {
             write_buffer: ByteSize(128 << 20),
             sync_commits: true,
             compress_rows: false,
+            wal_dir: None,
         }
     }
 }

@@ -64,6 +64,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<NodeHandle> {
     store_config.write_buffer_bytes = config.storage.write_buffer.as_usize();
     store_config.sync_commits = config.storage.sync_commits;
     store_config.compress_rows = config.storage.compress_rows;
+    store_config.wal_dir = config.storage.wal_dir.clone();
     let store = Store::open(&store_config, &view_names).with_context(|| {
         format!(
             "cannot open the state store in {} (is another node using this data_dir?)",

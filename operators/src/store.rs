@@ -28,7 +28,7 @@ use rocksdb::{
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 const CF_ROWS: &str = "rows";
@@ -57,6 +57,17 @@ pub enum StoreError {
     CorruptRow(String),
     #[error("unknown view {0:?}")]
     UnknownView(String),
+    /// The write-ahead log's directory changed while it still holds writes
+    /// not yet in the state's files: opening would silently drop them.
+    #[error(
+        "the write-ahead log was in {previous} and still has files there, but storage.wal_dir now points to {configured}: move the *.log files from {previous} to {configured} (or set wal_dir back), then start again"
+    )]
+    WalMoved {
+        previous: String,
+        configured: String,
+    },
+    #[error("state directory: {0}")]
+    Io(#[from] std::io::Error),
     #[error(
         "view {view:?} already holds changes made outside this cluster; start the node with an empty data_dir"
     )]
@@ -86,7 +97,14 @@ pub struct StoreConfig {
     /// when read back from the OS page cache (the golden-record merge reads
     /// far more state than a block cache holds), at the price of disk.
     pub compress_rows: bool,
+    /// Where the write-ahead log lives (default: with the state). On its
+    /// own device, commit fsyncs do not queue behind flushes and compactions.
+    pub wal_dir: Option<PathBuf>,
 }
+
+/// File in the state directory naming where the write-ahead log is, so that
+/// a changed `wal_dir` is noticed instead of losing the log's last writes.
+const WAL_DIR_MARKER: &str = "NDC_WAL_DIR";
 
 impl StoreConfig {
     pub fn new(path: impl Into<PathBuf>) -> Self {
@@ -96,7 +114,40 @@ impl StoreConfig {
             write_buffer_bytes: 128 << 20,
             sync_commits: true,
             compress_rows: false,
+            wal_dir: None,
         }
+    }
+
+    /// The write-ahead log's directory in effect.
+    fn effective_wal_dir(&self) -> PathBuf {
+        self.wal_dir.clone().unwrap_or_else(|| self.path.clone())
+    }
+
+    /// Refuses a `wal_dir` that moved while the previous one still holds log
+    /// files; records the one in effect.
+    fn check_wal_dir(&self) -> Result<(), StoreError> {
+        let configured = self.effective_wal_dir();
+        let marker = self.path.join(WAL_DIR_MARKER);
+        if let Ok(previous) = std::fs::read_to_string(&marker) {
+            let previous = PathBuf::from(previous.trim_end_matches('\n'));
+            let has_logs = |dir: &Path| {
+                std::fs::read_dir(dir).is_ok_and(|entries| {
+                    entries.flatten().any(|e| {
+                        e.path().extension().is_some_and(|x| x == "log")
+                            && e.metadata().is_ok_and(|m| m.len() > 0)
+                    })
+                })
+            };
+            if previous != configured && has_logs(&previous) {
+                return Err(StoreError::WalMoved {
+                    previous: previous.display().to_string(),
+                    configured: configured.display().to_string(),
+                });
+            }
+        }
+        std::fs::create_dir_all(&self.path)?;
+        std::fs::write(&marker, format!("{}\n", configured.display()))?;
+        Ok(())
     }
 }
 
@@ -504,10 +555,13 @@ impl Store {
         db_opts.set_max_total_wal_size(256 << 20);
         db_opts.set_keep_log_file_num(5);
         // Flushes and compactions write their files to disk a megabyte at a
-        // time instead of all at the end: a 32 MiB flush synced at once
-        // queued every commit's WAL fsync behind it for 100-400 ms
-        // (docs/performance.md, "Latency without the broker").
+        // time instead of all at the end, where a 32 MiB sync would queue
+        // the commits' WAL fsyncs behind it (RocksDB's tuning guide).
         db_opts.set_bytes_per_sync(1 << 20);
+        config.check_wal_dir()?;
+        if let Some(dir) = &config.wal_dir {
+            db_opts.set_wal_dir(dir);
+        }
         // Flushes and compactions yield the CPU (and, under the bfq I/O
         // scheduler, the disk) to the commit path: the writer, the WAL's
         // fsync, the subscribers' reads. On two cores a flush beside them
