@@ -218,6 +218,7 @@ impl Subscriber {
                     .await
                     .map_err(|e| Status::internal(format!("read task failed: {e}")))?
                     .map_err(store_status)?;
+            let full = changes.len() >= limit;
             if let Some(last) = changes.last() {
                 cursor = last.seq;
                 let now = now_ms();
@@ -237,7 +238,12 @@ impl Subscriber {
                     self.send(batch(out, token, false, false)).await?;
                     last_sent = Instant::now();
                 }
-                continue;
+                if full {
+                    continue;
+                }
+                // A short read reached the head: no second read (a task and
+                // a RocksDB iterator per batch) unless more was committed
+                // since, which the check below sees.
             }
             // Caught up: wait for the next commit, or say we are alive.
             let wait = self.progress_interval.saturating_sub(last_sent.elapsed());
