@@ -427,6 +427,21 @@ pub fn base_config(work: &Path) -> NodeConfig {
     c
 }
 
+/// A node reading the load test's view from `export`, once or following it.
+fn file_config(work: &Path, export: &Path, follow: bool) -> NodeConfig {
+    let mut c = base_config(work);
+    c.views = vec![ViewConfig {
+        name: VIEW.into(),
+        key_columns: vec!["person_id".into()],
+        sources: vec![SourceConfig::File(FileSourceConfig {
+            path: export.to_path_buf(),
+            format: Default::default(),
+            follow,
+        })],
+    }];
+    c
+}
+
 /// File source: write the export, then time the node applying it.
 pub async fn file_phase(work: &Path, w: Workload) -> anyhow::Result<Report> {
     let export = work.join("export.ndjson");
@@ -440,16 +455,7 @@ pub async fn file_phase(work: &Path, w: Workload) -> anyhow::Result<Report> {
         }
         out.flush()?;
     }
-    let mut c = base_config(work);
-    c.views = vec![ViewConfig {
-        name: VIEW.into(),
-        key_columns: vec!["person_id".into()],
-        sources: vec![SourceConfig::File(FileSourceConfig {
-            path: export.clone(),
-            format: Default::default(),
-            follow: false,
-        })],
-    }];
+    let c = file_config(work, &export, false);
     let started = Instant::now();
     let node = NodeProcess::start(&c, work)?;
     let (_, done) = node
@@ -885,17 +891,7 @@ pub async fn latency_phase(
         }
         LatencyFeed::File => {
             std::fs::File::create(&export)?;
-            let mut c = base_config(work);
-            c.views = vec![ViewConfig {
-                name: VIEW.into(),
-                key_columns: vec!["person_id".into()],
-                sources: vec![SourceConfig::File(FileSourceConfig {
-                    path: export.clone(),
-                    format: Default::default(),
-                    follow: true,
-                })],
-            }];
-            c
+            file_config(work, &export, true)
         }
     };
     let node = NodeProcess::start(&c, work)?;

@@ -656,6 +656,33 @@ async fn a_file_export_backfills_through_the_same_path_then_kafka_continues() {
     node.shutdown().await;
 }
 
+/// A node without Kafka: one view fed by the file `export`.
+fn file_only_node(
+    dir: &std::path::Path,
+    view: &str,
+    export: &std::path::Path,
+    follow: bool,
+) -> ndc_node::NodeConfig {
+    let mut config = ndc_node::NodeConfig::default();
+    config.node.data_dir = dir.join("node");
+    config.node.grpc_listen = "127.0.0.1:0".parse().unwrap();
+    config.node.http_listen = "127.0.0.1:0".parse().unwrap();
+    config.storage.sync_commits = false;
+    config.views = vec![ndc_node::config::ViewConfig {
+        name: view.into(),
+        key_columns: vec!["person_id".into()],
+        sources: vec![ndc_node::config::SourceConfig::File(
+            ndc_node::config::FileSourceConfig {
+                path: export.to_path_buf(),
+                format: Default::default(),
+                follow,
+            },
+        )],
+    }];
+    config.validate().unwrap();
+    config
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_kafka_a_file_source_works_and_dead_letters_go_to_a_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -668,23 +695,7 @@ async fn without_kafka_a_file_source_works_and_dead_letters_go_to_a_file() {
     lines.insert(4, "{\"op\":\"c\",\"after\":[]}".into());
     std::fs::write(&export, lines.join("\n") + "\n").unwrap();
 
-    let mut config = ndc_node::NodeConfig::default();
-    config.node.data_dir = dir.path().join("node");
-    config.node.grpc_listen = "127.0.0.1:0".parse().unwrap();
-    config.node.http_listen = "127.0.0.1:0".parse().unwrap();
-    config.storage.sync_commits = false;
-    config.views = vec![ndc_node::config::ViewConfig {
-        name: "file_only".into(),
-        key_columns: vec!["person_id".into()],
-        sources: vec![ndc_node::config::SourceConfig::File(
-            ndc_node::config::FileSourceConfig {
-                path: export,
-                format: Default::default(),
-                follow: false,
-            },
-        )],
-    }];
-    config.validate().unwrap();
+    let config = file_only_node(dir.path(), "file_only", &export, false);
     let node = ndc_node::start(config.clone()).await.unwrap();
     wait_rows(node.addrs.grpc, "file_only", 10).await;
     let dead = std::fs::read_to_string(config.dead_letter_file()).unwrap();
@@ -714,23 +725,7 @@ async fn a_followed_file_is_read_as_it_grows_and_a_half_written_line_waits() {
         .open(&export)
         .unwrap();
 
-    let mut config = ndc_node::NodeConfig::default();
-    config.node.data_dir = dir.path().join("node");
-    config.node.grpc_listen = "127.0.0.1:0".parse().unwrap();
-    config.node.http_listen = "127.0.0.1:0".parse().unwrap();
-    config.storage.sync_commits = false;
-    config.views = vec![ndc_node::config::ViewConfig {
-        name: "growing".into(),
-        key_columns: vec!["person_id".into()],
-        sources: vec![ndc_node::config::SourceConfig::File(
-            ndc_node::config::FileSourceConfig {
-                path: export.clone(),
-                format: Default::default(),
-                follow: true,
-            },
-        )],
-    }];
-    config.validate().unwrap();
+    let config = file_only_node(dir.path(), "growing", &export, true);
     let view_info = |addr: std::net::SocketAddr| async move {
         use ndc_proto::v1::subscription_client::SubscriptionClient;
         let mut c = SubscriptionClient::connect(format!("http://{addr}"))
