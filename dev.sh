@@ -33,9 +33,10 @@ need_sudo() {
     echo "need root to run: $*" >&2; exit 1; fi
 }
 
-setup_packages() {
+# Installs whichever of the given Debian packages are missing.
+install_packages() {
   local missing=()
-  for p in "${DEB_PACKAGES[@]}"; do
+  for p in "$@"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   if [ ${#missing[@]} -gt 0 ]; then
@@ -43,6 +44,10 @@ setup_packages() {
     need_sudo apt-get update -qq
     need_sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
+}
+
+setup_packages() {
+  install_packages "${DEB_PACKAGES[@]}"
   if ! command -v cargo >/dev/null; then
     echo "cargo not found: install Rust (rustup) first" >&2; exit 1
   fi
@@ -106,11 +111,7 @@ case "$cmd" in
     # stage's count is the difference between runs that stop before and
     # after it, over the same generated events.
     events="${2:-50000}"
-    command -v valgrind >/dev/null || {
-      say "installing valgrind"
-      need_sudo apt-get update -qq
-      need_sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
-    }
+    command -v valgrind >/dev/null || install_packages valgrind
     out=$(mktemp -d)
     say "counting instructions under callgrind: $events events, $((events / 4)) keys (a few minutes)"
     pids=()
