@@ -191,7 +191,6 @@ impl NodeProcess {
         }
     }
 
-    /// Peak resident memory of the node so far (VmHWM).
     /// The node's Prometheus exposition.
     pub async fn metrics(&self) -> anyhow::Result<String> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -207,6 +206,7 @@ impl NodeProcess {
         Ok(out)
     }
 
+    /// Peak resident memory of the node so far (VmHWM).
     pub fn peak_rss(&self) -> Option<u64> {
         peak_rss(&self.child.id().to_string())
     }
@@ -1093,6 +1093,8 @@ async fn append_to_file(path: &Path, events: Vec<StampedEvent>, rate: u64) -> an
 /// commit from a 100 ms one.
 pub fn histogram_quantile(metrics: &str, name: &str, q: f64) -> Option<f64> {
     let prefix = format!("{name}_bucket{{");
+    // Keyed by the bound's bits: bounds are never negative, and the bits of
+    // non-negative floats (+Inf included) order as the numbers do.
     let mut buckets: BTreeMap<u64, f64> = BTreeMap::new();
     for line in metrics.lines().filter(|l| l.starts_with(&prefix)) {
         let le = line.split("le=\"").nth(1)?.split('"').next()?;
@@ -1104,20 +1106,16 @@ pub fn histogram_quantile(metrics: &str, name: &str, q: f64) -> Option<f64> {
         };
         *buckets.entry(bound.to_bits()).or_default() += count;
     }
-    let mut sorted: Vec<(f64, f64)> = buckets
-        .into_iter()
-        .map(|(b, c)| (f64::from_bits(b), c))
-        .collect();
-    sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let total = sorted.last()?.1;
-    sorted
+    let total = *buckets.values().next_back()?;
+    buckets
         .into_iter()
         .find(|(_, c)| *c >= q * total)
-        .map(|(b, _)| b)
+        .map(|(b, _)| f64::from_bits(b))
 }
 
 /// Where the node's time went in a latency phase, from its own histograms.
 fn node_breakdown(metrics: &str) -> String {
+    use ndc_node::telemetry::metric;
     let q = |name: &str, q: f64| {
         histogram_quantile(metrics, name, q).map_or("?".to_string(), |v| {
             if v.is_finite() {
@@ -1128,17 +1126,17 @@ fn node_breakdown(metrics: &str) -> String {
         })
     };
     let records = |q: f64| {
-        histogram_quantile(metrics, "ndc_commit_batch_records", q)
+        histogram_quantile(metrics, metric::BATCH_RECORDS, q)
             .map_or("?".to_string(), |v| format!("{v}"))
     };
     format!(
         "; node: batch start->durable p50 <= {} p99 <= {} ms, batch records p50 <= {} p99 <= {}, \
          commit->send p99 <= {} ms",
-        q("ndc_commit_duration_seconds", 0.5),
-        q("ndc_commit_duration_seconds", 0.99),
+        q(metric::COMMIT_SECONDS, 0.5),
+        q(metric::COMMIT_SECONDS, 0.99),
         records(0.5),
         records(0.99),
-        q("ndc_subscription_delivery_latency_seconds", 0.99),
+        q(metric::DELIVERY_LATENCY, 0.99),
     )
 }
 
