@@ -53,14 +53,7 @@ pub fn storage_phase(dir: &Path, w: Workload, load: StorageLoad) -> anyhow::Resu
     anyhow::ensure!(!events.is_empty(), "empty workload");
 
     let manager = WriteBufferManager::new_write_buffer_manager(write_buffer, true);
-    let mut db_opts = Options::default();
-    db_opts.create_if_missing(true);
-    db_opts.create_missing_column_families(true);
-    db_opts.increase_parallelism(2);
-    db_opts.set_max_background_jobs(2);
-    db_opts.set_write_buffer_manager(&manager);
-    db_opts.set_max_total_wal_size(256 << 20);
-    db_opts.set_bytes_per_sync(1 << 20);
+    let db_opts = ndc_operators::state_db_options(&manager);
     let cf = |compression| {
         let mut o = Options::default();
         o.set_compression_type(compression);

@@ -22,5 +22,5 @@ pub use debezium::{
 pub use replica::{Outcome, Position};
 pub use store::{
     CommitInfo, Pending, PreparedWrite, Replayed, RowOverlay, SnapshotRow, Store, StoreConfig,
-    StoreError, StoreReader, Txn, ViewId,
+    StoreError, StoreReader, Txn, ViewId, state_db_options,
 };

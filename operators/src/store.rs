@@ -531,6 +531,38 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// The database-wide options of the node's state (threads, memtable
+/// budget, WAL size, syncing, background priority), shared with the
+/// load test's storage ceiling so that it measures the same engine.
+pub fn state_db_options(write_buffers: &WriteBufferManager) -> Options {
+    let mut db_opts = Options::default();
+    db_opts.create_if_missing(true);
+    db_opts.create_missing_column_families(true);
+    db_opts.increase_parallelism(2);
+    db_opts.set_max_background_jobs(2);
+    db_opts.set_write_buffer_manager(write_buffers);
+    db_opts.set_max_total_wal_size(256 << 20);
+    db_opts.set_keep_log_file_num(5);
+    // Flushes and compactions write their files to disk a megabyte at a
+    // time instead of all at the end, where a 32 MiB sync would queue
+    // the commits' WAL fsyncs behind it (RocksDB's tuning guide).
+    db_opts.set_bytes_per_sync(1 << 20);
+    // Flushes and compactions yield the CPU (and, under the bfq I/O
+    // scheduler, the disk) to the commit path: the writer, the WAL's
+    // fsync, the subscribers' reads. On two cores a flush beside them
+    // took the commit's p99 from <= 10 to <= 25 ms. They lose nothing
+    // overall: when they fall behind, the memtable budget stalls the
+    // writer, which frees the CPU for them.
+    if let Ok(mut env) = rocksdb::Env::new() {
+        env.lower_thread_pool_cpu_priority();
+        env.lower_high_priority_thread_pool_cpu_priority();
+        env.lower_thread_pool_io_priority();
+        env.lower_high_priority_thread_pool_io_priority();
+        db_opts.set_env(&env);
+    }
+    db_opts
+}
+
 impl Store {
     /// Opens (or creates) the store with the given views. Views already in
     /// the store keep their state; new ones start empty.
@@ -546,34 +578,10 @@ impl Store {
         // when flushes fall behind the writer.
         let write_buffers =
             WriteBufferManager::new_write_buffer_manager(config.write_buffer_bytes, true);
-        let mut db_opts = Options::default();
-        db_opts.create_if_missing(true);
-        db_opts.create_missing_column_families(true);
-        db_opts.increase_parallelism(2);
-        db_opts.set_max_background_jobs(2);
-        db_opts.set_write_buffer_manager(&write_buffers);
-        db_opts.set_max_total_wal_size(256 << 20);
-        db_opts.set_keep_log_file_num(5);
-        // Flushes and compactions write their files to disk a megabyte at a
-        // time instead of all at the end, where a 32 MiB sync would queue
-        // the commits' WAL fsyncs behind it (RocksDB's tuning guide).
-        db_opts.set_bytes_per_sync(1 << 20);
+        let mut db_opts = state_db_options(&write_buffers);
         config.check_wal_dir()?;
         if let Some(dir) = &config.wal_dir {
             db_opts.set_wal_dir(dir);
-        }
-        // Flushes and compactions yield the CPU (and, under the bfq I/O
-        // scheduler, the disk) to the commit path: the writer, the WAL's
-        // fsync, the subscribers' reads. On two cores a flush beside them
-        // took the commit's p99 from <= 10 to <= 25 ms. They lose nothing
-        // overall: when they fall behind, the memtable budget stalls the
-        // writer, which frees the CPU for them.
-        if let Ok(mut env) = rocksdb::Env::new() {
-            env.lower_thread_pool_cpu_priority();
-            env.lower_high_priority_thread_pool_cpu_priority();
-            env.lower_thread_pool_io_priority();
-            env.lower_high_priority_thread_pool_io_priority();
-            db_opts.set_env(&env);
         }
         let cf_opts = |point_lookups: bool, prefix_bloom: bool, compression: DBCompressionType| {
             let mut table = BlockBasedOptions::default();
