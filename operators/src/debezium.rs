@@ -1727,55 +1727,64 @@ mod plain_envelope {
     use super::*;
     use proptest::prelude::*;
 
-    fn op() -> impl Strategy<Value = Option<String>> {
-        proptest::option::of(prop_oneof![
-            Just("\"c\"".to_string()),
-            Just("\"u\"".to_string()),
-            Just("\"d\"".to_string()),
-            Just("\"r\"".to_string()),
-            Just("\"t\"".to_string()),
-            Just("\"m\"".to_string()),
-            Just("\"x\"".to_string()),
-            Just("\"\\u0063\"".to_string()),
-            Just("null".to_string()),
-            Just("1".to_string()),
-        ])
+    /// One of `texts`, or absent.
+    fn one_of(texts: &'static [&'static str]) -> impl Strategy<Value = Option<String>> {
+        proptest::option::of(proptest::sample::select(texts).prop_map(str::to_string))
     }
 
-    fn row() -> impl Strategy<Value = Option<String>> {
-        proptest::option::of(prop_oneof![
-            Just("null".to_string()),
-            Just("{\"person_id\":\"7\",\"name\":\"An\"}".to_string()),
-            Just("{\"person_id\":8,\"x\":[1,{\"y\":null}]}".to_string()),
-            Just("{\"name\":\"no key\"}".to_string()),
-            Just("{\"person_id\":null}".to_string()),
-            Just("\"text\"".to_string()),
-            Just("[1]".to_string()),
-        ])
-    }
+    /// `op` values: the plain ones, others, an escaped `c`, wrong types.
+    const OPS: &[&str] = &[
+        "\"c\"",
+        "\"u\"",
+        "\"d\"",
+        "\"r\"",
+        "\"t\"",
+        "\"m\"",
+        "\"x\"",
+        "\"\\u0063\"",
+        "null",
+        "1",
+    ];
 
-    fn source() -> impl Strategy<Value = Option<String>> {
-        proptest::option::of(prop_oneof![
-            Just("null".to_string()),
-            Just("{\"connector\":\"postgresql\",\"name\":\"p\",\"db\":\"d\",\"schema\":\"s\",\"table\":\"t\",\"ts_ms\":5,\"lsn\":9,\"txId\":3,\"snapshot\":\"false\",\"version\":\"2.7\"}".to_string()),
-            Just("{\"ts_ms\":5,\"snapshot\":true}".to_string()),
-            Just("{\"ts_ms\":5,\"snapshot\":7}".to_string()),
-            Just("{\"ts_ms\":\"5\"}".to_string()),
-            Just("{\"db\":\"d\"}".to_string()),
-            Just("{\"ts_ms\":5,\"lsn\":-1}".to_string()),
-            Just("{\"ts_ms\":5,\"ts_ms\":6}".to_string()),
-            Just("[]".to_string()),
-        ])
-    }
+    /// `before` / `after` values.
+    const ROWS: &[&str] = &[
+        "null",
+        "{\"person_id\":\"7\",\"name\":\"An\"}",
+        "{\"person_id\":8,\"x\":[1,{\"y\":null}]}",
+        "{\"name\":\"no key\"}",
+        "{\"person_id\":null}",
+        "\"text\"",
+        "[1]",
+    ];
 
-    fn ts_ms() -> impl Strategy<Value = Option<String>> {
-        proptest::option::of(prop_oneof![
-            Just("null".to_string()),
-            Just("17".to_string()),
-            Just("1.5".to_string()),
-            Just("\"17\"".to_string()),
-        ])
-    }
+    /// `source` blocks, well and badly typed.
+    const SOURCES: &[&str] = &[
+        "null",
+        "{\"connector\":\"postgresql\",\"name\":\"p\",\"db\":\"d\",\"schema\":\"s\",\"table\":\"t\",\"ts_ms\":5,\"lsn\":9,\"txId\":3,\"snapshot\":\"false\",\"version\":\"2.7\"}",
+        "{\"ts_ms\":5,\"snapshot\":true}",
+        "{\"ts_ms\":5,\"snapshot\":7}",
+        "{\"ts_ms\":\"5\"}",
+        "{\"db\":\"d\"}",
+        "{\"ts_ms\":5,\"lsn\":-1}",
+        "{\"ts_ms\":5,\"ts_ms\":6}",
+        "[]",
+    ];
+
+    /// Top-level `ts_ms` values.
+    const TS_MS: &[&str] = &["null", "17", "1.5", "\"17\""];
+
+    /// Members beside the envelope's own: a transaction block, a wrapper,
+    /// a second `op`, a transaction marker.
+    const EXTRA_MEMBERS: &[&str] = &[
+        "\"transaction\":null",
+        "\"schema\":{}",
+        "\"payload\":{}",
+        "\"op\":\"c\"",
+        "\"status\":\"BEGIN\",\"id\":\"1\"",
+    ];
+
+    /// Kafka message keys.
+    const MESSAGE_KEYS: &[&str] = &["{\"person_id\":\"7\"}", "7", "not json"];
 
     proptest! {
         // Most generated envelopes are rejected somewhere; enough cases for
@@ -1783,23 +1792,13 @@ mod plain_envelope {
         #![proptest_config(ProptestConfig::with_cases(2048))]
         #[test]
         fn one_pass_and_general_agree(
-            op in op(),
-            before in row(),
-            after in row(),
-            source in source(),
-            ts_ms in ts_ms(),
-            extra in proptest::option::of(prop_oneof![
-                Just("\"transaction\":null".to_string()),
-                Just("\"schema\":{}".to_string()),
-                Just("\"payload\":{}".to_string()),
-                Just("\"op\":\"c\"".to_string()),
-                Just("\"status\":\"BEGIN\",\"id\":\"1\"".to_string()),
-            ]),
-            key in proptest::option::of(prop_oneof![
-                Just("{\"person_id\":\"7\"}".to_string()),
-                Just("7".to_string()),
-                Just("not json".to_string()),
-            ]),
+            op in one_of(OPS),
+            before in one_of(ROWS),
+            after in one_of(ROWS),
+            source in one_of(SOURCES),
+            ts_ms in one_of(TS_MS),
+            extra in one_of(EXTRA_MEMBERS),
+            key in one_of(MESSAGE_KEYS),
             key_columns in prop_oneof![Just(vec![]), Just(vec!["person_id".to_string()])],
         ) {
             let members: Vec<String> = [("op", op), ("before", before), ("after", after),
