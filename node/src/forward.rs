@@ -17,7 +17,6 @@ use ndc_operators::StoreReader;
 use ndc_operators::merge::facts_of_change;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::time::Duration;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -32,7 +31,7 @@ pub struct ForwardSource {
     pub view: String,
     /// Column holding the national ID.
     pub column: String,
-    pub commits: watch::Receiver<u64>,
+    pub commits: crate::views::CommitReceiver,
 }
 
 pub struct Forwarder {
@@ -72,7 +71,7 @@ impl Forwarder {
             }
             let mut progressed = false;
             for (i, s) in self.sources.iter().enumerate() {
-                let committed = *s.commits.borrow();
+                let committed = s.commits.borrow().seq;
                 metrics::gauge!(metric::FORWARD_LAG, "view" => s.view.clone())
                     .set(committed.saturating_sub(cursors[i]) as f64);
                 if committed <= cursors[i] {

@@ -21,8 +21,10 @@
 use crate::config::{ChangelogSection, PipelineSection};
 use crate::dead_letter::{DeadLetter, DeadLetterSink};
 use crate::telemetry::{metric, unix_seconds};
+use crate::views::Committed;
 use ndc_operators::{DecodeError, Decoded, Outcome, Pending, Position, Replayed, Store, ViewId};
 use ndc_proto::state::LogRecord;
+use ndc_proto::v1::Change;
 use prost::Message as _;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -72,7 +74,7 @@ pub struct ClusterWriter {
 
 /// Commit watchers of the views the writer writes (shared with the
 /// subscription registry, which outlives a writer).
-pub type Commits = Arc<BTreeMap<ViewId, Arc<watch::Sender<u64>>>>;
+pub type Commits = Arc<BTreeMap<ViewId, Arc<watch::Sender<Committed>>>>;
 
 /// The person-keyed task of each pipeline, by its contributions view (the
 /// view its repartition route feeds).
@@ -114,17 +116,46 @@ pub struct Inflight {
 /// What a commit makes visible, captured when its batch is prepared, so that
 /// the thread that writes the batch can publish it the moment it is durable.
 struct Publication {
-    last_seqs: Vec<(ViewId, String, u64)>,
+    heads: Vec<Head>,
     live_rows: Vec<(String, u64)>,
     offsets: Vec<((ViewId, Arc<str>), u64)>,
 }
 
-fn publication(store: &Store, info: &ndc_operators::CommitInfo, views: &[ViewId]) -> Publication {
+/// A view's new head: its last sequence and, when kept, the changes
+/// that led to it.
+struct Head {
+    view: ViewId,
+    name: String,
+    committed: Committed,
+}
+
+/// `kept`: the batch's changes (see [`ndc_operators::Txn::keep_changes`]),
+/// handed to subscribers with the commit.
+fn publication(
+    store: &Store,
+    info: &ndc_operators::CommitInfo,
+    views: &[ViewId],
+    kept: Vec<(ViewId, Change)>,
+) -> Publication {
+    let mut by_view: HashMap<ViewId, Vec<Change>> = HashMap::new();
+    for (view, change) in kept {
+        by_view.entry(view).or_default().push(change);
+    }
     Publication {
-        last_seqs: info
+        heads: info
             .last_seqs
             .iter()
-            .map(|(v, seq)| (*v, store.view_name(*v).to_string(), *seq))
+            .map(|(v, seq)| Head {
+                view: *v,
+                name: store.view_name(*v).to_string(),
+                committed: Committed {
+                    seq: *seq,
+                    latest: by_view
+                        .remove(v)
+                        .filter(|changes| is_run_ending_at(changes, *seq))
+                        .map(Arc::from),
+                },
+            })
             .collect(),
         live_rows: info
             .last_seqs
@@ -143,6 +174,19 @@ fn publication(store: &Store, info: &ndc_operators::CommitInfo, views: &[ViewId]
     }
 }
 
+/// Whether `changes` are the consecutive sequence numbers up to `last`:
+/// only then may a subscriber take them instead of reading the store.
+fn is_run_ending_at(changes: &[Change], last: u64) -> bool {
+    let Some(first) = changes.first() else {
+        return false;
+    };
+    changes
+        .iter()
+        .enumerate()
+        .all(|(i, c)| Some(c.seq) == first.seq.checked_add(i as u64))
+        && changes.last().map(|c| c.seq) == Some(last)
+}
+
 /// Hands committed sequence numbers to subscribers and offsets to sources.
 #[derive(Clone)]
 struct Publisher {
@@ -152,11 +196,12 @@ struct Publisher {
 
 impl Publisher {
     fn publish(&self, p: &Publication) {
-        for (view, name, seq) in &p.last_seqs {
-            if let Some(tx) = self.commits.get(view) {
-                tx.send_replace(*seq);
+        for head in &p.heads {
+            if let Some(tx) = self.commits.get(&head.view) {
+                tx.send_replace(head.committed.clone());
             }
-            metrics::gauge!(metric::VIEW_SEQ, "view" => name.clone()).set(*seq as f64);
+            metrics::gauge!(metric::VIEW_SEQ, "view" => head.name.clone())
+                .set(head.committed.seq as f64);
         }
         for (name, rows) in &p.live_rows {
             metrics::gauge!(metric::VIEW_ROWS, "view" => name.clone()).set(*rows as f64);
@@ -303,13 +348,21 @@ impl Writer {
         self.batches += 1;
         let number = self.batches;
         let views: Vec<ViewId> = self.commits.keys().copied().collect();
+        let keep = self.has_followers();
         let result = tokio::task::spawn_blocking(move || {
             let mut this = self;
-            let outcome = apply_batch(&mut this.store, &this.unwritten, &this.mergers, &batch, now)
-                .map(|(info, prepared, effects, tally)| {
-                    let publication = publication(&this.store, &info, &views);
-                    (prepared, publication, effects, tally)
-                });
+            let outcome = apply_batch(
+                &mut this.store,
+                &this.unwritten,
+                &this.mergers,
+                &batch,
+                now,
+                keep,
+            )
+            .map(|a| {
+                let publication = publication(&this.store, &a.info, &views, a.kept);
+                (a.prepared, publication, a.rows, a.tally)
+            });
             (this, outcome)
         })
         .await;
@@ -366,6 +419,12 @@ impl Writer {
                 std::process::abort();
             }
         }
+    }
+
+    /// Whether any view has a subscriber (or forwarder) to hand a batch's
+    /// changes to; without one they are not kept past the batch.
+    fn has_followers(&self) -> bool {
+        self.commits.values().any(|tx| tx.receiver_count() > 0)
     }
 
     fn publisher(&self) -> Publisher {
@@ -440,11 +499,15 @@ impl Writer {
     /// with the log position, then publishes like a local commit.
     async fn process_log(self, batch: Vec<LogInput>) -> Self {
         let now = now_ms();
+        let keep = self.has_followers();
         let result = tokio::task::spawn_blocking(move || {
             let mut this = self;
             let outcome = (|| {
                 let mut counts: HashMap<&'static str, u64> = HashMap::new();
                 let mut txn = this.store.begin(now);
+                if keep {
+                    txn.keep_changes();
+                }
                 for input in &batch {
                     let r = txn.replay(input.view, &input.record, &input.stream, input.offset)?;
                     let name = match r {
@@ -455,8 +518,9 @@ impl Writer {
                     };
                     *counts.entry(name).or_insert(0) += 1;
                 }
+                let kept = txn.take_changes();
                 let info = txn.commit()?;
-                Ok::<_, ndc_operators::StoreError>((info, counts))
+                Ok::<_, ndc_operators::StoreError>((info, counts, kept))
             })();
             (this, batch, outcome)
         })
@@ -469,7 +533,7 @@ impl Writer {
             }
         };
         match outcome {
-            Ok((info, counts)) => {
+            Ok((info, counts, kept)) => {
                 for (outcome, n) in counts {
                     metrics::counter!(metric::LOG_RECORDS, "outcome" => outcome).increment(n);
                 }
@@ -482,7 +546,7 @@ impl Writer {
                 // stored source offsets as soon as `applied` passes it.
                 let views: Vec<ViewId> = this.commits.keys().copied().collect();
                 this.publisher()
-                    .publish(&publication(&this.store, &info, &views));
+                    .publish(&publication(&this.store, &info, &views, kept));
                 if let Some(c) = this.cluster.as_mut() {
                     for (view, offset) in &last {
                         c.pending.applied_through(*view, *offset);
@@ -652,29 +716,43 @@ fn apply_input(
     Ok(outcome)
 }
 
+/// A batch applied, ready to be written.
+struct AppliedBatch {
+    info: ndc_operators::CommitInfo,
+    prepared: ndc_operators::PreparedWrite,
+    /// Its rows, for the next batch while this one is written.
+    rows: ndc_operators::RowOverlay,
+    /// Its changes, for subscribers (when kept).
+    kept: Vec<(ViewId, Change)>,
+    tally: Tally,
+}
+
 fn apply_batch(
     store: &mut Store,
     unwritten: &Pending,
     mergers: &Mergers,
     batch: &[Input],
     now: i64,
-) -> Result<
-    (
-        ndc_operators::CommitInfo,
-        ndc_operators::PreparedWrite,
-        ndc_operators::RowOverlay,
-        Tally,
-    ),
-    ndc_operators::StoreError,
-> {
+    keep_changes: bool,
+) -> Result<AppliedBatch, ndc_operators::StoreError> {
     let mut tally = Tally::default();
     let mut txn = store.begin_over(now, unwritten);
+    if keep_changes {
+        txn.keep_changes();
+    }
     txn.prefetch(keys_of(batch))?;
     for input in batch {
         apply_input(&mut txn, mergers, input, &mut tally)?;
     }
+    let kept = txn.take_changes();
     let (info, prepared, rows) = txn.prepare_keeping_rows();
-    Ok((info, prepared, rows, tally))
+    Ok(AppliedBatch {
+        info,
+        prepared,
+        rows,
+        kept,
+        tally,
+    })
 }
 
 /// A change-log record being decided, with the view each of its effects is
@@ -755,4 +833,31 @@ fn decide_batch(
     // Dropped, not committed: the effects come back through the log.
     drop(txn);
     Ok((out, tally))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn changes(seqs: &[u64]) -> Vec<Change> {
+        seqs.iter()
+            .map(|&seq| Change {
+                seq,
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn only_a_gapless_run_up_to_the_commit_is_handed_to_subscribers() {
+        assert!(is_run_ending_at(&changes(&[4, 5, 6]), 6));
+        assert!(is_run_ending_at(&changes(&[6]), 6));
+        assert!(!is_run_ending_at(&changes(&[4, 6]), 6), "a gap");
+        assert!(
+            !is_run_ending_at(&changes(&[4, 5]), 6),
+            "short of the commit"
+        );
+        assert!(!is_run_ending_at(&changes(&[5, 4, 6]), 6), "out of order");
+        assert!(!is_run_ending_at(&[], 6));
+    }
 }

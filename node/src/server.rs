@@ -4,12 +4,14 @@
 //! batches into a bounded channel. When the client reads slowly the channel
 //! fills and the task waits: the server holds at most `buffer_batches`
 //! batches per subscriber, and a subscriber that fell behind catches up from
-//! the durable change stream, never from memory.
+//! the durable change stream, never from memory. One that keeps up takes
+//! each commit's changes from the commit itself, already in memory and
+//! shared by all such subscribers, without reading them back.
 
 use crate::config::SubscriptionSection;
 use crate::telemetry::metric;
 use crate::token;
-use crate::views::ViewRegistry;
+use crate::views::{CommitReceiver, ViewRegistry};
 use ndc_operators::{Key, SnapshotRow, StoreError, StoreReader};
 use ndc_proto::v1::subscribe_request::Start;
 use ndc_proto::v1::subscription_server::Subscription;
@@ -18,10 +20,11 @@ use ndc_proto::v1::{
     SubscribeRequest, SubscribeResponse, ViewInfo, subscribe_response,
 };
 use serde_json::Value;
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, info_span, warn};
@@ -166,7 +169,7 @@ struct Subscriber {
     filter: Filter,
     batch_size: usize,
     progress_interval: Duration,
-    commits: watch::Receiver<u64>,
+    commits: CommitReceiver,
     tx: Sender,
 }
 
@@ -206,51 +209,90 @@ impl Subscriber {
             .map_err(|_| Status::cancelled("subscriber went away"))
     }
 
+    /// Sends the changes the filter admits (after `cursor`, the last of
+    /// them); returns whether anything was sent.
+    async fn deliver<'c>(
+        &self,
+        changes: impl Iterator<Item = Cow<'c, Change>>,
+        cursor: u64,
+    ) -> Result<bool, Status> {
+        let now = now_ms();
+        let out: Vec<Change> = changes
+            .filter(|c| self.filter.admits(c))
+            .map(|c| {
+                metrics::histogram!(metric::DELIVERY_LATENCY)
+                    .record((now - c.committed_at_ms).max(0) as f64 / 1000.0);
+                self.filter.apply(c.into_owned())
+            })
+            .collect();
+        if out.is_empty() {
+            return Ok(false);
+        }
+        metrics::counter!(metric::CHANGES_SENT, "view" => self.view.clone())
+            .increment(out.len() as u64);
+        let token = token::encode(&self.view, self.incarnation, cursor);
+        self.send(batch(out, token, false, false)).await?;
+        Ok(true)
+    }
+
     /// Streams every change after `cursor` until the client goes away.
+    ///
+    /// Caught up, it takes each commit's changes from the commit itself
+    /// ([`crate::views::Committed::next_after`]); behind (a slow client, a new
+    /// subscription, a commit missed while sending), it reads them from the
+    /// durable change stream.
     async fn follow(mut self, mut cursor: u64) -> Result<(), Status> {
         let mut last_sent = Instant::now();
+        // The first round reads the store whatever the head says.
+        let mut read_store = true;
         loop {
-            let reader = self.reader.clone();
-            let view = self.view.clone();
-            let limit = self.batch_size;
-            let changes =
-                tokio::task::spawn_blocking(move || reader.changes_after(&view, cursor, limit))
-                    .await
-                    .map_err(|e| Status::internal(format!("read task failed: {e}")))?
-                    .map_err(store_status)?;
-            let full = changes.len() >= limit;
-            if let Some(last) = changes.last() {
-                cursor = last.seq;
-                let now = now_ms();
-                let out: Vec<Change> = changes
-                    .into_iter()
-                    .filter(|c| self.filter.admits(c))
-                    .map(|c| {
-                        metrics::histogram!(metric::DELIVERY_LATENCY)
-                            .record((now - c.committed_at_ms).max(0) as f64 / 1000.0);
-                        self.filter.apply(c)
-                    })
-                    .collect();
-                if !out.is_empty() {
-                    metrics::counter!(metric::CHANGES_SENT, "view" => self.view.clone())
-                        .increment(out.len() as u64);
-                    let token = token::encode(&self.view, self.incarnation, cursor);
-                    self.send(batch(out, token, false, false)).await?;
-                    last_sent = Instant::now();
+            let head = self.commits.borrow_and_update().clone();
+            if let Some(kept) = head.next_after(cursor).filter(|_| !read_store) {
+                metrics::counter!(metric::CHANGES_READ, "view" => self.view.clone(), "from" => "memory")
+                    .increment(kept.len() as u64);
+                // A commit may hold more changes than a batch the client takes.
+                for part in kept.chunks(self.batch_size.max(1)) {
+                    if let Some(last) = part.last() {
+                        cursor = last.seq;
+                    }
+                    if self.deliver(part.iter().map(Cow::Borrowed), cursor).await? {
+                        last_sent = Instant::now();
+                    }
+                }
+                continue;
+            }
+            if read_store || head.seq > cursor {
+                read_store = false;
+                let reader = self.reader.clone();
+                let view = self.view.clone();
+                let limit = self.batch_size;
+                let changes =
+                    tokio::task::spawn_blocking(move || reader.changes_after(&view, cursor, limit))
+                        .await
+                        .map_err(|e| Status::internal(format!("read task failed: {e}")))?
+                        .map_err(store_status)?;
+                let full = changes.len() >= limit;
+                metrics::counter!(metric::CHANGES_READ, "view" => self.view.clone(), "from" => "store")
+                    .increment(changes.len() as u64);
+                if let Some(last) = changes.last() {
+                    cursor = last.seq;
+                    if self
+                        .deliver(changes.into_iter().map(Cow::Owned), cursor)
+                        .await?
+                    {
+                        last_sent = Instant::now();
+                    }
                 }
                 if full {
-                    continue;
+                    read_store = true;
                 }
-                // A short read reached the head: no second read (a task and
-                // a RocksDB iterator per batch) unless more was committed
-                // since, which the check below sees.
+                // A short read reached the head: read again only if more
+                // was committed since, which the next round sees.
+                continue;
             }
             // Caught up: wait for the next commit, or say we are alive.
             let wait = self.progress_interval.saturating_sub(last_sent.elapsed());
-            let committed = *self.commits.borrow_and_update();
-            if committed > cursor {
-                continue;
-            }
+            let committed = head.seq;
             tokio::select! {
                 changed = self.commits.changed() => {
                     if changed.is_err() {
@@ -323,7 +365,7 @@ impl Subscription for SubscriptionService {
         let start = req.start.unwrap_or(Start::Snapshot(Default::default()));
         let cursor = match &start {
             Start::Snapshot(_) => None,
-            Start::Latest(_) => Some(*commits.borrow()),
+            Start::Latest(_) => Some(commits.borrow().seq),
             Start::ResumeToken(t) => {
                 let pos = token::decode(t, &req.view)
                     .map_err(|m| refuse(tonic::Code::InvalidArgument, m))?;

@@ -4,16 +4,41 @@
 //! closes, which ends its subscriptions.
 
 use ndc_operators::ViewId;
+use ndc_proto::v1::Change;
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
+
+/// The head of a view's change stream, as the state writer last committed it.
+#[derive(Debug, Clone, Default)]
+pub struct Committed {
+    /// Last committed sequence.
+    pub seq: u64,
+    /// The changes of the last commit (the last of them is `seq`), when the
+    /// writer kept them: a subscriber caught up to the one before takes them
+    /// from here instead of reading them back from RocksDB. Shared by every
+    /// subscriber, held until the next commit.
+    pub latest: Option<Arc<[Change]>>,
+}
+
+impl Committed {
+    /// The kept changes that come right after `cursor`, if the last commit
+    /// is exactly what a subscriber at `cursor` needs next.
+    pub fn next_after(&self, cursor: u64) -> Option<&Arc<[Change]>> {
+        let latest = self.latest.as_ref()?;
+        (latest.first()?.seq == cursor.checked_add(1)?).then_some(latest)
+    }
+}
+
+/// Receives a view's commits.
+pub type CommitReceiver = watch::Receiver<Committed>;
 
 /// One served view.
 #[derive(Debug, Clone)]
 pub struct ServedView {
     pub id: ViewId,
-    /// Last committed sequence of its change stream.
-    pub commits: Arc<watch::Sender<u64>>,
+    /// Head of its change stream.
+    pub commits: Arc<watch::Sender<Committed>>,
     /// Key columns, to check subscribers' key filters (empty: any key).
     pub key_columns: Vec<String>,
 }
@@ -41,7 +66,13 @@ impl ViewRegistry {
             .entry(name.to_string())
             .or_insert_with(|| ServedView {
                 id,
-                commits: Arc::new(watch::channel(last_seq).0),
+                commits: Arc::new(
+                    watch::channel(Committed {
+                        seq: last_seq,
+                        latest: None,
+                    })
+                    .0,
+                ),
                 key_columns,
             });
     }
@@ -60,7 +91,7 @@ impl ViewRegistry {
         self.read().get(name).cloned()
     }
 
-    pub fn receiver(&self, name: &str) -> Option<watch::Receiver<u64>> {
+    pub fn receiver(&self, name: &str) -> Option<CommitReceiver> {
         self.read().get(name).map(|v| v.commits.subscribe())
     }
 
@@ -79,5 +110,41 @@ impl ViewRegistry {
                 .map(|v| (v.id, v.commits.clone()))
                 .collect(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn commit_of(seqs: std::ops::RangeInclusive<u64>) -> Committed {
+        let changes: Vec<Change> = seqs
+            .clone()
+            .map(|seq| Change {
+                seq,
+                ..Default::default()
+            })
+            .collect();
+        Committed {
+            seq: *seqs.end(),
+            latest: Some(changes.into()),
+        }
+    }
+
+    #[test]
+    fn kept_changes_serve_only_the_subscriber_right_before_them() {
+        let head = commit_of(11..=15);
+        assert!(head.next_after(10).is_some());
+        // Behind (a commit missed) or ahead (read past it from the store):
+        // the store, not these changes.
+        assert!(head.next_after(9).is_none());
+        assert!(head.next_after(11).is_none());
+        assert!(head.next_after(15).is_none());
+        assert!(head.next_after(u64::MAX).is_none());
+        let nothing_kept = Committed {
+            seq: 15,
+            latest: None,
+        };
+        assert!(nothing_kept.next_after(10).is_none());
     }
 }

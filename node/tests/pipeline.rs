@@ -773,3 +773,137 @@ async fn a_followed_file_is_read_as_it_grows_and_a_half_written_line_waits() {
     );
     node.shutdown().await;
 }
+
+/// Change lines without their resume tokens (which name the batch a change
+/// was sent in, not the change).
+fn without_tokens(lines: &[Value]) -> Vec<Value> {
+    changes(lines)
+        .into_iter()
+        .map(|l| {
+            let mut l = l.clone();
+            l.as_object_mut().unwrap().remove("resume_token");
+            l
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_that_keep_up_get_each_commit_from_memory_exactly_as_storage_has_it() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let export = dir.path().join("kept.ndjson");
+    let mut feed = Feed::new(Table::Citizens, 1_767_225_600_000);
+    let mut line =
+        |op, i, rev| String::from_utf8(feed.event(op, i, rev, None).value.unwrap()).unwrap();
+    let initial: Vec<String> = (0..3).map(|i| line('r', i, 0)).collect();
+    std::fs::write(&export, initial.join("\n") + "\n").unwrap();
+    let config = file_only_node(dir.path(), "kept", &export, true);
+    let node = ndc_node::start(config).await.unwrap();
+    wait_rows(node.addrs.grpc, "kept", 3).await;
+    let grpc = node.addrs.grpc;
+
+    // Rounds of five changes (inserts of 3 and 4, updates, a delete of 4),
+    // a commit or two each, while two subscribers follow.
+    let last_seq = 3 + 6 * 5;
+    let everything = tokio::spawn(collect(grpc, "kept", From::Snapshot, T, move |l| {
+        l.iter().any(|x| x["seq"] == last_seq)
+    }));
+    let restricted = tokio::spawn(async move {
+        let mut lines = Vec::new();
+        let opts = ndc_node::client::SubscribeOptions {
+            addr: grpc.to_string(),
+            view: "kept".into(),
+            from: From::Latest,
+            keys: vec![citizen_key(3)],
+            fields: vec!["person_id".into(), "marital_status".into()],
+            limit: Some(6),
+            progress: false,
+            reconnect: false,
+        };
+        let fut = ndc_node::client::subscribe(opts, |l| {
+            lines.push(l);
+            true
+        });
+        tokio::time::timeout(T, fut).await.unwrap().unwrap();
+        lines
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&export)
+        .unwrap();
+    for rev in 1..=6u32 {
+        let round: Vec<String> = (0..5)
+            .map(|i| match (rev, i) {
+                (1, 3 | 4) => line('c', i, rev),
+                (6, 4) => line('d', i, rev - 1),
+                _ => line('u', i, rev),
+            })
+            .collect();
+        writeln!(file, "{}", round.join("\n")).unwrap();
+        file.flush().unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let everything = everything.await.unwrap();
+    let restricted = restricted.await.unwrap();
+
+    // What the followers got from memory is what storage holds: a late
+    // subscriber reads the same changes back from RocksDB.
+    let incarnation = view_incarnation_of(grpc, "kept").await;
+    let token = ndc_node::token::encode("kept", incarnation, 3);
+    let stored = collect(grpc, "kept", From::Token(token), T, move |l| {
+        l.iter().any(|x| x["seq"] == last_seq)
+    })
+    .await;
+    let followed: Vec<Value> = without_tokens(&everything)
+        .into_iter()
+        .filter(|l| l["seq"].as_u64() > Some(3))
+        .collect();
+    let seqs: Vec<u64> = followed
+        .iter()
+        .map(|l| l["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        seqs,
+        (4..=last_seq).collect::<Vec<_>>(),
+        "each change once, in order"
+    );
+    assert_eq!(followed, without_tokens(&stored));
+    assert_eq!(followed.last().unwrap()["op"], "delete");
+    assert_eq!(followed.last().unwrap()["after"], Value::Null);
+
+    // The key and field filters hold on changes taken from memory.
+    let restricted = changes(&restricted);
+    assert_eq!(restricted.len(), 6);
+    for l in &restricted {
+        assert_eq!(l["key"].to_string(), citizen_key(3));
+        for side in ["before", "after"] {
+            if let Some(row) = l[side].as_object() {
+                assert_eq!(
+                    row.keys().collect::<Vec<_>>(),
+                    vec!["marital_status", "person_id"]
+                );
+            }
+        }
+    }
+    assert_eq!(
+        restricted[5]["after"]["marital_status"],
+        citizen_row(3, 6)["marital_status"]
+    );
+
+    let text = metrics_text(node.addrs.http).await;
+    let from_memory: f64 = text
+        .lines()
+        .find(|l| {
+            l.starts_with("ndc_subscription_changes_read_total")
+                && l.contains("view=\"kept\"")
+                && l.contains("from=\"memory\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        from_memory > 0.0,
+        "no change was taken from memory:\n{text}"
+    );
+    node.shutdown().await;
+}

@@ -844,6 +844,7 @@ impl Store {
             changes: 0,
             recording: None,
             pending: None,
+            kept: None,
         }
     }
 
@@ -997,6 +998,8 @@ pub struct Txn<'s> {
     recording: Option<Vec<(ViewId, Effect)>>,
     /// Cluster owner mode: logged effects not yet applied back.
     pending: Option<&'s Pending>,
+    /// Changes appended, kept (see [`Txn::keep_changes`]).
+    kept: Option<Vec<(ViewId, Change)>>,
 }
 
 /// Effects a cluster node has written to the change log but not yet applied
@@ -1232,6 +1235,19 @@ impl Txn<'_> {
         }
     }
 
+    /// Keeps every change the batch appends (moved, after encoding) for
+    /// [`Txn::take_changes`]: the writer hands them to subscribers that are
+    /// caught up, who then need not read them back from RocksDB.
+    pub fn keep_changes(&mut self) {
+        self.kept.get_or_insert_with(Vec::new);
+    }
+
+    /// Changes appended since the last call (with [`Txn::keep_changes`];
+    /// empty otherwise), each with its view, in sequence order per view.
+    pub fn take_changes(&mut self) -> Vec<(ViewId, Change)> {
+        self.kept.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
     /// Effects recorded since the last call (cluster owner mode; empty
     /// otherwise), each with its view, to be carried by `log`'s change log:
     /// an effect on another view names it.
@@ -1262,6 +1278,9 @@ impl Txn<'_> {
             change.encode_to_vec(),
         );
         self.changes += 1;
+        if let Some(kept) = &mut self.kept {
+            kept.push((view, change));
+        }
         Ok(())
     }
 
