@@ -708,6 +708,20 @@ pub struct FileSource {
 /// the file has been idle for a while (each wait is a wakeup and a read).
 const FOLLOW_POLL_MIN: std::time::Duration = std::time::Duration::from_millis(1);
 const FOLLOW_POLL_MAX: std::time::Duration = std::time::Duration::from_millis(50);
+/// Idle for less than this, the file counts as still being written: a
+/// writer that paused (descheduled for 20 ms, say) would otherwise find the
+/// source sleeping 16 ms more after its next line.
+const FOLLOW_ACTIVE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The wait after `poll` at the end of a followed file whose last line came
+/// `idle` ago.
+fn next_poll(poll: std::time::Duration, idle: std::time::Duration) -> std::time::Duration {
+    if idle < FOLLOW_ACTIVE {
+        FOLLOW_POLL_MIN
+    } else {
+        (poll * 2).clamp(FOLLOW_POLL_MIN, FOLLOW_POLL_MAX)
+    }
+}
 
 impl FileSource {
     /// Blocking: run on a blocking thread.
@@ -724,6 +738,7 @@ impl FileSource {
         // written its newline): its length and whether it was cut so far.
         let mut partial: Option<(usize, bool)> = None;
         let mut poll = FOLLOW_POLL_MIN;
+        let mut last_line = std::time::Instant::now();
         loop {
             // A closed channel: the node is gone (a following source would
             // otherwise wait at the end of the file forever, holding up the
@@ -744,10 +759,13 @@ impl FileSource {
                     partial = Some((read, truncated));
                 }
                 std::thread::sleep(poll);
-                poll = (poll * 2).min(FOLLOW_POLL_MAX);
+                poll = next_poll(poll, last_line.elapsed());
                 continue;
             }
-            poll = FOLLOW_POLL_MIN;
+            if self.follow {
+                poll = FOLLOW_POLL_MIN;
+                last_line = std::time::Instant::now();
+            }
             if read == 0 {
                 break;
             }
@@ -849,6 +867,19 @@ fn read_line_bounded<R: Read>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_followed_file_is_polled_every_millisecond_until_idle_for_a_second() {
+        let ms = std::time::Duration::from_millis;
+        // Still being written: however long the source has waited already.
+        assert_eq!(next_poll(ms(1), ms(0)), ms(1));
+        assert_eq!(next_poll(ms(32), ms(999)), ms(1));
+        // Idle: back off, doubling, to at most 50 ms.
+        assert_eq!(next_poll(ms(1), ms(1000)), ms(2));
+        assert_eq!(next_poll(ms(16), ms(5000)), ms(32));
+        assert_eq!(next_poll(ms(32), ms(5000)), ms(50));
+        assert_eq!(next_poll(ms(50), ms(60_000)), ms(50));
+    }
 
     #[test]
     fn bounded_lines_are_cut_not_buffered() {
