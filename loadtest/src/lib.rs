@@ -908,15 +908,21 @@ pub async fn latency_phase(
         .await?
         .into_inner();
     let measure_from_us = now_us() + (warmup as i64) * 1_000_000;
+    // NDC_BENCH_TIMELINE=<ms>: the timeline's step (1: a second).
+    let step_us = std::env::var("NDC_BENCH_TIMELINE")
+        .ok()
+        .and_then(|v| v.parse::<i64>().ok())
+        .map_or(1_000_000, |ms| if ms > 1 { ms * 1000 } else { 1_000_000 });
     let receiver = tokio::spawn(async move {
         let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
         // Split at the node's commit: send → commit (broker and ingest) and
         // commit → receipt (serving), in ms (commit times are ms).
         let mut ingest = Histogram::<u64>::new_with_bounds(1, 60_000, 3).expect("valid bounds");
         let mut serve = Histogram::<u64>::new_with_bounds(1, 60_000, 3).expect("valid bounds");
-        // Per second of the run, the worst latency (ms): the tail's moments,
-        // to lay beside the node's log (flushes, compactions).
-        let mut worst_per_second: BTreeMap<i64, i64> = BTreeMap::new();
+        // Per step (a second) of the run, by send time: the worst latency
+        // (ms), the tail's moments, to lay beside the node's log (flushes,
+        // compactions).
+        let mut worst_per_step: BTreeMap<i64, i64> = BTreeMap::new();
         let mut got = 0u64;
         while got < total {
             let Ok(Ok(Some(msg))) =
@@ -931,7 +937,7 @@ pub async fn latency_phase(
                     let sent = change.after_json.as_deref().and_then(sent_at_us);
                     if let Some(sent) = sent.filter(|s| *s >= measure_from_us) {
                         let _ = hist.record((received - sent).max(1) as u64);
-                        let worst = worst_per_second.entry(sent / 1_000_000).or_default();
+                        let worst = worst_per_step.entry(sent / step_us).or_default();
                         *worst = (*worst).max((received - sent) / 1000);
                         let committed_us = change.committed_at_ms * 1000;
                         let _ = ingest.record(((committed_us - sent) / 1000).max(1) as u64);
@@ -940,7 +946,7 @@ pub async fn latency_phase(
                 }
             }
         }
-        (hist, ingest, serve, worst_per_second)
+        (hist, ingest, serve, worst_per_step)
     });
     let phase = match feed {
         LatencyFeed::Broker { .. } => "latency",
@@ -957,10 +963,11 @@ pub async fn latency_phase(
             (sent_for, "write to the followed file".to_string())
         }
     };
-    let (hist, ingest, serve, worst_per_second) = receiver.await?;
+    let (hist, ingest, serve, worst_per_step) = receiver.await?;
     if std::env::var_os("NDC_BENCH_TIMELINE").is_some() {
-        for (second, worst) in &worst_per_second {
-            println!("  second {second} (unix): worst latency {worst} ms");
+        for (step, worst) in &worst_per_step {
+            let second = *step as f64 * step_us as f64 / 1e6;
+            println!("  second {second:.1} (unix, sent): worst latency {worst} ms");
         }
     }
     let split = format!(
