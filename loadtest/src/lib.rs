@@ -874,7 +874,13 @@ pub async fn latency_phase(
     let warmup = 3;
     let total = rate * (seconds + warmup);
     let prepared = prepare_stamped_events(keys, total)?;
-    let export = work.join("latency.ndjson");
+    // NDC_BENCH_FEED_DIR: where the followed file is written (default: the
+    // work dir, beside the node's state). On tmpfs, the generator's ~12 MB/s
+    // of input no longer shares the state's file system and its writeback,
+    // as input from the network would not (docs/performance.md).
+    let feed_dir =
+        std::env::var_os("NDC_BENCH_FEED_DIR").map_or_else(|| work.to_path_buf(), PathBuf::from);
+    let export = feed_dir.join(format!("latency-{}.ndjson", std::process::id()));
     let c = match &feed {
         LatencyFeed::Broker { broker, topic } => {
             let mut c = kafka_config(work, broker, topic);
@@ -922,7 +928,8 @@ pub async fn latency_phase(
         // Per step (a second) of the run, by send time: the worst latency
         // (ms), the tail's moments, to lay beside the node's log (flushes,
         // compactions).
-        let mut worst_per_step: BTreeMap<i64, i64> = BTreeMap::new();
+        // (worst, worst send -> commit, worst commit -> receipt), ms
+        let mut worst_per_step: BTreeMap<i64, (i64, i64, i64)> = BTreeMap::new();
         let mut got = 0u64;
         while got < total {
             let Ok(Ok(Some(msg))) =
@@ -937,9 +944,11 @@ pub async fn latency_phase(
                     let sent = change.after_json.as_deref().and_then(sent_at_us);
                     if let Some(sent) = sent.filter(|s| *s >= measure_from_us) {
                         let _ = hist.record((received - sent).max(1) as u64);
-                        let worst = worst_per_step.entry(sent / step_us).or_default();
-                        *worst = (*worst).max((received - sent) / 1000);
                         let committed_us = change.committed_at_ms * 1000;
+                        let worst = worst_per_step.entry(sent / step_us).or_default();
+                        worst.0 = worst.0.max((received - sent) / 1000);
+                        worst.1 = worst.1.max((committed_us - sent) / 1000);
+                        worst.2 = worst.2.max((received - committed_us) / 1000);
                         let _ = ingest.record(((committed_us - sent) / 1000).max(1) as u64);
                         let _ = serve.record(((received - committed_us) / 1000).max(1) as u64);
                     }
@@ -952,6 +961,7 @@ pub async fn latency_phase(
         LatencyFeed::Broker { .. } => "latency",
         LatencyFeed::File => "latency-file",
     };
+    let mut generator_late = BTreeMap::new();
     let (sent_for, how) = match feed {
         LatencyFeed::Broker { broker, topic } => {
             let linger = std::env::var("NDC_BENCH_LINGER_MS").unwrap_or_else(|_| "5".into());
@@ -959,15 +969,22 @@ pub async fn latency_phase(
             (sent_for, format!("producer send (linger {linger} ms)"))
         }
         LatencyFeed::File => {
-            let sent_for = append_to_file(&export, prepared, rate).await?;
+            let (sent_for, late) = append_to_file(&export, prepared, rate, step_us).await?;
+            generator_late = late;
             (sent_for, "write to the followed file".to_string())
         }
     };
     let (hist, ingest, serve, worst_per_step) = receiver.await?;
     if std::env::var_os("NDC_BENCH_TIMELINE").is_some() {
-        for (step, worst) in &worst_per_step {
+        for (step, (worst, ingest, serve)) in &worst_per_step {
             let second = *step as f64 * step_us as f64 / 1e6;
-            println!("  second {second:.1} (unix, sent): worst latency {worst} ms");
+            let late = generator_late
+                .get(step)
+                .map_or(String::new(), |l| format!("; generator {l} ms behind"));
+            println!(
+                "  second {second:.1} (unix, sent): worst latency {worst} ms \
+                 (send->commit {ingest}, commit->receipt {serve}){late}"
+            );
         }
     }
     let split = format!(
@@ -1072,14 +1089,26 @@ async fn send_to_broker(
 /// Appends `events` to `path` at `rate` per second, each stamped as it is
 /// written; the events due at one wakeup go out in one write, as an agency's
 /// exporter flushing its buffer would. Returns the seconds it took.
-async fn append_to_file(path: &Path, events: Vec<StampedEvent>, rate: u64) -> anyhow::Result<f64> {
+/// Appends `events` at `rate`; returns the seconds it took and, per timeline
+/// step of `step_us`, how late (ms) the generator itself ran behind its
+/// schedule: a stall there is the machine's, not the node's.
+async fn append_to_file(
+    path: &Path,
+    events: Vec<StampedEvent>,
+    rate: u64,
+    step_us: i64,
+) -> anyhow::Result<(f64, BTreeMap<i64, i64>)> {
     let mut file = std::fs::OpenOptions::new().append(true).open(path)?;
     let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
     let started = Instant::now();
     let mut pending = Vec::with_capacity(1 << 20);
+    let mut late_per_step: BTreeMap<i64, i64> = BTreeMap::new();
     for (n, mut e) in events.into_iter().enumerate() {
         let due = started + interval.mul_f64(n as f64);
         let now = Instant::now();
+        let late = now.saturating_duration_since(due).as_millis() as i64;
+        let worst = late_per_step.entry(now_us() / step_us).or_default();
+        *worst = (*worst).max(late);
         if due > now {
             if !pending.is_empty() {
                 file.write_all(&pending)?;
@@ -1092,7 +1121,7 @@ async fn append_to_file(path: &Path, events: Vec<StampedEvent>, rate: u64) -> an
         pending.push(b'\n');
     }
     file.write_all(&pending)?;
-    Ok(started.elapsed().as_secs_f64())
+    Ok((started.elapsed().as_secs_f64(), late_per_step))
 }
 
 /// The bucket bound at or below which `q` of a Prometheus histogram's
@@ -1137,10 +1166,11 @@ fn node_breakdown(metrics: &str) -> String {
             .map_or("?".to_string(), |v| format!("{v}"))
     };
     format!(
-        "; node: batch start->durable p50 <= {} p99 <= {} ms, batch records p50 <= {} p99 <= {}, \
+        "; node: batch start->durable p50 <= {} p99 <= {} max <= {} ms, batch records p50 <= {} p99 <= {}, \
          commit->send p99 <= {} ms",
         q(metric::COMMIT_SECONDS, 0.5),
         q(metric::COMMIT_SECONDS, 0.99),
+        q(metric::COMMIT_SECONDS, 1.0),
         records(0.5),
         records(0.99),
         q(metric::DELIVERY_LATENCY, 0.99),
