@@ -198,7 +198,12 @@ impl Publisher {
     fn publish(&self, p: &Publication) {
         for head in &p.heads {
             if let Some(tx) = self.commits.get(&head.view) {
-                tx.send_replace(head.committed.clone());
+                let mut committed = head.committed.clone();
+                // Nobody to take them: not held until the next commit.
+                if tx.receiver_count() == 0 {
+                    committed.latest = None;
+                }
+                tx.send_replace(committed);
             }
             metrics::gauge!(metric::VIEW_SEQ, "view" => head.name.clone())
                 .set(head.committed.seq as f64);
