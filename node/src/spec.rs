@@ -176,6 +176,16 @@ impl PipelineSpec {
             if source.topic.trim().is_empty() {
                 bad(format!("{at}.topic"), "must not be empty");
             }
+            if source.key.iter().any(|c| c.trim().is_empty()) {
+                bad(format!("{at}.key"), "column names must not be empty");
+            }
+            let mut columns = BTreeSet::new();
+            if let Some(repeated) = source.key.iter().find(|c| !columns.insert(*c)) {
+                bad(
+                    format!("{at}.key"),
+                    &format!("column {repeated:?} is named twice"),
+                );
+            }
             if let Some(id) = &source.national_id
                 && id.column.trim().is_empty()
             {
@@ -508,6 +518,17 @@ operators:
         let bad_join = SPEC.replace("table: people", "table: vehicles");
         let e = PipelineSpec::from_yaml(&bad_join).expect_err("invalid");
         assert_eq!(e.0[0].path, "operators.vehicle_owners.join.table");
+        let twice = SPEC.replace("key: [person_id]", "key: [person_id, person_id]");
+        let e = PipelineSpec::from_yaml(&twice).expect_err("invalid");
+        assert_eq!(e.0[0].path, "sources.population.key", "{e}");
+        assert!(
+            e.to_string()
+                .contains(r#"column "person_id" is named twice"#),
+            "{e}"
+        );
+        let blank = SPEC.replace("key: [person_id]", "key: [person_id, ' ']");
+        let e = PipelineSpec::from_yaml(&blank).expect_err("invalid");
+        assert_eq!(e.0[0].path, "sources.population.key", "{e}");
         let no_id = SPEC.replace("    national_id: {column: person_id}\n", "");
         let e = PipelineSpec::from_yaml(&no_id).expect_err("invalid");
         assert_eq!(e.0[0].path, "operators.people.merge.inputs[1]", "{e}");
