@@ -925,10 +925,9 @@ pub async fn latency_phase(
         // commit → receipt (serving), in ms (commit times are ms).
         let mut ingest = Histogram::<u64>::new_with_bounds(1, 60_000, 3).expect("valid bounds");
         let mut serve = Histogram::<u64>::new_with_bounds(1, 60_000, 3).expect("valid bounds");
-        // Per step (a second) of the run, by send time: the worst latency
-        // (ms), the tail's moments, to lay beside the node's log (flushes,
-        // compactions).
-        // (worst, worst send -> commit, worst commit -> receipt), ms
+        // Per step of the run, by send time, the worst latency and the
+        // worst of each half (send -> commit, commit -> receipt), in ms: the
+        // tail's moments, to lay beside the node's log (flushes, compactions).
         let mut worst_per_step: BTreeMap<i64, (i64, i64, i64)> = BTreeMap::new();
         let mut got = 0u64;
         while got < total {
@@ -961,17 +960,19 @@ pub async fn latency_phase(
         LatencyFeed::Broker { .. } => "latency",
         LatencyFeed::File => "latency-file",
     };
-    let mut generator_late = BTreeMap::new();
-    let (sent_for, how) = match feed {
+    let (sent_for, how, generator_late) = match feed {
         LatencyFeed::Broker { broker, topic } => {
             let linger = std::env::var("NDC_BENCH_LINGER_MS").unwrap_or_else(|_| "5".into());
             let sent_for = send_to_broker(broker, topic, &linger, prepared, rate).await?;
-            (sent_for, format!("producer send (linger {linger} ms)"))
+            (
+                sent_for,
+                format!("producer send (linger {linger} ms)"),
+                BTreeMap::new(),
+            )
         }
         LatencyFeed::File => {
             let (sent_for, late) = append_to_file(&export, prepared, rate, step_us).await?;
-            generator_late = late;
-            (sent_for, "write to the followed file".to_string())
+            (sent_for, "write to the followed file".to_string(), late)
         }
     };
     let (hist, ingest, serve, worst_per_step) = receiver.await?;
@@ -1088,10 +1089,10 @@ async fn send_to_broker(
 
 /// Appends `events` to `path` at `rate` per second, each stamped as it is
 /// written; the events due at one wakeup go out in one write, as an agency's
-/// exporter flushing its buffer would. Returns the seconds it took.
-/// Appends `events` at `rate`; returns the seconds it took and, per timeline
-/// step of `step_us`, how late (ms) the generator itself ran behind its
-/// schedule: a stall there is the machine's, not the node's.
+/// exporter flushing its buffer would. Returns the seconds it took and, per
+/// timeline step of `step_us` (by stamp, as the receiver keys its steps),
+/// how late (ms) the generator itself ran behind its schedule: a stall
+/// there is the machine's, not the node's.
 async fn append_to_file(
     path: &Path,
     events: Vec<StampedEvent>,
@@ -1107,8 +1108,6 @@ async fn append_to_file(
         let due = started + interval.mul_f64(n as f64);
         let now = Instant::now();
         let late = now.saturating_duration_since(due).as_millis() as i64;
-        let worst = late_per_step.entry(now_us() / step_us).or_default();
-        *worst = (*worst).max(late);
         if due > now {
             if !pending.is_empty() {
                 file.write_all(&pending)?;
@@ -1116,7 +1115,10 @@ async fn append_to_file(
             }
             tokio::time::sleep(due - now).await;
         }
-        e.stamp(now_us());
+        let stamp = now_us();
+        e.stamp(stamp);
+        let worst = late_per_step.entry(stamp / step_us).or_default();
+        *worst = (*worst).max(late);
         pending.extend_from_slice(&e.value);
         pending.push(b'\n');
     }

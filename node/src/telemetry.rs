@@ -62,8 +62,7 @@ pub mod metric {
     pub const CHANGES_SENT: &str = "ndc_subscription_changes_sent_total";
     /// Changes subscribers took from the commit that made them (`from` =
     /// `memory`) or read back from the change stream (`from` = `store`), by
-    /// `view`:
-    /// mostly `store` means subscribers are not keeping up.
+    /// `view`. Mostly `store` means subscribers are not keeping up.
     pub const CHANGES_READ: &str = "ndc_subscription_changes_read_total";
     /// Commit-to-send delay of changes sent to subscribers.
     pub const DELIVERY_LATENCY: &str = "ndc_subscription_delivery_latency_seconds";
