@@ -1089,7 +1089,7 @@ async fn send_to_broker(
 
 /// Appends `events` to `path` at `rate` per second, each stamped as it is
 /// written; the events due at one wakeup go out in one write, as an agency's
-/// exporter flushing its buffer would. Returns the seconds it took and, per
+/// exporter flushing its buffer would (and synced as it goes). Returns the seconds it took and, per
 /// timeline step of `step_us` (by stamp, as the receiver keys its steps),
 /// how late (ms) the generator itself ran behind its schedule: a stall
 /// there is the machine's, not the node's.
@@ -1100,6 +1100,19 @@ async fn append_to_file(
     step_us: i64,
 ) -> anyhow::Result<(f64, BTreeMap<i64, i64>)> {
     let mut file = std::fs::OpenOptions::new().append(true).open(path)?;
+    // NDC_BENCH_FEED_SYNC_MS (default 250; 0: never): how often the file is
+    // flushed to disk as it grows, on a thread of its own, as a well-behaved
+    // exporter would. Left to the kernel, its dirty pages were written back
+    // all at once 30 s later (`vm.dirty_expire_centisecs`), hundreds of MB,
+    // and stalled the node's WAL fsyncs on the same ext4 file system for
+    // 60-190 ms (docs/performance.md): the harness's stall, not the node's.
+    let sync_every = std::env::var("NDC_BENCH_FEED_SYNC_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(250);
+    let _syncing = (sync_every > 0)
+        .then(|| sync_periodically(file.try_clone(), Duration::from_millis(sync_every)))
+        .transpose()?;
     let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
     let started = Instant::now();
     let mut pending = Vec::with_capacity(1 << 20);
@@ -1124,6 +1137,27 @@ async fn append_to_file(
     }
     file.write_all(&pending)?;
     Ok((started.elapsed().as_secs_f64(), late_per_step))
+}
+
+/// Calls `fdatasync` on `file` every `every` until the returned sender is
+/// dropped.
+fn sync_periodically(
+    file: std::io::Result<std::fs::File>,
+    every: Duration,
+) -> std::io::Result<std::sync::mpsc::Sender<()>> {
+    let file = file?;
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name("feed-sync".into())
+        .spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every)
+            {
+                if file.sync_data().is_err() {
+                    break;
+                }
+            }
+        })?;
+    Ok(stop)
 }
 
 /// The bucket bound at or below which `q` of a Prometheus histogram's

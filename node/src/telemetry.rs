@@ -36,6 +36,9 @@ pub mod metric {
     pub const DEAD_LETTER_ERRORS: &str = "ndc_dead_letter_errors_total";
     /// Time to apply and commit one batch.
     pub const COMMIT_SECONDS: &str = "ndc_commit_duration_seconds";
+    /// Time of the durable write alone (RocksDB write batch + WAL fsync) of
+    /// one batch: when commits slow down, says whether the disk is to blame.
+    pub const STATE_WRITE_SECONDS: &str = "ndc_state_write_duration_seconds";
     /// Records per committed batch.
     pub const BATCH_RECORDS: &str = "ndc_commit_batch_records";
     /// Last committed sequence of a view's change stream, by `view`.

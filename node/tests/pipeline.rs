@@ -120,6 +120,20 @@ async fn replicates_a_feed_and_serves_snapshot_then_every_change() {
         text.contains("ndc_source_records_total{view=\"replicates\",outcome=\"skipped\"} 1"),
         "tombstone skipped"
     );
+    // Every batch's durable write is timed apart from the commit around it
+    // (recorded just before the commit's own sample).
+    let count = |name: &str| -> u64 {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}_count ")))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let commits = count("ndc_commit_duration_seconds");
+    assert!(commits > 0, "{text}");
+    assert!(
+        count("ndc_state_write_duration_seconds") >= commits,
+        "{text}"
+    );
     node.shutdown().await;
 }
 
