@@ -1202,11 +1202,14 @@ fn node_breakdown(metrics: &str) -> String {
             .map_or("?".to_string(), |v| format!("{v}"))
     };
     format!(
-        "; node: batch start->durable p50 <= {} p99 <= {} max <= {} ms, batch records p50 <= {} p99 <= {}, \
-         commit->send p99 <= {} ms",
+        "; node: batch start->durable p50 <= {} p99 <= {} max <= {} ms (the durable write alone p50 <= {} \
+         p99 <= {} max <= {} ms), batch records p50 <= {} p99 <= {}, commit->send p99 <= {} ms",
         q(metric::COMMIT_SECONDS, 0.5),
         q(metric::COMMIT_SECONDS, 0.99),
         q(metric::COMMIT_SECONDS, 1.0),
+        q(metric::STATE_WRITE_SECONDS, 0.5),
+        q(metric::STATE_WRITE_SECONDS, 0.99),
+        q(metric::STATE_WRITE_SECONDS, 1.0),
         records(0.5),
         records(0.99),
         q(metric::DELIVERY_LATENCY, 0.99),
