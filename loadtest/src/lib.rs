@@ -1088,11 +1088,11 @@ async fn send_to_broker(
 }
 
 /// Appends `events` to `path` at `rate` per second, each stamped as it is
-/// written; the events due at one wakeup go out in one write, as an agency's
-/// exporter flushing its buffer would (and synced as it goes). Returns the seconds it took and, per
-/// timeline step of `step_us` (by stamp, as the receiver keys its steps),
-/// how late (ms) the generator itself ran behind its schedule: a stall
-/// there is the machine's, not the node's.
+/// written; the events due at one wakeup go out in one write, and the file is
+/// synced as it grows, as an agency's exporter would. Returns the seconds it
+/// took and, per timeline step of `step_us` (by stamp, as the receiver keys
+/// its steps), how late (ms) the generator itself ran behind its schedule: a
+/// stall there is the machine's, not the node's.
 async fn append_to_file(
     path: &Path,
     events: Vec<StampedEvent>,
@@ -1152,7 +1152,8 @@ fn sync_periodically(
         .spawn(move || {
             while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every)
             {
-                if file.sync_data().is_err() {
+                if let Err(e) = file.sync_data() {
+                    eprintln!("cannot sync the followed file, no longer syncing it: {e}");
                     break;
                 }
             }
