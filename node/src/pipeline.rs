@@ -221,12 +221,22 @@ impl Publisher {
     }
 }
 
+/// A durable write slower than this is logged: every commit waits for it.
+const SLOW_STATE_WRITE: Duration = Duration::from_secs(1);
+
 /// Writes a prepared batch durably, timing the write alone
 /// ([`metric::STATE_WRITE_SECONDS`]) apart from the apply around it.
 fn write_durably(prepared: PreparedWrite) -> Result<(), ndc_operators::StoreError> {
     let started = Instant::now();
     let written = prepared.write();
-    metrics::histogram!(metric::STATE_WRITE_SECONDS).record(started.elapsed().as_secs_f64());
+    let took = started.elapsed();
+    metrics::histogram!(metric::STATE_WRITE_SECONDS).record(took.as_secs_f64());
+    if took >= SLOW_STATE_WRITE {
+        warn!(
+            seconds = took.as_secs_f64(),
+            "the state's durable write (WAL fsync) was slow; commits and subscribers waited for it"
+        );
+    }
     written
 }
 
