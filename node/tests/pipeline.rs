@@ -122,14 +122,11 @@ async fn replicates_a_feed_and_serves_snapshot_then_every_change() {
     );
     // Every batch's durable write is timed apart from the commit around it
     // (recorded just before the commit's own sample).
-    let count = |name: &str| -> u64 {
-        text.lines()
-            .find(|l| l.starts_with(&format!("{name}_count ")))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0)
+    let count = |name: &str| {
+        metric_value(&text, |l| l.starts_with(&format!("{name}_count "))).unwrap_or(0.0)
     };
     let commits = count("ndc_commit_duration_seconds");
-    assert!(commits > 0, "{text}");
+    assert!(commits > 0.0, "{text}");
     assert!(
         count("ndc_state_write_duration_seconds") >= commits,
         "{text}"
@@ -558,12 +555,10 @@ async fn a_slow_subscriber_catches_up_from_storage_and_does_not_hold_back_the_no
     let mut committed = 0.0;
     for _ in 0..300 {
         let text = metrics_text(http).await;
-        committed = text
-            .lines()
-            .find(|l| l.starts_with("ndc_view_committed_seq{view=\"slow\"}"))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
+        committed = metric_value(&text, |l| {
+            l.starts_with("ndc_view_committed_seq{view=\"slow\"}")
+        })
+        .unwrap_or(0.0);
         if committed >= total as f64 {
             break;
         }
@@ -661,12 +656,11 @@ async fn a_file_export_backfills_through_the_same_path_then_kafka_continues() {
     // Kafka partitions are resumed a little before their stored offsets (the
     // 5 updates come again and are recognised as applied); the file's 26
     // lines are not read again.
-    let again: u64 = text
-        .lines()
-        .find(|l| l.contains("view=\"backfill\",outcome=\"already_applied\""))
-        .and_then(|l| l.rsplit(' ').next())
-        .map_or(0, |n| n.parse().unwrap());
-    assert!(again <= 5, "file re-read after restart:\n{text}");
+    let again = metric_value(&text, |l| {
+        l.contains("view=\"backfill\",outcome=\"already_applied\"")
+    })
+    .unwrap_or(0.0);
+    assert!(again <= 5.0, "file re-read after restart:\n{text}");
     node.shutdown().await;
 }
 
@@ -906,15 +900,12 @@ async fn subscribers_that_keep_up_get_each_commit_from_memory_exactly_as_storage
     );
 
     let text = metrics_text(node.addrs.http).await;
-    let from_memory: f64 = text
-        .lines()
-        .find(|l| {
-            l.starts_with("ndc_subscription_changes_read_total")
-                && l.contains("view=\"kept\"")
-                && l.contains("from=\"memory\"")
-        })
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0);
+    let from_memory = metric_value(&text, |l| {
+        l.starts_with("ndc_subscription_changes_read_total")
+            && l.contains("view=\"kept\"")
+            && l.contains("from=\"memory\"")
+    })
+    .unwrap_or(0.0);
     assert!(
         from_memory > 0.0,
         "no change was taken from memory:\n{text}"

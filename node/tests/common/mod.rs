@@ -284,6 +284,19 @@ pub async fn metrics_text(http: std::net::SocketAddr) -> String {
     out
 }
 
+/// The value of the first line of a Prometheus exposition that `line`
+/// accepts; `None` when no line does. A matching line whose value does not
+/// parse fails the test.
+pub fn metric_value(text: &str, line: impl Fn(&str) -> bool) -> Option<f64> {
+    let found = text.lines().find(|l| !l.starts_with('#') && line(l))?;
+    let value = found.rsplit(' ').next().unwrap_or_default();
+    Some(
+        value
+            .parse()
+            .unwrap_or_else(|_| panic!("metric line without a number: {found}")),
+    )
+}
+
 pub fn header<'a>(m: &'a rdkafka::message::OwnedMessage, name: &str) -> Option<&'a str> {
     use rdkafka::message::Headers;
     let h = m.headers()?;
