@@ -1253,6 +1253,7 @@ fn build(
         inflight: None,
         unwritten: Default::default(),
         batches: 0,
+        spare_batch: Vec::new(),
     };
     let writer = tokio::spawn(writer.run().instrument(info_span!("state_writer")));
     Ok(DataPath {
