@@ -845,6 +845,7 @@ impl Store {
             recording: None,
             pending: None,
             kept: None,
+            encoded: Vec::new(),
         }
     }
 
@@ -1000,6 +1001,9 @@ pub struct Txn<'s> {
     pending: Option<&'s Pending>,
     /// Changes appended, kept (see [`Txn::keep_changes`]).
     kept: Option<Vec<(ViewId, Change)>>,
+    /// Where each row and change is encoded before the write batch copies
+    /// it: one buffer a batch instead of an allocation per record.
+    encoded: Vec<u8>,
 }
 
 /// Effects a cluster node has written to the change log but not yet applied
@@ -1271,12 +1275,7 @@ impl Txn<'_> {
         meta.last_seq += 1;
         change.seq = meta.last_seq;
         let seq = meta.last_seq;
-        let db = &self.store.reader.db;
-        self.batch.put_cf(
-            cf(db, CF_CHANGELOG),
-            changelog_key(view, seq),
-            change.encode_to_vec(),
-        );
+        self.put_encoded(CF_CHANGELOG, changelog_key(view, seq), &change);
         self.changes += 1;
         if let Some(kept) = &mut self.kept {
             kept.push((view, change));
@@ -1356,10 +1355,16 @@ impl Txn<'_> {
         }
     }
 
-    fn put_row(&mut self, view: ViewId, key: &[u8], row: StoredRow) {
+    /// Puts `message`, encoded, under `key` in the column family `family`.
+    fn put_encoded(&mut self, family: &str, key: impl AsRef<[u8]>, message: &impl Message) {
+        self.encoded.clear();
+        message.encode_raw(&mut self.encoded);
         let db = &self.store.reader.db;
-        self.batch
-            .put_cf(cf(db, CF_ROWS), row_key(view, key), row.encode_to_vec());
+        self.batch.put_cf(cf(db, family), key, &self.encoded);
+    }
+
+    fn put_row(&mut self, view: ViewId, key: &[u8], row: StoredRow) {
+        self.put_encoded(CF_ROWS, row_key(view, key), &row);
         self.record(view, key, || effect::Kind::Put(row.clone()));
         self.index(view, key);
         self.overlay.insert((view, key.to_vec()), Some(row));
@@ -1628,9 +1633,7 @@ impl Txn<'_> {
                 Some(effect::Kind::Put(row)) => {
                     let was_live = self.current_row(view, &e.key)?.is_some_and(|r| !r.deleted);
                     let delta = i64::from(!row.deleted) - i64::from(was_live);
-                    let db = &self.store.reader.db;
-                    self.batch
-                        .put_cf(cf(db, CF_ROWS), row_key(view, &e.key), row.encode_to_vec());
+                    self.put_encoded(CF_ROWS, row_key(view, &e.key), row);
                     self.index(view, &e.key);
                     self.overlay
                         .insert((view, e.key.clone()), Some(row.clone()));
