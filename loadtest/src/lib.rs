@@ -1110,9 +1110,13 @@ async fn append_to_file(
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(250);
-    let _syncing = (sync_every > 0)
-        .then(|| sync_periodically(file.try_clone(), Duration::from_millis(sync_every)))
-        .transpose()?;
+    let _syncing = match sync_every {
+        0 => None,
+        ms => Some(sync_periodically(
+            file.try_clone()?,
+            Duration::from_millis(ms),
+        )?),
+    };
     let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
     let started = Instant::now();
     let mut pending = Vec::with_capacity(1 << 20);
@@ -1142,10 +1146,9 @@ async fn append_to_file(
 /// Calls `fdatasync` on `file` every `every` until the returned sender is
 /// dropped.
 fn sync_periodically(
-    file: std::io::Result<std::fs::File>,
+    file: std::fs::File,
     every: Duration,
 ) -> std::io::Result<std::sync::mpsc::Sender<()>> {
-    let file = file?;
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
     std::thread::Builder::new()
         .name("feed-sync".into())
