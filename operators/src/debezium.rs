@@ -322,6 +322,227 @@ fn json_value_end(b: &[u8], start: usize) -> Option<usize> {
     }
 }
 
+/// How deep the one-pass reader follows nested rows; deeper ones take the
+/// general path (serde_json, whose own limit is 128).
+const MAX_SCAN_DEPTH: u32 = 64;
+
+/// The index just past the JSON value at `start` (no leading space), if it is
+/// valid JSON as serde_json reads it: the decoder's own validation of rows
+/// (serde_json spent a quarter of the decoder's instructions skipping their
+/// strings). Conservative: `None` also for text serde_json accepts but this
+/// reader leaves to it (escaped surrogates, nesting deeper than
+/// [`MAX_SCAN_DEPTH`]), so the caller falls back to serde_json, never the
+/// other way round. Never panics, whatever the text.
+fn valid_value_end(b: &[u8], start: usize, depth: u32) -> Option<usize> {
+    match *b.get(start)? {
+        b'"' => valid_string_end(b, start).map(|(end, _)| end),
+        b'{' => {
+            let depth = depth.checked_sub(1)?;
+            let mut i = skip_json_space(b, start + 1);
+            if b.get(i) == Some(&b'}') {
+                return Some(i + 1);
+            }
+            loop {
+                if b.get(i) != Some(&b'"') {
+                    return None;
+                }
+                i = skip_json_space(b, valid_string_end(b, i)?.0);
+                if b.get(i) != Some(&b':') {
+                    return None;
+                }
+                i = skip_json_space(b, i + 1);
+                i = skip_json_space(b, valid_value_end(b, i, depth)?);
+                match *b.get(i)? {
+                    b',' => i = skip_json_space(b, i + 1),
+                    b'}' => return Some(i + 1),
+                    _ => return None,
+                }
+            }
+        }
+        b'[' => {
+            let depth = depth.checked_sub(1)?;
+            let mut i = skip_json_space(b, start + 1);
+            if b.get(i) == Some(&b']') {
+                return Some(i + 1);
+            }
+            loop {
+                i = skip_json_space(b, valid_value_end(b, i, depth)?);
+                match *b.get(i)? {
+                    b',' => i = skip_json_space(b, i + 1),
+                    b']' => return Some(i + 1),
+                    _ => return None,
+                }
+            }
+        }
+        b't' => b[start..].starts_with(b"true").then_some(start + 4),
+        b'f' => b[start..].starts_with(b"false").then_some(start + 5),
+        b'n' => b[start..].starts_with(b"null").then_some(start + 4),
+        _ => valid_number_end(b, start),
+    }
+}
+
+/// The key columns' value texts in a row, found while the row is validated
+/// (one pass instead of a second scan for the key).
+#[derive(Default)]
+struct KeyTexts<'t> {
+    found: Vec<Option<&'t str>>,
+    /// A member name written with escapes: it might name a key column, so
+    /// the key is left to [`key_of_valid_object_columns`].
+    odd_name: bool,
+}
+
+impl KeyTexts<'_> {
+    fn key(&self, columns: &KeyColumns) -> Option<Option<Key>> {
+        if self.odd_name || columns.0.is_empty() || self.found.len() != columns.0.len() {
+            return None;
+        }
+        Some(canonical_key(&columns.0, self.found.iter().copied()))
+    }
+}
+
+/// [`valid_value_end`] of a row (an object at `start`), noting the value
+/// texts of the members named `columns` (the last of equal names wins, as
+/// in a parsed map).
+fn valid_row_end<'t>(
+    text: &'t str,
+    start: usize,
+    columns: &KeyColumns,
+    keys: &mut KeyTexts<'t>,
+) -> Option<usize> {
+    let b = text.as_bytes();
+    if b.get(start) != Some(&b'{') {
+        return valid_value_end(b, start, MAX_SCAN_DEPTH);
+    }
+    keys.found.clear();
+    keys.found.resize(columns.0.len(), None);
+    let mut i = skip_json_space(b, start + 1);
+    if b.get(i) == Some(&b'}') {
+        return Some(i + 1);
+    }
+    loop {
+        if b.get(i) != Some(&b'"') {
+            return None;
+        }
+        let (name_end, escaped) = valid_string_end(b, i)?;
+        let name = text.get(i + 1..name_end - 1)?;
+        i = skip_json_space(b, name_end);
+        if b.get(i) != Some(&b':') {
+            return None;
+        }
+        let value_start = skip_json_space(b, i + 1);
+        let end = valid_value_end(b, value_start, MAX_SCAN_DEPTH - 1)?;
+        if escaped {
+            keys.odd_name = true;
+        } else if let Some(k) = columns.0.iter().position(|c| c == name) {
+            keys.found[k] = Some(text.get(value_start..end)?);
+        }
+        i = skip_json_space(b, end);
+        match *b.get(i)? {
+            b',' => i = skip_json_space(b, i + 1),
+            b'}' => return Some(i + 1),
+            _ => return None,
+        }
+    }
+}
+
+/// The index just past the number at `start`:
+/// `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`.
+fn valid_number_end(b: &[u8], start: usize) -> Option<usize> {
+    let digits = |i: usize| {
+        b.get(i..)
+            .map_or(0, |s| s.iter().take_while(|c| c.is_ascii_digit()).count())
+    };
+    let mut i = start + usize::from(b.get(start) == Some(&b'-'));
+    match b.get(i)? {
+        b'0' => i += 1,
+        b'1'..=b'9' => i += digits(i),
+        _ => return None,
+    }
+    if b.get(i) == Some(&b'.') {
+        let n = digits(i + 1);
+        if n == 0 {
+            return None;
+        }
+        i += 1 + n;
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(b.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        let n = digits(i);
+        if n == 0 {
+            return None;
+        }
+        i += n;
+    }
+    Some(i)
+}
+
+/// The index just past the valid string whose opening quote is at `open`
+/// (no control characters, only JSON's escapes; `\u` escapes of surrogates
+/// are left to serde_json), and whether it holds an escape.
+#[inline(always)]
+fn valid_string_end(b: &[u8], open: usize) -> Option<(usize, bool)> {
+    let mut i = open + 1;
+    let mut escaped = false;
+    loop {
+        i += find_string_special(b.get(i..)?)?;
+        match b[i] {
+            b'"' => return Some((i + 1, escaped)),
+            b'\\' => match *b.get(i + 1)? {
+                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {
+                    escaped = true;
+                    i += 2;
+                }
+                b'u' => {
+                    let hex = b.get(i + 2..i + 6)?;
+                    if !hex.iter().all(u8::is_ascii_hexdigit)
+                        || matches!(hex[0], b'd' | b'D') && !matches!(hex[1], b'0'..=b'7')
+                    {
+                        return None;
+                    }
+                    escaped = true;
+                    i += 6;
+                }
+                _ => return None,
+            },
+            // A control character, which JSON strings must escape.
+            _ => return None,
+        }
+    }
+}
+
+/// The index of the first `"`, `\\` or control character (below 0x20) in
+/// `s`, eight bytes at a time.
+#[inline(always)]
+fn find_string_special(s: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
+    let mut i = 0;
+    while let Some(chunk) = s.get(i..i + 8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let x = u64::from_le_bytes(word);
+        let quotes = x ^ (ONES * u64::from(b'"'));
+        let slashes = x ^ (ONES * u64::from(b'\\'));
+        // The high bit of each byte that was zero, or below 0x20 (exact up
+        // to the first one, which is all that is read).
+        let found = ((quotes.wrapping_sub(ONES) & !quotes)
+            | (slashes.wrapping_sub(ONES) & !slashes)
+            | (x.wrapping_sub(ONES * 0x20) & !x))
+            & HIGH_BITS;
+        if found != 0 {
+            return Some(i + found.trailing_zeros() as usize / 8);
+        }
+        i += 8;
+    }
+    s.get(i..)?
+        .iter()
+        .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
+        .map(|p| i + p)
+}
+
 /// Visits an object once, keeping the raw values of the wanted columns and
 /// counting its members.
 struct ColumnPicker<'c>(&'c [String]);
@@ -770,18 +991,115 @@ impl RawTop<'_> {
 /// A plain change event read in one pass, its `source` block typed on the
 /// way (see [`Decoder::decode_plain_envelope`]); anything it does not
 /// accept takes the general path, which says what is wrong.
-#[derive(Deserialize)]
 struct PlainEnvelope<'a> {
-    #[serde(borrow)]
     op: &'a str,
-    #[serde(borrow, default, deserialize_with = "present")]
-    before: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
-    after: Option<&'a RawValue>,
-    #[serde(borrow)]
-    source: TypedSource<'a>,
-    #[serde(default)]
+    /// The texts of `before` and `after` when present (`null` included).
+    before: Option<&'a str>,
+    after: Option<&'a str>,
+    /// The key columns' texts in `before` and `after`.
+    before_keys: KeyTexts<'a>,
+    after_keys: KeyTexts<'a>,
+    source: SourceInfo,
     ts_ms: Option<i64>,
+}
+
+impl<'a> PlainEnvelope<'a> {
+    /// Reads `text` if it is valid JSON and an object whose members `op` (a
+    /// string without escapes), `source`, and, if present, `before`,
+    /// `after` and `ts_ms` (an integer or null) appear once each, under
+    /// names written without escapes; `None` otherwise (serde_json's
+    /// general path then reads or rejects it). Rows are validated by
+    /// [`valid_value_end`] and kept as text; other members are validated
+    /// and skipped, as serde_json would.
+    fn scan(text: &'a str, columns: &KeyColumns) -> Option<Self> {
+        let b = text.as_bytes();
+        let (mut before_keys, mut after_keys) = (KeyTexts::default(), KeyTexts::default());
+        let mut i = skip_json_space(b, 0);
+        if b.get(i) != Some(&b'{') {
+            return None;
+        }
+        let (mut op, mut before, mut after, mut source, mut ts_ms) = (None, None, None, None, None);
+        i = skip_json_space(b, i + 1);
+        if b.get(i) != Some(&b'}') {
+            loop {
+                if b.get(i) != Some(&b'"') {
+                    return None;
+                }
+                let (name_end, escaped) = valid_string_end(b, i)?;
+                let name = &b[i + 1..name_end - 1];
+                if escaped {
+                    return None;
+                }
+                i = skip_json_space(b, name_end);
+                if b.get(i) != Some(&b':') {
+                    return None;
+                }
+                let start = skip_json_space(b, i + 1);
+                let end = if name == b"source" {
+                    let (info, end) = match scan_source(text, start) {
+                        Some(pair) => pair,
+                        // Typed by serde_json: its end is where it stopped.
+                        None => {
+                            let mut stream = serde_json::Deserializer::from_str(text.get(start..)?)
+                                .into_iter::<TypedSource<'a>>();
+                            let typed = stream.next()?.ok()?;
+                            (typed.into_info()?.ok()?, start + stream.byte_offset())
+                        }
+                    };
+                    if source.replace(info).is_some() {
+                        return None;
+                    }
+                    end
+                } else {
+                    let end = match name {
+                        b"before" => valid_row_end(text, start, columns, &mut before_keys)?,
+                        b"after" => valid_row_end(text, start, columns, &mut after_keys)?,
+                        _ => valid_value_end(b, start, MAX_SCAN_DEPTH)?,
+                    };
+                    let value = text.get(start..end)?;
+                    let slot = match name {
+                        b"op" => Some(&mut op),
+                        b"before" => Some(&mut before),
+                        b"after" => Some(&mut after),
+                        b"ts_ms" => Some(&mut ts_ms),
+                        _ => None,
+                    };
+                    if let Some(slot) = slot
+                        && slot.replace(value).is_some()
+                    {
+                        return None;
+                    }
+                    end
+                };
+                i = skip_json_space(b, end);
+                match b.get(i) {
+                    Some(b',') => i = skip_json_space(b, i + 1),
+                    Some(b'}') => break,
+                    _ => return None,
+                }
+            }
+        }
+        if skip_json_space(b, i + 1) != b.len() {
+            return None;
+        }
+        let op = op?.strip_prefix('"')?.strip_suffix('"')?;
+        if op.contains('\\') {
+            return None;
+        }
+        let ts_ms = match ts_ms {
+            None | Some("null") => None,
+            Some(t) => Some(json_integer(t)?),
+        };
+        Some(PlainEnvelope {
+            op,
+            before,
+            after,
+            before_keys,
+            after_keys,
+            source: source?,
+            ts_ms,
+        })
+    }
 }
 
 /// The `source` block, fields borrowed unparsed.
@@ -890,6 +1208,124 @@ fn raw_row(raw: Option<&RawValue>, field: &str) -> Result<Option<Row>, DecodeErr
             "object or null",
             raw_type(r),
         )),
+    }
+}
+
+/// Reads the `source` block at `start` in one pass, as [`TypedSource`]
+/// would, with its end; `None` for anything but the common shape (an
+/// object whose `ts_ms` is present, the fields ndc reads of their types or
+/// null, strings without escapes, no field twice), which serde_json then
+/// reads or rejects.
+fn scan_source(text: &str, start: usize) -> Option<(SourceInfo, usize)> {
+    let b = text.as_bytes();
+    if b.get(start) != Some(&b'{') {
+        return None;
+    }
+    let mut fields: [Option<&str>; 9] = [None; 9];
+    let mut i = skip_json_space(b, start + 1);
+    if b.get(i) != Some(&b'}') {
+        loop {
+            if b.get(i) != Some(&b'"') {
+                return None;
+            }
+            let (name_end, escaped) = valid_string_end(b, i)?;
+            let name = &b[i + 1..name_end - 1];
+            if escaped {
+                return None;
+            }
+            i = skip_json_space(b, name_end);
+            if b.get(i) != Some(&b':') {
+                return None;
+            }
+            let value_start = skip_json_space(b, i + 1);
+            let end = valid_value_end(b, value_start, MAX_SCAN_DEPTH)?;
+            let slot = match name {
+                b"connector" => Some(0),
+                b"name" => Some(1),
+                b"db" => Some(2),
+                b"schema" => Some(3),
+                b"table" => Some(4),
+                b"ts_ms" => Some(5),
+                b"lsn" => Some(6),
+                b"txId" => Some(7),
+                b"snapshot" => Some(8),
+                _ => None,
+            };
+            if let Some(slot) = slot
+                && fields[slot].replace(text.get(value_start..end)?).is_some()
+            {
+                return None;
+            }
+            i = skip_json_space(b, end);
+            match b.get(i) {
+                Some(b',') => i = skip_json_space(b, i + 1),
+                Some(b'}') => break,
+                _ => return None,
+            }
+        }
+    }
+    /// A string without escapes (its text), or null (empty).
+    fn plain_string(field: Option<&str>) -> Option<String> {
+        match field {
+            None | Some("null") => Some(String::new()),
+            Some(t) => {
+                let inner = t.strip_prefix('"')?.strip_suffix('"')?;
+                (!inner.contains('\\')).then(|| inner.to_string())
+            }
+        }
+    }
+    fn integer<T: std::str::FromStr>(field: Option<&str>) -> Option<Option<T>> {
+        match field {
+            None | Some("null") => Some(None),
+            Some(t) => json_integer(t).map(Some),
+        }
+    }
+    let [
+        connector,
+        name,
+        db,
+        schema,
+        table,
+        ts_ms,
+        lsn,
+        tx_id,
+        snapshot,
+    ] = fields;
+    let snapshot = match snapshot {
+        Some(t @ ("true" | "false")) => t.to_string(),
+        other => plain_string(other)?,
+    };
+    let info = SourceInfo {
+        connector: plain_string(connector)?,
+        name: plain_string(name)?,
+        db: plain_string(db)?,
+        schema: plain_string(schema)?,
+        table: plain_string(table)?,
+        ts_ms: integer(ts_ms)??,
+        lsn: integer(lsn)?,
+        tx_id: integer(tx_id)?,
+        snapshot,
+    };
+    Some((info, i + 1))
+}
+
+/// The integer of type `T` a validated JSON number's text is for serde_json:
+/// digits only, in range (`-0` is a float to serde_json, like `1.0` and
+/// `1e3`).
+fn json_integer<T: std::str::FromStr>(text: &str) -> Option<T> {
+    if text.starts_with("-0") {
+        return None;
+    }
+    text.parse().ok()
+}
+
+/// A validated `before` or `after` text as a row: `None` for null, `Some`
+/// for an object; anything else is the general path's to reject.
+fn text_row(text: Option<&str>) -> Option<Option<Row>> {
+    match text {
+        None | Some("null") => Some(None),
+        Some(t) if t.starts_with('{') => Some(Some(Row::from_object_text(t))),
+        Some(_) => None,
     }
 }
 
@@ -1039,7 +1475,7 @@ impl Decoder {
         text: &str,
         key: Option<&[u8]>,
     ) -> Option<Result<Decoded, DecodeError>> {
-        let top: PlainEnvelope<'_> = serde_json::from_str(text).ok()?;
+        let top = PlainEnvelope::scan(text, &self.key_names)?;
         let op = match top.op {
             "c" => ChangeOp::Create,
             "u" => ChangeOp::Update,
@@ -1047,15 +1483,19 @@ impl Decoder {
             "r" => ChangeOp::Read,
             _ => return None,
         };
-        let before = raw_row(top.before, "before").ok()?;
-        let after = raw_row(top.after, "after").ok()?;
-        let source = top.source.into_info()?.ok()?;
-        let row = match op {
-            ChangeOp::Delete => before.as_ref(),
+        let before = text_row(top.before)?;
+        let after = text_row(top.after)?;
+        let source = top.source;
+        let (row, keys) = match op {
+            ChangeOp::Delete => (before.as_ref(), &top.before_keys),
             // Without `after`, the general path words the error.
-            _ => Some(after.as_ref()?),
+            _ => (Some(after.as_ref()?), &top.after_keys),
         };
-        Some(self.key_of(row, key).map(|key| {
+        let row_key = || match keys.key(&self.key_names) {
+            Some(key) if row.is_some() => key,
+            _ => row.and_then(|r| r.key_of_columns(&self.key_names)),
+        };
+        Some(self.key_of_with(row_key, key).map(|key| {
             Decoded::Change(ChangeEvent {
                 op,
                 key: Some(key),
@@ -1231,6 +1671,19 @@ impl Decoder {
     /// Primary key: the configured columns of `row` when set and present,
     /// else the Kafka message key.
     fn key_of(&self, row: Option<&Row>, kafka_key: Option<&[u8]>) -> Result<Key, DecodeError> {
+        self.key_of_with(
+            || row.and_then(|r| r.key_of_columns(&self.key_names)),
+            kafka_key,
+        )
+    }
+
+    /// [`Decoder::key_of`], the row's key (from its key columns) computed by
+    /// `row_key` only when needed.
+    fn key_of_with(
+        &self,
+        row_key: impl FnOnce() -> Option<Key>,
+        kafka_key: Option<&[u8]>,
+    ) -> Result<Key, DecodeError> {
         // Debezium's message key holds exactly the primary-key columns: when
         // they are the configured ones, it is the key, without reading the row.
         if !self.config.key_columns.is_empty()
@@ -1254,7 +1707,7 @@ impl Decoder {
             return Ok(Key::from_value(&Value::Object(k)));
         }
         if !self.config.key_columns.is_empty()
-            && let Some(key) = row.and_then(|r| r.key_of_columns(&self.key_names))
+            && let Some(key) = row_key()
         {
             return Ok(key);
         }
@@ -1835,6 +2288,17 @@ mod key_from_text {
             // A row's path: the members found from the text's structure.
             let scanned = key_of_valid_object_columns(&text, &KeyColumns::new(&columns));
             prop_assert_eq!(&scanned, &reference(&text, &columns, false), "{}", text);
+            // The envelope's path: the key columns noted as the row is
+            // validated; only names written with escapes are left to the scan.
+            let cols = KeyColumns::new(&columns);
+            let mut keys = KeyTexts::default();
+            let start = skip_json_space(text.as_bytes(), 0);
+            let end = valid_row_end(&text, start, &cols, &mut keys);
+            prop_assert!(end.is_some_and(|e| skip_json_space(text.as_bytes(), e) == text.len()), "{}", text);
+            match keys.key(&cols) {
+                Some(key) => prop_assert_eq!(&key, &scanned, "{}", text),
+                None => prop_assert!(text.contains("\\\"q"), "{}", text),
+            }
             let duplicates = {
                 let mut names: Vec<&String> = members.iter().map(|(n, _)| n).collect();
                 names.sort();
@@ -1988,6 +2452,22 @@ mod plain_envelope {
         "{\"person_id\":null}",
         "\"text\"",
         "[1]",
+        // Valid, with space and escapes; then text serde_json rejects (a
+        // leading zero, a bare dot, a raw tab, an unknown escape, trailing
+        // commas, a truncated literal); a lone escaped surrogate.
+        "{ \"person_id\" : \"7\" ,\n\t\"n\" : \"a\\\"b\\\\\\u00e9\\n\" }",
+        "{\"person_id\":\"7\",\"n\":-0.5e+3,\"m\":{\"a\":[true,false,null,{},[]]}}",
+        "{\"person_id\":\"7\",\"n\":01}",
+        "{\"person_id\":\"7\",\"n\":1.}",
+        "{\"person_id\":\"7\",\"n\":\"tab\there\"}",
+        "{\"person_id\":\"7\",\"n\":\"\\x\"}",
+        "{\"person_id\":\"7\",\"n\":[1,2,]}",
+        "{\"person_id\":\"7\",}",
+        "{\"person_id\":\"7\",\"n\":tru}",
+        "{\"person_id\":\"7\",\"n\":\"\\ud800\"}",
+        // The key column twice (the last wins), or under an escaped name.
+        "{\"person_id\":\"7\",\"x\":{\"person_id\":1},\"person_id\":\"8\"}",
+        "{\"person\\u005fid\":\"5\",\"n\":1}",
     ];
 
     /// `source` blocks, well and badly typed.
@@ -2001,10 +2481,32 @@ mod plain_envelope {
         "{\"ts_ms\":5,\"lsn\":-1}",
         "{\"ts_ms\":5,\"ts_ms\":6}",
         "[]",
+        // Space, nulls, escapes, nested unknown fields, edge numbers.
+        "{ \"connector\" : null , \"db\" : \"d\\u00e9\" , \"ts_ms\" : -0 , \"snapshot\" : null }",
+        "{\"ts_ms\":5,\"snapshot\":\"last\",\"sequence\":\"[\\\"1\\\",null]\",\"x\":{\"y\":[1,{}]}}",
+        "{\"ts_ms\":5,\"lsn\":18446744073709551615,\"txId\":-9223372036854775808}",
+        "{\"ts_ms\":5,\"lsn\":18446744073709551616}",
+        "{\"ts_ms\":5,\"txId\":1.0}",
+        "{\"ts_ms\":5e0}",
+        "{\"ts_ms\":5,\"table\":7}",
+        "{\"ts_ms\":5,\"snapshot\":\"t\\\"x\"}",
+        "{\"ts_ms\":5,\"n\\u0061me\":\"p\"}",
+        "{\"ts_ms\":5,}",
+        "{\"ts_ms\":5,\"db\":\"d\",\"db\":\"e\"}",
+        "{}",
     ];
 
     /// Top-level `ts_ms` values.
-    const TS_MS: &[&str] = &["null", "17", "1.5", "\"17\""];
+    const TS_MS: &[&str] = &[
+        "null",
+        "17",
+        "-5",
+        "-0",
+        "1.5",
+        "1e3",
+        "99999999999999999999",
+        "\"17\"",
+    ];
 
     /// Members beside the envelope's own: a transaction block, a wrapper,
     /// a second `op`, a transaction marker.
@@ -2014,6 +2516,12 @@ mod plain_envelope {
         "\"payload\":{}",
         "\"op\":\"c\"",
         "\"status\":\"BEGIN\",\"id\":\"1\"",
+        "\"transaction\":{\"id\":\"x\",\"total_order\":1}",
+        "\"source\":{\"ts_ms\":1}",
+        "\"o\\u0070\":\"c\"",
+        "\"before\":null",
+        "\"after\":{\"person_id\":\"9\"}",
+        "\"ts_ms\":3",
     ];
 
     /// Kafka message keys.
@@ -2033,14 +2541,16 @@ mod plain_envelope {
             extra in one_of(EXTRA_MEMBERS),
             key in one_of(MESSAGE_KEYS),
             key_columns in prop_oneof![Just(vec![]), Just(vec!["person_id".to_string()])],
+            space in proptest::sample::select(&["", " ", "\n\t\r "][..]),
         ) {
             let members: Vec<String> = [("op", op), ("before", before), ("after", after),
                 ("source", source), ("ts_ms", ts_ms)]
                 .into_iter()
-                .filter_map(|(name, v)| v.map(|v| format!("\"{name}\":{v}")))
+                .filter_map(|(name, v)| v.map(|v| format!("\"{name}\"{space}:{space}{v}")))
                 .chain(extra)
                 .collect();
-            let text = format!("{{{}}}", members.join(","));
+            let text = format!("{space}{{{space}{}{space}}}{space}",
+                members.join(&format!("{space},{space}")));
             let decoder = Decoder::new(DecoderConfig {
                 format: Format::Debezium,
                 key_columns,
@@ -2052,5 +2562,271 @@ mod plain_envelope {
             let general = decoder.decode_envelope_general("agency.public.t", &text, key);
             prop_assert_eq!(fast, general, "{}", text);
         }
+    }
+
+    /// A delete's key is its `before` row's, an insert's its `after` row's,
+    /// whatever the other row holds; both paths agree.
+    #[test]
+    fn the_key_comes_from_the_row_the_op_names() {
+        let decoder = Decoder::new(DecoderConfig {
+            format: Format::Debezium,
+            key_columns: vec!["person_id".into()],
+            max_record_bytes: 0,
+            national_id: None,
+        });
+        let source = r#""source":{"ts_ms":5}"#;
+        for (op, expected) in [("d", "7"), ("c", "8")] {
+            let text = format!(
+                r#"{{"before":{{"person_id":"7"}},"after":{{"person_id":"8"}},"op":"{op}",{source}}}"#
+            );
+            let fast = decoder.decode_envelope_text("agency.public.t", &text, None);
+            assert_eq!(
+                fast,
+                decoder.decode_envelope_general("agency.public.t", &text, None)
+            );
+            let Ok(Decoded::Change(change)) = fast else {
+                panic!("{text} not decoded");
+            };
+            assert_eq!(
+                change.key.map(|k| k.as_str().to_string()),
+                Some(format!(r#"{{"person_id":"{expected}"}}"#))
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod valid_json {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The one-pass reader's verdict on a whole text: the end of its value,
+    /// if that is the end of the text (space aside).
+    fn accepts(text: &str) -> bool {
+        let b = text.as_bytes();
+        valid_value_end(b, skip_json_space(b, 0), MAX_SCAN_DEPTH)
+            .is_some_and(|end| skip_json_space(b, end) == b.len())
+    }
+
+    fn serde_accepts(text: &str) -> bool {
+        serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
+    }
+
+    /// Any JSON value, its strings drawn from quotes, backslashes, control
+    /// characters and non-ASCII text.
+    fn value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            "[a-z\"\\\\\u{0}-\u{1f}é漢😀 ]{0,12}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(6, 48, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::btree_map("[a-z\"\\\\é]{0,6}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Text close to JSON: its delimiters, digits, literals' letters,
+    /// escapes and space.
+    fn near_json() -> impl Strategy<Value = String> {
+        proptest::collection::vec(
+            proptest::sample::select(
+                &[
+                    "{",
+                    "}",
+                    "[",
+                    "]",
+                    ",",
+                    ":",
+                    "\"",
+                    "\\",
+                    "0",
+                    "1",
+                    "9",
+                    "-",
+                    "+",
+                    ".",
+                    "e",
+                    "E",
+                    "true",
+                    "false",
+                    "null",
+                    "tru",
+                    "\\u00e9",
+                    "\\ud800",
+                    "\\ud83d\\ude00",
+                    "\\n",
+                    "\\x",
+                    " ",
+                    "\n",
+                    "\t",
+                    "\u{1}",
+                    "a",
+                    "é",
+                ][..],
+            ),
+            0..24,
+        )
+        .prop_map(|parts| parts.concat())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        /// Whatever it accepts, serde_json accepts; never panics.
+        #[test]
+        fn accepts_only_what_serde_json_accepts(text in near_json()) {
+            if accepts(&text) {
+                prop_assert!(serde_accepts(&text), "accepted invalid JSON {:?}", text);
+            }
+        }
+
+        /// One character of valid JSON replaced, removed or added: still
+        /// nothing serde_json rejects gets through.
+        #[test]
+        fn edited_json_is_judged_like_serde_json(
+            v in value(),
+            at in any::<proptest::sample::Index>(),
+            edit in 0..3u8,
+            c in proptest::sample::select(
+                &['{', '}', '[', ']', ',', ':', '"', '\\', '0', '-', '.', 'e', ' ', '\u{1}', 'x'][..]),
+        ) {
+            let mut chars: Vec<char> = serde_json::to_string(&v).unwrap_or_default().chars().collect();
+            let i = at.index(chars.len() + 1);
+            match edit {
+                0 if i < chars.len() => chars[i] = c,
+                1 if i < chars.len() => { chars.remove(i); }
+                _ => chars.insert(i, c),
+            }
+            let text: String = chars.into_iter().collect();
+            if accepts(&text) {
+                prop_assert!(serde_accepts(&text), "accepted invalid JSON {:?}", text);
+            }
+        }
+
+        /// Every JSON value serde_json writes, compact or pretty, is read in
+        /// one pass (serde_json writes no surrogate escapes; these values
+        /// nest less than the reader's limit), so agency rows take the fast
+        /// path.
+        #[test]
+        fn accepts_what_serde_json_writes(v in value()) {
+            let compact = serde_json::to_string(&v).unwrap_or_default();
+            let pretty = serde_json::to_string_pretty(&v).unwrap_or_default();
+            prop_assert!(accepts(&compact), "{}", compact);
+            prop_assert!(accepts(&pretty), "{}", pretty);
+            prop_assert!(accepts(&format!(" \n{pretty}\t\r")), "{}", pretty);
+        }
+
+        /// The eight-byte search finds what a plain search finds.
+        #[test]
+        fn string_special_search_is_a_plain_search(s in "[a-z\"\\\\\u{0}-\u{1f}é\u{7f}]{0,40}") {
+            let b = s.as_bytes();
+            prop_assert_eq!(
+                find_string_special(b),
+                b.iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20)
+            );
+        }
+    }
+
+    #[test]
+    fn surrogate_escapes_and_deep_nesting_are_left_to_serde_json() {
+        assert!(!accepts("\"\\ud83d\\ude00\""));
+        assert!(serde_accepts("\"\\ud83d\\ude00\""));
+        let deep = format!("{}{}", "[".repeat(100), "]".repeat(100));
+        assert!(!accepts(&deep));
+        assert!(serde_accepts(&deep));
+        assert!(accepts("\"\\uD7FF\\uE000\\u00e9\""));
+    }
+}
+
+#[cfg(test)]
+mod source_scan {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Members of `source` blocks: Debezium's, of other types, null,
+    /// escaped, unknown and nested.
+    const MEMBERS: &[&str] = &[
+        "\"connector\":\"postgresql\"",
+        "\"connector\":null",
+        "\"name\":\"p\"",
+        "\"db\":\"d\"",
+        "\"db\":\"d\\u00e9\"",
+        "\"schema\":\"s\"",
+        "\"table\":\"t\"",
+        "\"table\":7",
+        "\"ts_ms\":5",
+        "\"ts_ms\":-0",
+        "\"ts_ms\":5e0",
+        "\"ts_ms\":null",
+        "\"lsn\":9",
+        "\"lsn\":-1",
+        "\"lsn\":18446744073709551615",
+        "\"lsn\":18446744073709551616",
+        "\"txId\":3",
+        "\"txId\":1.0",
+        "\"txId\":null",
+        "\"snapshot\":true",
+        "\"snapshot\":\"false\"",
+        "\"snapshot\":\"last\"",
+        "\"snapshot\":\"t\\\"x\"",
+        "\"snapshot\":7",
+        "\"snapshot\":null",
+        "\"version\":\"2.7\"",
+        "\"sequence\":\"[\\\"1\\\",null]\"",
+        "\"x\":{\"y\":[1,{}]}",
+        "\"n\\u0061me\":\"q\"",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        /// What the one-pass reader reads, serde_json's typed pass reads
+        /// the same; where the one-pass reader declines, the caller falls
+        /// back to serde_json.
+        #[test]
+        fn one_pass_source_agrees_with_serde_json(
+            members in proptest::collection::vec(proptest::sample::select(MEMBERS), 0..8),
+            space in proptest::sample::select(&["", " ", "\n\t "][..]),
+        ) {
+            let text = format!("{{{space}{}{space}}}", members.join(&format!("{space},{space}")));
+            let typed = serde_json::from_str::<TypedSource<'_>>(&text)
+                .ok()
+                .and_then(TypedSource::into_info)
+                .and_then(Result::ok);
+            if let Some((info, end)) = scan_source(&text, 0) {
+                prop_assert_eq!(end, text.len());
+                prop_assert_eq!(Some(info), typed, "{}", text);
+            }
+        }
+    }
+
+    #[test]
+    fn debezium_source_blocks_are_read_in_one_pass() {
+        let text = r#"{"version":"2.7.3.Final","connector":"postgresql","name":"population","ts_ms":1767225600000,"snapshot":"false","db":"pop","sequence":"[null,\"3\"]","schema":"public","table":"citizens","txId":9,"lsn":33,"xmin":null}"#;
+        let (info, end) = scan_source(text, 0).expect("the common shape");
+        assert_eq!(end, text.len());
+        assert_eq!(info.connector, "postgresql");
+        assert_eq!(
+            (info.ts_ms, info.lsn, info.tx_id),
+            (1_767_225_600_000, Some(33), Some(9))
+        );
+        assert_eq!(
+            (
+                info.db.as_str(),
+                info.table.as_str(),
+                info.snapshot.as_str()
+            ),
+            ("pop", "citizens", "false")
+        );
+        let (info, _) =
+            scan_source(r#"{"ts_ms":1,"snapshot":true}"#, 0).expect("a boolean snapshot");
+        assert_eq!(info.snapshot, "true");
     }
 }
