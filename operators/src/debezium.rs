@@ -11,10 +11,12 @@
 //! kind labels metrics and dead-letter records, the message tells a person
 //! what was wrong and where.
 //!
-//! The envelope is read with borrowed [`RawValue`]s: rows stay the JSON text
-//! the agency sent (validated, never rebuilt as maps), because that text is
-//! what the replica stores and serves. Every field that ndc interprets is
-//! still type-checked, with the field named in the error.
+//! Rows stay the JSON text the agency sent (validated, never rebuilt as
+//! maps), because that text is what the replica stores and serves. A plain
+//! change event is read in one pass by the decoder's own validating reader
+//! (see `PlainEnvelope::scan`); everything else, and everything that reader
+//! declines, is read by serde_json with borrowed [`RawValue`]s. Every field
+//! that ndc interprets is type-checked, with the field named in the error.
 
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
@@ -2731,6 +2733,29 @@ mod valid_json {
                 find_string_special(b),
                 b.iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20)
             );
+        }
+    }
+
+    proptest! {
+        /// The envelope and `source` readers, given any text (valid or
+        /// not, cut anywhere), never panic or read out of bounds, and what
+        /// they accept is JSON.
+        #[test]
+        fn the_envelope_readers_never_panic(
+            text in prop_oneof![".{0,60}", near_json().prop_map(|t| format!("{{\"op\":\"c\",\"source\":{t}"))],
+            cut in any::<proptest::sample::Index>(),
+        ) {
+            let columns = KeyColumns::new(&["person_id".to_string()]);
+            let end = text.char_indices().map(|(i, _)| i).chain([text.len()]).nth(cut.index(text.chars().count() + 1)).unwrap_or(0);
+            for t in [text.as_str(), &text[..end]] {
+                if PlainEnvelope::scan(t, &columns).is_some() {
+                    prop_assert!(serde_accepts(t), "{}", t);
+                }
+                for start in [0, t.len() / 2] {
+                    let _ = scan_source(t, start);
+                    let _ = valid_row_end(t, start, &columns, &mut KeyTexts::default());
+                }
+            }
         }
     }
 
