@@ -248,44 +248,19 @@ fn json_string_end(b: &[u8], open: usize) -> Option<(usize, bool)> {
     let mut i = open + 1;
     let mut escaped = false;
     loop {
-        i += find_quote_or_backslash(b.get(i..)?)?;
-        if b[i] == b'"' {
-            return Some((i + 1, escaped));
+        i += find_string_special(b.get(i..)?)?;
+        match b[i] {
+            b'"' => return Some((i + 1, escaped)),
+            // A backslash and the character it escapes (`\u` escapes hold
+            // no quote or backslash).
+            b'\\' => {
+                escaped = true;
+                i += 2;
+            }
+            // A control character: not in validated text.
+            _ => i += 1,
         }
-        escaped = true;
-        // A backslash and the character it escapes (`\u` escapes hold no
-        // quote or backslash).
-        i += 2;
     }
-}
-
-/// The index of the first `"` or `\\` in `s`, eight bytes at a time (the
-/// strings of a row are short: a call to `memchr2` cost more than the
-/// search).
-fn find_quote_or_backslash(s: &[u8]) -> Option<usize> {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
-    let mut i = 0;
-    while let Some(chunk) = s.get(i..i + 8) {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        let x = u64::from_le_bytes(word);
-        let quotes = x ^ (ONES * u64::from(b'"'));
-        let slashes = x ^ (ONES * u64::from(b'\\'));
-        // The high bit of each byte that was zero (exact up to the first
-        // one, which is all that is read).
-        let found = ((quotes.wrapping_sub(ONES) & !quotes)
-            | (slashes.wrapping_sub(ONES) & !slashes))
-            & HIGH_BITS;
-        if found != 0 {
-            return Some(i + found.trailing_zeros() as usize / 8);
-        }
-        i += 8;
-    }
-    s.get(i..)?
-        .iter()
-        .position(|&c| c == b'"' || c == b'\\')
-        .map(|p| i + p)
 }
 
 /// The index just past the value starting at `start`.
@@ -324,6 +299,48 @@ fn json_value_end(b: &[u8], start: usize) -> Option<usize> {
     }
 }
 
+/// Reads the object whose `{` is at `open`, validating its member names:
+/// `value` is given each member's name (as written, between the quotes),
+/// whether the name holds escapes, and where its value starts, and reads
+/// the value to its end. The index just past the `}`.
+#[inline(always)]
+fn scan_object<'b>(
+    b: &'b [u8],
+    open: usize,
+    mut value: impl FnMut(&'b [u8], bool, usize) -> Option<usize>,
+) -> Option<usize> {
+    if b.get(open) != Some(&b'{') {
+        return None;
+    }
+    let mut i = skip_json_space(b, open + 1);
+    if b.get(i) == Some(&b'}') {
+        return Some(i + 1);
+    }
+    loop {
+        if b.get(i) != Some(&b'"') {
+            return None;
+        }
+        let (name_end, escaped) = valid_string_end(b, i)?;
+        let name = b.get(i + 1..name_end - 1)?;
+        i = skip_json_space(b, name_end);
+        if b.get(i) != Some(&b':') {
+            return None;
+        }
+        i = skip_json_space(b, value(name, escaped, skip_json_space(b, i + 1))?);
+        match *b.get(i)? {
+            b',' => i = skip_json_space(b, i + 1),
+            b'}' => return Some(i + 1),
+            _ => return None,
+        }
+    }
+}
+
+/// Fills `slot` with `value`; `None` if it was already filled (a member
+/// given twice, which the typed serde_json path rejects).
+fn set_once<T>(slot: &mut Option<T>, value: T) -> Option<()> {
+    slot.replace(value).is_none().then_some(())
+}
+
 /// How deep the one-pass reader follows nested rows; deeper ones take the
 /// general path (serde_json, whose own limit is 128).
 const MAX_SCAN_DEPTH: u32 = 64;
@@ -340,26 +357,7 @@ fn valid_value_end(b: &[u8], start: usize, depth: u32) -> Option<usize> {
         b'"' => valid_string_end(b, start).map(|(end, _)| end),
         b'{' => {
             let depth = depth.checked_sub(1)?;
-            let mut i = skip_json_space(b, start + 1);
-            if b.get(i) == Some(&b'}') {
-                return Some(i + 1);
-            }
-            loop {
-                if b.get(i) != Some(&b'"') {
-                    return None;
-                }
-                i = skip_json_space(b, valid_string_end(b, i)?.0);
-                if b.get(i) != Some(&b':') {
-                    return None;
-                }
-                i = skip_json_space(b, i + 1);
-                i = skip_json_space(b, valid_value_end(b, i, depth)?);
-                match *b.get(i)? {
-                    b',' => i = skip_json_space(b, i + 1),
-                    b'}' => return Some(i + 1),
-                    _ => return None,
-                }
-            }
+            scan_object(b, start, |_, _, value| valid_value_end(b, value, depth))
         }
         b'[' => {
             let depth = depth.checked_sub(1)?;
@@ -417,34 +415,15 @@ fn valid_row_end<'t>(
     }
     keys.found.clear();
     keys.found.resize(columns.0.len(), None);
-    let mut i = skip_json_space(b, start + 1);
-    if b.get(i) == Some(&b'}') {
-        return Some(i + 1);
-    }
-    loop {
-        if b.get(i) != Some(&b'"') {
-            return None;
-        }
-        let (name_end, escaped) = valid_string_end(b, i)?;
-        let name = text.get(i + 1..name_end - 1)?;
-        i = skip_json_space(b, name_end);
-        if b.get(i) != Some(&b':') {
-            return None;
-        }
-        let value_start = skip_json_space(b, i + 1);
-        let end = valid_value_end(b, value_start, MAX_SCAN_DEPTH - 1)?;
+    scan_object(b, start, |name, escaped, value| {
+        let end = valid_value_end(b, value, MAX_SCAN_DEPTH - 1)?;
         if escaped {
             keys.odd_name = true;
-        } else if let Some(k) = columns.0.iter().position(|c| c == name) {
-            keys.found[k] = Some(text.get(value_start..end)?);
+        } else if let Some(k) = columns.0.iter().position(|c| c.as_bytes() == name) {
+            keys.found[k] = Some(text.get(value..end)?);
         }
-        i = skip_json_space(b, end);
-        match *b.get(i)? {
-            b',' => i = skip_json_space(b, i + 1),
-            b'}' => return Some(i + 1),
-            _ => return None,
-        }
-    }
+        Some(end)
+    })
 }
 
 /// The index just past the number at `start`:
@@ -1016,28 +995,13 @@ impl<'a> PlainEnvelope<'a> {
     fn scan(text: &'a str, columns: &KeyColumns) -> Option<Self> {
         let b = text.as_bytes();
         let (mut before_keys, mut after_keys) = (KeyTexts::default(), KeyTexts::default());
-        let mut i = skip_json_space(b, 0);
-        if b.get(i) != Some(&b'{') {
-            return None;
-        }
         let (mut op, mut before, mut after, mut source, mut ts_ms) = (None, None, None, None, None);
-        i = skip_json_space(b, i + 1);
-        if b.get(i) != Some(&b'}') {
-            loop {
-                if b.get(i) != Some(&b'"') {
-                    return None;
-                }
-                let (name_end, escaped) = valid_string_end(b, i)?;
-                let name = &b[i + 1..name_end - 1];
-                if escaped {
-                    return None;
-                }
-                i = skip_json_space(b, name_end);
-                if b.get(i) != Some(&b':') {
-                    return None;
-                }
-                let start = skip_json_space(b, i + 1);
-                let end = if name == b"source" {
+        let end = scan_object(b, skip_json_space(b, 0), |name, escaped, start| {
+            if escaped {
+                return None;
+            }
+            let end = match name {
+                b"source" => {
                     let (info, end) = match scan_source(text, start) {
                         Some(pair) => pair,
                         // Typed by serde_json: its end is where it stopped.
@@ -1048,40 +1012,24 @@ impl<'a> PlainEnvelope<'a> {
                             (typed.into_info()?.ok()?, start + stream.byte_offset())
                         }
                     };
-                    if source.replace(info).is_some() {
-                        return None;
-                    }
-                    end
-                } else {
-                    let end = match name {
-                        b"before" => valid_row_end(text, start, columns, &mut before_keys)?,
-                        b"after" => valid_row_end(text, start, columns, &mut after_keys)?,
-                        _ => valid_value_end(b, start, MAX_SCAN_DEPTH)?,
-                    };
-                    let value = text.get(start..end)?;
-                    let slot = match name {
-                        b"op" => Some(&mut op),
-                        b"before" => Some(&mut before),
-                        b"after" => Some(&mut after),
-                        b"ts_ms" => Some(&mut ts_ms),
-                        _ => None,
-                    };
-                    if let Some(slot) = slot
-                        && slot.replace(value).is_some()
-                    {
-                        return None;
-                    }
-                    end
-                };
-                i = skip_json_space(b, end);
-                match b.get(i) {
-                    Some(b',') => i = skip_json_space(b, i + 1),
-                    Some(b'}') => break,
-                    _ => return None,
+                    set_once(&mut source, info)?;
+                    return Some(end);
                 }
+                b"before" => valid_row_end(text, start, columns, &mut before_keys)?,
+                b"after" => valid_row_end(text, start, columns, &mut after_keys)?,
+                _ => valid_value_end(b, start, MAX_SCAN_DEPTH)?,
+            };
+            let value = text.get(start..end)?;
+            match name {
+                b"op" => set_once(&mut op, value)?,
+                b"before" => set_once(&mut before, value)?,
+                b"after" => set_once(&mut after, value)?,
+                b"ts_ms" => set_once(&mut ts_ms, value)?,
+                _ => {}
             }
-        }
-        if skip_json_space(b, i + 1) != b.len() {
+            Some(end)
+        })?;
+        if skip_json_space(b, end) != b.len() {
             return None;
         }
         let op = op?.strip_prefix('"')?.strip_suffix('"')?;
@@ -1220,52 +1168,27 @@ fn raw_row(raw: Option<&RawValue>, field: &str) -> Result<Option<Row>, DecodeErr
 /// reads or rejects.
 fn scan_source(text: &str, start: usize) -> Option<(SourceInfo, usize)> {
     let b = text.as_bytes();
-    if b.get(start) != Some(&b'{') {
-        return None;
-    }
     let mut fields: [Option<&str>; 9] = [None; 9];
-    let mut i = skip_json_space(b, start + 1);
-    if b.get(i) != Some(&b'}') {
-        loop {
-            if b.get(i) != Some(&b'"') {
-                return None;
-            }
-            let (name_end, escaped) = valid_string_end(b, i)?;
-            let name = &b[i + 1..name_end - 1];
-            if escaped {
-                return None;
-            }
-            i = skip_json_space(b, name_end);
-            if b.get(i) != Some(&b':') {
-                return None;
-            }
-            let value_start = skip_json_space(b, i + 1);
-            let end = valid_value_end(b, value_start, MAX_SCAN_DEPTH)?;
-            let slot = match name {
-                b"connector" => Some(0),
-                b"name" => Some(1),
-                b"db" => Some(2),
-                b"schema" => Some(3),
-                b"table" => Some(4),
-                b"ts_ms" => Some(5),
-                b"lsn" => Some(6),
-                b"txId" => Some(7),
-                b"snapshot" => Some(8),
-                _ => None,
-            };
-            if let Some(slot) = slot
-                && fields[slot].replace(text.get(value_start..end)?).is_some()
-            {
-                return None;
-            }
-            i = skip_json_space(b, end);
-            match b.get(i) {
-                Some(b',') => i = skip_json_space(b, i + 1),
-                Some(b'}') => break,
-                _ => return None,
-            }
+    let end = scan_object(b, start, |name, escaped, value| {
+        if escaped {
+            return None;
         }
-    }
+        let end = valid_value_end(b, value, MAX_SCAN_DEPTH)?;
+        let slot = match name {
+            b"connector" => 0,
+            b"name" => 1,
+            b"db" => 2,
+            b"schema" => 3,
+            b"table" => 4,
+            b"ts_ms" => 5,
+            b"lsn" => 6,
+            b"txId" => 7,
+            b"snapshot" => 8,
+            _ => return Some(end),
+        };
+        set_once(&mut fields[slot], text.get(value..end)?)?;
+        Some(end)
+    })?;
     /// A string without escapes (its text), or null (empty).
     fn plain_string(field: Option<&str>) -> Option<String> {
         match field {
@@ -1308,7 +1231,7 @@ fn scan_source(text: &str, start: usize) -> Option<(SourceInfo, usize)> {
         tx_id: integer(tx_id)?,
         snapshot,
     };
-    Some((info, i + 1))
+    Some((info, end))
 }
 
 /// The integer of type `T` a validated JSON number's text is for serde_json:
@@ -2331,18 +2254,6 @@ mod key_from_text {
     }
 
     proptest! {
-        #[test]
-        fn quotes_and_backslashes_are_found_as_by_a_plain_search(
-            text in proptest::collection::vec(prop_oneof![Just(b'"'), Just(b'\\'), Just(b'a'), Just(0xa2u8), Just(0xddu8), Just(0xffu8), Just(0u8), Just(b'!'), Just(b'#')], 0..40),
-            dense in any::<bool>(),
-        ) {
-            let text: Vec<u8> = if dense { text } else { text.iter().map(|&c| if c == b'"' || c == b'\\' { b'x' } else { c }).chain([b'"']).collect() };
-            let plain = text.iter().position(|&c| c == b'"' || c == b'\\');
-            prop_assert_eq!(find_quote_or_backslash(&text), plain);
-        }
-    }
-
-    proptest! {
         /// The structural scan is meant for validated text, but nothing
         /// it is given may make it panic or read out of bounds.
         #[test]
@@ -2725,12 +2636,24 @@ mod valid_json {
             prop_assert!(accepts(&format!(" \n{pretty}\t\r")), "{}", pretty);
         }
 
-        /// The eight-byte search finds what a plain search finds.
+        /// The eight-byte search finds what a plain search finds, in any
+        /// bytes (those just below and above 0x20, 0x7f and 0x80 included).
         #[test]
-        fn string_special_search_is_a_plain_search(s in "[a-z\"\\\\\u{0}-\u{1f}é\u{7f}]{0,40}") {
-            let b = s.as_bytes();
+        fn string_special_search_is_a_plain_search(
+            bytes in proptest::collection::vec(
+                proptest::sample::select(&[b'"', b'\\', b'a', 0u8, 0x1f, 0x20, b'!', b'#', 0x7f, 0x80, 0xa2, 0xdd, 0xff][..]),
+                0..40,
+            ),
+            dense in any::<bool>(),
+        ) {
+            // Sparse: only the last byte is a quote, the rest of the word searched in full.
+            let b: Vec<u8> = if dense {
+                bytes
+            } else {
+                bytes.iter().map(|&c| if c == b'"' || c == b'\\' || c < 0x20 { b'x' } else { c }).chain([b'"']).collect()
+            };
             prop_assert_eq!(
-                find_string_special(b),
+                find_string_special(&b),
                 b.iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20)
             );
         }
