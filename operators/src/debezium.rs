@@ -166,8 +166,7 @@ fn canonical_key<'t>(
 /// is already canonical (strings without escapes, plain integers, booleans),
 /// else the canonical form of its parsed value.
 fn write_canonical_raw(text: &str, out: &mut String) -> Option<()> {
-    let plain_string =
-        text.len() >= 2 && text.starts_with('"') && text.ends_with('"') && !text.contains('\\');
+    let plain_string = unescaped_string(text).is_some();
     let digits = text.strip_prefix('-').unwrap_or(text);
     let plain_integer = !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit());
     if plain_string || plain_integer || text == "true" || text == "false" {
@@ -893,7 +892,12 @@ fn json_type(v: &Value) -> &'static str {
 
 /// JSON type of raw JSON text, from its first byte.
 fn raw_type(raw: &RawValue) -> &'static str {
-    match raw.get().as_bytes().first() {
+    text_type(raw.get())
+}
+
+/// The JSON type of a valid value's text.
+fn text_type(text: &str) -> &'static str {
+    match text.as_bytes().first() {
         Some(b'n') => "null",
         Some(b't' | b'f') => "boolean",
         Some(b'"') => "string",
@@ -990,8 +994,8 @@ impl<'a> PlainEnvelope<'a> {
     /// `after` and `ts_ms` (an integer or null) appear once each, under
     /// names written without escapes; `None` otherwise (serde_json's
     /// general path then reads or rejects it). Rows are validated by
-    /// [`valid_value_end`] and kept as text; other members are validated
-    /// and skipped, as serde_json would.
+    /// [`valid_row_end`] and kept as text; other members are validated and
+    /// skipped, as serde_json would.
     fn scan(text: &'a str, columns: &KeyColumns) -> Option<Self> {
         let b = text.as_bytes();
         let (mut before_keys, mut after_keys) = (KeyTexts::default(), KeyTexts::default());
@@ -1032,10 +1036,7 @@ impl<'a> PlainEnvelope<'a> {
         if skip_json_space(b, end) != b.len() {
             return None;
         }
-        let op = op?.strip_prefix('"')?.strip_suffix('"')?;
-        if op.contains('\\') {
-            return None;
-        }
+        let op = unescaped_string(op?)?;
         let ts_ms = match ts_ms {
             None | Some("null") => None,
             Some(t) => Some(json_integer(t)?),
@@ -1149,14 +1150,19 @@ fn raw_string(raw: Option<&RawValue>, field: &str) -> Result<String, DecodeError
 
 /// `before` / `after`: an object or null.
 fn raw_row(raw: Option<&RawValue>, field: &str) -> Result<Option<Row>, DecodeError> {
-    match raw {
-        None => Ok(None),
-        Some(r) if is_null(r) => Ok(None),
-        Some(r) if r.get().starts_with('{') => Ok(Some(Row::from_object_text(r.get()))),
-        Some(r) => Err(DecodeError::wrong_type(
+    text_row(raw.map(RawValue::get), field)
+}
+
+/// A validated `before` or `after` text (absent, `null` or an object) as a
+/// row.
+fn text_row(text: Option<&str>, field: &str) -> Result<Option<Row>, DecodeError> {
+    match text {
+        None | Some("null") => Ok(None),
+        Some(t) if t.starts_with('{') => Ok(Some(Row::from_object_text(t))),
+        Some(t) => Err(DecodeError::wrong_type(
             field,
             "object or null",
-            raw_type(r),
+            text_type(t),
         )),
     }
 }
@@ -1193,10 +1199,7 @@ fn scan_source(text: &str, start: usize) -> Option<(SourceInfo, usize)> {
     fn plain_string(field: Option<&str>) -> Option<String> {
         match field {
             None | Some("null") => Some(String::new()),
-            Some(t) => {
-                let inner = t.strip_prefix('"')?.strip_suffix('"')?;
-                (!inner.contains('\\')).then(|| inner.to_string())
-            }
+            Some(t) => unescaped_string(t).map(str::to_string),
         }
     }
     fn integer<T: std::str::FromStr>(field: Option<&str>) -> Option<Option<T>> {
@@ -1234,6 +1237,13 @@ fn scan_source(text: &str, start: usize) -> Option<(SourceInfo, usize)> {
     Some((info, end))
 }
 
+/// The contents of a JSON string's text written without escapes (so they
+/// are its value), quotes removed; `None` for any other text.
+fn unescaped_string(text: &str) -> Option<&str> {
+    let inner = text.strip_prefix('"')?.strip_suffix('"')?;
+    (!inner.contains('\\')).then_some(inner)
+}
+
 /// The integer of type `T` a validated JSON number's text is for serde_json:
 /// digits only, in range (`-0` is a float to serde_json, like `1.0` and
 /// `1e3`).
@@ -1242,16 +1252,6 @@ fn json_integer<T: std::str::FromStr>(text: &str) -> Option<T> {
         return None;
     }
     text.parse().ok()
-}
-
-/// A validated `before` or `after` text as a row: `None` for null, `Some`
-/// for an object; anything else is the general path's to reject.
-fn text_row(text: Option<&str>) -> Option<Option<Row>> {
-    match text {
-        None | Some("null") => Some(None),
-        Some(t) if t.starts_with('{') => Some(Some(Row::from_object_text(t))),
-        Some(_) => None,
-    }
 }
 
 /// Decodes records of one source.
@@ -1408,17 +1408,19 @@ impl Decoder {
             "r" => ChangeOp::Read,
             _ => return None,
         };
-        let before = text_row(top.before)?;
-        let after = text_row(top.after)?;
+        let before = text_row(top.before, "before").ok()?;
+        let after = text_row(top.after, "after").ok()?;
         let source = top.source;
         let (row, keys) = match op {
             ChangeOp::Delete => (before.as_ref(), &top.before_keys),
             // Without `after`, the general path words the error.
             _ => (Some(after.as_ref()?), &top.after_keys),
         };
-        let row_key = || match keys.key(&self.key_names) {
-            Some(key) if row.is_some() => key,
-            _ => row.and_then(|r| r.key_of_columns(&self.key_names)),
+        // A row's key columns were noted as it was validated; only a name
+        // written with escapes sends it to the structural scan.
+        let row_key = || {
+            keys.key(&self.key_names)
+                .unwrap_or_else(|| row.and_then(|r| r.key_of_columns(&self.key_names)))
         };
         Some(self.key_of_with(row_key, key).map(|key| {
             Decoded::Change(ChangeEvent {
