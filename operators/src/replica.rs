@@ -31,7 +31,7 @@ impl Position {
 }
 
 /// What happened to one record. The string form labels metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Outcome {
     Inserted,
     Updated,
