@@ -384,7 +384,7 @@ impl Merger {
         let source = SourceInfo {
             ts_ms: fact.ts_ms,
             lsn: fact.lsn,
-            table: fact.source.clone(),
+            table: fact.source.as_str().into(),
             ..SourceInfo::default()
         };
         let event = ChangeEvent {

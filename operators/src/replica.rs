@@ -73,7 +73,7 @@ pub fn version_of(event: &ChangeEvent, pos: &Position) -> RowVersion {
     RowVersion {
         lsn: event.source.lsn,
         source_ts_ms: event.source.ts_ms,
-        stream: pos.stream.to_string(),
+        stream: String::from(&*pos.stream),
         offset: pos.offset,
     }
 }

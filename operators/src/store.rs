@@ -1799,15 +1799,15 @@ impl PreparedWrite {
 
 fn source_position(s: &SourceInfo, pos: &Position) -> SourcePosition {
     SourcePosition {
-        connector: s.connector.clone(),
-        db: s.db.clone(),
-        schema: s.schema.clone(),
-        table: s.table.clone(),
+        connector: String::from(&*s.connector),
+        db: String::from(&*s.db),
+        schema: String::from(&*s.schema),
+        table: String::from(&*s.table),
         ts_ms: s.ts_ms,
         lsn: s.lsn,
         tx_id: s.tx_id,
-        snapshot: s.snapshot.clone(),
-        stream: pos.stream.to_string(),
+        snapshot: String::from(&*s.snapshot),
+        stream: String::from(&*pos.stream),
         offset: pos.offset,
     }
 }
