@@ -12,6 +12,8 @@ use std::time::Duration;
 
 // Decoding allocates many small strings per record; mimalloc handles that
 // pattern markedly better than the system allocator (see docs/performance.md).
+// With the `override` feature (Cargo.toml) it also replaces malloc and free,
+// so RocksDB's and librdkafka's allocations use it as well.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
