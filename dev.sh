@@ -12,7 +12,7 @@
 #                                --callgrind [EVENTS]: instructions per event
 #                                (decode, apply, and the whole node on a file)
 #   ./dev.sh soak                long crash/resume and cluster failover runs (not in CI)
-#   ./dev.sh fuzz [SECONDS]      fuzz the Debezium decoder (nightly; first build ~15 min)
+#   ./dev.sh fuzz [SECONDS]      fuzz the Debezium decoder (nightly; first build ~40 min)
 #   ./dev.sh setup               only install prerequisites
 #
 # Environment: NDC_CACHE (default ~/.cache/ndc) holds the test broker;
@@ -167,6 +167,10 @@ YAML
     ;;
   fuzz)
     setup_packages
+    if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+      say "installing the nightly toolchain (cargo fuzz needs it)"
+      rustup toolchain install nightly --profile minimal
+    fi
     if [ ! -x "$NDC_CACHE/cargo-fuzz/bin/cargo-fuzz" ]; then
       say "installing cargo-fuzz into $NDC_CACHE/cargo-fuzz"
       cargo install cargo-fuzz --locked --root "$NDC_CACHE/cargo-fuzz" --quiet
