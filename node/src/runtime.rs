@@ -1255,7 +1255,7 @@ fn build(
         batches: 0,
         spare_batch: Vec::new(),
     };
-    let writer = tokio::spawn(writer.run().instrument(info_span!("state_writer")));
+    let writer = writer.spawn(info_span!("state_writer"));
     Ok(DataPath {
         shutdown,
         tasks,
