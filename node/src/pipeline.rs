@@ -244,6 +244,19 @@ fn write_durably(prepared: PreparedWrite) -> Result<(), ndc_operators::StoreErro
     written
 }
 
+/// Runs state work where the writer is, on its own thread (see
+/// [`Writer::spawn`]): a panic in it leaves the state in doubt, so the
+/// process stops.
+fn or_abort<T>(what: &str, work: impl FnOnce() -> T) -> T {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
+        Ok(done) => done,
+        Err(_) => {
+            error!("{what} panicked");
+            std::process::abort();
+        }
+    }
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -395,7 +408,7 @@ impl Writer {
         let number = self.batches;
         let views: Vec<ViewId> = self.commits.keys().copied().collect();
         let keep = self.has_followers();
-        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let outcome = or_abort("state writer", || {
             apply_batch(
                 &mut self.store,
                 &self.unwritten,
@@ -408,25 +421,16 @@ impl Writer {
                 let publication = publication(&self.store, &a.info, &views, a.kept);
                 (a.prepared, publication, a.rows, a.tally)
             })
-        }));
-        let outcome = match applied {
-            Ok(outcome) => outcome,
-            Err(_) => {
-                // A panic in the apply path: the process cannot continue safely.
-                error!("state writer panicked");
-                std::process::abort();
-            }
-        };
+        });
         batch.clear();
         self.spare_batch = batch;
-        let mut this = self;
         match outcome {
             Ok((prepared, publication, effects, tally)) => {
                 // Writes stay in order: the previous batch first.
-                this.finish_inflight().await;
-                this.unwritten.absorb(effects, number);
+                self.finish_inflight().await;
+                self.unwritten.absorb(effects, number);
                 // 4. Write, then publish as soon as it is durable.
-                let publisher = this.publisher();
+                let publisher = self.publisher();
                 let task = tokio::task::spawn_blocking(move || {
                     write_durably(prepared)?;
                     publisher.publish(&publication);
@@ -434,8 +438,8 @@ impl Writer {
                         .record(started.elapsed().as_secs_f64());
                     Ok(())
                 });
-                this.inflight = Some(Inflight { number, task });
-                this.record(tally, now);
+                self.inflight = Some(Inflight { number, task });
+                self.record(tally, now);
                 metrics::histogram!(metric::BATCH_RECORDS).record(records as f64);
             }
             Err(e) => {
@@ -443,7 +447,7 @@ impl Writer {
                 std::process::exit(70);
             }
         }
-        this
+        self
     }
 
     /// Waits for the batch in flight to be durable (and published).
@@ -484,25 +488,13 @@ impl Writer {
     /// what this node has logged but not applied back, and writes the effects
     /// to the change log. Nothing is committed here: the log comes back
     /// through [`Writer::process_log`], on this node as on every other.
-    async fn decide_and_log(self, batch: Vec<Input>, started: Instant) -> Self {
+    async fn decide_and_log(mut self, batch: Vec<Input>, started: Instant) -> Self {
         let records = batch.len();
         let now = now_ms();
-        let result = tokio::task::spawn_blocking(move || {
-            let mut this = self;
-            let outcome = match &this.cluster {
-                Some(c) => decide_batch(&mut this.store, &c.pending, &this.mergers, &batch, now),
-                None => Ok((Vec::new(), Tally::default())),
-            };
-            (this, outcome)
-        })
-        .await;
-        let (mut this, outcome) = match result {
-            Ok(pair) => pair,
-            Err(e) => {
-                error!(error = %e, "state writer panicked");
-                std::process::abort();
-            }
-        };
+        let outcome = or_abort("state writer", || match &self.cluster {
+            Some(c) => decide_batch(&mut self.store, &c.pending, &self.mergers, &batch, now),
+            None => Ok((Vec::new(), Tally::default())),
+        });
         let (logged, tally) = match outcome {
             Ok(pair) => pair,
             Err(e) => {
@@ -516,7 +508,7 @@ impl Writer {
             records.push(d.record);
             on.push(d.on);
         }
-        if let Some(c) = this.cluster.as_mut() {
+        if let Some(c) = self.cluster.as_mut() {
             for (view, (records, on)) in by_view {
                 match c.log.append(view, &records).await {
                     Ok(offsets) => {
@@ -535,50 +527,38 @@ impl Writer {
             }
             metrics::gauge!(metric::LOG_PENDING).set(c.pending.len() as f64);
         }
-        this.record(tally, now);
+        self.record(tally, now);
         metrics::histogram!(metric::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
         metrics::histogram!(metric::BATCH_RECORDS).record(records as f64);
-        this
+        self
     }
 
     /// Cluster mode, every node: applies change-log records and commits them
     /// with the log position, then publishes like a local commit.
-    async fn process_log(self, batch: Vec<LogInput>) -> Self {
+    async fn process_log(mut self, batch: Vec<LogInput>) -> Self {
         let now = now_ms();
         let keep = self.has_followers();
-        let result = tokio::task::spawn_blocking(move || {
-            let mut this = self;
-            let outcome = (|| {
-                let mut counts: HashMap<&'static str, u64> = HashMap::new();
-                let mut txn = this.store.begin(now);
-                if keep {
-                    txn.keep_changes();
-                }
-                for input in &batch {
-                    let r = txn.replay(input.view, &input.record, &input.stream, input.offset)?;
-                    let name = match r {
-                        Replayed::Applied => "applied",
-                        Replayed::Fence => "fence",
-                        Replayed::Fenced => "fenced",
-                        Replayed::AlreadyApplied => "already_applied",
-                    };
-                    *counts.entry(name).or_insert(0) += 1;
-                }
-                let kept = txn.take_changes();
-                let (info, prepared) = txn.prepare();
-                write_durably(prepared)?;
-                Ok::<_, ndc_operators::StoreError>((info, counts, kept))
-            })();
-            (this, batch, outcome)
-        })
-        .await;
-        let (mut this, batch, outcome) = match result {
-            Ok(t) => t,
-            Err(e) => {
-                error!(error = %e, "state writer panicked");
-                std::process::abort();
+        let outcome = or_abort("state writer", || {
+            let mut counts: HashMap<&'static str, u64> = HashMap::new();
+            let mut txn = self.store.begin(now);
+            if keep {
+                txn.keep_changes();
             }
-        };
+            for input in &batch {
+                let r = txn.replay(input.view, &input.record, &input.stream, input.offset)?;
+                let name = match r {
+                    Replayed::Applied => "applied",
+                    Replayed::Fence => "fence",
+                    Replayed::Fenced => "fenced",
+                    Replayed::AlreadyApplied => "already_applied",
+                };
+                *counts.entry(name).or_insert(0) += 1;
+            }
+            let kept = txn.take_changes();
+            let (info, prepared) = txn.prepare();
+            write_durably(prepared)?;
+            Ok::<_, ndc_operators::StoreError>((info, counts, kept))
+        });
         match outcome {
             Ok((info, counts, kept)) => {
                 for (outcome, n) in counts {
@@ -591,10 +571,10 @@ impl Writer {
                 }
                 // Publish first: a new owner waiting for its fence reads the
                 // stored source offsets as soon as `applied` passes it.
-                let views: Vec<ViewId> = this.commits.keys().copied().collect();
-                this.publisher()
-                    .publish(&publication(&this.store, &info, &views, kept));
-                if let Some(c) = this.cluster.as_mut() {
+                let views: Vec<ViewId> = self.commits.keys().copied().collect();
+                self.publisher()
+                    .publish(&publication(&self.store, &info, &views, kept));
+                if let Some(c) = self.cluster.as_mut() {
                     for (view, offset) in &last {
                         c.pending.applied_through(*view, *offset);
                         if let Some(tx) = c.applied.get(view) {
@@ -609,7 +589,7 @@ impl Writer {
                 std::process::exit(70);
             }
         }
-        this
+        self
     }
 
     /// Drops records of partitions this node may not act on any more (lease
@@ -678,40 +658,31 @@ impl Writer {
         }
     }
 
-    async fn trim(self) -> Self {
+    async fn trim(mut self) -> Self {
         let max_events = self.changelog.retention_events;
         let period = self.changelog.retention_period;
-        let result = tokio::task::spawn_blocking(move || {
-            let mut this = self;
+        or_abort("retention", || {
             let cutoff = now_ms() - i64::try_from(period.as_millis()).unwrap_or(i64::MAX);
-            let views: Vec<ViewId> = this.commits.keys().copied().collect();
+            let views: Vec<ViewId> = self.commits.keys().copied().collect();
             for view in views {
-                match this
+                match self
                     .store
                     .trim_changelog(view, max_events, Some(cutoff), 100_000)
                 {
                     Ok(0) => {}
                     Ok(n) => {
-                        let name = this.store.view_name(view).to_string();
+                        let name = self.store.view_name(view).to_string();
                         info!(view = %name, removed = n, "change stream trimmed by retention");
                         metrics::counter!(metric::CHANGELOG_TRIMMED, "view" => name).increment(n);
                     }
                     Err(e) => warn!(error = %e, "change stream retention failed; will retry"),
                 }
             }
-            let (sst, mem) = this.store.reader().size_bytes();
+            let (sst, mem) = self.store.reader().size_bytes();
             metrics::gauge!(metric::STATE_SST_BYTES).set(sst as f64);
             metrics::gauge!(metric::STATE_MEMTABLE_BYTES).set(mem as f64);
-            this
-        })
-        .await;
-        match result {
-            Ok(this) => this,
-            Err(e) => {
-                error!(error = %e, "retention task panicked");
-                std::process::abort();
-            }
-        }
+        });
+        self
     }
 }
 
