@@ -225,6 +225,17 @@ impl Publisher {
     }
 }
 
+/// Moves what the channel already holds into `buf`, up to `max` records,
+/// without waiting for more.
+fn top_up<T>(rx: &mut mpsc::Receiver<T>, buf: &mut Vec<T>, max: usize) {
+    while buf.len() < max {
+        match rx.try_recv() {
+            Ok(item) => buf.push(item),
+            Err(_) => break,
+        }
+    }
+}
+
 /// A durable write slower than this is logged: every commit waits for it.
 const SLOW_STATE_WRITE: Duration = Duration::from_secs(1);
 
@@ -328,6 +339,18 @@ impl Writer {
                             Ok(0) | Err(_) => break,
                             Ok(_) => {}
                         }
+                    }
+                    // Short of a full batch the node keeps up: rather than
+                    // apply these few records now and wait for the write in
+                    // flight afterwards, wait for it first and take what
+                    // arrived meanwhile into this batch. A record arriving
+                    // during a write is then committed by the next write,
+                    // not the one after it, and batches are fewer and larger
+                    // at low rates. Under load batches are full and keep
+                    // being applied while the previous one is written.
+                    if self.inflight.is_some() && buf.len() < self.pipeline.max_batch_records {
+                        self.finish_inflight().await;
+                        top_up(&mut self.rx, &mut buf, self.pipeline.max_batch_records);
                     }
                     let batch = std::mem::take(&mut buf);
                     self = self.process(batch).await;
@@ -864,6 +887,25 @@ mod tests {
                 ..Default::default()
             })
             .collect()
+    }
+
+    #[tokio::test]
+    async fn a_top_up_takes_what_is_waiting_up_to_a_full_batch_and_never_waits() {
+        let (tx, mut rx) = mpsc::channel::<u32>(16);
+        for i in 0..5 {
+            tx.send(i).await.unwrap();
+        }
+        let mut buf = vec![100];
+        top_up(&mut rx, &mut buf, 4);
+        assert_eq!(buf, vec![100, 0, 1, 2], "stops at a full batch");
+        top_up(&mut rx, &mut buf, 10);
+        assert_eq!(buf, vec![100, 0, 1, 2, 3, 4], "takes the rest, in order");
+        // Nothing waiting (and the sender still open): returns at once.
+        top_up(&mut rx, &mut buf, 10);
+        assert_eq!(buf.len(), 6);
+        drop(tx);
+        top_up(&mut rx, &mut buf, 10);
+        assert_eq!(buf.len(), 6, "a closed channel is left for recv to report");
     }
 
     #[test]
