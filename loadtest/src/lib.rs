@@ -5,7 +5,8 @@
 //! - `file`: a newline-delimited Debezium export through the file source;
 //! - `storage` (reports `storage-node` and `storage-floor`): RocksDB alone
 //!   writing what the file phase makes the node write, and the floor (each
-//!   event once), in this process;
+//!   event once), in this process (`NDC_BENCH_STORAGE_WAL=off`: without
+//!   RocksDB's WAL, reported as `storage-node-nowal` and `storage-floor-nowal`);
 //! - `broker-ceiling`: the broker's own produce and consume rates;
 //! - `broker`: the node catching up on a topic filled beforehand;
 //! - `latency`: a steady rate through broker and node to a subscriber,
