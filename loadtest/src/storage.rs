@@ -124,21 +124,23 @@ pub fn storage_phase(dir: &Path, w: Workload, load: StorageLoad) -> anyhow::Resu
     // Background flushes and compactions included: every thread of this
     // process, which does nothing else meanwhile.
     let cpu_us_per_event = (process_cpu_seconds() - cpu_before) * 1e6 / w.events.max(1) as f64;
-    let (phase, what) = match (load, wal) {
-        (StorageLoad::Floor, true) => ("storage-floor", "each event's bytes once"),
-        (StorageLoad::NodeBytes, true) => ("storage-node", "row + change with before and after"),
-        (StorageLoad::Floor, false) => ("storage-floor-nowal", "each event's bytes once"),
-        (StorageLoad::NodeBytes, false) => {
-            ("storage-node-nowal", "row + change with before and after")
-        }
+    let (phase, what) = match load {
+        StorageLoad::Floor => ("storage-floor", "each event's bytes once"),
+        StorageLoad::NodeBytes => ("storage-node", "row + change with before and after"),
     };
-    let durability = if wal {
-        format!("WAL + fsync per {batch_records} events")
+    let (phase, durability) = if wal {
+        (
+            phase.to_string(),
+            format!("WAL + fsync per {batch_records} events"),
+        )
     } else {
-        "no WAL (durable at memtable flushes only)".to_string()
+        (
+            format!("{phase}-nowal"),
+            "no WAL (durable at memtable flushes only)".to_string(),
+        )
     };
     Ok(Report {
-        phase: phase.into(),
+        phase,
         events: w.events,
         keys: w.keys,
         seconds,

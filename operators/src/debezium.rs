@@ -74,7 +74,11 @@ impl Row {
 /// Each name is also kept as the JSON string the key writes, instead of
 /// quoting it for every event.
 #[derive(Debug, Clone, Default)]
-struct KeyColumns(Vec<String>, Vec<String>);
+struct KeyColumns {
+    names: Vec<String>,
+    /// `names[i]` as a JSON string, quotes included.
+    quoted: Vec<String>,
+}
 
 impl KeyColumns {
     fn new(columns: &[String]) -> Self {
@@ -85,7 +89,7 @@ impl KeyColumns {
             .iter()
             .map(|n| serde_json::to_string(n).unwrap_or_default())
             .collect();
-        KeyColumns(names, quoted)
+        KeyColumns { names, quoted }
     }
 }
 
@@ -98,7 +102,7 @@ impl KeyColumns {
 /// left to the caller's parse-everything path).
 fn key_of_object_columns(text: &str, columns: &KeyColumns, exact: bool) -> Option<Key> {
     use serde::de::DeserializeSeed;
-    let names = columns.0.as_slice();
+    let names = columns.names.as_slice();
     let mut de = serde_json::Deserializer::from_str(text);
     let (found, members) = ColumnPicker(names).deserialize(&mut de).ok()?;
     de.end().ok()?;
@@ -115,7 +119,7 @@ fn key_of_object_columns(text: &str, columns: &KeyColumns, exact: bool) -> Optio
 /// decoder's instructions). `None` if a column is missing or null, or if
 /// the text does not have the shape of an object.
 fn key_of_valid_object_columns(text: &str, columns: &KeyColumns) -> Option<Key> {
-    let names = columns.0.as_slice();
+    let names = columns.names.as_slice();
     let mut found: Vec<Option<&str>> = vec![None; names.len()];
     let mut odd_name = false;
     scan_valid_object(text, |name, value| {
@@ -152,7 +156,7 @@ fn canonical_key<'t>(
 ) -> Option<Key> {
     let mut out = String::with_capacity(64);
     out.push('{');
-    for (i, (name, raw)) in columns.1.iter().zip(values).enumerate() {
+    for (i, (name, raw)) in columns.quoted.iter().zip(values).enumerate() {
         let raw = raw.filter(|r| *r != "null")?;
         if i > 0 {
             out.push(',');
@@ -395,7 +399,7 @@ struct KeyTexts<'t> {
 
 impl KeyTexts<'_> {
     fn key(&self, columns: &KeyColumns) -> Option<Option<Key>> {
-        if self.odd_name || columns.0.is_empty() || self.found.len() != columns.0.len() {
+        if self.odd_name || columns.names.is_empty() || self.found.len() != columns.names.len() {
             return None;
         }
         Some(canonical_key(columns, self.found.iter().copied()))
@@ -416,12 +420,12 @@ fn valid_row_end<'t>(
         return valid_value_end(b, start, MAX_SCAN_DEPTH);
     }
     keys.found.clear();
-    keys.found.resize(columns.0.len(), None);
+    keys.found.resize(columns.names.len(), None);
     scan_object(b, start, |name, escaped, value| {
         let end = valid_value_end(b, value, MAX_SCAN_DEPTH - 1)?;
         if escaped {
             keys.odd_name = true;
-        } else if let Some(k) = columns.0.iter().position(|c| c.as_bytes() == name) {
+        } else if let Some(k) = columns.names.iter().position(|c| c.as_bytes() == name) {
             keys.found[k] = Some(text.get(value..end)?);
         }
         Some(end)
@@ -1659,7 +1663,7 @@ impl Decoder {
             && let Some(bytes) = kafka_key
             && let Ok(Value::Object(k)) =
                 serde_json::from_slice::<Value>(bytes).map(unwrap_envelope)
-            && k.len() == self.key_names.0.len()
+            && k.len() == self.key_names.names.len()
             && self
                 .config
                 .key_columns
