@@ -219,11 +219,27 @@ pub async fn run(opts: QuickstartOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prints one golden record with its provenance, and the conflict count.
+/// The registries a golden record is shown from (the example pipeline's).
+const SHOWN_SOURCES: [&str; 3] = ["population", "residence", "health"];
+
+/// Does this golden record (a change's `after`) have a contribution from
+/// every registry in [`SHOWN_SOURCES`]?
+fn merged_from_every_source(golden: &serde_json::Value) -> bool {
+    let contributors = golden["_contributors"].as_array();
+    SHOWN_SOURCES
+        .iter()
+        .all(|source| contributors.is_some_and(|c| c.iter().any(|x| x["source"] == *source)))
+}
+
+/// Prints one golden record with its provenance: the first one (from the
+/// snapshot, else the live changes after it) that every registry has
+/// contributed to. Facts of one person arrive from three feeds in any order,
+/// so a record read too early may not have them all yet; this waits for
+/// one that has (up to 30 s), rather than showing a half-merged record.
 async fn show_golden_record(addr: &str) {
-    let mut first = None;
+    let mut found = None;
     let _ = tokio::time::timeout(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         client::subscribe(
             SubscribeOptions {
                 addr: addr.to_string(),
@@ -231,21 +247,29 @@ async fn show_golden_record(addr: &str) {
                 from: client::From::Snapshot,
                 keys: Vec::new(),
                 fields: Vec::new(),
-                limit: Some(1),
+                limit: None,
                 progress: false,
                 reconnect: false,
             },
             |line| {
-                first = Some(line);
-                false
+                if merged_from_every_source(&line["after"]) {
+                    found = Some(line);
+                    return false;
+                }
+                true
             },
         ),
     )
     .await;
-    if let Some(line) = first {
-        println!("A golden record, merged from the population, health and residence registries:");
-        println!("golden record: {}", line["after"]);
-        println!();
+    match found {
+        Some(line) => {
+            println!(
+                "A golden record, merged from the population, health and residence registries:"
+            );
+            println!("golden record: {}", line["after"]);
+            println!();
+        }
+        None => println!("(no golden record merged from all three registries within 30 s)"),
     }
 }
 
