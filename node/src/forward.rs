@@ -192,6 +192,8 @@ impl Forwarder {
                         lsn: row.version.lsn,
                         stream: row.version.stream.clone(),
                         offset: row.version.offset,
+                        log_position: row.version.position.clone(),
+                        snapshot: if row.version.snapshot { "true" } else { "" }.into(),
                         ..Default::default()
                     };
                     for fact in facts_of_change(

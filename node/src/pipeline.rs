@@ -280,7 +280,10 @@ fn now_ms() -> i64 {
 /// SipHash cost more than the comparisons.
 #[derive(Default)]
 struct Tally {
-    outcomes: BTreeMap<(ViewId, Outcome), u64>,
+    /// By view, connector label and outcome.
+    outcomes: BTreeMap<(ViewId, &'static str, Outcome), u64>,
+    /// Events ordered by the commit-time fallback, by view, connector and why.
+    fallbacks: BTreeMap<(ViewId, &'static str, ndc_operators::ordering::Basis), u64>,
     newest_source_ts: BTreeMap<ViewId, i64>,
     heartbeat_ts: BTreeMap<ViewId, i64>,
 }
@@ -662,9 +665,14 @@ impl Writer {
     }
 
     fn record(&self, tally: Tally, now: i64) {
-        for ((view, outcome), n) in tally.outcomes {
+        for ((view, connector, outcome), n) in tally.outcomes {
             metrics::counter!(metric::SOURCE_RECORDS, "view" => self.store.view_name(view).to_string(),
-                              "outcome" => outcome.as_str())
+                              "connector" => connector, "outcome" => outcome.as_str())
+            .increment(n);
+        }
+        for ((view, connector, basis), n) in tally.fallbacks {
+            metrics::counter!(metric::ORDER_FALLBACKS, "view" => self.store.view_name(view).to_string(),
+                              "connector" => connector, "reason" => basis.as_str())
             .increment(n);
         }
         for (view, ts) in tally.newest_source_ts {
@@ -753,7 +761,17 @@ fn apply_input(
         }
         Err(_) => txn.skip(input.view, &input.pos, Outcome::DeadLettered),
     };
-    *tally.outcomes.entry((input.view, outcome)).or_insert(0) += 1;
+    let connector = match &input.decoded {
+        Ok(Decoded::Change(event)) => event.source.connector_label(),
+        _ => "none",
+    };
+    *tally
+        .outcomes
+        .entry((input.view, connector, outcome))
+        .or_insert(0) += 1;
+    for (key, n) in txn.take_order_fallbacks() {
+        *tally.fallbacks.entry(key).or_insert(0) += n;
+    }
     Ok(outcome)
 }
 

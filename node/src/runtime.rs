@@ -1132,15 +1132,19 @@ fn build(
         Some(k) => match client_config(k)
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
-            .set("message.max.bytes", "10485760")
+            .set(
+                "message.max.bytes",
+                crate::dead_letter::PRODUCER_MAX_MESSAGE_BYTES.to_string(),
+            )
             .create()
+            .and_then(|producer| Ok((producer, client_config(k).create()?)))
         {
-            Ok(producer) => DeadLetterSink::Kafka {
+            Ok((producer, admin)) => DeadLetterSink::kafka(
                 producer,
-                topic: k.dead_letter_topic.clone(),
-                node: config.node.id.clone(),
-                max_value_bytes: 900 << 10,
-            },
+                admin,
+                k.dead_letter_topic.clone(),
+                config.node.id.clone(),
+            ),
             Err(e) => {
                 return Err((
                     store,

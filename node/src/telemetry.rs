@@ -13,10 +13,20 @@ use tokio_util::sync::CancellationToken;
 
 /// Names of every metric the node emits.
 pub mod metric {
-    /// Records read from a source, by `view` and `outcome`
+    /// Records read from a source, by `view`, `connector` (`source.connector`,
+    /// else told by the position fields; `none` for records that are no
+    /// change event) and `outcome`
     /// (inserted, updated, deleted, truncated, unchanged, duplicate, stale,
     /// already_applied, skipped, dead_lettered).
     pub const SOURCE_RECORDS: &str = "ndc_source_records_total";
+    /// Events whose order against the stored row was decided by the
+    /// commit-time fallback (`ts_ms`, then the offset in one stream), by
+    /// `view`, `connector` and `reason`: `no_position` (an event, or the
+    /// stored row, named no log position) or `other_source` (positions of
+    /// different connectors or servers, e.g. after a MySQL failover without
+    /// a shared GTID source). Zero for feeds whose connector ndc orders by
+    /// position (docs/design.md, "Ordering").
+    pub const ORDER_FALLBACKS: &str = "ndc_replica_order_fallback_total";
     /// Records sent to the dead-letter sink, by `view` and `reason`.
     pub const DEAD_LETTERS: &str = "ndc_dead_letter_records_total";
     /// Rows rejected for their national ID, by `view` (the source) and

@@ -113,12 +113,18 @@ async fn replicates_a_feed_and_serves_snapshot_then_every_change() {
 
     let text = metrics_text(node.addrs.http).await;
     assert!(
-        text.contains("ndc_source_records_total{view=\"replicates\",outcome=\"inserted\"} 41"),
+        text.contains("ndc_source_records_total{view=\"replicates\",connector=\"postgresql\",outcome=\"inserted\"} 41"),
         "{text}"
     );
     assert!(
-        text.contains("ndc_source_records_total{view=\"replicates\",outcome=\"skipped\"} 1"),
+        text.contains(
+            "ndc_source_records_total{view=\"replicates\",connector=\"none\",outcome=\"skipped\"} 1"
+        ),
         "tombstone skipped"
+    );
+    assert!(
+        !text.contains("ndc_replica_order_fallback_total{view=\"replicates\""),
+        "a PostgreSQL feed is ordered by its LSNs alone: {text}"
     );
     // Every batch's durable write is timed apart from the commit around it
     // (recorded just before the commit's own sample).
@@ -258,6 +264,72 @@ async fn bad_records_go_to_the_dead_letter_topic_and_good_ones_flow() {
             format!("ndc_dead_letter_records_total{{view=\"dead_letters\",reason=\"{kind}\"}} 1");
         assert!(text.contains(&line), "missing {line}");
     }
+    node.shutdown().await;
+}
+
+/// A record of megabytes, beyond what the dead-letter topic takes in one
+/// record, is dead-lettered whole: in chunks whose values, joined in order,
+/// are every byte of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_larger_than_the_dead_letter_topic_takes_is_kept_whole_in_chunks() {
+    let broker = broker_with_topics(1).await;
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .set("message.max.bytes", "10485760")
+        .create()
+        .unwrap();
+    let mut feed = Feed::new(Table::Citizens, 1_767_225_600_000);
+    let before = feed.event('c', 1, 0, None);
+    let after = feed.event('c', 2, 0, None);
+    let key = citizen_key(9).into_bytes();
+    // 2.5 MiB of varied bytes (no run a compressor would fold away).
+    let value: Vec<u8> = (0..(5usize << 19))
+        .map(|i| b'a' + ((i * 7 + i / 13) % 26) as u8)
+        .collect();
+    publish_event(&producer, CITIZENS, &before).await;
+    publish(&producer, CITIZENS, Some(&key), Some(&value)).await;
+    publish_event(&producer, CITIZENS, &after).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = node_config(
+        dir.path(),
+        &broker.bootstrap,
+        &[("big", CITIZENS, &["person_id"])],
+    );
+    let node = ndc_node::start(config).await.unwrap();
+    wait_rows(node.addrs.grpc, "big", 2).await;
+
+    let first = broker.read_all(DLQ, 1, T);
+    let chunk = header(&first[0], "ndc-chunk").expect("written in chunks");
+    let n: usize = chunk.split_once('/').unwrap().1.parse().unwrap();
+    assert!(n >= 3, "2.5 MiB in records of at most 1 MiB: {chunk}");
+    let mut letters = broker.read_all(DLQ, n, T);
+    assert_eq!(letters.len(), n);
+    letters.sort_by_key(rdkafka::Message::offset);
+    let mut joined = Vec::new();
+    for (i, m) in letters.iter().enumerate() {
+        assert_eq!(
+            header(m, "ndc-chunk"),
+            Some(format!("{}/{n}", i + 1).as_str())
+        );
+        assert_eq!(header(m, "ndc-error-kind"), Some("oversized"));
+        assert_eq!(header(m, "ndc-source-offset"), Some("1"));
+        assert_eq!(
+            header(m, "ndc-original-size"),
+            Some(value.len().to_string().as_str())
+        );
+        assert_eq!(rdkafka::Message::key(m), Some(key.as_slice()));
+        joined.extend_from_slice(payload(m).unwrap());
+    }
+    assert!(
+        joined == value,
+        "the chunks join to every byte of the record"
+    );
+    let text = metrics_text(node.addrs.http).await;
+    assert!(
+        text.contains("ndc_dead_letter_records_total{view=\"big\",reason=\"oversized\"} 1"),
+        "one dead letter, however many records it took"
+    );
     node.shutdown().await;
 }
 

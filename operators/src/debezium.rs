@@ -18,6 +18,7 @@
 //! declines, is read by serde_json with borrowed [`RawValue`]s. Every field
 //! that ndc interprets is type-checked, with the field named in the error.
 
+use ndc_proto::v1::LogPosition;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -745,6 +746,55 @@ pub struct SourceInfo {
     pub tx_id: Option<i64>,
     /// `true`, `first`, `last`, `false`, `incremental`, ... (empty when absent).
     pub snapshot: Arc<str>,
+    /// Where the change sits in the database's log, read from the fields of
+    /// its connector ([`crate::ordering`]); `None` when it names none.
+    pub position: Option<LogPosition>,
+    /// The event is a tombstone (a key and a null value): it has no source
+    /// block, and deletes the row written by the event before it in its
+    /// stream.
+    pub tombstone: bool,
+}
+
+impl SourceInfo {
+    /// The connector, as a metric label: named by the event, else told by
+    /// its position's fields.
+    pub fn connector_label(&self) -> &'static str {
+        match crate::ordering::connector_label(&self.connector) {
+            "none" => crate::ordering::family(self.position.as_ref()),
+            named => named,
+        }
+    }
+}
+
+/// The `source` fields that say where a change sits in its database's log
+/// (besides `lsn` and `ts_ms`), read by [`crate::ordering::position_of`].
+const POSITION_FIELDS: [&str; 14] = [
+    "sequence",
+    "server_id",
+    "file",
+    "pos",
+    "row",
+    "gtid",
+    "commit_lsn",
+    "change_lsn",
+    "event_serial_no",
+    "scn",
+    "commit_scn",
+    "rs_id",
+    "ssn",
+    "ord",
+];
+
+/// [`crate::ordering::position_of`] with its error worded as a decode error.
+fn position_from<'a>(
+    connector: &str,
+    ts_ms: i64,
+    field: &crate::ordering::FieldLookup<'a>,
+    prefix: &str,
+) -> Result<Option<LogPosition>, DecodeError> {
+    crate::ordering::position_of(connector, ts_ms, field).map_err(|e| {
+        DecodeError::wrong_type(&format!("{prefix}{}", e.field), e.expected, "another value")
+    })
 }
 
 /// One row-level change, decoded and validated.
@@ -758,6 +808,23 @@ pub struct ChangeEvent {
     pub source: SourceInfo,
     /// When the connector processed the change (top-level `ts_ms`).
     pub processed_ts_ms: Option<i64>,
+}
+
+impl ChangeEvent {
+    /// The delete a tombstone of `key` says (see [`SourceInfo::tombstone`]).
+    pub fn tombstone(key: Key) -> ChangeEvent {
+        ChangeEvent {
+            op: ChangeOp::Delete,
+            key: Some(key),
+            before: None,
+            after: None,
+            source: SourceInfo {
+                tombstone: true,
+                ..SourceInfo::default()
+            },
+            processed_ts_ms: None,
+        }
+    }
 }
 
 /// Transaction boundary from a `<prefix>.transaction` topic.
@@ -1022,7 +1089,8 @@ impl<'a> PlainEnvelope<'a> {
                             let mut stream = serde_json::Deserializer::from_str(text.get(start..)?)
                                 .into_iter::<TypedSource<'a>>();
                             let typed = stream.next()?.ok()?;
-                            (typed.into_info()?.ok()?, start + stream.byte_offset())
+                            let end = start + stream.byte_offset();
+                            (typed.into_info(text.get(start..end)?)?.ok()?, end)
                         }
                     };
                     set_once(&mut source, info)?;
@@ -1103,26 +1171,111 @@ struct TypedSource<'a> {
     ts_ms: Option<i64>,
     #[serde(default)]
     lsn: Option<u64>,
-    #[serde(default, rename = "txId")]
-    tx_id: Option<i64>,
+    #[serde(borrow, default, rename = "txId")]
+    tx_id: Option<&'a RawValue>,
     #[serde(borrow, default)]
     snapshot: Option<&'a RawValue>,
 }
 
+/// The position fields of a `source` block (or a flattened row's metadata),
+/// unparsed.
+#[derive(Deserialize, Default)]
+struct PositionFields<'a> {
+    #[serde(borrow, default)]
+    lsn: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    sequence: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    server_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    file: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pos: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    row: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    gtid: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    commit_lsn: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    change_lsn: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    event_serial_no: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    scn: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    commit_scn: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    rs_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    ssn: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    ord: Option<&'a RawValue>,
+}
+
+impl<'a> PositionFields<'a> {
+    fn get(&self, name: &str) -> Option<&'a RawValue> {
+        match name {
+            "sequence" => self.sequence,
+            "server_id" => self.server_id,
+            "file" => self.file,
+            "pos" => self.pos,
+            "row" => self.row,
+            "gtid" => self.gtid,
+            "commit_lsn" => self.commit_lsn,
+            "change_lsn" => self.change_lsn,
+            "event_serial_no" => self.event_serial_no,
+            "scn" => self.scn,
+            "commit_scn" => self.commit_scn,
+            "rs_id" => self.rs_id,
+            "ssn" => self.ssn,
+            "ord" => self.ord,
+            "lsn" => self.lsn,
+            _ => None,
+        }
+    }
+
+    /// The position named by the `source` block `text` (an object), a
+    /// second pass over it: the general path only.
+    fn position_of(
+        text: &str,
+        connector: &str,
+        ts_ms: i64,
+    ) -> Result<Option<LogPosition>, DecodeError> {
+        let fields: PositionFields<'_> = serde_json::from_str(text).map_err(|e| {
+            DecodeError::new(DecodeErrorKind::MalformedJson, format!("source: {e}"))
+        })?;
+        let lookup = |name: &'static str| {
+            fields
+                .get(name)
+                .map(|r| std::borrow::Cow::Borrowed(r.get()))
+        };
+        position_from(connector, ts_ms, &lookup, "source.")
+    }
+}
+
 impl TypedSource<'_> {
     /// `None` without `ts_ms` (the field-by-field reader words that error).
-    fn into_info(self) -> Option<Result<SourceInfo, DecodeError>> {
+    /// `text` is the block's own text, read again for the position.
+    fn into_info(self, text: &str) -> Option<Result<SourceInfo, DecodeError>> {
         let ts_ms = self.ts_ms?;
+        let connector = self.connector.unwrap_or_default();
+        let position = match PositionFields::position_of(text, &connector, ts_ms) {
+            Ok(p) => p,
+            Err(e) => return Some(Err(e)),
+        };
         Some(snapshot_of(self.snapshot).map(|snapshot| SourceInfo {
-            connector: self.connector.unwrap_or_default().into(),
+            connector: connector.into(),
             name: self.name.unwrap_or_default().into(),
             db: self.db.unwrap_or_default().into(),
             schema: self.schema.unwrap_or_default().into(),
             table: self.table.unwrap_or_default().into(),
             ts_ms,
             lsn: self.lsn,
-            tx_id: self.tx_id,
+            tx_id: self.tx_id.and_then(|t| json_integer(t.get())),
             snapshot: snapshot.into(),
+            position,
+            tombstone: false,
         }))
     }
 }
@@ -1168,6 +1321,18 @@ fn text_row(text: Option<&str>, field: &str) -> Result<Option<Row>, DecodeError>
     match text {
         None | Some("null") => Ok(None),
         Some(t) if t.starts_with('{') => Ok(Some(Row::from_object_text(t))),
+        // MongoDB's connector writes the document as a string of JSON.
+        Some(t) if t.starts_with('"') => serde_json::from_str::<String>(t)
+            .ok()
+            .and_then(|doc| serde_json::from_str::<Map<String, Value>>(&doc).ok())
+            .map(|doc| Some(Row::from_map(&doc)))
+            .ok_or_else(|| {
+                DecodeError::wrong_type(
+                    field,
+                    "object, a string of a JSON object, or null",
+                    "string",
+                )
+            }),
         Some(t) => Err(DecodeError::wrong_type(
             field,
             "object or null",
@@ -1184,6 +1349,7 @@ fn text_row(text: Option<&str>, field: &str) -> Result<Option<Row>, DecodeError>
 fn scan_source(text: &str, start: usize) -> Option<(SourceInfo, usize)> {
     let b = text.as_bytes();
     let mut fields: [Option<&str>; 9] = [None; 9];
+    let mut position_fields: [Option<&str>; POSITION_FIELDS.len()] = [None; POSITION_FIELDS.len()];
     let end = scan_object(b, start, |name, escaped, value| {
         if escaped {
             return None;
@@ -1199,7 +1365,12 @@ fn scan_source(text: &str, start: usize) -> Option<(SourceInfo, usize)> {
             b"lsn" => 6,
             b"txId" => 7,
             b"snapshot" => 8,
-            _ => return Some(end),
+            _ => {
+                if let Some(i) = POSITION_FIELDS.iter().position(|f| f.as_bytes() == name) {
+                    set_once(&mut position_fields[i], text.get(value..end)?)?;
+                }
+                return Some(end);
+            }
         };
         set_once(&mut fields[slot], text.get(value..end)?)?;
         Some(end)
@@ -1233,16 +1404,32 @@ fn scan_source(text: &str, start: usize) -> Option<(SourceInfo, usize)> {
         Some(t @ ("true" | "false")) => shared_text(SourceText::Snapshot, t),
         other => plain_string(SourceText::Snapshot, other)?,
     };
+    let connector = plain_string(SourceText::Connector, connector)?;
+    let ts_ms = integer(ts_ms)??;
+    let lookup = |name: &'static str| {
+        let raw = match name {
+            "lsn" => lsn,
+            _ => POSITION_FIELDS
+                .iter()
+                .position(|f| *f == name)
+                .and_then(|i| position_fields[i]),
+        };
+        raw.map(std::borrow::Cow::Borrowed)
+    };
+    // A position field the general path would reject: it words the error.
+    let position = crate::ordering::position_of(&connector, ts_ms, &lookup).ok()?;
     let info = SourceInfo {
-        connector: plain_string(SourceText::Connector, connector)?,
+        connector,
         name: plain_string(SourceText::Name, name)?,
         db: plain_string(SourceText::Db, db)?,
         schema: plain_string(SourceText::Schema, schema)?,
         table: plain_string(SourceText::Table, table)?,
-        ts_ms: integer(ts_ms)??,
+        ts_ms,
         lsn: integer(lsn)?,
-        tx_id: integer(tx_id)?,
+        tx_id: tx_id.and_then(json_integer),
         snapshot,
+        position,
+        tombstone: false,
     };
     Some((info, end))
 }
@@ -1353,6 +1540,11 @@ impl Decoder {
             });
         }
         let Some(value) = value else {
+            if is_transaction_topic(topic) {
+                return Ok(Decoded::Tombstone {
+                    key: key.map(parse_kafka_key).transpose()?,
+                });
+            }
             return self.tombstone(key);
         };
         let text = std::str::from_utf8(value).map_err(|e| {
@@ -1389,27 +1581,23 @@ impl Decoder {
         }
     }
 
+    /// A null value. In a table's feed, whatever its format, it deletes
+    /// the key's row if that row was written by the event before it in its
+    /// stream (a flattened feed in `drop` mode says deletes with it alone;
+    /// after a Debezium delete it finds the row deleted already, and a
+    /// compacted topic may hold it without the delete).
     fn tombstone(&self, key: Option<&[u8]>) -> Result<Decoded, DecodeError> {
-        match self.config.format {
-            Format::Debezium | Format::Facts => Ok(Decoded::Tombstone {
+        match (self.config.format, key) {
+            (Format::Facts, _) | (Format::Debezium, None) => Ok(Decoded::Tombstone {
                 key: key.map(parse_kafka_key).transpose()?,
             }),
-            Format::Flattened => {
-                let key = key.map(parse_kafka_key).transpose()?.ok_or_else(|| {
-                    DecodeError::new(
-                        DecodeErrorKind::MissingKey,
-                        "tombstone without a message key",
-                    )
-                })?;
-                Ok(Decoded::Change(ChangeEvent {
-                    op: ChangeOp::Delete,
-                    key: Some(key),
-                    before: None,
-                    after: None,
-                    source: SourceInfo::default(),
-                    processed_ts_ms: None,
-                }))
-            }
+            (Format::Flattened, None) => Err(DecodeError::new(
+                DecodeErrorKind::MissingKey,
+                "tombstone without a message key",
+            )),
+            (Format::Debezium | Format::Flattened, Some(key)) => Ok(Decoded::Change(
+                ChangeEvent::tombstone(self.key_of(None, Some(key))?),
+            )),
         }
     }
 
@@ -1601,19 +1789,41 @@ impl Decoder {
             (false, Some(op)) => op,
             (false, None) => ChangeOp::Update,
         };
+        let ts_ms = map_i64(&row, "__source_ts_ms")?
+            .or(map_i64(&row, "__ts_ms")?)
+            .unwrap_or(0);
+        let connector = first_non_empty(
+            map_string(&row, "__source_connector"),
+            map_string(&row, "__connector"),
+        );
+        // `add.fields` names a source field `__source_<f>`, or `__<f>`.
+        let metadata = |name: &'static str| {
+            row.get(&format!("__source_{name}"))
+                .or_else(|| row.get(&format!("__{name}")))
+                .map(|v| std::borrow::Cow::Owned(v.to_string()))
+        };
+        let position = position_from(&connector, ts_ms, &metadata, "__")?;
         let source = SourceInfo {
-            ts_ms: map_i64(&row, "__source_ts_ms")?
-                .or(map_i64(&row, "__ts_ms")?)
-                .unwrap_or(0),
+            ts_ms,
             lsn: map_u64(&row, "__lsn")?.or(map_u64(&row, "__source_lsn")?),
-            db: map_string(&row, "__db").into(),
-            schema: map_string(&row, "__schema").into(),
+            db: first_non_empty(map_string(&row, "__db"), map_string(&row, "__source_db")).into(),
+            schema: first_non_empty(
+                map_string(&row, "__schema"),
+                map_string(&row, "__source_schema"),
+            )
+            .into(),
             table: first_non_empty(
                 map_string(&row, "__table"),
                 map_string(&row, "__source_table"),
             )
             .into(),
-            connector: map_string(&row, "__source_connector").into(),
+            connector: connector.into(),
+            snapshot: first_non_empty(
+                map_string(&row, "__source_snapshot"),
+                map_string(&row, "__snapshot"),
+            )
+            .into(),
+            position,
             ..SourceInfo::default()
         };
         row.retain(|name, _| !name.starts_with("__"));
@@ -1729,9 +1939,16 @@ fn parse_kafka_key(bytes: &[u8]) -> Result<Key, DecodeError> {
     Ok(Key::from_value(&value))
 }
 
+/// A flattened row's integer metadata field: a number, or its digits as a
+/// string (`add.fields` writes `"__lsn": "123456789"`).
 fn map_i64(map: &Map<String, Value>, field: &str) -> Result<Option<i64>, DecodeError> {
     match map.get(field) {
         None | Some(Value::Null) => Ok(None),
+        Some(v @ Value::String(s)) => s
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| DecodeError::wrong_type(field, "integer", json_type(v))),
         Some(v @ Value::Number(n)) => n
             .as_i64()
             .map(Some)
@@ -1743,6 +1960,11 @@ fn map_i64(map: &Map<String, Value>, field: &str) -> Result<Option<i64>, DecodeE
 fn map_u64(map: &Map<String, Value>, field: &str) -> Result<Option<u64>, DecodeError> {
     match map.get(field) {
         None | Some(Value::Null) => Ok(None),
+        Some(v @ Value::String(s)) => s
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| DecodeError::wrong_type(field, "non-negative integer", json_type(v))),
         Some(v @ Value::Number(n)) => n
             .as_u64()
             .map(Some)
@@ -1769,7 +1991,7 @@ fn decode_source(raw: &RawValue) -> Result<SourceInfo, DecodeError> {
     // reading it field by field); anything it does not accept takes the
     // field-by-field path below, which says what is wrong.
     if let Ok(s) = serde_json::from_str::<TypedSource<'_>>(raw.get())
-        && let Some(info) = s.into_info()
+        && let Some(info) = s.into_info(raw.get())
     {
         return info;
     }
@@ -1791,8 +2013,15 @@ fn decode_source_by_field(raw: &RawValue) -> Result<SourceInfo, DecodeError> {
         table: raw_string(s.table, "source.table")?.into(),
         ts_ms,
         lsn: raw_u64(s.lsn, "source.lsn")?,
-        tx_id: raw_i64(s.tx_id, "source.txId")?,
+        // Oracle writes its transaction id as text ("6.28.807"): not a number.
+        tx_id: raw_i64(s.tx_id, "source.txId").ok().flatten(),
         snapshot: snapshot.into(),
+        position: PositionFields::position_of(
+            raw.get(),
+            &raw_string(s.connector, "source.connector")?,
+            ts_ms,
+        )?,
+        tombstone: false,
     })
 }
 
@@ -2013,22 +2242,124 @@ mod tests {
     }
 
     #[test]
-    fn tombstone_and_null_payload_are_tombstones() {
+    fn tombstone_and_null_payload_are_positionless_deletes_of_their_key() {
         let d = decoder();
+        let tombstone = Decoded::Change(ChangeEvent::tombstone(Key(r#"{"id":1}"#.into())));
         assert_eq!(
             d.decode("t", Some(br#"{"id":1}"#), None).expect("decodes"),
-            Decoded::Tombstone {
-                key: Some(Key(r#"{"id":1}"#.into()))
-            }
+            tombstone
         );
         let v = json!({"schema": null, "payload": null});
         assert_eq!(
             d.decode("t", Some(br#"{"id":1}"#), Some(&bytes(&v)))
                 .expect("decodes"),
-            Decoded::Tombstone {
-                key: Some(Key(r#"{"id":1}"#.into()))
-            }
+            tombstone
         );
+        // Without a key there is nothing to delete; on the transaction topic
+        // it is no table's.
+        assert_eq!(
+            d.decode("t", None, None).expect("decodes"),
+            Decoded::Tombstone { key: None }
+        );
+        assert!(matches!(
+            d.decode("srv.transaction", Some(br#"{"id":"x"}"#), None),
+            Ok(Decoded::Tombstone { .. })
+        ));
+    }
+
+    #[test]
+    fn each_connectors_source_block_gives_its_log_position_on_both_paths() {
+        use ndc_proto::v1::log_position::Kind;
+        const KEY: &[u8] = br#"{"id":1}"#;
+        let d = decoder();
+        let cases = [
+            (
+                json!({"connector":"mysql","ts_ms":1,"snapshot":false,"server_id":223344,"gtid":null,"file":"mysql-bin.000003","pos":484,"row":0,"thread":7}),
+                "mysql",
+            ),
+            (
+                json!({"connector":"postgresql","ts_ms":1,"sequence":"[\"24023119\",\"24023128\"]","lsn":24023128,"txId":555}),
+                "postgresql",
+            ),
+            (
+                json!({"connector":"sqlserver","ts_ms":1,"change_lsn":"00000027:00000758:0003","commit_lsn":"00000027:00000758:0005","event_serial_no":"1"}),
+                "sqlserver",
+            ),
+            (
+                json!({"connector":"oracle","ts_ms":1,"txId":"6.28.807","scn":"2122185","commit_scn":"2122185","rs_id":"001234.00012345.0124","ssn":1}),
+                "oracle",
+            ),
+            (
+                json!({"connector":"mongodb","ts_ms":1558965508000i64,"ord":31}),
+                "mongodb",
+            ),
+        ];
+        for (source, family) in cases {
+            let v = json!({"op":"c","before":null,"after":{"id":1},"source":source});
+            let fast = change(d.decode("t", Some(KEY), Some(&bytes(&v))).expect("decodes"));
+            assert_eq!(
+                crate::ordering::family(fast.source.position.as_ref()),
+                family,
+                "{source}"
+            );
+            // The general path (serde_json's) reads the same position.
+            let general = d
+                .decode_envelope_general("t", &v.to_string(), Some(KEY))
+                .map(change)
+                .expect("general path");
+            assert_eq!(general.source.position, fast.source.position, "{source}");
+        }
+        let v = json!({"op":"c","after":{"id":1},"source":{"connector":"mysql","ts_ms":1,"file":"b.000001","pos":"x"}});
+        let e = d
+            .decode("t", Some(KEY), Some(&bytes(&v)))
+            .expect_err("pos is no number");
+        assert_eq!(e.kind, DecodeErrorKind::WrongType);
+        assert!(e.message.contains("source.pos"), "{e}");
+        let mysql = json!({"op":"u","after":{"id":1},"source":{"connector":"mysql","ts_ms":1,"server_id":7,"file":"mysql-bin.000012","pos":560,"row":2,"gtid":"3E11FA47-71CA-11E1-9E33-C80AA9429562:23"}});
+        let c = change(
+            d.decode("t", Some(KEY), Some(&bytes(&mysql)))
+                .expect("decodes"),
+        );
+        let Some(Kind::Binlog(b)) = c.source.position.and_then(|p| p.kind) else {
+            panic!("binlog position");
+        };
+        assert_eq!(
+            (
+                b.server_id,
+                b.file_base.as_str(),
+                b.file_index,
+                b.pos,
+                b.row
+            ),
+            (7, "mysql-bin", 12, 560, 2)
+        );
+        assert_eq!(
+            (b.gtid_source.as_str(), b.gtid_sequence),
+            ("3e11fa47-71ca-11e1-9e33-c80aa9429562", 23)
+        );
+    }
+
+    #[test]
+    fn flattened_metadata_fields_give_the_position_as_numbers_or_digit_strings() {
+        let d = Decoder::new(DecoderConfig {
+            format: Format::Flattened,
+            key_columns: vec!["id".into()],
+            max_record_bytes: 0,
+            national_id: None,
+        });
+        let v = json!({"id":1,"name":"a","__op":"u","__table":"customers","__lsn":"123456789","__source_ts_ms":"1559033904863"});
+        let c = change(d.decode("t", None, Some(&bytes(&v))).expect("decodes"));
+        assert_eq!(c.source.lsn, Some(123_456_789));
+        assert_eq!(c.source.ts_ms, 1_559_033_904_863);
+        assert_eq!(
+            crate::ordering::family(c.source.position.as_ref()),
+            "postgresql"
+        );
+        assert_eq!(c.after.expect("row").as_str(), r#"{"id":1,"name":"a"}"#);
+        let v = json!({"id":1,"__source_connector":"mysql","__source_file":"bin.000002","__source_pos":77,"__deleted":"true"});
+        let c = change(d.decode("t", None, Some(&bytes(&v))).expect("decodes"));
+        assert_eq!(c.op, ChangeOp::Delete);
+        assert_eq!(crate::ordering::family(c.source.position.as_ref()), "mysql");
     }
 
     #[test]
@@ -2771,6 +3102,17 @@ mod source_scan {
         "\"sequence\":\"[\\\"1\\\",null]\"",
         "\"x\":{\"y\":[1,{}]}",
         "\"n\\u0061me\":\"q\"",
+        "\"connector\":\"mysql\"",
+        "\"file\":\"mysql-bin.000003\"",
+        "\"pos\":484",
+        "\"pos\":\"x\"",
+        "\"row\":\"2\"",
+        "\"server_id\":223344",
+        "\"gtid\":\"3e11fa47-71ca-11e1-9e33-c80aa9429562:23\"",
+        "\"commit_lsn\":\"00000027:00000758:0005\"",
+        "\"change_lsn\":null",
+        "\"scn\":\"2122185\"",
+        "\"ord\":31",
     ];
 
     proptest! {
@@ -2787,7 +3129,7 @@ mod source_scan {
             let text = format!("{{{space}{}{space}}}", members.join(&format!("{space},{space}")));
             let typed = serde_json::from_str::<TypedSource<'_>>(&text)
                 .ok()
-                .and_then(TypedSource::into_info)
+                .and_then(|t| t.into_info(&text))
                 .and_then(Result::ok);
             if let Some((info, end)) = scan_source(&text, 0) {
                 prop_assert_eq!(end, text.len());

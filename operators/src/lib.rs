@@ -2,8 +2,9 @@
 //!
 //! - [`debezium`]: Debezium change events → [`debezium::Decoded`] or a typed
 //!   [`debezium::DecodeError`] (the dead-letter reason).
-//! - [`replica`]: the ordering rule and per-event decision of the
-//!   synchronized replica.
+//! - [`ordering`]: which of two events of a key is newer: each connector's
+//!   position in its source database's log.
+//! - [`replica`]: the per-event decision of the synchronized replica.
 //! - [`store`]: RocksDB state: replicas, change streams and feed offsets,
 //!   committed atomically.
 //! - [`merge`]: the golden record of each citizen from many agencies' facts.
@@ -12,6 +13,7 @@
 pub mod debezium;
 pub mod merge;
 pub mod national_id;
+pub mod ordering;
 pub mod replica;
 pub mod store;
 

@@ -19,7 +19,8 @@ use crate::debezium::{ChangeEvent, ChangeOp, Key, Row, SourceInfo};
 use crate::national_id::NationalId;
 use crate::replica::{Outcome, Position};
 use crate::store::{StoreError, Txn, ViewId};
-use ndc_proto::v1::SourcePosition;
+use ndc_proto::v1::{LogPosition, SourcePosition};
+use prost::Message;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use std::cmp::Reverse;
@@ -96,6 +97,13 @@ pub struct Fact {
     /// its offset there: the fact's version.
     pub origin_stream: String,
     pub origin_offset: u64,
+    /// The origin's position in its database's log (protobuf `LogPosition`,
+    /// base64): what orders the fact's versions ([`crate::ordering`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<String>,
+    /// The origin change was a snapshot read.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub snapshot: bool,
 }
 
 /// Why a repartition record cannot be merged (a dead-letter reason).
@@ -118,6 +126,16 @@ impl Fact {
         NationalId::parse(&fact.national_id)
             .map_err(|e| FactError::InvalidNationalId(fact.national_id.clone(), e))?;
         Ok(fact)
+    }
+
+    /// The origin's log position, if it had one (an unreadable one is
+    /// treated as none: the commit time then orders, counted as a fallback).
+    pub fn log_position(&self) -> Option<LogPosition> {
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(self.position.as_deref()?)
+            .ok()?;
+        LogPosition::decode(bytes.as_slice()).ok()
     }
 
     /// Key of this fact's contribution: national ID first, so one person's
@@ -180,6 +198,11 @@ pub fn facts_of_change(
         lsn: origin.lsn,
         origin_stream: origin.stream.clone(),
         origin_offset: origin.offset,
+        position: origin.log_position.as_ref().map(|p| {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.encode(p.encode_to_vec())
+        }),
+        snapshot: !matches!(origin.snapshot.as_str(), "" | "false"),
     };
     let mut facts = Vec::new();
     if let Some(old) = old_id
@@ -385,13 +408,14 @@ impl Merger {
             ts_ms: fact.ts_ms,
             lsn: fact.lsn,
             table: fact.source.as_str().into(),
+            position: fact.log_position(),
             ..SourceInfo::default()
         };
         let event = ChangeEvent {
-            op: if fact.row.is_some() {
-                ChangeOp::Update
-            } else {
-                ChangeOp::Delete
+            op: match (&fact.row, fact.snapshot) {
+                (Some(_), true) => ChangeOp::Read,
+                (Some(_), false) => ChangeOp::Update,
+                (None, _) => ChangeOp::Delete,
             },
             key: Some(fact.contribution_key()),
             before: None,
@@ -573,6 +597,8 @@ mod tests {
             lsn: None,
             origin_stream: String::new(),
             origin_offset: 0,
+            position: None,
+            snapshot: false,
         };
         assert!(fact.contribution_key().as_str().starts_with(&prefix));
     }

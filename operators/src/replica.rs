@@ -1,14 +1,15 @@
 //! The synchronized-replica operator: keeps the latest row per primary key
 //! and turns the agency's change events into a clean change stream.
 //!
-//! Ordering rule, applied per key: an event replaces the stored row only if
-//! it is newer. Newer means a higher LSN when both sides carry one; else a
-//! later source commit time; at equal commit time, a later offset in the same
-//! feed stream. Equal versions are duplicates; older ones are stale. Both are
+//! An event replaces the stored row only if it is newer by
+//! [`crate::ordering`]: its position in the source database's log, per
+//! connector. Equal versions are duplicates; older ones are stale. Both are
 //! counted and dropped, which makes any replay of any prefix of a feed leave
-//! the same state.
+//! the same state. A tombstone has no position of its own: it deletes the
+//! row written by the event before it in its stream.
 
 use crate::debezium::{ChangeEvent, ChangeOp};
+pub use crate::ordering::{Basis, compare_versions};
 use ndc_proto::state::{RowVersion, StoredRow};
 use ndc_proto::v1::Op;
 use std::cmp::Ordering;
@@ -75,23 +76,16 @@ pub fn version_of(event: &ChangeEvent, pos: &Position) -> RowVersion {
         source_ts_ms: event.source.ts_ms,
         stream: String::from(&*pos.stream),
         offset: pos.offset,
-    }
-}
-
-/// How `new` compares with `old` under the ordering rule of this module.
-pub fn compare_versions(new: &RowVersion, old: &RowVersion) -> Ordering {
-    if let (Some(a), Some(b)) = (new.lsn, old.lsn) {
-        return a.cmp(&b);
-    }
-    match new.source_ts_ms.cmp(&old.source_ts_ms) {
-        Ordering::Equal if new.stream == old.stream => new.offset.cmp(&old.offset),
-        // Different feeds at the same instant: the later arrival wins.
-        Ordering::Equal => Ordering::Greater,
-        other => other,
+        position: event.source.position.clone(),
+        snapshot: event.op == ChangeOp::Read,
+        after: false,
     }
 }
 
 /// The effect of one keyed event on the stored row.
+// Not boxed: a decision is made and consumed once per event, and a box
+// would cost an allocation per event on the hot path.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
     /// Store `row`; emit a change unless `op` is `None` (unchanged content).
@@ -108,21 +102,110 @@ pub enum Decision {
 }
 
 /// Decides what a keyed event (create, read, update or delete) does, given
-/// the stored row and the view's last truncate.
+/// the stored row and the view's last truncate; with what ordered it, when
+/// it was compared with a stored version.
 pub fn decide(
     current: Option<&StoredRow>,
     truncated_at: Option<&RowVersion>,
     event: &ChangeEvent,
     version: RowVersion,
-) -> Decision {
-    let baseline = current.and_then(|r| r.version.as_ref()).or(truncated_at);
-    if let Some(old) = baseline {
-        match compare_versions(&version, old) {
-            Ordering::Less => return Decision::Skip(Outcome::Stale),
-            Ordering::Equal => return Decision::Skip(Outcome::Duplicate),
-            Ordering::Greater => {}
-        }
+) -> (Decision, Option<Basis>) {
+    if event.source.tombstone {
+        return decide_tombstone(current, version);
     }
+    let baseline = current.and_then(|r| r.version.as_ref()).or(truncated_at);
+    let Some(old) = baseline else {
+        return (decide_newer(current, event, version), None);
+    };
+    let (order, basis) = compare_versions(&version, old);
+    // A stale event is remembered on the row: a tombstone right after it in
+    // its stream deletes what it wrote, not the stored row. So is a duplicate
+    // that is newer in its stream than what the row remembers (the tombstone
+    // after it deletes the stored row, which it repeats).
+    let (outcome, remember) = match order {
+        Ordering::Less => (Outcome::Stale, true),
+        Ordering::Equal => (
+            Outcome::Duplicate,
+            current.is_some_and(|row| {
+                row.unapplied.is_some()
+                    || row
+                        .version
+                        .as_ref()
+                        .is_some_and(|v| v.stream != version.stream)
+            }),
+        ),
+        Ordering::Greater => return (decide_newer(current, event, version), Some(basis)),
+    };
+    let decision = match current {
+        Some(row) if remember => Decision::Write {
+            row: StoredRow {
+                unapplied: Some(version),
+                ..row.clone()
+            },
+            op: None,
+            before_json: None,
+            after_json: None,
+            live_delta: 0,
+            outcome,
+        },
+        _ => Decision::Skip(outcome),
+    };
+    (decision, Some(basis))
+}
+
+/// A tombstone (no position of its own, `version` only says where in its
+/// stream it is): it deletes the live row if the event before it in its
+/// stream is the one that wrote that row (or one at the same position); it is
+/// stale if that event was stale. When the row came from another stream,
+/// nothing tells: the later arrival wins, counted as a fallback.
+fn decide_tombstone(current: Option<&StoredRow>, version: RowVersion) -> (Decision, Option<Basis>) {
+    let Some(row) = current.filter(|r| !r.deleted) else {
+        return (Decision::Skip(Outcome::Skipped), None);
+    };
+    let stored = row.version.as_ref();
+    let before_in_stream = [row.unapplied.as_ref(), stored]
+        .into_iter()
+        .flatten()
+        .filter(|v| v.stream == version.stream && v.offset < version.offset)
+        .max_by_key(|v| v.offset);
+    let follows = |v: &RowVersion| RowVersion {
+        stream: version.stream.clone(),
+        offset: version.offset,
+        after: true,
+        ..v.clone()
+    };
+    let (deleted_at, basis) = match (before_in_stream, stored) {
+        (Some(previous), Some(stored)) => {
+            let at = follows(previous);
+            let (order, by) = compare_versions(&at, stored);
+            if order != Ordering::Greater {
+                return (Decision::Skip(Outcome::Stale), Some(by));
+            }
+            (at, Some(by))
+        }
+        (_, stored) => (
+            stored.map_or_else(|| version.clone(), follows),
+            Some(Basis::NoPosition),
+        ),
+    };
+    let decision = Decision::Write {
+        row: StoredRow {
+            version: Some(deleted_at),
+            deleted: true,
+            row_json: String::new(),
+            unapplied: None,
+        },
+        op: Some(Op::Delete),
+        before_json: Some(row.row_json.clone()),
+        after_json: None,
+        live_delta: -1,
+        outcome: Outcome::Deleted,
+    };
+    (decision, basis)
+}
+
+/// What an event newer than the stored row does.
+fn decide_newer(current: Option<&StoredRow>, event: &ChangeEvent, version: RowVersion) -> Decision {
     let live_before = current.filter(|r| !r.deleted).map(|r| r.row_json.clone());
     match event.op {
         ChangeOp::Delete => {
@@ -130,6 +213,7 @@ pub fn decide(
                 version: Some(version),
                 deleted: true,
                 row_json: String::new(),
+                unapplied: None,
             };
             match live_before {
                 Some(before) => Decision::Write {
@@ -158,6 +242,7 @@ pub fn decide(
                 version: Some(version),
                 deleted: false,
                 row_json: after.clone(),
+                unapplied: None,
             };
             match live_before {
                 Some(before) if before == after => Decision::Write {
@@ -193,49 +278,156 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::debezium::{Key, Row, SourceInfo};
+    use ndc_proto::v1::log_position::Kind;
+    use ndc_proto::v1::{LogPosition, PostgresPosition};
 
-    fn v(lsn: Option<u64>, ts: i64, stream: &str, offset: u64) -> RowVersion {
-        RowVersion {
-            lsn,
-            source_ts_ms: ts,
-            stream: stream.into(),
-            offset,
+    fn pg(lsn: u64) -> SourceInfo {
+        SourceInfo {
+            connector: "postgresql".into(),
+            lsn: Some(lsn),
+            ts_ms: 1,
+            position: Some(LogPosition {
+                kind: Some(Kind::Postgres(PostgresPosition {
+                    last_commit_lsn: None,
+                    lsn,
+                })),
+            }),
+            ..SourceInfo::default()
         }
     }
 
+    fn upsert(source: SourceInfo, value: u32) -> ChangeEvent {
+        let mut row = serde_json::Map::new();
+        row.insert("id".into(), 1.into());
+        row.insert("v".into(), value.into());
+        ChangeEvent {
+            op: ChangeOp::Update,
+            key: Some(Key::from_value(&serde_json::json!({"id": 1}))),
+            before: None,
+            after: Some(Row::from_map(&row)),
+            source,
+            processed_ts_ms: None,
+        }
+    }
+
+    fn tombstone() -> ChangeEvent {
+        ChangeEvent::tombstone(Key::from_value(&serde_json::json!({"id": 1})))
+    }
+
+    /// Applies `events` (each at its offset in `stream`) and returns the
+    /// stored row and the outcomes.
+    fn run(events: &[(&str, u64, ChangeEvent)]) -> (Option<StoredRow>, Vec<Outcome>) {
+        let mut row: Option<StoredRow> = None;
+        let mut outcomes = Vec::new();
+        for (stream, offset, event) in events {
+            let version = version_of(event, &Position::new(*stream, *offset));
+            let (decision, _) = decide(row.as_ref(), None, event, version);
+            match decision {
+                Decision::Write {
+                    row: new, outcome, ..
+                } => {
+                    row = Some(new);
+                    outcomes.push(outcome);
+                }
+                Decision::Skip(outcome) => outcomes.push(outcome),
+            }
+        }
+        (row, outcomes)
+    }
+
     #[test]
-    fn lsn_decides_when_both_have_one() {
+    fn a_tombstone_deletes_the_row_the_event_before_it_wrote() {
+        let (row, outcomes) = run(&[("s", 0, upsert(pg(10), 1)), ("s", 1, tombstone())]);
+        assert!(row.expect("row").deleted);
+        assert_eq!(outcomes, [Outcome::Inserted, Outcome::Deleted]);
+    }
+
+    #[test]
+    fn a_redelivered_row_and_its_tombstone_change_nothing() {
+        // v1 at 10, v2 at 20 (stored); then v1 and the tombstone after it
+        // are delivered again: v1 is stale, so the tombstone is too.
+        let (row, outcomes) = run(&[
+            ("s", 0, upsert(pg(10), 1)),
+            ("s", 1, upsert(pg(20), 2)),
+            ("s", 2, upsert(pg(10), 1)),
+            ("s", 3, tombstone()),
+        ]);
+        let row = row.expect("row");
+        assert!(!row.deleted);
+        assert!(row.row_json.contains("\"v\":2"), "{row:?}");
         assert_eq!(
-            compare_versions(&v(Some(10), 1, "a", 1), &v(Some(9), 5, "a", 9)),
-            Ordering::Greater
-        );
-        assert_eq!(
-            compare_versions(&v(Some(9), 9, "b", 9), &v(Some(9), 1, "a", 1)),
-            Ordering::Equal
+            outcomes,
+            [
+                Outcome::Inserted,
+                Outcome::Updated,
+                Outcome::Stale,
+                Outcome::Stale
+            ]
         );
     }
 
     #[test]
-    fn falls_back_to_commit_time_then_offset() {
+    fn a_redelivered_row_and_its_tombstone_end_deleted_and_a_new_insert_wins() {
+        let (row, outcomes) = run(&[
+            ("s", 0, upsert(pg(10), 1)),
+            ("s", 1, tombstone()),
+            ("s", 2, upsert(pg(10), 1)),
+            ("s", 3, tombstone()),
+        ]);
+        assert!(row.expect("row").deleted);
         assert_eq!(
-            compare_versions(&v(None, 2, "a", 1), &v(Some(9), 1, "a", 9)),
-            Ordering::Greater
+            outcomes,
+            [
+                Outcome::Inserted,
+                Outcome::Deleted,
+                Outcome::Inserted,
+                Outcome::Deleted
+            ]
         );
-        assert_eq!(
-            compare_versions(&v(None, 1, "a", 1), &v(None, 2, "a", 0)),
-            Ordering::Less
-        );
-        assert_eq!(
-            compare_versions(&v(None, 1, "a", 5), &v(None, 1, "a", 4)),
-            Ordering::Greater
-        );
-        assert_eq!(
-            compare_versions(&v(None, 1, "a", 4), &v(None, 1, "a", 4)),
-            Ordering::Equal
-        );
-        assert_eq!(
-            compare_versions(&v(None, 1, "b", 0), &v(None, 1, "a", 4)),
-            Ordering::Greater
-        );
+        let (row, _) = run(&[
+            ("s", 0, upsert(pg(10), 1)),
+            ("s", 1, tombstone()),
+            ("s", 2, upsert(pg(30), 3)),
+        ]);
+        assert!(!row.expect("row").deleted);
+    }
+
+    #[test]
+    fn a_tombstone_redelivered_without_its_row_is_undone_by_the_row_after_it() {
+        // v1, its tombstone, v2; the connector restarts after v1 and sends
+        // the tombstone and v2 again: the tombstone alone deletes v2, whose
+        // own redelivery right after restores it.
+        let (row, outcomes) = run(&[
+            ("s", 0, upsert(pg(10), 1)),
+            ("s", 1, tombstone()),
+            ("s", 2, upsert(pg(20), 2)),
+            ("s", 3, tombstone()),
+            ("s", 4, upsert(pg(20), 2)),
+        ]);
+        let row = row.expect("row");
+        assert!(!row.deleted && row.row_json.contains("\"v\":2"), "{row:?}");
+        assert_eq!(outcomes[3], Outcome::Deleted);
+        assert_eq!(outcomes[4], Outcome::Inserted);
+    }
+
+    #[test]
+    fn a_tombstone_for_a_row_of_another_stream_deletes_it_as_a_counted_fallback() {
+        let v = upsert(pg(10), 1);
+        let first = version_of(&v, &Position::new("file:x", 0));
+        let (Decision::Write { row, .. }, _) = decide(None, None, &v, first) else {
+            panic!("insert");
+        };
+        let t = tombstone();
+        let at = version_of(&t, &Position::new("kafka:t:0", 5));
+        let (decision, basis) = decide(Some(&row), None, &t, at);
+        assert!(matches!(
+            decision,
+            Decision::Write {
+                outcome: Outcome::Deleted,
+                ..
+            }
+        ));
+        assert_eq!(basis, Some(Basis::NoPosition));
     }
 }

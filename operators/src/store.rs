@@ -17,7 +17,7 @@
 //! numbers, so a view's change stream is gapless.
 
 use crate::debezium::{ChangeEvent, ChangeOp, Key, SourceInfo};
-use crate::replica::{Decision, Outcome, Position, compare_versions, decide, version_of};
+use crate::replica::{Basis, Decision, Outcome, Position, compare_versions, decide, version_of};
 use ndc_proto::state::{Effect, LogRecord, RowVersion, StoredRow, ViewMeta, effect};
 use ndc_proto::v1::{Change, Op, SourcePosition};
 use prost::Message;
@@ -865,6 +865,7 @@ impl Store {
             pending: None,
             kept: None,
             encoded: Vec::new(),
+            fallbacks: BTreeMap::new(),
         }
     }
 
@@ -1023,6 +1024,9 @@ pub struct Txn<'s> {
     /// Where each row and change is encoded before the write batch copies
     /// it: one buffer a batch instead of an allocation per record.
     encoded: Vec<u8>,
+    /// Events ordered by the commit-time fallback, by view, connector and
+    /// why (see [`Txn::take_order_fallbacks`]).
+    fallbacks: BTreeMap<(ViewId, &'static str, Basis), u64>,
 }
 
 /// Effects a cluster node has written to the change log but not yet applied
@@ -1289,6 +1293,13 @@ impl Txn<'_> {
         self.kept.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
+    /// How many events since the last call were ordered by the commit-time
+    /// fallback (no position, or positions that do not compare), by view,
+    /// connector label and why.
+    pub fn take_order_fallbacks(&mut self) -> BTreeMap<(ViewId, &'static str, Basis), u64> {
+        std::mem::take(&mut self.fallbacks)
+    }
+
     /// Effects recorded since the last call (cluster owner mode; empty
     /// otherwise), each with its view, to be carried by `log`'s change log:
     /// an effect on another view names it.
@@ -1356,12 +1367,18 @@ impl Txn<'_> {
             return Ok(Outcome::Skipped);
         };
         let truncated_at = self.meta_mut(view)?.truncated_at.clone();
-        let decision = decide(
+        let (decision, basis) = decide(
             self.current_row(view, key.as_bytes())?.as_ref().as_ref(),
             truncated_at.as_ref(),
             event,
             version_of(event, origin),
         );
+        if let Some(basis) = basis.filter(|b| b.is_fallback()) {
+            *self
+                .fallbacks
+                .entry((view, event.source.connector_label(), basis))
+                .or_insert(0) += 1;
+        }
         match decision {
             Decision::Skip(outcome) => Ok(outcome),
             Decision::Write {
@@ -1453,6 +1470,7 @@ impl Txn<'_> {
                     version: None,
                     deleted: false,
                     row_json: json.clone(),
+                    unapplied: None,
                 },
             ),
             None => self.remove_row(view, key.as_bytes()),
@@ -1563,7 +1581,7 @@ impl Txn<'_> {
     ) -> Result<Outcome, StoreError> {
         let version = version_of(event, pos);
         if let Some(prev) = &self.meta_mut(view)?.truncated_at
-            && compare_versions(&version, prev) != Ordering::Greater
+            && compare_versions(&version, prev).0 != Ordering::Greater
         {
             return Ok(Outcome::Stale);
         }
@@ -1574,7 +1592,7 @@ impl Txn<'_> {
             let older = row
                 .version
                 .as_ref()
-                .is_none_or(|rv| compare_versions(&version, rv) == Ordering::Greater);
+                .is_none_or(|rv| compare_versions(&version, rv).0 == Ordering::Greater);
             if older {
                 if !row.deleted {
                     removed.push((key.clone(), row.row_json.clone()));
@@ -1809,6 +1827,7 @@ fn source_position(s: &SourceInfo, pos: &Position) -> SourcePosition {
         snapshot: String::from(&*s.snapshot),
         stream: String::from(&*pos.stream),
         offset: pos.offset,
+        log_position: s.position.clone(),
     }
 }
 

@@ -1,19 +1,28 @@
 //! The replica operator against a reference model, on a real RocksDB store.
 //!
-//! A generated history of changes (upserts, deletes, truncates) is written to
-//! a simulated topic the way Debezium does at least once: in order, with
-//! windows of it sent again. The topic is spread over partitions by key and
-//! consumed in any interleaving of partitions, in batches of any size, with
-//! crashes (the store is closed without committing the open batch and opened
-//! again, and reading resumes from the stored offsets). Whatever happens, the
-//! replica must equal the reference model, and the change stream must be
-//! gapless and, folded from the start, give the same replica.
+//! A generated history of changes (upserts, deletes, truncates), after an
+//! initial snapshot of some keys, is written to a simulated topic the way
+//! Debezium does at least once: in order, with windows of it and single
+//! earlier events sent again. Each event is Debezium JSON in the shape of a
+//! generated connector (PostgreSQL with or without `sequence`, MySQL binlog
+//! coordinates, SQL Server LSNs, Oracle SCNs, MongoDB oplog times, or none at
+//! all), decoded by the real decoder: commit times (`ts_ms`) tie across
+//! several changes and snapshot reads are stamped with a scan time later than
+//! the changes streamed after them, so only the positions order them.
+//! Deletes are Debezium events, events followed by tombstones, or (a
+//! flattened feed in `tombstone` mode) tombstones alone. The topic is spread
+//! over partitions by key and consumed in any interleaving of partitions, in
+//! batches of any size, with crashes (the store is closed without committing
+//! the open batch and opened again, and reading resumes from the stored
+//! offsets). Whatever happens, the replica must equal the reference model,
+//! and the change stream must be gapless and, folded from the start, give
+//! the same replica.
 
-use ndc_operators::debezium::{ChangeEvent, ChangeOp, Key, Row, SourceInfo};
-use ndc_operators::{Position, Store, StoreConfig};
+use ndc_operators::debezium::{ChangeEvent, Decoded, Key, Row};
+use ndc_operators::{Decoder, DecoderConfig, Format, Position, Store, StoreConfig};
 use ndc_proto::v1::Op;
 use proptest::prelude::*;
-use serde_json::json;
+use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
 #[derive(Debug, Clone)]
@@ -31,6 +40,44 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
+/// Which connector's positions the feed carries.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Connector {
+    /// No position: commit time, then offset (the commit times of this
+    /// feed are distinct and in order: the fallback needs that).
+    None,
+    Postgres,
+    PostgresSequence,
+    MySql,
+    SqlServer,
+    Oracle,
+    MongoDb,
+}
+
+fn connector() -> impl Strategy<Value = Connector> {
+    prop_oneof![
+        Just(Connector::None),
+        Just(Connector::Postgres),
+        Just(Connector::PostgresSequence),
+        Just(Connector::MySql),
+        Just(Connector::SqlServer),
+        Just(Connector::Oracle),
+        Just(Connector::MongoDb),
+    ]
+}
+
+/// How the feed says a row was deleted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Deletes {
+    /// A Debezium `d` event.
+    Event,
+    /// A `d` event and a tombstone after it.
+    EventAndTombstone,
+    /// Only a tombstone (a flattened feed's default): redeliveries are then
+    /// stretches up to the present, as Debezium restarts from an offset.
+    TombstoneOnly,
+}
+
 fn key_of(k: u8) -> Key {
     Key::from_value(&json!({ "id": k }))
 }
@@ -42,49 +89,125 @@ fn row_of(k: u8, value: u8) -> Row {
     Row::from_map(&row)
 }
 
-/// The i-th event of the history (version i + 1).
-fn event(i: usize, step: &Step, with_lsn: bool) -> ChangeEvent {
-    let version = i as u64 + 1;
-    let source = SourceInfo {
-        ts_ms: version as i64,
-        lsn: with_lsn.then_some(version),
-        table: "t".into(),
-        ..SourceInfo::default()
+/// The `source` block of the change at version `v` (0: the snapshot's
+/// position, shared by every snapshot read).
+fn source(c: Connector, v: u64, snapshot: bool) -> Value {
+    // Commit times tie across four changes; a snapshot read carries the
+    // time the table was scanned, after all of them. Without positions,
+    // commit times must order the feed (the fallback's assumption).
+    let ts = match (c, snapshot) {
+        (Connector::None, _) => v as i64,
+        (_, true) => 1_000_000,
+        (_, false) => (v / 4) as i64,
     };
-    match step {
-        Step::Upsert { key, value } => ChangeEvent {
-            op: ChangeOp::Update,
-            key: Some(key_of(*key)),
-            before: None,
-            after: Some(row_of(*key, *value)),
-            source,
-            processed_ts_ms: None,
-        },
-        Step::Delete { key } => ChangeEvent {
-            op: ChangeOp::Delete,
-            key: Some(key_of(*key)),
-            before: None,
-            after: None,
-            source,
-            processed_ts_ms: None,
-        },
-        Step::Truncate => ChangeEvent {
-            op: ChangeOp::Truncate,
-            key: None,
-            before: None,
-            after: None,
-            source,
-            processed_ts_ms: None,
-        },
+    let snap = if snapshot { "true" } else { "false" };
+    match c {
+        Connector::None => json!({"ts_ms": ts, "snapshot": snap}),
+        Connector::Postgres => json!({"connector": "postgresql", "ts_ms": ts, "snapshot": snap,
+            "lsn": 1000 + v * 10}),
+        Connector::PostgresSequence => {
+            let last = if snapshot {
+                Value::Null
+            } else {
+                json!((995 + v * 10).to_string())
+            };
+            json!({"connector": "postgresql", "ts_ms": ts, "snapshot": snap, "lsn": 1000 + v * 10,
+                "sequence": json!([last, (1000 + v * 10).to_string()]).to_string()})
+        }
+        // Seven changes a binlog file; snapshot reads have server_id 0.
+        Connector::MySql => json!({"connector": "mysql", "ts_ms": ts, "snapshot": snap,
+            "server_id": if snapshot { 0 } else { 223344 }, "gtid": null,
+            "file": format!("mysql-bin.{:06}", 3 + v / 7), "pos": 4 + (v % 7) * 120, "row": 0}),
+        Connector::SqlServer => json!({"connector": "sqlserver", "ts_ms": ts, "snapshot": snap,
+            "commit_lsn": format!("{:08x}:{:08x}:{:04x}", 0x27, 0x700 + v * 2, 5),
+            "change_lsn": if snapshot { Value::Null } else { json!(format!("{:08x}:{:08x}:{:04x}", 0x27, 0x700 + v * 2, 3)) },
+            "event_serial_no": if snapshot { Value::Null } else { json!("1") }}),
+        Connector::Oracle => json!({"connector": "oracle", "ts_ms": ts, "snapshot": snap,
+            "scn": (2_122_180 + v * 3).to_string(),
+            "commit_scn": if snapshot { Value::Null } else { json!((2_122_181 + v * 3).to_string()) },
+            "rs_id": format!("{:06x}.{:08x}.{:04x}", 0x1234, 0x12345 + v, 0x10), "ssn": 1, "txId": "6.28.807"}),
+        // The oplog's seconds, and the ordinal within one second.
+        Connector::MongoDb => json!({"connector": "mongodb", "snapshot": snap,
+            "ts_ms": if snapshot { 1000 } else { ((v + 3) / 3) as i64 * 1000 }, "ord": (v + 3) % 3}),
     }
 }
 
-/// Reference: a key holds the row of its newest event, unless that event is a
-/// delete or an even newer truncate came.
-fn reference(history: &[Step]) -> BTreeMap<String, String> {
+/// One record of the topic.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Sent {
+    /// The snapshot read of the i-th snapshot key.
+    Snapshot(usize),
+    /// The i-th change of the history.
+    Change(usize),
+    /// The tombstone after the i-th change (a delete).
+    Tombstone(usize),
+}
+
+fn decoder() -> Decoder {
+    Decoder::new(DecoderConfig {
+        format: Format::Debezium,
+        key_columns: vec!["id".into()],
+        max_record_bytes: 0,
+        national_id: None,
+    })
+}
+
+/// The change event a record of the topic decodes to.
+fn event(s: &Scenario, sent: Sent) -> ChangeEvent {
+    let decoder = decoder();
+    let (key, value) = match sent {
+        Sent::Snapshot(i) => {
+            let (key, value) = s.snapshot[i];
+            let value = json!({"op": "r", "before": null,
+                "after": serde_json::from_str::<Value>(row_of(key, value).as_str()).unwrap_or_default(),
+                "source": source(s.connector, 0, true)});
+            (key, Some(value))
+        }
+        Sent::Change(i) => {
+            let v = i as u64 + 1;
+            let value = match &s.history[i] {
+                Step::Upsert { key, value } => json!({"op": "u", "before": null,
+                    "after": serde_json::from_str::<Value>(row_of(*key, *value).as_str()).unwrap_or_default(),
+                    "source": source(s.connector, v, false)}),
+                Step::Delete { key } => json!({"op": "d", "before": {"id": key}, "after": null,
+                    "source": source(s.connector, v, false)}),
+                Step::Truncate => json!({"op": "t", "before": null, "after": null,
+                    "source": source(s.connector, v, false)}),
+            };
+            let key = match &s.history[i] {
+                Step::Upsert { key, .. } | Step::Delete { key } => *key,
+                Step::Truncate => 0,
+            };
+            (key, Some(value))
+        }
+        Sent::Tombstone(i) => match &s.history[i] {
+            Step::Delete { key } => (*key, None),
+            _ => unreachable!("tombstones follow deletes"),
+        },
+    };
+    let key_bytes = key_of(key).as_str().as_bytes().to_vec();
+    let value_bytes = value.map(|v| v.to_string().into_bytes());
+    let kafka_key = match sent {
+        Sent::Change(i) if matches!(s.history[i], Step::Truncate) => None,
+        _ => Some(key_bytes.as_slice()),
+    };
+    match decoder.decode("t", kafka_key, value_bytes.as_deref()) {
+        Ok(Decoded::Change(event)) => event,
+        other => panic!("{sent:?} decodes to a change, got {other:?}"),
+    }
+}
+
+/// Reference: the snapshot's rows, then each change of the history in turn.
+fn reference(s: &Scenario) -> BTreeMap<String, String> {
     let mut state: BTreeMap<String, String> = BTreeMap::new();
-    for (i, s) in history.iter().enumerate() {
-        match s {
+    for (key, value) in &s.snapshot {
+        state.insert(
+            key_of(*key).to_string(),
+            row_of(*key, *value).as_str().to_string(),
+        );
+    }
+    for step in &s.history {
+        match step {
             Step::Upsert { key, value } => {
                 state.insert(
                     key_of(*key).to_string(),
@@ -96,72 +219,141 @@ fn reference(history: &[Step]) -> BTreeMap<String, String> {
             }
             Step::Truncate => state.clear(),
         }
-        let _ = i;
     }
     state
 }
 
 #[derive(Debug, Clone)]
 struct Scenario {
+    connector: Connector,
+    deletes: Deletes,
+    /// Rows read by the initial snapshot (distinct keys), before the history.
+    snapshot: Vec<(u8, u8)>,
     history: Vec<Step>,
-    /// (start, len) windows of the history that Debezium sends again after
-    /// history index `at`.
+    /// (at, start, len): after the change `at`, Debezium sends changes
+    /// `start..start+len` again (with `TombstoneOnly`: `start..=at`).
     resends: Vec<(usize, usize, usize)>,
+    /// (at, i): after the change `at`, the single earlier record `i` of the
+    /// topic (snapshot reads first, then changes) comes again.
+    redeliveries: Vec<(usize, usize)>,
     partitions: usize,
     /// Which partition to read from next, and how many records, repeatedly.
     schedule: Vec<(usize, usize)>,
     /// Crash after this many scheduled reads (before committing).
     crashes: Vec<usize>,
-    with_lsn: bool,
+}
+
+fn deletes() -> impl Strategy<Value = Deletes> {
+    prop_oneof![
+        Just(Deletes::Event),
+        Just(Deletes::EventAndTombstone),
+        Just(Deletes::TombstoneOnly),
+    ]
 }
 
 fn scenario() -> impl Strategy<Value = Scenario> {
     (
         prop::collection::vec(step(), 1..40),
+        prop::collection::btree_map(0u8..6, any::<u8>(), 0..6),
         1usize..4,
-        any::<bool>(),
+        connector(),
+        deletes(),
     )
-        .prop_flat_map(|(history, partitions, with_lsn)| {
+        .prop_flat_map(|(history, snapshot, partitions, connector, deletes)| {
             let n = history.len();
+            let records = n + snapshot.len();
             (
                 Just(history),
+                Just(snapshot.into_iter().collect::<Vec<_>>()),
                 prop::collection::vec((0..n, 0..n, 1usize..6), 0..4),
+                prop::collection::vec((0..n, 0..records), 0..6),
                 Just(partitions),
                 prop::collection::vec((0..partitions, 1usize..8), 1..60),
                 prop::collection::vec(0usize..60, 0..3),
-                Just(with_lsn),
+                Just((connector, deletes)),
             )
                 .prop_map(
-                    |(history, resends, partitions, schedule, crashes, with_lsn)| Scenario {
+                    |(
                         history,
+                        snapshot,
                         resends,
+                        redeliveries,
                         partitions,
                         schedule,
                         crashes,
-                        with_lsn,
+                        (connector, deletes),
+                    )| Scenario {
+                        connector,
+                        deletes,
+                        snapshot,
+                        history,
+                        resends,
+                        redeliveries,
+                        partitions,
+                        schedule,
+                        crashes,
                     },
                 )
         })
 }
 
-/// The topic: history entries in order, with resent windows, spread by key.
-fn topic(s: &Scenario) -> Vec<Vec<usize>> {
-    let mut sent = Vec::new();
+/// The records of change `i`: the change itself, a tombstone after a delete,
+/// or the tombstone alone, as the feed's delete mode says.
+fn records_of(s: &Scenario, i: usize) -> Vec<Sent> {
+    match (&s.history[i], s.deletes) {
+        (Step::Delete { .. }, Deletes::EventAndTombstone) => {
+            vec![Sent::Change(i), Sent::Tombstone(i)]
+        }
+        (Step::Delete { .. }, Deletes::TombstoneOnly) => vec![Sent::Tombstone(i)],
+        _ => vec![Sent::Change(i)],
+    }
+}
+
+/// The topic: the snapshot, then history entries in order, with resent
+/// windows and single redeliveries, spread by key.
+fn topic(s: &Scenario) -> Vec<Vec<Sent>> {
+    let mut sent: Vec<Sent> = (0..s.snapshot.len()).map(Sent::Snapshot).collect();
     for i in 0..s.history.len() {
-        sent.push(i);
+        sent.extend(records_of(s, i));
         for (at, start, len) in &s.resends {
             if *at == i && *start <= i {
-                sent.extend(*start..(*start + len).min(i + 1));
+                // A tombstone-only feed has nothing that orders a tombstone
+                // but its place after the row it deletes: Debezium resends
+                // from an offset up to where it was, never a stretch alone.
+                let end = match s.deletes {
+                    Deletes::TombstoneOnly => i + 1,
+                    _ => (*start + len).min(i + 1),
+                };
+                for j in *start..end {
+                    sent.extend(records_of(s, j));
+                }
+            }
+        }
+        for (at, r) in &s.redeliveries {
+            if *at != i || s.deletes == Deletes::TombstoneOnly {
+                continue;
+            }
+            match r.checked_sub(s.snapshot.len()) {
+                // Without positions only the stream's order places a
+                // snapshot read (its ts_ms is a scan time): one delivered
+                // again late is a new read (design.md, "Fallback").
+                None if s.connector == Connector::None => {}
+                None => sent.push(Sent::Snapshot(*r)),
+                Some(j) if j <= i => sent.extend(records_of(s, j)),
+                Some(_) => {}
             }
         }
     }
     let mut parts = vec![Vec::new(); s.partitions];
-    for i in sent {
-        let p = match &s.history[i] {
-            Step::Upsert { key, .. } | Step::Delete { key } => usize::from(*key) % s.partitions,
-            Step::Truncate => 0,
+    for r in sent {
+        let key = match r {
+            Sent::Snapshot(i) => Some(s.snapshot[i].0),
+            Sent::Change(i) | Sent::Tombstone(i) => match &s.history[i] {
+                Step::Upsert { key, .. } | Step::Delete { key } => Some(*key),
+                Step::Truncate => None,
+            },
         };
-        parts[p].push(i);
+        parts[key.map_or(0, |k| usize::from(k) % s.partitions)].push(r);
     }
     parts
 }
@@ -198,9 +390,9 @@ fn run(s: &Scenario) -> Result<(), TestCaseError> {
             let mut read = 0;
             while read < *count && (cursors[*p] as usize) < parts[*p].len() {
                 let offset = cursors[*p];
-                let i = parts[*p][offset as usize];
+                let record = parts[*p][offset as usize];
                 let pos = Position::new(streams[*p].as_str(), offset);
-                txn.apply(view, &event(i, &s.history[i], s.with_lsn), &pos)
+                txn.apply(view, &event(s, record), &pos)
                     .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 cursors[*p] += 1;
                 read += 1;
@@ -224,7 +416,7 @@ fn run(s: &Scenario) -> Result<(), TestCaseError> {
 }
 
 fn verify(store: &Store, s: &Scenario) -> Result<(), TestCaseError> {
-    let expected = reference(&s.history);
+    let expected = reference(s);
     let reader = store.reader();
     let mut replica = BTreeMap::new();
     reader
@@ -316,10 +508,9 @@ fn run_pipelined(s: &Scenario) -> Result<(), TestCaseError> {
             let mut read = 0;
             while read < *count && (cursors[*p] as usize) < parts[*p].len() {
                 let offset = cursors[*p];
-                let i = parts[*p][offset as usize];
+                let record = parts[*p][offset as usize];
                 let pos = Position::new(streams[*p].as_str(), offset);
-                txn.apply(view, &event(i, &s.history[i], s.with_lsn), &pos)
-                    .map_err(fail)?;
+                txn.apply(view, &event(s, record), &pos).map_err(fail)?;
                 cursors[*p] += 1;
                 read += 1;
             }
@@ -376,15 +567,31 @@ fn a_replay_of_the_whole_topic_changes_nothing() {
             },
         })
         .collect();
+    let scenario = Scenario {
+        connector: Connector::MySql,
+        deletes: Deletes::EventAndTombstone,
+        snapshot: vec![(0, 1), (5, 2)],
+        history,
+        resends: vec![],
+        redeliveries: vec![],
+        partitions: 1,
+        schedule: vec![],
+        crashes: vec![],
+    };
+    let records = topic(&scenario).remove(0);
     let dir = tempfile::tempdir().expect("tempdir");
     let views = vec!["v".to_string()];
     let mut store = Store::open(&StoreConfig::new(dir.path()), &views).expect("open");
     let view = store.view_id("v").expect("view");
     let apply_all = |store: &mut Store, stream: &str| {
         let mut txn = store.begin(0);
-        for (i, s) in history.iter().enumerate() {
-            txn.apply(view, &event(i, s, true), &Position::new(stream, i as u64))
-                .expect("apply");
+        for (i, r) in records.iter().enumerate() {
+            txn.apply(
+                view,
+                &event(&scenario, *r),
+                &Position::new(stream, i as u64),
+            )
+            .expect("apply");
         }
         txn.commit().expect("commit")
     };
@@ -454,10 +661,9 @@ fn run_logged(s: &Scenario) -> Result<(), TestCaseError> {
             let mut read = 0;
             while read < *count && (cursors[*p] as usize) < parts[*p].len() {
                 let offset = cursors[*p];
-                let i = parts[*p][offset as usize];
+                let record = parts[*p][offset as usize];
                 let pos = Position::new(streams[*p].as_str(), offset);
-                txn.apply(view, &event(i, &s.history[i], s.with_lsn), &pos)
-                    .map_err(fail)?;
+                txn.apply(view, &event(s, record), &pos).map_err(fail)?;
                 effects.extend(txn.take_effects(view).into_iter().map(|(_, e)| e));
                 cursors[*p] += 1;
                 next = Some(cursors[*p]);
