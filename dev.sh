@@ -24,7 +24,7 @@ NDC_CACHE="${NDC_CACHE:-$HOME/.cache/ndc}"
 TANSU_VERSION=0.6.0
 TANSU_ROOT="$NDC_CACHE/tansu-$TANSU_VERSION"
 export NDC_TANSU_BIN="$TANSU_ROOT/bin/tansu"
-DEB_PACKAGES=(build-essential pkg-config cmake libclang-dev protobuf-compiler libcurl4-openssl-dev zlib1g-dev)
+DEB_PACKAGES=(build-essential pkg-config cmake libclang-dev protobuf-compiler libcurl4-openssl-dev zlib1g-dev libssl-dev libsasl2-dev openssl stunnel4)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 

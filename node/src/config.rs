@@ -190,6 +190,80 @@ impl Default for NodeSection {
     }
 }
 
+/// librdkafka properties that hold secrets: refused in `kafka.properties`,
+/// accepted in `kafka.secrets` (which takes any property).
+pub const SECRET_PROPERTIES: [&str; 8] = [
+    "sasl.password",
+    "ssl.key.password",
+    "ssl.key.pem",
+    "ssl.keystore.password",
+    "sasl.oauthbearer.client.secret",
+    "sasl.oauthbearer.config",
+    "sasl.oauthbearer.assertion.private.key.passphrase",
+    "sasl.oauthbearer.assertion.private.key.pem",
+];
+
+/// Where a secret's value is: a file (its contents, without a trailing
+/// newline: a Kubernetes Secret mounted as a file) or an environment
+/// variable. Never the configuration itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum SecretRef {
+    File(PathBuf),
+    Env(String),
+}
+
+/// A secret's value: never printed, logged or serialized.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl KafkaSection {
+    /// Reads every secret named in `secrets` into `resolved_secrets`. An
+    /// error names the property and where it was to be read from, never a
+    /// value.
+    pub fn resolve_secrets(&mut self) -> Result<(), ConfigError> {
+        let mut resolved = BTreeMap::new();
+        for (property, at) in &self.secrets {
+            let key = format!("kafka.secrets.{property}");
+            let value = match at {
+                SecretRef::File(path) => {
+                    std::fs::read_to_string(path).map_err(|e| ConfigError::Invalid {
+                        key: key.clone(),
+                        message: format!("cannot read {}: {e}", path.display()),
+                    })?
+                }
+                SecretRef::Env(var) => std::env::var(var).map_err(|_| ConfigError::Invalid {
+                    key: key.clone(),
+                    message: format!("environment variable {var} is not set (or not UTF-8)"),
+                })?,
+            };
+            let value = value.strip_suffix('\n').unwrap_or(&value);
+            let value = value.strip_suffix('\r').unwrap_or(value);
+            if value.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: "the secret is empty".into(),
+                });
+            }
+            resolved.insert(property.clone(), Secret(value.to_string()));
+        }
+        self.resolved_secrets = resolved;
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum StartFrom {
@@ -208,8 +282,16 @@ pub struct KafkaSection {
     /// Where to start a partition that has no stored offset.
     pub start_from: StartFrom,
     pub dead_letter_topic: String,
-    /// Extra librdkafka properties (TLS, SASL, timeouts ...).
+    /// Extra librdkafka properties (TLS, SASL, timeouts ...). Never a
+    /// secret: those are named in `secrets`.
     pub properties: BTreeMap<String, String>,
+    /// librdkafka properties whose values are secrets (`sasl.password`,
+    /// `ssl.key.password` ...), each read from a file or an environment
+    /// variable when the node starts; the configuration holds only where.
+    pub secrets: BTreeMap<String, SecretRef>,
+    /// The secrets' values, once read ([`KafkaSection::resolve_secrets`]).
+    #[serde(skip)]
+    pub resolved_secrets: BTreeMap<String, Secret>,
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
     /// How often topic metadata is checked for missing topics and new partitions.
@@ -226,6 +308,8 @@ impl Default for KafkaSection {
             start_from: StartFrom::Earliest,
             dead_letter_topic: "ndc.dead-letter".into(),
             properties: BTreeMap::new(),
+            secrets: BTreeMap::new(),
+            resolved_secrets: BTreeMap::new(),
             commit_interval: Duration::from_secs(5),
             metadata_refresh: Duration::from_secs(10),
         }
@@ -490,9 +574,12 @@ impl NodeConfig {
         for (var, raw) in vars {
             apply_override(&mut value, &var, &raw)?;
         }
-        let config: NodeConfig = from_yaml_value(&value)
+        let mut config: NodeConfig = from_yaml_value(&value)
             .map_err(|(key, message)| ConfigError::Invalid { key, message })?;
         config.validate()?;
+        if let Some(k) = &mut config.kafka {
+            k.resolve_secrets()?;
+        }
         Ok(config)
     }
 
@@ -520,6 +607,23 @@ impl NodeConfig {
             }
             if k.group_id.trim().is_empty() {
                 bad("kafka.group_id".into(), "must not be empty");
+            }
+            for property in k.properties.keys() {
+                if SECRET_PROPERTIES.contains(&property.as_str()) {
+                    bad(
+                        format!("kafka.properties.{property}"),
+                        &format!(
+                            "a secret is never written in the configuration: name where it is, \
+                             as kafka.secrets.{property}: {{file: PATH}} or {{env: VARIABLE}}"
+                        ),
+                    );
+                }
+                if k.secrets.contains_key(property) {
+                    bad(
+                        format!("kafka.properties.{property}"),
+                        "also named in kafka.secrets: give it once",
+                    );
+                }
             }
         }
         if self.pipeline.max_batch_records == 0 {
@@ -961,6 +1065,58 @@ views:
         assert!(text.contains("kafka:") && !text.contains('!'), "{text}");
         let back = parse(&text, &[]).expect("reads back");
         assert_eq!(back.to_yaml().expect("serializes"), text);
+    }
+
+    #[test]
+    fn a_secret_inline_is_refused_and_one_named_is_read_but_never_printed() {
+        let inline = MINIMAL.replace(
+            "  bootstrap_servers: 127.0.0.1:9092",
+            "  bootstrap_servers: 127.0.0.1:9092\n  properties: { security.protocol: sasl_ssl, sasl.password: hunter2 }",
+        );
+        let e = parse(&inline, &[]).expect_err("inline secret").to_string();
+        assert!(e.contains("kafka.properties.sasl.password"), "{e}");
+        assert!(
+            e.contains("kafka.secrets.sasl.password"),
+            "says where it goes: {e}"
+        );
+        assert!(
+            !e.contains("hunter2"),
+            "the error never repeats the value: {e}"
+        );
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("password");
+        std::fs::write(&file, "s3cr3t-from-file\n").expect("write");
+        let named = MINIMAL.replace(
+            "  bootstrap_servers: 127.0.0.1:9092",
+            &format!(
+                "  bootstrap_servers: 127.0.0.1:9092\n  properties: {{ security.protocol: sasl_ssl, sasl.mechanism: SCRAM-SHA-512, sasl.username: ingest }}\n  secrets: {{ sasl.password: {{ file: {} }} }}",
+                file.display()
+            ),
+        );
+        let c = parse(&named, &[]).expect("valid");
+        let k = c.kafka.as_ref().expect("kafka");
+        assert_eq!(
+            k.resolved_secrets.get("sasl.password").map(Secret::expose),
+            Some("s3cr3t-from-file"),
+            "read without the trailing newline"
+        );
+        let printed = c.to_yaml().expect("serializes");
+        assert!(!printed.contains("s3cr3t"), "{printed}");
+        assert!(printed.contains("sasl.password"), "{printed}");
+        assert!(!format!("{c:?}").contains("s3cr3t"), "nor in Debug");
+        let back = parse(&printed, &[]).expect("what check-config prints reads back");
+        assert_eq!(
+            back.kafka.map(|k| k.resolved_secrets),
+            Some(k.resolved_secrets.clone())
+        );
+
+        let missing = named.replace(&file.display().to_string(), "/nonexistent/secret");
+        let e = parse(&missing, &[]).expect_err("unreadable").to_string();
+        assert!(
+            e.contains("kafka.secrets.sasl.password") && e.contains("/nonexistent/secret"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -50,8 +50,15 @@ impl NodeHandle {
 }
 
 /// Opens state, binds listeners and starts every task.
-pub async fn start(config: NodeConfig) -> anyhow::Result<NodeHandle> {
+pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
     let _ = telemetry::prometheus();
+    // Loaded configurations have read their secrets already; one built in
+    // code reads them here.
+    if let Some(k) = &mut config.kafka
+        && k.resolved_secrets.len() != k.secrets.len()
+    {
+        k.resolve_secrets()?;
+    }
     std::fs::create_dir_all(&config.node.data_dir).with_context(|| {
         format!(
             "cannot create node.data_dir {}",

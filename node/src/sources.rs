@@ -119,6 +119,20 @@ struct Held {
     assignment: u64,
 }
 
+/// The cause of a librdkafka client error, from its reason, as a metric
+/// label: `tls` (handshake, certificate), `authentication` (SASL), else
+/// `broker` (connection refused, timed out, ...).
+pub fn broker_error_kind(reason: &str) -> &'static str {
+    let r = reason.to_ascii_lowercase();
+    if r.contains("ssl") || r.contains("certificate") || r.contains("tls") {
+        "tls"
+    } else if r.contains("sasl") || r.contains("authenticat") {
+        "authentication"
+    } else {
+        "broker"
+    }
+}
+
 /// Reports consumer lag from librdkafka statistics, and keeps the high
 /// watermarks for cluster status.
 #[derive(Default)]
@@ -127,6 +141,15 @@ struct StatsContext {
 }
 
 impl ClientContext for StatsContext {
+    /// A broker the consumer cannot reach or trust: counted by cause
+    /// (`ndc_source_errors_total{kind}`) and logged with librdkafka's
+    /// reason; the node stays not ready while no metadata comes back.
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        let kind = broker_error_kind(reason);
+        metrics::counter!(metric::SOURCE_ERRORS, "kind" => kind).increment(1);
+        warn!(kind, error = %error, reason, "kafka client error");
+    }
+
     fn stats(&self, stats: Statistics) {
         for (topic, t) in &stats.topics {
             for (id, p) in &t.partitions {
@@ -171,6 +194,9 @@ pub fn client_config(k: &KafkaSection) -> ClientConfig {
         .set("socket.keepalive.enable", "true");
     for (key, value) in &k.properties {
         c.set(key, value);
+    }
+    for (key, value) in &k.resolved_secrets {
+        c.set(key, value.expose());
     }
     c
 }
@@ -237,7 +263,13 @@ impl KafkaSource {
                     loop {
                         tokio::select! {
                             _ = shutdown.cancelled() => break,
-                            _ = refresh.tick() => assigner.assign_new_partitions(&consumer).await,
+                            _ = refresh.tick() => {}
+                        }
+                        // A metadata request to a broker that does not answer
+                        // takes seconds: shutdown does not wait for it.
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = assigner.assign_new_partitions(&consumer) => {}
                         }
                     }
                 }
@@ -309,6 +341,9 @@ impl KafkaSource {
         }
         let _ = refresher.await;
         assigner.commit_advisory(&consumer, &committed);
+        // Closing a consumer whose broker does not answer blocks in
+        // librdkafka: not on this task, which the node's shutdown awaits.
+        tokio::task::spawn_blocking(move || drop(consumer));
         info!("Kafka source stopped");
         Ok(())
     }

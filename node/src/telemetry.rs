@@ -65,7 +65,9 @@ pub mod metric {
     pub const SOURCE_OFFSET: &str = "ndc_source_offset";
     /// Records behind the partition's high watermark, by `topic`, `partition`.
     pub const SOURCE_LAG: &str = "ndc_source_lag_records";
-    /// Source errors (broker unreachable, missing topic ...), by `kind`.
+    /// Source errors by `kind`: `tls` (handshake or certificate refused),
+    /// `authentication` (SASL), `broker` (unreachable, ...), `consume`,
+    /// `metadata`, `assign`.
     pub const SOURCE_ERRORS: &str = "ndc_source_errors_total";
     /// Open subscriptions, by `view`.
     pub const SUBSCRIPTIONS: &str = "ndc_subscriptions_active";

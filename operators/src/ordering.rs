@@ -235,12 +235,18 @@ pub fn position_of(
     };
     let kind = match family {
         "postgresql" => {
-            let sequence = match text(field, "sequence")? {
-                Some(s) => parse_sequence(&s).ok_or(FieldError {
-                    field: "sequence",
-                    expected: "a JSON array of two LSN strings",
-                })?,
-                None => [None, None],
+            let error = FieldError {
+                field: "sequence",
+                expected: "a JSON array of two LSN strings",
+            };
+            // Debezium's own text, read where it lies (this is on every
+            // PostgreSQL event); anything else unescaped and parsed.
+            let sequence = match field("sequence").as_deref().and_then(sequence_as_written) {
+                Some(sequence) => sequence,
+                None => match text(field, "sequence")? {
+                    Some(s) => parse_sequence(&s).ok_or(error)?,
+                    None => [None, None],
+                },
             };
             let Some(lsn) = unsigned(field, "lsn")?.or(sequence[1]) else {
                 return Ok(None);
@@ -312,12 +318,15 @@ fn text<'a>(
     let Some(raw) = field(name) else {
         return Ok(None);
     };
-    json_text(&raw)
-        .map(|t| t.map(|t| Cow::Owned(t.into_owned())))
-        .ok_or(FieldError {
-            field: name,
-            expected: "string",
-        })
+    // Borrowed text stays borrowed: no copy per event on the one-pass path.
+    let value = match raw {
+        Cow::Borrowed(raw) => json_text(raw),
+        Cow::Owned(raw) => json_text(&raw).map(|t| t.map(|t| Cow::Owned(t.into_owned()))),
+    };
+    value.ok_or(FieldError {
+        field: name,
+        expected: "string",
+    })
 }
 
 /// The value of a JSON string or number's text as text; `Some(None)` for
@@ -390,6 +399,28 @@ fn parse_log_number(text: &str) -> Option<u128> {
         return None;
     }
     u128::from_str_radix(&hex, 16).ok()
+}
+
+/// The `sequence` field's JSON text as Debezium writes it, quotes escaped:
+/// `"[\"24023119\",\"24023128\"]"` (either item may be `null`); `None`
+/// for any other text.
+fn sequence_as_written(raw: &str) -> Option<[Option<u64>; 2]> {
+    let item = |item: &str| -> Option<Option<u64>> {
+        match item {
+            "null" => Some(None),
+            _ => item
+                .strip_prefix("\\\"")?
+                .strip_suffix("\\\"")?
+                .parse()
+                .ok()
+                .map(Some),
+        }
+    };
+    let (a, b) = raw
+        .strip_prefix("\"[")?
+        .strip_suffix("]\"")?
+        .split_once(',')?;
+    Some([item(a)?, item(b)?])
 }
 
 /// `["24023119","24023128"]` (either may be null).
@@ -747,6 +778,17 @@ mod tests {
             );
         }
         assert_eq!(parse_sequence(r#"[null,"7"]"#), Some([None, Some(7)]));
+        // As it lies in the event, quotes escaped: read without unescaping.
+        assert_eq!(
+            sequence_as_written(r#""[\"24023119\",\"24023128\"]""#),
+            Some([Some(24023119), Some(24023128)])
+        );
+        assert_eq!(
+            sequence_as_written(r#""[null,\"7\"]""#),
+            Some([None, Some(7)])
+        );
+        assert_eq!(sequence_as_written(r#""[\"1\"]""#), None);
+        assert_eq!(sequence_as_written(r#""[\"x\",\"2\"]""#), None);
         assert_eq!(parse_sequence(r#"["1","2","3"]"#), None);
         assert_eq!(parse_sequence(r#"["x","2"]"#), None);
     }

@@ -21,6 +21,77 @@ use std::time::{Duration, Instant};
 pub struct Broker {
     child: Child,
     pub bootstrap: String,
+    /// librdkafka properties every client of this broker needs (TLS ...).
+    pub client_properties: Vec<(String, String)>,
+    /// The TLS terminator in front of the broker, when it speaks TLS.
+    tls: Option<Child>,
+}
+
+/// A development CA and a certificate for 127.0.0.1 it signed, made with
+/// the `openssl` command: `ca.pem`, `server.pem`, `server.key` in `dir`.
+pub fn make_certificates(dir: &Path, ca_name: &str) -> PathBuf {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("the openssl command (Debian package openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        &format!("/CN={ca_name}"),
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    dir.join("ca.pem")
 }
 
 fn tansu_binary() -> PathBuf {
@@ -69,6 +140,8 @@ impl Broker {
             let mut broker = Broker {
                 child,
                 bootstrap: format!("127.0.0.1:{port}"),
+                client_properties: Vec::new(),
+                tls: None,
             };
             if broker.wait_ready(Duration::from_secs(15)) {
                 return broker;
@@ -77,16 +150,88 @@ impl Broker {
         panic!("tansu did not become ready");
     }
 
+    /// A broker that speaks only TLS: tansu behind stunnel (Debian's
+    /// `stunnel4`), which holds the certificate made in `dir` (tansu 0.6.0
+    /// has no TLS listener of its own); tansu advertises stunnel's port, so
+    /// every connection, after the first metadata answer too, is TLS.
+    /// Clients trust `dir/ca.pem` (see `client_properties`).
+    pub fn start_tls(dir: &Path) -> Broker {
+        make_certificates(dir, "ndc-test-ca");
+        let bin = tansu_binary();
+        for _ in 0..5 {
+            let (plain, tls) = (free_port(), free_port());
+            let child = Command::new(&bin)
+                .args([
+                    "broker",
+                    "--listener-url",
+                    &format!("tcp://127.0.0.1:{plain}"),
+                ])
+                .args([
+                    "--advertised-listener-url",
+                    &format!("tcp://127.0.0.1:{tls}"),
+                ])
+                .args(["--storage-engine", "memory://tansu/"])
+                .env("RUST_LOG", "error")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start tansu");
+            let conf = dir.join("stunnel.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "foreground = yes\npid =\nsyslog = no\noutput = {}\n[kafka]\naccept = 127.0.0.1:{tls}\nconnect = 127.0.0.1:{plain}\ncert = {}\nkey = {}\n",
+                    dir.join("stunnel.log").display(),
+                    dir.join("server.pem").display(),
+                    dir.join("server.key").display()
+                ),
+            )
+            .unwrap();
+            let stunnel = Command::new("stunnel4")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start stunnel4 (Debian package stunnel4; ./dev.sh setup installs it)");
+            let mut broker = Broker {
+                child,
+                bootstrap: format!("127.0.0.1:{tls}"),
+                client_properties: vec![
+                    ("security.protocol".into(), "ssl".into()),
+                    (
+                        "ssl.ca.location".into(),
+                        dir.join("ca.pem").display().to_string(),
+                    ),
+                ],
+                tls: Some(stunnel),
+            };
+            if broker.wait_ready(Duration::from_secs(15)) {
+                return broker;
+            }
+        }
+        panic!("tansu behind stunnel did not become ready");
+    }
+
+    /// A client configuration for this broker.
+    pub fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap);
+        for (k, v) in &self.client_properties {
+            c.set(k, v);
+        }
+        c
+    }
+
     fn wait_ready(&mut self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return false;
             }
-            let consumer: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &self.bootstrap)
-                .create()
-                .unwrap();
+            if let Some(Ok(Some(_))) = self.tls.as_mut().map(Child::try_wait) {
+                return false;
+            }
+            let consumer: BaseConsumer = self.client().create().unwrap();
             if consumer
                 .fetch_metadata(None, Duration::from_millis(500))
                 .is_ok()
@@ -99,10 +244,7 @@ impl Broker {
     }
 
     pub async fn create_topic(&self, name: &str, partitions: i32) {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
-            .create()
-            .unwrap();
+        let admin: AdminClient<DefaultClientContext> = self.client().create().unwrap();
         let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
         let results = admin
             .create_topics(&[topic], &AdminOptions::new())
@@ -114,8 +256,7 @@ impl Broker {
     }
 
     pub fn producer(&self) -> FutureProducer {
-        ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
+        self.client()
             .set("enable.idempotence", "true")
             .set("linger.ms", "2")
             .create()
@@ -129,8 +270,8 @@ impl Broker {
         n: usize,
         timeout: Duration,
     ) -> Vec<rdkafka::message::OwnedMessage> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
+        let consumer: BaseConsumer = self
+            .client()
             .set("group.id", format!("test-reader-{}", free_port()))
             .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "false")
@@ -150,8 +291,10 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for child in std::iter::once(&mut self.child).chain(self.tls.as_mut()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
