@@ -135,6 +135,7 @@ case "$cmd" in
       -o "$out/export.ndjson" >/dev/null 2>&1
     cat >"$out/node.yaml" <<YAML
 node: { id: callgrind, data_dir: $out/data, grpc_listen: "127.0.0.1:0", http_listen: "127.0.0.1:0" }
+tls: { insecure: true }
 views:
   - name: population.citizens
     key_columns: [person_id]

@@ -424,6 +424,7 @@ pub fn base_config(work: &Path) -> NodeConfig {
     let mut c = NodeConfig::default();
     c.node.data_dir = work.join("node");
     c.node.grpc_listen = "127.0.0.1:0".parse().expect("literal address");
+    c.tls.insecure = true;
     c.node.http_listen = "127.0.0.1:0".parse().expect("literal address");
     c
 }
@@ -748,6 +749,7 @@ pub async fn cluster_phase(
         let mut c = kafka_config(&dir, broker, topic);
         c.node.id = format!("ndc-{i}");
         c.node.grpc_listen = format!("127.0.0.1:{port}").parse()?;
+        c.tls.insecure = true;
         c.cluster = Some(ndc_node::config::ClusterSection {
             bootstrap: bootstrap.clone(),
             changes_replication: 1,

@@ -351,7 +351,9 @@ impl Pipelines for PipelineService {
 }
 
 async fn client(addr: &str) -> anyhow::Result<PipelinesClient<tonic::transport::Channel>> {
-    Ok(PipelinesClient::connect(crate::client::endpoint(addr)).await?)
+    Ok(PipelinesClient::new(
+        crate::client::channel(addr, None).await?,
+    ))
 }
 
 fn refused(s: Status) -> anyhow::Error {

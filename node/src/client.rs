@@ -44,6 +44,66 @@ pub struct SubscribeOptions {
     pub progress: bool,
     /// Reconnect with the last token when the stream breaks.
     pub reconnect: bool,
+    /// TLS to the node; `None`: the process default ([`set_default_tls`]).
+    pub tls: Option<ClientTls>,
+}
+
+/// How a client reaches a node's TLS listener: the CA that signed the
+/// node's certificate, and this client's certificate and key for mutual TLS.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientTls {
+    pub ca: Option<std::path::PathBuf>,
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl ClientTls {
+    pub fn is_on(&self) -> bool {
+        self.ca.is_some() || self.cert.is_some()
+    }
+}
+
+static DEFAULT_TLS: std::sync::OnceLock<ClientTls> = std::sync::OnceLock::new();
+
+/// The command line's `--ca`, `--cert`, `--key`, for every connection this
+/// process makes that names no TLS of its own (set once, at start).
+pub fn set_default_tls(tls: ClientTls) {
+    let _ = DEFAULT_TLS.set(tls);
+}
+
+/// A connection to a node at `addr` (`host:port` or a URL), over TLS when
+/// `tls` (else the process default) says so.
+pub async fn channel(
+    addr: &str,
+    tls: Option<&ClientTls>,
+) -> anyhow::Result<tonic::transport::Channel> {
+    use anyhow::Context;
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let tls = tls.or(DEFAULT_TLS.get()).filter(|t| t.is_on());
+    let Some(tls) = tls else {
+        return Ok(Endpoint::from_shared(endpoint(addr))?.connect().await?);
+    };
+    let host = addr
+        .trim_start_matches("https://")
+        .trim_start_matches("http://");
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+    };
+    let mut config = ClientTlsConfig::new();
+    if let Some(ca) = &tls.ca {
+        config = config.ca_certificate(Certificate::from_pem(read(ca)?));
+    }
+    match (&tls.cert, &tls.key) {
+        (Some(cert), Some(key)) => {
+            config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        (None, None) => {}
+        _ => anyhow::bail!("--cert and --key go together"),
+    }
+    Ok(Endpoint::from_shared(format!("https://{host}"))?
+        .tls_config(config)?
+        .connect()
+        .await?)
 }
 
 /// A gRPC endpoint URL from `host:port` or a full URL.
@@ -113,7 +173,7 @@ pub async fn subscribe(
     loop {
         let addr = addrs[current % addrs.len()];
         let result: anyhow::Result<bool> = async {
-            let mut client = SubscriptionClient::connect(endpoint(addr)).await?;
+            let mut client = SubscriptionClient::new(channel(addr, opts.tls.as_ref()).await?);
             let start = match &from {
                 From::Snapshot => Start::Snapshot(Snapshot {}),
                 From::Latest => Start::Latest(Latest {}),

@@ -414,7 +414,9 @@ pub mod admin {
     use serde_json::{Value, json};
 
     async fn connect(addr: &str) -> anyhow::Result<ClusterClient<tonic::transport::Channel>> {
-        Ok(ClusterClient::connect(crate::client::endpoint(addr)).await?)
+        Ok(ClusterClient::new(
+            crate::client::channel(addr, None).await?,
+        ))
     }
 
     pub async fn status(addr: &str) -> anyhow::Result<ClusterStatus> {

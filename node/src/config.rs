@@ -31,6 +31,37 @@ pub struct NodeConfig {
     pub cluster: Option<ClusterSection>,
     pub views: Vec<ViewConfig>,
     pub pipelines: PipelinesSection,
+    pub tls: TlsSection,
+}
+
+/// TLS on the node's gRPC listener. Plaintext only when `insecure` says so.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSection {
+    /// Server certificate chain (PEM), e.g. a cert-manager Secret's `tls.crt`.
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM), e.g. `tls.key`.
+    pub key: Option<PathBuf>,
+    /// Clients must present a certificate this CA signed (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+    /// Serve plaintext: no encryption, no client certificates. Logged as a
+    /// WARN line at start and exported as `ndc_tls_insecure 1`.
+    pub insecure: bool,
+    /// How often the files are checked for a rotation.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        TlsSection {
+            cert: None,
+            key: None,
+            client_ca: None,
+            insecure: false,
+            reload_interval: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Pipeline specs and their repartition topics (`docs/pipelines.md`).
@@ -626,6 +657,33 @@ impl NodeConfig {
                 }
             }
         }
+        match (&self.tls.cert, &self.tls.key, self.tls.insecure) {
+            (Some(_), Some(_), false) | (None, None, true) => {}
+            (_, _, true) => bad(
+                "tls.insecure".into(),
+                "is true, but tls.cert or tls.key is given too: say one or the other",
+            ),
+            (None, None, false) => bad(
+                "tls".into(),
+                "the gRPC listener needs tls.cert and tls.key (tls.client_ca for mutual TLS), \
+                 or tls.insecure: true to serve plaintext (docs/security.md)",
+            ),
+            (Some(_), None, false) => bad("tls.key".into(), "is needed with tls.cert"),
+            (None, Some(_), false) => bad("tls.cert".into(), "is needed with tls.key"),
+        }
+        if self.tls.client_ca.is_some() && self.tls.insecure {
+            bad("tls.client_ca".into(), "needs TLS: tls.insecure is true");
+        }
+        if self.tls.reload_interval < Duration::from_millis(100) {
+            bad("tls.reload_interval".into(), "must be at least 100ms");
+        }
+        if self.cluster.is_some() && !self.tls.insecure {
+            bad(
+                "tls".into(),
+                "a cluster's peer traffic (Raft, forwarding) does not speak TLS yet: \
+                 cluster nodes need tls.insecure: true for now (docs/security.md)",
+            );
+        }
         if self.pipeline.max_batch_records == 0 {
             bad("pipeline.max_batch_records".into(), "must be at least 1");
         }
@@ -895,6 +953,7 @@ mod tests {
     use super::*;
 
     const MINIMAL: &str = r#"
+tls: { insecure: true }
 kafka:
   bootstrap_servers: 127.0.0.1:9092
 views:
@@ -1117,6 +1176,40 @@ views:
             e.contains("kafka.secrets.sasl.password") && e.contains("/nonexistent/secret"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn plaintext_only_when_the_configuration_says_insecure() {
+        let none = MINIMAL.replace("tls: { insecure: true }\n", "");
+        let e = parse(&none, &[])
+            .expect_err("no TLS, no insecure")
+            .to_string();
+        assert!(
+            e.contains("tls.cert and tls.key") && e.contains("tls.insecure: true"),
+            "{e}"
+        );
+        let both = MINIMAL.replace(
+            "tls: { insecure: true }",
+            "tls: { insecure: true, cert: /c.pem, key: /k.pem }",
+        );
+        assert!(parse(&both, &[]).is_err());
+        let half = MINIMAL.replace("tls: { insecure: true }", "tls: { cert: /c.pem }");
+        let e = parse(&half, &[])
+            .expect_err("a cert without its key")
+            .to_string();
+        assert!(e.contains("tls.key"), "{e}");
+        let tls = MINIMAL.replace(
+            "tls: { insecure: true }",
+            "tls: { cert: /c.pem, key: /k.pem, client_ca: /ca.pem }",
+        );
+        let c = parse(&tls, &[]).expect("valid");
+        assert_eq!(c.tls.reload_interval, Duration::from_secs(10));
+        let cluster =
+            format!("{tls}node: {{ id: ndc-0 }}\ncluster:\n  bootstrap: [ndc-0.ndc:50051]\n");
+        let e = parse(&cluster, &[])
+            .expect_err("no TLS for peers yet")
+            .to_string();
+        assert!(e.contains("peer traffic"), "{e}");
     }
 
     #[test]

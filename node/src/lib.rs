@@ -19,6 +19,7 @@ pub mod sources;
 pub mod spec;
 pub mod synthetic;
 pub mod telemetry;
+pub mod tls;
 pub mod token;
 pub mod views;
 

@@ -24,6 +24,15 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "Stream processing for the national data center"
 )]
 struct Cli {
+    /// The CA (PEM) that signed the node's TLS certificate: connect over TLS.
+    #[arg(long, global = true, env = "NDC_CA")]
+    ca: Option<PathBuf>,
+    /// This client's certificate (PEM), for a node that asks for one (mutual TLS).
+    #[arg(long, global = true, env = "NDC_CERT", requires = "key")]
+    cert: Option<PathBuf>,
+    /// The key of `--cert` (PEM).
+    #[arg(long, global = true, env = "NDC_KEY", requires = "cert")]
+    key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -261,6 +270,11 @@ async fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    client::set_default_tls(client::ClientTls {
+        ca: cli.ca.clone(),
+        cert: cli.cert.clone(),
+        key: cli.key.clone(),
+    });
     ndc_node::telemetry::init_logging();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -285,7 +299,7 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Subscribe { addr, view, from, keys, fields, limit, progress, no_reconnect } => {
                 let stdout = std::io::stdout();
-                let opts = SubscribeOptions { addr, view, from, keys, fields, limit, progress, reconnect: !no_reconnect };
+                let opts = SubscribeOptions { addr, view, from, keys, fields, limit, progress, reconnect: !no_reconnect, tls: None };
                 client::subscribe(opts, move |line| {
                     let mut out = stdout.lock();
                     writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
@@ -293,8 +307,7 @@ fn main() -> anyhow::Result<()> {
                 .await
             }
             Command::Views { addr } => {
-                let endpoint = if addr.contains("://") { addr } else { format!("http://{addr}") };
-                let mut c = ndc_proto::v1::subscription_client::SubscriptionClient::connect(endpoint).await?;
+                let mut c = ndc_proto::v1::subscription_client::SubscriptionClient::new(client::channel(&addr, None).await?);
                 let views = c.list_views(ndc_proto::v1::ListViewsRequest {}).await?.into_inner().views;
                 for v in views {
                     println!(

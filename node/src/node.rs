@@ -59,6 +59,8 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
     {
         k.resolve_secrets()?;
     }
+    // Before anything starts: unusable certificate files stop the node here.
+    let tls = crate::tls::ServerTls::from_config(&config.tls)?;
     std::fs::create_dir_all(&config.node.data_dir).with_context(|| {
         format!(
             "cannot create node.data_dir {}",
@@ -143,27 +145,50 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
     let grpc_stop = server_stop.clone();
     let raft_service = coordinator.as_ref().map(|c| c.raft_service());
     let cluster_service = coordinator.as_ref().map(|c| c.cluster_service());
-    let grpc_task = tokio::spawn(async move {
-        // tonic's own `tcp_nodelay` is ignored for an incoming stream, and
-        // with Nagle's algorithm on, a change batch written behind one not
-        // yet acknowledged waited for the subscriber's delayed ACK.
-        let incoming = tokio_stream::StreamExt::map(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-            |conn| {
-                let conn = conn?;
-                conn.set_nodelay(true)?;
-                Ok::<_, std::io::Error>(conn)
-            },
+    if tls.is_none() {
+        warn!(
+            grpc = %addrs.grpc,
+            "tls.insecure: the gRPC listener serves plaintext, without client certificates"
         );
-        let result = tonic::transport::Server::builder()
+    }
+    metrics::gauge!(crate::telemetry::metric::TLS_INSECURE).set(if tls.is_none() {
+        1.0
+    } else {
+        0.0
+    });
+    let grpc_task = tokio::spawn(async move {
+        let router = tonic::transport::Server::builder()
             .add_service(SubscriptionServer::new(service))
             .add_service(PipelinesServer::new(pipelines))
             .add_service(reflection)
             .add_service(health_service)
             .add_optional_service(raft_service)
-            .add_optional_service(cluster_service)
-            .serve_with_incoming_shutdown(incoming, grpc_stop.cancelled_owned())
-            .await;
+            .add_optional_service(cluster_service);
+        let result = match tls {
+            Some(tls) => {
+                let incoming = tls.incoming(grpc_listener, grpc_stop.clone());
+                router
+                    .serve_with_incoming_shutdown(incoming, grpc_stop.cancelled_owned())
+                    .await
+            }
+            None => {
+                // tonic's own `tcp_nodelay` is ignored for an incoming
+                // stream, and with Nagle's algorithm on, a change batch
+                // written behind one not yet acknowledged waited for the
+                // subscriber's delayed ACK.
+                let incoming = tokio_stream::StreamExt::map(
+                    tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                    |conn| {
+                        let conn = conn?;
+                        conn.set_nodelay(true)?;
+                        Ok::<_, std::io::Error>(conn)
+                    },
+                );
+                router
+                    .serve_with_incoming_shutdown(incoming, grpc_stop.cancelled_owned())
+                    .await
+            }
+        };
         if let Err(e) = result {
             error!(error = %e, "gRPC server failed");
         }

@@ -50,6 +50,8 @@ pub fn config(bootstrap: &str, opts: &QuickstartOptions) -> NodeConfig {
     c.node.id = "ndc-quickstart".into();
     c.node.data_dir = opts.data_dir.clone();
     c.node.grpc_listen = opts.grpc_listen;
+    // Plaintext on loopback for the demo (docs/security.md).
+    c.tls.insecure = true;
     c.node.http_listen = opts.http_listen;
     c.node.shutdown_grace = Duration::from_secs(5);
     c.kafka = Some(KafkaSection {
@@ -180,6 +182,7 @@ pub async fn run(opts: QuickstartOptions) -> anyhow::Result<()> {
             limit: None,
             progress: false,
             reconnect: true,
+            tls: None,
         },
         move |line| {
             if line.get("op").and_then(|o| o.as_str()) == Some("read") {
@@ -250,6 +253,7 @@ async fn show_golden_record(addr: &str) {
                 limit: None,
                 progress: false,
                 reconnect: false,
+                tls: None,
             },
             |line| {
                 if merged_from_every_source(&line["after"]) {

@@ -19,6 +19,14 @@ pub mod metric {
     /// (inserted, updated, deleted, truncated, unchanged, duplicate, stale,
     /// already_applied, skipped, dead_lettered).
     pub const SOURCE_RECORDS: &str = "ndc_source_records_total";
+    /// 1 when the gRPC listener serves plaintext (`tls.insecure: true`).
+    pub const TLS_INSECURE: &str = "ndc_tls_insecure";
+    /// Re-reads of the TLS files after they changed, by `outcome`
+    /// (`reloaded`, `failed`: the previous files stay in force).
+    pub const TLS_RELOADS: &str = "ndc_tls_reloads_total";
+    /// Connections whose TLS handshake failed or timed out (an untrusted or
+    /// expired client certificate, a plaintext client ...).
+    pub const TLS_HANDSHAKE_FAILURES: &str = "ndc_tls_handshake_failures_total";
     /// Events whose order against the stored row was decided by the
     /// commit-time fallback (`ts_ms`, then the offset in one stream), by
     /// `view`, `connector` and `reason`: `no_position` (an event, or the

@@ -112,6 +112,7 @@ fn member_config(
     edit(&mut c);
     c.node.id = format!("ndc-{id}");
     c.node.grpc_listen = format!("127.0.0.1:{port}").parse().unwrap();
+    c.tls.insecure = true;
     c.cluster = Some(ClusterSection {
         bootstrap: bootstrap.to_vec(),
         changes_replication: 1,

@@ -66,6 +66,7 @@ async fn kill_9_at_any_point_loses_nothing_and_delivers_no_duplicate() {
         &[("citizens", TOPIC, &["person_id"])],
     );
     config.node.grpc_listen = format!("127.0.0.1:{grpc_port}").parse().unwrap();
+    config.tls.insecure = true;
     config.storage.sync_commits = true;
     config.pipeline.max_batch_records = 200;
     let config_path = dir.path().join("ndc.yaml");

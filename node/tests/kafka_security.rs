@@ -147,7 +147,7 @@ fn check_config_never_prints_a_secret() {
         std::fs::write(
             &path,
             format!(
-                "node: {{ data_dir: {} }}\nkafka:\n  bootstrap_servers: 127.0.0.1:9092\n{kafka}\nviews:\n  - name: citizens\n    key_columns: [person_id]\n    sources: [ {{ kafka: {{ topic: t }} }} ]\n",
+                "node: {{ data_dir: {} }}\ntls: {{ insecure: true }}\nkafka:\n  bootstrap_servers: 127.0.0.1:9092\n{kafka}\nviews:\n  - name: citizens\n    key_columns: [person_id]\n    sources: [ {{ kafka: {{ topic: t }} }} ]\n",
                 dir.path().join("data").display()
             ),
         )

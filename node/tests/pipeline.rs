@@ -546,6 +546,7 @@ async fn key_and_field_filters() {
         limit: Some(4),
         progress: false,
         reconnect: false,
+        tls: None,
     };
     tokio::time::timeout(
         T,
@@ -746,6 +747,7 @@ fn file_only_node(
     let mut config = ndc_node::NodeConfig::default();
     config.node.data_dir = dir.join("node");
     config.node.grpc_listen = "127.0.0.1:0".parse().unwrap();
+    config.tls.insecure = true;
     config.node.http_listen = "127.0.0.1:0".parse().unwrap();
     config.storage.sync_commits = false;
     config.views = vec![ndc_node::config::ViewConfig {
@@ -899,6 +901,7 @@ async fn subscribers_that_keep_up_get_each_commit_from_memory_exactly_as_storage
             limit: Some(6),
             progress: false,
             reconnect: false,
+            tls: None,
         };
         let fut = ndc_node::client::subscribe(opts, |l| {
             lines.push(l);

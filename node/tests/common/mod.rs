@@ -27,21 +27,83 @@ pub struct Broker {
     tls: Option<Child>,
 }
 
+/// Runs the `openssl` command in `dir` (Debian package openssl).
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("the openssl command (Debian package openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A client certificate `name.pem` / `name.key` in `dir`, signed by the CA
+/// in `dir` (see [`make_certificates`]), valid for `days` (0: expired as
+/// soon as its second is over; callers wait for `expired` to say so).
+pub fn make_client_certificate(dir: &Path, name: &str, days: u32) -> (PathBuf, PathBuf) {
+    let run = |args: &[&str]| openssl(dir, args);
+    let (key, csr, pem) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+    );
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        &key,
+        "-out",
+        &csr,
+        "-subj",
+        &format!("/CN={name}"),
+    ]);
+    // X.509 v3 (rustls refuses v1), for client authentication.
+    let ext = format!("{name}.ext");
+    std::fs::write(
+        dir.join(&ext),
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        &pem,
+        "-days",
+        &days.to_string(),
+        "-extfile",
+        &ext,
+    ]);
+    (dir.join(pem), dir.join(key))
+}
+
+/// Has the certificate in `pem` expired (by the `openssl` command's clock)?
+pub fn expired(pem: &Path) -> bool {
+    Command::new("openssl")
+        .args(["x509", "-checkend", "0", "-noout", "-in"])
+        .arg(pem)
+        .status()
+        .map(|s| !s.success())
+        .unwrap_or(false)
+}
+
 /// A development CA and a certificate for 127.0.0.1 it signed, made with
 /// the `openssl` command: `ca.pem`, `server.pem`, `server.key` in `dir`.
 pub fn make_certificates(dir: &Path, ca_name: &str) -> PathBuf {
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("the openssl command (Debian package openssl)");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let run = |args: &[&str]| openssl(dir, args);
     run(&[
         "req",
         "-x509",
@@ -329,6 +391,8 @@ pub fn node_config(
     c.node.grpc_listen = "127.0.0.1:0".parse().unwrap();
     c.node.http_listen = "127.0.0.1:0".parse().unwrap();
     c.node.shutdown_grace = Duration::from_secs(10);
+    // Plaintext on loopback; tests/grpc_tls.rs runs the listener with TLS.
+    c.tls.insecure = true;
     c.kafka = Some(KafkaSection {
         bootstrap_servers: bootstrap.into(),
         metadata_refresh: Duration::from_millis(500),
@@ -369,6 +433,7 @@ pub async fn collect(
         limit: None,
         progress: true,
         reconnect: false,
+        tls: None,
     };
     let fut = client::subscribe(opts, |line| {
         lines.push(line);
@@ -495,6 +560,7 @@ pub fn follow(
             limit: None,
             progress: false,
             reconnect: true,
+            tls: None,
         },
         move |line| {
             sink.lock().unwrap().push(line);
