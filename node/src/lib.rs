@@ -5,6 +5,7 @@
 //! the load test start nodes through [`node::start`].
 
 pub mod admin;
+pub mod certs;
 pub mod client;
 pub mod cluster;
 pub mod config;

@@ -38,6 +38,24 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum CertsCommand {
+    /// A development CA and, signed by it, certificates for a node
+    /// (127.0.0.1, localhost and each --name), an admin and a subscriber.
+    /// Not for production: the CA's key is written beside them.
+    Dev {
+        /// Directory to write into (must not hold a ca.pem already).
+        #[arg(long)]
+        out: PathBuf,
+        /// More DNS names or IP addresses for the node's certificate.
+        #[arg(long = "name")]
+        names: Vec<String>,
+        /// Days the certificates are valid.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run a node with a YAML configuration (NDC__A__B env vars override keys).
     Node {
@@ -97,6 +115,11 @@ enum Command {
         /// Stop after this long (e.g. 30s); default: until Ctrl-C.
         #[arg(long, value_parser = humantime::parse_duration)]
         duration: Option<Duration>,
+    },
+    /// Certificates for running with TLS.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
     },
     /// Inspect and change the cluster (any node answers; changes go to the leader).
     Cluster {
@@ -320,6 +343,17 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Quickstart { data_dir, grpc_listen, http_listen, people, rate, duration } => {
                 quickstart::run(QuickstartOptions { data_dir, grpc_listen, http_listen, people, rate, duration }).await
+            }
+            Command::Certs { command: CertsCommand::Dev { out, names, days } } => {
+                let c = ndc_node::certs::make_dev_certificates(&out, &names, days)?;
+                println!("development CA        {}", c.ca.display());
+                println!("node                  {} {}", c.node_cert.display(), c.node_key.display());
+                println!("admin                 {} {}", c.admin_cert.display(), c.admin_key.display());
+                println!("subscriber            {} {}", c.subscriber_cert.display(), c.subscriber_key.display());
+                println!();
+                println!("A node:    tls: {{ cert: {}, key: {}, client_ca: {} }}", c.node_cert.display(), c.node_key.display(), c.ca.display());
+                println!("A client:  export NDC_CA={} NDC_CERT={} NDC_KEY={}", c.ca.display(), c.subscriber_cert.display(), c.subscriber_key.display());
+                Ok(())
             }
             Command::Cluster { command } => cluster(command).await,
             Command::Pipeline { command } => pipeline(command).await,

@@ -8,7 +8,8 @@
 //! the terminal. Other terminals can publish to the broker (kcat) and
 //! subscribe to the node while it runs.
 
-use crate::client::{self, SubscribeOptions};
+use crate::certs::DevCertificates;
+use crate::client::{self, ClientTls, SubscribeOptions};
 use crate::config::{KafkaSection, KafkaSourceConfig, NodeConfig, SourceConfig, ViewConfig};
 use crate::synthetic::{Feed, Table};
 use anyhow::Context;
@@ -44,14 +45,16 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// The node configuration the quickstart runs (also a template for users).
-pub fn config(bootstrap: &str, opts: &QuickstartOptions) -> NodeConfig {
+/// The node configuration the quickstart runs (also a template for users):
+/// mutual TLS with the development certificates in `certs`.
+pub fn config(bootstrap: &str, opts: &QuickstartOptions, certs: &DevCertificates) -> NodeConfig {
     let mut c = NodeConfig::default();
     c.node.id = "ndc-quickstart".into();
     c.node.data_dir = opts.data_dir.clone();
     c.node.grpc_listen = opts.grpc_listen;
-    // Plaintext on loopback for the demo (docs/security.md).
-    c.tls.insecure = true;
+    c.tls.cert = Some(certs.node_cert.clone());
+    c.tls.key = Some(certs.node_key.clone());
+    c.tls.client_ca = Some(certs.ca.clone());
     c.node.http_listen = opts.http_listen;
     c.node.shutdown_grace = Duration::from_secs(5);
     c.kafka = Some(KafkaSection {
@@ -113,7 +116,14 @@ pub async fn run(opts: QuickstartOptions) -> anyhow::Result<()> {
     let spec = opts.data_dir.join("national.yaml");
     std::fs::write(&spec, EXAMPLE_PIPELINE)
         .with_context(|| format!("cannot write {}", spec.display()))?;
-    let mut node_config = config(&bootstrap, &opts);
+    let certs = crate::certs::make_dev_certificates(&opts.data_dir.join("certs"), &[], 30)
+        .context("cannot make the development certificates")?;
+    let tls = ClientTls {
+        ca: Some(certs.ca.clone()),
+        cert: Some(certs.subscriber_cert.clone()),
+        key: Some(certs.subscriber_key.clone()),
+    };
+    let mut node_config = config(&bootstrap, &opts, &certs);
     node_config.pipelines.files = vec![spec];
     let node = crate::node::start(node_config).await?;
     let grpc = node.addrs.grpc;
@@ -152,7 +162,16 @@ pub async fn run(opts: QuickstartOptions) -> anyhow::Result<()> {
         "{rate} changes/s (about 3% malformed: they go to topic {DEAD_LETTER_TOPIC} with the reason)."
     );
     println!();
-    println!("From a second terminal, while this runs:");
+    let (ca, cert, key) = (
+        certs.ca.display(),
+        certs.subscriber_cert.display(),
+        certs.subscriber_key.display(),
+    );
+    println!("The node speaks mutual TLS, with development certificates made in {data}/certs");
+    println!("(ndc certs dev); every ndc command takes them from these variables:");
+    println!("  export NDC_CA={ca} NDC_CERT={cert} NDC_KEY={key}");
+    println!();
+    println!("From a second terminal, while this runs (after that export):");
     println!("  ndc subscribe --addr {grpc} --view population.citizens --from snapshot");
     println!("  ndc views --addr {grpc}");
     println!("  ndc subscribe --addr {grpc} --view national.people             # golden records");
@@ -161,13 +180,13 @@ pub async fn run(opts: QuickstartOptions) -> anyhow::Result<()> {
     );
     println!("  ndc pipeline list --addr {grpc}");
     println!(
-        "  grpcurl -plaintext -d '{{\"view\":\"residence.addresses\",\"latest\":{{}}}}' {grpc} ndc.v1.Subscription/Subscribe"
+        "  grpcurl -cacert {ca} -cert {cert} -key {key} -d '{{\"view\":\"residence.addresses\",\"latest\":{{}}}}' {grpc} ndc.v1.Subscription/Subscribe"
     );
     println!("  kcat -P -b {bootstrap} -t {topic} -K '|'    # publish your own change events");
     println!();
-    wait_for_rows(&grpc.to_string(), "population.citizens", opts.people).await;
-    wait_for_rows(&grpc.to_string(), "national.people", opts.people).await;
-    show_golden_record(&grpc.to_string()).await;
+    wait_for_rows(&grpc.to_string(), &tls, "population.citizens", opts.people).await;
+    wait_for_rows(&grpc.to_string(), &tls, "national.people", opts.people).await;
+    show_golden_record(&grpc.to_string(), &tls).await;
     println!(
         "Live subscription to population.citizens (snapshot first, then changes; Ctrl-C to stop):"
     );
@@ -182,7 +201,7 @@ pub async fn run(opts: QuickstartOptions) -> anyhow::Result<()> {
             limit: None,
             progress: false,
             reconnect: true,
-            tls: None,
+            tls: Some(tls.clone()),
         },
         move |line| {
             if line.get("op").and_then(|o| o.as_str()) == Some("read") {
@@ -239,7 +258,7 @@ fn merged_from_every_source(golden: &serde_json::Value) -> bool {
 /// contributed to. Facts of one person arrive from three feeds in any order,
 /// so a record read too early may not have them all yet; this waits for
 /// one that has (up to 30 s), rather than showing a half-merged record.
-async fn show_golden_record(addr: &str) {
+async fn show_golden_record(addr: &str, tls: &ClientTls) {
     let mut found = None;
     let _ = tokio::time::timeout(
         Duration::from_secs(30),
@@ -253,7 +272,7 @@ async fn show_golden_record(addr: &str) {
                 limit: None,
                 progress: false,
                 reconnect: false,
-                tls: None,
+                tls: Some(tls.clone()),
             },
             |line| {
                 if merged_from_every_source(&line["after"]) {
@@ -279,19 +298,19 @@ async fn show_golden_record(addr: &str) {
 
 /// Waits (up to 30 s) until the view holds `rows` rows, so that the demo
 /// subscription starts with the agency's snapshot in place.
-async fn wait_for_rows(addr: &str, view: &str, rows: u64) {
+async fn wait_for_rows(addr: &str, tls: &ClientTls, view: &str, rows: u64) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while tokio::time::Instant::now() < deadline {
-        let endpoint = format!("http://{addr}");
-        if let Ok(mut c) =
-            ndc_proto::v1::subscription_client::SubscriptionClient::connect(endpoint).await
-            && let Ok(r) = c.list_views(ndc_proto::v1::ListViewsRequest {}).await
-            && r.into_inner()
-                .views
-                .iter()
-                .any(|v| v.name == view && v.live_rows >= rows)
-        {
-            return;
+        if let Ok(channel) = client::channel(addr, Some(tls)).await {
+            let mut c = ndc_proto::v1::subscription_client::SubscriptionClient::new(channel);
+            if let Ok(r) = c.list_views(ndc_proto::v1::ListViewsRequest {}).await
+                && r.into_inner()
+                    .views
+                    .iter()
+                    .any(|v| v.name == view && v.live_rows >= rows)
+            {
+                return;
+            }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -37,6 +37,21 @@ fn quickstart_replicates_and_shows_live_changes() {
         stdout.contains("ndc subscribe --addr 127.0.0.1:"),
         "tells how to subscribe:\n{stdout}"
     );
+    // With TLS on, and the certificates a second terminal needs.
+    let export = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("export "))
+        .unwrap_or_else(|| panic!("no export line:\n{stdout}"));
+    for var in ["NDC_CA=", "NDC_CERT=", "NDC_KEY="] {
+        let path = export
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(var))
+            .unwrap_or_else(|| panic!("{var} in {export}"));
+        assert!(
+            dir.path().join(path).exists() || std::path::Path::new(path).exists(),
+            "{path}"
+        );
+    }
     // Live inserts and deletes start right after the agency snapshot, so the
     // view holds about, not exactly, the 50 people when the demo subscribes.
     let rows: u64 = stdout
