@@ -413,6 +413,12 @@ pub struct SubscriptionSection {
     #[serde(with = "humantime_serde")]
     pub progress_interval: Duration,
     pub max_subscribers: usize,
+    /// Key filters one subscription may name.
+    pub max_keys: usize,
+    /// Columns one subscription may name.
+    pub max_fields: usize,
+    /// Largest request message the gRPC server decodes.
+    pub max_request_bytes: ByteSize,
 }
 
 impl Default for SubscriptionSection {
@@ -422,6 +428,9 @@ impl Default for SubscriptionSection {
             buffer_batches: 4,
             progress_interval: Duration::from_secs(5),
             max_subscribers: 1024,
+            max_keys: 10_000,
+            max_fields: 256,
+            max_request_bytes: ByteSize(4 << 20),
         }
     }
 }
@@ -707,6 +716,18 @@ impl NodeConfig {
         }
         if self.subscriptions.buffer_batches == 0 {
             bad("subscriptions.buffer_batches".into(), "must be at least 1");
+        }
+        if self.subscriptions.max_keys == 0 || self.subscriptions.max_fields == 0 {
+            bad(
+                "subscriptions.max_keys".into(),
+                "max_keys and max_fields must be at least 1",
+            );
+        }
+        if self.subscriptions.max_request_bytes.0 < 4096 {
+            bad(
+                "subscriptions.max_request_bytes".into(),
+                "must be at least 4KiB",
+            );
         }
         if self.subscriptions.max_subscribers == 0 {
             bad("subscriptions.max_subscribers".into(), "must be at least 1");

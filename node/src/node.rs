@@ -156,9 +156,12 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
     } else {
         0.0
     });
+    let max_request_bytes = config.subscriptions.max_request_bytes.as_usize();
     let grpc_task = tokio::spawn(async move {
         let router = tonic::transport::Server::builder()
-            .add_service(SubscriptionServer::new(service))
+            .add_service(
+                SubscriptionServer::new(service).max_decoding_message_size(max_request_bytes),
+            )
             .add_service(PipelinesServer::new(pipelines))
             .add_service(reflection)
             .add_service(health_service)

@@ -325,17 +325,38 @@ impl Subscription for SubscriptionService {
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let req = request.into_inner();
+        // The error names the view asked for and nothing else: the node's
+        // other views are not the caller's to learn from a refusal.
         let Some(commits) = self.views.receiver(&req.view) else {
-            let names = self.reader.view_names();
             return Err(refuse(
                 tonic::Code::NotFound,
-                format!(
-                    "view {:?} does not exist; this node serves: {}",
-                    req.view,
-                    names.join(", ")
-                ),
+                format!("view {:?} does not exist here", req.view),
             ));
         };
+        let limits = [
+            (
+                req.keys.len(),
+                self.config.max_keys,
+                "keys",
+                "subscriptions.max_keys",
+            ),
+            (
+                req.fields.len(),
+                self.config.max_fields,
+                "fields",
+                "subscriptions.max_fields",
+            ),
+        ];
+        for (given, limit, what, key) in limits {
+            if given > limit {
+                return Err(refuse(
+                    tonic::Code::InvalidArgument,
+                    format!(
+                        "a subscription names at most {limit} {what} ({key}); this one names {given}"
+                    ),
+                ));
+            }
+        }
         let meta = self.reader.view_meta(&req.view).map_err(store_status)?;
         let mut keys = std::collections::BTreeSet::new();
         for k in &req.keys {
@@ -385,7 +406,8 @@ impl Subscription for SubscriptionService {
                     return Err(refuse(
                         tonic::Code::Unavailable,
                         format!(
-                            "this node has not caught up with the resume token of view {:?} yet                              (token seq {}, committed here {}); retry shortly or on another node",
+                            "this node has not caught up with the resume token of view {:?} yet \
+                             (token seq {}, committed here {}); retry shortly or on another node",
                             req.view, pos.seq, meta.last_seq
                         ),
                     ));
@@ -404,7 +426,7 @@ impl Subscription for SubscriptionService {
             refuse(
                 tonic::Code::ResourceExhausted,
                 format!(
-                    "this node already serves {} subscriptions",
+                    "this node already serves {} subscriptions (subscriptions.max_subscribers)",
                     self.config.max_subscribers
                 ),
             )

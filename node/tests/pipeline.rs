@@ -464,8 +464,40 @@ async fn bad_requests_get_clear_statuses() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
     assert!(
-        err.message().contains("\"nope\" does not exist") && err.message().contains("citizens"),
+        err.message().contains("\"nope\" does not exist") && !err.message().contains("citizens"),
+        "names the view asked for, and no other: {}",
+        err.message()
+    );
+    // Requests are bounded, and the refusal names the limit.
+    let many: Vec<String> = (0..10_001)
+        .map(|i| format!("{{\"person_id\":\"{i}\"}}"))
+        .collect();
+    let err = client
+        .subscribe(req("citizens", None, many))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("subscriptions.max_keys") && err.message().contains("10001"),
         "{}",
+        err.message()
+    );
+    let mut wide = req("citizens", None, vec![]);
+    wide.fields = (0..300).map(|i| format!("c{i}")).collect();
+    let err = client.subscribe(wide).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("subscriptions.max_fields"),
+        "{}",
+        err.message()
+    );
+    let mut huge = req("citizens", None, vec![]);
+    huge.fields = vec!["x".repeat(5 << 20)];
+    let err = client.subscribe(huge).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{}", err.message());
+    assert!(
+        err.message().contains("limit"),
+        "names the limit: {}",
         err.message()
     );
 
