@@ -11,6 +11,9 @@
 //! - `broker`: the node catching up on a topic filled beforehand;
 //! - `latency`: a steady rate through broker and node to a subscriber,
 //!   with end-to-end latency percentiles;
+//!   With `NDC_BENCH_TLS=on`, single-node phases run the node's listener on
+//!   mutual TLS (development certificates) and the subscriber over it,
+//!   reported as `latency+tls` (and likewise);
 //! - `golden`: the example pipeline (`examples/national.yaml`) catching up
 //!   on five agencies' snapshots: replicas, re-keying through the
 //!   repartition topic, golden records, conflicts and joins.
@@ -133,6 +136,8 @@ pub struct NodeProcess {
     child: Child,
     pub grpc: std::net::SocketAddr,
     pub http: std::net::SocketAddr,
+    /// How clients reach it when its listener speaks TLS (`NDC_BENCH_TLS`).
+    client_tls: Option<ndc_node::client::ClientTls>,
 }
 
 impl NodeProcess {
@@ -153,10 +158,21 @@ impl NodeProcess {
             if let Ok(bytes) = std::fs::read(&addr_file)
                 && let Ok(a) = serde_json::from_slice::<ndc_node::NodeAddrs>(&bytes)
             {
+                // A node on TLS runs with base_config's development
+                // certificates: its clients take the subscriber's.
+                let client_tls = config.tls.cert.as_ref().map(|_| {
+                    let certs = ndc_node::certs::DevCertificates::in_dir(&work.join("certs"));
+                    ndc_node::client::ClientTls {
+                        ca: Some(certs.ca),
+                        cert: Some(certs.subscriber_cert),
+                        key: Some(certs.subscriber_key),
+                    }
+                });
                 return Ok(NodeProcess {
                     child,
                     grpc: a.grpc,
                     http: a.http,
+                    client_tls,
                 });
             }
             if Instant::now() > deadline {
@@ -217,13 +233,15 @@ impl NodeProcess {
         cpu_seconds(&self.child.id().to_string())
     }
 
+    /// A gRPC connection to the node (over TLS when it speaks TLS).
+    pub async fn channel(&self) -> anyhow::Result<tonic::transport::Channel> {
+        ndc_node::client::channel(&self.grpc.to_string(), self.client_tls.as_ref()).await
+    }
+
     /// Every view the node serves, as `ListViews` reports it.
     pub async fn views(&self) -> anyhow::Result<Vec<ndc_proto::v1::ViewInfo>> {
-        let mut c = ndc_proto::v1::subscription_client::SubscriptionClient::connect(format!(
-            "http://{}",
-            self.grpc
-        ))
-        .await?;
+        let mut c =
+            ndc_proto::v1::subscription_client::SubscriptionClient::new(self.channel().await?);
         Ok(c.list_views(ndc_proto::v1::ListViewsRequest {})
             .await?
             .into_inner()
@@ -420,11 +438,27 @@ impl Iterator for WorkloadEvents {
     }
 }
 
+/// Is `NDC_BENCH_TLS=on` (single-node phases: the listener speaks mutual
+/// TLS with development certificates, and the load test's subscriber too)?
+pub fn bench_tls() -> bool {
+    std::env::var("NDC_BENCH_TLS").is_ok_and(|v| v == "on")
+}
+
 pub fn base_config(work: &Path) -> NodeConfig {
     let mut c = NodeConfig::default();
     c.node.data_dir = work.join("node");
     c.node.grpc_listen = "127.0.0.1:0".parse().expect("literal address");
-    c.tls.insecure = true;
+    let certs = ndc_node::certs::DevCertificates::in_dir(&work.join("certs"));
+    if bench_tls()
+        && (certs.ca.exists()
+            || ndc_node::certs::make_dev_certificates(&work.join("certs"), &[], 2).is_ok())
+    {
+        c.tls.cert = Some(certs.node_cert);
+        c.tls.key = Some(certs.node_key);
+        c.tls.client_ca = Some(certs.ca);
+    } else {
+        c.tls.insecure = true;
+    }
     c.node.http_listen = "127.0.0.1:0".parse().expect("literal address");
     c
 }
@@ -905,7 +939,7 @@ pub async fn latency_phase(
     };
     let node = NodeProcess::start(&c, work)?;
     node.wait_ready(Duration::from_secs(30))?;
-    let mut client = SubscriptionClient::connect(format!("http://{}", node.grpc)).await?;
+    let mut client = SubscriptionClient::new(node.channel().await?);
     let mut stream = client
         .subscribe(SubscribeRequest {
             view: VIEW.into(),
@@ -1009,7 +1043,11 @@ pub async fn latency_phase(
         .map(|m| node_breakdown(&m))
         .unwrap_or_default();
     let report = Report {
-        phase: phase.into(),
+        phase: if node.client_tls.is_some() {
+            format!("{phase}+tls")
+        } else {
+            phase.into()
+        },
         events: total,
         keys,
         seconds: sent_for,
