@@ -14,20 +14,6 @@ use std::time::Duration;
 const CITIZENS: &str = "population.public.citizens";
 const DLQ: &str = "ndc.dead-letter";
 
-/// `GET path` on the node's HTTP port: (status line, body).
-async fn http_get(http: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_reads_a_tls_broker_it_trusts_and_stays_not_ready_with_a_wrong_ca() {
     let dir = tempfile::tempdir().unwrap();

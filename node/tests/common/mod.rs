@@ -179,26 +179,27 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A tansu broker with in-memory storage listening on `listen` and
+/// advertising `advertise` (URLs `tcp://host:port`).
+fn spawn_tansu(bin: &Path, listen: &str, advertise: &str) -> Child {
+    Command::new(bin)
+        .args(["broker", "--listener-url", listen])
+        .args(["--advertised-listener-url", advertise])
+        .args(["--storage-engine", "memory://tansu/"])
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start tansu")
+}
+
 impl Broker {
     pub fn start() -> Broker {
         let bin = tansu_binary();
         for _ in 0..5 {
             let port = free_port();
             let url = format!("tcp://127.0.0.1:{port}");
-            let child = Command::new(&bin)
-                .args([
-                    "broker",
-                    "--listener-url",
-                    &url,
-                    "--advertised-listener-url",
-                    &url,
-                ])
-                .args(["--storage-engine", "memory://tansu/"])
-                .env("RUST_LOG", "error")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start tansu");
+            let child = spawn_tansu(&bin, &url, &url);
             let mut broker = Broker {
                 child,
                 bootstrap: format!("127.0.0.1:{port}"),
@@ -222,22 +223,11 @@ impl Broker {
         let bin = tansu_binary();
         for _ in 0..5 {
             let (plain, tls) = (free_port(), free_port());
-            let child = Command::new(&bin)
-                .args([
-                    "broker",
-                    "--listener-url",
-                    &format!("tcp://127.0.0.1:{plain}"),
-                ])
-                .args([
-                    "--advertised-listener-url",
-                    &format!("tcp://127.0.0.1:{tls}"),
-                ])
-                .args(["--storage-engine", "memory://tansu/"])
-                .env("RUST_LOG", "error")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start tansu");
+            let child = spawn_tansu(
+                &bin,
+                &format!("tcp://127.0.0.1:{plain}"),
+                &format!("tcp://127.0.0.1:{tls}"),
+            );
             let conf = dir.join("stunnel.conf");
             std::fs::write(
                 &conf,
@@ -480,10 +470,15 @@ pub async fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bo
 
 /// Fetches the node's Prometheus exposition.
 pub async fn metrics_text(http: std::net::SocketAddr) -> String {
+    http_get(http, "/metrics").await
+}
+
+/// `GET path` on a node's HTTP port: the whole response, status line first.
+pub async fn http_get(http: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
     s.write_all(
-        format!("GET /metrics HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!("GET {path} HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n").as_bytes(),
     )
     .await
     .unwrap();
