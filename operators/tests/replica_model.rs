@@ -358,6 +358,15 @@ fn topic(s: &Scenario) -> Vec<Vec<Sent>> {
     parts
 }
 
+/// Cases per property: 96 in the test suite; `PROPTEST_CASES=N` for a
+/// deeper run.
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(96)
+}
+
 fn run(s: &Scenario) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().map_err(|e| TestCaseError::fail(e.to_string()))?;
     let mut config = StoreConfig::new(dir.path());
@@ -543,7 +552,7 @@ fn run_pipelined(s: &Scenario) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn any_delivery_and_crash_schedule_gives_the_reference_replica(s in scenario()) {
@@ -728,7 +737,7 @@ fn run_logged(s: &Scenario) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn the_cluster_log_gives_every_node_the_reference_replica_and_one_change_stream(s in scenario()) {
