@@ -59,11 +59,7 @@ impl Files {
     }
 
     fn load(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-        let certs: Vec<CertificateDer<'static>> = read_pem("cert", &self.cert, |bytes| {
-            CertificateDer::pem_slice_iter(bytes)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| e.to_string())
-        })?;
+        let certs = read_certificates("cert", &self.cert)?;
         if certs.is_empty() {
             return Err(TlsError::Invalid {
                 key: "cert",
@@ -90,11 +86,7 @@ impl Files {
             None => builder.with_no_client_auth(),
             Some(path) => {
                 let mut roots = rustls::RootCertStore::empty();
-                let cas = read_pem("client_ca", path, |bytes| {
-                    CertificateDer::pem_slice_iter(bytes)
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|e| e.to_string())
-                })?;
+                let cas = read_certificates("client_ca", path)?;
                 for ca in cas {
                     roots.add(ca).map_err(|e| TlsError::Invalid {
                         key: "client_ca",
@@ -125,6 +117,18 @@ impl Files {
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(config))
     }
+}
+
+/// Every PEM certificate in a file.
+fn read_certificates(
+    key: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    read_pem(key, path, |bytes| {
+        CertificateDer::pem_slice_iter(bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())
+    })
 }
 
 fn read_pem<T>(

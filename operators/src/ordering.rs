@@ -185,18 +185,24 @@ fn compare_positions(a: &LogPosition, b: &LogPosition) -> Option<(Ordering, Basi
             a.event_serial_no,
         )
             .cmp(&(&b.commit_lsn, &b.change_lsn, b.event_serial_no))),
-        (Kind::Scn(a), Kind::Scn(b)) => {
-            let commit = |p: &ScnPosition| -> Vec<u8> {
-                if p.commit_scn.is_empty() {
-                    p.scn.clone()
-                } else {
-                    p.commit_scn.clone()
-                }
-            };
-            at((commit(a), &a.scn, &a.rs_id, a.ssn).cmp(&(commit(b), &b.scn, &b.rs_id, b.ssn)))
-        }
+        (Kind::Scn(a), Kind::Scn(b)) => at((commit_scn(a), &a.scn, &a.rs_id, a.ssn).cmp(&(
+            commit_scn(b),
+            &b.scn,
+            &b.rs_id,
+            b.ssn,
+        ))),
         (Kind::Oplog(a), Kind::Oplog(b)) => at((a.ts_ms, a.ord).cmp(&(b.ts_ms, b.ord))),
         _ => None,
+    }
+}
+
+/// An Oracle change's commit SCN; a snapshot read, which has none, is at its
+/// `scn` (the flashback SCN).
+fn commit_scn(p: &ScnPosition) -> &[u8] {
+    if p.commit_scn.is_empty() {
+        &p.scn
+    } else {
+        &p.commit_scn
     }
 }
 
@@ -315,6 +321,16 @@ fn text<'a>(
     field: &FieldLookup<'a>,
     name: &'static str,
 ) -> Result<Option<Cow<'a, str>>, FieldError> {
+    value_text(field, name, "string")
+}
+
+/// A field's value as text, a string's or a number's (`None`: absent or
+/// null); other JSON is an error expecting `expected`.
+fn value_text<'a>(
+    field: &FieldLookup<'a>,
+    name: &'static str,
+    expected: &'static str,
+) -> Result<Option<Cow<'a, str>>, FieldError> {
     let Some(raw) = field(name) else {
         return Ok(None);
     };
@@ -325,7 +341,7 @@ fn text<'a>(
     };
     value.ok_or(FieldError {
         field: name,
-        expected: "string",
+        expected,
     })
 }
 
@@ -349,16 +365,13 @@ fn json_text(raw: &str) -> Option<Option<Cow<'_, str>>> {
 /// A non-negative integer field: a JSON number, or a string of digits
 /// (Oracle and some converters write numbers as strings).
 fn unsigned(field: &FieldLookup<'_>, name: &'static str) -> Result<Option<u64>, FieldError> {
-    let error = FieldError {
-        field: name,
-        expected: "non-negative integer",
-    };
-    let Some(raw) = field(name) else {
-        return Ok(None);
-    };
-    match json_text(&raw).ok_or(error.clone())? {
+    const EXPECTED: &str = "non-negative integer";
+    match value_text(field, name, EXPECTED)? {
         None => Ok(None),
-        Some(t) => t.trim().parse::<u64>().map(Some).map_err(|_| error),
+        Some(t) => t.trim().parse::<u64>().map(Some).map_err(|_| FieldError {
+            field: name,
+            expected: EXPECTED,
+        }),
     }
 }
 
@@ -367,14 +380,8 @@ fn unsigned(field: &FieldLookup<'_>, name: &'static str) -> Result<Option<u64>, 
 /// (`00000027:00000758:0005`, ` 0x000015.0001f4f5.0010 `) read as one
 /// number, each group at its written width, as the connectors pad them.
 fn lsn_bytes(field: &FieldLookup<'_>, name: &'static str) -> Result<Vec<u8>, FieldError> {
-    let error = FieldError {
-        field: name,
-        expected: "an LSN (digits, or hexadecimal groups)",
-    };
-    let Some(raw) = field(name) else {
-        return Ok(Vec::new());
-    };
-    let Some(value) = json_text(&raw).ok_or(error.clone())? else {
+    const EXPECTED: &str = "an LSN (digits, or hexadecimal groups)";
+    let Some(value) = value_text(field, name, EXPECTED)? else {
         return Ok(Vec::new());
     };
     if value.trim().is_empty() {
@@ -382,7 +389,10 @@ fn lsn_bytes(field: &FieldLookup<'_>, name: &'static str) -> Result<Vec<u8>, Fie
     }
     parse_log_number(&value)
         .map(|n| n.to_be_bytes().to_vec())
-        .ok_or(error)
+        .ok_or(FieldError {
+            field: name,
+            expected: EXPECTED,
+        })
 }
 
 fn parse_log_number(text: &str) -> Option<u128> {
@@ -423,29 +433,9 @@ fn sequence_as_written(raw: &str) -> Option<[Option<u64>; 2]> {
     Some([item(a)?, item(b)?])
 }
 
-/// `["24023119","24023128"]` (either may be null).
+/// `["24023119","24023128"]` (either may be null), unescaped: what
+/// [`sequence_as_written`] does not read.
 fn parse_sequence(text: &str) -> Option<[Option<u64>; 2]> {
-    // Debezium writes it compactly: read that without allocating (it is on
-    // every PostgreSQL event), anything else with serde_json.
-    let plain = |item: &str| -> Option<Option<u64>> {
-        match item {
-            "null" => Some(None),
-            _ => item
-                .strip_prefix('"')?
-                .strip_suffix('"')?
-                .parse()
-                .ok()
-                .map(Some),
-        }
-    };
-    if let Some((a, b)) = text
-        .strip_prefix('[')
-        .and_then(|t| t.strip_suffix(']'))
-        .and_then(|t| t.split_once(','))
-        && let (Some(a), Some(b)) = (plain(a), plain(b))
-    {
-        return Some([a, b]);
-    }
     let items: Vec<Option<String>> = serde_json::from_str(text).ok()?;
     let [last_commit, lsn] = items.as_slice() else {
         return None;
