@@ -203,6 +203,29 @@ async fn mutual_tls_serves_trusted_clients_refuses_others_and_rotates_without_dr
     with_new_ca.ca = Some(new_ca);
     snapshot(addr, Some(with_new_ca)).await.unwrap();
 
+    // Files that do not parse keep the certificate in force.
+    std::fs::write(pki.join("server.pem.new"), "not a certificate\n").unwrap();
+    std::fs::rename(pki.join("server.pem.new"), pki.join("server.pem")).unwrap();
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let text = metrics_text(node.addrs.http).await;
+        if metric_value(&text, |l| {
+            l.starts_with("ndc_tls_reloads_total") && l.contains("failed")
+        })
+        .is_some_and(|n| n >= 1.0)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no failed reload: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut still_new_ca = client(&pki, &ca, "subscriber");
+    still_new_ca.ca = Some(rotated.join("ca.pem"));
+    snapshot(addr, Some(still_new_ca)).await.unwrap();
+
     // The stream opened before the rotation still delivers.
     for i in 100..105 {
         publish_event(&producer, CITIZENS, &feed.event('c', i, 0, None)).await;

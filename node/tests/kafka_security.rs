@@ -80,6 +80,33 @@ async fn a_node_reads_a_tls_broker_it_trusts_and_stays_not_ready_with_a_wrong_ca
     node.shutdown().await;
 }
 
+/// A broker nobody answers for: counted as `kind="broker"`, not ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_broker_is_counted_and_keeps_the_node_not_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let closed = format!("127.0.0.1:{}", free_port());
+    let node = ndc_node::start(node_config(
+        dir.path(),
+        &closed,
+        &[("citizens", CITIZENS, &["person_id"])],
+    ))
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut text = String::new();
+    while tokio::time::Instant::now() < deadline {
+        text = metrics_text(node.addrs.http).await;
+        if text.contains("kind=\"broker\"") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(text.contains("kind=\"broker\""), "{text}");
+    let ready = http_get(node.addrs.http, "/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 503"), "not ready: {ready}");
+    node.shutdown().await;
+}
+
 /// Kafka Connect's producers compress with any of Kafka's codecs; a batch
 /// the client cannot decompress would stall its partition for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
