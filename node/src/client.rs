@@ -65,7 +65,7 @@ impl ClientTls {
 
 static DEFAULT_TLS: std::sync::OnceLock<ClientTls> = std::sync::OnceLock::new();
 
-/// The command line's `--ca`, `--cert`, `--key`, for every connection this
+/// The command line's `--tls-ca`, `--tls-cert`, `--tls-key`, for every connection this
 /// process makes that names no TLS of its own (set once, at start).
 pub fn set_default_tls(tls: ClientTls) {
     let _ = DEFAULT_TLS.set(tls);
@@ -98,7 +98,7 @@ pub async fn channel(
             config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
         }
         (None, None) => {}
-        _ => anyhow::bail!("--cert and --key go together"),
+        _ => anyhow::bail!("--tls-cert and --tls-key go together"),
     }
     Ok(Endpoint::from_shared(format!("https://{host}"))?
         .tls_config(config)?

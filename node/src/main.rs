@@ -25,13 +25,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 )]
 struct Cli {
     /// The CA (PEM) that signed the node's TLS certificate: connect over TLS.
-    #[arg(long, global = true, env = "NDC_CA")]
+    #[arg(long = "tls-ca", global = true, env = "NDC_CA")]
     ca: Option<PathBuf>,
     /// This client's certificate (PEM), for a node that asks for one (mutual TLS).
-    #[arg(long, global = true, env = "NDC_CERT", requires = "key")]
+    #[arg(long = "tls-cert", global = true, env = "NDC_CERT", requires = "key")]
     cert: Option<PathBuf>,
-    /// The key of `--cert` (PEM).
-    #[arg(long, global = true, env = "NDC_KEY", requires = "cert")]
+    /// The key of `--tls-cert` (PEM). (Not `--key`: that is `ndc subscribe`'s
+    /// key filter.)
+    #[arg(long = "tls-key", global = true, env = "NDC_KEY", requires = "cert")]
     key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
@@ -360,6 +361,20 @@ fn main() -> anyhow::Result<()> {
             Command::Generate { table, people, updates, output } => generate(&table, people, updates, &output),
         }
     })
+    .map_err(plaintext_hint)
+}
+
+/// A plaintext client talking to a TLS listener gets an HTTP/2 framing
+/// error that says nothing useful: say what it most likely means.
+fn plaintext_hint(e: anyhow::Error) -> anyhow::Error {
+    if format!("{e:?}").contains("FRAME_SIZE_ERROR") {
+        e.context(
+            "the node answered with a protocol error: it most likely speaks TLS; connect with \
+             --tls-ca (and --tls-cert, --tls-key for mutual TLS), or NDC_CA, NDC_CERT, NDC_KEY",
+        )
+    } else {
+        e
+    }
 }
 
 fn generate(

@@ -102,5 +102,49 @@ async fn dev_certificates_give_a_node_mutual_tls_that_the_command_line_reaches()
     assert!(!out.status.success(), "no client certificate: refused");
     let out = views(&[]);
     assert!(!out.status.success(), "plaintext: refused");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--tls-ca"),
+        "a plaintext client is told the node speaks TLS: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The flags, beside `ndc subscribe`'s own --key (a key filter).
+    let row = r#"{"op":"c","after":{"person_id":"079305000016","full_name":"Phạm Thị Lan"},"source":{"ts_ms":1,"lsn":1}}"#;
+    let producer = broker.producer();
+    publish(
+        &producer,
+        "population.public.citizens",
+        Some(br#"{"person_id":"079305000016"}"#),
+        Some(row.as_bytes()),
+    )
+    .await;
+    let out = ndc()
+        .args([
+            "subscribe",
+            "--addr",
+            &addr,
+            "--view",
+            "citizens",
+            "--from",
+            "snapshot",
+        ])
+        .args(["--key", r#"{"person_id":"079305000016"}"#, "--limit", "1"])
+        .arg("--tls-ca")
+        .arg(certs.join("ca.pem"))
+        .arg("--tls-cert")
+        .arg(certs.join("subscriber.pem"))
+        .arg("--tls-key")
+        .arg(certs.join("subscriber.key"))
+        .env_remove("NDC_CA")
+        .env_remove("NDC_CERT")
+        .env_remove("NDC_KEY")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("Phạm Thị Lan"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     node.shutdown().await;
 }
