@@ -294,6 +294,7 @@ async fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let plaintext = cli.ca.is_none() && cli.cert.is_none();
     client::set_default_tls(client::ClientTls {
         ca: cli.ca.clone(),
         cert: cli.cert.clone(),
@@ -361,15 +362,17 @@ fn main() -> anyhow::Result<()> {
             Command::Generate { table, people, updates, output } => generate(&table, people, updates, &output),
         }
     })
-    .map_err(plaintext_hint)
+    .map_err(|e| if plaintext { plaintext_hint(e) } else { e })
 }
 
 /// A plaintext client talking to a TLS listener gets an HTTP/2 framing
-/// error that says nothing useful: say what it most likely means.
+/// error, or the connection closed under it, depending on timing: neither
+/// says anything useful, so say what it most likely means.
 fn plaintext_hint(e: anyhow::Error) -> anyhow::Error {
-    if format!("{e:?}").contains("FRAME_SIZE_ERROR") {
+    let text = format!("{e:?}");
+    if text.contains("FRAME_SIZE_ERROR") || text.contains("connection closed") {
         e.context(
-            "the node answered with a protocol error: it most likely speaks TLS; connect with \
+            "the node refused this plaintext client: it most likely speaks TLS; connect with \
              --tls-ca (and --tls-cert, --tls-key for mutual TLS), or NDC_CA, NDC_CERT, NDC_KEY",
         )
     } else {
