@@ -365,15 +365,18 @@ fn main() -> anyhow::Result<()> {
     .map_err(|e| if plaintext { plaintext_hint(e) } else { e })
 }
 
-/// A plaintext client talking to a TLS listener gets an HTTP/2 framing
-/// error, or the connection closed under it, depending on timing: neither
-/// says anything useful, so say what it most likely means.
+/// A plaintext client talking to a TLS listener fails at the transport
+/// level, with an error that depends on timing (an HTTP/2 framing error, a
+/// closed connection, a broken pipe) and says nothing useful: say what it
+/// may mean.
 fn plaintext_hint(e: anyhow::Error) -> anyhow::Error {
-    let text = format!("{e:?}");
-    if text.contains("FRAME_SIZE_ERROR") || text.contains("connection closed") {
+    let transport = e
+        .chain()
+        .any(|c| c.downcast_ref::<tonic::transport::Error>().is_some());
+    if transport {
         e.context(
-            "the node refused this plaintext client: it most likely speaks TLS; connect with \
-             --tls-ca (and --tls-cert, --tls-key for mutual TLS), or NDC_CA, NDC_CERT, NDC_KEY",
+            "the connection failed: if the node speaks TLS (it refuses plaintext clients this way), \
+             connect with --tls-ca (and --tls-cert, --tls-key for mutual TLS), or NDC_CA, NDC_CERT, NDC_KEY",
         )
     } else {
         e
