@@ -18,12 +18,16 @@
 //!
 //! See `docs/cluster.md` for the protocol and each failure case.
 
+pub mod identity;
 mod network;
 mod service;
 pub mod state;
 mod store;
 
-pub use state::{Assignment, ClusterState, Command, NodeId, PartitionId, StoredSpec};
+pub use identity::PeerTls;
+pub use state::{
+    Assignment, ClusterState, Command, Grant, NodeId, PartitionId, Role, RowFilter, StoredSpec,
+};
 pub use store::Applied;
 
 use ndc_proto::cluster::{HeartbeatReply, HeartbeatRequest, HeldPartition};
@@ -60,19 +64,29 @@ openraft::declare_raft_types!(
 
 type Raft = openraft::Raft<TypeConfig>;
 
-/// A lazily connected channel to another node's gRPC listener (`host:port`),
-/// for Raft RPCs, heartbeats and forwarded admin requests alike.
-pub(crate) fn peer_channel(
+/// A lazily connected channel to another node's peer listener
+/// (`host:port`), for Raft RPCs, heartbeats and forwarded admin requests
+/// alike; over mutual TLS with this node's certificate when `tls` is set.
+pub fn peer_channel(
     addr: &str,
     connect_timeout: Duration,
-) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-    Ok(
-        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_timeout(connect_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .connect_lazy(),
-    )
+    tls: Option<&PeerTls>,
+) -> Result<tonic::transport::Channel, String> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
+        .map_err(|e| format!("bad peer address {addr:?}: {e}"))?
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5));
+    if let Some(tls) = tls {
+        let config = tls
+            .client_config()
+            .map_err(|e| format!("cannot read the peer TLS files: {e}"))?;
+        endpoint = endpoint
+            .tls_config(config)
+            .map_err(|e| format!("peer TLS: {e}"))?;
+    }
+    Ok(endpoint.connect_lazy())
 }
 
 /// Errors of the coordinator.
@@ -112,6 +126,8 @@ pub struct CoordinatorConfig {
     pub failure_timeout: Duration,
     pub raft_heartbeat: Duration,
     pub election_timeout: Duration,
+    /// Mutual TLS between nodes; `None`: plaintext peer traffic.
+    pub peer_tls: Option<PeerTls>,
 }
 
 impl CoordinatorConfig {
@@ -152,6 +168,9 @@ pub mod metric {
     pub const OWNED_PARTITIONS: &str = "ndc_cluster_owned_partitions";
     pub const FAILOVER_SECONDS: &str = "ndc_cluster_failover_seconds";
     pub const LEASE_VALID: &str = "ndc_cluster_lease_valid";
+    /// Peer requests refused because the caller's certificate does not name
+    /// the node it claims to be (or any node).
+    pub const PEER_REFUSED: &str = "ndc_cluster_peer_refused_total";
 }
 
 /// What the leader remembers of a node (not replicated: a new leader starts
@@ -210,7 +229,9 @@ impl Coordinator {
         let raft = Raft::new(
             config.node_id,
             Arc::new(raft_config),
-            network::Network,
+            network::Network {
+                tls: config.peer_tls.clone(),
+            },
             log,
             machine,
         )
@@ -285,17 +306,28 @@ impl Coordinator {
     ) -> ndc_proto::cluster::raft_server::RaftServer<network::RaftService> {
         ndc_proto::cluster::raft_server::RaftServer::new(network::RaftService {
             raft: self.inner.raft.clone(),
+            tls: self.inner.config.peer_tls.clone(),
         })
         .max_decoding_message_size(64 << 20)
     }
 
-    /// tonic service of heartbeats and cluster administration.
+    /// tonic service of heartbeats and cluster administration. On the peer
+    /// listener (`peer`), it takes heartbeats and admin requests forwarded
+    /// by other nodes; on the public one, admin requests (authorized by the
+    /// node before they get here) and no heartbeats.
     pub fn cluster_service(
         &self,
+        peer: bool,
     ) -> ndc_proto::cluster::cluster_server::ClusterServer<service::ClusterService> {
         ndc_proto::cluster::cluster_server::ClusterServer::new(service::ClusterService {
             coordinator: self.clone(),
+            peer,
         })
+    }
+
+    /// TLS between nodes, if on.
+    pub fn peer_tls(&self) -> Option<&PeerTls> {
+        self.inner.config.peer_tls.as_ref()
     }
 
     /// The applied cluster state, updated on every applied Raft entry.
@@ -423,8 +455,11 @@ impl Coordinator {
                         let client = match clients.get(&addr) {
                             Some(c) => c.clone(),
                             None => {
-                                let Ok(channel) = peer_channel(&addr, Duration::from_millis(500))
-                                else {
+                                let Ok(channel) = peer_channel(
+                                    &addr,
+                                    Duration::from_millis(500),
+                                    self.inner.config.peer_tls.as_ref(),
+                                ) else {
                                     continue;
                                 };
                                 let c =

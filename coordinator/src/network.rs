@@ -1,5 +1,6 @@
 //! Raft RPCs over tonic gRPC: one lazily connected channel per peer.
 
+use crate::identity::PeerTls;
 use crate::state::NodeId;
 use crate::{Member, TypeConfig};
 use ndc_proto::cluster::RaftMessage;
@@ -15,24 +16,30 @@ use openraft::raft::{
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 /// Creates one [`PeerClient`] per peer.
 #[derive(Debug, Clone, Default)]
-pub struct Network;
+pub struct Network {
+    pub(crate) tls: Option<PeerTls>,
+}
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &Member) -> PeerClient {
-        let channel = crate::peer_channel(&node.addr, Duration::from_millis(500)).ok();
-        PeerClient {
+        let mut client = PeerClient {
             target,
             addr: node.addr.clone(),
-            channel,
-        }
+            tls: self.tls.clone(),
+            channel: Err(String::new()),
+            stamps: Vec::new(),
+            checked: Instant::now(),
+        };
+        client.connect();
+        client
     }
 }
 
@@ -40,7 +47,12 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 pub struct PeerClient {
     target: NodeId,
     addr: String,
-    channel: Option<Channel>,
+    tls: Option<PeerTls>,
+    channel: Result<Channel, String>,
+    /// When the TLS files were last modified, as of the channel's making:
+    /// a rotated certificate makes a new channel.
+    stamps: Vec<Option<SystemTime>>,
+    checked: Instant,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +60,25 @@ pub struct PeerClient {
 struct Failure(String);
 
 impl PeerClient {
+    fn connect(&mut self) {
+        self.stamps = self.tls.as_ref().map(PeerTls::stamps).unwrap_or_default();
+        self.channel =
+            crate::peer_channel(&self.addr, Duration::from_millis(500), self.tls.as_ref());
+    }
+
+    /// Makes a new channel when the TLS files changed (checked every few
+    /// seconds) or the last attempt failed.
+    fn refresh(&mut self) {
+        let Some(tls) = &self.tls else { return };
+        if self.channel.is_ok() && self.checked.elapsed() < Duration::from_secs(5) {
+            return;
+        }
+        self.checked = Instant::now();
+        if self.channel.is_err() || tls.stamps() != self.stamps {
+            self.connect();
+        }
+    }
+
     async fn call<Req, Resp, E>(
         &mut self,
         method: Method,
@@ -59,11 +90,15 @@ impl PeerClient {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let Some(channel) = self.channel.clone() else {
-            return Err(RPCError::Unreachable(Unreachable::new(&Failure(format!(
-                "bad peer address {:?}",
-                self.addr
-            )))));
+        self.refresh();
+        let channel = match &self.channel {
+            Ok(c) => c.clone(),
+            Err(e) => {
+                return Err(RPCError::Unreachable(Unreachable::new(&Failure(format!(
+                    "{}: {e}",
+                    self.addr
+                )))));
+            }
         };
         let json =
             serde_json::to_vec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
@@ -136,11 +171,26 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 #[derive(Clone)]
 pub struct RaftService {
     pub(crate) raft: crate::Raft,
+    /// With TLS, the sender's certificate must name the node the message
+    /// says it is from (the candidate of a vote, the leader of the rest).
+    pub(crate) tls: Option<PeerTls>,
 }
 
-fn parse<T: DeserializeOwned>(req: Request<RaftMessage>) -> Result<T, Status> {
-    serde_json::from_slice(&req.into_inner().json)
-        .map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))
+impl RaftService {
+    fn parse<T: DeserializeOwned>(
+        &self,
+        req: Request<RaftMessage>,
+        sender: impl FnOnce(&T) -> Option<NodeId>,
+    ) -> Result<T, Status> {
+        let rpc: T = serde_json::from_slice(&req.get_ref().json)
+            .map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;
+        if let Some(tls) = &self.tls {
+            let claimed = sender(&rpc)
+                .ok_or_else(|| Status::permission_denied("a raft message that names no sender"))?;
+            tls.check(&req, Some(claimed))?;
+        }
+        Ok(rpc)
+    }
 }
 
 fn reply<T: Serialize>(result: &T) -> Result<Response<RaftMessage>, Status> {
@@ -154,12 +204,17 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
-        let rpc: AppendEntriesRequest<TypeConfig> = parse(req)?;
+        let rpc: AppendEntriesRequest<TypeConfig> = self
+            .parse(req, |r: &AppendEntriesRequest<TypeConfig>| {
+                r.vote.leader_id().voted_for()
+            })?;
         reply(&self.raft.append_entries(rpc).await)
     }
 
     async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        let rpc: VoteRequest<NodeId> = parse(req)?;
+        let rpc: VoteRequest<NodeId> = self.parse(req, |r: &VoteRequest<NodeId>| {
+            r.vote.leader_id().voted_for()
+        })?;
         reply(&self.raft.vote(rpc).await)
     }
 
@@ -167,7 +222,10 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
-        let rpc: InstallSnapshotRequest<TypeConfig> = parse(req)?;
+        let rpc: InstallSnapshotRequest<TypeConfig> = self
+            .parse(req, |r: &InstallSnapshotRequest<TypeConfig>| {
+                r.vote.leader_id().voted_for()
+            })?;
         reply(&self.raft.install_snapshot(rpc).await)
     }
 }

@@ -15,6 +15,8 @@ const FORWARDED: &str = "ndc-forwarded";
 
 pub struct ClusterService {
     pub(crate) coordinator: Coordinator,
+    /// Served on the peer listener (see [`Coordinator::cluster_service`]).
+    pub(crate) peer: bool,
 }
 
 impl ClusterService {
@@ -27,7 +29,7 @@ impl ClusterService {
         if self.coordinator.is_leader() {
             return Ok(None);
         }
-        if req.metadata().get(FORWARDED).is_some() {
+        if self.peer || req.metadata().get(FORWARDED).is_some() {
             return Err(Status::unavailable(
                 "this node is not the leader (request already forwarded once)",
             ));
@@ -35,9 +37,28 @@ impl ClusterService {
         let Some((id, addr)) = self.coordinator.current_leader_addr() else {
             return Err(Status::unavailable("no leader elected yet; retry shortly"));
         };
-        let channel = crate::peer_channel(&addr, Duration::from_secs(2))
-            .map_err(|e| Status::internal(format!("bad address {addr:?} of leader {id}: {e}")))?;
+        let channel =
+            crate::peer_channel(&addr, Duration::from_secs(2), self.coordinator.peer_tls())
+                .map_err(|e| Status::internal(format!("leader {id}: {e}")))?;
         Ok(Some(ClusterClient::new(channel)))
+    }
+
+    /// On the peer listener: the caller must be a node of the cluster, and
+    /// an admin request must come forwarded (people use the public one).
+    fn check_forwarded<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        if !self.peer {
+            return Ok(());
+        }
+        if req.metadata().get(FORWARDED).is_none() {
+            return Err(Status::permission_denied(
+                "the peer listener takes admin requests only as forwarded by another node; \
+                 use the node's public gRPC listener",
+            ));
+        }
+        match self.coordinator.peer_tls() {
+            Some(tls) => tls.check(req, None),
+            None => Ok(()),
+        }
     }
 
     fn membership(&self) -> MembershipReply {
@@ -64,12 +85,21 @@ impl Cluster for ClusterService {
         &self,
         req: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatReply>, Status> {
+        if !self.peer {
+            return Err(Status::permission_denied(
+                "heartbeats are taken on the peer listener only (node.peer_listen)",
+            ));
+        }
+        if let Some(tls) = self.coordinator.peer_tls() {
+            tls.check(&req, Some(req.get_ref().node_id))?;
+        }
         Ok(Response::new(
             self.coordinator.accept_heartbeat(req.into_inner()),
         ))
     }
 
     async fn status(&self, req: Request<StatusRequest>) -> Result<Response<ClusterStatus>, Status> {
+        self.check_forwarded(&req)?;
         match self.leader_client(&req) {
             Ok(Some(mut leader)) => match leader.status(forwarded(StatusRequest {})).await {
                 Ok(r) => Ok(r),
@@ -84,6 +114,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<AddNodeRequest>,
     ) -> Result<Response<MembershipReply>, Status> {
+        self.check_forwarded(&req)?;
         if let Some(mut leader) = self.leader_client(&req)? {
             return leader.add_node(forwarded(req.into_inner())).await;
         }
@@ -104,6 +135,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<RemoveNodeRequest>,
     ) -> Result<Response<MembershipReply>, Status> {
+        self.check_forwarded(&req)?;
         if let Some(mut leader) = self.leader_client(&req)? {
             return leader.remove_node(forwarded(req.into_inner())).await;
         }

@@ -49,6 +49,74 @@ pub enum Command {
     /// Forgets partitions (of dropped pipelines, or of views reset to a new
     /// generation), with their assignments.
     UnregisterPartitions { partitions: Vec<PartitionId> },
+    /// Creates or replaces a principal's grant.
+    PutGrant { grant: Grant },
+    /// Removes a principal's grant.
+    RevokeGrant { principal: String },
+}
+
+/// Role of a principal: what it may do besides reading its views.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Reads the views of its grant; nothing else.
+    Subscriber,
+    /// Also reads the cluster's and pipelines' status.
+    Operator,
+    /// Also manages pipelines, cluster members and grants.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Subscriber => "subscriber",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "subscriber" => Ok(Role::Subscriber),
+            "operator" => Ok(Role::Operator),
+            "admin" => Ok(Role::Admin),
+            other => Err(format!(
+                "unknown role {other:?} (admin, operator or subscriber)"
+            )),
+        }
+    }
+}
+
+/// Rows a grant lets through: those whose `column` holds one of `values`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowFilter {
+    pub column: String,
+    pub values: Vec<String>,
+}
+
+/// What one principal may do, replicated so that every node enforces the
+/// same. A principal has at most one grant; a new one replaces it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    pub principal: String,
+    pub role: Role,
+    /// Views it may read; `*` for every view.
+    pub views: Vec<String>,
+    #[serde(default)]
+    pub row_filter: Option<RowFilter>,
+    /// Columns it may read; empty for every column.
+    #[serde(default)]
+    pub columns: Vec<String>,
+    pub purpose: String,
+    /// Unix milliseconds; the grant counts for nothing from then on.
+    #[serde(default)]
+    pub expires_at_ms: Option<u64>,
+    pub granted_by: String,
+    pub granted_at_ms: u64,
 }
 
 /// A pipeline spec as the cluster runs it.
@@ -84,6 +152,9 @@ pub struct ClusterState {
     /// Pipeline specs, by name.
     #[serde(default)]
     pub specs: BTreeMap<String, StoredSpec>,
+    /// Grants, by principal.
+    #[serde(default)]
+    pub grants: BTreeMap<String, Grant>,
 }
 
 impl ClusterState {
@@ -140,6 +211,14 @@ impl ClusterState {
                 for p in partitions {
                     self.partitions.remove(p);
                     self.assignments.remove(p);
+                }
+            }
+            Command::PutGrant { grant } => {
+                self.grants.insert(grant.principal.clone(), grant.clone());
+            }
+            Command::RevokeGrant { principal } => {
+                if self.grants.remove(principal).is_none() {
+                    reply.refused = Some(format!("{principal} has no grant"));
                 }
             }
         }

@@ -31,6 +31,7 @@ async fn a_node_acts_only_on_its_current_epoch_and_only_while_its_lease_holds() 
         failure_timeout: Duration::from_millis(600),
         raft_heartbeat: Duration::from_millis(50),
         election_timeout: Duration::from_millis(200),
+        peer_tls: None,
     })
     .await
     .unwrap();
@@ -39,7 +40,7 @@ async fn a_node_acts_only_on_its_current_epoch_and_only_while_its_lease_holds() 
         async move {
             tonic::transport::Server::builder()
                 .add_service(c.raft_service())
-                .add_service(c.cluster_service())
+                .add_service(c.cluster_service(true))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
                 .await
         }

@@ -1,6 +1,7 @@
 //! Admin API of pipeline specs (`ndc.v1.Pipelines`): the server side over a
 //! node's [`Runtime`], and the client calls behind `ndc pipeline`.
 
+use crate::client::ClientTls;
 use crate::runtime::{ApplyError, Runtime};
 use crate::spec::PipelineSpec;
 use crate::telemetry::metric;
@@ -21,16 +22,20 @@ pub struct PipelineService {
     runtime: Arc<tokio::sync::Mutex<Runtime>>,
     /// Cluster mode: specs are replicated through the leader.
     coordinator: Option<Coordinator>,
+    /// How this node reaches the leader's peer listener to forward.
+    peer_tls: ClientTls,
 }
 
 impl PipelineService {
     pub fn new(
         runtime: Arc<tokio::sync::Mutex<Runtime>>,
         coordinator: Option<Coordinator>,
+        peer_tls: ClientTls,
     ) -> Self {
         PipelineService {
             runtime,
             coordinator,
+            peer_tls,
         }
     }
 
@@ -79,7 +84,7 @@ impl PipelineService {
                 leader: Some((leader, addr)),
             }) if leader != coordinator.node_id() => {
                 // The leader validates again against the latest state.
-                let forwarded = client(&addr)
+                let forwarded = peer_client(&addr, &self.peer_tls)
                     .await
                     .map_err(|e| {
                         Status::unavailable(format!("cannot reach the leader at {addr}: {e}"))
@@ -158,9 +163,15 @@ impl PipelineService {
             Err(ndc_coordinator::Error::NotLeader {
                 leader: Some((leader, addr)),
             }) if leader != coordinator.node_id() => {
-                let dropped = drop_pipeline(&addr, &name)
+                let dropped = peer_client(&addr, &self.peer_tls)
                     .await
-                    .map_err(|e| Status::unavailable(format!("{e:#}")))?;
+                    .map_err(|e| {
+                        Status::unavailable(format!("cannot reach the leader at {addr}: {e}"))
+                    })?
+                    .drop(DropPipelineRequest { name: name.clone() })
+                    .await?
+                    .into_inner()
+                    .dropped_views;
                 self.wait_until_running(&name, None).await?;
                 return Ok(dropped);
             }
@@ -206,10 +217,12 @@ pub async fn follow_replicated_specs(
 }
 
 /// Cluster mode: submits `pipelines.files` to the cluster through this
-/// node's own admin API (which forwards to the leader), until each is
-/// replicated or refused (an older version than the one running).
+/// node's own peer listener (as the node, which forwards to the leader),
+/// until each is replicated or refused (an older version than the one
+/// running).
 pub async fn submit_files(
     addr: String,
+    tls: ClientTls,
     files: Vec<std::path::PathBuf>,
     shutdown: CancellationToken,
 ) {
@@ -223,7 +236,7 @@ pub async fn submit_files(
         };
         let mut attempt = 0u32;
         loop {
-            let mut c = match client(&addr).await {
+            let mut c = match peer_client(&addr, &tls).await {
                 Ok(c) => c,
                 Err(_) => {
                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -350,9 +363,19 @@ impl Pipelines for PipelineService {
     }
 }
 
-async fn client(addr: &str) -> anyhow::Result<PipelinesClient<tonic::transport::Channel>> {
+async fn client(addr: &str) -> anyhow::Result<PipelinesClient<crate::client::Connection>> {
     Ok(PipelinesClient::new(
-        crate::client::channel(addr, None).await?,
+        crate::client::connect(addr, None).await?,
+    ))
+}
+
+/// A client of another node's peer listener, as this node.
+async fn peer_client(
+    addr: &str,
+    tls: &ClientTls,
+) -> anyhow::Result<PipelinesClient<tonic::transport::Channel>> {
+    Ok(PipelinesClient::new(
+        crate::client::channel(addr, Some(tls)).await?,
     ))
 }
 

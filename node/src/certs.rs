@@ -63,6 +63,19 @@ pub fn make_dev_certificates(
     node_names: &[String],
     days: u32,
 ) -> Result<DevCertificates, CertsError> {
+    make_dev_cluster_certificates(dir, node_names, days, 0).map(|(files, _)| files)
+}
+
+/// [`make_dev_certificates`], and for each of nodes `0..nodes` of a cluster
+/// `ndc-N.pem`/`ndc-N.key`: server and client use, naming `ndc-N` (CN and
+/// DNS SAN, as the default `cluster.peer_identity` expects), 127.0.0.1,
+/// localhost and `node_names`.
+pub fn make_dev_cluster_certificates(
+    dir: &Path,
+    node_names: &[String],
+    days: u32,
+    nodes: u32,
+) -> Result<(DevCertificates, Vec<(PathBuf, PathBuf)>), CertsError> {
     let files = DevCertificates::in_dir(dir);
     if files.ca.exists() {
         return Err(CertsError::Exists(files.ca));
@@ -124,6 +137,29 @@ pub fn make_dev_certificates(
         &files.node_cert,
         &files.node_key,
     )?;
+    let mut cluster = Vec::new();
+    for id in 0..nodes {
+        let name = format!("ndc-{id}");
+        let mut sans = vec![
+            name.clone(),
+            "127.0.0.1".to_string(),
+            "localhost".to_string(),
+        ];
+        sans.extend(node_names.iter().cloned());
+        let cert = dir.join(format!("{name}.pem"));
+        let key = dir.join(format!("{name}.key"));
+        leaf(
+            &name,
+            sans,
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            &cert,
+            &key,
+        )?;
+        cluster.push((cert, key));
+    }
     leaf(
         "admin",
         Vec::new(),
@@ -138,7 +174,7 @@ pub fn make_dev_certificates(
         &files.subscriber_cert,
         &files.subscriber_key,
     )?;
-    Ok(files)
+    Ok((files, cluster))
 }
 
 fn write(path: &Path, text: &str, secret: bool) -> Result<(), CertsError> {

@@ -46,6 +46,8 @@ pub struct SubscribeOptions {
     pub reconnect: bool,
     /// TLS to the node; `None`: the process default ([`set_default_tls`]).
     pub tls: Option<ClientTls>,
+    /// Bearer token (a JWT); `None`: the process default ([`set_token_file`]).
+    pub token: Option<String>,
 }
 
 /// How a client reaches a node's TLS listener: the CA that signed the
@@ -69,6 +71,68 @@ static DEFAULT_TLS: std::sync::OnceLock<ClientTls> = std::sync::OnceLock::new();
 /// process makes that names no TLS of its own (set once, at start).
 pub fn set_default_tls(tls: ClientTls) {
     let _ = DEFAULT_TLS.set(tls);
+}
+
+static TOKEN_FILE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// The command line's `--token-file`: a bearer token sent with every call
+/// this process makes, read again on every connection (a sidecar that
+/// refreshes the file is picked up).
+pub fn set_token_file(path: std::path::PathBuf) {
+    let _ = TOKEN_FILE.set(path);
+}
+
+/// Adds the caller's bearer token, if it has one, to every request.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    header: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl Credentials {
+    /// A given token.
+    pub fn bearer(token: &str) -> anyhow::Result<Credentials> {
+        let header = format!("Bearer {}", token.trim())
+            .parse()
+            .map_err(|_| anyhow::anyhow!("the token is not valid header text"))?;
+        Ok(Credentials {
+            header: Some(header),
+        })
+    }
+
+    /// The process default: the token file's content, or none.
+    pub fn from_process() -> anyhow::Result<Credentials> {
+        use anyhow::Context;
+        match TOKEN_FILE.get() {
+            None => Ok(Credentials::default()),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read the token file {}", path.display()))?;
+                Credentials::bearer(&text)
+            }
+        }
+    }
+}
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(h) = &self.header {
+            req.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A connection that sends the caller's credentials with every request.
+pub type Connection =
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Credentials>;
+
+/// [`channel`] with the process's bearer token (if any) on every request.
+pub async fn connect(addr: &str, tls: Option<&ClientTls>) -> anyhow::Result<Connection> {
+    let credentials = Credentials::from_process()?;
+    Ok(tonic::service::interceptor::InterceptedService::new(
+        channel(addr, tls).await?,
+        credentials,
+    ))
 }
 
 /// A connection to a node at `addr` (`host:port` or a URL), over TLS when
@@ -173,7 +237,14 @@ pub async fn subscribe(
     loop {
         let addr = addrs[current % addrs.len()];
         let result: anyhow::Result<bool> = async {
-            let mut client = SubscriptionClient::new(channel(addr, opts.tls.as_ref()).await?);
+            let credentials = match &opts.token {
+                Some(t) => Credentials::bearer(t)?,
+                None => Credentials::from_process()?,
+            };
+            let mut client = SubscriptionClient::with_interceptor(
+                channel(addr, opts.tls.as_ref()).await?,
+                credentials,
+            );
             let start = match &from {
                 From::Snapshot => Start::Snapshot(Snapshot {}),
                 From::Latest => Start::Latest(Latest {}),

@@ -292,6 +292,18 @@ pub fn coordinator_config(
         failure_timeout: cluster.failure_timeout,
         raft_heartbeat: cluster.raft_heartbeat,
         election_timeout: cluster.election_timeout,
+        peer_tls: match (crate::node::peer_client_tls(config), config.tls.insecure) {
+            (tls, false) => match (tls.ca, tls.cert, tls.key) {
+                (Some(ca), Some(cert), Some(key)) => Some(ndc_coordinator::PeerTls {
+                    ca,
+                    cert,
+                    key,
+                    identity: cluster.peer_identity.clone(),
+                }),
+                _ => anyhow::bail!("cluster peers need tls.cert, tls.key and cluster.peer_ca"),
+            },
+            (_, true) => None,
+        },
     })
 }
 
@@ -413,9 +425,9 @@ pub mod admin {
     };
     use serde_json::{Value, json};
 
-    async fn connect(addr: &str) -> anyhow::Result<ClusterClient<tonic::transport::Channel>> {
+    async fn connect(addr: &str) -> anyhow::Result<ClusterClient<crate::client::Connection>> {
         Ok(ClusterClient::new(
-            crate::client::channel(addr, None).await?,
+            crate::client::connect(addr, None).await?,
         ))
     }
 

@@ -32,6 +32,65 @@ pub struct NodeConfig {
     pub views: Vec<ViewConfig>,
     pub pipelines: PipelinesSection,
     pub tls: TlsSection,
+    pub access: AccessSection,
+}
+
+/// Who may call the node's public API, and with which limits
+/// (docs/security.md). Grants themselves are managed with `ndc access`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccessSection {
+    /// Principals that have the admin role whatever the grants say, so that
+    /// the first grants can be made (as Kafka's `super.users`).
+    pub admins: Vec<String>,
+    /// Whether a caller with neither a client certificate nor a token is let
+    /// in, as an admin that reads every view. Absent: as `tls.insecure`
+    /// says (a plaintext development node stays usable as it was); only
+    /// with `tls.insecure: true`.
+    pub anonymous: Option<bool>,
+    /// Live subscriptions one principal may hold on a node.
+    pub max_streams_per_principal: usize,
+    /// Identity providers whose bearer tokens (JWT) identify callers.
+    pub jwt: Vec<JwtIssuerConfig>,
+}
+
+impl Default for AccessSection {
+    fn default() -> Self {
+        AccessSection {
+            admins: Vec::new(),
+            anonymous: None,
+            max_streams_per_principal: 16,
+            jwt: Vec::new(),
+        }
+    }
+}
+
+impl AccessSection {
+    /// Whether anonymous callers are let in under this TLS setting.
+    pub fn anonymous_allowed(&self, tls: &TlsSection) -> bool {
+        self.anonymous.unwrap_or(tls.insecure)
+    }
+}
+
+/// An OIDC/JWT issuer (a Keycloak realm, for example) and the keys its
+/// tokens are signed with: files, so nothing is fetched at run time.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtIssuerConfig {
+    /// The tokens' `iss`, exactly.
+    pub issuer: String,
+    /// Accepted `aud` values; a token must name one of them.
+    pub audiences: Vec<String>,
+    /// Public keys: PEM files (RSA or EC public keys) or JWKS JSON files
+    /// (the realm's `certs` document, saved).
+    pub keys: Vec<PathBuf>,
+    /// Tolerated clock difference for `exp` and `nbf`.
+    #[serde(default = "default_leeway", with = "humantime_serde")]
+    pub leeway: Duration,
+}
+
+fn default_leeway() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// TLS on the node's gRPC listener. Plaintext only when `insecure` says so.
@@ -101,9 +160,17 @@ pub struct ClusterSection {
     /// (`ndc-2` → 2), as in a Kubernetes StatefulSet.
     pub node_id: Option<u64>,
     /// Initial voters, `ID=HOST:PORT` or `HOST:PORT` with the id as the
-    /// ordinal of the host's first label (`ndc-1.ndc:50051` → 1). Nodes in the
-    /// list form the cluster; others wait for `ndc cluster add-node`.
+    /// ordinal of the host's first label (`ndc-1.ndc:50052` → 1), at their
+    /// peer listeners (`node.peer_listen`). Nodes in the list form the
+    /// cluster; others wait for `ndc cluster add-node`.
     pub bootstrap: Vec<String>,
+    /// With TLS: the CA that signs the nodes' certificates (peers must
+    /// present one). Absent: `tls.client_ca`.
+    pub peer_ca: Option<PathBuf>,
+    /// How a node id appears in its certificate (a URI or DNS SAN or the
+    /// CN, whole or as its first DNS label), `{id}` standing for the id:
+    /// a peer may only speak for the node its certificate names.
+    pub peer_identity: String,
     /// How often a node renews its lease with the leader.
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
@@ -130,6 +197,8 @@ impl Default for ClusterSection {
         ClusterSection {
             node_id: None,
             bootstrap: Vec::new(),
+            peer_ca: None,
+            peer_identity: "ndc-{id}".into(),
             heartbeat_interval: Duration::from_millis(200),
             lease: Duration::from_millis(600),
             failure_timeout: Duration::from_millis(1500),
@@ -202,7 +271,12 @@ impl ClusterSection {
 pub struct NodeSection {
     pub id: String,
     pub data_dir: PathBuf,
+    /// Public gRPC API: subscriptions, views, admin.
     pub grpc_listen: SocketAddr,
+    /// Cluster mode: Raft, heartbeats and requests forwarded between nodes,
+    /// on a port of their own (only other nodes reach it; with TLS, only
+    /// with a certificate of the cluster's CA naming the node they are).
+    pub peer_listen: SocketAddr,
     /// `/metrics`, `/healthz`, `/readyz`.
     pub http_listen: SocketAddr,
     #[serde(with = "humantime_serde")]
@@ -215,6 +289,7 @@ impl Default for NodeSection {
             id: "ndc-0".into(),
             data_dir: PathBuf::from("ndc-data"),
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            peer_listen: SocketAddr::from(([127, 0, 0, 1], 50052)),
             http_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             shutdown_grace: Duration::from_secs(30),
         }
@@ -686,12 +761,55 @@ impl NodeConfig {
         if self.tls.reload_interval < Duration::from_millis(100) {
             bad("tls.reload_interval".into(), "must be at least 100ms");
         }
-        if self.cluster.is_some() && !self.tls.insecure {
+        if let Some(c) = &self.cluster {
+            if !self.tls.insecure && c.peer_ca.is_none() && self.tls.client_ca.is_none() {
+                bad(
+                    "cluster.peer_ca".into(),
+                    "with TLS, peers must prove they are nodes of this cluster: name the CA \
+                     of the nodes' certificates (or set tls.client_ca)",
+                );
+            }
+            if !c.peer_identity.contains("{id}") {
+                bad("cluster.peer_identity".into(), "must contain {id}");
+            }
+            if c.peer_ca.is_some() && self.tls.insecure {
+                bad("cluster.peer_ca".into(), "needs TLS: tls.insecure is true");
+            }
+            if self.node.peer_listen == self.node.grpc_listen {
+                bad(
+                    "node.peer_listen".into(),
+                    "must differ from node.grpc_listen: peers and callers are told apart by port",
+                );
+            }
+        }
+        if self.access.anonymous == Some(true) && !self.tls.insecure {
             bad(
-                "tls".into(),
-                "a cluster's peer traffic (Raft, forwarding) does not speak TLS yet: \
-                 cluster nodes need tls.insecure: true for now (docs/security.md)",
+                "access.anonymous".into(),
+                "only with tls.insecure: true (a development node); give callers certificates or tokens",
             );
+        }
+        if self.access.max_streams_per_principal == 0 {
+            bad(
+                "access.max_streams_per_principal".into(),
+                "must be at least 1",
+            );
+        }
+        for (i, j) in self.access.jwt.iter().enumerate() {
+            if j.issuer.trim().is_empty() {
+                bad(format!("access.jwt[{i}].issuer"), "must not be empty");
+            }
+            if j.audiences.is_empty() {
+                bad(
+                    format!("access.jwt[{i}].audiences"),
+                    "name at least one: a token meant for another service must not open this one",
+                );
+            }
+            if j.keys.is_empty() {
+                bad(
+                    format!("access.jwt[{i}].keys"),
+                    "name at least one key file",
+                );
+            }
         }
         if self.pipeline.max_batch_records == 0 {
             bad("pipeline.max_batch_records".into(), "must be at least 1");
@@ -1226,11 +1344,25 @@ views:
         let c = parse(&tls, &[]).expect("valid");
         assert_eq!(c.tls.reload_interval, Duration::from_secs(10));
         let cluster =
-            format!("{tls}node: {{ id: ndc-0 }}\ncluster:\n  bootstrap: [ndc-0.ndc:50051]\n");
-        let e = parse(&cluster, &[])
-            .expect_err("no TLS for peers yet")
+            format!("{tls}node: {{ id: ndc-0 }}\ncluster:\n  bootstrap: [ndc-0.ndc:50052]\n");
+        let c = parse(&cluster, &[]).expect("peers verified with tls.client_ca");
+        assert_eq!(
+            c.cluster.map(|c| c.peer_identity),
+            Some("ndc-{id}".to_string())
+        );
+        let no_ca = MINIMAL.replace(
+            "tls: { insecure: true }",
+            "tls: { cert: /c.pem, key: /k.pem }\nnode: { id: ndc-0 }\ncluster:\n  bootstrap: [ndc-0.ndc:50052]",
+        );
+        let e = parse(&no_ca, &[])
+            .expect_err("peers unverifiable")
             .to_string();
-        assert!(e.contains("peer traffic"), "{e}");
+        assert!(e.contains("cluster.peer_ca"), "{e}");
+        let anonymous = format!("{tls}access: {{ anonymous: true }}\n");
+        let e = parse(&anonymous, &[])
+            .expect_err("anonymous over TLS")
+            .to_string();
+        assert!(e.contains("access.anonymous"), "{e}");
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! The binary (`ndc`) is a thin command line over this library; tests and
 //! the load test start nodes through [`node::start`].
 
+pub mod access;
+pub mod access_api;
 pub mod admin;
 pub mod certs;
 pub mod client;

@@ -34,6 +34,10 @@ struct Cli {
     /// key filter.)
     #[arg(long = "tls-key", global = true, env = "NDC_KEY", requires = "cert")]
     key: Option<PathBuf>,
+    /// A file holding a bearer token (a JWT of a configured identity
+    /// provider), sent with every call; read again on every connection.
+    #[arg(long = "token-file", global = true, env = "NDC_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -53,7 +57,124 @@ enum CertsCommand {
         /// Days the certificates are valid.
         #[arg(long, default_value_t = 30)]
         days: u32,
+        /// Also a certificate for each of nodes 0..N of a cluster
+        /// (`ndc-N.pem`, naming `ndc-N`, as `cluster.peer_identity` expects).
+        #[arg(long, default_value_t = 0)]
+        nodes: u32,
     },
+}
+
+#[derive(Subcommand)]
+enum AccessCommand {
+    /// Create or replace a principal's grant (admin only).
+    Grant {
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: String,
+        /// Certificate SAN or CN, or token `sub`.
+        principal: String,
+        /// admin, operator or subscriber.
+        #[arg(long, default_value = "subscriber")]
+        role: String,
+        /// Views it may read (comma separated); * for every view.
+        #[arg(long, value_delimiter = ',')]
+        views: Vec<String>,
+        /// Only rows whose COLUMN holds one of the values: COLUMN=V1,V2.
+        #[arg(long)]
+        rows: Option<String>,
+        /// Only these columns (comma separated).
+        #[arg(long, value_delimiter = ',')]
+        columns: Vec<String>,
+        /// Why it reads this data (recorded with the grant).
+        #[arg(long)]
+        purpose: String,
+        /// How long the grant lasts (e.g. 90d, 12h); default: until revoked.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires_in: Option<Duration>,
+    },
+    /// Remove a principal's grant: its live streams end within 2 seconds.
+    Revoke {
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: String,
+        principal: String,
+    },
+    /// Every grant, one JSON object per line.
+    List {
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: String,
+    },
+    /// Who the node takes this client for, and its grant.
+    Whoami {
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: String,
+    },
+}
+
+async fn access(command: AccessCommand) -> anyhow::Result<()> {
+    use ndc_node::access_api::{self, grant_json};
+    match command {
+        AccessCommand::Grant {
+            addr,
+            principal,
+            role,
+            views,
+            rows,
+            columns,
+            purpose,
+            expires_in,
+        } => {
+            let row_filter = match rows {
+                None => None,
+                Some(text) => {
+                    let (column, values) = text
+                        .split_once('=')
+                        .context("--rows takes COLUMN=VALUE[,VALUE...]")?;
+                    Some(ndc_proto::v1::RowFilter {
+                        column: column.trim().to_string(),
+                        values: values.split(',').map(|v| v.trim().to_string()).collect(),
+                    })
+                }
+            };
+            let expires_at_ms = match expires_in {
+                None => 0,
+                Some(d) => {
+                    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+                    u64::try_from((now + d).as_millis())?
+                }
+            };
+            let info = ndc_proto::v1::GrantInfo {
+                principal,
+                role,
+                views,
+                row_filter,
+                columns,
+                purpose,
+                expires_at_ms,
+                ..Default::default()
+            };
+            println!(
+                "{}",
+                grant_json(&access_api::grant(&addr, None, info).await?)
+            );
+        }
+        AccessCommand::Revoke { addr, principal } => {
+            access_api::revoke(&addr, None, &principal).await?;
+            println!("{}", serde_json::json!({"revoked": principal}));
+        }
+        AccessCommand::List { addr } => {
+            for g in access_api::list(&addr, None).await? {
+                println!("{}", grant_json(&g));
+            }
+        }
+        AccessCommand::Whoami { addr } => {
+            let w = access_api::who_am_i(&addr, None).await?;
+            println!(
+                "{}",
+                serde_json::json!({"principal": w.principal, "authenticated_by": w.authenticated_by,
+                                   "grant": w.grant.as_ref().map(grant_json)})
+            );
+        }
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -126,6 +247,11 @@ enum Command {
     Cluster {
         #[command(subcommand)]
         command: ClusterCommand,
+    },
+    /// Grant, revoke and list who may read and manage what.
+    Access {
+        #[command(subcommand)]
+        command: AccessCommand,
     },
     /// Apply, list and drop pipeline specs on a running node.
     Pipeline {
@@ -244,7 +370,7 @@ enum ClusterCommand {
         /// Raft id of the new node.
         #[arg(long)]
         id: u64,
-        /// host:port of the new node's gRPC listener.
+        /// host:port of the new node's peer listener (node.peer_listen).
         #[arg(long)]
         node_addr: String,
         /// Keep it a learner (it may own partitions but does not vote).
@@ -300,6 +426,9 @@ fn main() -> anyhow::Result<()> {
         cert: cli.cert.clone(),
         key: cli.key.clone(),
     });
+    if let Some(path) = cli.token_file.clone() {
+        client::set_token_file(path);
+    }
     ndc_node::telemetry::init_logging();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -324,7 +453,7 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Subscribe { addr, view, from, keys, fields, limit, progress, no_reconnect } => {
                 let stdout = std::io::stdout();
-                let opts = SubscribeOptions { addr, view, from, keys, fields, limit, progress, reconnect: !no_reconnect, tls: None };
+                let opts = SubscribeOptions { addr, view, from, keys, fields, limit, progress, reconnect: !no_reconnect, tls: None, token: None };
                 client::subscribe(opts, move |line| {
                     let mut out = stdout.lock();
                     writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
@@ -332,7 +461,7 @@ fn main() -> anyhow::Result<()> {
                 .await
             }
             Command::Views { addr } => {
-                let mut c = ndc_proto::v1::subscription_client::SubscriptionClient::new(client::channel(&addr, None).await?);
+                let mut c = ndc_proto::v1::subscription_client::SubscriptionClient::new(client::connect(&addr, None).await?);
                 let views = c.list_views(ndc_proto::v1::ListViewsRequest {}).await?.into_inner().views;
                 for v in views {
                     println!(
@@ -346,8 +475,11 @@ fn main() -> anyhow::Result<()> {
             Command::Quickstart { data_dir, grpc_listen, http_listen, people, rate, duration } => {
                 quickstart::run(QuickstartOptions { data_dir, grpc_listen, http_listen, people, rate, duration }).await
             }
-            Command::Certs { command: CertsCommand::Dev { out, names, days } } => {
-                let c = ndc_node::certs::make_dev_certificates(&out, &names, days)?;
+            Command::Certs { command: CertsCommand::Dev { out, names, days, nodes } } => {
+                let (c, cluster) = ndc_node::certs::make_dev_cluster_certificates(&out, &names, days, nodes)?;
+                for (id, (cert, key)) in cluster.iter().enumerate() {
+                    println!("cluster node {id:<9} {} {}", cert.display(), key.display());
+                }
                 println!("development CA        {}", c.ca.display());
                 println!("node                  {} {}", c.node_cert.display(), c.node_key.display());
                 println!("admin                 {} {}", c.admin_cert.display(), c.admin_key.display());
@@ -359,6 +491,7 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Cluster { command } => cluster(command).await,
             Command::Pipeline { command } => pipeline(command).await,
+            Command::Access { command } => access(command).await,
             Command::Generate { table, people, updates, output } => generate(&table, people, updates, &output),
         }
     })

@@ -1,5 +1,6 @@
 //! A running node: state store, sources, state writer, gRPC and HTTP servers.
 
+use crate::client::ClientTls;
 use crate::config::NodeConfig;
 use crate::runtime::Runtime;
 use crate::server::SubscriptionService;
@@ -7,6 +8,7 @@ use crate::telemetry::{self, Readiness};
 use crate::views::ViewRegistry;
 use anyhow::Context;
 use ndc_operators::{Store, StoreConfig};
+use ndc_proto::v1::access_server::AccessServer;
 use ndc_proto::v1::pipelines_server::PipelinesServer;
 use ndc_proto::v1::subscription_server::SubscriptionServer;
 use std::net::SocketAddr;
@@ -21,6 +23,9 @@ use tracing::{Instrument, error, info, info_span, warn};
 pub struct NodeAddrs {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    /// Cluster mode: the peer listener.
+    #[serde(default)]
+    pub peer: Option<SocketAddr>,
 }
 
 /// A started node. Dropping it does not stop it; call [`NodeHandle::shutdown`].
@@ -60,7 +65,9 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
         k.resolve_secrets()?;
     }
     // Before anything starts: unusable certificate files stop the node here.
-    let tls = crate::tls::ServerTls::from_config(&config.tls)?;
+    // With token issuers, a caller may come with a token instead of a
+    // client certificate.
+    let tls = crate::tls::ServerTls::from_config(&config.tls, !config.access.jwt.is_empty())?;
     std::fs::create_dir_all(&config.node.data_dir).with_context(|| {
         format!(
             "cannot create node.data_dir {}",
@@ -84,9 +91,16 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
 
     let grpc_listener = telemetry::bind(config.node.grpc_listen, "gRPC (node.grpc_listen)").await?;
     let http_listener = telemetry::bind(config.node.http_listen, "HTTP (node.http_listen)").await?;
+    let peer_listener = match &config.cluster {
+        Some(_) => {
+            Some(telemetry::bind(config.node.peer_listen, "peer gRPC (node.peer_listen)").await?)
+        }
+        None => None,
+    };
     let addrs = NodeAddrs {
         grpc: grpc_listener.local_addr()?,
         http: http_listener.local_addr()?,
+        peer: peer_listener.as_ref().map(|l| l.local_addr()).transpose()?,
     };
     std::fs::write(
         config.node.data_dir.join("node.addr"),
@@ -130,9 +144,35 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
         );
     }
 
+    // Who may call: grants replicated in a cluster, kept in the data
+    // directory on a single node.
+    let grants = match &coordinator {
+        Some(c) => crate::access::Grants::replicated(c.clone()),
+        None => crate::access::Grants::local(&config.node.data_dir)?,
+    };
+    let auth = Arc::new(crate::access::Authenticator::new(
+        &config.access,
+        &config.tls,
+        grants,
+    )?);
+    crate::access::log_posture(&auth);
+    let peer_client_tls = peer_client_tls(&config);
+
     // Servers.
-    let service = SubscriptionService::new(reader, views.clone(), config.subscriptions.clone());
-    let pipelines = crate::admin::PipelineService::new(runtime.clone(), coordinator.clone());
+    let service = SubscriptionService::new(
+        reader,
+        views.clone(),
+        config.subscriptions.clone(),
+        auth.clone(),
+        config.access.max_streams_per_principal,
+    );
+    let pipelines = crate::admin::PipelineService::new(
+        runtime.clone(),
+        coordinator.clone(),
+        peer_client_tls.clone(),
+    );
+    let access_service =
+        crate::access_api::AccessService::new(auth.clone(), peer_client_tls.clone());
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(ndc_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -143,8 +183,22 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
         .await;
     let server_stop = CancellationToken::new();
     let grpc_stop = server_stop.clone();
-    let raft_service = coordinator.as_ref().map(|c| c.raft_service());
-    let cluster_service = coordinator.as_ref().map(|c| c.cluster_service());
+    let cluster_service = coordinator.as_ref().map(|c| c.cluster_service(false));
+    let peer_task = match (&coordinator, peer_listener) {
+        (Some(c), Some(listener)) => Some(start_peer_server(
+            &config,
+            c,
+            listener,
+            crate::admin::PipelineService::new(
+                runtime.clone(),
+                coordinator.clone(),
+                peer_client_tls.clone(),
+            ),
+            crate::access_api::AccessService::new(auth.clone(), peer_client_tls.clone()),
+            server_stop.clone(),
+        )?),
+        _ => None,
+    };
     if tls.is_none() {
         warn!(
             grpc = %addrs.grpc,
@@ -159,13 +213,14 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
     let max_request_bytes = config.subscriptions.max_request_bytes.as_usize();
     let grpc_task = tokio::spawn(async move {
         let router = tonic::transport::Server::builder()
+            .layer(crate::access::Gate::public(auth))
             .add_service(
                 SubscriptionServer::new(service).max_decoding_message_size(max_request_bytes),
             )
             .add_service(PipelinesServer::new(pipelines))
+            .add_service(AccessServer::new(access_service))
             .add_service(reflection)
             .add_service(health_service)
-            .add_optional_service(raft_service)
             .add_optional_service(cluster_service);
         let result = match tls {
             Some(tls) => {
@@ -202,10 +257,13 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
         server_stop.clone(),
     ));
     info!(node = %config.node.id, grpc = %addrs.grpc, http = %addrs.http, views = ?view_names, "node started");
-    if coordinator.is_some() && !config.pipelines.files.is_empty() {
+    if let (Some(_), Some(peer)) = (&coordinator, addrs.peer)
+        && !config.pipelines.files.is_empty()
+    {
         tokio::spawn(
             crate::admin::submit_files(
-                addrs.grpc.to_string(),
+                local_addr(peer),
+                peer_client_tls.clone(),
                 config.pipelines.files.clone(),
                 shutdown.clone(),
             )
@@ -231,6 +289,9 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
             }
             server_stop.cancel();
             let _ = grpc_task.await;
+            if let Some(t) = peer_task {
+                let _ = t.await;
+            }
             let _ = http_task.await;
         };
         if tokio::time::timeout(grace, orderly).await.is_err() {
@@ -244,6 +305,82 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
         shutdown,
         main,
     })
+}
+
+/// How this node calls other nodes' peer listeners: the cluster's CA, and
+/// its own certificate as a client (plaintext when TLS is off).
+pub fn peer_client_tls(config: &NodeConfig) -> ClientTls {
+    if config.tls.insecure {
+        return ClientTls::default();
+    }
+    ClientTls {
+        ca: config
+            .cluster
+            .as_ref()
+            .and_then(|c| c.peer_ca.clone())
+            .or_else(|| config.tls.client_ca.clone()),
+        cert: config.tls.cert.clone(),
+        key: config.tls.key.clone(),
+    }
+}
+
+/// An address to call a listener bound to `addr` at (a wildcard bind is
+/// called on loopback).
+fn local_addr(addr: SocketAddr) -> String {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(v4) if v4.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(v6) if v6.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    SocketAddr::new(ip, addr.port()).to_string()
+}
+
+/// The peer listener: Raft, heartbeats, and admin requests forwarded by
+/// other nodes, behind a gate that lets in only nodes of the cluster (with
+/// TLS: certificates of the cluster's CA naming a node).
+fn start_peer_server(
+    config: &NodeConfig,
+    coordinator: &ndc_coordinator::Coordinator,
+    listener: tokio::net::TcpListener,
+    pipelines: crate::admin::PipelineService,
+    access: crate::access_api::AccessService,
+    stop: CancellationToken,
+) -> anyhow::Result<JoinHandle<()>> {
+    let mut section = config.tls.clone();
+    section.client_ca = peer_client_tls(config).ca;
+    let tls = crate::tls::ServerTls::from_config(&section, false)?;
+    let router = tonic::transport::Server::builder()
+        .layer(crate::access::Gate::peer(coordinator.peer_tls().cloned()))
+        .add_service(coordinator.raft_service())
+        .add_service(coordinator.cluster_service(true))
+        .add_service(PipelinesServer::new(pipelines))
+        .add_service(AccessServer::new(access));
+    Ok(tokio::spawn(async move {
+        let result = match tls {
+            Some(tls) => {
+                let incoming = tls.incoming(listener, stop.clone());
+                router
+                    .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                    .await
+            }
+            None => {
+                let incoming = tokio_stream::StreamExt::map(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    |conn| {
+                        let conn = conn?;
+                        conn.set_nodelay(true)?;
+                        Ok::<_, std::io::Error>(conn)
+                    },
+                );
+                router
+                    .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                    .await
+            }
+        };
+        if let Err(e) = result {
+            error!(error = %e, "peer gRPC server failed");
+        }
+    }))
 }
 
 /// Runs a node until SIGTERM or Ctrl-C.

@@ -45,6 +45,10 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Principals of the development certificates (their CNs).
+const ADMIN: &str = "admin";
+const SUBSCRIBER: &str = "subscriber";
+
 /// The node configuration the quickstart runs (also a template for users):
 /// mutual TLS with the development certificates in `certs`.
 pub fn config(bootstrap: &str, opts: &QuickstartOptions, certs: &DevCertificates) -> NodeConfig {
@@ -55,6 +59,8 @@ pub fn config(bootstrap: &str, opts: &QuickstartOptions, certs: &DevCertificates
     c.tls.cert = Some(certs.node_cert.clone());
     c.tls.key = Some(certs.node_key.clone());
     c.tls.client_ca = Some(certs.ca.clone());
+    // The admin certificate's CN; it grants the subscriber at start.
+    c.access.admins = vec![ADMIN.into()];
     c.node.http_listen = opts.http_listen;
     c.node.shutdown_grace = Duration::from_secs(5);
     c.kafka = Some(KafkaSection {
@@ -128,6 +134,26 @@ pub async fn run(opts: QuickstartOptions) -> anyhow::Result<()> {
     let node = crate::node::start(node_config).await?;
     let grpc = node.addrs.grpc;
     let http = node.addrs.http;
+    // As the admin, through the node's access API: the subscriber
+    // certificate may read every view and see the pipelines' status.
+    let admin = ClientTls {
+        ca: Some(certs.ca.clone()),
+        cert: Some(certs.admin_cert.clone()),
+        key: Some(certs.admin_key.clone()),
+    };
+    crate::access_api::grant(
+        &grpc.to_string(),
+        Some(&admin),
+        ndc_proto::v1::GrantInfo {
+            principal: SUBSCRIBER.into(),
+            role: "operator".into(),
+            views: vec!["*".into()],
+            purpose: "quickstart walk-through".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .context("cannot grant the quickstart's subscriber access")?;
 
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
@@ -168,6 +194,9 @@ pub async fn run(opts: QuickstartOptions) -> anyhow::Result<()> {
         certs.subscriber_key.display(),
     );
     println!("The node speaks mutual TLS, with development certificates made in {data}/certs");
+    println!(
+        "(CN {SUBSCRIBER:?}: granted every view, operator role; CN {ADMIN:?}: admin, access.admins)"
+    );
     println!("(ndc certs dev); every ndc command takes them from these variables:");
     println!("  export NDC_CA={ca} NDC_CERT={cert} NDC_KEY={key}");
     println!();
@@ -179,6 +208,11 @@ pub async fn run(opts: QuickstartOptions) -> anyhow::Result<()> {
         "  ndc subscribe --addr {grpc} --view national.people.conflicts   # agencies disagreeing"
     );
     println!("  ndc pipeline list --addr {grpc}");
+    println!(
+        "  NDC_CERT={} NDC_KEY={} ndc access list --addr {grpc}   # as the admin",
+        certs.admin_cert.display(),
+        certs.admin_key.display()
+    );
     println!(
         "  grpcurl -cacert {ca} -cert {cert} -key {key} -d '{{\"view\":\"residence.addresses\",\"latest\":{{}}}}' {grpc} ndc.v1.Subscription/Subscribe"
     );
@@ -202,6 +236,7 @@ pub async fn run(opts: QuickstartOptions) -> anyhow::Result<()> {
             progress: false,
             reconnect: true,
             tls: Some(tls.clone()),
+            token: None,
         },
         move |line| {
             if line.get("op").and_then(|o| o.as_str()) == Some("read") {
@@ -273,6 +308,7 @@ async fn show_golden_record(addr: &str, tls: &ClientTls) {
                 progress: false,
                 reconnect: false,
                 tls: Some(tls.clone()),
+                token: None,
             },
             |line| {
                 if merged_from_every_source(&line["after"]) {

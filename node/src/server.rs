@@ -8,10 +8,12 @@
 //! each commit's changes from the commit itself, already in memory and
 //! shared by all such subscribers, without reading them back.
 
+use crate::access::{self, Authenticator, row_admitted};
 use crate::config::SubscriptionSection;
 use crate::telemetry::metric;
 use crate::token;
 use crate::views::{CommitReceiver, ViewRegistry};
+use ndc_coordinator::RowFilter;
 use ndc_operators::{Key, SnapshotRow, StoreError, StoreReader};
 use ndc_proto::v1::subscribe_request::Start;
 use ndc_proto::v1::subscription_server::Subscription;
@@ -21,8 +23,8 @@ use ndc_proto::v1::{
 };
 use serde_json::Value;
 use std::borrow::Cow;
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -34,16 +36,75 @@ pub struct SubscriptionService {
     views: ViewRegistry,
     config: SubscriptionSection,
     slots: Arc<Semaphore>,
+    auth: Arc<Authenticator>,
+    /// Live streams per principal (`access.max_streams_per_principal`).
+    streams: Arc<Mutex<HashMap<String, usize>>>,
+    max_streams_per_principal: usize,
 }
 
 impl SubscriptionService {
-    pub fn new(reader: StoreReader, views: ViewRegistry, config: SubscriptionSection) -> Self {
+    pub fn new(
+        reader: StoreReader,
+        views: ViewRegistry,
+        config: SubscriptionSection,
+        auth: Arc<Authenticator>,
+        max_streams_per_principal: usize,
+    ) -> Self {
         let slots = Arc::new(Semaphore::new(config.max_subscribers));
         SubscriptionService {
             reader,
             views,
             config,
             slots,
+            auth,
+            streams: Arc::default(),
+            max_streams_per_principal,
+        }
+    }
+
+    /// Counts a stream of `principal` until the returned guard drops, or
+    /// refuses it past the limit.
+    fn stream_slot(&self, principal: &str) -> Result<StreamSlot, Status> {
+        let mut streams = self
+            .streams
+            .lock()
+            .map_err(|_| Status::internal("stream counter poisoned"))?;
+        let n = streams.entry(principal.to_string()).or_insert(0);
+        if *n >= self.max_streams_per_principal {
+            metrics::counter!(metric::ACCESS_REFUSED_STREAMS, "reason" => "stream_limit")
+                .increment(1);
+            return Err(refuse(
+                tonic::Code::ResourceExhausted,
+                format!(
+                    "{principal} already holds {} live subscriptions on this node \
+                     (access.max_streams_per_principal)",
+                    self.max_streams_per_principal
+                ),
+            ));
+        }
+        *n += 1;
+        Ok(StreamSlot {
+            streams: self.streams.clone(),
+            principal: principal.to_string(),
+        })
+    }
+}
+
+/// One counted stream of a principal.
+struct StreamSlot {
+    streams: Arc<Mutex<HashMap<String, usize>>>,
+    principal: String,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.streams.lock()
+            && let Some(n) = s.get_mut(&self.principal)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                s.remove(&self.principal);
+            }
         }
     }
 }
@@ -80,7 +141,7 @@ fn store_status(e: StoreError) -> Status {
     }
 }
 
-/// What a subscriber asked to see.
+/// What a subscriber asked to see, narrowed to what its grant lets it see.
 #[derive(Clone)]
 struct Filter {
     /// Keys asked for, parsed once (the snapshot looks them up)...
@@ -88,20 +149,61 @@ struct Filter {
     /// ...and their canonical text, which changes are matched against.
     key_set: HashSet<String>,
     fields: Option<Vec<String>>,
+    /// The grant's rows: the subscriber's copy of the view holds only
+    /// these, so a row moving out of them arrives as a delete, and one
+    /// moving in as an insert.
+    rows: Option<RowFilter>,
 }
 
 impl Filter {
-    fn new(keys: Vec<Key>, fields: Vec<String>) -> Self {
+    fn new(keys: Vec<Key>, fields: Vec<String>, rows: Option<RowFilter>) -> Self {
         Filter {
             key_set: keys.iter().map(|k| k.as_str().to_string()).collect(),
             keys: (!keys.is_empty()).then_some(keys),
             fields: (!fields.is_empty()).then_some(fields),
+            rows,
         }
     }
 
     fn admits(&self, c: &Change) -> bool {
         // A truncate affects every key.
         self.keys.is_none() || c.op == Op::Truncate as i32 || self.key_set.contains(&c.key_json)
+    }
+
+    /// The change as the grant's rows see it; `None` when it is outside them.
+    fn scoped(&self, mut c: Change) -> Option<Change> {
+        let Some(rows) = &self.rows else {
+            return Some(c);
+        };
+        if c.op == Op::Truncate as i32 {
+            return Some(c);
+        }
+        let inside = |row: &Option<String>| row.as_deref().is_some_and(|r| row_admitted(rows, r));
+        let (was, is) = (inside(&c.before_json), inside(&c.after_json));
+        match (was, is) {
+            (true, true) => {}
+            (false, false) => {
+                // A delete whose old row is unknown: pass the key on (a delete
+                // of a key the subscriber never had is harmless; keeping a row
+                // that is gone is not), without any row.
+                if c.op == Op::Delete as i32 && c.before_json.is_none() {
+                    c.after_json = None;
+                    return Some(c);
+                }
+                return None;
+            }
+            (true, false) => {
+                c.op = Op::Delete as i32;
+                c.after_json = None;
+            }
+            (false, true) => {
+                if c.op != Op::Read as i32 {
+                    c.op = Op::Insert as i32;
+                }
+                c.before_json = None;
+            }
+        }
+        Some(c)
     }
 
     fn project(&self, row: Option<String>) -> Option<String> {
@@ -117,12 +219,13 @@ impl Filter {
         }
     }
 
-    fn apply(&self, mut c: Change) -> Change {
+    fn apply(&self, c: Change) -> Option<Change> {
+        let mut c = self.scoped(c)?;
         if self.fields.is_some() {
             c.before_json = self.project(c.before_json.take());
             c.after_json = self.project(c.after_json.take());
         }
-        c
+        Some(c)
     }
 }
 
@@ -186,7 +289,7 @@ impl Subscriber {
             reader.scan_snapshot(&view, keys.as_deref(), batch_size, |rows| {
                 let changes: Vec<Change> = rows
                     .into_iter()
-                    .map(|r| filter.apply(snapshot_change(r)))
+                    .filter_map(|r| filter.apply(snapshot_change(r)))
                     .collect();
                 metrics::counter!(metric::CHANGES_SENT, "view" => view.clone())
                     .increment(changes.len() as u64);
@@ -219,7 +322,7 @@ impl Subscriber {
         let now = now_ms();
         let out: Vec<Change> = changes
             .filter(|c| self.filter.admits(c))
-            .map(|c| {
+            .filter_map(|c| {
                 metrics::histogram!(metric::DELIVERY_LATENCY)
                     .record((now - c.committed_at_ms).max(0) as f64 / 1000.0);
                 self.filter.apply(c.into_owned())
@@ -316,15 +419,91 @@ impl Subscriber {
     }
 }
 
+/// A subscription's response stream: what the subscription task sends,
+/// unless access ended the stream, which then ends at once with that
+/// status, dropping what was buffered.
+pub struct Guarded {
+    rx: ReceiverStream<Result<SubscribeResponse, Status>>,
+    end: Option<tokio::sync::oneshot::Receiver<Status>>,
+    ended: bool,
+}
+
+impl tokio_stream::Stream for Guarded {
+    type Item = Result<SubscribeResponse, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::future::Future;
+        use std::task::Poll;
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        if let Some(end) = self.end.as_mut() {
+            match std::pin::Pin::new(end).poll(cx) {
+                Poll::Ready(Ok(status)) => {
+                    self.end = None;
+                    self.ended = true;
+                    self.rx.close();
+                    return Poll::Ready(Some(Err(status)));
+                }
+                // The task ended without revocation: nothing more to watch.
+                Poll::Ready(Err(_)) => self.end = None,
+                Poll::Pending => {}
+            }
+        }
+        std::pin::Pin::new(&mut self.rx).poll_next(cx)
+    }
+}
+
 #[tonic::async_trait]
 impl Subscription for SubscriptionService {
-    type SubscribeStream = ReceiverStream<Result<SubscribeResponse, Status>>;
+    type SubscribeStream = Guarded;
 
     async fn subscribe(
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let caller = access::caller(&request)?;
         let req = request.into_inner();
+        // A view not granted is refused before the node says whether it
+        // has it: the caller learns nothing of views it may not read.
+        if !caller.may_read(&req.view) {
+            metrics::counter!(metric::ACCESS_REFUSED_STREAMS, "reason" => "view").increment(1);
+            return Err(refuse(
+                tonic::Code::PermissionDenied,
+                format!(
+                    "{} ({}) may not read view {:?}",
+                    caller.principal,
+                    caller.via.as_str(),
+                    req.view
+                ),
+            ));
+        }
+        let granted_columns = caller
+            .grant
+            .as_ref()
+            .map(|g| g.columns.clone())
+            .unwrap_or_default();
+        let fields = if granted_columns.is_empty() {
+            req.fields.clone()
+        } else if req.fields.is_empty() {
+            granted_columns.clone()
+        } else {
+            if let Some(f) = req.fields.iter().find(|f| !granted_columns.contains(f)) {
+                metrics::counter!(metric::ACCESS_REFUSED_STREAMS, "reason" => "columns")
+                    .increment(1);
+                return Err(refuse(
+                    tonic::Code::PermissionDenied,
+                    format!(
+                        "{} may not read field {f:?} of view {:?}",
+                        caller.principal, req.view
+                    ),
+                ));
+            }
+            req.fields.clone()
+        };
         // The error names the view asked for and nothing else: the node's
         // other views are not the caller's to learn from a refusal.
         let Some(commits) = self.views.receiver(&req.view) else {
@@ -422,6 +601,7 @@ impl Subscription for SubscriptionService {
                 Some(pos.seq)
             }
         };
+        let stream_slot = self.stream_slot(&caller.principal)?;
         let permit = self.slots.clone().try_acquire_owned().map_err(|_| {
             refuse(
                 tonic::Code::ResourceExhausted,
@@ -440,27 +620,44 @@ impl Subscription for SubscriptionService {
             reader: self.reader.clone(),
             view: req.view.clone(),
             incarnation: meta.incarnation,
-            filter: Filter::new(keys.into_iter().collect(), req.fields.clone()),
+            filter: Filter::new(
+                keys.into_iter().collect(),
+                fields,
+                caller.grant.as_ref().and_then(|g| g.row_filter.clone()),
+            ),
             batch_size,
             progress_interval: self.config.progress_interval,
             commits,
             tx: tx.clone(),
         };
         let view = req.view.clone();
-        let span = info_span!("subscription", view = %view, from = ?cursor);
+        let span =
+            info_span!("subscription", view = %view, from = ?cursor, principal = %caller.principal);
+        let auth = self.auth.clone();
+        let (end_tx, end_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(
             async move {
                 let _permit = permit;
+                let _slot = stream_slot;
                 let gauge = metrics::gauge!(metric::SUBSCRIPTIONS, "view" => view.clone());
                 gauge.increment(1.0);
-                let result = async {
+                let work = async {
                     let cursor = match cursor {
                         Some(c) => c,
                         None => subscriber.snapshot().await?,
                     };
                     subscriber.follow(cursor).await
-                }
-                .await;
+                };
+                // The stream lasts as long as the grant it was admitted under;
+                // when that ends, so does the stream, ahead of anything still
+                // buffered for it.
+                let result = tokio::select! {
+                    r = work => r,
+                    status = auth.grants.until_revoked(&auth, &caller, &view) => {
+                        let _ = end_tx.send(status);
+                        Ok(())
+                    }
+                };
                 gauge.decrement(1.0);
                 match result {
                     Ok(()) => debug!("subscriber disconnected"),
@@ -475,16 +672,22 @@ impl Subscription for SubscriptionService {
             }
             .instrument(span),
         );
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Guarded {
+            rx: ReceiverStream::new(rx),
+            end: Some(end_rx),
+            ended: false,
+        }))
     }
 
     async fn list_views(
         &self,
-        _: Request<ListViewsRequest>,
+        request: Request<ListViewsRequest>,
     ) -> Result<Response<ListViewsResponse>, Status> {
+        let caller = access::caller(&request)?;
         let mut views = Vec::new();
         for name in self.reader.view_names() {
-            if self.views.get(&name).is_none() {
+            // Only the views the caller may read.
+            if self.views.get(&name).is_none() || !caller.may_read(&name) {
                 continue;
             }
             let meta = self.reader.view_meta(&name).map_err(store_status)?;

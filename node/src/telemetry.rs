@@ -27,6 +27,16 @@ pub mod metric {
     /// Connections whose TLS handshake failed or timed out (an untrusted or
     /// expired client certificate, a plaintext client ...).
     pub const TLS_HANDSHAKE_FAILURES: &str = "ndc_tls_handshake_failures_total";
+    /// Requests refused before any service saw them, by `reason`
+    /// (`unauthenticated`: no or a bad certificate or token;
+    /// `permission_denied`: a role the caller lacks).
+    pub const ACCESS_DENIED: &str = "ndc_access_denied_total";
+    /// Subscriptions refused or ended by the caller's grant, by `reason`
+    /// (`view`, `columns`, `stream_limit`, `revoked`).
+    pub const ACCESS_REFUSED_STREAMS: &str = "ndc_access_stream_refusals_total";
+    /// Live streams ended because their grant was revoked, expired or
+    /// narrowed, or their token expired.
+    pub const STREAMS_ENDED_BY_ACCESS: &str = "ndc_access_streams_ended_total";
     /// Events whose order against the stored row was decided by the
     /// commit-time fallback (`ts_ms`, then the offset in one stream), by
     /// `view`, `connector` and `reason`: `no_position` (an event, or the

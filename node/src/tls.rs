@@ -41,6 +41,9 @@ struct Files {
     cert: PathBuf,
     key: PathBuf,
     client_ca: Option<PathBuf>,
+    /// A client without a certificate completes the handshake (it must
+    /// then bring a bearer token: access.jwt).
+    client_cert_optional: bool,
 }
 
 impl Files {
@@ -94,12 +97,14 @@ impl Files {
                         message: e.to_string(),
                     })?;
                 }
-                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                     Arc::new(roots),
                     provider,
-                )
-                .build()
-                .map_err(|e| TlsError::Invalid {
+                );
+                if self.client_cert_optional {
+                    verifier = verifier.allow_unauthenticated();
+                }
+                let verifier = verifier.build().map_err(|e| TlsError::Invalid {
                     key: "client_ca",
                     path: path.clone(),
                     message: e.to_string(),
@@ -158,8 +163,13 @@ pub struct ServerTls {
 
 impl ServerTls {
     /// Reads the configuration's files; `Ok(None)` when TLS is off
-    /// (`tls.insecure: true`, already validated).
-    pub fn from_config(tls: &TlsSection) -> Result<Option<Arc<ServerTls>>, TlsError> {
+    /// (`tls.insecure: true`, already validated). With
+    /// `client_cert_optional`, clients without a certificate complete the
+    /// handshake (callers with bearer tokens).
+    pub fn from_config(
+        tls: &TlsSection,
+        client_cert_optional: bool,
+    ) -> Result<Option<Arc<ServerTls>>, TlsError> {
         let (Some(cert), Some(key)) = (&tls.cert, &tls.key) else {
             return Ok(None);
         };
@@ -167,6 +177,7 @@ impl ServerTls {
             cert: cert.clone(),
             key: key.clone(),
             client_ca: tls.client_ca.clone(),
+            client_cert_optional,
         };
         let stamps = files.stamps();
         let config = files.load()?;

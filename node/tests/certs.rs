@@ -68,6 +68,7 @@ async fn dev_certificates_give_a_node_mutual_tls_that_the_command_line_reaches()
     config.tls.cert = Some(certs.join("node.pem"));
     config.tls.key = Some(certs.join("node.key"));
     config.tls.client_ca = Some(certs.join("ca.pem"));
+    config.access.admins = vec!["admin".into()];
     let node = ndc_node::start(config).await.unwrap();
     let addr = node.addrs.grpc.to_string();
 
@@ -89,15 +90,98 @@ async fn dev_certificates_give_a_node_mutual_tls_that_the_command_line_reaches()
             ("NDC_KEY", certs.join(format!("{who}.key"))),
         ])
     };
+    // Both certificates get through TLS; neither is granted a view yet,
+    // so neither sees one.
     for who in ["subscriber", "admin"] {
         let out = with(who);
         assert!(
-            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("citizens"),
+            out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("citizens"),
             "{who}: {}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // The admin grants the subscriber the view, through the command line.
+    let access = |who: &str, args: &[&str]| {
+        let mut c = ndc();
+        c.arg("access")
+            .args(args)
+            .args(["--addr", &addr])
+            .env("NDC_CA", certs.join("ca.pem"))
+            .env("NDC_CERT", certs.join(format!("{who}.pem")))
+            .env("NDC_KEY", certs.join(format!("{who}.key")));
+        c.output().unwrap()
+    };
+    let grant = [
+        "grant",
+        "subscriber",
+        "--views",
+        "citizens",
+        "--purpose",
+        "walk-through",
+    ];
+    let out = access("subscriber", &grant);
+    assert!(!out.status.success(), "a subscriber may not grant");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs the admin role"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = access("admin", &grant);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = with("subscriber");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("citizens"),
+        "granted, the subscriber sees the view: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = access("subscriber", &["whoami"]);
+    let who: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(who["principal"], "subscriber");
+    assert_eq!(who["authenticated_by"], "certificate");
+    assert_eq!(who["grant"]["granted_by"], "admin");
+    // A narrower grant replaces it: rows, columns, an expiry.
+    let out = access(
+        "admin",
+        &[
+            "grant",
+            "subscriber",
+            "--views",
+            "citizens",
+            "--rows",
+            "birth_province_code=001,079",
+            "--columns",
+            "person_id,full_name",
+            "--expires-in",
+            "90d",
+            "--purpose",
+            "walk-through",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let g: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        g["row_filter"],
+        serde_json::json!({"column": "birth_province_code", "values": ["001", "079"]})
+    );
+    assert_eq!(g["columns"], serde_json::json!(["person_id", "full_name"]));
+    let ninety_days_ms = 90 * 24 * 3600 * 1000;
+    let expires = g["expires_at_ms"].as_u64().unwrap() - g["granted_at_ms"].as_u64().unwrap();
+    assert!(expires.abs_diff(ninety_days_ms) < 60_000, "{g}");
+    let out = access("admin", &["list"]);
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listed.contains("\"walk-through\"") && listed.contains("\"configured\":true"),
+        "{listed}"
+    );
     let out = views(&[("NDC_CA", certs.join("ca.pem"))]);
     assert!(!out.status.success(), "no client certificate: refused");
     let out = views(&[]);
@@ -108,8 +192,9 @@ async fn dev_certificates_give_a_node_mutual_tls_that_the_command_line_reaches()
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // The flags, beside `ndc subscribe`'s own --key (a key filter).
-    let row = r#"{"op":"c","after":{"person_id":"079305000016","full_name":"Phạm Thị Lan"},"source":{"ts_ms":1,"lsn":1}}"#;
+    // The flags, beside `ndc subscribe`'s own --key (a key filter); the row
+    // is inside the grant's rows, and comes with the grant's columns only.
+    let row = r#"{"op":"c","after":{"person_id":"079305000016","full_name":"Phạm Thị Lan","birth_province_code":"079"},"source":{"ts_ms":1,"lsn":1}}"#;
     let producer = broker.producer();
     publish(
         &producer,
@@ -142,7 +227,9 @@ async fn dev_certificates_give_a_node_mutual_tls_that_the_command_line_reaches()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success() && stdout.contains("Phạm Thị Lan"),
+        out.status.success()
+            && stdout.contains("Phạm Thị Lan")
+            && !stdout.contains("birth_province_code"),
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );

@@ -7,7 +7,9 @@
 //! and every moved partition got a higher epoch. Under a steady load, every
 //! node ends with exactly the rows a single-threaded reference computes from
 //! the input, and a subscriber that fails over from node to node with its
-//! resume token sees every change exactly once.
+//! resume token sees every change exactly once. Every listener speaks mutual
+//! TLS: nodes prove their ids to each other with their certificates, and the
+//! test calls them as a granted admin.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -33,7 +35,10 @@ const PARTITIONS: i32 = 6;
 
 struct Member {
     id: u64,
+    /// Public gRPC listener.
     addr: String,
+    /// Peer listener (Raft, heartbeats, forwarding).
+    peer: String,
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -96,11 +101,42 @@ struct Cluster {
 /// Members of the replica scenarios: one configured view of `TOPIC`.
 fn replica_member(_: &mut NodeConfig) {}
 
+/// The cluster runs with mutual TLS on both listeners: one development CA
+/// for this test process, a certificate per node (`ndc-N`, as
+/// `cluster.peer_identity` expects), and the test itself calls the nodes as
+/// `admin` (configured in `access.admins`, and granted every view once the
+/// cluster is up).
+struct Pki {
+    files: ndc_node::certs::DevCertificates,
+    nodes: Vec<(PathBuf, PathBuf)>,
+    admin: ndc_node::client::ClientTls,
+}
+
+fn pki() -> &'static Pki {
+    static PKI: std::sync::OnceLock<Pki> = std::sync::OnceLock::new();
+    PKI.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let (files, nodes) =
+            ndc_node::certs::make_dev_cluster_certificates(&dir, &[], 1, 6).unwrap();
+        let admin = ndc_node::client::ClientTls {
+            ca: Some(files.ca.clone()),
+            cert: Some(files.admin_cert.clone()),
+            key: Some(files.admin_key.clone()),
+        };
+        ndc_node::client::set_default_tls(admin.clone());
+        Pki {
+            files,
+            nodes,
+            admin,
+        }
+    })
+}
+
 fn member_config(
     dir: &Path,
     broker: &str,
     id: u64,
-    port: u16,
+    (port, peer_port): (u16, u16),
     bootstrap: &[String],
     edit: fn(&mut NodeConfig),
 ) -> Member {
@@ -112,7 +148,14 @@ fn member_config(
     edit(&mut c);
     c.node.id = format!("ndc-{id}");
     c.node.grpc_listen = format!("127.0.0.1:{port}").parse().unwrap();
-    c.tls.insecure = true;
+    c.node.peer_listen = format!("127.0.0.1:{peer_port}").parse().unwrap();
+    let pki = pki();
+    let (cert, key) = &pki.nodes[id as usize];
+    c.tls.insecure = false;
+    c.tls.cert = Some(cert.clone());
+    c.tls.key = Some(key.clone());
+    c.tls.client_ca = Some(pki.files.ca.clone());
+    c.access.admins = vec!["admin".into()];
     c.cluster = Some(ClusterSection {
         bootstrap: bootstrap.to_vec(),
         changes_replication: 1,
@@ -123,6 +166,7 @@ fn member_config(
     Member {
         id,
         addr: format!("127.0.0.1:{port}"),
+        peer: format!("127.0.0.1:{peer_port}"),
         config,
         log: dir.join(format!("ndc-{id}.log")),
         child: None,
@@ -140,11 +184,11 @@ impl Cluster {
             broker.create_topic(topic, *partitions).await;
         }
         let dir = tempfile::tempdir().unwrap();
-        let ports: Vec<u16> = (0..nodes).map(|_| free_port()).collect();
+        let ports: Vec<(u16, u16)> = (0..nodes).map(|_| (free_port(), free_port())).collect();
         let bootstrap: Vec<String> = ports
             .iter()
             .enumerate()
-            .map(|(i, p)| format!("{i}=127.0.0.1:{p}"))
+            .map(|(i, (_, peer))| format!("{i}=127.0.0.1:{peer}"))
             .collect();
         let mut members: Vec<Member> = (0..nodes)
             .map(|i| {
@@ -161,26 +205,58 @@ impl Cluster {
         for m in &mut members {
             m.start();
         }
-        Cluster {
+        let cluster = Cluster {
             _broker: broker,
             _dir: dir,
             members,
             edit,
+        };
+        cluster.grant_admin_every_view().await;
+        cluster
+    }
+
+    /// The test reads views as `admin`: a grant, replicated through Raft
+    /// to every node (nodes that join later get it with the Raft log).
+    async fn grant_admin_every_view(&self) {
+        let grant = ndc_proto::v1::GrantInfo {
+            principal: "admin".into(),
+            role: "admin".into(),
+            views: vec!["*".into()],
+            purpose: "cluster test".into(),
+            ..Default::default()
+        };
+        let started = Instant::now();
+        loop {
+            for m in &self.members {
+                if let Ok(Ok(_)) = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    ndc_node::access_api::grant(&m.addr, Some(&pki().admin), grant.clone()),
+                )
+                .await
+                {
+                    return;
+                }
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                self.dump_logs();
+                panic!("the cluster took no grant within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
     /// A node that is not part of the bootstrap list (joins by add-node).
+    /// Returns its peer address (what `add-node` names).
     fn prepare_joiner(&mut self, id: u64) -> String {
-        let port = free_port();
         let m = member_config(
             self._dir.path(),
             &self._broker.bootstrap,
             id,
-            port,
+            (free_port(), free_port()),
             &[],
             self.edit,
         );
-        let addr = m.addr.clone();
+        let addr = m.peer.clone();
         self.members.push(m);
         addr
     }
@@ -786,7 +862,11 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
     );
 
     // The CLI shows the same picture.
+    let admin = &pki().admin;
     let out = Command::new(env!("CARGO_BIN_EXE_ndc"))
+        .env("NDC_CA", admin.ca.as_ref().unwrap())
+        .env("NDC_CERT", admin.cert.as_ref().unwrap())
+        .env("NDC_KEY", admin.key.as_ref().unwrap())
         .args([
             "cluster",
             "status",

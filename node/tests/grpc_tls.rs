@@ -45,6 +45,7 @@ async fn snapshot(
         progress: false,
         reconnect: false,
         tls: Some(tls.unwrap_or_default()),
+        token: None,
     };
     let result = tokio::time::timeout(
         T,
@@ -69,6 +70,7 @@ async fn mutual_tls_serves_trusted_clients_refuses_others_and_rotates_without_dr
     }
     let ca = make_certificates(&pki, "ndc-test-ca");
     make_client_certificate(&pki, "subscriber", 2);
+    make_client_certificate(&pki, "admin", 2);
     let (old_pem, _) = make_client_certificate(&pki, "expired", 0);
     make_certificates(&other, "another-ca");
     make_client_certificate(&other, "stranger", 2);
@@ -91,8 +93,22 @@ async fn mutual_tls_serves_trusted_clients_refuses_others_and_rotates_without_dr
     config.tls.key = Some(pki.join("server.key"));
     config.tls.client_ca = Some(ca.clone());
     config.tls.reload_interval = Duration::from_millis(200);
+    config.access.admins = vec!["admin".into()];
     let node = ndc_node::start(config).await.unwrap();
     let addr = node.addrs.grpc;
+    ndc_node::access_api::grant(
+        &addr.to_string(),
+        Some(&client(&pki, &ca, "admin")),
+        ndc_proto::v1::GrantInfo {
+            principal: "subscriber".into(),
+            role: "subscriber".into(),
+            views: vec!["citizens".into()],
+            purpose: "TLS test".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
 
     // Served: a certificate of the client CA.
     let trusted = client(&pki, &ca, "subscriber");
@@ -159,6 +175,7 @@ async fn mutual_tls_serves_trusted_clients_refuses_others_and_rotates_without_dr
             progress: true,
             reconnect: false,
             tls: Some(trusted.clone()),
+            token: None,
         },
         move |line| {
             sink.lock().unwrap().push(line);

@@ -20,6 +20,31 @@ fn configmap_holds_a_valid_node_config() {
                 Some("Parallel")
             );
         }
+        if value["kind"].as_str() == Some("NetworkPolicy") {
+            // The peer port is reachable from ndc pods only.
+            let rules = value["spec"]["ingress"].as_sequence().unwrap();
+            let peer = rules
+                .iter()
+                .find(|r| {
+                    r["ports"]
+                        .as_sequence()
+                        .is_some_and(|p| p.iter().any(|p| p["port"].as_u64() == Some(50052)))
+                })
+                .expect("a rule for the peer port");
+            assert_eq!(
+                peer["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"].as_str(),
+                Some("ndc")
+            );
+            assert!(
+                rules
+                    .iter()
+                    .filter(|r| r["from"].is_null())
+                    .all(|r| r["ports"]
+                        .as_sequence()
+                        .is_some_and(|p| p.iter().all(|p| p["port"].as_u64() != Some(50052)))),
+                "no open rule admits the peer port"
+            );
+        }
         if value["kind"].as_str() == Some("ConfigMap") {
             let config = value["data"]["ndc.yaml"].as_str().unwrap();
             let parsed = ndc_node::NodeConfig::from_yaml_with_env(
@@ -29,6 +54,9 @@ fn configmap_holds_a_valid_node_config() {
             )
             .unwrap();
             assert_eq!(parsed.node.grpc_listen.port(), 50051);
+            assert_eq!(parsed.node.peer_listen.port(), 50052);
+            assert!(!parsed.tls.insecure, "the manifest runs with TLS");
+            assert!(parsed.tls.client_ca.is_some(), "mutual TLS");
             // The StatefulSet's pods are ndc-0..ndc-2; each finds its id and
             // its peers from the names.
             let cluster = parsed.cluster.as_ref().unwrap();

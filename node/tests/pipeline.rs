@@ -579,6 +579,7 @@ async fn key_and_field_filters() {
         progress: false,
         reconnect: false,
         tls: None,
+        token: None,
     };
     tokio::time::timeout(
         T,
@@ -934,6 +935,7 @@ async fn subscribers_that_keep_up_get_each_commit_from_memory_exactly_as_storage
             progress: false,
             reconnect: false,
             tls: None,
+            token: None,
         };
         let fut = ndc_node::client::subscribe(opts, |l| {
             lines.push(l);

@@ -28,7 +28,7 @@ pub struct Broker {
 }
 
 /// Runs the `openssl` command in `dir` (Debian package openssl).
-fn openssl(dir: &Path, args: &[&str]) {
+pub fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
         .args(args)
         .current_dir(dir)
@@ -424,6 +424,7 @@ pub async fn collect(
         progress: true,
         reconnect: false,
         tls: None,
+        token: None,
     };
     let fut = client::subscribe(opts, |line| {
         lines.push(line);
@@ -556,6 +557,7 @@ pub fn follow(
             progress: false,
             reconnect: true,
             tls: None,
+            token: None,
         },
         move |line| {
             sink.lock().unwrap().push(line);
