@@ -187,9 +187,37 @@ struct Claims {
     exp: u64,
 }
 
+fn load_issuers(configs: &[JwtIssuerConfig]) -> Result<Vec<Issuer>, AccessError> {
+    let mut issuers = Vec::new();
+    for config in configs {
+        let mut keys = Vec::new();
+        for path in &config.keys {
+            keys.extend(load_keys(path)?);
+        }
+        issuers.push(Issuer {
+            config: config.clone(),
+            keys,
+        });
+    }
+    Ok(issuers)
+}
+
+/// When each key file was last modified (`None`: unreadable now).
+fn key_stamps(configs: &[JwtIssuerConfig]) -> Vec<Option<std::time::SystemTime>> {
+    configs
+        .iter()
+        .flat_map(|c| &c.keys)
+        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .collect()
+}
+
 /// Names callers: certificates, tokens, or (development) nobody.
 pub struct Authenticator {
-    issuers: Vec<Issuer>,
+    /// Issuers with their keys, read again when a key file changes (an
+    /// identity provider rotating its signing keys).
+    issuers: std::sync::RwLock<Arc<Vec<Issuer>>>,
+    jwt: Vec<JwtIssuerConfig>,
+    stamps: std::sync::Mutex<Vec<Option<std::time::SystemTime>>>,
     admins: BTreeSet<String>,
     anonymous: bool,
     pub grants: Grants,
@@ -201,34 +229,75 @@ impl Authenticator {
         tls: &TlsSection,
         grants: Grants,
     ) -> Result<Authenticator, AccessError> {
-        let mut issuers = Vec::new();
-        for config in &access.jwt {
-            let mut keys = Vec::new();
-            for path in &config.keys {
-                keys.extend(load_keys(path)?);
-            }
-            issuers.push(Issuer {
-                config: config.clone(),
-                keys,
-            });
-        }
+        let stamps = key_stamps(&access.jwt);
+        let issuers = load_issuers(&access.jwt)?;
         Ok(Authenticator {
-            issuers,
+            issuers: std::sync::RwLock::new(Arc::new(issuers)),
+            jwt: access.jwt.clone(),
+            stamps: std::sync::Mutex::new(stamps),
             admins: access.admins.iter().cloned().collect(),
             anonymous: access.anonymous_allowed(tls),
             grants,
         })
     }
 
+    /// Reads the key files again if any changed since they were last read;
+    /// keys that cannot be read keep the previous ones in force.
+    pub fn reload_keys_if_changed(&self) {
+        let now = key_stamps(&self.jwt);
+        let Ok(mut seen) = self.stamps.lock() else {
+            return;
+        };
+        if *seen == now {
+            return;
+        }
+        *seen = now;
+        match load_issuers(&self.jwt) {
+            Ok(issuers) => {
+                if let Ok(mut current) = self.issuers.write() {
+                    *current = Arc::new(issuers);
+                }
+                metrics::counter!(metric::JWT_KEY_RELOADS, "outcome" => "reloaded").increment(1);
+                info!("access.jwt key files changed: reloaded");
+            }
+            Err(e) => {
+                metrics::counter!(metric::JWT_KEY_RELOADS, "outcome" => "failed").increment(1);
+                warn!(error = %e, "access.jwt key files changed but cannot be used; keeping the previous keys");
+            }
+        }
+    }
+
+    /// Checks the key files every `interval` until `stop`.
+    pub async fn watch_keys(
+        self: Arc<Self>,
+        interval: Duration,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        if self.jwt.is_empty() {
+            return;
+        }
+        let mut tick = tokio::time::interval(interval);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => self.reload_keys_if_changed(),
+            }
+        }
+    }
+
     /// The principal of a bearer token, and when the token expires.
     fn verify_token(&self, token: &str) -> Result<(String, u64), Status> {
         let refuse = |why: &str| Status::unauthenticated(format!("bearer token refused: {why}"));
-        if self.issuers.is_empty() {
+        let issuers = match self.issuers.read() {
+            Ok(i) => i.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        if issuers.is_empty() {
             return Err(refuse("this node accepts no tokens (access.jwt is empty)"));
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| refuse("not a JWT"))?;
         let mut last = refuse("no configured issuer's key verifies it");
-        for issuer in &self.issuers {
+        for issuer in issuers.iter() {
             for key in &issuer.keys {
                 if !key.algorithms.contains(&header.alg) {
                     continue;
@@ -834,7 +903,7 @@ pub fn log_posture(auth: &Authenticator) {
     }
     info!(
         admins = ?auth.admins,
-        jwt_issuers = auth.issuers.len(),
+        jwt_issuers = auth.jwt.len(),
         grants = auth.grants.all().len(),
         "access control on"
     );

@@ -486,6 +486,7 @@ fn main() -> anyhow::Result<()> {
                 println!("subscriber            {} {}", c.subscriber_cert.display(), c.subscriber_key.display());
                 println!();
                 println!("A node:    tls: {{ cert: {}, key: {}, client_ca: {} }}", c.node_cert.display(), c.node_key.display(), c.ca.display());
+                println!("           access: {{ admins: [admin] }}   # the admin certificate's CN; it grants the rest (ndc access grant)");
                 println!("A client:  export NDC_CA={} NDC_CERT={} NDC_KEY={}", c.ca.display(), c.subscriber_cert.display(), c.subscriber_key.display());
                 Ok(())
             }

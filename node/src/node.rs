@@ -156,6 +156,10 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
         grants,
     )?);
     crate::access::log_posture(&auth);
+    tokio::spawn(
+        auth.clone()
+            .watch_keys(config.tls.reload_interval, shutdown.clone()),
+    );
     let peer_client_tls = peer_client_tls(&config);
 
     // Servers.

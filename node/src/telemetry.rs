@@ -31,6 +31,9 @@ pub mod metric {
     /// (`unauthenticated`: no or a bad certificate or token;
     /// `permission_denied`: a role the caller lacks).
     pub const ACCESS_DENIED: &str = "ndc_access_denied_total";
+    /// Re-reads of the `access.jwt` key files after they changed, by
+    /// `outcome` (`reloaded`, `failed`: the previous keys stay in force).
+    pub const JWT_KEY_RELOADS: &str = "ndc_access_key_reloads_total";
     /// Subscriptions refused or ended by the caller's grant, by `reason`
     /// (`view`, `columns`, `stream_limit`, `revoked`).
     pub const ACCESS_REFUSED_STREAMS: &str = "ndc_access_stream_refusals_total";

@@ -5,7 +5,8 @@
 //! filter and a column subset hold on snapshots, live changes, resumes and
 //! keyed lookups alike, against a reference computed from the input; the
 //! admin API is refused to a subscriber; streams per principal are bounded;
-//! a revoked grant and an expiring token end their live streams.
+//! a revoked grant, an expiring grant and an expiring token end their live
+//! streams.
 
 #![allow(clippy::unwrap_used)]
 
@@ -174,6 +175,7 @@ async fn grants_decide_what_each_caller_reads_on_every_path_and_end_streams_when
     config.tls.client_ca = Some(certs.ca.clone());
     config.access.admins = vec!["admin".into()];
     config.access.max_streams_per_principal = 2;
+    config.tls.reload_interval = Duration::from_millis(200);
     config.access.jwt = vec![ndc_node::config::JwtIssuerConfig {
         issuer: ISSUER.into(),
         audiences: vec![AUDIENCE.into()],
@@ -456,6 +458,30 @@ async fn grants_decide_what_each_caller_reads_on_every_path_and_end_streams_when
     let e = refused(|| subscribe_once(office_creds(), "citizens", vec![])).await;
     assert!(e.starts_with("PermissionDenied"), "{e}");
 
+    // A grant that expires ends its streams.
+    let mut brief = grant.clone();
+    brief.principal = "day-shift".into();
+    brief.row_filter = None;
+    let expiry_ms = (now_s() + 3) * 1000;
+    brief.expires_at_ms = expiry_ms;
+    ndc_node::access_api::grant(&addr, Some(&admin), brief)
+        .await
+        .unwrap();
+    let day = token(&signing, "day-shift", 600, AUDIENCE);
+    let s = follow(&addr, &server_only, &day, From::Latest, Vec::new());
+    let ended = tokio::time::timeout(Duration::from_secs(10), s.done)
+        .await
+        .expect("the stream ends when its grant expires")
+        .unwrap();
+    let e = ended.expect_err("ended by the grant's expiry");
+    assert!(e.contains("expired") && e.contains("day-shift"), "{e}");
+    let late = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64)
+        .saturating_sub(expiry_ms);
+    assert!(late < 2000, "ended {late} ms after the expiry");
+
     // A token that expires ends its stream too.
     let mut short_grant = grant.clone();
     short_grant.principal = "night-shift".into();
@@ -471,6 +497,64 @@ async fn grants_decide_what_each_caller_reads_on_every_path_and_end_streams_when
         .unwrap();
     let e = ended.expect_err("ended by the expiry");
     assert!(e.contains("expired") && e.contains("night-shift"), "{e}");
+
+    // The identity provider rotates its signing key: once the key file is
+    // replaced, tokens of the new key are taken and the old key's are not.
+    openssl(
+        &pki,
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "ec2.pem",
+        ],
+    );
+    openssl(
+        &pki,
+        &[
+            "pkcs8",
+            "-topk8",
+            "-nocrypt",
+            "-in",
+            "ec2.pem",
+            "-out",
+            "signing2.pem",
+        ],
+    );
+    openssl(
+        &pki,
+        &["ec", "-in", "ec2.pem", "-pubout", "-out", "idp2.pub.pem"],
+    );
+    let rotated =
+        jsonwebtoken::EncodingKey::from_ec_pem(&std::fs::read(pki.join("signing2.pem")).unwrap())
+            .unwrap();
+    std::fs::copy(pki.join("idp2.pub.pem"), pki.join("idp.pub.pem")).unwrap();
+    let deadline = Instant::now() + T;
+    loop {
+        let new_key = token(&rotated, "day-shift", 600, AUDIENCE);
+        let mut c = ndc_proto::v1::access_client::AccessClient::with_interceptor(
+            client::channel(&addr, Some(&server_only)).await.unwrap(),
+            Credentials::bearer(&new_key).unwrap(),
+        );
+        if c.who_am_i(ndc_proto::v1::WhoAmIRequest {}).await.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the rotated key was never taken");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let old_key = Credentials::bearer(&token(&signing, "day-shift", 600, AUDIENCE)).unwrap();
+    let mut c = ndc_proto::v1::access_client::AccessClient::with_interceptor(
+        client::channel(&addr, Some(&server_only)).await.unwrap(),
+        old_key,
+    );
+    let e = refused(|| c.who_am_i(ndc_proto::v1::WhoAmIRequest {})).await;
+    assert!(
+        e.starts_with("Unauthenticated") && e.contains("signature"),
+        "{e}"
+    );
 
     node.shutdown().await;
 }
