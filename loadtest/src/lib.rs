@@ -168,6 +168,9 @@ impl NodeProcess {
                         key: Some(certs.subscriber_key),
                     }
                 });
+                if client_tls.is_some() {
+                    grant_subscriber(&a.grpc.to_string(), &work.join("certs"))?;
+                }
                 return Ok(NodeProcess {
                     child,
                     grpc: a.grpc,
@@ -444,6 +447,43 @@ pub fn bench_tls() -> bool {
     std::env::var("NDC_BENCH_TLS").is_ok_and(|v| v == "on")
 }
 
+/// As the development admin (`access.admins` in [`base_config`]), grants
+/// the subscriber certificate every view, through the node's access API (on
+/// a thread of its own: callers may or may not be inside a runtime).
+fn grant_subscriber(addr: &str, certs: &Path) -> anyhow::Result<()> {
+    let certs = ndc_node::certs::DevCertificates::in_dir(certs);
+    let admin = ndc_node::client::ClientTls {
+        ca: Some(certs.ca),
+        cert: Some(certs.admin_cert),
+        key: Some(certs.admin_key),
+    };
+    let addr = addr.to_string();
+    std::thread::spawn(move || -> anyhow::Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let grant = ndc_proto::v1::GrantInfo {
+                    principal: "subscriber".into(),
+                    role: "subscriber".into(),
+                    views: vec!["*".into()],
+                    purpose: "load test".into(),
+                    ..Default::default()
+                };
+                match ndc_node::access_api::grant(&addr, Some(&admin), grant).await {
+                    Ok(_) => return Ok(()),
+                    Err(e) if Instant::now() > deadline => return Err(e),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        })
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the grant thread panicked"))?
+}
+
 pub fn base_config(work: &Path) -> NodeConfig {
     let mut c = NodeConfig::default();
     c.node.data_dir = work.join("node");
@@ -456,6 +496,7 @@ pub fn base_config(work: &Path) -> NodeConfig {
         c.tls.cert = Some(certs.node_cert);
         c.tls.key = Some(certs.node_key);
         c.tls.client_ca = Some(certs.ca);
+        c.access.admins = vec!["admin".into()];
     } else {
         c.tls.insecure = true;
     }
@@ -763,26 +804,24 @@ pub async fn cluster_phase(
     w: Workload,
     nodes: u64,
 ) -> anyhow::Result<Report> {
-    let ports: Vec<u16> = (0..nodes)
-        .map(|_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-        })
+    // Each node's public and peer ports; the peers find each other on the latter.
+    let ports: Vec<(u16, u16)> = (0..nodes)
+        .map(|_| Ok::<_, anyhow::Error>((free_port()?, free_port()?)))
         .collect::<Result<_, _>>()?;
     let bootstrap: Vec<String> = ports
         .iter()
         .enumerate()
-        .map(|(i, p)| format!("{i}=127.0.0.1:{p}"))
+        .map(|(i, (_, peer))| format!("{i}=127.0.0.1:{peer}"))
         .collect();
     let started = Instant::now();
     let mut procs = Vec::new();
-    for (i, port) in ports.iter().enumerate() {
+    for (i, (port, peer)) in ports.iter().enumerate() {
         let dir = work.join(format!("ndc-{i}"));
         std::fs::create_dir_all(&dir)?;
         let mut c = kafka_config(&dir, broker, topic);
         c.node.id = format!("ndc-{i}");
         c.node.grpc_listen = format!("127.0.0.1:{port}").parse()?;
+        c.node.peer_listen = format!("127.0.0.1:{peer}").parse()?;
         c.tls.insecure = true;
         c.cluster = Some(ndc_node::config::ClusterSection {
             bootstrap: bootstrap.clone(),
