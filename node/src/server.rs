@@ -702,3 +702,54 @@ impl Subscription for SubscriptionService {
         Ok(Response::new(ListViewsResponse { views }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(op: Op, before: Option<&str>, after: Option<&str>) -> Change {
+        Change {
+            seq: 7,
+            op: op as i32,
+            key_json: r#"{"id":1}"#.into(),
+            before_json: before.map(str::to_string),
+            after_json: after.map(str::to_string),
+            ..Change::default()
+        }
+    }
+
+    #[test]
+    fn a_row_filter_turns_moves_across_it_into_deletes_and_inserts() {
+        let f = Filter::new(
+            Vec::new(),
+            vec!["id".into()],
+            Some(RowFilter {
+                column: "p".into(),
+                values: vec!["HN".into()],
+            }),
+        );
+        let (hn, hp) = (r#"{"id":1,"p":"HN"}"#, r#"{"id":1,"p":"HP"}"#);
+        let out = f.apply(change(Op::Update, Some(hn), Some(hp))).unwrap();
+        assert_eq!(
+            (out.op, out.before_json.as_deref(), out.after_json),
+            (Op::Delete as i32, Some(r#"{"id":1}"#), None)
+        );
+        let into = f.apply(change(Op::Update, Some(hp), Some(hn))).unwrap();
+        assert_eq!(
+            (into.op, into.before_json, into.after_json.as_deref()),
+            (Op::Insert as i32, None, Some(r#"{"id":1}"#))
+        );
+        assert!(f.apply(change(Op::Update, Some(hp), Some(hp))).is_none());
+        assert!(f.apply(change(Op::Insert, None, Some(hp))).is_none());
+        assert!(f.apply(change(Op::Delete, Some(hp), None)).is_none());
+        let snapshot = f.apply(change(Op::Read, None, Some(hn))).unwrap();
+        assert_eq!(snapshot.op, Op::Read as i32);
+        // A delete whose old row is unknown goes by key alone.
+        let blind = f.apply(change(Op::Delete, None, None)).unwrap();
+        assert_eq!(
+            (blind.op, blind.before_json, blind.after_json),
+            (Op::Delete as i32, None, None)
+        );
+        assert!(f.apply(change(Op::Truncate, None, None)).is_some());
+    }
+}
