@@ -117,6 +117,13 @@ pub struct Grant {
     pub expires_at_ms: Option<u64>,
     pub granted_by: String,
     pub granted_at_ms: u64,
+    /// The highest level of field delivered as it is; `None`: every level.
+    #[serde(default)]
+    pub clearance: Option<ndc_operators::masking::Level>,
+    /// What fields above the clearance become, by level (a level not
+    /// named: removed).
+    #[serde(default)]
+    pub masking: BTreeMap<ndc_operators::masking::Level, ndc_operators::masking::Policy>,
 }
 
 /// A pipeline spec as the cluster runs it.

@@ -515,6 +515,7 @@ fn file_config(work: &Path, export: &Path, follow: bool) -> NodeConfig {
             format: Default::default(),
             follow,
         })],
+        columns: Default::default(),
     }];
     c
 }
@@ -656,6 +657,7 @@ fn kafka_config(work: &Path, broker: &Broker, topic: &str) -> NodeConfig {
             topic: topic.into(),
             format: Default::default(),
         })],
+        columns: Default::default(),
     }];
     c
 }

@@ -354,6 +354,8 @@ impl Authenticator {
                 expires_at_ms: None,
                 granted_by: "configuration".into(),
                 granted_at_ms: 0,
+                clearance: None,
+                masking: Default::default(),
             });
             g.role = Role::Admin;
             g.expires_at_ms = None;
@@ -424,6 +426,8 @@ fn anonymous() -> Caller {
             expires_at_ms: None,
             granted_by: "configuration".into(),
             granted_at_ms: 0,
+            clearance: None,
+            masking: Default::default(),
         }),
         token_expires_at_ms: None,
     }
@@ -576,6 +580,8 @@ fn peer_caller<B>(req: &http::Request<B>, tls: Option<&PeerTls>) -> Result<Calle
             expires_at_ms: None,
             granted_by: "cluster".into(),
             granted_at_ms: 0,
+            clearance: None,
+            masking: Default::default(),
         }),
         principal,
         via: Via::Peer,
@@ -807,7 +813,7 @@ impl Grants {
                     let why = match &now_grant {
                         None => "was revoked or has expired",
                         Some(g) if !grants_view(g, view) => "no longer names this view",
-                        Some(_) => "changed its rows or columns",
+                        Some(_) => "changed its rows, columns or clearance",
                     };
                     metrics::counter!(metric::STREAMS_ENDED_BY_ACCESS).increment(1);
                     info!(principal = %caller.principal, view, why, "stream ended: grant changed");

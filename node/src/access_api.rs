@@ -4,6 +4,7 @@
 use crate::access::{self, Authenticator, FORWARDED, GrantWriteError, Via};
 use crate::client::ClientTls;
 use ndc_coordinator::{Grant, Role, RowFilter};
+use ndc_operators::masking::{Level, Policy};
 use ndc_proto::v1::access_client::AccessClient;
 use ndc_proto::v1::access_server::Access;
 use ndc_proto::v1::{
@@ -65,6 +66,15 @@ pub fn info_of(g: &Grant, configured: bool) -> GrantInfo {
         granted_by: g.granted_by.clone(),
         granted_at_ms: g.granted_at_ms,
         configured,
+        clearance: g
+            .clearance
+            .map(|l| level_name(l).to_string())
+            .unwrap_or_default(),
+        masking: g
+            .masking
+            .iter()
+            .map(|(l, p)| (level_name(*l).to_string(), policy_name(*p)))
+            .collect(),
     }
 }
 
@@ -115,7 +125,68 @@ fn grant_of(info: GrantInfo) -> Result<Grant, Status> {
         expires_at_ms,
         granted_by: info.granted_by,
         granted_at_ms: info.granted_at_ms,
+        clearance: match info.clearance.trim() {
+            "" => None,
+            l => Some(parse_level(l).map_err(bad)?),
+        },
+        masking: info
+            .masking
+            .iter()
+            .map(|(l, p)| Ok((parse_level(l)?, parse_policy(p)?)))
+            .collect::<Result<_, String>>()
+            .map_err(bad)?,
     })
+}
+
+fn level_name(l: Level) -> &'static str {
+    match l {
+        Level::Public => "public",
+        Level::Internal => "internal",
+        Level::Confidential => "confidential",
+        Level::Secret => "secret",
+    }
+}
+
+/// A level by name.
+pub fn parse_level(text: &str) -> Result<Level, String> {
+    match text.trim() {
+        "public" => Ok(Level::Public),
+        "internal" => Ok(Level::Internal),
+        "confidential" => Ok(Level::Confidential),
+        "secret" => Ok(Level::Secret),
+        other => Err(format!(
+            "unknown level {other:?} (public, internal, confidential or secret)"
+        )),
+    }
+}
+
+fn policy_name(p: Policy) -> String {
+    match p {
+        Policy::Deliver => "deliver".into(),
+        Policy::Redact => "redact".into(),
+        Policy::Null => "null".into(),
+        Policy::Hash => "hash".into(),
+        Policy::Partial(n) => format!("partial:{n}"),
+        Policy::Year => "year".into(),
+    }
+}
+
+/// A masking policy by name: redact, null, hash, partial:N, year.
+pub fn parse_policy(text: &str) -> Result<Policy, String> {
+    match text.trim() {
+        "redact" => Ok(Policy::Redact),
+        "null" => Ok(Policy::Null),
+        "hash" => Ok(Policy::Hash),
+        "year" => Ok(Policy::Year),
+        "deliver" => Ok(Policy::Deliver),
+        other => other
+            .strip_prefix("partial:")
+            .and_then(|n| n.parse().ok())
+            .map(Policy::Partial)
+            .ok_or_else(|| {
+                format!("unknown masking {other:?} (redact, null, hash, partial:N or year)")
+            }),
+    }
 }
 
 fn forwarded<T>(inner: T) -> Request<T> {
@@ -318,6 +389,38 @@ pub fn grant_json(g: &GrantInfo) -> serde_json::Value {
         "expires_at_ms": (g.expires_at_ms > 0).then_some(g.expires_at_ms),
         "granted_by": g.granted_by,
         "granted_at_ms": g.granted_at_ms,
+        "clearance": (!g.clearance.is_empty()).then_some(&g.clearance),
+        "masking": g.masking,
         "configured": g.configured,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_and_policies_read_as_the_command_line_writes_them() {
+        for (text, policy) in [
+            ("redact", Policy::Redact),
+            ("null", Policy::Null),
+            ("hash", Policy::Hash),
+            ("partial:4", Policy::Partial(4)),
+            ("year", Policy::Year),
+        ] {
+            assert_eq!(parse_policy(text), Ok(policy));
+            assert_eq!(policy_name(policy), text);
+        }
+        assert!(parse_policy("partial:x").is_err());
+        assert!(parse_policy("scramble").is_err());
+        for level in [
+            Level::Public,
+            Level::Internal,
+            Level::Confidential,
+            Level::Secret,
+        ] {
+            assert_eq!(parse_level(level_name(level)), Ok(level));
+        }
+        assert!(parse_level("top-secret").is_err());
+    }
 }

@@ -52,6 +52,17 @@ pub struct AccessSection {
     pub max_streams_per_principal: usize,
     /// Identity providers whose bearer tokens (JWT) identify callers.
     pub jwt: Vec<JwtIssuerConfig>,
+    /// Keys of the `hash` masking policy, by version (the highest is used):
+    /// files of secret bytes, never the configuration itself.
+    pub hash_keys: Vec<HashKeyConfig>,
+}
+
+/// One version of the masking hash key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HashKeyConfig {
+    pub version: u32,
+    pub file: PathBuf,
 }
 
 impl Default for AccessSection {
@@ -61,6 +72,7 @@ impl Default for AccessSection {
             anonymous: None,
             max_streams_per_principal: 16,
             jwt: Vec::new(),
+            hash_keys: Vec::new(),
         }
     }
 }
@@ -549,6 +561,22 @@ pub struct ViewConfig {
     #[serde(default)]
     pub key_columns: Vec<String>,
     pub sources: Vec<SourceConfig>,
+    /// Classification per column; a column not named here is `secret`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub columns: BTreeMap<String, ColumnClass>,
+}
+
+/// How sensitive a column is (docs/security.md, data protection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnClass {
+    pub level: ndc_operators::masking::Level,
+    #[serde(default = "default_category")]
+    pub category: ndc_operators::masking::Category,
+}
+
+fn default_category() -> ndc_operators::masking::Category {
+    ndc_operators::masking::Category::Other
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -90,6 +90,14 @@ enum AccessCommand {
         /// How long the grant lasts (e.g. 90d, 12h); default: until revoked.
         #[arg(long, value_parser = humantime::parse_duration)]
         expires_in: Option<Duration>,
+        /// The highest level of field delivered as it is (public, internal,
+        /// confidential, secret); default: every level.
+        #[arg(long)]
+        clearance: Option<String>,
+        /// What fields of a level above the clearance become:
+        /// LEVEL=redact|null|hash|partial:N|year (repeatable; default redact).
+        #[arg(long = "mask")]
+        masks: Vec<String>,
     },
     /// Remove a principal's grant: its live streams end within 2 seconds.
     Revoke {
@@ -121,7 +129,14 @@ async fn access(command: AccessCommand) -> anyhow::Result<()> {
             columns,
             purpose,
             expires_in,
+            clearance,
+            masks,
         } => {
+            let mut masking = std::collections::HashMap::new();
+            for m in masks {
+                let (level, policy) = m.split_once('=').context("--mask takes LEVEL=POLICY")?;
+                masking.insert(level.trim().to_string(), policy.trim().to_string());
+            }
             let row_filter = match rows {
                 None => None,
                 Some(text) => {
@@ -149,6 +164,8 @@ async fn access(command: AccessCommand) -> anyhow::Result<()> {
                 columns,
                 purpose,
                 expires_at_ms,
+                clearance: clearance.unwrap_or_default(),
+                masking,
                 ..Default::default()
             };
             println!(

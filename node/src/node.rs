@@ -161,6 +161,22 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
             .watch_keys(config.tls.reload_interval, shutdown.clone()),
     );
     let peer_client_tls = peer_client_tls(&config);
+    let mut hash_keys = ndc_operators::masking::HashKeys::default();
+    for k in &config.access.hash_keys {
+        let secret = std::fs::read(&k.file).with_context(|| {
+            format!(
+                "access.hash_keys: cannot read key version {} ({})",
+                k.version,
+                k.file.display()
+            )
+        })?;
+        anyhow::ensure!(
+            secret.len() >= 16,
+            "access.hash_keys: key version {} is shorter than 16 bytes",
+            k.version
+        );
+        hash_keys.insert(k.version, &secret);
+    }
 
     // Servers.
     let service = SubscriptionService::new(
@@ -169,6 +185,7 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
         config.subscriptions.clone(),
         auth.clone(),
         config.access.max_streams_per_principal,
+        Arc::new(hash_keys),
     );
     let pipelines = crate::admin::PipelineService::new(
         runtime.clone(),

@@ -82,6 +82,7 @@ pub fn config(bootstrap: &str, opts: &QuickstartOptions, certs: &DevCertificates
                 topic: Table::Citizens.topic().into(),
                 format: Default::default(),
             })],
+            columns: Default::default(),
         },
         ViewConfig {
             name: "residence.addresses".into(),
@@ -90,6 +91,7 @@ pub fn config(bootstrap: &str, opts: &QuickstartOptions, certs: &DevCertificates
                 topic: Table::Addresses.topic().into(),
                 format: Default::default(),
             })],
+            columns: Default::default(),
         },
     ];
     c

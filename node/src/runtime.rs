@@ -175,7 +175,20 @@ impl Runtime {
         for (name, keys) in wanted {
             let id = store.view_id(&name).context("view just added")?;
             let last = store.meta(id).map_or(0, |m| m.last_seq);
-            self.views.insert(&name, id, last, keys);
+            // Pipeline views declare no classification yet: all `secret`.
+            let levels = self
+                .config
+                .views
+                .iter()
+                .find(|v| v.name == name)
+                .map(|v| {
+                    v.columns
+                        .iter()
+                        .map(|(c, k)| (c.clone(), k.level))
+                        .collect()
+                })
+                .unwrap_or_default();
+            self.views.insert(&name, id, last, keys, levels);
         }
         Ok(())
     }

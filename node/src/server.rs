@@ -14,6 +14,7 @@ use crate::telemetry::metric;
 use crate::token;
 use crate::views::{CommitReceiver, ViewRegistry};
 use ndc_coordinator::RowFilter;
+use ndc_operators::masking::{self, HashKeys, Level, Policy};
 use ndc_operators::{Key, SnapshotRow, StoreError, StoreReader};
 use ndc_proto::v1::subscribe_request::Start;
 use ndc_proto::v1::subscription_server::Subscription;
@@ -37,6 +38,8 @@ pub struct SubscriptionService {
     config: SubscriptionSection,
     slots: Arc<Semaphore>,
     auth: Arc<Authenticator>,
+    /// Keys of the `hash` masking policy.
+    hash_keys: Arc<HashKeys>,
     /// Live streams per principal (`access.max_streams_per_principal`).
     streams: Arc<Mutex<HashMap<String, usize>>>,
     max_streams_per_principal: usize,
@@ -49,6 +52,7 @@ impl SubscriptionService {
         config: SubscriptionSection,
         auth: Arc<Authenticator>,
         max_streams_per_principal: usize,
+        hash_keys: Arc<HashKeys>,
     ) -> Self {
         let slots = Arc::new(Semaphore::new(config.max_subscribers));
         SubscriptionService {
@@ -57,6 +61,7 @@ impl SubscriptionService {
             config,
             slots,
             auth,
+            hash_keys,
             streams: Arc::default(),
             max_streams_per_principal,
         }
@@ -153,6 +158,48 @@ struct Filter {
     /// these, so a row moving out of them arrives as a delete, and one
     /// moving in as an insert.
     rows: Option<RowFilter>,
+    /// Fields above the grant's clearance, masked as its policy says.
+    mask: Option<Arc<Masker>>,
+}
+
+/// Masks the fields of rows and keys above a grant's clearance.
+pub struct Masker {
+    pub levels: Arc<std::collections::BTreeMap<String, Level>>,
+    pub clearance: Level,
+    pub policies: std::collections::BTreeMap<Level, Policy>,
+    pub keys: Arc<HashKeys>,
+}
+
+impl Masker {
+    fn policy(&self, column: &str) -> Policy {
+        let level = self.levels.get(column).copied().unwrap_or(Level::Secret);
+        if level <= self.clearance {
+            Policy::Deliver
+        } else {
+            self.policies.get(&level).copied().unwrap_or(Policy::Redact)
+        }
+    }
+
+    /// A row (JSON object text) with its fields masked; text that is no
+    /// object is withheld.
+    fn row(&self, row: String, key: bool) -> String {
+        let Ok(map) = serde_json::from_str::<serde_json::Map<String, Value>>(&row) else {
+            return if key { row } else { "null".into() };
+        };
+        let mut out = serde_json::Map::new();
+        for (name, value) in map {
+            let mut policy = self.policy(&name);
+            // A subscriber follows a row by its key: a key column above the
+            // clearance is hashed at least, never removed.
+            if key && matches!(policy, Policy::Redact | Policy::Null) {
+                policy = Policy::Hash;
+            }
+            if let Some(v) = masking::mask(&value, policy, &self.keys) {
+                out.insert(name, v);
+            }
+        }
+        Value::Object(out).to_string()
+    }
 }
 
 impl Filter {
@@ -162,6 +209,7 @@ impl Filter {
             keys: (!keys.is_empty()).then_some(keys),
             fields: (!fields.is_empty()).then_some(fields),
             rows,
+            mask: None,
         }
     }
 
@@ -224,6 +272,13 @@ impl Filter {
         if self.fields.is_some() {
             c.before_json = self.project(c.before_json.take());
             c.after_json = self.project(c.after_json.take());
+        }
+        // Last, on every path (snapshot, memory, store, keyed, before
+        // images): nothing above the clearance leaves unmasked.
+        if let Some(m) = &self.mask {
+            c.before_json = c.before_json.take().map(|r| m.row(r, false));
+            c.after_json = c.after_json.take().map(|r| m.row(r, false));
+            c.key_json = m.row(std::mem::take(&mut c.key_json), true);
         }
         Some(c)
     }
@@ -620,11 +675,25 @@ impl Subscription for SubscriptionService {
             reader: self.reader.clone(),
             view: req.view.clone(),
             incarnation: meta.incarnation,
-            filter: Filter::new(
-                keys.into_iter().collect(),
-                fields,
-                caller.grant.as_ref().and_then(|g| g.row_filter.clone()),
-            ),
+            filter: Filter {
+                mask: caller
+                    .grant
+                    .as_ref()
+                    .and_then(|g| g.clearance.map(|c| (c, g.masking.clone())))
+                    .map(|(clearance, policies)| {
+                        Arc::new(Masker {
+                            levels: self.views.levels(&req.view),
+                            clearance,
+                            policies,
+                            keys: self.hash_keys.clone(),
+                        })
+                    }),
+                ..Filter::new(
+                    keys.into_iter().collect(),
+                    fields,
+                    caller.grant.as_ref().and_then(|g| g.row_filter.clone()),
+                )
+            },
             batch_size,
             progress_interval: self.config.progress_interval,
             commits,

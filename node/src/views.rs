@@ -41,6 +41,8 @@ pub struct ServedView {
     pub commits: Arc<watch::Sender<Committed>>,
     /// Key columns, to check subscribers' key filters (empty: any key).
     pub key_columns: Vec<String>,
+    /// Level of each classified column; the others are `secret`.
+    pub levels: Arc<BTreeMap<String, ndc_operators::masking::Level>>,
 }
 
 /// Every served view by name; cheap to clone.
@@ -61,7 +63,14 @@ impl ViewRegistry {
     }
 
     /// Serves a view from its last committed sequence (kept if already served).
-    pub fn insert(&self, name: &str, id: ViewId, last_seq: u64, key_columns: Vec<String>) {
+    pub fn insert(
+        &self,
+        name: &str,
+        id: ViewId,
+        last_seq: u64,
+        key_columns: Vec<String>,
+        levels: BTreeMap<String, ndc_operators::masking::Level>,
+    ) {
         self.write()
             .entry(name.to_string())
             .or_insert_with(|| ServedView {
@@ -74,7 +83,16 @@ impl ViewRegistry {
                     .0,
                 ),
                 key_columns,
+                levels: Arc::new(levels),
             });
+    }
+
+    /// Levels of a view's classified columns (the others are `secret`).
+    pub fn levels(&self, name: &str) -> Arc<BTreeMap<String, ndc_operators::masking::Level>> {
+        self.read()
+            .get(name)
+            .map(|v| v.levels.clone())
+            .unwrap_or_default()
     }
 
     /// Stops serving a view; its subscribers' streams end.

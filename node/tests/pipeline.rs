@@ -793,6 +793,7 @@ fn file_only_node(
                 follow,
             },
         )],
+        columns: Default::default(),
     }];
     config.validate().unwrap();
     config

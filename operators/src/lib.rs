@@ -11,6 +11,7 @@
 //! - [`national_id`]: the 12-digit citizen identification number.
 
 pub mod debezium;
+pub mod masking;
 pub mod merge;
 pub mod national_id;
 pub mod ordering;

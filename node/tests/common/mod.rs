@@ -400,6 +400,7 @@ pub fn node_config(
                 topic: topic.to_string(),
                 format: Default::default(),
             })],
+            columns: Default::default(),
         })
         .collect();
     c
