@@ -138,7 +138,8 @@ fn grant_of(info: GrantInfo) -> Result<Grant, Status> {
     })
 }
 
-fn level_name(l: Level) -> &'static str {
+/// A level's name, as configurations and the command line write it.
+pub fn level_name(l: Level) -> &'static str {
     match l {
         Level::Public => "public",
         Level::Internal => "internal",

@@ -484,7 +484,8 @@ fn main() -> anyhow::Result<()> {
                     println!(
                         "{}",
                         serde_json::json!({"view": v.name, "key_columns": v.key_columns, "committed_seq": v.committed_seq,
-                                           "retained_from_seq": v.retained_from_seq, "live_rows": v.live_rows})
+                                           "retained_from_seq": v.retained_from_seq, "live_rows": v.live_rows,
+                                           "column_levels": v.column_levels})
                     );
                 }
                 Ok(())

@@ -766,6 +766,12 @@ impl Subscription for SubscriptionService {
                 committed_seq: meta.last_seq,
                 retained_from_seq: meta.retained_from_seq,
                 live_rows: meta.live_rows,
+                column_levels: self
+                    .views
+                    .levels(&name)
+                    .iter()
+                    .map(|(c, l)| (c.clone(), crate::access_api::level_name(*l).to_string()))
+                    .collect(),
             });
         }
         Ok(Response::new(ListViewsResponse { views }))

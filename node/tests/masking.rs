@@ -207,6 +207,21 @@ async fn fields_above_the_clearance_never_leave_unmasked_on_any_path() {
         "updates carry before images, masked"
     );
 
+    // `ndc views` shows each classified column's level.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ndc"))
+        .args(["views", "--addr", &addr])
+        .env("NDC_CA", &certs.ca)
+        .env("NDC_CERT", &certs.subscriber_cert)
+        .env("NDC_KEY", &certs.subscriber_key)
+        .output()
+        .unwrap();
+    let view: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        view["column_levels"],
+        serde_json::json!({"person_id": "internal", "marital_status": "public",
+                           "full_name": "confidential", "birth_date": "confidential"})
+    );
+
     // A keyed lookup.
     let key = final_rows.keys().next().unwrap().clone();
     let keyed = lines_until(&addr, &subscriber, From::Snapshot, vec![key.clone()], snap).await;
