@@ -179,7 +179,6 @@ pub fn parse_policy(text: &str) -> Result<Policy, String> {
         "null" => Ok(Policy::Null),
         "hash" => Ok(Policy::Hash),
         "year" => Ok(Policy::Year),
-        "deliver" => Ok(Policy::Deliver),
         other => other
             .strip_prefix("partial:")
             .and_then(|n| n.parse().ok())
