@@ -447,6 +447,13 @@ pub fn bench_tls() -> bool {
     std::env::var("NDC_BENCH_TLS").is_ok_and(|v| v == "on")
 }
 
+/// Is `NDC_BENCH_MASK=on` too (with `NDC_BENCH_TLS=on`: the view's columns
+/// are classified and the subscriber's grant has clearance `internal`,
+/// confidential fields hashed, secret ones removed)?
+pub fn bench_mask() -> bool {
+    bench_tls() && std::env::var("NDC_BENCH_MASK").is_ok_and(|v| v == "on")
+}
+
 /// As the development admin (`access.admins` in [`base_config`]), grants
 /// the subscriber certificate every view, through the node's access API (on
 /// a thread of its own: callers may or may not be inside a runtime).
@@ -465,13 +472,17 @@ fn grant_subscriber(addr: &str, certs: &Path) -> anyhow::Result<()> {
         rt.block_on(async {
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
-                let grant = ndc_proto::v1::GrantInfo {
+                let mut grant = ndc_proto::v1::GrantInfo {
                     principal: "subscriber".into(),
                     role: "subscriber".into(),
                     views: vec!["*".into()],
                     purpose: "load test".into(),
                     ..Default::default()
                 };
+                if bench_mask() {
+                    grant.clearance = "internal".into();
+                    grant.masking = [("confidential".to_string(), "hash".to_string())].into();
+                }
                 match ndc_node::access_api::grant(&addr, Some(&admin), grant).await {
                     Ok(_) => return Ok(()),
                     Err(e) if Instant::now() > deadline => return Err(e),
@@ -497,6 +508,15 @@ pub fn base_config(work: &Path) -> NodeConfig {
         c.tls.key = Some(certs.node_key);
         c.tls.client_ca = Some(certs.ca);
         c.access.admins = vec!["admin".into()];
+        if bench_mask() {
+            let key = work.join("certs").join("hash.key");
+            if std::fs::write(&key, b"load test masking key, 32 bytes.").is_ok() {
+                c.access.hash_keys = vec![ndc_node::config::HashKeyConfig {
+                    version: 1,
+                    file: key,
+                }];
+            }
+        }
     } else {
         c.tls.insecure = true;
     }
@@ -657,7 +677,30 @@ fn kafka_config(work: &Path, broker: &Broker, topic: &str) -> NodeConfig {
             topic: topic.into(),
             format: Default::default(),
         })],
-        columns: Default::default(),
+        columns: if bench_mask() {
+            use ndc_operators::masking::{Category, Level};
+            [
+                ("person_id", Level::Internal),
+                ("marital_status", Level::Public),
+                ("full_name", Level::Confidential),
+                ("birth_date", Level::Confidential),
+                // The load test's own send stamp, to measure latency.
+                ("sent_at_us", Level::Public),
+            ]
+            .into_iter()
+            .map(|(name, level)| {
+                (
+                    name.to_string(),
+                    ndc_node::config::ColumnClass {
+                        level,
+                        category: Category::Core,
+                    },
+                )
+            })
+            .collect()
+        } else {
+            Default::default()
+        },
     }];
     c
 }
@@ -1084,7 +1127,9 @@ pub async fn latency_phase(
         .map(|m| node_breakdown(&m))
         .unwrap_or_default();
     let report = Report {
-        phase: if node.client_tls.is_some() {
+        phase: if node.client_tls.is_some() && bench_mask() {
+            format!("{phase}+tls+mask")
+        } else if node.client_tls.is_some() {
             format!("{phase}+tls")
         } else {
             phase.into()
