@@ -25,6 +25,7 @@ pub mod state;
 mod store;
 
 pub use identity::PeerTls;
+pub use service::{FORWARDED, forwarded};
 pub use state::{
     Assignment, ClusterState, Command, Grant, NodeId, PartitionId, Role, RowFilter, StoredSpec,
 };

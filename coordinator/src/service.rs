@@ -11,7 +11,12 @@ use ndc_proto::cluster::{
 use std::time::Duration;
 use tonic::{Request, Response, Status};
 
-const FORWARDED: &str = "ndc-forwarded";
+/// Metadata key that marks a request one node forwarded to another (the
+/// receiver does not forward it again).
+pub const FORWARDED: &str = "ndc-forwarded";
+
+/// How long a forwarded cluster admin request may take.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct ClusterService {
     pub(crate) coordinator: Coordinator,
@@ -71,11 +76,12 @@ impl ClusterService {
     }
 }
 
-fn forwarded<T>(inner: T) -> Request<T> {
+/// A request as forwarded to the leader, marked [`FORWARDED`].
+pub fn forwarded<T>(inner: T, timeout: Duration) -> Request<T> {
     let mut r = Request::new(inner);
     r.metadata_mut()
         .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-    r.set_timeout(Duration::from_secs(60));
+    r.set_timeout(timeout);
     r
 }
 
@@ -101,7 +107,10 @@ impl Cluster for ClusterService {
     async fn status(&self, req: Request<StatusRequest>) -> Result<Response<ClusterStatus>, Status> {
         self.check_forwarded(&req)?;
         match self.leader_client(&req) {
-            Ok(Some(mut leader)) => match leader.status(forwarded(StatusRequest {})).await {
+            Ok(Some(mut leader)) => match leader
+                .status(forwarded(StatusRequest {}, ADMIN_TIMEOUT))
+                .await
+            {
                 Ok(r) => Ok(r),
                 // The leader is unreachable: this node's own view is better than nothing.
                 Err(_) => Ok(Response::new(self.coordinator.status())),
@@ -116,7 +125,9 @@ impl Cluster for ClusterService {
     ) -> Result<Response<MembershipReply>, Status> {
         self.check_forwarded(&req)?;
         if let Some(mut leader) = self.leader_client(&req)? {
-            return leader.add_node(forwarded(req.into_inner())).await;
+            return leader
+                .add_node(forwarded(req.into_inner(), ADMIN_TIMEOUT))
+                .await;
         }
         let r = req.into_inner();
         if r.addr.trim().is_empty() {
@@ -137,7 +148,9 @@ impl Cluster for ClusterService {
     ) -> Result<Response<MembershipReply>, Status> {
         self.check_forwarded(&req)?;
         if let Some(mut leader) = self.leader_client(&req)? {
-            return leader.remove_node(forwarded(req.into_inner())).await;
+            return leader
+                .remove_node(forwarded(req.into_inner(), ADMIN_TIMEOUT))
+                .await;
         }
         let id = req.into_inner().id;
         let known = self

@@ -24,9 +24,6 @@ use tokio::sync::watch;
 use tonic::Status;
 use tracing::{info, warn};
 
-/// Metadata key that marks a request one node forwarded to another.
-pub const FORWARDED: &str = "ndc-forwarded";
-
 /// How a caller proved who it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Via {
@@ -84,7 +81,7 @@ pub fn caller<T>(req: &tonic::Request<T>) -> Result<Caller, Status> {
     })
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -801,16 +798,23 @@ impl Grants {
                 ));
             }
             // Anonymous and peer callers hold no stored grant to lose.
-            if matches!(caller.via, Via::Certificate | Via::Token) {
-                let now_grant = auth.effective_grant(&caller.principal);
-                let still = now_grant.as_ref().is_some_and(|g| {
-                    grants_view(g, view)
-                        && admitted
-                            .as_ref()
-                            .is_some_and(|a| a.row_filter == g.row_filter && a.columns == g.columns)
+            let held = matches!(caller.via, Via::Certificate | Via::Token);
+            let current = held
+                .then(|| auth.effective_grant(&caller.principal))
+                .flatten();
+            if held {
+                // What the stream was admitted to see must not have changed.
+                let same_scope = |a: &Grant, g: &Grant| {
+                    a.row_filter == g.row_filter
+                        && a.columns == g.columns
+                        && a.clearance == g.clearance
+                        && a.masking == g.masking
+                };
+                let still = current.as_ref().is_some_and(|g| {
+                    grants_view(g, view) && admitted.as_ref().is_some_and(|a| same_scope(a, g))
                 });
                 if !still {
-                    let why = match &now_grant {
+                    let why = match &current {
                         None => "was revoked or has expired",
                         Some(g) if !grants_view(g, view) => "no longer names this view",
                         Some(_) => "changed its rows, columns or clearance",
@@ -825,9 +829,7 @@ impl Grants {
             }
             let deadline = [
                 caller.token_expires_at_ms,
-                auth.effective_grant(&caller.principal)
-                    .and_then(|g| g.expires_at_ms)
-                    .filter(|_| caller.via != Via::Anonymous && caller.via != Via::Peer),
+                current.and_then(|g| g.expires_at_ms),
             ]
             .into_iter()
             .flatten()

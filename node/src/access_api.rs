@@ -1,8 +1,9 @@
 //! The `ndc.v1.Access` API: grants made, revoked and listed by admins (the
 //! server side), and the client calls behind `ndc access`.
 
-use crate::access::{self, Authenticator, FORWARDED, GrantWriteError, Via};
+use crate::access::{self, Authenticator, GrantWriteError, Via, now_ms};
 use crate::client::ClientTls;
+use ndc_coordinator::{FORWARDED, forwarded};
 use ndc_coordinator::{Grant, Role, RowFilter};
 use ndc_operators::masking::{Level, Policy};
 use ndc_proto::v1::access_client::AccessClient;
@@ -43,13 +44,6 @@ impl AccessService {
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// The wire form of a grant.
 pub fn info_of(g: &Grant, configured: bool) -> GrantInfo {
     GrantInfo {
@@ -68,12 +62,12 @@ pub fn info_of(g: &Grant, configured: bool) -> GrantInfo {
         configured,
         clearance: g
             .clearance
-            .map(|l| level_name(l).to_string())
+            .map(|l| l.as_str().to_string())
             .unwrap_or_default(),
         masking: g
             .masking
             .iter()
-            .map(|(l, p)| (level_name(*l).to_string(), policy_name(*p)))
+            .map(|(l, p)| (l.as_str().to_string(), policy_name(*p)))
             .collect(),
     }
 }
@@ -127,38 +121,15 @@ fn grant_of(info: GrantInfo) -> Result<Grant, Status> {
         granted_at_ms: info.granted_at_ms,
         clearance: match info.clearance.trim() {
             "" => None,
-            l => Some(parse_level(l).map_err(bad)?),
+            l => Some(l.parse::<Level>().map_err(bad)?),
         },
         masking: info
             .masking
             .iter()
-            .map(|(l, p)| Ok((parse_level(l)?, parse_policy(p)?)))
+            .map(|(l, p)| Ok((l.parse::<Level>()?, parse_policy(p)?)))
             .collect::<Result<_, String>>()
             .map_err(bad)?,
     })
-}
-
-/// A level's name, as configurations and the command line write it.
-pub fn level_name(l: Level) -> &'static str {
-    match l {
-        Level::Public => "public",
-        Level::Internal => "internal",
-        Level::Confidential => "confidential",
-        Level::Secret => "secret",
-    }
-}
-
-/// A level by name.
-pub fn parse_level(text: &str) -> Result<Level, String> {
-    match text.trim() {
-        "public" => Ok(Level::Public),
-        "internal" => Ok(Level::Internal),
-        "confidential" => Ok(Level::Confidential),
-        "secret" => Ok(Level::Secret),
-        other => Err(format!(
-            "unknown level {other:?} (public, internal, confidential or secret)"
-        )),
-    }
 }
 
 fn policy_name(p: Policy) -> String {
@@ -187,14 +158,6 @@ pub fn parse_policy(text: &str) -> Result<Policy, String> {
                 format!("unknown masking {other:?} (redact, null, hash, partial:N or year)")
             }),
     }
-}
-
-fn forwarded<T>(inner: T) -> Request<T> {
-    let mut r = Request::new(inner);
-    r.metadata_mut()
-        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-    r.set_timeout(Duration::from_secs(30));
-    r
 }
 
 impl AccessService {
@@ -238,9 +201,12 @@ impl Access for AccessService {
             let addr = self.write_error(&req, e)?;
             self.leader(&addr)
                 .await?
-                .grant(forwarded(GrantRequest {
-                    grant: Some(info_of(&grant, false)),
-                }))
+                .grant(forwarded(
+                    GrantRequest {
+                        grant: Some(info_of(&grant, false)),
+                    },
+                    Duration::from_secs(30),
+                ))
                 .await?;
         }
         let want = grant.clone();
@@ -269,9 +235,12 @@ impl Access for AccessService {
             let addr = self.write_error(&req, e)?;
             self.leader(&addr)
                 .await?
-                .revoke(forwarded(RevokeRequest {
-                    principal: principal.clone(),
-                }))
+                .revoke(forwarded(
+                    RevokeRequest {
+                        principal: principal.clone(),
+                    },
+                    Duration::from_secs(30),
+                ))
                 .await?;
         }
         let p = principal.clone();
@@ -419,8 +388,8 @@ mod tests {
             Level::Confidential,
             Level::Secret,
         ] {
-            assert_eq!(parse_level(level_name(level)), Ok(level));
+            assert_eq!(level.as_str().parse::<Level>(), Ok(level));
         }
-        assert!(parse_level("top-secret").is_err());
+        assert!("top-secret".parse::<Level>().is_err());
     }
 }

@@ -770,7 +770,7 @@ impl Subscription for SubscriptionService {
                     .views
                     .levels(&name)
                     .iter()
-                    .map(|(c, l)| (c.clone(), crate::access_api::level_name(*l).to_string()))
+                    .map(|(c, l)| (c.clone(), l.as_str().to_string()))
                     .collect(),
             });
         }

@@ -227,5 +227,50 @@ async fn fields_above_the_clearance_never_leave_unmasked_on_any_path() {
     let keyed = lines_until(&addr, &subscriber, From::Snapshot, vec![key.clone()], snap).await;
     check(&keyed);
     assert_eq!(fold(&keyed).get(&key), final_rows.get(&key));
+
+    // Raising the clearance changes what the stream was admitted to see:
+    // the live stream ends, and a new one sees under the new grant.
+    let opts = SubscribeOptions {
+        addr: addr.clone(),
+        view: "citizens".into(),
+        from: From::Latest,
+        keys: Vec::new(),
+        fields: Vec::new(),
+        limit: None,
+        progress: true,
+        reconnect: false,
+        tls: Some(subscriber.clone()),
+        token: None,
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let live = tokio::spawn(ndc_node::client::subscribe(opts, move |l| {
+        tx.send(l).is_ok()
+    }));
+    tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap();
+    let admin = ClientTls {
+        ca: Some(certs.ca.clone()),
+        cert: Some(certs.admin_cert.clone()),
+        key: Some(certs.admin_key.clone()),
+    };
+    ndc_node::access_api::grant(
+        &addr,
+        Some(&admin),
+        ndc_proto::v1::GrantInfo {
+            principal: "subscriber".into(),
+            role: "subscriber".into(),
+            views: vec!["citizens".into()],
+            purpose: "statistics".into(),
+            clearance: "confidential".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(2), live)
+        .await
+        .expect("a changed clearance ends the stream within 2 s")
+        .unwrap();
+    let e = format!("{:#}", ended.expect_err("ended by the grant change"));
+    assert!(e.contains("clearance"), "{e}");
     node.shutdown().await;
 }

@@ -23,6 +23,33 @@ pub enum Level {
     Secret,
 }
 
+impl Level {
+    /// Its name, as configurations and the command line write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Public => "public",
+            Level::Internal => "internal",
+            Level::Confidential => "confidential",
+            Level::Secret => "secret",
+        }
+    }
+}
+
+impl std::str::FromStr for Level {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        [
+            Level::Public,
+            Level::Internal,
+            Level::Confidential,
+            Level::Secret,
+        ]
+        .into_iter()
+        .find(|l| l.as_str() == text.trim())
+        .ok_or_else(|| format!("unknown level {text:?} (public, internal, confidential or secret)"))
+    }
+}
+
 /// The Data Law's (60/2024) category of a field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
