@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "ndc/v1/subscription.proto",
                 "ndc/v1/pipelines.proto",
                 "ndc/v1/access.proto",
+                "ndc/v1/audit.proto",
                 "ndc/state/v1/state.proto",
                 "ndc/cluster/v1/cluster.proto",
             ],

@@ -454,6 +454,12 @@ pub fn bench_mask() -> bool {
     bench_tls() && std::env::var("NDC_BENCH_MASK").is_ok_and(|v| v == "on")
 }
 
+/// `NDC_BENCH_AUDIT=off`: the node keeps no audit trail (to measure what
+/// recording every delivered batch costs; on by default, as in production).
+pub fn bench_audit() -> bool {
+    std::env::var("NDC_BENCH_AUDIT").map_or(true, |v| v != "off")
+}
+
 /// As the development admin (`access.admins` in [`base_config`]), grants
 /// the subscriber certificate every view, through the node's access API (on
 /// a thread of its own: callers may or may not be inside a runtime).
@@ -520,6 +526,7 @@ pub fn base_config(work: &Path) -> NodeConfig {
     } else {
         c.tls.insecure = true;
     }
+    c.audit.enabled = bench_audit();
     c.node.http_listen = "127.0.0.1:0".parse().expect("literal address");
     c
 }
@@ -536,6 +543,7 @@ fn file_config(work: &Path, export: &Path, follow: bool) -> NodeConfig {
             follow,
         })],
         columns: Default::default(),
+        national_id: Some("person_id".into()),
     }];
     c
 }
@@ -701,6 +709,7 @@ fn kafka_config(work: &Path, broker: &Broker, topic: &str) -> NodeConfig {
         } else {
             Default::default()
         },
+        national_id: Some("person_id".into()),
     }];
     c
 }

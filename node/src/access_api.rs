@@ -2,6 +2,7 @@
 //! server side), and the client calls behind `ndc access`.
 
 use crate::access::{self, Authenticator, GrantWriteError, Via, now_ms};
+use crate::audit::{Audit, Event};
 use crate::client::ClientTls;
 use ndc_coordinator::{FORWARDED, forwarded};
 use ndc_coordinator::{Grant, Role, RowFilter};
@@ -21,11 +22,29 @@ pub struct AccessService {
     auth: Arc<Authenticator>,
     /// How this node reaches the leader's peer listener to forward writes.
     peer_tls: ClientTls,
+    audit: Audit,
 }
 
 impl AccessService {
-    pub fn new(auth: Arc<Authenticator>, peer_tls: ClientTls) -> Self {
-        AccessService { auth, peer_tls }
+    pub fn new(auth: Arc<Authenticator>, peer_tls: ClientTls, audit: Audit) -> Self {
+        AccessService {
+            auth,
+            peer_tls,
+            audit,
+        }
+    }
+
+    /// Records a change of access on the node the admin called (a
+    /// forwarded request was recorded there already).
+    async fn audit(&self, forwarded: bool, event: Event) -> Result<(), Status> {
+        if forwarded {
+            return Ok(());
+        }
+        self.audit.record(event).await.map_err(|e| {
+            Status::internal(format!(
+                "done, but not recorded in the audit trail: {e}; the node's operators must look at it"
+            ))
+        })
     }
 
     /// Waits until this node enforces what was just written (a cluster
@@ -186,6 +205,7 @@ impl AccessService {
 impl Access for AccessService {
     async fn grant(&self, req: Request<GrantRequest>) -> Result<Response<GrantResponse>, Status> {
         let caller = access::caller(&req)?;
+        let recorded = crate::audit::recorded_by_forwarder(&req);
         let info = req
             .get_ref()
             .grant
@@ -214,6 +234,15 @@ impl Access for AccessService {
             .await?;
         info!(principal = %grant.principal, role = grant.role.as_str(), views = ?grant.views,
               purpose = %grant.purpose, granted_by = %grant.granted_by, "grant made");
+        self.audit(
+            recorded,
+            Event::Grant {
+                by: caller.principal.clone(),
+                principal: grant.principal.clone(),
+                grant: serde_json::to_string(&grant).unwrap_or_default(),
+            },
+        )
+        .await?;
         Ok(Response::new(GrantResponse {
             grant: Some(info_of(
                 &grant,
@@ -227,6 +256,7 @@ impl Access for AccessService {
         req: Request<RevokeRequest>,
     ) -> Result<Response<RevokeResponse>, Status> {
         let caller = access::caller(&req)?;
+        let recorded = crate::audit::recorded_by_forwarder(&req);
         let principal = req.get_ref().principal.trim().to_string();
         if principal.is_empty() {
             return Err(Status::invalid_argument("name the principal to revoke"));
@@ -247,6 +277,14 @@ impl Access for AccessService {
         self.wait_applied(move |a| !a.grants.all().contains_key(&p))
             .await?;
         info!(principal = %principal, revoked_by = %caller.principal, "grant revoked");
+        self.audit(
+            recorded,
+            Event::Revoke {
+                by: caller.principal.clone(),
+                principal,
+            },
+        )
+        .await?;
         Ok(Response::new(RevokeResponse { existed: true }))
     }
 

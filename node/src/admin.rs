@@ -24,6 +24,7 @@ pub struct PipelineService {
     coordinator: Option<Coordinator>,
     /// How this node reaches the leader's peer listener to forward.
     peer_tls: ClientTls,
+    audit: crate::audit::Audit,
 }
 
 impl PipelineService {
@@ -31,12 +32,26 @@ impl PipelineService {
         runtime: Arc<tokio::sync::Mutex<Runtime>>,
         coordinator: Option<Coordinator>,
         peer_tls: ClientTls,
+        audit: crate::audit::Audit,
     ) -> Self {
         PipelineService {
             runtime,
             coordinator,
             peer_tls,
+            audit,
         }
+    }
+
+    /// Records a pipeline change on the node it was asked of.
+    async fn audit(&self, forwarded: bool, event: crate::audit::Event) -> Result<(), Status> {
+        if forwarded {
+            return Ok(());
+        }
+        self.audit.record(event).await.map_err(|e| {
+            Status::internal(format!(
+                "done, but not recorded in the audit trail: {e}; the node's operators must look at it"
+            ))
+        })
     }
 
     /// Cluster mode: validates against the replicated specs, replicates the
@@ -89,7 +104,7 @@ impl PipelineService {
                     .map_err(|e| {
                         Status::unavailable(format!("cannot reach the leader at {addr}: {e}"))
                     })?
-                    .apply(req)
+                    .apply(ndc_coordinator::forwarded(req, Duration::from_secs(60)))
                     .await?
                     .into_inner();
                 self.wait_until_running(&forwarded.name, Some(forwarded.version))
@@ -168,7 +183,10 @@ impl PipelineService {
                     .map_err(|e| {
                         Status::unavailable(format!("cannot reach the leader at {addr}: {e}"))
                     })?
-                    .drop(DropPipelineRequest { name: name.clone() })
+                    .drop(ndc_coordinator::forwarded(
+                        DropPipelineRequest { name: name.clone() },
+                        Duration::from_secs(60),
+                    ))
                     .await?
                     .into_inner()
                     .dropped_views;
@@ -288,7 +306,70 @@ impl Pipelines for PipelineService {
         &self,
         request: Request<ApplyPipelineRequest>,
     ) -> Result<Response<ApplyPipelineResponse>, Status> {
+        let by = crate::access::caller(&request)?.principal;
+        let forwarded = crate::audit::recorded_by_forwarder(&request);
         let req = request.into_inner();
+        let digest = crate::audit::sha256_hex(req.spec_yaml.as_bytes());
+        let dry_run = req.dry_run;
+        let applied = self.apply_here(req).await?;
+        let a = applied.get_ref();
+        if !dry_run && a.outcome != "unchanged" {
+            self.audit(
+                forwarded,
+                crate::audit::Event::PipelineApply {
+                    by,
+                    pipeline: a.name.clone(),
+                    version: a.version,
+                    spec_sha256: digest,
+                },
+            )
+            .await?;
+        }
+        Ok(applied)
+    }
+
+    async fn list(
+        &self,
+        _: Request<ListPipelinesRequest>,
+    ) -> Result<Response<ListPipelinesResponse>, Status> {
+        let runtime = self.runtime.lock().await;
+        let pipelines = runtime
+            .specs()
+            .values()
+            .map(|s| PipelineInfo {
+                name: s.name.clone(),
+                version: s.version,
+                description: s.description.clone(),
+                views: s.views(),
+                topics: s.sources.values().map(|src| src.topic.clone()).collect(),
+                repartition_topic: runtime.repartition_topic(s).unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(ListPipelinesResponse { pipelines }))
+    }
+
+    async fn drop(
+        &self,
+        request: Request<DropPipelineRequest>,
+    ) -> Result<Response<DropPipelineResponse>, Status> {
+        let by = crate::access::caller(&request)?.principal;
+        let forwarded = crate::audit::recorded_by_forwarder(&request);
+        let name = request.into_inner().name;
+        let dropped = self.drop_here(name.clone()).await?;
+        self.audit(
+            forwarded,
+            crate::audit::Event::PipelineDrop { by, pipeline: name },
+        )
+        .await?;
+        Ok(dropped)
+    }
+}
+
+impl PipelineService {
+    async fn apply_here(
+        &self,
+        req: ApplyPipelineRequest,
+    ) -> Result<Response<ApplyPipelineResponse>, Status> {
         let span = info_span!("pipeline_apply", dry_run = req.dry_run);
         if let Some(c) = &self.coordinator {
             return self
@@ -321,31 +402,7 @@ impl Pipelines for PipelineService {
         .await
     }
 
-    async fn list(
-        &self,
-        _: Request<ListPipelinesRequest>,
-    ) -> Result<Response<ListPipelinesResponse>, Status> {
-        let runtime = self.runtime.lock().await;
-        let pipelines = runtime
-            .specs()
-            .values()
-            .map(|s| PipelineInfo {
-                name: s.name.clone(),
-                version: s.version,
-                description: s.description.clone(),
-                views: s.views(),
-                topics: s.sources.values().map(|src| src.topic.clone()).collect(),
-                repartition_topic: runtime.repartition_topic(s).unwrap_or_default(),
-            })
-            .collect();
-        Ok(Response::new(ListPipelinesResponse { pipelines }))
-    }
-
-    async fn drop(
-        &self,
-        request: Request<DropPipelineRequest>,
-    ) -> Result<Response<DropPipelineResponse>, Status> {
-        let name = request.into_inner().name;
+    async fn drop_here(&self, name: String) -> Result<Response<DropPipelineResponse>, Status> {
         if let Some(c) = &self.coordinator {
             let dropped_views = self
                 .drop_in_cluster(c, name.clone())

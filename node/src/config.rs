@@ -33,6 +33,7 @@ pub struct NodeConfig {
     pub pipelines: PipelinesSection,
     pub tls: TlsSection,
     pub access: AccessSection,
+    pub audit: AuditSection,
 }
 
 /// Who may call the node's public API, and with which limits
@@ -552,6 +553,38 @@ pub struct DeadLetterSection {
     pub file: Option<PathBuf>,
 }
 
+/// The audit trail of deliveries and access changes (docs/security.md,
+/// "The audit trail").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditSection {
+    /// Off only to measure what it costs: without it nothing shows who
+    /// received what.
+    pub enabled: bool,
+    /// Kafka topic every node's chain is replicated to (one partition, kept
+    /// forever) and read back from to index other nodes' records.
+    pub topic: String,
+    /// Whether the node creates that topic (one partition, kept forever)
+    /// when it is missing.
+    pub create_topic: bool,
+    /// Replication factor of that topic when the node creates it.
+    pub replication: i32,
+    /// Records one `who-accessed` answer holds at most.
+    pub max_answer_records: usize,
+}
+
+impl Default for AuditSection {
+    fn default() -> Self {
+        AuditSection {
+            enabled: true,
+            topic: "ndc.audit".into(),
+            create_topic: true,
+            replication: 1,
+            max_answer_records: 10_000,
+        }
+    }
+}
+
 /// A replicated table served to subscribers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -564,6 +597,10 @@ pub struct ViewConfig {
     /// Classification per column; a column not named here is `secret`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub columns: BTreeMap<String, ColumnClass>,
+    /// The column holding the person's national ID, if rows are about a
+    /// person: the audit trail records whose data each delivery held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub national_id: Option<String>,
 }
 
 /// How sensitive a column is (docs/security.md, data protection).

@@ -7,6 +7,8 @@
 pub mod access;
 pub mod access_api;
 pub mod admin;
+pub mod audit;
+pub mod audit_api;
 pub mod certs;
 pub mod client;
 pub mod cluster;

@@ -65,6 +65,127 @@ enum CertsCommand {
 }
 
 #[derive(Subcommand)]
+enum AuditCommand {
+    /// Check every chain of the audit trail, in the Kafka topic a node's
+    /// configuration names (or in an export): prints a JSON summary that
+    /// names the first altered, removed or reordered record; exits 1 then.
+    Verify {
+        /// The node configuration (its kafka and audit sections).
+        #[arg(long, required_unless_present = "file")]
+        config: Option<PathBuf>,
+        /// A JSON-lines export (`ndc audit export`) instead of the topic.
+        #[arg(long, conflicts_with = "config")]
+        file: Option<PathBuf>,
+    },
+    /// Every record of the audit topic, one JSON object per line.
+    Export {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Which principals received data about a person, when and for which
+    /// purpose (admin only), one JSON object per line.
+    WhoAccessed {
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: String,
+        /// The 12-digit national ID.
+        #[arg(long)]
+        person: String,
+        /// Only since this time (RFC 3339, e.g. 2026-12-01T00:00:00Z).
+        #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+        since: Option<std::time::SystemTime>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PersonCommand {
+    /// Golden records with provenance, source rows, conflicts and who
+    /// received data about the person, as one JSON document (admin only;
+    /// recorded in the audit trail).
+    Report {
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: String,
+        /// The 12-digit national ID.
+        #[arg(long)]
+        id: String,
+    },
+}
+
+async fn audit(command: AuditCommand) -> anyhow::Result<()> {
+    use ndc_node::audit_api;
+    match command {
+        AuditCommand::Verify { config, file } => {
+            let verifier = match (config, file) {
+                (_, Some(file)) => {
+                    let text = std::fs::read_to_string(&file)
+                        .with_context(|| format!("cannot read {}", file.display()))?;
+                    audit_api::verify_lines(&text)
+                }
+                (Some(config), None) => {
+                    let config = NodeConfig::load(&config)?;
+                    let kafka = config.kafka.context(
+                        "the configuration has no kafka section: name an export with --file",
+                    )?;
+                    audit_api::verify_topic(&kafka, &config.audit.topic).await?
+                }
+                (None, None) => anyhow::bail!("name --config or --file"),
+            };
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&audit_api::verify_summary(&verifier))?
+            );
+            if verifier.first_bad.is_some() {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        AuditCommand::Export { config } => {
+            let config = NodeConfig::load(&config)?;
+            let kafka = config
+                .kafka
+                .context("the configuration has no kafka section")?;
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            let mut failed = None;
+            ndc_node::audit::read_topic(&kafka, &config.audit.topic, |_, bytes| {
+                if failed.is_none()
+                    && let Err(e) = out.write_all(bytes).and_then(|()| out.write_all(b"\n"))
+                {
+                    failed = Some(e);
+                }
+            })
+            .await?;
+            if let Some(e) = failed {
+                return Err(e.into());
+            }
+            out.flush()?;
+            Ok(())
+        }
+        AuditCommand::WhoAccessed {
+            addr,
+            person,
+            since,
+        } => {
+            let since_ms = since
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_millis() as i64);
+            let answer = audit_api::who_accessed(&addr, None, &person, since_ms).await?;
+            for r in answer.records {
+                println!(
+                    "{}",
+                    serde_json::json!({"kind": r.kind, "principal": r.principal, "purpose": r.purpose, "view": r.view,
+                                       "at_ms": r.at_ms, "node": r.node, "snapshot": r.snapshot,
+                                       "first_seq": r.first_seq, "last_seq": r.last_seq, "chain": r.chain, "index": r.index})
+                );
+            }
+            if answer.truncated {
+                eprintln!("(more records than one answer holds: narrow with --since)");
+            }
+            Ok(())
+        }
+    }
+}
+
+#[derive(Subcommand)]
 enum AccessCommand {
     /// Create or replace a principal's grant (admin only).
     Grant {
@@ -269,6 +390,16 @@ enum Command {
     Access {
         #[command(subcommand)]
         command: AccessCommand,
+    },
+    /// The audit trail: verify it, export it, ask who received a person's data.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// What the center holds about one person (a data-subject access request).
+    Person {
+        #[command(subcommand)]
+        command: PersonCommand,
     },
     /// Apply, list and drop pipeline specs on a running node.
     Pipeline {
@@ -511,6 +642,11 @@ fn main() -> anyhow::Result<()> {
             Command::Cluster { command } => cluster(command).await,
             Command::Pipeline { command } => pipeline(command).await,
             Command::Access { command } => access(command).await,
+            Command::Audit { command } => audit(command).await,
+            Command::Person { command: PersonCommand::Report { addr, id } } => {
+                println!("{}", ndc_node::audit_api::person_report(&addr, None, &id).await?);
+                Ok(())
+            }
             Command::Generate { table, people, updates, output } => generate(&table, people, updates, &output),
         }
     })

@@ -178,7 +178,44 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
         hash_keys.insert(k.version, &secret);
     }
 
+    // The audit trail: open before anything can be delivered.
+    let (audit, audit_closed) = if config.audit.enabled {
+        let dir = config.node.data_dir.join("audit");
+        let (audit, closed) =
+            crate::audit::Audit::open(&dir, &config.node.id, config.storage.sync_commits)
+                .with_context(|| format!("cannot open the audit trail in {}", dir.display()))?;
+        (audit, Some(closed))
+    } else {
+        warn!("audit.enabled: false: deliveries and access changes are not recorded");
+        (crate::audit::Audit::default(), None)
+    };
+    if let (true, Some(k)) = (audit.is_enabled(), &config.kafka) {
+        let producer: rdkafka::producer::FutureProducer = crate::sources::client_config(k)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .create()
+            .context("cannot create the audit producer")?;
+        tokio::spawn(
+            crate::audit::replicate(
+                audit.clone(),
+                producer,
+                k.clone(),
+                config.audit.clone(),
+                shutdown.clone(),
+            )
+            .instrument(info_span!("audit_replication")),
+        );
+    }
+
     // Servers.
+    let audit_service = crate::audit_api::AuditService::new(
+        audit.clone(),
+        reader.clone(),
+        views.clone(),
+        runtime.clone(),
+        config.node.id.clone(),
+        config.audit.max_answer_records,
+    );
     let service = SubscriptionService::new(
         reader,
         views.clone(),
@@ -186,14 +223,16 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
         auth.clone(),
         config.access.max_streams_per_principal,
         Arc::new(hash_keys),
+        audit.clone(),
     );
     let pipelines = crate::admin::PipelineService::new(
         runtime.clone(),
         coordinator.clone(),
         peer_client_tls.clone(),
+        audit.clone(),
     );
     let access_service =
-        crate::access_api::AccessService::new(auth.clone(), peer_client_tls.clone());
+        crate::access_api::AccessService::new(auth.clone(), peer_client_tls.clone(), audit.clone());
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(ndc_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -214,8 +253,13 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
                 runtime.clone(),
                 coordinator.clone(),
                 peer_client_tls.clone(),
+                audit.clone(),
             ),
-            crate::access_api::AccessService::new(auth.clone(), peer_client_tls.clone()),
+            crate::access_api::AccessService::new(
+                auth.clone(),
+                peer_client_tls.clone(),
+                audit.clone(),
+            ),
             server_stop.clone(),
         )?),
         _ => None,
@@ -240,6 +284,7 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
             )
             .add_service(PipelinesServer::new(pipelines))
             .add_service(AccessServer::new(access_service))
+            .add_service(ndc_proto::v1::audit_server::AuditServer::new(audit_service))
             .add_service(reflection)
             .add_service(health_service)
             .add_optional_service(cluster_service);
@@ -314,6 +359,10 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
                 let _ = t.await;
             }
             let _ = http_task.await;
+            // Every holder of the audit trail is gone: its store closes.
+            if let Some(closed) = audit_closed {
+                closed.wait().await;
+            }
         };
         if tokio::time::timeout(grace, orderly).await.is_err() {
             warn!(?grace, "shutdown grace period exceeded; stopping anyway");

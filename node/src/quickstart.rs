@@ -74,6 +74,7 @@ pub fn config(bootstrap: &str, opts: &QuickstartOptions, certs: &DevCertificates
     // unanswered and be retried with a warning a minute); it creates a
     // topic when a client first uses it.
     c.pipelines.create_repartition_topics = false;
+    c.audit.create_topic = false;
     c.views = vec![
         ViewConfig {
             name: "population.citizens".into(),
@@ -83,6 +84,7 @@ pub fn config(bootstrap: &str, opts: &QuickstartOptions, certs: &DevCertificates
                 format: Default::default(),
             })],
             columns: Default::default(),
+            national_id: Some("person_id".into()),
         },
         ViewConfig {
             name: "residence.addresses".into(),
@@ -92,6 +94,7 @@ pub fn config(bootstrap: &str, opts: &QuickstartOptions, certs: &DevCertificates
                 format: Default::default(),
             })],
             columns: Default::default(),
+            national_id: Some("person_id".into()),
         },
     ];
     c

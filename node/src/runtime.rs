@@ -172,23 +172,35 @@ impl Runtime {
         }
         let names: Vec<String> = wanted.iter().map(|(n, _)| n.clone()).collect();
         store.add_views(&names)?;
+        // Levels: configured views declare theirs; pipeline views inherit
+        // them from their sources' fields.
+        let mut classes: BTreeMap<String, crate::spec::ViewClass> = self
+            .config
+            .views
+            .iter()
+            .map(|v| {
+                (
+                    v.name.clone(),
+                    crate::spec::ViewClass {
+                        levels: v
+                            .columns
+                            .iter()
+                            .map(|(c, k)| (c.clone(), k.level))
+                            .collect(),
+                        national_id: v.national_id.clone(),
+                    },
+                )
+            })
+            .collect();
+        for spec in self.specs.values() {
+            classes.extend(spec.classification());
+        }
         for (name, keys) in wanted {
             let id = store.view_id(&name).context("view just added")?;
             let last = store.meta(id).map_or(0, |m| m.last_seq);
-            // Pipeline views declare no classification yet: all `secret`.
-            let levels = self
-                .config
-                .views
-                .iter()
-                .find(|v| v.name == name)
-                .map(|v| {
-                    v.columns
-                        .iter()
-                        .map(|(c, k)| (c.clone(), k.level))
-                        .collect()
-                })
-                .unwrap_or_default();
-            self.views.insert(&name, id, last, keys, levels);
+            let class = classes.remove(&name).unwrap_or_default();
+            self.views
+                .insert(&name, id, last, keys, class.levels, class.national_id);
         }
         Ok(())
     }
@@ -302,6 +314,7 @@ impl Runtime {
                     spec.name, r.version
                 )));
             }
+            spec.lowered_from(r)?;
         }
         if self.cluster.is_some() {
             return Err(ApplyError::Refused(
@@ -656,6 +669,7 @@ impl Runtime {
                     spec.name, c.version
                 )));
             }
+            spec.lowered_from(o)?;
         }
         let mut reset = old
             .as_ref()

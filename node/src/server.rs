@@ -9,6 +9,7 @@
 //! shared by all such subscribers, without reading them back.
 
 use crate::access::{self, Authenticator, row_admitted};
+use crate::audit::{Audit, AuditError, Event};
 use crate::config::SubscriptionSection;
 use crate::telemetry::metric;
 use crate::token;
@@ -24,7 +25,7 @@ use ndc_proto::v1::{
 };
 use serde_json::Value;
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc};
@@ -43,6 +44,7 @@ pub struct SubscriptionService {
     /// Live streams per principal (`access.max_streams_per_principal`).
     streams: Arc<Mutex<HashMap<String, usize>>>,
     max_streams_per_principal: usize,
+    audit: Audit,
 }
 
 impl SubscriptionService {
@@ -53,6 +55,7 @@ impl SubscriptionService {
         auth: Arc<Authenticator>,
         max_streams_per_principal: usize,
         hash_keys: Arc<HashKeys>,
+        audit: Audit,
     ) -> Self {
         let slots = Arc::new(Semaphore::new(config.max_subscribers));
         SubscriptionService {
@@ -64,6 +67,7 @@ impl SubscriptionService {
             hash_keys,
             streams: Arc::default(),
             max_streams_per_principal,
+            audit,
         }
     }
 
@@ -160,6 +164,20 @@ struct Filter {
     rows: Option<RowFilter>,
     /// Fields above the grant's clearance, masked as its policy says.
     mask: Option<Arc<Masker>>,
+    /// The column holding the person a row is about, for the audit trail.
+    person: Option<Arc<str>>,
+}
+
+/// The text of a row's top-level field (a string as is, a number as
+/// written), without building the rest of the row.
+fn field_text(row: &str, column: &str) -> Option<String> {
+    let map: HashMap<Cow<'_, str>, &serde_json::value::RawValue> =
+        serde_json::from_str(row).ok()?;
+    match serde_json::from_str::<Value>(map.get(column)?.get()).ok()? {
+        Value::String(s) => Some(s),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
 }
 
 /// Masks the fields of rows and keys above a grant's clearance.
@@ -171,6 +189,8 @@ pub struct Masker {
 }
 
 impl Masker {
+    /// The policy of one field (`column`), or of one member of an object
+    /// field (`row.plate`).
     fn policy(&self, column: &str) -> Policy {
         let level = self.levels.get(column).copied().unwrap_or(Level::Secret);
         if level <= self.clearance {
@@ -186,9 +206,32 @@ impl Masker {
         let Ok(map) = serde_json::from_str::<serde_json::Map<String, Value>>(&row) else {
             return if key { row } else { "null".into() };
         };
+        Value::Object(self.object(map, key, None)).to_string()
+    }
+
+    /// An object's members masked; `within`: the field holding it, whose
+    /// members are classified one by one (a join's `row.plate`).
+    fn object(
+        &self,
+        map: serde_json::Map<String, Value>,
+        key: bool,
+        within: Option<&str>,
+    ) -> serde_json::Map<String, Value> {
         let mut out = serde_json::Map::new();
         for (name, value) in map {
-            let mut policy = self.policy(&name);
+            let path = match within {
+                Some(outer) => Cow::Owned(format!("{outer}.{name}")),
+                None => Cow::Borrowed(name.as_str()),
+            };
+            if within.is_none()
+                && let Value::Object(inner) = &value
+                && self.has_members(&name)
+            {
+                let inner = self.object(inner.clone(), key, Some(&name));
+                out.insert(name, Value::Object(inner));
+                continue;
+            }
+            let mut policy = self.policy(&path);
             // A subscriber follows a row by its key: a key column above the
             // clearance is hashed at least, never removed.
             if key && matches!(policy, Policy::Redact | Policy::Null) {
@@ -198,7 +241,16 @@ impl Masker {
                 out.insert(name, v);
             }
         }
-        Value::Object(out).to_string()
+        out
+    }
+
+    /// Whether an object field's members are classified one by one.
+    fn has_members(&self, field: &str) -> bool {
+        let prefix = format!("{field}.");
+        self.levels
+            .range(prefix.clone()..)
+            .next()
+            .is_some_and(|(k, _)| k.starts_with(&prefix))
     }
 }
 
@@ -210,7 +262,19 @@ impl Filter {
             fields: (!fields.is_empty()).then_some(fields),
             rows,
             mask: None,
+            person: None,
         }
+    }
+
+    /// The person a change is about: in its new row, else its old row,
+    /// else its key.
+    fn person_of(&self, c: &Change) -> Option<String> {
+        let column = self.person.as_deref()?;
+        [c.after_json.as_deref(), c.before_json.as_deref()]
+            .into_iter()
+            .flatten()
+            .chain(std::iter::once(c.key_json.as_str()))
+            .find_map(|row| field_text(row, column))
     }
 
     fn admits(&self, c: &Change) -> bool {
@@ -267,8 +331,13 @@ impl Filter {
         }
     }
 
-    fn apply(&self, c: Change) -> Option<Change> {
+    /// The change as this subscriber may see it; the person it is about
+    /// (before masking hides who) is added to `people`.
+    fn apply(&self, c: Change, people: &mut BTreeSet<String>) -> Option<Change> {
         let mut c = self.scoped(c)?;
+        if let Some(id) = self.person_of(&c) {
+            people.insert(id);
+        }
         if self.fields.is_some() {
             c.before_json = self.project(c.before_json.take());
             c.after_json = self.project(c.after_json.take());
@@ -329,32 +398,125 @@ struct Subscriber {
     progress_interval: Duration,
     commits: CommitReceiver,
     tx: Sender,
+    /// Who receives the stream and why, as the audit trail records it.
+    recipient: Arc<Recipient>,
+    audit: Audit,
+    views: ViewRegistry,
+    /// The leak test's mutation: masking off on this one path.
+    #[cfg(test)]
+    unmasked: Option<DeliveryPath>,
+}
+
+/// Where the changes of a batch come from on their way out. Every path
+/// masks (one leak test drives each of them, and switches masking off on
+/// one at a time to show it would notice).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DeliveryPath {
+    /// The view's rows from RocksDB, whole or by key.
+    Snapshot,
+    /// A caught-up subscriber's changes, from the writer's last commit.
+    Memory,
+    /// Changes read back from the stored change stream (a resume, a slow
+    /// subscriber).
+    Store,
+}
+
+/// Who receives a stream, of which view and why.
+struct Recipient {
+    principal: String,
+    purpose: String,
+    view: String,
+}
+
+impl Recipient {
+    /// The audit record of a batch about to be sent.
+    fn delivery(&self, changes: &[Change], snapshot: bool, people: BTreeSet<String>) -> Event {
+        Event::Delivery {
+            principal: self.principal.clone(),
+            purpose: self.purpose.clone(),
+            view: self.view.clone(),
+            snapshot,
+            first_seq: changes.first().map_or(0, |c| c.seq),
+            last_seq: changes.last().map_or(0, |c| c.seq),
+            changes: changes.len() as u64,
+            national_ids: people.into_iter().collect(),
+        }
+    }
+}
+
+fn audit_status(e: AuditError) -> Status {
+    metrics::counter!(crate::audit::metric::ERRORS, "stage" => "delivery").increment(1);
+    Status::unavailable(e.to_string())
 }
 
 impl Subscriber {
+    /// The filter a path applies.
+    fn filter_on(&self, path: DeliveryPath) -> Cow<'_, Filter> {
+        #[cfg(test)]
+        if self.unmasked == Some(path) {
+            return Cow::Owned(Filter {
+                mask: None,
+                ..self.filter.clone()
+            });
+        }
+        let _ = path;
+        Cow::Borrowed(&self.filter)
+    }
+
+    /// A stream admitted under one classification of its view ends when
+    /// the view is classified anew (a pipeline re-applied): the subscriber
+    /// resumes under the new levels.
+    fn check_levels(&self) -> Result<(), Status> {
+        match &self.filter.mask {
+            Some(m) if !Arc::ptr_eq(&m.levels, &self.views.levels(&self.view)) => {
+                Err(Status::aborted(format!(
+                    "view {:?} was classified anew; resume to receive it under its new levels",
+                    self.view
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Sends the view's rows as of one consistent point; returns that point.
     async fn snapshot(&self) -> Result<u64, Status> {
         let reader = self.reader.clone();
         let view = self.view.clone();
         let keys = self.filter.keys.clone();
         let tx = self.tx.clone();
-        let filter = self.filter.clone();
+        let filter = self.filter_on(DeliveryPath::Snapshot).into_owned();
         let batch_size = self.batch_size;
-        let last_seq = tokio::task::spawn_blocking(move || {
-            reader.scan_snapshot(&view, keys.as_deref(), batch_size, |rows| {
+        let audit = self.audit.clone();
+        let recipient = self.recipient.clone();
+        let (last_seq, refused) = tokio::task::spawn_blocking(move || {
+            let mut refused = None;
+            let last = reader.scan_snapshot(&view, keys.as_deref(), batch_size, |rows| {
+                let mut people = BTreeSet::new();
                 let changes: Vec<Change> = rows
                     .into_iter()
-                    .filter_map(|r| filter.apply(snapshot_change(r)))
+                    .filter_map(|r| filter.apply(snapshot_change(r), &mut people))
                     .collect();
+                if changes.is_empty() {
+                    return true;
+                }
+                // Recorded before it is sent; not recorded, not sent.
+                if let Err(e) = audit.record_blocking(recipient.delivery(&changes, true, people)) {
+                    refused = Some(audit_status(e));
+                    return false;
+                }
                 metrics::counter!(metric::CHANGES_SENT, "view" => view.clone())
                     .increment(changes.len() as u64);
                 tx.blocking_send(Ok(batch(changes, String::new(), true, false)))
                     .is_ok()
-            })
+            });
+            (last, refused)
         })
         .await
-        .map_err(|e| Status::internal(format!("snapshot task failed: {e}")))?
-        .map_err(store_status)?;
+        .map_err(|e| Status::internal(format!("snapshot task failed: {e}")))?;
+        if let Some(status) = refused {
+            return Err(status);
+        }
+        let last_seq = last_seq.map_err(store_status)?;
         let token = token::encode(&self.view, self.incarnation, last_seq);
         self.send(batch(Vec::new(), token, true, true)).await?;
         Ok(last_seq)
@@ -373,19 +535,28 @@ impl Subscriber {
         &self,
         changes: impl Iterator<Item = Cow<'c, Change>>,
         cursor: u64,
+        from: DeliveryPath,
     ) -> Result<bool, Status> {
         let now = now_ms();
+        let mut people = BTreeSet::new();
+        let filter = self.filter_on(from);
         let out: Vec<Change> = changes
-            .filter(|c| self.filter.admits(c))
+            .filter(|c| filter.admits(c))
             .filter_map(|c| {
                 metrics::histogram!(metric::DELIVERY_LATENCY)
                     .record((now - c.committed_at_ms).max(0) as f64 / 1000.0);
-                self.filter.apply(c.into_owned())
+                filter.apply(c.into_owned(), &mut people)
             })
             .collect();
         if out.is_empty() {
             return Ok(false);
         }
+        self.check_levels()?;
+        // Recorded before it is sent; not recorded, not sent.
+        self.audit
+            .record(self.recipient.delivery(&out, false, people))
+            .await
+            .map_err(audit_status)?;
         metrics::counter!(metric::CHANGES_SENT, "view" => self.view.clone())
             .increment(out.len() as u64);
         let token = token::encode(&self.view, self.incarnation, cursor);
@@ -413,7 +584,10 @@ impl Subscriber {
                     if let Some(last) = part.last() {
                         cursor = last.seq;
                     }
-                    if self.deliver(part.iter().map(Cow::Borrowed), cursor).await? {
+                    if self
+                        .deliver(part.iter().map(Cow::Borrowed), cursor, DeliveryPath::Memory)
+                        .await?
+                    {
                         last_sent = Instant::now();
                     }
                 }
@@ -435,7 +609,11 @@ impl Subscriber {
                 if let Some(last) = changes.last() {
                     cursor = last.seq;
                     if self
-                        .deliver(changes.into_iter().map(Cow::Owned), cursor)
+                        .deliver(
+                            changes.into_iter().map(Cow::Owned),
+                            cursor,
+                            DeliveryPath::Store,
+                        )
                         .await?
                     {
                         last_sent = Instant::now();
@@ -688,6 +866,7 @@ impl Subscription for SubscriptionService {
                             keys: self.hash_keys.clone(),
                         })
                     }),
+                person: self.views.national_id(&req.view),
                 ..Filter::new(
                     keys.into_iter().collect(),
                     fields,
@@ -698,6 +877,19 @@ impl Subscription for SubscriptionService {
             progress_interval: self.config.progress_interval,
             commits,
             tx: tx.clone(),
+            recipient: Arc::new(Recipient {
+                principal: caller.principal.clone(),
+                purpose: caller
+                    .grant
+                    .as_ref()
+                    .map(|g| g.purpose.clone())
+                    .unwrap_or_default(),
+                view: req.view.clone(),
+            }),
+            audit: self.audit.clone(),
+            views: self.views.clone(),
+            #[cfg(test)]
+            unmasked: None,
         };
         let view = req.view.clone();
         let span =
@@ -885,7 +1077,7 @@ mod tests {
                 after_json: text(&after),
                 ..Change::default()
             };
-            let out = filter.apply(c).expect("no row filter: every change goes out");
+            let out = filter.apply(c, &mut BTreeSet::new()).expect("no row filter: every change goes out");
             let expect = |row: &serde_json::Map<String, Value>, is_key: bool| -> Value {
                 Value::Object(row.iter().filter_map(|(n, v)| {
                     reference_field(n, v, &levels, clearance, &policies, is_key, &keys).map(|m| (n.clone(), m))
@@ -921,27 +1113,445 @@ mod tests {
             }),
         );
         let (hn, hp) = (r#"{"id":1,"p":"HN"}"#, r#"{"id":1,"p":"HP"}"#);
-        let out = f.apply(change(Op::Update, Some(hn), Some(hp))).unwrap();
+        let out = f
+            .apply(change(Op::Update, Some(hn), Some(hp)), &mut BTreeSet::new())
+            .unwrap();
         assert_eq!(
             (out.op, out.before_json.as_deref(), out.after_json),
             (Op::Delete as i32, Some(r#"{"id":1}"#), None)
         );
-        let into = f.apply(change(Op::Update, Some(hp), Some(hn))).unwrap();
+        let into = f
+            .apply(change(Op::Update, Some(hp), Some(hn)), &mut BTreeSet::new())
+            .unwrap();
         assert_eq!(
             (into.op, into.before_json, into.after_json.as_deref()),
             (Op::Insert as i32, None, Some(r#"{"id":1}"#))
         );
-        assert!(f.apply(change(Op::Update, Some(hp), Some(hp))).is_none());
-        assert!(f.apply(change(Op::Insert, None, Some(hp))).is_none());
-        assert!(f.apply(change(Op::Delete, Some(hp), None)).is_none());
-        let snapshot = f.apply(change(Op::Read, None, Some(hn))).unwrap();
+        assert!(
+            f.apply(change(Op::Update, Some(hp), Some(hp)), &mut BTreeSet::new())
+                .is_none()
+        );
+        assert!(
+            f.apply(change(Op::Insert, None, Some(hp)), &mut BTreeSet::new())
+                .is_none()
+        );
+        assert!(
+            f.apply(change(Op::Delete, Some(hp), None), &mut BTreeSet::new())
+                .is_none()
+        );
+        let snapshot = f
+            .apply(change(Op::Read, None, Some(hn)), &mut BTreeSet::new())
+            .unwrap();
         assert_eq!(snapshot.op, Op::Read as i32);
         // A delete whose old row is unknown goes by key alone.
-        let blind = f.apply(change(Op::Delete, None, None)).unwrap();
+        let blind = f
+            .apply(change(Op::Delete, None, None), &mut BTreeSet::new())
+            .unwrap();
         assert_eq!(
             (blind.op, blind.before_json, blind.after_json),
             (Op::Delete as i32, None, None)
         );
-        assert!(f.apply(change(Op::Truncate, None, None)).is_some());
+        assert!(
+            f.apply(change(Op::Truncate, None, None), &mut BTreeSet::new())
+                .is_some()
+        );
+    }
+
+    /// Every delivery path driven itself — a snapshot (whole or keyed) from
+    /// RocksDB, live changes from the writer's memory, a resume from the
+    /// stored change stream — over generated classifications (top-level
+    /// fields and members of object fields), grants, policies, rows and
+    /// updates: each field of every key, `before` and `after` image that
+    /// leaves is the reference masking of the input. `NDC_PATH_CASES` sets
+    /// the number of cases (docs/security.md gives a run of 1,000,000).
+    mod paths {
+        use super::*;
+        use ndc_operators::{Store, StoreConfig};
+        use proptest::test_runner::{Config, TestCaseError, TestRunner};
+        use std::cell::RefCell;
+
+        const MEMBERS: [&str; 2] = ["a", "b"];
+        const PATHS: [DeliveryPath; 4] = [
+            DeliveryPath::Snapshot,
+            DeliveryPath::Snapshot,
+            DeliveryPath::Memory,
+            DeliveryPath::Store,
+        ];
+
+        type Row = serde_json::Map<String, Value>;
+        type Levels = std::collections::BTreeMap<String, Level>;
+        type Policies = std::collections::BTreeMap<Level, Policy>;
+
+        #[derive(Debug, Clone)]
+        struct Case {
+            levels: Levels,
+            clearance: Level,
+            policies: Policies,
+            /// Per key: the row inserted, then the row it is updated to.
+            rows: Vec<(Row, Row)>,
+            path: DeliveryPath,
+            keyed: bool,
+        }
+
+        fn full_row() -> impl Strategy<Value = Row> {
+            (
+                proptest::collection::vec(value(), COLUMNS.len()),
+                proptest::collection::vec(value(), MEMBERS.len()),
+            )
+                .prop_map(|(vals, members)| {
+                    let mut row: Row = COLUMNS
+                        .iter()
+                        .zip(vals)
+                        .map(|(c, v)| (c.to_string(), v))
+                        .collect();
+                    let person: Row = MEMBERS
+                        .iter()
+                        .zip(members)
+                        .map(|(m, v)| (m.to_string(), v))
+                        .collect();
+                    row.insert("person".into(), Value::Object(person));
+                    row
+                })
+        }
+
+        fn names() -> Vec<String> {
+            COLUMNS
+                .iter()
+                .map(|c| c.to_string())
+                .chain(MEMBERS.iter().map(|m| format!("person.{m}")))
+                .chain(std::iter::once("person".to_string()))
+                .collect()
+        }
+
+        fn case() -> impl Strategy<Value = Case> {
+            (
+                proptest::collection::btree_map(proptest::sample::select(names()), level(), 0..9),
+                level(),
+                proptest::collection::btree_map(level(), policy(), 0..4),
+                proptest::collection::vec((full_row(), full_row()), 1..4),
+                proptest::sample::select(PATHS.to_vec()),
+                any::<bool>(),
+            )
+                .prop_map(|(levels, clearance, policies, rows, path, keyed)| Case {
+                    levels,
+                    clearance,
+                    policies,
+                    rows,
+                    path,
+                    keyed,
+                })
+        }
+
+        /// The reference masking of a whole row (an object field whose
+        /// members are classified: member by member).
+        fn reference(row: &Row, case: &Case, key: bool, keys: &HashKeys) -> Value {
+            let field = |name: &str, v: &Value| {
+                reference_field(
+                    name,
+                    v,
+                    &case.levels,
+                    case.clearance,
+                    &case.policies,
+                    key,
+                    keys,
+                )
+            };
+            let mut out = Row::new();
+            for (name, v) in row {
+                let prefix = format!("{name}.");
+                match v {
+                    Value::Object(inner) if case.levels.keys().any(|k| k.starts_with(&prefix)) => {
+                        let members = inner
+                            .iter()
+                            .filter_map(|(m, iv)| {
+                                field(&format!("{name}.{m}"), iv).map(|x| (m.clone(), x))
+                            })
+                            .collect();
+                        out.insert(name.clone(), Value::Object(members));
+                    }
+                    _ => {
+                        if let Some(x) = field(name, v) {
+                            out.insert(name.clone(), x);
+                        }
+                    }
+                }
+            }
+            Value::Object(out)
+        }
+
+        struct Bench {
+            _dir: tempfile::TempDir,
+            store: Store,
+            view: ndc_operators::ViewId,
+            views: ViewRegistry,
+            keys: Arc<HashKeys>,
+            rt: tokio::runtime::Runtime,
+            next_key: u64,
+        }
+
+        fn bench() -> Bench {
+            let dir = tempfile::tempdir().unwrap();
+            let mut config = StoreConfig::new(dir.path().join("state"));
+            config.sync_commits = false;
+            let store = Store::open(&config, &["v".to_string()]).unwrap();
+            let view = store.view_id("v").unwrap();
+            let mut keys = HashKeys::default();
+            keys.insert(1, b"property test key");
+            Bench {
+                _dir: dir,
+                store,
+                view,
+                views: ViewRegistry::default(),
+                keys: Arc::new(keys),
+                rt: tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap(),
+                next_key: 0,
+            }
+        }
+
+        /// Writes rows as one transaction; returns the view's head after.
+        fn write(b: &mut Bench, rows: &[(Key, Option<String>)]) -> u64 {
+            let mut txn = b.store.begin(0);
+            for (key, row) in rows {
+                txn.put_derived(b.view, key, row.clone(), SourcePosition::default())
+                    .unwrap();
+            }
+            txn.commit().unwrap();
+            b.store.meta(b.view).map_or(0, |m| m.last_seq)
+        }
+
+        /// Runs one case through its path; the changes that left.
+        fn deliver(
+            b: &mut Bench,
+            case: &Case,
+            unmasked: Option<DeliveryPath>,
+        ) -> (Vec<Key>, Vec<Change>, Vec<Change>) {
+            let keys: Vec<Key> = case
+                .rows
+                .iter()
+                .map(|_| {
+                    b.next_key += 1;
+                    Key::from_value(&serde_json::json!({"id": format!("k{}", b.next_key)}))
+                })
+                .collect();
+            let text = |r: &Row| Value::Object(r.clone()).to_string();
+            let head = b.store.meta(b.view).map_or(0, |m| m.last_seq);
+            // What the path is given: rows in the store (snapshot, resume)
+            // or changes in memory only (live).
+            let mut given = Vec::new();
+            let mut latest = None;
+            match case.path {
+                DeliveryPath::Snapshot | DeliveryPath::Store => {
+                    let inserts: Vec<_> = keys
+                        .iter()
+                        .zip(&case.rows)
+                        .map(|(k, (r0, _))| (k.clone(), Some(text(r0))))
+                        .collect();
+                    let updates: Vec<_> = keys
+                        .iter()
+                        .zip(&case.rows)
+                        .map(|(k, (_, r1))| (k.clone(), Some(text(r1))))
+                        .collect();
+                    write(b, &inserts);
+                    write(b, &updates);
+                    given = b.store.reader().changes_after("v", head, 1000).unwrap();
+                }
+                DeliveryPath::Memory => {
+                    let mut seq = head;
+                    for (op, pick) in [(Op::Insert, 0), (Op::Update, 1)] {
+                        for (k, (r0, r1)) in keys.iter().zip(&case.rows) {
+                            seq += 1;
+                            given.push(Change {
+                                seq,
+                                op: op as i32,
+                                key_json: k.as_str().to_string(),
+                                before_json: (pick == 1).then(|| text(r0)),
+                                after_json: Some(text(if pick == 1 { r1 } else { r0 })),
+                                ..Change::default()
+                            });
+                        }
+                    }
+                    latest = Some(Arc::<[Change]>::from(given.clone()));
+                }
+            }
+            let levels = case.levels.clone();
+            b.views
+                .insert("v", b.view, head, vec!["id".into()], levels, None);
+            let mut filter = Filter::new(
+                if case.keyed {
+                    vec![keys[0].clone()]
+                } else {
+                    Vec::new()
+                },
+                Vec::new(),
+                None,
+            );
+            filter.mask = Some(Arc::new(Masker {
+                levels: b.views.levels("v"),
+                clearance: case.clearance,
+                policies: case.policies.clone(),
+                keys: b.keys.clone(),
+            }));
+            let head_after = given.last().map_or(head, |c| c.seq);
+            let (commits_tx, commits) = tokio::sync::watch::channel(crate::views::Committed {
+                seq: head_after,
+                latest,
+            });
+            // Closed: a follower ends once nothing more can come.
+            drop(commits_tx);
+            let (tx, mut rx) = mpsc::channel(10_000);
+            let sub = Subscriber {
+                reader: b.store.reader(),
+                view: "v".into(),
+                incarnation: 0,
+                filter,
+                batch_size: 2,
+                progress_interval: Duration::from_secs(3600),
+                commits,
+                tx,
+                recipient: Arc::new(Recipient {
+                    principal: "p".into(),
+                    purpose: String::new(),
+                    view: "v".into(),
+                }),
+                audit: Audit::default(),
+                views: b.views.clone(),
+                unmasked,
+            };
+            let out = b.rt.block_on(async move {
+                match case.path {
+                    DeliveryPath::Snapshot => {
+                        sub.snapshot().await.unwrap();
+                        // Its sender goes with it: the batches end.
+                        drop(sub);
+                    }
+                    _ => {
+                        let ended = sub.follow(head).await;
+                        assert_eq!(ended.unwrap_err().code(), tonic::Code::Unavailable);
+                    }
+                }
+                let mut out = Vec::new();
+                while let Some(Ok(msg)) = rx.recv().await {
+                    if let Some(subscribe_response::Kind::Batch(batch)) = msg.kind {
+                        out.extend(batch.changes);
+                    }
+                }
+                out
+            });
+            (keys, given, out)
+        }
+
+        fn check(
+            b: &mut Bench,
+            case: &Case,
+            unmasked: Option<DeliveryPath>,
+        ) -> Result<(), TestCaseError> {
+            let (keys, given, out) = deliver(b, case, unmasked);
+            let keys_arc = b.keys.clone();
+            let parsed = |t: &Option<String>| -> Option<Row> {
+                t.as_deref().map(|t| serde_json::from_str(t).unwrap())
+            };
+            let masked = |t: &Option<String>, key: bool| {
+                parsed(t).map(|r| reference(&r, case, key, &keys_arc))
+            };
+            let delivered = |t: &Option<String>| parsed(t).map(Value::Object);
+            let expected: Vec<Change> = match case.path {
+                // The snapshot: each key's last row, in key order.
+                DeliveryPath::Snapshot => {
+                    let mut last: Vec<(Key, &Row)> = keys
+                        .iter()
+                        .cloned()
+                        .zip(case.rows.iter().map(|(_, r1)| r1))
+                        .collect();
+                    last.sort_by(|a, b| a.0.cmp(&b.0));
+                    last.into_iter()
+                        .filter(|(k, _)| !case.keyed || *k == keys[0])
+                        .map(|(k, r)| Change {
+                            key_json: k.as_str().to_string(),
+                            after_json: Some(Value::Object(r.clone()).to_string()),
+                            ..Change::default()
+                        })
+                        .collect()
+                }
+                _ => given
+                    .into_iter()
+                    .filter(|c| !case.keyed || c.key_json == keys[0].as_str())
+                    .collect(),
+            };
+            prop_assert_eq!(out.len(), expected.len());
+            for (o, e) in out.iter().zip(&expected) {
+                let key: Row = serde_json::from_str(&e.key_json).unwrap();
+                prop_assert_eq!(
+                    serde_json::from_str::<Value>(&o.key_json).unwrap(),
+                    reference(&key, case, true, &keys_arc)
+                );
+                prop_assert_eq!(delivered(&o.after_json), masked(&e.after_json, false));
+                prop_assert_eq!(delivered(&o.before_json), masked(&e.before_json, false));
+            }
+            // Leave the view empty for the next case.
+            let gone: Vec<_> = keys.into_iter().map(|k| (k, None)).collect();
+            write(b, &gone);
+            Ok(())
+        }
+
+        fn run(
+            cases: u32,
+            only: Option<DeliveryPath>,
+            unmasked: Option<DeliveryPath>,
+        ) -> Result<(), String> {
+            let bench = RefCell::new(bench());
+            let mut runner = TestRunner::new(Config {
+                cases,
+                failure_persistence: None,
+                ..Config::default()
+            });
+            let strategy = case().prop_map(move |mut c| {
+                if let Some(p) = only {
+                    c.path = p;
+                }
+                c
+            });
+            runner
+                .run(&strategy, |case| {
+                    check(&mut bench.borrow_mut(), &case, unmasked)
+                })
+                .map_err(|e| e.to_string())
+        }
+
+        #[test]
+        fn no_path_delivers_a_field_above_the_clearance_unmasked() {
+            let cases = std::env::var("NDC_PATH_CASES")
+                .ok()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(1500);
+            run(cases, None, None).unwrap();
+        }
+
+        /// The test above is no tautology: with masking switched off on any
+        /// one path, it finds the leak.
+        #[test]
+        fn switching_masking_off_on_any_one_path_is_caught() {
+            for path in [
+                DeliveryPath::Snapshot,
+                DeliveryPath::Memory,
+                DeliveryPath::Store,
+            ] {
+                let found = run(300, Some(path), Some(path));
+                assert!(found.is_err(), "masking off on {path:?} went unnoticed");
+                // And the other paths still pass with it off there.
+                run(
+                    50,
+                    Some(if path == DeliveryPath::Store {
+                        DeliveryPath::Memory
+                    } else {
+                        DeliveryPath::Store
+                    }),
+                    Some(path),
+                )
+                .unwrap();
+            }
+        }
     }
 }

@@ -9,6 +9,7 @@
 //! and `<pipeline>.<merge>.contributions`). See `docs/pipelines.md`.
 
 use ndc_operators::Format;
+use ndc_operators::masking::{Category, Level};
 use ndc_operators::merge::MergeRules;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -28,6 +29,19 @@ pub struct PipelineSpec {
     pub sources: BTreeMap<String, SourceSpec>,
     #[serde(default)]
     pub operators: BTreeMap<String, OperatorSpec>,
+    /// Columns whose inherited level is lowered on purpose, by
+    /// `<source or operator view>.<column>` (`people.gender`,
+    /// `vehicle_owners.row.make`): the only way a level goes down.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub declassify: BTreeMap<String, Declassification>,
+}
+
+/// A level lowered on purpose, and why (kept with the spec).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Declassification {
+    pub level: Level,
+    pub reason: String,
 }
 
 fn one() -> u64 {
@@ -47,10 +61,10 @@ pub struct SourceSpec {
     /// Where the row's national ID is, checked on every row.
     #[serde(default)]
     pub national_id: Option<NationalIdSpec>,
-    /// Security level of each column (placeholders until subscriptions
-    /// filter by clearance).
+    /// Level (and Data Law category) of each column; a column not named
+    /// here is `secret`. Every view made from the source inherits them.
     #[serde(default)]
-    pub fields: BTreeMap<String, Classification>,
+    pub fields: BTreeMap<String, FieldClass>,
 }
 
 /// The national-ID column of a source and the columns it must agree with.
@@ -74,14 +88,44 @@ fn yes() -> bool {
     true
 }
 
-/// Security level of a field.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Classification {
-    Public,
-    Internal,
-    Confidential,
-    Secret,
+/// How sensitive a source column is: a level (`confidential`), or a level
+/// and the Data Law's category (`{level: confidential, category: core}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum FieldClass {
+    Level(Level),
+    Classified {
+        level: Level,
+        #[serde(default = "other")]
+        category: Category,
+    },
+}
+
+fn other() -> Category {
+    Category::Other
+}
+
+impl FieldClass {
+    pub fn level(&self) -> Level {
+        match self {
+            FieldClass::Level(l) | FieldClass::Classified { level: l, .. } => *l,
+        }
+    }
+
+    pub fn category(&self) -> Category {
+        match self {
+            FieldClass::Level(_) => Category::Other,
+            FieldClass::Classified { category, .. } => *category,
+        }
+    }
+}
+
+/// The levels of a view's columns (the others are `secret`) and the column
+/// naming the person its rows are about.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ViewClass {
+    pub levels: BTreeMap<String, Level>,
+    pub national_id: Option<String>,
 }
 
 /// An operator of the DAG.
@@ -307,6 +351,7 @@ impl PipelineSpec {
                 "one merge per pipeline (its repartition topic carries one person space)",
             );
         }
+        errors.extend(self.declassify_errors());
         if errors.is_empty() {
             Ok(())
         } else {
@@ -379,6 +424,279 @@ impl PipelineSpec {
         self.joins()
             .find(|(_, j)| j.stream == source)
             .map(|(_, j)| j.on.as_str())
+    }
+
+    /// A source column's level: as declared, else `secret`.
+    fn level_in(&self, source: &str, column: &str) -> Level {
+        self.sources
+            .get(source)
+            .and_then(|s| s.fields.get(column))
+            .map_or(Level::Secret, FieldClass::level)
+    }
+
+    /// A source key's level: its highest column (`secret` for a message
+    /// key, whose columns the spec does not name).
+    fn key_level(&self, source: &str) -> Level {
+        match self.sources.get(source) {
+            Some(s) if !s.key.is_empty() => s
+                .key
+                .iter()
+                .map(|c| self.level_in(source, c))
+                .max()
+                .unwrap_or(Level::Secret),
+            _ => Level::Secret,
+        }
+    }
+
+    /// The level of a source's national-ID column.
+    fn id_level(&self, source: &str) -> Level {
+        match self
+            .sources
+            .get(source)
+            .and_then(|s| s.national_id.as_ref())
+        {
+            Some(n) => self.level_in(source, &n.column),
+            None => Level::Secret,
+        }
+    }
+
+    /// A golden attribute's level: the highest of the columns it is chosen
+    /// from.
+    fn attribute_level(&self, m: &MergeRules, attribute: &str) -> Level {
+        let Some(rule) = m.attributes.get(attribute) else {
+            return Level::Secret;
+        };
+        let sources = if rule.sources.is_empty() {
+            &m.inputs
+        } else {
+            &rule.sources
+        };
+        sources
+            .iter()
+            .map(|s| self.level_in(s, rule.columns.get(s).map_or(attribute, String::as_str)))
+            .max()
+            .unwrap_or(Level::Secret)
+    }
+
+    /// Every view's column levels as inherited from the sources' fields: a
+    /// value made from several inputs carries the highest of their levels
+    /// (docs/security.md, "Levels of pipeline views"). Keyed by the view's
+    /// name within the pipeline (`people`, `people.conflicts`).
+    fn inherited(&self) -> BTreeMap<String, ViewClass> {
+        let top = |levels: &mut dyn Iterator<Item = Level>| levels.max().unwrap_or(Level::Secret);
+        let person = Some("national_id".to_string());
+        let mut out = BTreeMap::new();
+        for (name, source) in &self.sources {
+            out.insert(
+                name.clone(),
+                ViewClass {
+                    levels: source
+                        .fields
+                        .iter()
+                        .map(|(c, f)| (c.clone(), f.level()))
+                        .collect(),
+                    national_id: source.national_id.as_ref().map(|n| n.column.clone()),
+                },
+            );
+        }
+        for (name, m) in self.merges() {
+            let id = top(&mut m.inputs.iter().map(|s| self.id_level(s)));
+            let keys = top(&mut m.inputs.iter().map(|s| self.key_level(s)));
+            let mut golden: BTreeMap<String, Level> = m
+                .attributes
+                .keys()
+                .map(|a| (a.clone(), self.attribute_level(m, a)))
+                .collect();
+            golden.insert("national_id".into(), id);
+            // Which source and row each value came from: as sensitive as
+            // the sources' keys.
+            golden.insert("_provenance".into(), keys);
+            golden.insert("_contributors".into(), keys);
+            // A conflict row shows compared attributes' values from every
+            // source, with their keys.
+            let compared = m
+                .attributes
+                .iter()
+                .filter(|(_, r)| r.compare)
+                .map(|(a, _)| self.attribute_level(m, a))
+                .max()
+                .unwrap_or(Level::Public);
+            let conflicts = BTreeMap::from([
+                ("national_id".to_string(), id),
+                ("attribute".to_string(), Level::Public),
+                ("chosen".to_string(), compared),
+                ("values".to_string(), compared.max(keys)),
+            ]);
+            // A contribution is one input's row: a column is as sensitive
+            // as the highest of the inputs' levels for it.
+            let mut contributions: BTreeMap<String, Level> = m
+                .inputs
+                .iter()
+                .filter_map(|s| self.sources.get(s))
+                .flat_map(|s| s.fields.keys())
+                .map(|c| {
+                    (
+                        c.clone(),
+                        top(&mut m.inputs.iter().map(|s| self.level_in(s, c))),
+                    )
+                })
+                .collect();
+            contributions.insert("national_id".into(), id);
+            contributions.insert("source".into(), Level::Public);
+            contributions.insert("source_key".into(), keys);
+            for (suffix, levels) in [
+                ("", golden),
+                (".conflicts", conflicts),
+                (".contributions", contributions),
+            ] {
+                out.insert(
+                    format!("{name}{suffix}"),
+                    ViewClass {
+                        levels,
+                        national_id: person.clone(),
+                    },
+                );
+            }
+        }
+        for (name, j) in self.joins() {
+            let mut levels = BTreeMap::from([
+                ("national_id".to_string(), self.level_in(&j.stream, &j.on)),
+                ("source_key".to_string(), self.key_level(&j.stream)),
+            ]);
+            // `row` and `person` are objects: each member has its level
+            // (`row.plate`), the object as a whole the highest of them.
+            let fields = self.sources.get(&j.stream).map(|s| &s.fields);
+            for (c, f) in fields.into_iter().flatten() {
+                levels.insert(format!("row.{c}"), f.level());
+            }
+            levels.insert(
+                "row".into(),
+                top(&mut fields.into_iter().flatten().map(|(_, f)| f.level())).max(Level::Secret),
+            );
+            if let Some(OperatorSpec::Merge(m)) = self.operators.get(&j.table) {
+                let attributes: Vec<&String> = if j.attributes.is_empty() {
+                    m.attributes.keys().collect()
+                } else {
+                    j.attributes.iter().collect()
+                };
+                let mut highest = Level::Public;
+                for a in attributes {
+                    let l = self.attribute_level(m, a);
+                    highest = highest.max(l);
+                    levels.insert(format!("person.{a}"), l);
+                }
+                levels.insert("person".into(), highest);
+            }
+            out.insert(
+                name.to_string(),
+                ViewClass {
+                    levels,
+                    national_id: person.clone(),
+                },
+            );
+        }
+        out
+    }
+
+    /// Which view and column a `declassify` entry names.
+    fn declassified<'a>(
+        &self,
+        entry: &'a str,
+        views: &BTreeMap<String, ViewClass>,
+    ) -> Option<(String, &'a str)> {
+        views
+            .keys()
+            .filter(|v| entry.len() > v.len() + 1 && entry.starts_with(v.as_str()))
+            .filter(|v| entry.as_bytes()[v.len()] == b'.')
+            .max_by_key(|v| v.len())
+            .map(|v| (v.clone(), &entry[v.len() + 1..]))
+    }
+
+    /// Every view's classification, inherited and then declassified as the
+    /// spec says; keyed by full view name.
+    pub fn classification(&self) -> BTreeMap<String, ViewClass> {
+        let mut views = self.inherited();
+        for (entry, d) in &self.declassify {
+            if let Some((view, column)) = self.declassified(entry, &views)
+                && let Some(class) = views.get_mut(&view)
+            {
+                class.levels.insert(column.to_string(), d.level);
+            }
+        }
+        views.into_iter().map(|(v, c)| (self.view(&v), c)).collect()
+    }
+
+    /// Problems of the `declassify` entries: each names a view and column
+    /// of this pipeline, says why, and does not raise what it names.
+    fn declassify_errors(&self) -> Vec<SpecError> {
+        let views = self.inherited();
+        let mut errors = Vec::new();
+        for (entry, d) in &self.declassify {
+            let path = format!("declassify.{entry}");
+            let Some((view, column)) = self.declassified(entry, &views) else {
+                errors.push(SpecError {
+                    path,
+                    message:
+                        "name a view of this pipeline and one of its columns (`people.gender`)"
+                            .into(),
+                });
+                continue;
+            };
+            if d.reason.trim().is_empty() {
+                errors.push(SpecError {
+                    path: format!("{path}.reason"),
+                    message: "say why this column may be seen at a lower level".into(),
+                });
+            }
+            let inherited = views[&view]
+                .levels
+                .get(column)
+                .copied()
+                .unwrap_or(Level::Secret);
+            if d.level > inherited {
+                errors.push(SpecError {
+                    path: format!("{path}.level"),
+                    message: format!(
+                        "{column} of {view} is {} already; declassify only lowers",
+                        inherited.as_str()
+                    ),
+                });
+            }
+        }
+        errors
+    }
+
+    /// Levels this spec lowers from `running` without saying so in
+    /// `declassify` (a classified column that would be seen at a lower
+    /// level than it is now). Columns classified for the first time are
+    /// not lowered: undeclared, they were `secret` by default only.
+    pub fn lowered_from(&self, running: &PipelineSpec) -> Result<(), SpecErrors> {
+        let now = self.classification();
+        let mut errors = Vec::new();
+        for (view, was) in running.classification() {
+            let Some(is) = now.get(&view) else { continue };
+            for (column, before) in &was.levels {
+                let after = is.levels.get(column).copied().unwrap_or(Level::Secret);
+                let entry = format!("{}.{column}", &view[self.name.len() + 1..]);
+                if after < *before && !self.declassify.contains_key(&entry) {
+                    errors.push(SpecError {
+                        path: format!("declassify.{entry}"),
+                        message: format!(
+                            "this version lowers {column} of {view} from {} to {}; \
+                             say so: declassify: {{{entry}: {{level: {}, reason: ...}}}}",
+                            before.as_str(),
+                            after.as_str(),
+                            after.as_str()
+                        ),
+                    });
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(SpecErrors(errors))
+        }
     }
 
     /// Whether the pipeline needs its repartition topic.
@@ -557,5 +875,156 @@ operators:
             retopic.reshaped(&old),
             BTreeSet::from(["vehicles".to_string()])
         );
+    }
+
+    const NATIONAL: &str = include_str!("../../examples/national.yaml");
+
+    fn level_of(c: &BTreeMap<String, ViewClass>, view: &str, column: &str) -> Level {
+        c[view].levels.get(column).copied().unwrap_or(Level::Secret)
+    }
+
+    #[test]
+    fn pipeline_views_inherit_the_highest_level_of_their_inputs() {
+        let spec = PipelineSpec::from_yaml(NATIONAL).unwrap();
+        let c = spec.classification();
+        // A source view: as declared, undeclared columns secret.
+        assert_eq!(
+            level_of(&c, "national.population", "gender"),
+            Level::Internal
+        );
+        assert_eq!(
+            level_of(&c, "national.population", "nationality"),
+            Level::Secret
+        );
+        assert_eq!(
+            c["national.population"].national_id.as_deref(),
+            Some("person_id")
+        );
+        // Golden attributes: the highest of the columns they come from.
+        assert_eq!(level_of(&c, "national.people", "gender"), Level::Internal);
+        assert_eq!(
+            level_of(&c, "national.people", "full_name"),
+            Level::Confidential
+        );
+        assert_eq!(level_of(&c, "national.people", "phone"), Level::Secret);
+        assert_eq!(
+            level_of(&c, "national.people", "province_code"),
+            Level::Public
+        );
+        assert_eq!(
+            level_of(&c, "national.people", "national_id"),
+            Level::Confidential
+        );
+        // Provenance names source keys: residence's key (address_id) is
+        // undeclared, so secret.
+        assert_eq!(
+            level_of(&c, "national.people", "_provenance"),
+            Level::Secret
+        );
+        // A conflict row: its values are as high as the compared attributes.
+        assert_eq!(
+            level_of(&c, "national.people.conflicts", "attribute"),
+            Level::Public
+        );
+        assert_eq!(
+            level_of(&c, "national.people.conflicts", "chosen"),
+            Level::Confidential
+        );
+        // A contribution column: the highest of every input's level for it.
+        assert_eq!(
+            level_of(&c, "national.people.contributions", "province_code"),
+            Level::Secret
+        );
+        assert_eq!(
+            level_of(&c, "national.people.contributions", "source"),
+            Level::Public
+        );
+        // A join: the entity's members as declared, the person's as the
+        // golden attributes.
+        assert_eq!(
+            level_of(&c, "national.vehicle_owners", "row.make"),
+            Level::Public
+        );
+        assert_eq!(
+            level_of(&c, "national.vehicle_owners", "row.plate"),
+            Level::Internal
+        );
+        assert_eq!(
+            level_of(&c, "national.vehicle_owners", "person.full_name"),
+            Level::Confidential
+        );
+        assert_eq!(
+            level_of(&c, "national.vehicle_owners", "person.province_code"),
+            Level::Public
+        );
+        assert_eq!(
+            level_of(&c, "national.vehicle_owners", "national_id"),
+            Level::Confidential
+        );
+        assert_eq!(
+            c["national.vehicle_owners"].national_id.as_deref(),
+            Some("national_id")
+        );
+    }
+
+    #[test]
+    fn only_declassify_lowers_a_level_and_it_must_say_why() {
+        let lowered = format!(
+            "{NATIONAL}\ndeclassify:\n  people.gender: {{level: public, reason: population statistics}}\n"
+        );
+        let spec = PipelineSpec::from_yaml(&lowered).unwrap();
+        assert_eq!(
+            level_of(&spec.classification(), "national.people", "gender"),
+            Level::Public
+        );
+        let bad = format!(
+            "{NATIONAL}\ndeclassify:\n  people.gender: {{level: secret, reason: x}}\n  people.nothing_here.x: {{level: public, reason: x}}\n  nowhere.x: {{level: public, reason: x}}\n  people.phone: {{level: public, reason: ' '}}\n"
+        );
+        let errors = PipelineSpec::from_yaml(&bad).unwrap_err().to_string();
+        assert!(
+            errors.contains("declassify.people.gender.level: gender of people is internal already"),
+            "{errors}"
+        );
+        assert!(
+            errors.contains("declassify.nowhere.x: name a view"),
+            "{errors}"
+        );
+        assert!(
+            errors.contains("declassify.people.phone.reason"),
+            "{errors}"
+        );
+    }
+
+    #[test]
+    fn a_new_version_that_lowers_a_level_is_refused_unless_it_says_so() {
+        let v1 = PipelineSpec::from_yaml(NATIONAL).unwrap();
+        let lower = NATIONAL.replace("version: 1", "version: 2").replace(
+            "      full_name: confidential\n      birth_date",
+            "      full_name: internal\n      birth_date",
+        );
+        let v2 = PipelineSpec::from_yaml(&lower).unwrap();
+        let refused = v2.lowered_from(&v1).unwrap_err().to_string();
+        assert!(
+            refused.contains("declassify.population.full_name: this version lowers full_name of national.population from confidential to internal"),
+            "{refused}"
+        );
+        // Golden full_name still takes health's confidential holder_name.
+        assert!(!refused.contains("people.full_name"), "{refused}");
+        let said = format!(
+            "{lower}\ndeclassify:\n  population.full_name: {{level: internal, reason: names are public in the registry}}\n"
+        );
+        PipelineSpec::from_yaml(&said)
+            .unwrap()
+            .lowered_from(&v1)
+            .unwrap();
+        // Raising is always allowed; classifying a column for the first time too.
+        let raised = NATIONAL.replace("version: 1", "version: 2").replace(
+            "      gender: internal\n",
+            "      gender: secret\n      nationality: public\n",
+        );
+        PipelineSpec::from_yaml(&raised)
+            .unwrap()
+            .lowered_from(&v1)
+            .unwrap();
     }
 }

@@ -43,6 +43,8 @@ pub struct ServedView {
     pub key_columns: Vec<String>,
     /// Level of each classified column; the others are `secret`.
     pub levels: Arc<BTreeMap<String, ndc_operators::masking::Level>>,
+    /// The column naming the person a row is about (audit trail).
+    pub national_id: Option<Arc<str>>,
 }
 
 /// Every served view by name; cheap to clone.
@@ -62,7 +64,9 @@ impl ViewRegistry {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Serves a view from its last committed sequence (kept if already served).
+    /// Serves a view from its last committed sequence (kept if already
+    /// served; a new classification replaces the old one, which ends the
+    /// streams masked under it).
     pub fn insert(
         &self,
         name: &str,
@@ -70,21 +74,34 @@ impl ViewRegistry {
         last_seq: u64,
         key_columns: Vec<String>,
         levels: BTreeMap<String, ndc_operators::masking::Level>,
+        national_id: Option<String>,
     ) {
-        self.write()
-            .entry(name.to_string())
-            .or_insert_with(|| ServedView {
-                id,
-                commits: Arc::new(
-                    watch::channel(Committed {
-                        seq: last_seq,
-                        latest: None,
-                    })
-                    .0,
-                ),
-                key_columns,
-                levels: Arc::new(levels),
-            });
+        let mut views = self.write();
+        if let Some(v) = views.get_mut(name) {
+            if *v.levels != levels {
+                v.levels = Arc::new(levels);
+            }
+            v.national_id = national_id.map(Into::into);
+            return;
+        }
+        views.entry(name.to_string()).or_insert_with(|| ServedView {
+            id,
+            commits: Arc::new(
+                watch::channel(Committed {
+                    seq: last_seq,
+                    latest: None,
+                })
+                .0,
+            ),
+            key_columns,
+            levels: Arc::new(levels),
+            national_id: national_id.map(Into::into),
+        });
+    }
+
+    /// The column naming the person a view's rows are about.
+    pub fn national_id(&self, name: &str) -> Option<Arc<str>> {
+        self.read().get(name).and_then(|v| v.national_id.clone())
     }
 
     /// Levels of a view's classified columns (the others are `secret`).

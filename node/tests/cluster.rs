@@ -996,10 +996,16 @@ async fn nodes_are_removed_and_added_online() {
             }
         }
     });
-    tokio::time::timeout(Duration::from_secs(20), rx.recv())
-        .await
-        .expect("node 3 serves the granted subscriber")
-        .unwrap();
+    // A change about some person, delivered by node 3.
+    let person = loop {
+        let line: Value = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("node 3 serves the granted subscriber")
+            .unwrap();
+        if let Some(id) = line["key"]["person_id"].as_str() {
+            break id.to_string();
+        }
+    };
     let addr1 = cluster.member(1).addr.clone();
     ndc_node::access_api::revoke(&addr1, Some(&pki.admin), "subscriber")
         .await
@@ -1015,6 +1021,28 @@ async fn nodes_are_removed_and_added_online() {
         "revoked on node 1: the stream on node 3 ended after {:?}",
         revoked.elapsed()
     );
+
+    // Node 0 answers who received that person's data on node 3: every
+    // node indexes the others' audit chains from the audit topic.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = ndc_node::audit_api::who_accessed(&addr0, Some(&pki.admin), &person, 0)
+            .await
+            .unwrap();
+        let found = answer.records.iter().find(|r| {
+            r.node == "ndc-3" && r.principal == "subscriber" && r.purpose == "cluster test"
+        });
+        if let Some(r) = found {
+            assert_eq!(r.view, "citizens");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 0 does not know of node 3's delivery about {person}: {:?}",
+            answer.records
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     work.finish(&cluster).await;
 }

@@ -794,6 +794,7 @@ fn file_only_node(
             },
         )],
         columns: Default::default(),
+        national_id: None,
     }];
     config.validate().unwrap();
     config

@@ -401,6 +401,8 @@ pub fn node_config(
                 format: Default::default(),
             })],
             columns: Default::default(),
+            // Views of people: the audit trail records whose rows went out.
+            national_id: keys.contains(&"person_id").then(|| "person_id".to_string()),
         })
         .collect();
     c
