@@ -9,6 +9,10 @@
 //!   RocksDB's WAL, reported as `storage-node-nowal` and `storage-floor-nowal`);
 //! - `broker-ceiling`: the broker's own produce and consume rates;
 //! - `broker`: the node catching up on a topic filled beforehand;
+//! - `delivery` (reports `delivery-snapshot` and `delivery-catchup`): one
+//!   subscriber taking a filled view as fast as it can, snapshot then the
+//!   whole change stream (`NDC_BENCH_MASK=on` masks, `NDC_BENCH_AUDIT=off`
+//!   turns the audit trail off: their cost where delivery is the work);
 //! - `latency`: a steady rate through broker and node to a subscriber,
 //!   with end-to-end latency percentiles;
 //!   With `NDC_BENCH_TLS=on`, single-node phases run the node's listener on
@@ -454,6 +458,36 @@ pub fn bench_mask() -> bool {
     bench_tls() && std::env::var("NDC_BENCH_MASK").is_ok_and(|v| v == "on")
 }
 
+/// The load test view's classification with `NDC_BENCH_MASK=on`: two
+/// columns public or internal, two confidential, the rest secret (and the
+/// send stamp public, to measure latency).
+fn bench_columns() -> std::collections::BTreeMap<String, ndc_node::config::ColumnClass> {
+    if bench_mask() {
+        use ndc_operators::masking::{Category, Level};
+        [
+            ("person_id", Level::Internal),
+            ("marital_status", Level::Public),
+            ("full_name", Level::Confidential),
+            ("birth_date", Level::Confidential),
+            // The load test's own send stamp, to measure latency.
+            ("sent_at_us", Level::Public),
+        ]
+        .into_iter()
+        .map(|(name, level)| {
+            (
+                name.to_string(),
+                ndc_node::config::ColumnClass {
+                    level,
+                    category: Category::Core,
+                },
+            )
+        })
+        .collect()
+    } else {
+        Default::default()
+    }
+}
+
 /// `NDC_BENCH_AUDIT=off`: the node keeps no audit trail (to measure what
 /// recording every delivered batch costs; on by default, as in production).
 pub fn bench_audit() -> bool {
@@ -542,7 +576,7 @@ fn file_config(work: &Path, export: &Path, follow: bool) -> NodeConfig {
             format: Default::default(),
             follow,
         })],
-        columns: Default::default(),
+        columns: bench_columns(),
         national_id: Some("person_id".into()),
     }];
     c
@@ -591,6 +625,115 @@ pub async fn file_phase(work: &Path, w: Workload) -> anyhow::Result<Report> {
     drop(node);
     let _ = std::fs::remove_file(&export);
     Ok(report)
+}
+
+/// A phase's name with what was on: `+tls`, `+mask`, `-audit`.
+fn label(phase: &str, node: &NodeProcess) -> String {
+    let mut name = phase.to_string();
+    if node.client_tls.is_some() {
+        name.push_str("+tls");
+        if bench_mask() {
+            name.push_str("+mask");
+        }
+    }
+    if !bench_audit() {
+        name.push_str("-audit");
+    }
+    name
+}
+
+/// Delivery throughput: a node holding the workload's view (applied from a
+/// file beforehand), then one subscriber taking everything as fast as it
+/// can: the snapshot (`delivery-snapshot`), then every change again from
+/// the stored change stream (`delivery-catchup`, a resume from the start).
+/// With `NDC_BENCH_TLS`, `NDC_BENCH_MASK` and `NDC_BENCH_AUDIT` as they say:
+/// the cost of masking and of the audit trail where delivery is the work.
+pub async fn delivery_phase(work: &Path, w: Workload) -> anyhow::Result<Vec<Report>> {
+    use ndc_proto::v1::subscription_client::SubscriptionClient;
+    use ndc_proto::v1::{SubscribeRequest, subscribe_request::Start, subscribe_response::Kind};
+    let export = work.join("export.ndjson");
+    {
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&export)?);
+        for (_, v) in w.events() {
+            out.write_all(&v)?;
+            out.write_all(b"\n")?;
+        }
+        out.flush()?;
+    }
+    let c = file_config(work, &export, false);
+    let node = NodeProcess::start(&c, work)?;
+    node.wait_committed(w.events, Duration::from_secs(3600))
+        .await?;
+    let mut reports = Vec::new();
+    // The change stream's incarnation, from the snapshot's resume token: the
+    // catch-up resumes from before its first change.
+    let mut incarnation = None;
+    for name in ["delivery-snapshot", "delivery-catchup"] {
+        let start = match incarnation {
+            None => Start::Snapshot(Default::default()),
+            Some(i) => Start::ResumeToken(ndc_node::token::encode(VIEW, i, 0)),
+        };
+        let mut client =
+            SubscriptionClient::new(node.channel().await?).max_decoding_message_size(64 << 20);
+        let cpu_before = node.cpu_seconds().unwrap_or(0.0);
+        let began = Instant::now();
+        let mut stream = client
+            .subscribe(SubscribeRequest {
+                view: VIEW.into(),
+                start: Some(start),
+                keys: vec![],
+                fields: vec![],
+                max_batch_size: 0,
+            })
+            .await?
+            .into_inner();
+        // The snapshot ends with its completion marker; the catch-up with
+        // the last change.
+        let want = if incarnation.is_none() {
+            u64::MAX
+        } else {
+            w.events
+        };
+        let mut got = 0u64;
+        while got < want {
+            let Some(msg) = tokio::time::timeout(Duration::from_secs(60), stream.message())
+                .await
+                .context("no batch for 60 s")??
+            else {
+                bail!("the stream ended after {got} of {want} changes");
+            };
+            if let Some(Kind::Batch(b)) = msg.kind {
+                got += b.changes.len() as u64;
+                if b.snapshot_complete {
+                    incarnation = Some(
+                        ndc_node::token::decode(&b.resume_token, VIEW)
+                            .map_err(|e| anyhow::anyhow!("snapshot token: {e}"))?
+                            .incarnation,
+                    );
+                    break;
+                }
+            }
+        }
+        let seconds = began.elapsed().as_secs_f64();
+        let cpu = node.cpu_seconds().unwrap_or(0.0) - cpu_before;
+        reports.push(Report {
+            phase: label(name, &node),
+            events: got,
+            keys: w.keys,
+            seconds,
+            events_per_second: got as f64 / seconds,
+            mean_event_bytes: 0,
+            node_peak_rss_bytes: node.peak_rss(),
+            latency_ms: None,
+            note: format!(
+                "one subscriber, as fast as it takes them; node CPU {:.1} us per change delivered",
+                cpu * 1e6 / got.max(1) as f64
+            ),
+        });
+    }
+    drop(node);
+    let _ = std::fs::remove_file(&export);
+    Ok(reports)
 }
 
 /// Fills `topic` with the workload as fast as the broker takes it; returns
@@ -685,30 +828,7 @@ fn kafka_config(work: &Path, broker: &Broker, topic: &str) -> NodeConfig {
             topic: topic.into(),
             format: Default::default(),
         })],
-        columns: if bench_mask() {
-            use ndc_operators::masking::{Category, Level};
-            [
-                ("person_id", Level::Internal),
-                ("marital_status", Level::Public),
-                ("full_name", Level::Confidential),
-                ("birth_date", Level::Confidential),
-                // The load test's own send stamp, to measure latency.
-                ("sent_at_us", Level::Public),
-            ]
-            .into_iter()
-            .map(|(name, level)| {
-                (
-                    name.to_string(),
-                    ndc_node::config::ColumnClass {
-                        level,
-                        category: Category::Core,
-                    },
-                )
-            })
-            .collect()
-        } else {
-            Default::default()
-        },
+        columns: bench_columns(),
         national_id: Some("person_id".into()),
     }];
     c
@@ -1136,13 +1256,7 @@ pub async fn latency_phase(
         .map(|m| node_breakdown(&m))
         .unwrap_or_default();
     let report = Report {
-        phase: if node.client_tls.is_some() && bench_mask() {
-            format!("{phase}+tls+mask")
-        } else if node.client_tls.is_some() {
-            format!("{phase}+tls")
-        } else {
-            phase.into()
-        },
+        phase: label(phase, &node),
         events: total,
         keys,
         seconds: sent_for,

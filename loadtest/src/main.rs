@@ -16,7 +16,8 @@ struct Args {
     #[arg(long, default_value_t = 500_000)]
     keys: u64,
     /// Phases to run, comma separated: file, storage (RocksDB's own
-    /// ceiling), broker, latency (through the broker), latency-file (from a
+    /// ceiling), delivery (one subscriber taking a filled view as fast as
+    /// it can: not in the default set), broker, latency (through the broker), latency-file (from a
     /// followed file: the node's own latency), golden, cluster (not in the
     /// default set: three nodes on one machine).
     #[arg(
@@ -70,6 +71,11 @@ async fn main() -> anyhow::Result<()> {
     };
     if args.phases.iter().any(|p| p == "file") {
         ndc_loadtest::file_phase(&fresh("file")?, w).await?.print();
+    }
+    if args.phases.iter().any(|p| p == "delivery") {
+        for r in ndc_loadtest::delivery_phase(&fresh("delivery")?, w).await? {
+            r.print();
+        }
     }
     if args.phases.iter().any(|p| p == "storage") {
         for load in [

@@ -147,9 +147,7 @@ pub fn recorded_by_forwarder<T>(req: &tonic::Request<T>) -> bool {
 pub fn sha256_hex(bytes: &[u8]) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
     let mut out = String::with_capacity(64);
-    for b in digest.as_ref() {
-        out.push_str(&format!("{b:02x}"));
-    }
+    ndc_operators::masking::push_hex(&mut out, digest.as_ref());
     out
 }
 
@@ -335,6 +333,14 @@ impl Closed {
     }
 }
 
+/// What the writer is asked.
+enum Request {
+    Append(Pending),
+    /// Answered once everything asked before is indexed (a query that
+    /// must see the deliveries just recorded).
+    Barrier(oneshot::Sender<()>),
+}
+
 struct Pending {
     event: Event,
     at_ms: i64,
@@ -350,7 +356,7 @@ pub struct Audit {
 
 struct Inner {
     db: Arc<DB>,
-    tx: mpsc::Sender<Pending>,
+    tx: mpsc::Sender<Request>,
     chain: String,
     /// Woken when records were appended (the shipper waits on it).
     appended: Arc<Notify>,
@@ -361,6 +367,8 @@ mod key {
     pub const HEAD: &[u8] = b"m:head";
     pub const SHIPPED: &[u8] = b"m:shipped";
     pub const CONSUMED: &[u8] = b"m:consumed";
+    /// Own records before this index are indexed by person.
+    pub const INDEXED: &[u8] = b"m:indexed";
 
     pub fn record(chain: &str, index: u64) -> Vec<u8> {
         let mut k = Vec::with_capacity(chain.len() + 10);
@@ -410,6 +418,29 @@ fn get_u64(db: &DB, k: &[u8]) -> Result<u64, AuditError> {
     })
 }
 
+/// Indexes by person the own records a crash left unindexed.
+fn reindex(db: &DB, chain: &str, head: u64) -> Result<(), AuditError> {
+    let mut from = get_u64(db, key::INDEXED)?;
+    while from < head {
+        let mut batch = WriteBatch::default();
+        let upto = head.min(from + 1000);
+        for index in from..upto {
+            let Some(bytes) = db.get(key::record(chain, index))? else {
+                continue;
+            };
+            let r: Record = serde_json::from_slice(&bytes)
+                .map_err(|e| AuditError::Store(format!("audit record {index}: {e}")))?;
+            for id in r.event.national_ids() {
+                batch.put(key::person(id, r.at_ms, chain, index), b"");
+            }
+        }
+        batch.put(key::INDEXED, upto.to_be_bytes());
+        db.write(batch)?;
+        from = upto;
+    }
+    Ok(())
+}
+
 impl Audit {
     /// Opens (or creates) the audit store in `dir` and starts its writer.
     /// `sync`: every append is synced to disk before the batch goes out
@@ -447,6 +478,7 @@ impl Audit {
                 last: GENESIS.into(),
             },
         };
+        reindex(&db, &chain, head.next)?;
         let (tx, rx) = mpsc::channel(4096);
         let appended = Arc::new(Notify::new());
         let writer = Writer {
@@ -508,7 +540,7 @@ impl Audit {
         let (p, rx) = Self::pending(event);
         inner
             .tx
-            .send(p)
+            .send(Request::Append(p))
             .await
             .map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?;
         rx.await
@@ -523,7 +555,7 @@ impl Audit {
         let (p, rx) = Self::pending(event);
         inner
             .tx
-            .blocking_send(p)
+            .blocking_send(Request::Append(p))
             .map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?;
         rx.blocking_recv()
             .map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?
@@ -540,6 +572,11 @@ impl Audit {
         let Some(inner) = &self.inner else {
             return Ok((Vec::new(), false));
         };
+        // What was recorded before this question is indexed first.
+        let (done, indexed) = oneshot::channel();
+        if inner.tx.blocking_send(Request::Barrier(done)).is_ok() {
+            let _ = indexed.blocking_recv();
+        }
         let prefix = key::person_prefix(national_id);
         let mut from = prefix.clone();
         from.extend_from_slice(&(since_ms.max(0) as u64).to_be_bytes());
@@ -624,18 +661,39 @@ struct Writer {
 
 impl Writer {
     /// Appends until every sender is gone; the store closes on return.
-    fn run(mut self, mut rx: mpsc::Receiver<Pending>) {
+    fn run(mut self, mut rx: mpsc::Receiver<Request>) {
         let mut opts = WriteOptions::default();
         opts.set_sync(self.sync);
         while let Some(first) = rx.blocking_recv() {
-            let mut pending = vec![first];
-            while pending.len() < 1024 {
-                match rx.try_recv() {
-                    Ok(p) => pending.push(p),
-                    Err(_) => break,
+            let mut pending = Vec::new();
+            let mut barriers = Vec::new();
+            let mut next_request = Some(first);
+            while let Some(request) = next_request.take() {
+                match request {
+                    Request::Append(p) => pending.push(p),
+                    Request::Barrier(done) => barriers.push(done),
+                }
+                if pending.len() < 1024 {
+                    next_request = rx.try_recv().ok();
                 }
             }
+            self.append(pending, &opts);
+            for done in barriers {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    /// Seals and stores records in one durable write and answers their
+    /// senders; then indexes them by person (not waited for: a crash
+    /// before it is redone at open).
+    fn append(&mut self, pending: Vec<Pending>, opts: &WriteOptions) {
+        if pending.is_empty() {
+            return;
+        }
+        {
             let mut batch = WriteBatch::default();
+            let mut index = WriteBatch::default();
             let (mut next, mut last) = (self.head.next, self.head.last.clone());
             let mut replies = Vec::with_capacity(pending.len());
             let mut kinds = Vec::with_capacity(pending.len());
@@ -652,7 +710,7 @@ impl Writer {
                 .sealed();
                 batch.put(key::record(&record.chain, record.index), &bytes);
                 for id in record.event.national_ids() {
-                    batch.put(
+                    index.put(
                         key::person(id, record.at_ms, &record.chain, record.index),
                         b"",
                     );
@@ -664,7 +722,7 @@ impl Writer {
             }
             let head = Head { next, last };
             batch.put(key::HEAD, serde_json::to_vec(&head).unwrap_or_default());
-            match self.db.write_opt(batch, &opts) {
+            match self.db.write_opt(batch, opts) {
                 Ok(()) => {
                     self.head = head;
                     for kind in kinds {
@@ -674,6 +732,11 @@ impl Writer {
                         let _ = r.send(Ok(()));
                     }
                     self.appended.notify_one();
+                    index.put(key::INDEXED, next.to_be_bytes());
+                    if let Err(e) = self.db.write(index) {
+                        metrics::counter!(metric::ERRORS, "stage" => "index").increment(1);
+                        warn!(error = %e, "cannot index audit records by person; redone at the next start");
+                    }
                 }
                 Err(e) => {
                     metrics::counter!(metric::ERRORS, "stage" => "append").increment(1);
@@ -824,6 +887,12 @@ pub async fn index_cluster(
         },
     )?;
     consumer.assign(&tpl)?;
+    // This node's own records, as its writer lays them out: indexed when
+    // written, skipped here without being parsed.
+    let own = format!(
+        "{{\"chain\":{},",
+        serde_json::to_string(&inner.chain).unwrap_or_default()
+    );
     let mut retries = 0;
     loop {
         let m = tokio::select! {
@@ -859,18 +928,22 @@ pub async fn index_cluster(
         }
         retries = 0;
         let bytes = m.payload().unwrap_or_default();
-        let foreign = match serde_json::from_slice::<Record>(bytes) {
-            Ok(r) if r.hash != r.content_hash() => {
-                metrics::counter!(metric::INVALID).increment(1);
-                warn!(offset, chain = %r.chain, index = r.index, "audit record does not verify; not indexed (run `ndc audit verify`)");
-                None
-            }
-            Ok(r) if r.chain != inner.chain => Some(r),
-            Ok(_) => None,
-            Err(e) => {
-                metrics::counter!(metric::INVALID).increment(1);
-                warn!(offset, error = %e, "not an audit record; not indexed");
-                None
+        let foreign = if bytes.starts_with(own.as_bytes()) {
+            None
+        } else {
+            match serde_json::from_slice::<Record>(bytes) {
+                Ok(r) if r.hash != r.content_hash() => {
+                    metrics::counter!(metric::INVALID).increment(1);
+                    warn!(offset, chain = %r.chain, index = r.index, "audit record does not verify; not indexed (run `ndc audit verify`)");
+                    None
+                }
+                Ok(r) if r.chain != inner.chain => Some(r),
+                Ok(_) => None,
+                Err(e) => {
+                    metrics::counter!(metric::INVALID).increment(1);
+                    warn!(offset, error = %e, "not an audit record; not indexed");
+                    None
+                }
             }
         };
         // A small unsynced write: the position moves with the index entry.
@@ -1072,11 +1145,22 @@ mod tests {
         .await
         .unwrap()
         .unwrap();
-        let (seen, more) = audit.who_accessed("001234567890", 0, 100).unwrap();
+        // Asked right after the appends: they are indexed first.
+        let a = audit.clone();
+        let (seen, more) =
+            tokio::task::spawn_blocking(move || a.who_accessed("001234567890", 0, 100))
+                .await
+                .unwrap()
+                .unwrap();
         assert!(!more);
         assert_eq!(seen.len(), 2);
         assert!(matches!(&seen[1].event, Event::Delivery { view, .. } if view == "cars"));
-        let (seen, more) = audit.who_accessed("079201000123", 0, 1).unwrap();
+        let a = audit.clone();
+        let (seen, more) =
+            tokio::task::spawn_blocking(move || a.who_accessed("079201000123", 0, 1))
+                .await
+                .unwrap()
+                .unwrap();
         assert!(more);
         assert_eq!(seen.len(), 1);
         let mut v = Verifier::default();
@@ -1088,8 +1172,28 @@ mod tests {
         let chain = audit.chain().unwrap().to_string();
         drop(audit);
         closed.wait().await;
+        // A crash between a record and its index: redone at open.
+        {
+            let db = DB::open_default(dir.path()).unwrap();
+            db.put(key::INDEXED, 0u64.to_be_bytes()).unwrap();
+            let prefix = key::person_prefix("079201000123");
+            let stale: Vec<Box<[u8]>> = db
+                .prefix_iterator(&prefix)
+                .map(|i| i.unwrap().0)
+                .filter(|k| k.starts_with(&prefix))
+                .collect();
+            for k in stale {
+                db.delete(k).unwrap();
+            }
+        }
         let (audit, _) = Audit::open(dir.path(), "n1", false).unwrap();
         assert_eq!(audit.chain(), Some(chain.as_str()));
+        let a = audit.clone();
+        let (seen, _) = tokio::task::spawn_blocking(move || a.who_accessed("079201000123", 0, 9))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(seen.len(), 2, "reindexed at open");
         audit.record(delivery("people", &[])).await.unwrap();
         let mut v = Verifier::default();
         for (i, bytes) in audit.own_records(0, 100).unwrap() {

@@ -644,8 +644,13 @@ fn main() -> anyhow::Result<()> {
             Command::Access { command } => access(command).await,
             Command::Audit { command } => audit(command).await,
             Command::Person { command: PersonCommand::Report { addr, id } } => {
-                println!("{}", ndc_node::audit_api::person_report(&addr, None, &id).await?);
-                Ok(())
+                let report = ndc_node::audit_api::person_report(&addr, None, &id).await?;
+                let mut out = std::io::stdout().lock();
+                // A reader that stops early (`| head`) is no error.
+                match writeln!(out, "{report}").and_then(|()| out.flush()) {
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                    other => Ok(other?),
+                }
             }
             Command::Generate { table, people, updates, output } => generate(&table, people, updates, &output),
         }

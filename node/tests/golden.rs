@@ -177,6 +177,69 @@ async fn golden_records_conflicts_and_the_four_pillars_from_five_agencies() {
         r.len() == expected.len()
     })
     .await;
+    // A person's report: the golden record with its provenance, the
+    // three agencies' rows it was merged from, the open conflict, and who
+    // received data about the person (the reads above, as `anonymous`).
+    let id = national_id(3).to_string();
+    let report: Value = serde_json::from_str(
+        &ndc_node::audit_api::person_report(&addr.to_string(), None, &id)
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["golden_records"][0]["view"], "national.people");
+    assert_eq!(
+        report["golden_records"][0]["row"]["national_id"],
+        id.as_str()
+    );
+    assert_eq!(
+        report["golden_records"][0]["row"]["_provenance"]["full_name"]["source"],
+        "population"
+    );
+    let sources: BTreeSet<&str> = report["source_rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["view"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        sources,
+        BTreeSet::from([
+            "national.health",
+            "national.population",
+            "national.residence"
+        ]),
+        "{report:#}"
+    );
+    assert!(
+        report["source_rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["row"] == citizen_row(3, 0)),
+        "{report:#}"
+    );
+    assert_eq!(
+        report["conflicts"][0]["row"]["attribute"], "full_name",
+        "{report:#}"
+    );
+    assert!(
+        report["received_by"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["view"] == "national.people"),
+        "{report:#}"
+    );
+    assert!(
+        report["views_not_searched"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v == "national.vehicle_owners"),
+        "{report:#}"
+    );
+
     let found: BTreeSet<(String, String)> = conflicts
         .values()
         .map(|c| {

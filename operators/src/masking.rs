@@ -108,6 +108,16 @@ impl HashKeys {
     }
 }
 
+/// Appends `bytes` as lower-case hex.
+pub fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 0x0f)] as char);
+    }
+}
+
 /// The text a value is masked as: a string as is, anything else as JSON.
 fn text_of(value: &Value) -> String {
     match value {
@@ -131,8 +141,9 @@ pub fn mask(value: &Value, policy: Policy, keys: &HashKeys) -> Option<Value> {
             None => Value::Null,
             Some((version, key)) => {
                 let tag = ring::hmac::sign(key, text_of(value).as_bytes());
-                let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-                Value::String(format!("h{version}:{hex}"))
+                let mut out = format!("h{version}:");
+                push_hex(&mut out, tag.as_ref());
+                Value::String(out)
             }
         }),
         Policy::Partial(n) => {
