@@ -450,6 +450,7 @@ sources:
     topic: population.public.citizens
     key: [person_id]
     national_id: {column: person_id, birth_date: birth_date, gender: gender}
+    fields: {person_id: confidential, full_name: confidential, phone: secret}
   health:
     topic: health.public.insurance_cards
     key: [card_no]
@@ -545,6 +546,24 @@ async fn pipelines_are_applied_updated_and_dropped_on_a_running_node() {
     .unwrap_err();
     assert!(e.to_string().contains("raise version"), "{e}");
 
+    // A version that lowers a classified column without saying so is
+    // refused, naming the entry that would say so.
+    let e = admin::apply(
+        &addr.to_string(),
+        SMALL
+            .replace("version: 1", "version: 2")
+            .replace("full_name: confidential,", "full_name: internal,"),
+        false,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.to_string().contains(
+            "declassify.population.full_name: this version lowers full_name of small.population from confidential to internal"
+        ),
+        "{e}"
+    );
+
     // Version 2 changes a rule: the state is kept (nothing reset, nothing
     // re-read) and every golden record is recomputed under the new rule.
     let contributions_before = rows(addr, "small.people.contributions").await;
@@ -588,6 +607,27 @@ async fn pipelines_are_applied_updated_and_dropped_on_a_running_node() {
                 .all(|g| g["_contributors"].as_array().map(Vec::len) == Some(2))
     })
     .await;
+
+    // Every change of the pipeline is in the audit trail, with who made it.
+    let kafka = config.kafka.clone().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut applied = Vec::new();
+        ndc_node::audit::read_topic(&kafka, "ndc.audit", |_, bytes| {
+            let r: Value = serde_json::from_slice(bytes).unwrap();
+            if r["event"]["kind"] == "pipeline_apply" {
+                assert_eq!(r["event"]["by"], "anonymous", "{r}");
+                applied.push(r["event"]["version"].as_u64().unwrap());
+            }
+        })
+        .await
+        .unwrap();
+        if applied == [1, 2, 3] {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{applied:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // A restart runs what was applied.
     node.shutdown().await;
