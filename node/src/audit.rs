@@ -323,6 +323,30 @@ impl From<rocksdb::Error> for AuditError {
     }
 }
 
+fn stopped() -> AuditError {
+    AuditError::Unavailable("audit writer stopped".into())
+}
+
+/// A submitted record: stored once [`Ack::wait`] returns `Ok`.
+#[must_use = "a record is stored only once its Ack says so"]
+pub struct Ack(Option<oneshot::Receiver<Result<(), AuditError>>>);
+
+impl Ack {
+    pub async fn wait(self) -> Result<(), AuditError> {
+        match self.0 {
+            None => Ok(()),
+            Some(rx) => rx.await.map_err(|_| stopped())?,
+        }
+    }
+
+    pub fn wait_blocking(self) -> Result<(), AuditError> {
+        match self.0 {
+            None => Ok(()),
+            Some(rx) => rx.blocking_recv().map_err(|_| stopped())?,
+        }
+    }
+}
+
 /// Resolves when an audit store is closed (a node restarted in the same
 /// process opens it again).
 pub struct Closed(oneshot::Receiver<()>);
@@ -532,33 +556,42 @@ impl Audit {
         )
     }
 
-    /// Appends a record; returns once it is stored.
-    pub async fn record(&self, event: Event) -> Result<(), AuditError> {
+    /// Hands a record to the writer; it is stored once the returned
+    /// [`Ack`] says so (the caller may prepare its next batch meanwhile).
+    pub async fn submit(&self, event: Event) -> Result<Ack, AuditError> {
         let Some(inner) = &self.inner else {
-            return Ok(());
+            return Ok(Ack(None));
         };
         let (p, rx) = Self::pending(event);
         inner
             .tx
             .send(Request::Append(p))
             .await
-            .map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?;
-        rx.await
-            .map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?
+            .map_err(|_| stopped())?;
+        Ok(Ack(Some(rx)))
     }
 
-    /// [`Audit::record`] from a blocking thread.
-    pub fn record_blocking(&self, event: Event) -> Result<(), AuditError> {
+    /// [`Audit::submit`] from a blocking thread.
+    pub fn submit_blocking(&self, event: Event) -> Result<Ack, AuditError> {
         let Some(inner) = &self.inner else {
-            return Ok(());
+            return Ok(Ack(None));
         };
         let (p, rx) = Self::pending(event);
         inner
             .tx
             .blocking_send(Request::Append(p))
-            .map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?;
-        rx.blocking_recv()
-            .map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?
+            .map_err(|_| stopped())?;
+        Ok(Ack(Some(rx)))
+    }
+
+    /// Appends a record; returns once it is stored.
+    pub async fn record(&self, event: Event) -> Result<(), AuditError> {
+        self.submit(event).await?.wait().await
+    }
+
+    /// [`Audit::record`] from a blocking thread.
+    pub fn record_blocking(&self, event: Event) -> Result<(), AuditError> {
+        self.submit_blocking(event)?.wait_blocking()
     }
 
     /// Records about one person at or after `since_ms`, oldest first, at

@@ -9,7 +9,7 @@
 //! shared by all such subscribers, without reading them back.
 
 use crate::access::{self, Authenticator, row_admitted};
-use crate::audit::{Audit, AuditError, Event};
+use crate::audit::{Ack, Audit, AuditError, Event};
 use crate::config::SubscriptionSection;
 use crate::telemetry::metric;
 use crate::token;
@@ -454,6 +454,8 @@ struct Subscriber {
     recipient: Arc<Recipient>,
     audit: Audit,
     views: ViewRegistry,
+    /// A delivered batch whose audit record is being written.
+    held: Option<(Ack, SubscribeResponse)>,
     /// The leak test's mutation: masking off on this one path.
     #[cfg(test)]
     unmasked: Option<DeliveryPath>,
@@ -542,6 +544,24 @@ impl Subscriber {
         let recipient = self.recipient.clone();
         let (last_seq, refused) = tokio::task::spawn_blocking(move || {
             let mut refused = None;
+            // A batch whose record is being written while the next is read.
+            let mut held: Option<(Ack, Vec<Change>)> = None;
+            // Sends a held batch once its record is stored; not recorded,
+            // not sent.
+            let release =
+                |held: &mut Option<(Ack, Vec<Change>)>, refused: &mut Option<Status>| -> bool {
+                    let Some((ack, changes)) = held.take() else {
+                        return true;
+                    };
+                    if let Err(e) = ack.wait_blocking() {
+                        *refused = Some(audit_status(e));
+                        return false;
+                    }
+                    metrics::counter!(metric::CHANGES_SENT, "view" => view.clone())
+                        .increment(changes.len() as u64);
+                    tx.blocking_send(Ok(batch(changes, String::new(), true, false)))
+                        .is_ok()
+                };
             let last = reader.scan_snapshot(&view, keys.as_deref(), batch_size, |rows| {
                 let mut people = BTreeSet::new();
                 let changes: Vec<Change> = rows
@@ -551,16 +571,20 @@ impl Subscriber {
                 if changes.is_empty() {
                     return true;
                 }
-                // Recorded before it is sent; not recorded, not sent.
-                if let Err(e) = audit.record_blocking(recipient.delivery(&changes, true, people)) {
-                    refused = Some(audit_status(e));
-                    return false;
-                }
-                metrics::counter!(metric::CHANGES_SENT, "view" => view.clone())
-                    .increment(changes.len() as u64);
-                tx.blocking_send(Ok(batch(changes, String::new(), true, false)))
-                    .is_ok()
+                let ack = match audit.submit_blocking(recipient.delivery(&changes, true, people)) {
+                    Ok(ack) => ack,
+                    Err(e) => {
+                        refused = Some(audit_status(e));
+                        return false;
+                    }
+                };
+                let sent = release(&mut held, &mut refused);
+                held = Some((ack, changes));
+                sent
             });
+            if refused.is_none() {
+                release(&mut held, &mut refused);
+            }
             (last, refused)
         })
         .await
@@ -574,6 +598,15 @@ impl Subscriber {
         Ok(last_seq)
     }
 
+    /// Sends the held batch once its audit record is stored.
+    async fn release(&mut self) -> Result<(), Status> {
+        if let Some((ack, msg)) = self.held.take() {
+            ack.wait().await.map_err(audit_status)?;
+            self.send(msg).await?;
+        }
+        Ok(())
+    }
+
     async fn send(&self, msg: SubscribeResponse) -> Result<(), Status> {
         self.tx
             .send(Ok(msg))
@@ -584,35 +617,41 @@ impl Subscriber {
     /// Sends the changes the filter admits (after `cursor`, the last of
     /// them); returns whether anything was sent.
     async fn deliver<'c>(
-        &self,
+        &mut self,
         changes: impl Iterator<Item = Cow<'c, Change>>,
         cursor: u64,
         from: DeliveryPath,
     ) -> Result<bool, Status> {
         let now = now_ms();
         let mut people = BTreeSet::new();
-        let filter = self.filter_on(from);
-        let out: Vec<Change> = changes
-            .filter(|c| filter.admits(c))
-            .filter_map(|c| {
-                metrics::histogram!(metric::DELIVERY_LATENCY)
-                    .record((now - c.committed_at_ms).max(0) as f64 / 1000.0);
-                filter.apply(c.into_owned(), &mut people)
-            })
-            .collect();
+        let out: Vec<Change> = {
+            let filter = self.filter_on(from);
+            changes
+                .filter(|c| filter.admits(c))
+                .filter_map(|c| {
+                    metrics::histogram!(metric::DELIVERY_LATENCY)
+                        .record((now - c.committed_at_ms).max(0) as f64 / 1000.0);
+                    filter.apply(c.into_owned(), &mut people)
+                })
+                .collect()
+        };
         if out.is_empty() {
             return Ok(false);
         }
         self.check_levels()?;
-        // Recorded before it is sent; not recorded, not sent.
-        self.audit
-            .record(self.recipient.delivery(&out, false, people))
+        // Recorded before it is sent; not recorded, not sent. The record is
+        // written while the caller prepares the next batch; this batch goes
+        // out when that one is delivered, or when the stream waits.
+        let ack = self
+            .audit
+            .submit(self.recipient.delivery(&out, false, people))
             .await
             .map_err(audit_status)?;
         metrics::counter!(metric::CHANGES_SENT, "view" => self.view.clone())
             .increment(out.len() as u64);
         let token = token::encode(&self.view, self.incarnation, cursor);
-        self.send(batch(out, token, false, false)).await?;
+        self.release().await?;
+        self.held = Some((ack, batch(out, token, false, false)));
         Ok(true)
     }
 
@@ -678,7 +717,9 @@ impl Subscriber {
                 // was committed since, which the next round sees.
                 continue;
             }
-            // Caught up: wait for the next commit, or say we are alive.
+            // Caught up: what is held goes out before the stream waits.
+            self.release().await?;
+            // Wait for the next commit, or say we are alive.
             let wait = self.progress_interval.saturating_sub(last_sent.elapsed());
             let committed = head.seq;
             tokio::select! {
@@ -940,6 +981,7 @@ impl Subscription for SubscriptionService {
             }),
             audit: self.audit.clone(),
             views: self.views.clone(),
+            held: None,
             #[cfg(test)]
             unmasked: None,
         };
@@ -1472,6 +1514,7 @@ mod tests {
                 }),
                 audit: Audit::default(),
                 views: b.views.clone(),
+                held: None,
                 unmasked,
             };
             let out = b.rt.block_on(async move {
