@@ -512,6 +512,7 @@ impl Audit {
             head,
             sync,
             appended: appended.clone(),
+            index_behind: false,
         };
         let (closed_tx, closed) = oneshot::channel();
         std::thread::Builder::new()
@@ -690,6 +691,8 @@ struct Writer {
     head: Head,
     sync: bool,
     appended: Arc<Notify>,
+    /// An index write failed since the start.
+    index_behind: bool,
 }
 
 impl Writer {
@@ -724,59 +727,62 @@ impl Writer {
         if pending.is_empty() {
             return;
         }
-        {
-            let mut batch = WriteBatch::default();
-            let mut index = WriteBatch::default();
-            let (mut next, mut last) = (self.head.next, self.head.last.clone());
-            let mut replies = Vec::with_capacity(pending.len());
-            let mut kinds = Vec::with_capacity(pending.len());
-            for p in pending {
-                let (record, bytes) = Record {
-                    chain: self.chain.clone(),
-                    index: next,
-                    prev: last,
-                    at_ms: p.at_ms,
-                    node: self.node.clone(),
-                    event: p.event,
-                    hash: String::new(),
-                }
-                .sealed();
-                batch.put(key::record(&record.chain, record.index), &bytes);
-                for id in record.event.national_ids() {
-                    index.put(
-                        key::person(id, record.at_ms, &record.chain, record.index),
-                        b"",
-                    );
-                }
-                kinds.push(record.event.kind());
-                last = record.hash;
-                next += 1;
-                replies.push(p.reply);
+        let mut batch = WriteBatch::default();
+        let mut index = WriteBatch::default();
+        let (mut next, mut last) = (self.head.next, self.head.last.clone());
+        let mut replies = Vec::with_capacity(pending.len());
+        let mut kinds = Vec::with_capacity(pending.len());
+        for p in pending {
+            let (record, bytes) = Record {
+                chain: self.chain.clone(),
+                index: next,
+                prev: last,
+                at_ms: p.at_ms,
+                node: self.node.clone(),
+                event: p.event,
+                hash: String::new(),
             }
-            let head = Head { next, last };
-            batch.put(key::HEAD, serde_json::to_vec(&head).unwrap_or_default());
-            match self.db.write_opt(batch, opts) {
-                Ok(()) => {
-                    self.head = head;
-                    for kind in kinds {
-                        metrics::counter!(metric::RECORDS, "kind" => kind).increment(1);
-                    }
-                    for r in replies {
-                        let _ = r.send(Ok(()));
-                    }
-                    self.appended.notify_one();
-                    index.put(key::INDEXED, next.to_be_bytes());
-                    if let Err(e) = self.db.write(index) {
-                        metrics::counter!(metric::ERRORS, "stage" => "index").increment(1);
-                        warn!(error = %e, "cannot index audit records by person; redone at the next start");
-                    }
+            .sealed();
+            batch.put(key::record(&record.chain, record.index), &bytes);
+            for id in record.event.national_ids() {
+                index.put(
+                    key::person(id, record.at_ms, &record.chain, record.index),
+                    b"",
+                );
+            }
+            kinds.push(record.event.kind());
+            last = record.hash;
+            next += 1;
+            replies.push(p.reply);
+        }
+        let head = Head { next, last };
+        batch.put(key::HEAD, serde_json::to_vec(&head).unwrap_or_default());
+        match self.db.write_opt(batch, opts) {
+            Ok(()) => {
+                self.head = head;
+                for kind in kinds {
+                    metrics::counter!(metric::RECORDS, "kind" => kind).increment(1);
                 }
-                Err(e) => {
-                    metrics::counter!(metric::ERRORS, "stage" => "append").increment(1);
-                    warn!(error = %e, "cannot append to the audit trail; the deliveries waiting for it are refused");
-                    for r in replies {
-                        let _ = r.send(Err(AuditError::Unavailable(e.to_string())));
-                    }
+                for r in replies {
+                    let _ = r.send(Ok(()));
+                }
+                self.appended.notify_one();
+                // Once an index write failed, the mark stays before it, so
+                // that the next start redoes everything since.
+                if !self.index_behind {
+                    index.put(key::INDEXED, next.to_be_bytes());
+                }
+                if let Err(e) = self.db.write(index) {
+                    self.index_behind = true;
+                    metrics::counter!(metric::ERRORS, "stage" => "index").increment(1);
+                    warn!(error = %e, "cannot index audit records by person; redone at the next start");
+                }
+            }
+            Err(e) => {
+                metrics::counter!(metric::ERRORS, "stage" => "append").increment(1);
+                warn!(error = %e, "cannot append to the audit trail; the deliveries waiting for it are refused");
+                for r in replies {
+                    let _ = r.send(Err(AuditError::Unavailable(e.to_string())));
                 }
             }
         }

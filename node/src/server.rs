@@ -210,6 +210,8 @@ fn field_text(row: &str, column: &str) -> Option<String> {
 
 /// A JSON object's members as written, in name order.
 type Fields<'a> = std::collections::BTreeMap<Cow<'a, str>, &'a serde_json::value::RawValue>;
+/// The same, names borrowed (no name has an escape).
+type BorrowedFields<'a> = std::collections::BTreeMap<&'a str, &'a serde_json::value::RawValue>;
 
 /// Masks the fields of rows and keys above a grant's clearance.
 pub struct Masker {
@@ -234,31 +236,52 @@ impl Masker {
     /// A row (JSON object text) with its fields masked; text that is no
     /// object is withheld.
     fn row(&self, row: String, key: bool) -> String {
-        let Ok(fields) = serde_json::from_str::<Fields<'_>>(&row) else {
-            return if key { row } else { "null".into() };
-        };
         let mut out = String::with_capacity(row.len());
-        self.write_object(&fields, key, None, &mut out);
-        out
+        if self.write_text(&row, key, None, &mut out) {
+            out
+        } else if key {
+            row
+        } else {
+            "null".into()
+        }
+    }
+
+    /// Writes the object `text` masked; false when it is no object. Field
+    /// names are borrowed from the text unless one has escapes.
+    fn write_text(&self, text: &str, key: bool, within: Option<&str>, out: &mut String) -> bool {
+        if let Ok(fields) = serde_json::from_str::<BorrowedFields<'_>>(text) {
+            self.write_object(&fields, key, within, out);
+        } else if let Ok(fields) = serde_json::from_str::<Fields<'_>>(text) {
+            self.write_object(&fields, key, within, out);
+        } else {
+            return false;
+        }
+        true
     }
 
     /// Writes an object's members, masked, in name order, in one pass: a
     /// member delivered as it is is copied as written, never parsed; only
     /// masked ones are. `within`: the field holding the object, whose
     /// members are classified one by one (a join's `row.plate`).
-    fn write_object(&self, fields: &Fields<'_>, key: bool, within: Option<&str>, out: &mut String) {
+    fn write_object<K: AsRef<str>>(
+        &self,
+        fields: &std::collections::BTreeMap<K, &serde_json::value::RawValue>,
+        key: bool,
+        within: Option<&str>,
+        out: &mut String,
+    ) {
         out.push('{');
         let mut first = true;
         for (name, raw) in fields {
+            let name = name.as_ref();
             let text = raw.get();
             let value: Cow<'_, str> =
                 if within.is_none() && text.trim_start().starts_with('{') && self.has_members(name)
                 {
-                    let Ok(inner) = serde_json::from_str::<Fields<'_>>(text) else {
-                        continue;
-                    };
                     let mut object = String::with_capacity(text.len());
-                    self.write_object(&inner, key, Some(name), &mut object);
+                    if !self.write_text(text, key, Some(name), &mut object) {
+                        continue;
+                    }
                     Cow::Owned(object)
                 } else {
                     let mut policy = match within {
@@ -275,6 +298,14 @@ impl Masker {
                     } else if policy == Policy::Redact {
                         // Removed whatever it holds: not even parsed.
                         continue;
+                    } else if let (Policy::Hash, Ok(plain)) =
+                        (policy, serde_json::from_str::<&str>(text))
+                    {
+                        // A string without escapes: signed as it stands.
+                        match masking::hash(plain, &self.keys) {
+                            Some(h) => Cow::Owned(format!("\"{h}\"")),
+                            None => Cow::Borrowed("null"),
+                        }
                     } else {
                         let masked = serde_json::from_str::<Value>(text)
                             .ok()

@@ -118,6 +118,16 @@ pub fn push_hex(out: &mut String, bytes: &[u8]) {
     }
 }
 
+/// The `hash` policy's output for a value's text (`h<version>:<hex>`);
+/// `None` without a key.
+pub fn hash(text: &str, keys: &HashKeys) -> Option<String> {
+    let (version, key) = keys.current()?;
+    let tag = ring::hmac::sign(key, text.as_bytes());
+    let mut out = format!("h{version}:");
+    push_hex(&mut out, tag.as_ref());
+    Some(out)
+}
+
 /// The text a value is masked as: a string as is, anything else as JSON.
 fn text_of(value: &Value) -> String {
     match value {
@@ -136,16 +146,8 @@ pub fn mask(value: &Value, policy: Policy, keys: &HashKeys) -> Option<Value> {
         Policy::Deliver => Some(value.clone()),
         Policy::Redact => None,
         Policy::Null => Some(Value::Null),
-        Policy::Hash => Some(match keys.current() {
-            // No key: nothing to hash with, so nothing is delivered.
-            None => Value::Null,
-            Some((version, key)) => {
-                let tag = ring::hmac::sign(key, text_of(value).as_bytes());
-                let mut out = format!("h{version}:");
-                push_hex(&mut out, tag.as_ref());
-                Value::String(out)
-            }
-        }),
+        // No key: nothing to hash with, so nothing is delivered.
+        Policy::Hash => Some(hash(&text_of(value), keys).map_or(Value::Null, Value::String)),
         Policy::Partial(n) => {
             let text = text_of(value);
             let chars: Vec<char> = text.chars().collect();
