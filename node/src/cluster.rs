@@ -68,24 +68,29 @@ pub fn incarnation_of(topic: &str) -> u64 {
 impl ClusterLog {
     /// Marks a consumer assignment as revoked (see [`ClusterLog::revoked`]).
     pub fn revoke_assignment(&self, assignment: u64) {
-        if let Ok(mut r) = self.revoked.lock() {
-            r.insert(assignment);
-        }
+        self.revoked_set().insert(assignment);
     }
 
     pub fn is_revoked(&self, assignment: u64) -> bool {
-        self.revoked.lock().is_ok_and(|r| r.contains(&assignment))
+        self.revoked_set().contains(&assignment)
     }
 
     pub fn revoked_assignments(&self) -> std::collections::HashSet<u64> {
-        self.revoked.lock().map(|r| r.clone()).unwrap_or_default()
+        self.revoked_set().clone()
     }
 
     /// The assignment ended: nothing of it is read any more.
     pub fn forget_assignment(&self, assignment: u64) {
-        if let Ok(mut r) = self.revoked.lock() {
-            r.remove(&assignment);
-        }
+        self.revoked_set().remove(&assignment);
+    }
+
+    /// The revoked set, also after a thread panicked holding it: a set of
+    /// ids stays consistent, and reading it as empty would let a fenced
+    /// assignment's records through.
+    fn revoked_set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<u64>> {
+        self.revoked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Appends records to `view`'s change log in order; returns their offsets.
@@ -108,7 +113,12 @@ impl ClusterLog {
         let mut offsets = Vec::with_capacity(records.len());
         for result in futures::future::join_all(sends).await {
             match result {
-                Ok(d) => offsets.push(u64::try_from(d.offset).unwrap_or(0)),
+                Ok(d) => offsets.push(u64::try_from(d.offset).map_err(|_| {
+                    anyhow::anyhow!(
+                        "change log {topic}: the broker acknowledged a write at offset {}",
+                        d.offset
+                    )
+                })?),
                 Err((e, _)) => anyhow::bail!("cannot write to change log {topic}: {e}"),
             }
         }
@@ -207,7 +217,10 @@ pub async fn run_log_source(
                 Ok(m) => {
                     quiet_errors = false;
                     let Some((view, stream)) = views.get(m.topic()).cloned() else { continue };
-                    let offset = u64::try_from(m.offset()).unwrap_or(0);
+                    let Ok(offset) = u64::try_from(m.offset()) else {
+                        warn!(topic = m.topic(), offset = m.offset(), "change-log record without an offset; skipped");
+                        continue;
+                    };
                     // Only nodes write a change log, without transactions: its
                     // offsets have no gaps, and every node must apply every
                     // record. Read again: what came before (already handed over

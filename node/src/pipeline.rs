@@ -217,7 +217,11 @@ impl Publisher {
         for (name, rows) in &p.live_rows {
             metrics::gauge!(metric::VIEW_ROWS, "view" => name.clone()).set(*rows as f64);
         }
-        if let Ok(mut offsets) = self.committed_offsets.lock() {
+        {
+            let mut offsets = self
+                .committed_offsets
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             for (k, o) in &p.offsets {
                 offsets.insert(k.clone(), *o);
             }

@@ -441,7 +441,11 @@ impl Assigner {
                 missing.push(topic.clone());
                 continue;
             }
-            let assigned = self.assigned.lock().map(|a| a.clone()).unwrap_or_default();
+            let assigned = self
+                .assigned
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
             for p in partitions {
                 if assigned.contains(&(topic.clone(), p)) {
                     continue;
@@ -458,9 +462,11 @@ impl Assigner {
         if tpl.count() > 0 {
             match consumer.incremental_assign(&tpl) {
                 Ok(()) => {
-                    if let Ok(mut a) = self.assigned.lock() {
-                        a.extend(added);
-                    }
+                    let mut a = self
+                        .assigned
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    a.extend(added);
                 }
                 Err(e) => {
                     metrics::counter!(metric::SOURCE_ERRORS, "kind" => "assign").increment(1);
@@ -480,10 +486,15 @@ impl Assigner {
         consumer: &StreamConsumer<StatsContext>,
         committed: &CommittedOffsets,
     ) {
-        let Ok(committed) = committed.lock().map(|c| c.clone()) else {
-            return;
-        };
-        let assigned = self.assigned.lock().map(|a| a.clone()).unwrap_or_default();
+        let committed = committed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let assigned = self
+            .assigned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         let mut tpl = TopicPartitionList::new();
         for (topic, p) in &assigned {
             let stream = kafka_stream(topic, *p);
@@ -499,7 +510,9 @@ impl Assigner {
             if let Some(next) = next {
                 metrics::gauge!(metric::SOURCE_OFFSET, "topic" => topic.clone(), "partition" => p.to_string())
                     .set(next as f64);
-                let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(next as i64));
+                if let Err(e) = tpl.add_partition_offset(topic, *p, Offset::Offset(next as i64)) {
+                    warn!(topic = %topic, partition = *p, error = %e, "cannot note a committed offset for Kafka (advisory; the state keeps its own)");
+                }
             }
         }
         if tpl.count() > 0
@@ -592,7 +605,11 @@ async fn follow_assignments(
                     e.remove(k);
                 }
             }
-            if let Ok(mut a) = assigner.assigned.lock() {
+            {
+                let mut a = assigner
+                    .assigned
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 for k in &removed {
                     a.remove(k);
                 }
@@ -656,7 +673,11 @@ async fn follow_assignments(
                             );
                         }
                     }
-                    if let Ok(mut a) = assigner.assigned.lock() {
+                    {
+                        let mut a = assigner
+                            .assigned
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
                         a.extend(added.iter().map(|(k, _)| k.clone()));
                     }
                 }
