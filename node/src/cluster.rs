@@ -259,7 +259,12 @@ pub async fn run_log_source(
                             continue;
                         }
                     };
-                    if tx.send(LogInput { view, stream, offset, record }).await.is_err() {
+                    // Backpressure, but not past a shutdown.
+                    let sent = tokio::select! {
+                        r = tx.send(LogInput { view, stream, offset, record }) => r.is_ok(),
+                        _ = shutdown.cancelled() => false,
+                    };
+                    if !sent {
                         break;
                     }
                 }

@@ -304,7 +304,10 @@ impl KafkaSource {
                         } else {
                             None
                         };
-                        let offset = u64::try_from(m.offset()).unwrap_or(0);
+                        let Ok(offset) = u64::try_from(m.offset()) else {
+                            warn!(topic, partition, offset = m.offset(), "record without an offset; skipped");
+                            continue;
+                        };
                         let stream: Arc<str> = kafka_stream(topic, partition).into();
                         let topic_arc: Arc<str> = topic.into();
                         for route in routes {
@@ -321,8 +324,14 @@ impl KafkaSource {
                                 raw_key: if keep_raw { m.key().map(<[u8]>::to_vec) } else { None },
                                 raw_value: if keep_raw { m.payload().map(<[u8]>::to_vec) } else { None },
                             };
-                            // Waits while the state writer is busy: backpressure.
-                            if tx.send(input).await.is_err() {
+                            // Waits while the state writer is busy (backpressure),
+                            // but not past a shutdown: what was not handed over
+                            // is read again from the stored offsets.
+                            let sent = tokio::select! {
+                                r = tx.send(input) => r.is_ok(),
+                                _ = shutdown.cancelled() => false,
+                            };
+                            if !sent {
                                 refresher.abort();
                                 return Ok(());
                             }
