@@ -15,6 +15,7 @@
 //! chain, index and hash), which verification and indexing skip.
 
 use crate::config::KafkaSection;
+use crate::now_ms;
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -424,13 +425,6 @@ mod key {
 struct Head {
     next: u64,
     last: String,
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn get_u64(db: &DB, k: &[u8]) -> Result<u64, AuditError> {

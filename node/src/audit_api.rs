@@ -141,10 +141,6 @@ fn access_record(r: Record) -> AccessRecord {
     out
 }
 
-fn key_of(value: Value) -> Key {
-    Key::from_value(&value)
-}
-
 #[tonic::async_trait]
 impl AuditApi for AuditService {
     async fn who_accessed(
@@ -184,7 +180,7 @@ impl AuditApi for AuditService {
         let mut conflicts = Vec::new();
         let mut searched = Vec::new();
         let mut not_searched = Vec::new();
-        let by_id = key_of(json!({ "national_id": id }));
+        let by_id = Key::from_value(&json!({ "national_id": id }));
         for spec in &specs {
             for (name, m) in spec.merges() {
                 let view = spec.view(name);
@@ -210,7 +206,8 @@ impl AuditApi for AuditService {
                 }
                 for (attribute, rule) in &m.attributes {
                     if rule.compare {
-                        let key = key_of(json!({ "attribute": attribute, "national_id": id }));
+                        let key =
+                            Key::from_value(&json!({ "attribute": attribute, "national_id": id }));
                         if let Some(row) = self.row(&format!("{view}.conflicts"), &key).await? {
                             conflicts.push(row);
                         }
@@ -237,7 +234,7 @@ impl AuditApi for AuditService {
             match self.views.national_id(&name) {
                 Some(col) if keys.len() == 1 && keys[0] == *col => {
                     searched.push(name.clone());
-                    let key = key_of(json!({ col.to_string(): id }));
+                    let key = Key::from_value(&json!({ col.to_string(): id }));
                     if let Some(row) = self.row(&name, &key).await? {
                         sources.push(row);
                     }

@@ -30,3 +30,11 @@ pub mod views;
 
 pub use config::NodeConfig;
 pub use node::{NodeAddrs, NodeHandle, start};
+
+/// Wall-clock milliseconds since the Unix epoch (0 on a clock before it):
+/// commit times, audit records, expiries.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -20,6 +20,7 @@
 
 use crate::config::{ChangelogSection, PipelineSection};
 use crate::dead_letter::{DeadLetter, DeadLetterSink};
+use crate::now_ms;
 use crate::telemetry::{metric, unix_seconds};
 use crate::views::Committed;
 use ndc_operators::{
@@ -270,13 +271,6 @@ fn or_abort<T>(what: &str, work: impl FnOnce() -> T) -> T {
             std::process::abort();
         }
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Per-batch tallies, turned into metrics once per batch. Ordered maps: a

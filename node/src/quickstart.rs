@@ -11,6 +11,7 @@
 use crate::certs::DevCertificates;
 use crate::client::{self, ClientTls, SubscribeOptions};
 use crate::config::{KafkaSection, KafkaSourceConfig, NodeConfig, SourceConfig, ViewConfig};
+use crate::now_ms;
 use crate::synthetic::{Feed, Table};
 use anyhow::Context;
 use rdkafka::ClientConfig;
@@ -37,13 +38,6 @@ pub const DEAD_LETTER_TOPIC: &str = "ndc.dead-letter";
 
 /// The example pipeline the quickstart runs (`examples/national.yaml`).
 pub const EXAMPLE_PIPELINE: &str = include_str!("../../examples/national.yaml");
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 /// Principals of the development certificates (their CNs).
 const ADMIN: &str = "admin";

@@ -12,6 +12,7 @@
 use crate::config::{NodeConfig, SourceConfig};
 use crate::dead_letter::DeadLetterSink;
 use crate::forward::{ForwardSource, Forwarder};
+use crate::now_ms;
 use crate::pipeline::{ClusterWriter, CommittedOffsets, Mergers, Writer};
 use crate::sources::{FileSource, KafkaSource, Route, client_config, file_stream};
 use crate::spec::{OperatorSpec, PipelineSpec, SpecErrors};
@@ -797,12 +798,6 @@ fn apply_files(
         }
     }
     Ok(())
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// A pipeline's views with their key columns.

@@ -11,6 +11,7 @@
 use crate::access::{self, Authenticator, row_admitted};
 use crate::audit::{Ack, Audit, AuditError, Event};
 use crate::config::SubscriptionSection;
+use crate::now_ms;
 use crate::telemetry::metric;
 use crate::token;
 use crate::views::{CommitReceiver, ViewRegistry};
@@ -116,13 +117,6 @@ impl Drop for StreamSlot {
             }
         }
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn refuse(code: tonic::Code, message: String) -> Status {
