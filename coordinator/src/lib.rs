@@ -208,6 +208,9 @@ struct Inner {
     /// What this node processes right now (set by the node, sent in heartbeats).
     held: Mutex<Vec<HeldPartition>>,
     leader: Mutex<LeaderView>,
+    /// Ends the background loops (heartbeats, scheduler, metrics).
+    stop: tokio_util::sync::CancellationToken,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Coordinator {
@@ -246,12 +249,19 @@ impl Coordinator {
                 lease_until: Mutex::new(None),
                 held: Mutex::new(Vec::new()),
                 leader: Mutex::new(LeaderView::default()),
+                stop: tokio_util::sync::CancellationToken::new(),
+                tasks: Mutex::new(Vec::new()),
             }),
         };
         coordinator.bootstrap().await?;
-        tokio::spawn(coordinator.clone().heartbeats());
-        tokio::spawn(coordinator.clone().scheduler());
-        tokio::spawn(coordinator.clone().observe());
+        let tasks = vec![
+            tokio::spawn(coordinator.clone().heartbeats()),
+            tokio::spawn(coordinator.clone().scheduler()),
+            tokio::spawn(coordinator.clone().observe()),
+        ];
+        if let Ok(mut t) = coordinator.inner.tasks.lock() {
+            *t = tasks;
+        }
         Ok(coordinator)
     }
 
@@ -409,9 +419,36 @@ impl Coordinator {
         }
     }
 
-    /// Stops Raft (for an orderly node shutdown).
+    /// Stops the background loops and Raft (for an orderly node shutdown);
+    /// returns once they have ended.
     pub async fn shutdown(&self) {
-        let _ = self.inner.raft.shutdown().await;
+        self.inner.stop.cancel();
+        let mut tasks = match self.inner.tasks.lock() {
+            Ok(mut t) => std::mem::take(&mut *t),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        };
+        for t in &mut tasks {
+            match tokio::time::timeout(Duration::from_secs(5), &mut *t).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "a coordinator task ended abnormally"),
+                Err(_) => warn!("a coordinator task did not end within 5 s of shutdown"),
+            }
+        }
+        // Kept, finished or not, for `background_tasks`.
+        if let Ok(mut t) = self.inner.tasks.lock() {
+            *t = tasks;
+        }
+        if let Err(e) = self.inner.raft.shutdown().await {
+            warn!(error = %e, "Raft did not shut down cleanly");
+        }
+    }
+
+    /// Background loops still running (0 after [`Coordinator::shutdown`]).
+    pub fn background_tasks(&self) -> usize {
+        self.inner
+            .tasks
+            .lock()
+            .map_or(0, |t| t.iter().filter(|t| !t.is_finished()).count())
     }
 
     fn leader_addr(&self, leader: NodeId) -> Option<String> {
@@ -434,7 +471,10 @@ impl Coordinator {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            ticker.tick().await;
+            tokio::select! {
+                _ = self.inner.stop.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
             let sent = Instant::now();
             let request = HeartbeatRequest {
                 node_id: self.node_id(),
@@ -470,9 +510,16 @@ impl Coordinator {
                             }
                         };
                         let mut client = client;
+                        let wait = interval.max(Duration::from_millis(100));
                         let mut req = tonic::Request::new(request);
-                        req.set_timeout(interval.max(Duration::from_millis(100)));
-                        client.heartbeat(req).await.ok().map(|r| r.into_inner())
+                        req.set_timeout(wait);
+                        // Enforced here too: a leader that accepts the
+                        // connection but never answers (frozen) must not
+                        // stop this loop.
+                        match tokio::time::timeout(wait, client.heartbeat(req)).await {
+                            Ok(Ok(r)) => Some(r.into_inner()),
+                            Ok(Err(_)) | Err(_) => None,
+                        }
                     }
                 },
             };
@@ -561,7 +608,10 @@ impl Coordinator {
         let mut ticker = tokio::time::interval(self.inner.config.heartbeat_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            ticker.tick().await;
+            tokio::select! {
+                _ = self.inner.stop.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
             let metrics = self.inner.raft.metrics().borrow().clone();
             if metrics.state != ServerState::Leader {
                 continue;
@@ -730,6 +780,7 @@ impl Coordinator {
                 metrics::gauge!(metric::OWNED_PARTITIONS).set(owned as f64);
             }
             tokio::select! {
+                _ = self.inner.stop.cancelled() => return,
                 r = rx.changed() => if r.is_err() { return },
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }

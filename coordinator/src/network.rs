@@ -105,10 +105,22 @@ impl PeerClient {
         let mut client = RaftClient::new(channel);
         let mut req = Request::new(RaftMessage { json });
         req.set_timeout(option.hard_ttl());
-        let reply = match method {
-            Method::Append => client.append_entries(req).await,
-            Method::Vote => client.vote(req).await,
-            Method::Snapshot => client.install_snapshot(req).await,
+        // `set_timeout` only tells the server; a peer that accepts the
+        // connection but never answers (a frozen process, whose kernel still
+        // completes TCP handshakes) is timed out here.
+        let call = async {
+            match method {
+                Method::Append => client.append_entries(req).await,
+                Method::Vote => client.vote(req).await,
+                Method::Snapshot => client.install_snapshot(req).await,
+            }
+        };
+        let Ok(reply) = tokio::time::timeout(option.hard_ttl(), call).await else {
+            return Err(RPCError::Unreachable(Unreachable::new(&Failure(format!(
+                "{}: no answer within {:?}",
+                self.addr,
+                option.hard_ttl()
+            )))));
         };
         let reply = match reply {
             Ok(r) => r.into_inner(),

@@ -95,6 +95,11 @@ async fn a_node_acts_only_on_its_current_epoch_and_only_while_its_lease_holds() 
     // Raft stops: no leader accepts heartbeats any more, the lease runs out
     // and the node stops acting, without being told.
     coordinator.shutdown().await;
+    assert_eq!(
+        coordinator.background_tasks(),
+        0,
+        "the coordinator's loops end with it"
+    );
     let stopped = Instant::now();
     wait("the lease to expire", Duration::from_secs(5), || {
         !coordinator.lease_valid()

@@ -171,7 +171,7 @@ fn main() -> anyhow::Result<()> {
                 offset += 1;
                 match d {
                     Decoded::Change(e) => {
-                        txn.apply(id, e, &pos)?;
+                        ndc_operators::replica::apply(&mut txn, id, e, &pos)?;
                     }
                     _ => {
                         txn.skip(id, &pos, ndc_operators::Outcome::Skipped);

@@ -27,20 +27,17 @@ use hdrhistogram::Histogram;
 use ndc_node::config::{
     FileSourceConfig, KafkaSection, KafkaSourceConfig, NodeConfig, SourceConfig, ViewConfig,
 };
-use ndc_node::synthetic::{Feed, Rng, Table};
+use ndc_node::quickstart::synthetic::{Feed, Rng, Table};
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod storage;
+pub use ndc_testkit::Broker;
 pub use storage::{StorageLoad, storage_phase};
 
 pub const VIEW: &str = "citizens";
@@ -98,29 +95,7 @@ impl Report {
     }
 }
 
-/// CPU time (user + system, all threads) of process `pid` ("self" for
-/// this one), from `/proc` (Linux).
-pub fn cpu_seconds(pid: &str) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields 14 and 15, counted after the command name in parentheses.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let user: u64 = fields.get(11)?.parse().ok()?;
-    let system: u64 = fields.get(12)?.parse().ok()?;
-    // USER_HZ is 100 on every Linux this runs on.
-    Some((user + system) as f64 / 100.0)
-}
-
-/// Peak resident memory (VmHWM) of process `pid` ("self" for this one).
-pub fn peak_rss(pid: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
+pub use ndc_testkit::process::{cpu_seconds, peak_rss};
 
 /// Path of the `ndc` binary built beside this one.
 pub fn ndc_binary() -> anyhow::Result<PathBuf> {
@@ -135,9 +110,20 @@ pub fn ndc_binary() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
-/// A node process on free loopback ports.
+/// The test broker: tansu (`NDC_TANSU_BIN`), or librdkafka's in-process
+/// mock cluster with `NDC_BENCH_BROKER=mock` (for comparison only).
+pub fn start_broker() -> anyhow::Result<Broker> {
+    if std::env::var("NDC_BENCH_BROKER").is_ok_and(|b| b == "mock") {
+        return Broker::start_mock();
+    }
+    std::env::var("NDC_TANSU_BIN").context("NDC_TANSU_BIN is not set (use ./dev.sh bench)")?;
+    Broker::try_start()
+}
+
+/// A node process of the load test (the testkit's, on ports it holds) and
+/// how to call it.
 pub struct NodeProcess {
-    child: Child,
+    process: ndc_testkit::NodeProcess,
     pub grpc: std::net::SocketAddr,
     pub http: std::net::SocketAddr,
     /// How clients reach it when its listener speaks TLS (`NDC_BENCH_TLS`).
@@ -145,99 +131,53 @@ pub struct NodeProcess {
 }
 
 impl NodeProcess {
+    /// Starts `config` in `work` (`node.yaml`, `node.log`) and waits until
+    /// it listens (and, on TLS, has granted the subscriber).
     pub fn start(config: &NodeConfig, work: &Path) -> anyhow::Result<NodeProcess> {
-        let path = work.join("ndc.yaml");
-        std::fs::write(&path, config.to_yaml()?)?;
-        let log = std::fs::File::create(work.join("node.log"))?;
-        let child = Command::new(ndc_binary()?)
-            .args(["node", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?;
-        let addr_file = config.node.data_dir.join("node.addr");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(bytes) = std::fs::read(&addr_file)
-                && let Ok(a) = serde_json::from_slice::<ndc_node::NodeAddrs>(&bytes)
-            {
-                // A node on TLS runs with base_config's development
-                // certificates: its clients take the subscriber's.
-                let client_tls = config.tls.cert.as_ref().map(|_| {
-                    let certs = ndc_node::certs::DevCertificates::in_dir(&work.join("certs"));
-                    ndc_node::client::ClientTls {
-                        ca: Some(certs.ca),
-                        cert: Some(certs.subscriber_cert),
-                        key: Some(certs.subscriber_key),
-                    }
-                });
-                if client_tls.is_some() {
-                    grant_subscriber(&a.grpc.to_string(), &work.join("certs"))?;
-                }
-                return Ok(NodeProcess {
-                    child,
-                    grpc: a.grpc,
-                    http: a.http,
-                    client_tls,
-                });
+        let mut process =
+            ndc_testkit::NodeProcess::start_new(&ndc_binary()?, config.clone(), work, "node")?;
+        process.log_filter = "warn".into();
+        process.wait_started(Duration::from_secs(30))?;
+        // A node on TLS runs with base_config's development certificates:
+        // its clients take the subscriber's.
+        let client_tls = config.tls.cert.as_ref().map(|_| {
+            let certs = ndc_node::security::certs::DevCertificates::in_dir(&work.join("certs"));
+            ndc_node::client::ClientTls {
+                ca: Some(certs.ca),
+                cert: Some(certs.subscriber_cert),
+                key: Some(certs.subscriber_key),
             }
-            if Instant::now() > deadline {
-                bail!(
-                    "node did not start; see {}",
-                    work.join("node.log").display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        });
+        let (grpc, http) = (process.grpc(), process.http());
+        if client_tls.is_some() {
+            grant_subscriber(&grpc.to_string(), &work.join("certs"))?;
         }
+        Ok(NodeProcess {
+            process,
+            grpc,
+            http,
+            client_tls,
+        })
     }
 
     /// Waits until `/readyz` answers 200 (partitions assigned).
-    pub fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
-        use std::io::{Read, Write};
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(mut s) = std::net::TcpStream::connect(self.http) {
-                let _ = write!(
-                    s,
-                    "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-                );
-                let mut out = String::new();
-                let _ = s.read_to_string(&mut out);
-                if out.starts_with("HTTP/1.1 200") {
-                    return Ok(());
-                }
-            }
-            if Instant::now() > deadline {
-                bail!("node not ready after {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    pub async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        self.process.wait_ready(timeout).await
     }
 
     /// The node's Prometheus exposition.
     pub async fn metrics(&self) -> anyhow::Result<String> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(self.http).await?;
-        let http = self.http;
-        s.write_all(
-            format!("GET /metrics HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).await?;
-        Ok(out)
+        Ok(ndc_testkit::wait::try_http_get(self.http, "/metrics").await?)
     }
 
     /// Peak resident memory of the node so far (VmHWM).
     pub fn peak_rss(&self) -> Option<u64> {
-        peak_rss(&self.child.id().to_string())
+        self.process.peak_rss()
     }
 
     /// CPU time the node has used so far, all threads.
     pub fn cpu_seconds(&self) -> Option<f64> {
-        cpu_seconds(&self.child.id().to_string())
+        self.process.cpu_seconds()
     }
 
     /// A gRPC connection to the node (over TLS when it speaks TLS).
@@ -255,26 +195,49 @@ impl NodeProcess {
             .views)
     }
 
-    /// Committed sequence of the view.
-    pub async fn committed(&self) -> anyhow::Result<u64> {
-        Ok(self
-            .views()
-            .await?
-            .iter()
-            .find(|v| v.name == VIEW)
-            .map_or(0, |v| v.committed_seq))
-    }
-
     /// Polls until the view has committed `seq`; returns (first progress, done) instants.
     pub async fn wait_committed(
         &self,
         seq: u64,
         timeout: Duration,
     ) -> anyhow::Result<(Instant, Instant)> {
+        wait_committed(
+            &self.grpc.to_string(),
+            self.client_tls.as_ref(),
+            seq,
+            timeout,
+        )
+        .await
+    }
+}
+
+/// Committed sequence of the load test's view at `addr`.
+async fn committed(addr: &str, tls: Option<&ndc_node::client::ClientTls>) -> anyhow::Result<u64> {
+    let mut c = ndc_proto::v1::subscription_client::SubscriptionClient::new(
+        ndc_node::client::channel(addr, tls).await?,
+    );
+    Ok(c.list_views(ndc_proto::v1::ListViewsRequest {})
+        .await?
+        .into_inner()
+        .views
+        .iter()
+        .find(|v| v.name == VIEW)
+        .map_or(0, |v| v.committed_seq))
+}
+
+/// Polls until the view at `addr` has committed `seq`; returns (first
+/// progress, done) instants.
+async fn wait_committed(
+    addr: &str,
+    tls: Option<&ndc_node::client::ClientTls>,
+    seq: u64,
+    timeout: Duration,
+) -> anyhow::Result<(Instant, Instant)> {
+    {
         let deadline = Instant::now() + timeout;
         let mut first = None;
         loop {
-            let c = self.committed().await.unwrap_or(0);
+            let c = committed(addr, tls).await.unwrap_or(0);
             if c > 0 && first.is_none() {
                 first = Some(Instant::now());
             }
@@ -286,109 +249,6 @@ impl NodeProcess {
                 bail!("timed out: committed {c} of {seq}");
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A tansu broker process, or (`NDC_BENCH_BROKER=mock`, for comparison
-/// only) librdkafka's in-process mock cluster.
-pub struct Broker {
-    child: Option<Child>,
-    _mock:
-        Option<rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>>,
-    pub bootstrap: String,
-}
-
-impl Broker {
-    pub fn start() -> anyhow::Result<Broker> {
-        if std::env::var("NDC_BENCH_BROKER").is_ok_and(|b| b == "mock") {
-            let mock = rdkafka::mocking::MockCluster::new(1)?;
-            return Ok(Broker {
-                child: None,
-                bootstrap: mock.bootstrap_servers(),
-                _mock: Some(mock),
-            });
-        }
-        let bin = std::env::var("NDC_TANSU_BIN")
-            .context("NDC_TANSU_BIN is not set (use ./dev.sh bench)")?;
-        let port = free_port()?;
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(bin)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let broker = Broker {
-            child: Some(child),
-            _mock: None,
-            bootstrap: format!("127.0.0.1:{port}"),
-        };
-        let probe: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &broker.bootstrap)
-            .create()?;
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while probe
-            .fetch_metadata(None, Duration::from_millis(300))
-            .is_err()
-        {
-            if Instant::now() > deadline {
-                bail!("tansu did not start");
-            }
-        }
-        Ok(broker)
-    }
-
-    pub async fn create_topic(&self, name: &str, partitions: i32) -> anyhow::Result<()> {
-        if let Some(mock) = &self._mock {
-            mock.create_topic(name, partitions, 1)?;
-            return Ok(());
-        }
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
-            .create()?;
-        for r in admin
-            .create_topics(
-                &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
-                &AdminOptions::new(),
-            )
-            .await?
-        {
-            r.map_err(|(t, e)| anyhow::anyhow!("create topic {t}: {e}"))?;
-        }
-        Ok(())
-    }
-
-    pub fn producer(&self) -> anyhow::Result<FutureProducer> {
-        Ok(ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
-            .set("linger.ms", "5")
-            .set("batch.num.messages", "10000")
-            .set("queue.buffering.max.messages", "1000000")
-            .set("enable.idempotence", "true")
-            .create()?)
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
         }
     }
 }
@@ -498,7 +358,7 @@ pub fn bench_audit() -> bool {
 /// the subscriber certificate every view, through the node's access API (on
 /// a thread of its own: callers may or may not be inside a runtime).
 fn grant_subscriber(addr: &str, certs: &Path) -> anyhow::Result<()> {
-    let certs = ndc_node::certs::DevCertificates::in_dir(certs);
+    let certs = ndc_node::security::certs::DevCertificates::in_dir(certs);
     let admin = ndc_node::client::ClientTls {
         ca: Some(certs.ca),
         cert: Some(certs.admin_cert),
@@ -523,7 +383,7 @@ fn grant_subscriber(addr: &str, certs: &Path) -> anyhow::Result<()> {
                     grant.clearance = "internal".into();
                     grant.masking = [("confidential".to_string(), "hash".to_string())].into();
                 }
-                match ndc_node::access_api::grant(&addr, Some(&admin), grant).await {
+                match ndc_node::serving::access_api::grant(&addr, Some(&admin), grant).await {
                     Ok(_) => return Ok(()),
                     Err(e) if Instant::now() > deadline => return Err(e),
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -539,10 +399,11 @@ pub fn base_config(work: &Path) -> NodeConfig {
     let mut c = NodeConfig::default();
     c.node.data_dir = work.join("node");
     c.node.grpc_listen = "127.0.0.1:0".parse().expect("literal address");
-    let certs = ndc_node::certs::DevCertificates::in_dir(&work.join("certs"));
+    let certs = ndc_node::security::certs::DevCertificates::in_dir(&work.join("certs"));
     if bench_tls()
         && (certs.ca.exists()
-            || ndc_node::certs::make_dev_certificates(&work.join("certs"), &[], 2).is_ok())
+            || ndc_node::security::certs::make_dev_certificates(&work.join("certs"), &[], 2)
+                .is_ok())
     {
         c.tls.cert = Some(certs.node_cert);
         c.tls.key = Some(certs.node_key);
@@ -671,7 +532,7 @@ pub async fn delivery_phase(work: &Path, w: Workload) -> anyhow::Result<Vec<Repo
     for name in ["delivery-snapshot", "delivery-catchup"] {
         let start = match incarnation {
             None => Start::Snapshot(Default::default()),
-            Some(i) => Start::ResumeToken(ndc_node::token::encode(VIEW, i, 0)),
+            Some(i) => Start::ResumeToken(ndc_node::security::token::encode(VIEW, i, 0)),
         };
         let mut client =
             SubscriptionClient::new(node.channel().await?).max_decoding_message_size(64 << 20);
@@ -706,7 +567,7 @@ pub async fn delivery_phase(work: &Path, w: Workload) -> anyhow::Result<Vec<Repo
                 got += b.changes.len() as u64;
                 if b.snapshot_complete {
                     incarnation = Some(
-                        ndc_node::token::decode(&b.resume_token, VIEW)
+                        ndc_node::security::token::decode(&b.resume_token, VIEW)
                             .map_err(|e| anyhow::anyhow!("snapshot token: {e}"))?
                             .incarnation,
                     );
@@ -739,7 +600,7 @@ pub async fn delivery_phase(work: &Path, w: Workload) -> anyhow::Result<Vec<Repo
 /// Fills `topic` with the workload as fast as the broker takes it; returns
 /// (produce report, mean bytes).
 pub async fn produce_phase(broker: &Broker, topic: &str, w: Workload) -> anyhow::Result<Report> {
-    let producer = broker.producer()?;
+    let producer = broker.bulk_producer()?;
     let mut bytes = 0u64;
     let started = Instant::now();
     let mut events = w.events().peekable();
@@ -819,6 +680,7 @@ fn kafka_config(work: &Path, broker: &Broker, topic: &str) -> NodeConfig {
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(10),
         ),
+        resume_rewind_records: ndc_testkit::TANSU_RESUME_REWIND,
         ..KafkaSection::default()
     });
     c.views = vec![ViewConfig {
@@ -848,12 +710,12 @@ fn golden_tables(people: u64) -> [(Table, u64); 5] {
 
 /// Fills the five agencies' topics with their snapshots.
 pub async fn golden_produce(broker: &Broker, people: u64) -> anyhow::Result<Report> {
-    let producer = broker.producer()?;
+    let producer = broker.bulk_producer()?;
     let started = Instant::now();
     let mut events = 0u64;
     let mut bytes = 0u64;
     for (table, rows) in golden_tables(people) {
-        broker.create_topic(table.topic(), 4).await?;
+        broker.try_create_topic(table.topic(), 4).await?;
         let mut feed = Feed::new(table, 1_767_225_600_000);
         let mut inflight = Vec::with_capacity(10_000);
         for i in 0..rows {
@@ -978,37 +840,23 @@ pub async fn cluster_phase(
     w: Workload,
     nodes: u64,
 ) -> anyhow::Result<Report> {
-    // Each node's public and peer ports; the peers find each other on the latter.
-    let ports: Vec<(u16, u16)> = (0..nodes)
-        .map(|_| Ok::<_, anyhow::Error>((free_port()?, free_port()?)))
-        .collect::<Result<_, _>>()?;
-    let bootstrap: Vec<String> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, (_, peer))| format!("{i}=127.0.0.1:{peer}"))
-        .collect();
     let started = Instant::now();
-    let mut procs = Vec::new();
-    for (i, (port, peer)) in ports.iter().enumerate() {
-        let dir = work.join(format!("ndc-{i}"));
-        std::fs::create_dir_all(&dir)?;
-        let mut c = kafka_config(&dir, broker, topic);
-        c.node.id = format!("ndc-{i}");
-        c.node.grpc_listen = format!("127.0.0.1:{port}").parse()?;
-        c.node.peer_listen = format!("127.0.0.1:{peer}").parse()?;
+    let mut cluster = ndc_testkit::Cluster::prepare(&ndc_binary()?, work, nodes, |_| {
+        let mut c = kafka_config(work, broker, topic);
         c.tls.insecure = true;
         c.cluster = Some(ndc_node::config::ClusterSection {
-            bootstrap: bootstrap.clone(),
             changes_replication: 1,
             ..Default::default()
         });
-        procs.push(NodeProcess::start(&c, &dir)?);
+        c
+    })?;
+    for m in &mut cluster.members {
+        m.node.log_filter = "warn".into();
+        m.node.start()?;
     }
     let mut done = started;
-    for p in &procs {
-        let (_, d) = p
-            .wait_committed(w.events, Duration::from_secs(3600))
-            .await?;
+    for m in &cluster.members {
+        let (_, d) = wait_committed(&m.addr(), None, w.events, Duration::from_secs(3600)).await?;
         done = done.max(d);
     }
     let seconds = done.duration_since(started).as_secs_f64();
@@ -1019,7 +867,11 @@ pub async fn cluster_phase(
         seconds,
         events_per_second: w.events as f64 / seconds,
         mean_event_bytes: 0,
-        node_peak_rss_bytes: procs.iter().filter_map(NodeProcess::peak_rss).max(),
+        node_peak_rss_bytes: cluster
+            .members
+            .iter()
+            .filter_map(|m| m.node.peak_rss())
+            .max(),
         latency_ms: None,
         note: format!(
             "{nodes} node processes from start until every node has committed every change; topic filled beforehand; RSS: largest node"
@@ -1150,8 +1002,8 @@ pub async fn latency_phase(
             file_config(work, &export, true)
         }
     };
-    let node = NodeProcess::start(&c, work)?;
-    node.wait_ready(Duration::from_secs(30))?;
+    let mut node = NodeProcess::start(&c, work)?;
+    node.wait_ready(Duration::from_secs(30)).await?;
     let mut client = SubscriptionClient::new(node.channel().await?);
     let mut stream = client
         .subscribe(SubscribeRequest {

@@ -3,7 +3,7 @@
 //! provides the test broker.
 
 use clap::Parser;
-use ndc_loadtest::{Broker, LatencyFeed, TOPIC, Workload};
+use ndc_loadtest::{LatencyFeed, TOPIC, Workload, start_broker};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -86,8 +86,8 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     if args.phases.iter().any(|p| p == "broker") {
-        let broker = Broker::start()?;
-        broker.create_topic(TOPIC, 4).await?;
+        let broker = start_broker()?;
+        broker.try_create_topic(TOPIC, 4).await?;
         ndc_loadtest::produce_phase(&broker, TOPIC, w)
             .await?
             .print();
@@ -97,8 +97,8 @@ async fn main() -> anyhow::Result<()> {
             .print();
     }
     if args.phases.iter().any(|p| p == "cluster") {
-        let broker = Broker::start()?;
-        broker.create_topic(TOPIC, 6).await?;
+        let broker = start_broker()?;
+        broker.try_create_topic(TOPIC, 6).await?;
         ndc_loadtest::produce_phase(&broker, TOPIC, w)
             .await?
             .print();
@@ -107,7 +107,7 @@ async fn main() -> anyhow::Result<()> {
             .print();
     }
     if args.phases.iter().any(|p| p == "golden") {
-        let broker = Broker::start()?;
+        let broker = start_broker()?;
         ndc_loadtest::golden_produce(&broker, args.people)
             .await?
             .print();
@@ -116,8 +116,8 @@ async fn main() -> anyhow::Result<()> {
             .print();
     }
     if args.phases.iter().any(|p| p == "latency") {
-        let broker = Broker::start()?;
-        broker.create_topic(TOPIC, 4).await?;
+        let broker = start_broker()?;
+        broker.try_create_topic(TOPIC, 4).await?;
         let keys = args.keys.min(100_000);
         ndc_loadtest::latency_phase(
             &fresh("latency")?,

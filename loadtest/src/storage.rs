@@ -12,7 +12,7 @@
 
 use crate::{Report, Workload};
 use ndc_node::config::NodeConfig;
-use ndc_node::synthetic::Rng;
+use ndc_node::quickstart::synthetic::Rng;
 use rocksdb::{
     ColumnFamilyDescriptor, DB, DBCompressionType, Options, WriteBatch, WriteBufferManager,
     WriteOptions,

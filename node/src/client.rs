@@ -1,7 +1,7 @@
 //! A subscription client: prints a view's changes as JSON lines and resumes
 //! with its last token when the connection drops.
 
-use crate::token;
+use crate::security::token;
 use ndc_proto::v1::subscribe_request::Start;
 use ndc_proto::v1::subscription_client::SubscriptionClient;
 use ndc_proto::v1::{Change, Latest, Op, Snapshot, SubscribeRequest, subscribe_response};

@@ -2,31 +2,37 @@
 //! RocksDB, and serves them to subscribers over gRPC.
 //!
 //! The binary (`ndc`) is a thin command line over this library; tests and
-//! the load test start nodes through [`node::start`].
+//! the load test start nodes through [`node::start`]. Modules, from the
+//! bottom up (each uses only those above it in this list):
+//!
+//! - [`config`]: the node's configuration (YAML, env), validated.
+//! - [`telemetry`], [`lifecycle`], [`security`] (TLS, certificates, tokens),
+//!   [`client`], [`kafka`] (what every Kafka client shares), [`views`] (the
+//!   views a node serves and their commit watchers).
+//! - [`cluster`]: Raft coordination, partition ownership, the change logs.
+//! - [`writer`]: the state writer, the one task that changes RocksDB state,
+//!   and its dead letters.
+//! - [`sources`]: Kafka and file sources feeding the writer.
+//! - [`pipelines`]: pipeline specs and the runtime that runs them (the data
+//!   path: sources, re-keying, writer).
+//! - [`serving`]: the gRPC services — subscriptions, access, audit,
+//!   pipelines — and the masking filter.
+//! - [`node`]: one node put together; [`quickstart`]: the embedded demo.
 
-pub mod access;
-pub mod access_api;
-pub mod admin;
-pub mod audit;
-pub mod audit_api;
-pub mod certs;
 pub mod client;
 pub mod cluster;
 pub mod config;
-pub mod dead_letter;
-pub mod forward;
+pub mod kafka;
+pub mod lifecycle;
 pub mod node;
-pub mod pipeline;
+pub mod pipelines;
 pub mod quickstart;
-pub mod runtime;
-pub mod server;
+pub mod security;
+pub mod serving;
 pub mod sources;
-pub mod spec;
-pub mod synthetic;
 pub mod telemetry;
-pub mod tls;
-pub mod token;
 pub mod views;
+pub mod writer;
 
 pub use config::NodeConfig;
 pub use node::{NodeAddrs, NodeHandle, start};

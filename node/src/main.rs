@@ -111,7 +111,7 @@ enum PersonCommand {
 }
 
 async fn audit(command: AuditCommand) -> anyhow::Result<()> {
-    use ndc_node::audit_api;
+    use ndc_node::serving::audit_api;
     match command {
         AuditCommand::Verify { config, file } => {
             let verifier = match (config, file) {
@@ -146,7 +146,7 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
             let mut failed = None;
-            ndc_node::audit::read_topic(&kafka, &config.audit.topic, |_, bytes| {
+            ndc_node::serving::audit::read_topic(&kafka, &config.audit.topic, |_, bytes| {
                 if failed.is_none()
                     && let Err(e) = out.write_all(bytes).and_then(|()| out.write_all(b"\n"))
                 {
@@ -239,7 +239,7 @@ enum AccessCommand {
 }
 
 async fn access(command: AccessCommand) -> anyhow::Result<()> {
-    use ndc_node::access_api::{self, grant_json};
+    use ndc_node::serving::access_api::{self, grant_json};
     match command {
         AccessCommand::Grant {
             addr,
@@ -453,7 +453,7 @@ enum PipelineCommand {
 }
 
 async fn pipeline(command: PipelineCommand) -> anyhow::Result<()> {
-    use ndc_node::admin;
+    use ndc_node::serving::pipelines_api;
     let read = |file: &PathBuf| -> anyhow::Result<String> {
         if file.as_os_str() == "-" {
             let mut s = String::new();
@@ -469,7 +469,7 @@ async fn pipeline(command: PipelineCommand) -> anyhow::Result<()> {
             file,
             dry_run,
         } => {
-            let r = admin::apply(&addr, read(&file)?, dry_run).await?;
+            let r = pipelines_api::apply(&addr, read(&file)?, dry_run).await?;
             println!(
                 "{}",
                 serde_json::json!({"pipeline": r.name, "version": r.version, "outcome": r.outcome,
@@ -477,7 +477,7 @@ async fn pipeline(command: PipelineCommand) -> anyhow::Result<()> {
             );
         }
         PipelineCommand::List { addr } => {
-            for p in admin::list(&addr).await? {
+            for p in pipelines_api::list(&addr).await? {
                 println!(
                     "{}",
                     serde_json::json!({"pipeline": p.name, "version": p.version, "description": p.description,
@@ -486,11 +486,11 @@ async fn pipeline(command: PipelineCommand) -> anyhow::Result<()> {
             }
         }
         PipelineCommand::Drop { addr, name } => {
-            let views = admin::drop_pipeline(&addr, &name).await?;
+            let views = pipelines_api::drop_pipeline(&addr, &name).await?;
             println!("{}", serde_json::json!({"dropped": name, "views": views}));
         }
         PipelineCommand::Check { file } => {
-            let spec = ndc_node::spec::PipelineSpec::from_yaml(&read(&file)?)?;
+            let spec = ndc_node::pipelines::spec::PipelineSpec::from_yaml(&read(&file)?)?;
             println!(
                 "{}",
                 serde_json::json!({"pipeline": spec.name, "version": spec.version, "views": spec.views()})
@@ -566,8 +566,30 @@ async fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
+/// Exit codes: 0, 1 for an error (bad configuration, a refused request,
+/// `audit verify` finding a bad record), 70 (EX_SOFTWARE) when a node
+/// stopped on a fatal error of its own (see `ndc_node::lifecycle`).
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            if e.downcast_ref::<ndc_node::lifecycle::FatalError>()
+                .is_some()
+            {
+                std::process::ExitCode::from(70)
+            } else {
+                std::process::ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Before any thread starts: sockets handed over (systemd socket
+    // activation) are taken from the environment, which is then cleared.
+    let handed = ndc_node::node::Listeners::from_env()?;
     let plaintext = cli.ca.is_none() && cli.cert.is_none();
     client::set_default_tls(client::ClientTls {
         ca: cli.ca.clone(),
@@ -585,7 +607,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Node { config } => {
                 let config = NodeConfig::load(&config)?;
-                ndc_node::node::run(config).await
+                ndc_node::node::run(config, handed).await
             }
             Command::CheckConfig { config } => {
                 let config = NodeConfig::load(&config)?;
@@ -593,7 +615,7 @@ fn main() -> anyhow::Result<()> {
                 for file in &config.pipelines.files {
                     let text = std::fs::read_to_string(file)
                         .with_context(|| format!("pipelines.files: cannot read {}", file.display()))?;
-                    ndc_node::spec::PipelineSpec::from_yaml(&text)
+                    ndc_node::pipelines::spec::PipelineSpec::from_yaml(&text)
                         .with_context(|| format!("pipelines.files: {}", file.display()))?;
                 }
                 print!("{}", config.to_yaml()?);
@@ -625,7 +647,7 @@ fn main() -> anyhow::Result<()> {
                 quickstart::run(QuickstartOptions { data_dir, grpc_listen, http_listen, people, rate, duration }).await
             }
             Command::Certs { command: CertsCommand::Dev { out, names, days, nodes } } => {
-                let (c, cluster) = ndc_node::certs::make_dev_cluster_certificates(&out, &names, days, nodes)?;
+                let (c, cluster) = ndc_node::security::certs::make_dev_cluster_certificates(&out, &names, days, nodes)?;
                 for (id, (cert, key)) in cluster.iter().enumerate() {
                     println!("cluster node {id:<9} {} {}", cert.display(), key.display());
                 }
@@ -644,7 +666,7 @@ fn main() -> anyhow::Result<()> {
             Command::Access { command } => access(command).await,
             Command::Audit { command } => audit(command).await,
             Command::Person { command: PersonCommand::Report { addr, id } } => {
-                let report = ndc_node::audit_api::person_report(&addr, None, &id).await?;
+                let report = ndc_node::serving::audit_api::person_report(&addr, None, &id).await?;
                 let mut out = std::io::stdout().lock();
                 // A reader that stops early (`| head`) is no error.
                 match writeln!(out, "{report}").and_then(|()| out.flush()) {
@@ -682,7 +704,7 @@ fn generate(
     updates: u64,
     output: &std::path::Path,
 ) -> anyhow::Result<()> {
-    use ndc_node::synthetic::{Feed, Rng, Table};
+    use ndc_node::quickstart::synthetic::{Feed, Rng, Table};
     let table = match table {
         "citizens" => Table::Citizens,
         "addresses" => Table::Addresses,

@@ -1,9 +1,9 @@
 //! A running node: state store, sources, state writer, gRPC and HTTP servers.
 
-use crate::client::ClientTls;
 use crate::config::NodeConfig;
-use crate::runtime::Runtime;
-use crate::server::SubscriptionService;
+use crate::lifecycle::{Fatal, FatalError};
+use crate::pipelines::runtime::Runtime;
+use crate::serving::subscriptions::SubscriptionService;
 use crate::telemetry::{self, Readiness};
 use crate::views::ViewRegistry;
 use anyhow::Context;
@@ -33,6 +33,7 @@ pub struct NodeHandle {
     pub addrs: NodeAddrs,
     pub readiness: Readiness,
     shutdown: CancellationToken,
+    fatal: Fatal,
     main: JoinHandle<()>,
 }
 
@@ -44,9 +45,11 @@ impl NodeHandle {
         let _ = self.main.await;
     }
 
-    /// Waits until the node stops (after a shutdown request).
-    pub async fn wait(self) {
+    /// Waits until the node stops (after a shutdown request, or on its own
+    /// after a fatal error, which is returned).
+    pub async fn wait(self) -> Result<(), FatalError> {
         let _ = self.main.await;
+        self.fatal.error().map_or(Ok(()), Err)
     }
 
     pub fn shutdown_token(&self) -> CancellationToken {
@@ -54,8 +57,63 @@ impl NodeHandle {
     }
 }
 
+/// Listening sockets handed to the node instead of bound by it, by name:
+/// systemd socket activation (`LISTEN_FDS`, with `FileDescriptorName=`
+/// `grpc`, `http`, `peer` giving `LISTEN_FDNAMES`). Whoever starts the node
+/// keeps its ports across restarts, and tests hand each node process ports
+/// they bound themselves, never releasing one for the node to pick up.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    pub grpc: Option<std::net::TcpListener>,
+    pub http: Option<std::net::TcpListener>,
+    pub peer: Option<std::net::TcpListener>,
+}
+
+impl Listeners {
+    /// The sockets named in the environment (none when `LISTEN_FDS` is
+    /// unset). Call it first thing in `main`, before any other thread runs:
+    /// it clears the variables, as the protocol asks.
+    pub fn from_env() -> anyhow::Result<Listeners> {
+        let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
+        let mut fds = listenfd::ListenFd::from_env();
+        let mut out = Listeners::default();
+        if fds.len() == 0 {
+            return Ok(out);
+        }
+        let names: Vec<&str> = names.split(':').collect();
+        if names.len() != fds.len() {
+            anyhow::bail!(
+                "{} sockets handed to the node (LISTEN_FDS) but {} names (LISTEN_FDNAMES); name each grpc, http or peer",
+                fds.len(),
+                names.len()
+            );
+        }
+        for (index, name) in names.into_iter().enumerate() {
+            let listener = fds
+                .take_tcp_listener(index)
+                .map_err(|e| anyhow::anyhow!("socket {name} handed to the node: {e}"))?
+                .ok_or_else(|| anyhow::anyhow!("socket {name} handed to the node is gone"))?;
+            let slot = match name {
+                "grpc" => &mut out.grpc,
+                "http" => &mut out.http,
+                "peer" => &mut out.peer,
+                other => anyhow::bail!(
+                    "socket named {other:?} handed to the node (LISTEN_FDNAMES): expected grpc, http or peer"
+                ),
+            };
+            *slot = Some(listener);
+        }
+        Ok(out)
+    }
+}
+
 /// Opens state, binds listeners and starts every task.
-pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
+pub async fn start(config: NodeConfig) -> anyhow::Result<NodeHandle> {
+    start_with(config, Listeners::default()).await
+}
+
+/// [`start`], listening on the sockets handed over where there are any.
+pub async fn start_with(mut config: NodeConfig, handed: Listeners) -> anyhow::Result<NodeHandle> {
     let _ = telemetry::prometheus();
     // Loaded configurations have read their secrets already; one built in
     // code reads them here.
@@ -67,7 +125,8 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
     // Before anything starts: unusable certificate files stop the node here.
     // With token issuers, a caller may come with a token instead of a
     // client certificate.
-    let tls = crate::tls::ServerTls::from_config(&config.tls, !config.access.jwt.is_empty())?;
+    let tls =
+        crate::security::tls::ServerTls::from_config(&config.tls, !config.access.jwt.is_empty())?;
     std::fs::create_dir_all(&config.node.data_dir).with_context(|| {
         format!(
             "cannot create node.data_dir {}",
@@ -89,12 +148,27 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
     })?;
     let reader = store.reader();
 
-    let grpc_listener = telemetry::bind(config.node.grpc_listen, "gRPC (node.grpc_listen)").await?;
-    let http_listener = telemetry::bind(config.node.http_listen, "HTTP (node.http_listen)").await?;
+    let grpc_listener = telemetry::bind_or_adopt(
+        handed.grpc,
+        config.node.grpc_listen,
+        "gRPC (node.grpc_listen)",
+    )
+    .await?;
+    let http_listener = telemetry::bind_or_adopt(
+        handed.http,
+        config.node.http_listen,
+        "HTTP (node.http_listen)",
+    )
+    .await?;
     let peer_listener = match &config.cluster {
-        Some(_) => {
-            Some(telemetry::bind(config.node.peer_listen, "peer gRPC (node.peer_listen)").await?)
-        }
+        Some(_) => Some(
+            telemetry::bind_or_adopt(
+                handed.peer,
+                config.node.peer_listen,
+                "peer gRPC (node.peer_listen)",
+            )
+            .await?,
+        ),
         None => None,
     };
     let addrs = NodeAddrs {
@@ -108,6 +182,7 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
     )?;
 
     let shutdown = CancellationToken::new();
+    let fatal = Fatal::new(shutdown.clone());
     let coordinator = match &config.cluster {
         Some(cluster) => {
             let cc = crate::cluster::coordinator_config(&config, cluster)?;
@@ -115,9 +190,12 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
                 .await
                 .context("cannot start the cluster coordinator")?;
             if let Some(k) = &config.kafka {
+                let routes_of = config.clone();
                 tokio::spawn(crate::cluster::register_partitions(
                     c.clone(),
-                    config.clone(),
+                    Box::new(move |specs| {
+                        crate::pipelines::runtime::cluster_routes(&routes_of, specs)
+                    }),
                     k.clone(),
                     shutdown.clone(),
                 ));
@@ -134,33 +212,38 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
         views.clone(),
         readiness.clone(),
         coordinator.clone(),
+        fatal.clone(),
     )?;
     let runtime = Arc::new(tokio::sync::Mutex::new(runtime));
     runtime.lock().await.start().await?;
     if let Some(c) = &coordinator {
         tokio::spawn(
-            crate::admin::follow_replicated_specs(runtime.clone(), c.clone(), shutdown.clone())
-                .instrument(info_span!("pipeline_sync")),
+            crate::serving::pipelines_api::follow_replicated_specs(
+                runtime.clone(),
+                c.clone(),
+                shutdown.clone(),
+            )
+            .instrument(info_span!("pipeline_sync")),
         );
     }
 
     // Who may call: grants replicated in a cluster, kept in the data
     // directory on a single node.
     let grants = match &coordinator {
-        Some(c) => crate::access::Grants::replicated(c.clone()),
-        None => crate::access::Grants::local(&config.node.data_dir)?,
+        Some(c) => crate::serving::access::Grants::replicated(c.clone()),
+        None => crate::serving::access::Grants::local(&config.node.data_dir)?,
     };
-    let auth = Arc::new(crate::access::Authenticator::new(
+    let auth = Arc::new(crate::serving::access::Authenticator::new(
         &config.access,
         &config.tls,
         grants,
     )?);
-    crate::access::log_posture(&auth);
+    crate::serving::access::log_posture(&auth);
     tokio::spawn(
         auth.clone()
             .watch_keys(config.tls.reload_interval, shutdown.clone()),
     );
-    let peer_client_tls = peer_client_tls(&config);
+    let peer_client_tls = crate::cluster::peer_client_tls(&config);
     let mut hash_keys = ndc_operators::masking::HashKeys::default();
     for k in &config.access.hash_keys {
         let secret = std::fs::read(&k.file).with_context(|| {
@@ -182,21 +265,21 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
     let (audit, audit_closed) = if config.audit.enabled {
         let dir = config.node.data_dir.join("audit");
         let (audit, closed) =
-            crate::audit::Audit::open(&dir, &config.node.id, config.storage.sync_commits)
+            crate::serving::audit::Audit::open(&dir, &config.node.id, config.storage.sync_commits)
                 .with_context(|| format!("cannot open the audit trail in {}", dir.display()))?;
         (audit, Some(closed))
     } else {
         warn!("audit.enabled: false: deliveries and access changes are not recorded");
-        (crate::audit::Audit::default(), None)
+        (crate::serving::audit::Audit::default(), None)
     };
     if let (true, Some(k)) = (audit.is_enabled(), &config.kafka) {
-        let producer: rdkafka::producer::FutureProducer = crate::sources::client_config(k)
+        let producer: rdkafka::producer::FutureProducer = crate::kafka::client_config(k)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .create()
             .context("cannot create the audit producer")?;
         tokio::spawn(
-            crate::audit::replicate(
+            crate::serving::audit::replicate(
                 audit.clone(),
                 producer,
                 k.clone(),
@@ -208,7 +291,7 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
     }
 
     // Servers.
-    let audit_service = crate::audit_api::AuditService::new(
+    let audit_service = crate::serving::audit_api::AuditService::new(
         audit.clone(),
         reader.clone(),
         views.clone(),
@@ -225,14 +308,17 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
         Arc::new(hash_keys),
         audit.clone(),
     );
-    let pipelines = crate::admin::PipelineService::new(
+    let pipelines = crate::serving::pipelines_api::PipelineService::new(
         runtime.clone(),
         coordinator.clone(),
         peer_client_tls.clone(),
         audit.clone(),
     );
-    let access_service =
-        crate::access_api::AccessService::new(auth.clone(), peer_client_tls.clone(), audit.clone());
+    let access_service = crate::serving::access_api::AccessService::new(
+        auth.clone(),
+        peer_client_tls.clone(),
+        audit.clone(),
+    );
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(ndc_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -249,13 +335,13 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
             &config,
             c,
             listener,
-            crate::admin::PipelineService::new(
+            crate::serving::pipelines_api::PipelineService::new(
                 runtime.clone(),
                 coordinator.clone(),
                 peer_client_tls.clone(),
                 audit.clone(),
             ),
-            crate::access_api::AccessService::new(
+            crate::serving::access_api::AccessService::new(
                 auth.clone(),
                 peer_client_tls.clone(),
                 audit.clone(),
@@ -278,7 +364,7 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
     let max_request_bytes = config.subscriptions.max_request_bytes.as_usize();
     let grpc_task = tokio::spawn(async move {
         let router = tonic::transport::Server::builder()
-            .layer(crate::access::Gate::public(auth))
+            .layer(crate::serving::access::Gate::public(auth))
             .add_service(
                 SubscriptionServer::new(service).max_decoding_message_size(max_request_bytes),
             )
@@ -327,7 +413,7 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
         && !config.pipelines.files.is_empty()
     {
         tokio::spawn(
-            crate::admin::submit_files(
+            crate::serving::pipelines_api::submit_files(
                 local_addr(peer),
                 peer_client_tls.clone(),
                 config.pipelines.files.clone(),
@@ -373,25 +459,9 @@ pub async fn start(mut config: NodeConfig) -> anyhow::Result<NodeHandle> {
         addrs,
         readiness,
         shutdown,
+        fatal,
         main,
     })
-}
-
-/// How this node calls other nodes' peer listeners: the cluster's CA, and
-/// its own certificate as a client (plaintext when TLS is off).
-pub fn peer_client_tls(config: &NodeConfig) -> ClientTls {
-    if config.tls.insecure {
-        return ClientTls::default();
-    }
-    ClientTls {
-        ca: config
-            .cluster
-            .as_ref()
-            .and_then(|c| c.peer_ca.clone())
-            .or_else(|| config.tls.client_ca.clone()),
-        cert: config.tls.cert.clone(),
-        key: config.tls.key.clone(),
-    }
 }
 
 /// An address to call a listener bound to `addr` at (a wildcard bind is
@@ -412,15 +482,17 @@ fn start_peer_server(
     config: &NodeConfig,
     coordinator: &ndc_coordinator::Coordinator,
     listener: tokio::net::TcpListener,
-    pipelines: crate::admin::PipelineService,
-    access: crate::access_api::AccessService,
+    pipelines: crate::serving::pipelines_api::PipelineService,
+    access: crate::serving::access_api::AccessService,
     stop: CancellationToken,
 ) -> anyhow::Result<JoinHandle<()>> {
     let mut section = config.tls.clone();
-    section.client_ca = peer_client_tls(config).ca;
-    let tls = crate::tls::ServerTls::from_config(&section, false)?;
+    section.client_ca = crate::cluster::peer_client_tls(config).ca;
+    let tls = crate::security::tls::ServerTls::from_config(&section, false)?;
     let router = tonic::transport::Server::builder()
-        .layer(crate::access::Gate::peer(coordinator.peer_tls().cloned()))
+        .layer(crate::serving::access::Gate::peer(
+            coordinator.peer_tls().cloned(),
+        ))
         .add_service(coordinator.raft_service())
         .add_service(coordinator.cluster_service(true))
         .add_service(PipelinesServer::new(pipelines))
@@ -454,14 +526,14 @@ fn start_peer_server(
 }
 
 /// Runs a node until SIGTERM or Ctrl-C.
-pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
-    let handle = start(config).await?;
+pub async fn run(config: NodeConfig, handed: Listeners) -> anyhow::Result<()> {
+    let handle = start_with(config, handed).await?;
     let token = handle.shutdown_token();
     tokio::spawn(async move {
         wait_for_signal().await;
         token.cancel();
     });
-    handle.wait().await;
+    handle.wait().await?;
     Ok(())
 }
 

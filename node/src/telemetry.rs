@@ -19,6 +19,10 @@ pub mod metric {
     /// (inserted, updated, deleted, truncated, unchanged, duplicate, stale,
     /// already_applied, skipped, dead_lettered).
     pub const SOURCE_RECORDS: &str = "ndc_source_records_total";
+    /// Fatal errors that stopped the node (the state store or change log
+    /// could not be written, the state writer panicked); the process exits
+    /// with code 70 and a restart resumes from the last commit.
+    pub const FATAL_ERRORS: &str = "ndc_node_fatal_errors_total";
     /// 1 when the gRPC listener serves plaintext (`tls.insecure: true`).
     pub const TLS_INSECURE: &str = "ndc_tls_insecure";
     /// Re-reads of the TLS files after they changed, by `outcome`
@@ -115,7 +119,8 @@ pub mod metric {
     /// Source records replayed to restore gained partitions.
     pub const RESTORE_RECORDS: &str = "ndc_cluster_restore_records_total";
     /// Change-log records applied, by `outcome` (applied, fence, fenced,
-    /// already_applied, undecodable).
+    /// already_applied, unknown_view — effects on a view this node does not
+    /// hold were skipped —, undecodable).
     pub const LOG_RECORDS: &str = "ndc_cluster_log_records_total";
     /// Gaps in a change log as delivered by the broker (then read again).
     pub const LOG_GAPS: &str = "ndc_cluster_log_gaps_total";
@@ -259,6 +264,26 @@ pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen for {what} on {addr}: {e}"))
+}
+
+/// A listener handed to the node (see `node::Listeners`), else one bound
+/// on `addr`.
+pub async fn bind_or_adopt(
+    handed: Option<std::net::TcpListener>,
+    addr: SocketAddr,
+    what: &str,
+) -> anyhow::Result<TcpListener> {
+    let Some(listener) = handed else {
+        return bind(addr, what).await;
+    };
+    let adopted = listener
+        .set_nonblocking(true)
+        .and_then(|()| TcpListener::from_std(listener))
+        .map_err(|e| anyhow::anyhow!("cannot use the {what} socket handed to the node: {e}"))?;
+    if let Ok(at) = adopted.local_addr() {
+        tracing::info!(%at, "{what}: listening on a socket handed to the node");
+    }
+    Ok(adopted)
 }
 
 /// Seconds since the epoch as f64, for timestamp gauges.

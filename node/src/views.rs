@@ -9,6 +9,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
 
+/// Commit watchers of the views the writer writes (shared with the
+/// subscription registry, which outlives a writer).
+pub type Commits = Arc<BTreeMap<ViewId, Arc<watch::Sender<Committed>>>>;
+
 /// The head of a view's change stream, as the state writer last committed it.
 #[derive(Debug, Clone, Default)]
 pub struct Committed {
@@ -138,7 +142,7 @@ impl ViewRegistry {
     }
 
     /// Commit publishers by view id, for a state writer.
-    pub fn publishers(&self) -> crate::pipeline::Commits {
+    pub fn publishers(&self) -> Commits {
         Arc::new(
             self.read()
                 .values()

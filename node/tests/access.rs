@@ -10,11 +10,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::*;
 use ndc_node::client::{self, ClientTls, Credentials, From, SubscribeOptions};
-use ndc_node::synthetic::{Feed, Table, citizen_row};
+use ndc_node::quickstart::synthetic::{Feed, Table, citizen_row};
+use ndc_testkit::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -119,7 +117,7 @@ where
 async fn grants_decide_what_each_caller_reads_on_every_path_and_end_streams_when_revoked() {
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path().join("pki");
-    let certs = ndc_node::certs::make_dev_certificates(&pki, &[], 1).unwrap();
+    let certs = ndc_node::security::certs::make_dev_certificates(&pki, &[], 1).unwrap();
     openssl(
         &pki,
         &[
@@ -215,7 +213,7 @@ async fn grants_decide_what_each_caller_reads_on_every_path_and_end_streams_when
         purpose: "civil registry of the Hanoi office".into(),
         ..Default::default()
     };
-    let granted = ndc_node::access_api::grant(&addr, Some(&admin), grant.clone())
+    let granted = ndc_node::serving::access_api::grant(&addr, Some(&admin), grant.clone())
         .await
         .unwrap();
     assert_eq!(granted.granted_by, "admin");
@@ -441,7 +439,7 @@ async fn grants_decide_what_each_caller_reads_on_every_path_and_end_streams_when
     assert_eq!(keyed.keys().collect::<Vec<_>>(), [&keyed_in], "{keyed:?}");
 
     // Revoked: the live stream ends within 2 s, with PERMISSION_DENIED.
-    ndc_node::access_api::revoke(&addr, Some(&admin), "hanoi-office")
+    ndc_node::serving::access_api::revoke(&addr, Some(&admin), "hanoi-office")
         .await
         .unwrap();
     let revoked_at = Instant::now();
@@ -464,7 +462,7 @@ async fn grants_decide_what_each_caller_reads_on_every_path_and_end_streams_when
     brief.row_filter = None;
     let expiry_ms = (now_s() + 3) * 1000;
     brief.expires_at_ms = expiry_ms;
-    ndc_node::access_api::grant(&addr, Some(&admin), brief)
+    ndc_node::serving::access_api::grant(&addr, Some(&admin), brief)
         .await
         .unwrap();
     let day = token(&signing, "day-shift", 600, AUDIENCE);
@@ -486,7 +484,7 @@ async fn grants_decide_what_each_caller_reads_on_every_path_and_end_streams_when
     let mut short_grant = grant.clone();
     short_grant.principal = "night-shift".into();
     short_grant.row_filter = None;
-    ndc_node::access_api::grant(&addr, Some(&admin), short_grant)
+    ndc_node::serving::access_api::grant(&addr, Some(&admin), short_grant)
         .await
         .unwrap();
     let short = token(&signing, "night-shift", 3, AUDIENCE);

@@ -9,11 +9,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::*;
 use ndc_node::client::{ClientTls, From, SubscribeOptions};
-use ndc_node::synthetic::{Feed, Table, citizen_row};
+use ndc_node::quickstart::synthetic::{Feed, Table, citizen_row};
+use ndc_testkit::*;
 use rdkafka::producer::FutureRecord;
 use serde_json::Value;
 use std::path::Path;
@@ -57,30 +55,13 @@ async fn read(
     addr: &str,
     tls: &ClientTls,
     from: From,
-    done: impl Fn(&[Value]) -> bool,
+    done: impl Fn(&[Value]) -> bool + Send,
 ) -> Vec<Value> {
     let opts = SubscribeOptions {
-        addr: addr.into(),
-        view: "citizens".into(),
-        from,
-        keys: Vec::new(),
-        fields: Vec::new(),
-        limit: None,
-        progress: false,
-        reconnect: false,
         tls: Some(tls.clone()),
-        token: None,
+        ..subscription(addr, "citizens", from)
     };
-    let mut lines = Vec::new();
-    let _ = tokio::time::timeout(
-        T,
-        ndc_node::client::subscribe(opts, |l| {
-            lines.push(l);
-            !done(&lines)
-        }),
-    )
-    .await;
-    lines
+    read_until(opts, T, done).await
 }
 
 fn json_lines(text: &str) -> Vec<Value> {
@@ -110,7 +91,8 @@ fn verify_file(dir: &Path, name: &str, lines: &[&str]) -> (i32, Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliveries_are_recorded_per_person_and_tampering_is_named() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = ndc_node::certs::make_dev_certificates(&dir.path().join("pki"), &[], 1).unwrap();
+    let certs =
+        ndc_node::security::certs::make_dev_certificates(&dir.path().join("pki"), &[], 1).unwrap();
     let broker = Broker::start();
     broker.create_topic(CITIZENS, 1).await;
     broker.create_topic("ndc.dead-letter", 1).await;

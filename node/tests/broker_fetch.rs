@@ -4,28 +4,35 @@
 //! source topic or a change log from the offset stored with its state, which
 //! may fall inside a batch its producer wrote. tansu 0.6.0 (the test broker)
 //! answers a fetch from such an offset with the next batch only, skipping
-//! the rest of the current one; `sources::resume_offset` reads from far
+//! the rest of the current one; `kafka::resume_offset` with
+//! `kafka.resume_rewind_records` (as the tests set it) reads from far
 //! enough before it that no broker skips anything (the records before the
 //! stored offset are recognised as applied and skipped by the state writer).
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::*;
-use ndc_node::sources::resume_offset;
+use ndc_node::config::KafkaSection;
+use ndc_node::kafka::resume_offset;
+use ndc_testkit::*;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::FutureRecord;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use std::time::{Duration, Instant};
 
+/// A consumer group of its own for each probe.
+fn probe_group() -> String {
+    static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("probe-{}-{n}", std::process::id())
+}
+
 /// The offsets read from `topic` partition 0 starting at `from`, until
 /// `last` is read or a few seconds pass.
 fn offsets_from(broker: &Broker, topic: &str, from: Offset, last: i64) -> Vec<i64> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &broker.bootstrap)
-        .set("group.id", format!("probe-{}", free_port()))
+        .set("group.id", probe_group())
         .set("enable.auto.commit", "false")
         .create()
         .unwrap();
@@ -72,8 +79,12 @@ async fn resuming_inside_a_record_batch_reads_the_rest_of_the_batch() {
     // harmless; this line then documents that the workaround can go.)
     let plain = offsets_from(&broker, "batched", Offset::Offset(7), 20);
     eprintln!("fetch from offset 7 returns offsets {plain:?}");
+    let rewind = KafkaSection {
+        resume_rewind_records: TANSU_RESUME_REWIND,
+        ..KafkaSection::default()
+    };
     for next in [0u64, 1, 7, 19, 20] {
-        let read = offsets_from(&broker, "batched", resume_offset(next), 20);
+        let read = offsets_from(&broker, "batched", resume_offset(&rewind, next), 20);
         let wanted: Vec<i64> = (next as i64..=20).collect();
         let from_next: Vec<i64> = read.into_iter().filter(|o| *o >= next as i64).collect();
         assert_eq!(from_next, wanted, "resuming at {next}");
@@ -110,7 +121,7 @@ async fn reading_history_in_small_fetches_skips_nothing() {
     for max in ["65536", "1048576"] {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &broker.bootstrap)
-            .set("group.id", format!("probe-{}", free_port()))
+            .set("group.id", probe_group())
             .set("enable.auto.commit", "false")
             .set("fetch.max.bytes", max)
             .set("message.max.bytes", "65536")

@@ -4,9 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::*;
+use ndc_testkit::*;
 use std::process::Command;
 
 fn ndc() -> Command {

@@ -13,19 +13,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
 use ndc_node::client::From;
 use ndc_node::cluster::admin;
 use ndc_node::config::{ClusterSection, NodeConfig};
-use ndc_node::synthetic::{Feed, Rng, Table, citizen_row, national_id};
+use ndc_node::quickstart::synthetic::{Feed, Rng, Table, citizen_row, national_id};
 use ndc_proto::cluster::ClusterStatus;
+use ndc_testkit::cluster::Member;
+use ndc_testkit::*;
 use rdkafka::producer::FutureRecord;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,67 +32,11 @@ use std::time::{Duration, Instant};
 const TOPIC: &str = "population.public.citizens";
 const PARTITIONS: i32 = 6;
 
-struct Member {
-    id: u64,
-    /// Public gRPC listener.
-    addr: String,
-    /// Peer listener (Raft, heartbeats, forwarding).
-    peer: String,
-    config: PathBuf,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-impl Member {
-    fn start(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_ndc"))
-            .args(["node", "--config"])
-            .arg(&self.config)
-            .env("RUST_LOG", "info,rdkafka=warn,openraft=warn")
-            .env("RUST_BACKTRACE", "0")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap(); // SIGKILL
-            c.wait().unwrap();
-        }
-    }
-
-    /// SIGSTOP / SIGCONT: a frozen process keeps its sockets and its lease
-    /// deadline but cannot act: a zombie owner, as after a long GC pause or VM
-    /// freeze.
-    fn signal(&self, sig: &str) {
-        let pid = self.child.as_ref().unwrap().id().to_string();
-        let ok = Command::new("kill").args([sig, &pid]).status().unwrap();
-        assert!(ok.success());
-    }
-
-    fn running(&self) -> bool {
-        self.child.is_some()
-    }
-}
-
-impl Drop for Member {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
 struct Cluster {
     _broker: Broker,
     _dir: tempfile::TempDir,
-    members: Vec<Member>,
+    /// The member processes, each on ports bound for its whole life.
+    nodes: ndc_testkit::Cluster,
     /// What the members run, on top of the common configuration.
     edit: fn(&mut NodeConfig),
 }
@@ -107,7 +50,7 @@ fn replica_member(_: &mut NodeConfig) {}
 /// `admin` (configured in `access.admins`, and granted every view once the
 /// cluster is up).
 struct Pki {
-    files: ndc_node::certs::DevCertificates,
+    files: ndc_node::security::certs::DevCertificates,
     nodes: Vec<(PathBuf, PathBuf)>,
     admin: ndc_node::client::ClientTls,
 }
@@ -117,7 +60,7 @@ fn pki() -> &'static Pki {
     PKI.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap().keep();
         let (files, nodes) =
-            ndc_node::certs::make_dev_cluster_certificates(&dir, &[], 1, 6).unwrap();
+            ndc_node::security::certs::make_dev_cluster_certificates(&dir, &[], 1, 6).unwrap();
         let admin = ndc_node::client::ClientTls {
             ca: Some(files.ca.clone()),
             cert: Some(files.admin_cert.clone()),
@@ -132,23 +75,15 @@ fn pki() -> &'static Pki {
     })
 }
 
-fn member_config(
-    dir: &Path,
-    broker: &str,
-    id: u64,
-    (port, peer_port): (u16, u16),
-    bootstrap: &[String],
-    edit: fn(&mut NodeConfig),
-) -> Member {
+/// A member's configuration (its id, data directory and the bootstrap
+/// list are the fixture's to set).
+fn member_config(dir: &Path, broker: &str, id: u64, edit: fn(&mut NodeConfig)) -> NodeConfig {
     let mut c: NodeConfig = node_config(
         &dir.join(format!("ndc-{id}")),
         broker,
         &[("citizens", TOPIC, &["person_id"])],
     );
     edit(&mut c);
-    c.node.id = format!("ndc-{id}");
-    c.node.grpc_listen = format!("127.0.0.1:{port}").parse().unwrap();
-    c.node.peer_listen = format!("127.0.0.1:{peer_port}").parse().unwrap();
     let pki = pki();
     let (cert, key) = &pki.nodes[id as usize];
     c.tls.insecure = false;
@@ -157,20 +92,10 @@ fn member_config(
     c.tls.client_ca = Some(pki.files.ca.clone());
     c.access.admins = vec!["admin".into()];
     c.cluster = Some(ClusterSection {
-        bootstrap: bootstrap.to_vec(),
         changes_replication: 1,
         ..ClusterSection::default()
     });
-    let config = dir.join(format!("ndc-{id}.yaml"));
-    std::fs::write(&config, c.to_yaml().unwrap()).unwrap();
-    Member {
-        id,
-        addr: format!("127.0.0.1:{port}"),
-        peer: format!("127.0.0.1:{peer_port}"),
-        config,
-        log: dir.join(format!("ndc-{id}.log")),
-        child: None,
-    }
+    c
 }
 
 impl Cluster {
@@ -184,31 +109,17 @@ impl Cluster {
             broker.create_topic(topic, *partitions).await;
         }
         let dir = tempfile::tempdir().unwrap();
-        let ports: Vec<(u16, u16)> = (0..nodes).map(|_| (free_port(), free_port())).collect();
-        let bootstrap: Vec<String> = ports
-            .iter()
-            .enumerate()
-            .map(|(i, (_, peer))| format!("{i}=127.0.0.1:{peer}"))
-            .collect();
-        let mut members: Vec<Member> = (0..nodes)
-            .map(|i| {
-                member_config(
-                    dir.path(),
-                    &broker.bootstrap,
-                    i,
-                    ports[i as usize],
-                    &bootstrap,
-                    edit,
-                )
-            })
-            .collect();
-        for m in &mut members {
-            m.start();
-        }
+        let nodes = ndc_testkit::Cluster::start(
+            Path::new(env!("CARGO_BIN_EXE_ndc")),
+            dir.path(),
+            nodes,
+            |id| member_config(dir.path(), &broker.bootstrap, id, edit),
+        )
+        .unwrap();
         let cluster = Cluster {
             _broker: broker,
             _dir: dir,
-            members,
+            nodes,
             edit,
         };
         cluster.grant_admin_every_view().await;
@@ -227,10 +138,14 @@ impl Cluster {
         };
         let started = Instant::now();
         loop {
-            for m in &self.members {
+            for m in self.members() {
                 if let Ok(Ok(_)) = tokio::time::timeout(
                     Duration::from_secs(5),
-                    ndc_node::access_api::grant(&m.addr, Some(&pki().admin), grant.clone()),
+                    ndc_node::serving::access_api::grant(
+                        &m.addr(),
+                        Some(&pki().admin),
+                        grant.clone(),
+                    ),
                 )
                 .await
                 {
@@ -248,31 +163,26 @@ impl Cluster {
     /// A node that is not part of the bootstrap list (joins by add-node).
     /// Returns its peer address (what `add-node` names).
     fn prepare_joiner(&mut self, id: u64) -> String {
-        let m = member_config(
-            self._dir.path(),
-            &self._broker.bootstrap,
-            id,
-            (free_port(), free_port()),
-            &[],
-            self.edit,
-        );
-        let addr = m.peer.clone();
-        self.members.push(m);
-        addr
+        let config = member_config(self._dir.path(), &self._broker.bootstrap, id, self.edit);
+        self.nodes.prepare_joiner(id, config).unwrap()
     }
 
-    fn member(&mut self, id: u64) -> &mut Member {
-        self.members.iter_mut().find(|m| m.id == id).unwrap()
+    fn member(&mut self, id: u64) -> &mut NodeProcess {
+        self.nodes.member(id)
+    }
+
+    fn members(&self) -> &[Member] {
+        &self.nodes.members
     }
 
     /// Status from any running node (forwarded to the leader).
     async fn status(&self) -> Option<ClusterStatus> {
-        for m in self.members.iter().filter(|m| m.running()) {
+        for m in self.members().iter().filter(|m| m.running()) {
             if let Ok(Ok(s)) =
-                tokio::time::timeout(Duration::from_secs(2), admin::status(&m.addr)).await
+                tokio::time::timeout(Duration::from_secs(2), admin::status(&m.addr())).await
                 && s.leader_id.is_some()
                 && self
-                    .members
+                    .members()
                     .iter()
                     .any(|x| Some(x.id) == s.leader_id && x.running())
             {
@@ -305,23 +215,7 @@ impl Cluster {
     }
 
     fn dump_logs(&self) {
-        for m in &self.members {
-            let text = std::fs::read_to_string(&m.log).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            for (i, l) in lines.iter().enumerate() {
-                if l.contains("panicked at") {
-                    eprintln!("---- ndc-{} panicked:", m.id);
-                    for l in &lines[i..(i + 4).min(lines.len())] {
-                        eprintln!("{l}");
-                    }
-                }
-            }
-            let tail: Vec<&str> = text.lines().rev().take(30).collect();
-            eprintln!("---- ndc-{} log (last 30 lines, newest first)", m.id);
-            for l in tail {
-                eprintln!("{l}");
-            }
-        }
+        self.nodes.dump_logs(30);
     }
 }
 
@@ -338,8 +232,8 @@ fn log_history(cluster: &Cluster, keys: &[&String], partition_of: &BTreeMap<Stri
         .filter_map(|k| partition_of.get(*k))
         .map(|p| format!("citizens/{TOPIC}/{p}"))
         .collect();
-    for member in &cluster.members {
-        let text = std::fs::read_to_string(&member.log).unwrap_or_default();
+    for member in cluster.members() {
+        let text = std::fs::read_to_string(member.node.log_path()).unwrap_or_default();
         for l in text
             .lines()
             .filter(|l| l.contains("change-log gap"))
@@ -545,12 +439,11 @@ impl Workload {
             .iter()
             .map(|id| {
                 cluster
-                    .members
+                    .members()
                     .iter()
                     .find(|m| m.id == *id)
                     .unwrap()
-                    .addr
-                    .clone()
+                    .addr()
             })
             .collect();
         let (seen, subscriber) = follow(addrs.join(","), "citizens");
@@ -588,10 +481,10 @@ impl Workload {
         eprintln!("owners caught up {t:?} after the load stopped");
         let expected = expected.lock().unwrap().clone();
         let addrs: BTreeMap<u64, String> = cluster
-            .members
+            .members()
             .iter()
             .filter(|m| m.running())
-            .map(|m| (m.id, m.addr.clone()))
+            .map(|m| (m.id, m.addr()))
             .collect();
         let partition_of = partitions_of_keys();
         let mut rows_by_node: BTreeMap<u64, BTreeMap<String, Value>> = BTreeMap::new();
@@ -663,13 +556,8 @@ impl Workload {
         // Cluster metrics: Raft state on every running node; assignment
         // changes, failovers and restores recorded somewhere.
         let mut all = String::new();
-        for m in cluster.members.iter().filter(|m| m.running()) {
-            let addrs: ndc_node::NodeAddrs = serde_json::from_slice(
-                &std::fs::read(cluster._dir.path().join(format!("ndc-{}/node.addr", m.id)))
-                    .unwrap(),
-            )
-            .unwrap();
-            let text = metrics_text(addrs.http).await;
+        for m in cluster.members().iter().filter(|m| m.running()) {
+            let text = metrics_text(m.node.http()).await;
             for l in text
                 .lines()
                 .filter(|l| l.starts_with("ndc_cluster_log_gaps_total"))
@@ -744,7 +632,7 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
         check_epochs(&before, &owners(&s));
 
         // It comes back (state kept): partitions rebalance onto it.
-        cluster.member(follower).start();
+        cluster.member(follower).start().unwrap();
         let (s, t) = cluster
             .wait_for("rebalance onto the returning follower", SETTLE, |s| {
                 live_members(s).len() == 3 && balanced_over(s, &[0, 1, 2])
@@ -770,9 +658,9 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
         );
         check_epochs(&before, &owners(&s));
 
-        // 3. Stopped for longer than the failure timeout, then back.
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        cluster.member(leader).start();
+        // 3. Stopped for longer than the failure timeout (its partitions
+        // moved, which takes that long), then back.
+        cluster.member(leader).start().unwrap();
         let (s, _) = cluster
             .wait_for("rebalance after the old leader returns", SETTLE, |s| {
                 live_members(s).len() == 3 && balanced_over(s, &[0, 1, 2])
@@ -785,7 +673,7 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
         // acting on them, and the cluster rebalances onto it.
         let frozen = s.leader_id.map(|l| (l + 1) % 3).unwrap();
         let before = owners(&s);
-        cluster.member(frozen).signal("-STOP");
+        cluster.member(frozen).signal("-STOP").unwrap();
         let survivors: Vec<u64> = (0..3).filter(|&i| i != frozen).collect();
         let (s, t) = cluster
             .wait_for(
@@ -797,7 +685,7 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
         eprintln!("node {frozen} frozen: partitions moved in {t:?}");
         check_epochs(&before, &owners(&s));
         tokio::time::sleep(Duration::from_secs(1)).await;
-        cluster.member(frozen).signal("-CONT");
+        cluster.member(frozen).signal("-CONT").unwrap();
         let (s, _) = cluster
             .wait_for("rebalance after the frozen node thaws", SETTLE, |s| {
                 live_members(s).len() == 3 && balanced_over(s, &[0, 1, 2])
@@ -810,12 +698,17 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
         // — and the rest of what its consumer drew then must not be decided
         // either, or the stored offset would jump past the dropped ones
         // (lost updates: the final check below compares every row).
+        // The pauses are the scenario, not a wait for something: between
+        // the lease and the failure timeout, then as long again running.
         let paused = s.leader_id.map(|l| (l + 2) % 3).unwrap();
+        let timing = ClusterSection::default();
+        let pause = (timing.lease + timing.failure_timeout) / 2;
+        assert!(timing.lease < pause && pause < timing.failure_timeout);
         for _ in 0..3 {
-            cluster.member(paused).signal("-STOP");
-            tokio::time::sleep(Duration::from_millis(1000)).await;
-            cluster.member(paused).signal("-CONT");
-            tokio::time::sleep(Duration::from_millis(700)).await;
+            cluster.member(paused).signal("-STOP").unwrap();
+            tokio::time::sleep(pause).await;
+            cluster.member(paused).signal("-CONT").unwrap();
+            tokio::time::sleep(pause).await;
         }
     }
 
@@ -831,7 +724,7 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
     let wiped = s.leader_id.map(|l| (l + 2) % 3).unwrap();
     cluster.member(wiped).kill9();
     std::fs::remove_dir_all(cluster._dir.path().join(format!("ndc-{wiped}"))).unwrap();
-    cluster.member(wiped).start();
+    cluster.member(wiped).start().unwrap();
     let (_, t) = cluster
         .wait_for("the wiped node back with its share", SETTLE, |s| {
             live_members(s).len() == 3 && balanced_over(s, &[0, 1, 2])
@@ -839,7 +732,7 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
         .await;
     // Asked through the wiped node itself: it knows the leader again (its
     // Raft log was re-replicated), and its partitions are running.
-    let wiped_addr = cluster.member(wiped).addr.clone();
+    let wiped_addr = cluster.member(wiped).grpc().to_string();
     let started = Instant::now();
     loop {
         if let Ok(s) = admin::status(&wiped_addr).await
@@ -872,7 +765,7 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
             "status",
             "--json",
             "--addr",
-            &cluster.members[0].addr,
+            &cluster.members()[0].addr(),
         ])
         .output()
         .unwrap();
@@ -905,7 +798,7 @@ async fn nodes_are_removed_and_added_online() {
         .await;
 
     // Remove node 2 (through node 0, whichever is leader): its partitions move.
-    let addr0 = cluster.members[0].addr.clone();
+    let addr0 = cluster.members()[0].addr();
     let m = admin::remove_node(&addr0, 2).await.unwrap();
     assert_eq!(m.voters, vec![0, 1]);
     let (s, t) = cluster
@@ -919,7 +812,7 @@ async fn nodes_are_removed_and_added_online() {
 
     // A new node 3 joins as learner, catches up, becomes a voter, gets work.
     let addr3 = cluster.prepare_joiner(3);
-    cluster.member(3).start();
+    cluster.member(3).start().unwrap();
     let mut joined = None;
     for _ in 0..100 {
         match admin::add_node(&addr0, 3, &addr3, false).await {
@@ -956,7 +849,7 @@ async fn nodes_are_removed_and_added_online() {
         cert: Some(pki.files.subscriber_cert.clone()),
         key: Some(pki.files.subscriber_key.clone()),
     };
-    ndc_node::access_api::grant(
+    ndc_node::serving::access_api::grant(
         &addr0,
         Some(&pki.admin),
         ndc_proto::v1::GrantInfo {
@@ -969,7 +862,7 @@ async fn nodes_are_removed_and_added_online() {
     )
     .await
     .unwrap();
-    let addr3_public = cluster.member(3).addr.clone();
+    let addr3_public = cluster.member(3).grpc().to_string();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let opts = ndc_node::client::SubscribeOptions {
         addr: addr3_public,
@@ -1006,8 +899,8 @@ async fn nodes_are_removed_and_added_online() {
             break id.to_string();
         }
     };
-    let addr1 = cluster.member(1).addr.clone();
-    ndc_node::access_api::revoke(&addr1, Some(&pki.admin), "subscriber")
+    let addr1 = cluster.member(1).grpc().to_string();
+    ndc_node::serving::access_api::revoke(&addr1, Some(&pki.admin), "subscriber")
         .await
         .unwrap();
     let revoked = Instant::now();
@@ -1026,9 +919,10 @@ async fn nodes_are_removed_and_added_online() {
     // node indexes the others' audit chains from the audit topic.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let answer = ndc_node::audit_api::who_accessed(&addr0, Some(&pki.admin), &person, 0)
-            .await
-            .unwrap();
+        let answer =
+            ndc_node::serving::audit_api::who_accessed(&addr0, Some(&pki.admin), &person, 0)
+                .await
+                .unwrap();
         let found = answer.records.iter().find(|r| {
             r.node == "ndc-3" && r.principal == "subscriber" && r.purpose == "cluster test"
         });
@@ -1142,8 +1036,8 @@ async fn converged(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn golden_records_are_the_same_on_every_node_through_a_leader_kill_and_a_rule_change() {
-    use ndc_node::admin as pipelines;
-    use ndc_node::synthetic::insurance_card_row;
+    use ndc_node::quickstart::synthetic::insurance_card_row;
+    use ndc_node::serving::pipelines_api as pipelines;
     let topics: Vec<(&str, i32)> = AGENCIES
         .iter()
         .map(|t| (t.topic(), 2))
@@ -1162,7 +1056,7 @@ async fn golden_records_are_the_same_on_every_node_through_a_leader_kill_and_a_r
             }
         }
     }
-    let addrs: Vec<String> = cluster.members.iter().map(|m| m.addr.clone()).collect();
+    let addrs: Vec<String> = cluster.members().iter().map(|m| m.addr()).collect();
 
     // The spec was replicated to every node; each runs it under one name.
     for a in &addrs {
@@ -1254,10 +1148,10 @@ async fn golden_records_are_the_same_on_every_node_through_a_leader_kill_and_a_r
     cluster.member(leader).kill9();
     load.await.unwrap();
     let survivors: Vec<String> = cluster
-        .members
+        .members()
         .iter()
         .filter(|m| m.running())
-        .map(|m| m.addr.clone())
+        .map(|m| m.addr())
         .collect();
     let phones_updated = |r: &BTreeMap<String, Value>| {
         let g = golden_by_person(r);
@@ -1291,7 +1185,7 @@ async fn golden_records_are_the_same_on_every_node_through_a_leader_kill_and_a_r
     )
     .await;
     // The killed node comes back, catches up from the change logs, agrees.
-    cluster.member(leader).start();
+    cluster.member(leader).start().unwrap();
     converged(
         &cluster,
         &addrs,
@@ -1316,12 +1210,11 @@ async fn golden_records_are_the_same_on_every_node_through_a_leader_kill_and_a_r
     );
     let s = cluster.status().await.unwrap();
     let follower = cluster
-        .members
+        .members()
         .iter()
         .find(|m| Some(m.id) != s.leader_id && m.running())
         .unwrap()
-        .addr
-        .clone();
+        .addr();
     let r = pipelines::apply(&follower, v2, false).await.unwrap();
     assert_eq!(r.outcome, "updated");
     assert!(r.reset.contains(&"people".to_string()), "{r:?}");

@@ -12,12 +12,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::*;
 use ndc_node::client::From;
 use ndc_node::config::SourceConfig;
 use ndc_operators::Format;
+use ndc_testkit::*;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::Path;

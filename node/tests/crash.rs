@@ -6,52 +6,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::*;
-use ndc_node::synthetic::{Feed, Rng, Table, citizen_row, national_id};
+use ndc_node::quickstart::synthetic::{Feed, Rng, Table, citizen_row, national_id};
+use ndc_testkit::*;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const TOPIC: &str = "population.public.citizens";
 const DLQ: &str = "ndc.dead-letter";
-
-struct NodeProcess {
-    child: Child,
-}
-
-impl NodeProcess {
-    fn start(config: &std::path::Path, log: &std::path::Path) -> NodeProcess {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_ndc"))
-            .args(["node", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info,rdkafka=warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        NodeProcess { child }
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().unwrap(); // SIGKILL
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_any_point_loses_nothing_and_delivers_no_duplicate() {
@@ -59,24 +21,27 @@ async fn kill_9_at_any_point_loses_nothing_and_delivers_no_duplicate() {
     broker.create_topic(TOPIC, 3).await;
     broker.create_topic(DLQ, 1).await;
     let dir = tempfile::tempdir().unwrap();
-    let grpc_port = free_port();
     let mut config = node_config(
         &dir.path().join("node"),
         &broker.bootstrap,
         &[("citizens", TOPIC, &["person_id"])],
     );
-    config.node.grpc_listen = format!("127.0.0.1:{grpc_port}").parse().unwrap();
     config.tls.insecure = true;
     config.storage.sync_commits = true;
     config.pipeline.max_batch_records = 200;
-    let config_path = dir.path().join("ndc.yaml");
-    std::fs::write(&config_path, config.to_yaml().unwrap()).unwrap();
-    let log = dir.path().join("node.log");
-
-    let mut node = Some(NodeProcess::start(&config_path, &log));
+    // Its ports stay bound across kills: the subscriber's connections wait
+    // in the backlog while the node is down.
+    let mut node = NodeProcess::start_new(
+        std::path::Path::new(env!("CARGO_BIN_EXE_ndc")),
+        config,
+        dir.path(),
+        "node",
+    )
+    .unwrap();
+    let grpc = node.grpc();
 
     // A subscriber that keeps resuming with its last token.
-    let (seen, subscriber) = follow(format!("127.0.0.1:{grpc_port}"), "citizens");
+    let (seen, subscriber) = follow(grpc.to_string(), "citizens");
 
     // The feed: inserts, updates, deletes with tombstones, some bad records.
     let producer = broker.producer();
@@ -96,8 +61,8 @@ async fn kill_9_at_any_point_loses_nothing_and_delivers_no_duplicate() {
     for n in 0..total {
         if kills_at.contains(&n) {
             // Kill at an arbitrary point, restart at once (records keep coming).
-            node.take().unwrap().kill9();
-            node = Some(NodeProcess::start(&config_path, &log));
+            node.kill9();
+            node.start().unwrap();
         }
         let i = rng.below(people);
         let roll = rng.below(100);
@@ -143,12 +108,28 @@ async fn kill_9_at_any_point_loses_nothing_and_delivers_no_duplicate() {
         assert!(
             Instant::now() < deadline,
             "subscriber did not converge; node log:\n{}",
-            tail(&log)
+            node.log_tail(40)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // A moment more, so that a late duplicate would show.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Until the subscriber has seen the view's last committed change: a
+    // duplicate delivered after a resume would have come before it.
+    let last_seen = |lines: &[Value]| {
+        lines
+            .iter()
+            .filter_map(|l| l.get("seq").and_then(Value::as_u64))
+            .max()
+            .unwrap_or(0)
+    };
+    eventually_async(
+        "the subscriber at the view's last commit",
+        Duration::from_secs(60),
+        || async {
+            let (committed, _) = view_state(grpc, "citizens").await?;
+            (last_seen(&seen.lock().unwrap()) == committed).then_some(())
+        },
+    )
+    .await;
     subscriber.abort();
     let lines = seen.lock().unwrap().clone();
 
@@ -171,18 +152,12 @@ async fn kill_9_at_any_point_loses_nothing_and_delivers_no_duplicate() {
         bad_records,
         "dead letters by source position"
     );
-    let log_text = std::fs::read_to_string(&log).unwrap();
+    let log_text = std::fs::read_to_string(node.log_path()).unwrap();
     assert_eq!(
         log_text.matches("node started").count(),
         kills_at.len() + 1,
         "{}",
-        tail(&log)
+        node.log_tail(40)
     );
     drop(node);
-}
-
-fn tail(path: &std::path::Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
 }

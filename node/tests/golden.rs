@@ -7,13 +7,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::*;
 use ndc_node::client::From;
-use ndc_node::synthetic::{
+use ndc_node::quickstart::synthetic::{
     Feed, Table, business_row, citizen_row, insurance_card_row, national_id, vehicle_row,
 };
+use ndc_testkit::*;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -182,7 +180,7 @@ async fn golden_records_conflicts_and_the_four_pillars_from_five_agencies() {
     // received data about the person (the reads above, as `anonymous`).
     let id = national_id(3).to_string();
     let report: Value = serde_json::from_str(
-        &ndc_node::audit_api::person_report(&addr.to_string(), None, &id)
+        &ndc_node::serving::audit_api::person_report(&addr.to_string(), None, &id)
             .await
             .unwrap(),
     )
@@ -466,7 +464,7 @@ operators:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelines_are_applied_updated_and_dropped_on_a_running_node() {
-    use ndc_node::admin;
+    use ndc_node::serving::pipelines_api;
     let broker = broker_with_feeds().await;
     let producer = broker.producer();
     let mut citizens = Feed::new(Table::Citizens, 1_767_225_600_000);
@@ -498,7 +496,7 @@ async fn pipelines_are_applied_updated_and_dropped_on_a_running_node() {
     let (seen, follower) = follow(addr.to_string(), "plain");
 
     // Invalid: the error names the field.
-    let e = admin::apply(
+    let e = pipelines_api::apply(
         &addr.to_string(),
         SMALL.replace("rule: priority", "rule: best"),
         false,
@@ -511,13 +509,18 @@ async fn pipelines_are_applied_updated_and_dropped_on_a_running_node() {
         "{e}"
     );
     // Dry run: valid, nothing runs.
-    let r = admin::apply(&addr.to_string(), SMALL.into(), true)
+    let r = pipelines_api::apply(&addr.to_string(), SMALL.into(), true)
         .await
         .unwrap();
     assert_eq!(r.outcome, "valid");
-    assert!(admin::list(&addr.to_string()).await.unwrap().is_empty());
+    assert!(
+        pipelines_api::list(&addr.to_string())
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
-    let r = admin::apply(&addr.to_string(), SMALL.into(), false)
+    let r = pipelines_api::apply(&addr.to_string(), SMALL.into(), false)
         .await
         .unwrap();
     assert_eq!(r.outcome, "created");
@@ -533,11 +536,11 @@ async fn pipelines_are_applied_updated_and_dropped_on_a_running_node() {
         by_person(&golden)[&id0]["phone"],
         citizen_row(0, 0)["phone"]
     );
-    let r = admin::apply(&addr.to_string(), SMALL.into(), false)
+    let r = pipelines_api::apply(&addr.to_string(), SMALL.into(), false)
         .await
         .unwrap();
     assert_eq!(r.outcome, "unchanged");
-    let e = admin::apply(
+    let e = pipelines_api::apply(
         &addr.to_string(),
         SMALL.replace("compare: true", "compare: false"),
         false,
@@ -548,7 +551,7 @@ async fn pipelines_are_applied_updated_and_dropped_on_a_running_node() {
 
     // A version that lowers a classified column without saying so is
     // refused, naming the entry that would say so.
-    let e = admin::apply(
+    let e = pipelines_api::apply(
         &addr.to_string(),
         SMALL
             .replace("version: 1", "version: 2")
@@ -571,7 +574,7 @@ async fn pipelines_are_applied_updated_and_dropped_on_a_running_node() {
         "phone: {rule: priority, sources: [population, health]",
         "phone: {rule: priority, sources: [health, population]",
     );
-    let r = admin::apply(&addr.to_string(), v2.clone(), false)
+    let r = pipelines_api::apply(&addr.to_string(), v2.clone(), false)
         .await
         .unwrap();
     assert_eq!((r.outcome.as_str(), r.reset.len()), ("updated", 0));
@@ -599,7 +602,9 @@ async fn pipelines_are_applied_updated_and_dropped_on_a_running_node() {
             "    key: [card_no, person_id]\n    national_id: {column: person_id}\n",
         )
         .replace("    key: [card_no]\n    key:", "    key:");
-    let r = admin::apply(&addr.to_string(), v3, false).await.unwrap();
+    let r = pipelines_api::apply(&addr.to_string(), v3, false)
+        .await
+        .unwrap();
     assert_eq!(r.reset, ["health", "people"], "{r:?}");
     until(addr, "small.people", "rebuilt", |r| {
         r.len() == PEOPLE as usize
@@ -613,7 +618,7 @@ async fn pipelines_are_applied_updated_and_dropped_on_a_running_node() {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let mut applied = Vec::new();
-        ndc_node::audit::read_topic(&kafka, "ndc.audit", |_, bytes| {
+        ndc_node::serving::audit::read_topic(&kafka, "ndc.audit", |_, bytes| {
             let r: Value = serde_json::from_slice(bytes).unwrap();
             if r["event"]["kind"] == "pipeline_apply" {
                 assert_eq!(r["event"]["by"], "anonymous", "{r}");
@@ -635,7 +640,7 @@ async fn pipelines_are_applied_updated_and_dropped_on_a_running_node() {
     follower.abort();
     let node = ndc_node::start(config.clone()).await.unwrap();
     let addr = node.addrs.grpc;
-    let listed = admin::list(&addr.to_string()).await.unwrap();
+    let listed = pipelines_api::list(&addr.to_string()).await.unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!((listed[0].name.as_str(), listed[0].version), ("small", 3));
     assert!(
@@ -646,11 +651,16 @@ async fn pipelines_are_applied_updated_and_dropped_on_a_running_node() {
 
     // Drop: the views and their state go; the plain view keeps serving.
     let (seen, follower) = follow(addr.to_string(), "plain");
-    let dropped = admin::drop_pipeline(&addr.to_string(), "small")
+    let dropped = pipelines_api::drop_pipeline(&addr.to_string(), "small")
         .await
         .unwrap();
     assert!(dropped.contains(&"small.people".to_string()));
-    assert!(admin::list(&addr.to_string()).await.unwrap().is_empty());
+    assert!(
+        pipelines_api::list(&addr.to_string())
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let e = collect(
         addr,
         "small.people",

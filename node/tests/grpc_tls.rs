@@ -6,11 +6,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::*;
 use ndc_node::client::{ClientTls, From, SubscribeOptions};
-use ndc_node::synthetic::{Feed, Table};
+use ndc_node::quickstart::synthetic::{Feed, Table};
+use ndc_testkit::*;
 use serde_json::Value;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -96,7 +94,7 @@ async fn mutual_tls_serves_trusted_clients_refuses_others_and_rotates_without_dr
     config.access.admins = vec!["admin".into()];
     let node = ndc_node::start(config).await.unwrap();
     let addr = node.addrs.grpc;
-    ndc_node::access_api::grant(
+    ndc_node::serving::access_api::grant(
         &addr.to_string(),
         Some(&client(&pki, &ca, "admin")),
         ndc_proto::v1::GrantInfo {

@@ -5,10 +5,8 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::*;
-use ndc_node::synthetic::{Feed, Table};
+use ndc_node::quickstart::synthetic::{Feed, Table};
+use ndc_testkit::*;
 use std::time::Duration;
 
 const CITIZENS: &str = "population.public.citizens";
@@ -84,7 +82,8 @@ async fn a_node_reads_a_tls_broker_it_trusts_and_stays_not_ready_with_a_wrong_ca
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_broker_is_counted_and_keeps_the_node_not_ready() {
     let dir = tempfile::tempdir().unwrap();
-    let closed = format!("127.0.0.1:{}", free_port());
+    // Port 1 (tcpmux): privileged, nothing listens there on a test machine.
+    let closed = "127.0.0.1:1".to_string();
     let node = ndc_node::start(node_config(
         dir.path(),
         &closed,

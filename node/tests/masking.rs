@@ -8,13 +8,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::*;
 use ndc_node::client::{ClientTls, From, SubscribeOptions};
 use ndc_node::config::ColumnClass;
-use ndc_node::synthetic::{Feed, Table, citizen_row};
+use ndc_node::quickstart::synthetic::{Feed, Table, citizen_row};
 use ndc_operators::masking::{self, Category, HashKeys, Level, Policy};
+use ndc_testkit::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -45,37 +43,21 @@ async fn lines_until(
     tls: &ClientTls,
     from: From,
     keys: Vec<String>,
-    done: impl Fn(&[Value]) -> bool,
+    done: impl Fn(&[Value]) -> bool + Send,
 ) -> Vec<Value> {
-    let mut lines = Vec::new();
     let opts = SubscribeOptions {
-        addr: addr.into(),
-        view: "citizens".into(),
-        from,
         keys,
-        fields: Vec::new(),
-        limit: None,
-        progress: false,
-        reconnect: false,
         tls: Some(tls.clone()),
-        token: None,
+        ..subscription(addr, "citizens", from)
     };
-    let _ = tokio::time::timeout(
-        T,
-        ndc_node::client::subscribe(opts, |l| {
-            lines.push(l);
-            !done(&lines)
-        }),
-    )
-    .await;
-    lines
+    read_until(opts, T, done).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fields_above_the_clearance_never_leave_unmasked_on_any_path() {
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path().join("pki");
-    let certs = ndc_node::certs::make_dev_certificates(&pki, &[], 1).unwrap();
+    let certs = ndc_node::security::certs::make_dev_certificates(&pki, &[], 1).unwrap();
     std::fs::write(
         dir.path().join("hash.key"),
         b"a test key of 32 bytes, no more.",
@@ -252,7 +234,7 @@ async fn fields_above_the_clearance_never_leave_unmasked_on_any_path() {
         cert: Some(certs.admin_cert.clone()),
         key: Some(certs.admin_key.clone()),
     };
-    ndc_node::access_api::grant(
+    ndc_node::serving::access_api::grant(
         &addr,
         Some(&admin),
         ndc_proto::v1::GrantInfo {

@@ -6,14 +6,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::*;
 use ndc_node::client::ClientTls;
 use ndc_node::config::ClusterSection;
 use ndc_proto::cluster::cluster_client::ClusterClient;
 use ndc_proto::cluster::raft_client::RaftClient;
 use ndc_proto::cluster::{HeartbeatRequest, RaftMessage, StatusRequest};
+use ndc_testkit::*;
 use std::path::PathBuf;
 
 fn as_who(ca: &std::path::Path, (cert, key): &(PathBuf, PathBuf)) -> ClientTls {
@@ -34,8 +32,13 @@ fn code_and_message(r: Result<impl Sized, tonic::Status>) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_speaks_only_for_the_node_its_certificate_names() {
     let dir = tempfile::tempdir().unwrap();
-    let (certs, nodes) =
-        ndc_node::certs::make_dev_cluster_certificates(&dir.path().join("pki"), &[], 1, 3).unwrap();
+    let (certs, nodes) = ndc_node::security::certs::make_dev_cluster_certificates(
+        &dir.path().join("pki"),
+        &[],
+        1,
+        3,
+    )
+    .unwrap();
     let broker = Broker::start();
     broker.create_topic("population.public.citizens", 1).await;
     let mut config = node_config(
@@ -43,20 +46,25 @@ async fn a_peer_speaks_only_for_the_node_its_certificate_names() {
         &broker.bootstrap,
         &[("citizens", "population.public.citizens", &["person_id"])],
     );
-    let peer_port = free_port();
+    // Its own peer address is in its bootstrap list: the socket is bound
+    // here and handed to the node, never released in between.
+    let ports = Ports::bind(true).unwrap();
+    let peer_addr = ports.peer().unwrap();
+    ports.configure(&mut config);
     config.node.id = "ndc-0".into();
-    config.node.peer_listen = format!("127.0.0.1:{peer_port}").parse().unwrap();
     config.tls.insecure = false;
     config.tls.cert = Some(nodes[0].0.clone());
     config.tls.key = Some(nodes[0].1.clone());
     config.tls.client_ca = Some(certs.ca.clone());
     config.access.admins = vec!["admin".into()];
     config.cluster = Some(ClusterSection {
-        bootstrap: vec![format!("0=127.0.0.1:{peer_port}")],
+        bootstrap: vec![format!("0={peer_addr}")],
         changes_replication: 1,
         ..ClusterSection::default()
     });
-    let node = ndc_node::start(config).await.unwrap();
+    let node = ndc_node::node::start_with(config, ports.listeners().unwrap())
+        .await
+        .unwrap();
     let peer = node.addrs.peer.unwrap().to_string();
     let public = node.addrs.grpc.to_string();
     let node1 = as_who(&certs.ca, &nodes[1]);

@@ -2,11 +2,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::*;
 use ndc_node::client::From;
-use ndc_node::synthetic::{Feed, Table, citizen_row, national_id};
+use ndc_node::quickstart::synthetic::{Feed, Table, citizen_row, national_id};
+use ndc_testkit::*;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -234,7 +232,7 @@ async fn bad_records_go_to_the_dead_letter_topic_and_good_ones_flow() {
         assert!(!header(m, "ndc-reason").unwrap().is_empty());
         if let Some((_, key, value)) = bad.iter().find(|(k, _, _)| *k == kind) {
             assert_eq!(
-                payload(m),
+                rdkafka::Message::payload(m),
                 Some(value.as_slice()),
                 "original bytes kept for {kind}"
             );
@@ -319,7 +317,7 @@ async fn a_record_larger_than_the_dead_letter_topic_takes_is_kept_whole_in_chunk
             Some(value.len().to_string().as_str())
         );
         assert_eq!(rdkafka::Message::key(m), Some(key.as_slice()));
-        joined.extend_from_slice(payload(m).unwrap());
+        joined.extend_from_slice(rdkafka::Message::payload(m).unwrap());
     }
     assert!(
         joined == value,
@@ -352,7 +350,7 @@ async fn resume_tokens_continue_without_gap_or_duplicate_across_disconnects_and_
     // Read the first 10 changes, then disconnect.
     let mut got: Vec<Value> = Vec::new();
     let latest_zero =
-        ndc_node::token::encode("citizens", view_incarnation(node.addrs.grpc).await, 0);
+        ndc_node::security::token::encode("citizens", view_incarnation(node.addrs.grpc).await, 0);
     let part = collect(
         node.addrs.grpc,
         "citizens",
@@ -431,7 +429,10 @@ async fn view_incarnation_of(addr: std::net::SocketAddr, view: &str) -> u64 {
         .as_str()
         .unwrap()
         .to_string();
-    ndc_node::token::peek(&token).unwrap().1.incarnation
+    ndc_node::security::token::peek(&token)
+        .unwrap()
+        .1
+        .incarnation
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -512,7 +513,7 @@ async fn bad_requests_get_clear_statuses() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("resume token"), "{}", err.message());
 
-    let other = ndc_node::token::encode("addresses", 1, 0);
+    let other = ndc_node::security::token::encode("addresses", 1, 0);
     let err = client
         .subscribe(req("citizens", Some(Start::ResumeToken(other)), vec![]))
         .await
@@ -524,7 +525,7 @@ async fn bad_requests_get_clear_statuses() {
         err.message()
     );
 
-    let stale = ndc_node::token::encode("citizens", 12345, 0);
+    let stale = ndc_node::security::token::encode("citizens", 12345, 0);
     let err = client
         .subscribe(req("citizens", Some(Start::ResumeToken(stale)), vec![]))
         .await
@@ -568,7 +569,7 @@ async fn key_and_field_filters() {
     let opts = ndc_node::client::SubscribeOptions {
         addr: node.addrs.grpc.to_string(),
         view: "citizens".into(),
-        from: From::Token(ndc_node::token::encode(
+        from: From::Token(ndc_node::security::token::encode(
             "citizens",
             view_incarnation(node.addrs.grpc).await,
             0,
@@ -642,7 +643,9 @@ async fn a_slow_subscriber_catches_up_from_storage_and_does_not_hold_back_the_no
     let mut stream = client
         .subscribe(SubscribeRequest {
             view: "slow".into(),
-            start: Some(Start::ResumeToken(ndc_node::token::encode("slow", inc, 0))),
+            start: Some(Start::ResumeToken(ndc_node::security::token::encode(
+                "slow", inc, 0,
+            ))),
             keys: vec![],
             fields: vec![],
             max_batch_size: 0,
@@ -757,15 +760,27 @@ async fn a_file_export_backfills_through_the_same_path_then_kafka_continues() {
     // A restart does not read the file again.
     node.shutdown().await;
     let node = ndc_node::start(config).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let text = metrics_text(node.addrs.http).await;
-    // Kafka partitions are resumed a little before their stored offsets (the
-    // 5 updates come again and are recognised as applied); the file's 26
-    // lines are not read again.
-    let again = metric_value(&text, |l| {
-        l.contains("view=\"backfill\",outcome=\"already_applied\"")
+    // Kafka partitions are resumed before their stored offsets on the test
+    // broker (`kafka.resume_rewind_records`): the 5 updates come again and
+    // are recognised as applied — once they have, the data path has run
+    // since the restart. The file's 26 lines are not read again.
+    let already_applied = |text: &str| -> f64 {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("ndc_source_records_total{")
+                    && l.contains("view=\"backfill\"")
+                    && l.contains("outcome=\"already_applied\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let http = node.addrs.http;
+    let text = eventually_async("the Kafka updates read again", T, || async {
+        let text = metrics_text(http).await;
+        (already_applied(&text) >= 5.0).then_some(text)
     })
-    .unwrap_or(0.0);
+    .await;
+    let again = already_applied(&text);
     assert!(again <= 5.0, "file re-read after restart:\n{text}");
     node.shutdown().await;
 }
@@ -855,7 +870,14 @@ async fn a_followed_file_is_read_as_it_grows_and_a_half_written_line_waits() {
     let node = ndc_node::start(config.clone()).await.unwrap();
     // Lines appended after the start are read: the source did not finish
     // at the (empty) end of the file.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let http = node.addrs.http;
+    eventually_async("the node ready", T, || async {
+        http_get(http, "/readyz")
+            .await
+            .starts_with("HTTP/1.1 200")
+            .then_some(())
+    })
+    .await;
     writeln!(file, "{}\n{}\n{}", lines[0], lines[1], lines[2]).unwrap();
     wait_rows(node.addrs.grpc, "growing", 3).await;
 
@@ -946,7 +968,15 @@ async fn subscribers_that_keep_up_get_each_commit_from_memory_exactly_as_storage
         tokio::time::timeout(T, fut).await.unwrap().unwrap();
         lines
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let http = node.addrs.http;
+    eventually_async("both subscribers open", T, || async {
+        let text = metrics_text(http).await;
+        let open = metric_value(&text, |l| {
+            l.starts_with("ndc_subscriptions_active{") && l.contains("view=\"kept\"")
+        });
+        (open.unwrap_or(0.0) >= 2.0).then_some(())
+    })
+    .await;
     let mut file = std::fs::OpenOptions::new()
         .append(true)
         .open(&export)
@@ -969,7 +999,7 @@ async fn subscribers_that_keep_up_get_each_commit_from_memory_exactly_as_storage
     // What the followers got from memory is what storage holds: a late
     // subscriber reads the same changes back from RocksDB.
     let incarnation = view_incarnation_of(grpc, "kept").await;
-    let token = ndc_node::token::encode("kept", incarnation, 3);
+    let token = ndc_node::security::token::encode("kept", incarnation, 3);
     let stored = collect(grpc, "kept", From::Token(token), T, move |l| {
         l.iter().any(|x| x["seq"] == last_seq)
     })

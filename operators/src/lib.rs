@@ -4,7 +4,8 @@
 //!   [`debezium::DecodeError`] (the dead-letter reason).
 //! - [`ordering`]: which of two events of a key is newer: each connector's
 //!   position in its source database's log.
-//! - [`replica`]: the per-event decision of the synchronized replica.
+//! - [`replica`]: the synchronized replica operator: each event decided
+//!   against the stored row and applied to a [`store::Txn`].
 //! - [`store`]: RocksDB state: replicas, change streams and feed offsets,
 //!   committed atomically.
 //! - [`merge`]: the golden record of each citizen from many agencies' facts.

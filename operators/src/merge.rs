@@ -424,7 +424,8 @@ impl Merger {
             processed_ts_ms: None,
         };
         let origin = Position::new(fact.origin_stream.as_str(), fact.origin_offset);
-        let outcome = txn.apply_from(views.contributions, &event, consumed, &origin)?;
+        let outcome =
+            crate::replica::apply_from(txn, views.contributions, &event, consumed, &origin)?;
         // `Unchanged` too: same content, newer version — the commit time
         // may change a `most_recent` choice and the provenance.
         if !matches!(

@@ -10,7 +10,9 @@
 
 use crate::debezium::{ChangeEvent, ChangeOp};
 pub use crate::ordering::{Basis, compare_versions};
-use ndc_proto::state::{RowVersion, StoredRow};
+use crate::store::{StoreError, Txn, ViewId, source_position};
+use ndc_proto::state::{RowVersion, StoredRow, effect};
+use ndc_proto::v1::Change;
 use ndc_proto::v1::Op;
 use std::cmp::Ordering;
 
@@ -67,6 +69,153 @@ impl Outcome {
             Outcome::DeadLettered => "dead_lettered",
         }
     }
+}
+
+/// Applies one change event read at `pos` to `view` in `txn`: the
+/// replica operator, over the transaction's rows, offsets and change stream.
+pub fn apply(
+    txn: &mut Txn<'_>,
+    view: ViewId,
+    event: &ChangeEvent,
+    pos: &Position,
+) -> Result<Outcome, StoreError> {
+    if event.op == ChangeOp::Truncate {
+        if txn.is_applied(view, pos) {
+            return Ok(Outcome::AlreadyApplied);
+        }
+        txn.advance(view, pos);
+        return truncate(txn, view, event, pos);
+    }
+    apply_from(txn, view, event, pos, pos)
+}
+
+/// Applies a keyed event consumed at `consumed` whose version is that of
+/// `origin`, where it was first read. Facts re-keyed through a
+/// repartition topic keep their agency feed's version, so a replay of the
+/// feed, re-published at new offsets, is still recognised as a duplicate.
+pub fn apply_from(
+    txn: &mut Txn<'_>,
+    view: ViewId,
+    event: &ChangeEvent,
+    consumed: &Position,
+    origin: &Position,
+) -> Result<Outcome, StoreError> {
+    if txn.is_applied(view, consumed) {
+        return Ok(Outcome::AlreadyApplied);
+    }
+    txn.advance(view, consumed);
+    let Some(key) = &event.key else {
+        return Ok(Outcome::Skipped);
+    };
+    let truncated_at = txn.meta_mut(view)?.truncated_at.clone();
+    let (decision, basis) = decide(
+        txn.current_row(view, key.as_bytes())?.as_ref().as_ref(),
+        truncated_at.as_ref(),
+        event,
+        version_of(event, origin),
+    );
+    if let Some(basis) = basis.filter(|b| b.is_fallback()) {
+        txn.count_fallback(view, event.source.connector_label(), basis);
+    }
+    match decision {
+        Decision::Skip(outcome) => Ok(outcome),
+        Decision::Write {
+            row,
+            op,
+            before_json,
+            after_json,
+            live_delta,
+            outcome,
+        } => {
+            txn.put_row(view, key.as_bytes(), row);
+            let meta = txn.meta_mut(view)?;
+            meta.live_rows = meta.live_rows.saturating_add_signed(live_delta);
+            if let Some(op) = op {
+                let change = Change {
+                    seq: 0,
+                    op: op as i32,
+                    key_json: key.as_str().to_string(),
+                    before_json,
+                    after_json,
+                    source: Some(source_position(&event.source, origin)),
+                    committed_at_ms: txn.now_ms(),
+                };
+                txn.append_change(view, change)?;
+            }
+            Ok(outcome)
+        }
+    }
+}
+
+/// Removes every row older than the truncate. Emits one TRUNCATE change
+/// when no live row survives (the usual case), else a DELETE per removed
+/// row so subscribers keep the rows written after the truncate.
+fn truncate(
+    txn: &mut Txn<'_>,
+    view: ViewId,
+    event: &ChangeEvent,
+    pos: &Position,
+) -> Result<Outcome, StoreError> {
+    let version = version_of(event, pos);
+    if let Some(prev) = &txn.meta_mut(view)?.truncated_at
+        && compare_versions(&version, prev).0 != Ordering::Greater
+    {
+        return Ok(Outcome::Stale);
+    }
+    let rows = txn.rows_with_prefix(view, &[])?;
+    let mut removed = Vec::new();
+    let mut survivors = 0u64;
+    for (key, row) in rows {
+        let older = row
+            .version
+            .as_ref()
+            .is_none_or(|rv| compare_versions(&version, rv).0 == Ordering::Greater);
+        if older {
+            if !row.deleted {
+                removed.push((key.clone(), row.row_json.clone()));
+            }
+            txn.remove_row(view, &key);
+        } else if !row.deleted {
+            survivors += 1;
+        }
+    }
+    txn.record(view, &[], || effect::Kind::Truncate(version.clone()));
+    {
+        let meta = txn.meta_mut(view)?;
+        meta.truncated_at = Some(version);
+        meta.live_rows = survivors;
+    }
+    let source = source_position(&event.source, pos);
+    if survivors == 0 && !txn.truncates_row_by_row(view) {
+        txn.append_change(
+            view,
+            Change {
+                seq: 0,
+                op: Op::Truncate as i32,
+                key_json: String::new(),
+                before_json: None,
+                after_json: None,
+                source: Some(source),
+                committed_at_ms: txn.now_ms(),
+            },
+        )?;
+    } else {
+        for (key, before) in removed {
+            txn.append_change(
+                view,
+                Change {
+                    seq: 0,
+                    op: Op::Delete as i32,
+                    key_json: String::from_utf8_lossy(&key).into_owned(),
+                    before_json: Some(before),
+                    after_json: None,
+                    source: Some(source.clone()),
+                    committed_at_ms: txn.now_ms(),
+                },
+            )?;
+        }
+    }
+    Ok(Outcome::Truncated)
 }
 
 /// Version of an event at a position.

@@ -16,8 +16,8 @@
 //! ([`StoreReader`]); the writer is the only one that assigns sequence
 //! numbers, so a view's change stream is gapless.
 
-use crate::debezium::{ChangeEvent, ChangeOp, Key, SourceInfo};
-use crate::replica::{Basis, Decision, Outcome, Position, compare_versions, decide, version_of};
+use crate::debezium::{Key, SourceInfo};
+use crate::replica::{Basis, Outcome, Position};
 use ndc_proto::state::{Effect, LogRecord, RowVersion, StoredRow, ViewMeta, effect};
 use ndc_proto::v1::{Change, Op, SourcePosition};
 use prost::Message;
@@ -26,7 +26,6 @@ use rocksdb::{
     IteratorMode, Options, ReadOptions, WriteBatch, WriteBufferManager, WriteOptions,
 };
 use std::borrow::Cow;
-use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::path::{Path, PathBuf};
@@ -1134,7 +1133,7 @@ impl Pending {
 }
 
 /// What applying one log record did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Replayed {
     /// Its effects were applied.
     Applied,
@@ -1144,6 +1143,11 @@ pub enum Replayed {
     Fenced,
     /// At or below the stored log position (read again after a restart).
     AlreadyApplied,
+    /// Applied, except effects on views this node does not hold (a pipeline
+    /// another node runs a newer version of): they are skipped, the log
+    /// position still advances, and the caller reports the names. Failing
+    /// instead would stop every node at the same record after each restart.
+    PartlyApplied { unknown_views: Vec<String> },
 }
 
 impl std::fmt::Debug for Txn<'_> {
@@ -1170,8 +1174,25 @@ impl Txn<'_> {
             .unwrap_or(0)
     }
 
-    fn advance(&mut self, view: ViewId, pos: &Position) {
+    pub(crate) fn advance(&mut self, view: ViewId, pos: &Position) {
         self.raise(view, pos.stream.clone(), pos.offset + 1);
+    }
+
+    /// When the batch is applied (wall clock, ms): commit time of its changes.
+    pub(crate) fn now_ms(&self) -> i64 {
+        self.now_ms
+    }
+
+    /// Counts an event ordered by the commit-time fallback (see
+    /// [`Txn::take_order_fallbacks`]).
+    pub(crate) fn count_fallback(&mut self, view: ViewId, connector: &'static str, basis: Basis) {
+        *self.fallbacks.entry((view, connector, basis)).or_insert(0) += 1;
+    }
+
+    /// Whether a truncate of `view` is emitted as one DELETE per removed row
+    /// (the view's subscribers cannot take a TRUNCATE).
+    pub(crate) fn truncates_row_by_row(&self, view: ViewId) -> bool {
+        self.store.row_truncates.contains(&view)
     }
 
     /// Records that the record at `pos` was consumed without changing the
@@ -1184,7 +1205,7 @@ impl Txn<'_> {
         outcome
     }
 
-    fn meta_mut(&mut self, view: ViewId) -> Result<&mut ViewMeta, StoreError> {
+    pub(crate) fn meta_mut(&mut self, view: ViewId) -> Result<&mut ViewMeta, StoreError> {
         use std::collections::hash_map::Entry;
         match self.metas.entry(view) {
             Entry::Occupied(e) => Ok(e.into_mut()),
@@ -1233,7 +1254,7 @@ impl Txn<'_> {
     /// The row of `key` as this batch sees it: written earlier in the batch,
     /// by a batch not yet durable (`pending`), or committed. Borrowed when
     /// the batch already holds it (a row is ~500 bytes).
-    fn current_row(
+    pub(crate) fn current_row(
         &self,
         view: ViewId,
         key: &[u8],
@@ -1267,7 +1288,7 @@ impl Txn<'_> {
 
     /// Records an effect in cluster owner mode; `kind` is only built (rows
     /// and changes cloned) when recording, not on a single node's hot path.
-    fn record(&mut self, view: ViewId, key: &[u8], kind: impl FnOnce() -> effect::Kind) {
+    pub(crate) fn record(&mut self, view: ViewId, key: &[u8], kind: impl FnOnce() -> effect::Kind) {
         if let Some(r) = &mut self.recording {
             r.push((
                 view,
@@ -1317,7 +1338,11 @@ impl Txn<'_> {
         effects
     }
 
-    fn append_change(&mut self, view: ViewId, mut change: Change) -> Result<(), StoreError> {
+    pub(crate) fn append_change(
+        &mut self,
+        view: ViewId,
+        mut change: Change,
+    ) -> Result<(), StoreError> {
         self.record(view, &[], || effect::Kind::Change(change.clone()));
         let meta = self.meta_mut(view)?;
         meta.last_seq += 1;
@@ -1331,84 +1356,6 @@ impl Txn<'_> {
         Ok(())
     }
 
-    /// Applies one change event read at `pos` to `view`.
-    pub fn apply(
-        &mut self,
-        view: ViewId,
-        event: &ChangeEvent,
-        pos: &Position,
-    ) -> Result<Outcome, StoreError> {
-        if event.op == ChangeOp::Truncate {
-            if self.is_applied(view, pos) {
-                return Ok(Outcome::AlreadyApplied);
-            }
-            self.advance(view, pos);
-            return self.truncate(view, event, pos);
-        }
-        self.apply_from(view, event, pos, pos)
-    }
-
-    /// Applies a keyed event consumed at `consumed` whose version is that of
-    /// `origin`, where it was first read. Facts re-keyed through a
-    /// repartition topic keep their agency feed's version, so a replay of the
-    /// feed, re-published at new offsets, is still recognised as a duplicate.
-    pub fn apply_from(
-        &mut self,
-        view: ViewId,
-        event: &ChangeEvent,
-        consumed: &Position,
-        origin: &Position,
-    ) -> Result<Outcome, StoreError> {
-        if self.is_applied(view, consumed) {
-            return Ok(Outcome::AlreadyApplied);
-        }
-        self.advance(view, consumed);
-        let Some(key) = &event.key else {
-            return Ok(Outcome::Skipped);
-        };
-        let truncated_at = self.meta_mut(view)?.truncated_at.clone();
-        let (decision, basis) = decide(
-            self.current_row(view, key.as_bytes())?.as_ref().as_ref(),
-            truncated_at.as_ref(),
-            event,
-            version_of(event, origin),
-        );
-        if let Some(basis) = basis.filter(|b| b.is_fallback()) {
-            *self
-                .fallbacks
-                .entry((view, event.source.connector_label(), basis))
-                .or_insert(0) += 1;
-        }
-        match decision {
-            Decision::Skip(outcome) => Ok(outcome),
-            Decision::Write {
-                row,
-                op,
-                before_json,
-                after_json,
-                live_delta,
-                outcome,
-            } => {
-                self.put_row(view, key.as_bytes(), row);
-                let meta = self.meta_mut(view)?;
-                meta.live_rows = meta.live_rows.saturating_add_signed(live_delta);
-                if let Some(op) = op {
-                    let change = Change {
-                        seq: 0,
-                        op: op as i32,
-                        key_json: key.as_str().to_string(),
-                        before_json,
-                        after_json,
-                        source: Some(source_position(&event.source, origin)),
-                        committed_at_ms: self.now_ms,
-                    };
-                    self.append_change(view, change)?;
-                }
-                Ok(outcome)
-            }
-        }
-    }
-
     /// Puts `message`, encoded, under `key` in the column family `family`.
     fn put_encoded(&mut self, family: &str, key: impl AsRef<[u8]>, message: &impl Message) {
         self.encoded.clear();
@@ -1417,7 +1364,7 @@ impl Txn<'_> {
         self.batch.put_cf(cf(db, family), key, &self.encoded);
     }
 
-    fn put_row(&mut self, view: ViewId, key: &[u8], row: StoredRow) {
+    pub(crate) fn put_row(&mut self, view: ViewId, key: &[u8], row: StoredRow) {
         self.put_encoded(CF_ROWS, row_key(view, key), &row);
         self.record(view, key, || effect::Kind::Put(row.clone()));
         self.index(view, key);
@@ -1430,7 +1377,7 @@ impl Txn<'_> {
         }
     }
 
-    fn remove_row(&mut self, view: ViewId, key: &[u8]) {
+    pub(crate) fn remove_row(&mut self, view: ViewId, key: &[u8]) {
         let db = &self.store.reader.db;
         self.batch.delete_cf(cf(db, CF_ROWS), row_key(view, key));
         self.record(view, key, || effect::Kind::Remove(true));
@@ -1508,7 +1455,7 @@ impl Txn<'_> {
     }
 
     /// Every stored row (tombstones included) of `view` under `prefix`.
-    fn rows_with_prefix(
+    pub(crate) fn rows_with_prefix(
         &self,
         view: ViewId,
         prefix: &[u8],
@@ -1570,77 +1517,6 @@ impl Txn<'_> {
         Ok(rows)
     }
 
-    /// Removes every row older than the truncate. Emits one TRUNCATE change
-    /// when no live row survives (the usual case), else a DELETE per removed
-    /// row so subscribers keep the rows written after the truncate.
-    fn truncate(
-        &mut self,
-        view: ViewId,
-        event: &ChangeEvent,
-        pos: &Position,
-    ) -> Result<Outcome, StoreError> {
-        let version = version_of(event, pos);
-        if let Some(prev) = &self.meta_mut(view)?.truncated_at
-            && compare_versions(&version, prev).0 != Ordering::Greater
-        {
-            return Ok(Outcome::Stale);
-        }
-        let rows = self.rows_with_prefix(view, &[])?;
-        let mut removed = Vec::new();
-        let mut survivors = 0u64;
-        for (key, row) in rows {
-            let older = row
-                .version
-                .as_ref()
-                .is_none_or(|rv| compare_versions(&version, rv).0 == Ordering::Greater);
-            if older {
-                if !row.deleted {
-                    removed.push((key.clone(), row.row_json.clone()));
-                }
-                self.remove_row(view, &key);
-            } else if !row.deleted {
-                survivors += 1;
-            }
-        }
-        self.record(view, &[], || effect::Kind::Truncate(version.clone()));
-        {
-            let meta = self.meta_mut(view)?;
-            meta.truncated_at = Some(version);
-            meta.live_rows = survivors;
-        }
-        let source = source_position(&event.source, pos);
-        if survivors == 0 && !self.store.row_truncates.contains(&view) {
-            self.append_change(
-                view,
-                Change {
-                    seq: 0,
-                    op: Op::Truncate as i32,
-                    key_json: String::new(),
-                    before_json: None,
-                    after_json: None,
-                    source: Some(source),
-                    committed_at_ms: self.now_ms,
-                },
-            )?;
-        } else {
-            for (key, before) in removed {
-                self.append_change(
-                    view,
-                    Change {
-                        seq: 0,
-                        op: Op::Delete as i32,
-                        key_json: String::from_utf8_lossy(&key).into_owned(),
-                        before_json: Some(before),
-                        after_json: None,
-                        source: Some(source.clone()),
-                        committed_at_ms: self.now_ms,
-                    },
-                )?;
-            }
-        }
-        Ok(Outcome::Truncated)
-    }
-
     fn raise(&mut self, view: ViewId, stream: Arc<str>, value: u64) {
         let key = (view, stream);
         let current = self.stored(&key);
@@ -1677,13 +1553,20 @@ impl Txn<'_> {
         if record.fence {
             return Ok(Replayed::Fence);
         }
+        let mut unknown_views: Vec<String> = Vec::new();
         for e in &record.effects {
             let view = if e.view.is_empty() {
                 view
             } else {
-                self.store
-                    .view_id(&e.view)
-                    .ok_or_else(|| StoreError::UnknownView(e.view.clone()))?
+                match self.store.view_id(&e.view) {
+                    Some(id) => id,
+                    None => {
+                        if !unknown_views.contains(&e.view) {
+                            unknown_views.push(e.view.clone());
+                        }
+                        continue;
+                    }
+                }
             };
             match &e.kind {
                 Some(effect::Kind::Put(row)) => {
@@ -1719,7 +1602,11 @@ impl Txn<'_> {
                 record.source_next_offset,
             );
         }
-        Ok(Replayed::Applied)
+        if unknown_views.is_empty() {
+            Ok(Replayed::Applied)
+        } else {
+            Ok(Replayed::PartlyApplied { unknown_views })
+        }
     }
 
     /// Writes the batch atomically (synced when configured). Nothing of it is
@@ -1815,7 +1702,7 @@ impl PreparedWrite {
     }
 }
 
-fn source_position(s: &SourceInfo, pos: &Position) -> SourcePosition {
+pub(crate) fn source_position(s: &SourceInfo, pos: &Position) -> SourcePosition {
     SourcePosition {
         connector: String::from(&*s.connector),
         db: String::from(&*s.db),

@@ -19,7 +19,7 @@
 //! the same replica.
 
 use ndc_operators::debezium::{ChangeEvent, Decoded, Key, Row};
-use ndc_operators::{Decoder, DecoderConfig, Format, Position, Store, StoreConfig};
+use ndc_operators::{Decoder, DecoderConfig, Format, Position, Store, StoreConfig, replica};
 use ndc_proto::v1::Op;
 use proptest::prelude::*;
 use serde_json::{Value, json};
@@ -401,7 +401,7 @@ fn run(s: &Scenario) -> Result<(), TestCaseError> {
                 let offset = cursors[*p];
                 let record = parts[*p][offset as usize];
                 let pos = Position::new(streams[*p].as_str(), offset);
-                txn.apply(view, &event(s, record), &pos)
+                replica::apply(&mut txn, view, &event(s, record), &pos)
                     .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 cursors[*p] += 1;
                 read += 1;
@@ -519,7 +519,7 @@ fn run_pipelined(s: &Scenario) -> Result<(), TestCaseError> {
                 let offset = cursors[*p];
                 let record = parts[*p][offset as usize];
                 let pos = Position::new(streams[*p].as_str(), offset);
-                txn.apply(view, &event(s, record), &pos).map_err(fail)?;
+                replica::apply(&mut txn, view, &event(s, record), &pos).map_err(fail)?;
                 cursors[*p] += 1;
                 read += 1;
             }
@@ -595,7 +595,8 @@ fn a_replay_of_the_whole_topic_changes_nothing() {
     let apply_all = |store: &mut Store, stream: &str| {
         let mut txn = store.begin(0);
         for (i, r) in records.iter().enumerate() {
-            txn.apply(
+            replica::apply(
+                &mut txn,
                 view,
                 &event(&scenario, *r),
                 &Position::new(stream, i as u64),
@@ -672,7 +673,7 @@ fn run_logged(s: &Scenario) -> Result<(), TestCaseError> {
                 let offset = cursors[*p];
                 let record = parts[*p][offset as usize];
                 let pos = Position::new(streams[*p].as_str(), offset);
-                txn.apply(view, &event(s, record), &pos).map_err(fail)?;
+                replica::apply(&mut txn, view, &event(s, record), &pos).map_err(fail)?;
                 effects.extend(txn.take_effects(view).into_iter().map(|(_, e)| e));
                 cursors[*p] += 1;
                 next = Some(cursors[*p]);
@@ -792,4 +793,55 @@ fn records_of_a_fenced_owner_are_ignored_by_every_node() {
     txn.commit().unwrap();
     assert_eq!(store.next_offset(view, "kafka:t:0"), Some(12));
     assert_eq!(store.next_offset(view, "log:x:0"), Some(4));
+}
+
+/// A log record may carry effects on a view this node does not hold (another
+/// node runs a newer pipeline): those are skipped and named, the rest is
+/// applied and the log position advances, so the record is not met again.
+#[test]
+fn effects_on_a_view_this_node_does_not_hold_are_skipped_not_fatal() {
+    use ndc_operators::Replayed;
+    use ndc_proto::state::{Effect, LogRecord, StoredRow, effect};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = StoreConfig::new(dir.path());
+    config.sync_commits = false;
+    let mut store = Store::open(&config, &["v".to_string()]).unwrap();
+    let view = store.view_id("v").unwrap();
+    let log: Arc<str> = "log:x:0".into();
+    let put = |view: &str, key: &str| Effect {
+        key: key.as_bytes().to_vec(),
+        view: view.into(),
+        kind: Some(effect::Kind::Put(StoredRow {
+            version: None,
+            deleted: false,
+            row_json: "{}".into(),
+            unapplied: None,
+        })),
+    };
+    let record = LogRecord {
+        view: "v".into(),
+        epoch: 1,
+        partition: "v/t/0".into(),
+        source_stream: "kafka:t:0".into(),
+        source_next_offset: 7,
+        fence: false,
+        effects: vec![put("", "a"), put("golden_v9", "b"), put("golden_v9", "c")],
+    };
+    let mut txn = store.begin(0);
+    assert_eq!(
+        txn.replay(view, &record, &log, 0).unwrap(),
+        Replayed::PartlyApplied {
+            unknown_views: vec!["golden_v9".into()]
+        }
+    );
+    assert_eq!(
+        txn.replay(view, &record, &log, 0).unwrap(),
+        Replayed::AlreadyApplied
+    );
+    txn.commit().unwrap();
+    assert_eq!(store.next_offset(view, "log:x:0"), Some(1));
+    assert_eq!(store.next_offset(view, "kafka:t:0"), Some(7));
+    assert_eq!(store.meta(view).map(|m| m.live_rows), Some(1));
 }

@@ -2,8 +2,8 @@
 //! node's [`Runtime`], and the client calls behind `ndc pipeline`.
 
 use crate::client::ClientTls;
-use crate::runtime::{ApplyError, Runtime};
-use crate::spec::PipelineSpec;
+use crate::pipelines::runtime::{ApplyError, Runtime};
+use crate::pipelines::spec::PipelineSpec;
 use crate::telemetry::metric;
 use ndc_coordinator::{Command, Coordinator};
 use ndc_proto::v1::pipelines_client::PipelinesClient;
@@ -24,7 +24,7 @@ pub struct PipelineService {
     coordinator: Option<Coordinator>,
     /// How this node reaches the leader's peer listener to forward.
     peer_tls: ClientTls,
-    audit: crate::audit::Audit,
+    audit: crate::serving::audit::Audit,
 }
 
 impl PipelineService {
@@ -32,7 +32,7 @@ impl PipelineService {
         runtime: Arc<tokio::sync::Mutex<Runtime>>,
         coordinator: Option<Coordinator>,
         peer_tls: ClientTls,
-        audit: crate::audit::Audit,
+        audit: crate::serving::audit::Audit,
     ) -> Self {
         PipelineService {
             runtime,
@@ -43,7 +43,11 @@ impl PipelineService {
     }
 
     /// Records a pipeline change on the node it was asked of.
-    async fn audit(&self, forwarded: bool, event: crate::audit::Event) -> Result<(), Status> {
+    async fn audit(
+        &self,
+        forwarded: bool,
+        event: crate::serving::audit::Event,
+    ) -> Result<(), Status> {
         if forwarded {
             return Ok(());
         }
@@ -306,17 +310,17 @@ impl Pipelines for PipelineService {
         &self,
         request: Request<ApplyPipelineRequest>,
     ) -> Result<Response<ApplyPipelineResponse>, Status> {
-        let by = crate::access::caller(&request)?.principal;
-        let forwarded = crate::audit::recorded_by_forwarder(&request);
+        let by = crate::serving::access::caller(&request)?.principal;
+        let forwarded = crate::serving::audit::recorded_by_forwarder(&request);
         let req = request.into_inner();
-        let digest = crate::audit::sha256_hex(req.spec_yaml.as_bytes());
+        let digest = crate::serving::audit::sha256_hex(req.spec_yaml.as_bytes());
         let dry_run = req.dry_run;
         let applied = self.apply_here(req).await?;
         let a = applied.get_ref();
         if !dry_run && a.outcome != "unchanged" {
             self.audit(
                 forwarded,
-                crate::audit::Event::PipelineApply {
+                crate::serving::audit::Event::PipelineApply {
                     by,
                     pipeline: a.name.clone(),
                     version: a.version,
@@ -352,13 +356,13 @@ impl Pipelines for PipelineService {
         &self,
         request: Request<DropPipelineRequest>,
     ) -> Result<Response<DropPipelineResponse>, Status> {
-        let by = crate::access::caller(&request)?.principal;
-        let forwarded = crate::audit::recorded_by_forwarder(&request);
+        let by = crate::serving::access::caller(&request)?.principal;
+        let forwarded = crate::serving::audit::recorded_by_forwarder(&request);
         let name = request.into_inner().name;
         let dropped = self.drop_here(name.clone()).await?;
         self.audit(
             forwarded,
-            crate::audit::Event::PipelineDrop { by, pipeline: name },
+            crate::serving::audit::Event::PipelineDrop { by, pipeline: name },
         )
         .await?;
         Ok(dropped)

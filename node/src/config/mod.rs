@@ -416,6 +416,13 @@ pub struct KafkaSection {
     /// How often topic metadata is checked for missing topics and new partitions.
     #[serde(with = "humantime_serde")]
     pub metadata_refresh: Duration,
+    /// Records re-read before a stored offset when a partition is resumed
+    /// (the ones already applied are recognised and skipped). 0 for Kafka,
+    /// which answers a fetch inside a record batch with that batch. A
+    /// broker that answers with the next batch instead — tansu 0.6.0, the
+    /// test broker — skips the rest of the batch; set this to more than its
+    /// largest batch (the tests use 10000).
+    pub resume_rewind_records: u64,
 }
 
 impl Default for KafkaSection {
@@ -431,6 +438,7 @@ impl Default for KafkaSection {
             resolved_secrets: BTreeMap::new(),
             commit_interval: Duration::from_secs(5),
             metadata_refresh: Duration::from_secs(10),
+            resume_rewind_records: 0,
         }
     }
 }

@@ -7,14 +7,15 @@
 //! state; offsets committed to Kafka are advisory, for lag tooling.
 
 use crate::config::{KafkaSection, StartFrom};
-use crate::pipeline::{CommittedOffsets, Input};
+use crate::kafka::{broker_error_kind, consumer_config, resume_offset};
 use crate::telemetry::{Readiness, metric};
+use crate::writer::{CommittedOffsets, Input};
 use ndc_coordinator::Coordinator;
 use ndc_operators::{Decoder, Position, ViewId};
 use ndc_proto::cluster::HeldPartition;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::{ClientConfig, ClientContext, Offset, Statistics, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
@@ -23,67 +24,6 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-
-/// Creates internal topics (change logs, repartition topics) that do not
-/// exist yet, kept forever: the state built from them must be rebuildable.
-pub async fn create_topics(
-    kafka: &KafkaSection,
-    topics: &[String],
-    partitions: i32,
-    replication: i32,
-    what: &str,
-) -> anyhow::Result<()> {
-    use anyhow::Context;
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
-    use rdkafka::error::RDKafkaErrorCode;
-    let admin: AdminClient<DefaultClientContext> = client_config(kafka)
-        .create()
-        .context("cannot create a Kafka admin client")?;
-    let new: Vec<NewTopic> = topics
-        .iter()
-        .map(|t| {
-            NewTopic::new(t, partitions, TopicReplication::Fixed(replication))
-                .set("retention.ms", "-1")
-                .set("cleanup.policy", "delete")
-        })
-        .collect();
-    let results = admin
-        .create_topics(
-            &new,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
-        )
-        .await
-        .with_context(|| format!("cannot create the {what} topics"))?;
-    for r in results {
-        match r {
-            Ok(t) => info!(topic = %t, "{what} topic created"),
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((t, e)) => anyhow::bail!("cannot create {what} topic {t}: {e}"),
-        }
-    }
-    Ok(())
-}
-
-/// Records re-read before a stored offset when a partition is resumed.
-///
-/// A Kafka broker answers a fetch from offset `n` with the record batch that
-/// contains `n` (the client skips the records before it). tansu 0.6.0, the
-/// test broker, answers with the first batch that *starts* at or after `n`:
-/// resuming in the middle of a batch silently skipped the rest of it (seen
-/// as a node missing one row of the cluster's change log after a restart;
-/// `node/tests/broker_fetch.rs`). Resuming this many records earlier lands
-/// at or before the batch's start whatever the broker; the records already
-/// applied are recognised by their offsets and skipped by the state writer.
-/// Larger than any batch the node's own producers write (change-log records
-/// are batched by the thousand at most) and than agency connectors' batches.
-pub const RESUME_REWIND_RECORDS: u64 = 10_000;
-
-/// Where to resume reading a partition whose next offset to apply is `next`.
-pub fn resume_offset(next: u64) -> Offset {
-    let from = next.saturating_sub(RESUME_REWIND_RECORDS);
-    Offset::Offset(i64::try_from(from).unwrap_or(i64::MAX))
-}
 
 /// Stream name of a Kafka partition.
 pub fn kafka_stream(topic: &str, partition: i32) -> String {
@@ -117,20 +57,6 @@ struct Held {
     /// once the writer has dropped some of an assignment's records, the rest
     /// of that assignment can be dropped too (see `ClusterLog::revoked`).
     assignment: u64,
-}
-
-/// The cause of a librdkafka client error, from its reason, as a metric
-/// label: `tls` (handshake, certificate), `authentication` (SASL), else
-/// `broker` (connection refused, timed out, ...).
-pub fn broker_error_kind(reason: &str) -> &'static str {
-    let r = reason.to_ascii_lowercase();
-    if r.contains("ssl") || r.contains("certificate") || r.contains("tls") {
-        "tls"
-    } else if r.contains("sasl") || r.contains("authenticat") {
-        "authentication"
-    } else {
-        "broker"
-    }
 }
 
 /// Reports consumer lag from librdkafka statistics, and keeps the high
@@ -186,47 +112,6 @@ pub struct KafkaSource {
     pub cluster: Option<(Coordinator, Arc<crate::cluster::ClusterLog>)>,
 }
 
-/// librdkafka settings shared by the node's consumer and producers.
-pub fn client_config(k: &KafkaSection) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &k.bootstrap_servers)
-        .set("client.id", &k.client_id)
-        .set("socket.keepalive.enable", "true");
-    for (key, value) in &k.properties {
-        c.set(key, value);
-    }
-    for (key, value) in &k.resolved_secrets {
-        c.set(key, value.expose());
-    }
-    c
-}
-
-/// librdkafka settings of a consumer that the node assigns partitions to
-/// itself (offsets live with the state; commits to Kafka are advisory).
-pub fn consumer_config(k: &KafkaSection, group_id: &str, reset: StartFrom) -> ClientConfig {
-    let mut cc = client_config(k);
-    cc.set("group.id", group_id)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false")
-        .set(
-            "auto.offset.reset",
-            match reset {
-                StartFrom::Earliest => "earliest",
-                StartFrom::Latest => "latest",
-            },
-        );
-    // Defaults for low latency, unless the configuration says otherwise:
-    // a broker that holds fetches for the full wait (librdkafka's default
-    // 500 ms) would otherwise add that to every change.
-    for (key, value) in [("fetch.wait.max.ms", "5")] {
-        if !k.properties.contains_key(key) {
-            cc.set(key, value);
-        }
-    }
-    cc
-}
-
 impl KafkaSource {
     pub async fn run(self) -> anyhow::Result<()> {
         let mut cc = consumer_config(&self.config, &self.config.group_id, self.config.start_from);
@@ -248,6 +133,7 @@ impl KafkaSource {
             routes,
             start_offsets,
             start_from: config.start_from,
+            kafka: config.clone(),
             readiness,
             assigned: Mutex::new(BTreeSet::new()),
         });
@@ -364,6 +250,7 @@ struct Assigner {
     routes: BTreeMap<String, Vec<Route>>,
     start_offsets: HashMap<(ViewId, String), u64>,
     start_from: StartFrom,
+    kafka: KafkaSection,
     readiness: Readiness,
     assigned: Mutex<BTreeSet<(String, i32)>>,
 }
@@ -395,7 +282,10 @@ impl Assigner {
             })
             .collect();
         if stored.iter().all(Option::is_some) {
-            resume_offset(stored.iter().flatten().min().copied().unwrap_or(0))
+            resume_offset(
+                &self.kafka,
+                stored.iter().flatten().min().copied().unwrap_or(0),
+            )
         } else {
             match self.start_from {
                 StartFrom::Earliest => Offset::Beginning,

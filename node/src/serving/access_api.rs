@@ -1,9 +1,9 @@
 //! The `ndc.v1.Access` API: grants made, revoked and listed by admins (the
 //! server side), and the client calls behind `ndc access`.
 
-use crate::access::{self, Authenticator, GrantWriteError, Via, now_ms};
-use crate::audit::{Audit, Event};
 use crate::client::ClientTls;
+use crate::serving::access::{self, Authenticator, GrantWriteError, Via, now_ms};
+use crate::serving::audit::{Audit, Event};
 use ndc_coordinator::{FORWARDED, forwarded};
 use ndc_coordinator::{Grant, Role, RowFilter};
 use ndc_operators::masking::{Level, Policy};
@@ -205,7 +205,7 @@ impl AccessService {
 impl Access for AccessService {
     async fn grant(&self, req: Request<GrantRequest>) -> Result<Response<GrantResponse>, Status> {
         let caller = access::caller(&req)?;
-        let recorded = crate::audit::recorded_by_forwarder(&req);
+        let recorded = crate::serving::audit::recorded_by_forwarder(&req);
         let info = req
             .get_ref()
             .grant
@@ -256,7 +256,7 @@ impl Access for AccessService {
         req: Request<RevokeRequest>,
     ) -> Result<Response<RevokeResponse>, Status> {
         let caller = access::caller(&req)?;
-        let recorded = crate::audit::recorded_by_forwarder(&req);
+        let recorded = crate::serving::audit::recorded_by_forwarder(&req);
         let principal = req.get_ref().principal.trim().to_string();
         if principal.is_empty() {
             return Err(Status::invalid_argument("name the principal to revoke"));

@@ -10,9 +10,9 @@
 //! sequence numbers: a subscriber can resume on any node with its token, and
 //! a node that gains a partition has its state already.
 
+use crate::client::ClientTls;
 use crate::config::{ClusterSection, KafkaSection, NodeConfig, parse_peer};
-use crate::pipeline::LogInput;
-use crate::sources::client_config;
+use crate::kafka::client_config;
 use crate::telemetry::metric;
 use anyhow::Context;
 use ndc_coordinator::{Coordinator, CoordinatorConfig, Peer};
@@ -29,6 +29,16 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
+
+/// A record of a view's change log (cluster mode), read at `offset`.
+#[derive(Debug)]
+pub struct LogInput {
+    pub view: ViewId,
+    /// Offsets-store stream of the change log.
+    pub stream: Arc<str>,
+    pub offset: u64,
+    pub record: LogRecord,
+}
 
 /// The cluster's change logs, shared by the state writer (which writes
 /// decided effects and applies the logs) and the assignment follower (which
@@ -173,7 +183,7 @@ pub async fn create_log_topics(
     cluster: &ClusterSection,
     topics: &[String],
 ) -> anyhow::Result<()> {
-    crate::sources::create_topics(kafka, topics, 1, cluster.changes_replication, "change-log").await
+    crate::kafka::create_topics(kafka, topics, 1, cluster.changes_replication, "change-log").await
 }
 
 /// Reads every view's change log from the offset stored with the state and
@@ -185,7 +195,7 @@ pub async fn run_log_source(
     tx: mpsc::Sender<LogInput>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let consumer: StreamConsumer = crate::sources::consumer_config(
+    let consumer: StreamConsumer = crate::kafka::consumer_config(
         &kafka,
         &format!("{}-log", kafka.group_id),
         crate::config::StartFrom::Earliest,
@@ -200,7 +210,7 @@ pub async fn run_log_source(
     for (view, topic) in &log.topics {
         let next = start.get(view).copied().flatten();
         let offset = match next {
-            Some(next) => crate::sources::resume_offset(next),
+            Some(next) => crate::kafka::resume_offset(&kafka, next),
             None => Offset::Beginning,
         };
         tpl.add_partition_offset(topic, 0, offset)?;
@@ -237,7 +247,7 @@ pub async fn run_log_source(
                                 *retries += 1;
                                 warn!(topic = m.topic(), expected = *next, got = offset, retries = *retries,
                                       "change-log gap: records were skipped by the broker; reading again from before it");
-                                if let Err(e) = consumer.seek(m.topic(), 0, crate::sources::resume_offset(*next), Duration::from_secs(5)) {
+                                if let Err(e) = consumer.seek(m.topic(), 0, crate::kafka::resume_offset(&kafka, *next), Duration::from_secs(5)) {
                                     warn!(error = %e, "cannot seek the change log; will retry");
                                 }
                                 continue;
@@ -310,7 +320,7 @@ pub fn coordinator_config(
         failure_timeout: cluster.failure_timeout,
         raft_heartbeat: cluster.raft_heartbeat,
         election_timeout: cluster.election_timeout,
-        peer_tls: match (crate::node::peer_client_tls(config), config.tls.insecure) {
+        peer_tls: match (peer_client_tls(config), config.tls.insecure) {
             (tls, false) => match (tls.ca, tls.cert, tls.key) {
                 (Some(ca), Some(cert), Some(key)) => Some(ndc_coordinator::PeerTls {
                     ca,
@@ -340,12 +350,20 @@ pub fn view_log_topic(cluster: &ClusterSection, view: &str, generation: Option<u
     }
 }
 
+/// Every (view, Kafka topic) the cluster must consume, given the replicated
+/// pipeline specs (see `pipelines::runtime::cluster_routes`).
+pub type Routes = Box<
+    dyn Fn(&BTreeMap<String, ndc_coordinator::StoredSpec>) -> BTreeSet<(String, String)>
+        + Send
+        + Sync,
+>;
+
 /// On the leader, registers the partitions of every Kafka source with the
-/// cluster — configured views and the replicated pipeline specs — as topics
-/// appear or grow, and forgets those of views no longer run.
+/// cluster — configured views and the replicated pipeline specs, as `routes`
+/// tells — as topics appear or grow, and forgets those of views no longer run.
 pub async fn register_partitions(
     coordinator: Coordinator,
-    config: NodeConfig,
+    routes: Routes,
     kafka: KafkaSection,
     shutdown: CancellationToken,
 ) {
@@ -369,7 +387,7 @@ pub async fn register_partitions(
             continue;
         }
         let state = coordinator.watch().borrow().cluster.clone();
-        let routes = crate::runtime::cluster_routes(&config, &state.specs);
+        let routes = routes(&state.specs);
         let pair_of = |pid: &str| {
             let mut parts = pid.splitn(3, '/');
             Some((parts.next()?.to_string(), parts.next()?.to_string()))
@@ -549,5 +567,22 @@ pub mod admin {
             );
         }
         out
+    }
+}
+
+/// How this node calls other nodes' peer listeners: the cluster's CA, and
+/// its own certificate as a client (plaintext when TLS is off).
+pub fn peer_client_tls(config: &NodeConfig) -> ClientTls {
+    if config.tls.insecure {
+        return ClientTls::default();
+    }
+    ClientTls {
+        ca: config
+            .cluster
+            .as_ref()
+            .and_then(|c| c.peer_ca.clone())
+            .or_else(|| config.tls.client_ca.clone()),
+        cert: config.tls.cert.clone(),
+        key: config.tls.key.clone(),
     }
 }

@@ -8,11 +8,13 @@
 //! the terminal. Other terminals can publish to the broker (kcat) and
 //! subscribe to the node while it runs.
 
-use crate::certs::DevCertificates;
+pub mod synthetic;
+
 use crate::client::{self, ClientTls, SubscribeOptions};
 use crate::config::{KafkaSection, KafkaSourceConfig, NodeConfig, SourceConfig, ViewConfig};
 use crate::now_ms;
-use crate::synthetic::{Feed, Table};
+use crate::quickstart::synthetic::{Feed, Table};
+use crate::security::certs::DevCertificates;
 use anyhow::Context;
 use rdkafka::ClientConfig;
 use rdkafka::mocking::MockCluster;
@@ -37,7 +39,7 @@ pub struct QuickstartOptions {
 pub const DEAD_LETTER_TOPIC: &str = "ndc.dead-letter";
 
 /// The example pipeline the quickstart runs (`examples/national.yaml`).
-pub const EXAMPLE_PIPELINE: &str = include_str!("../../examples/national.yaml");
+pub const EXAMPLE_PIPELINE: &str = include_str!("../../../examples/national.yaml");
 
 /// Principals of the development certificates (their CNs).
 const ADMIN: &str = "admin";
@@ -121,8 +123,9 @@ pub async fn run(opts: QuickstartOptions) -> anyhow::Result<()> {
     let spec = opts.data_dir.join("national.yaml");
     std::fs::write(&spec, EXAMPLE_PIPELINE)
         .with_context(|| format!("cannot write {}", spec.display()))?;
-    let certs = crate::certs::make_dev_certificates(&opts.data_dir.join("certs"), &[], 30)
-        .context("cannot make the development certificates")?;
+    let certs =
+        crate::security::certs::make_dev_certificates(&opts.data_dir.join("certs"), &[], 30)
+            .context("cannot make the development certificates")?;
     let tls = ClientTls {
         ca: Some(certs.ca.clone()),
         cert: Some(certs.subscriber_cert.clone()),
@@ -140,7 +143,7 @@ pub async fn run(opts: QuickstartOptions) -> anyhow::Result<()> {
         cert: Some(certs.admin_cert.clone()),
         key: Some(certs.admin_key.clone()),
     };
-    crate::access_api::grant(
+    crate::serving::access_api::grant(
         &grpc.to_string(),
         Some(&admin),
         ndc_proto::v1::GrantInfo {
@@ -261,12 +264,16 @@ pub async fn run(opts: QuickstartOptions) -> anyhow::Result<()> {
             None => crate::node::wait_for_signal().await,
         }
     };
+    let stopped = node.shutdown_token();
     tokio::select! {
         r = printer => r?,
         _ = stop => {}
+        // On its own: a fatal error (returned below).
+        _ = stopped.cancelled() => {}
     }
     generator.abort();
-    node.shutdown().await;
+    stopped.cancel();
+    node.wait().await?;
     drop(cluster);
     println!(
         "quickstart stopped; state kept in {}",
@@ -360,7 +367,7 @@ async fn generate(producer: FutureProducer, people: u64, rate: u32) -> anyhow::R
     let mut vehicles = Feed::new(Table::Vehicles, now_ms());
     let mut businesses = Feed::new(Table::Businesses, now_ms());
     let mut revisions: Vec<u32> = vec![0; people as usize];
-    let send = |topic: &'static str, e: crate::synthetic::Event| {
+    let send = |topic: &'static str, e: crate::quickstart::synthetic::Event| {
         let producer = producer.clone();
         async move {
             let mut record: FutureRecord<'_, [u8], [u8]> =
@@ -403,7 +410,7 @@ async fn generate(producer: FutureProducer, people: u64, rate: u32) -> anyhow::R
             .await?;
         }
     }
-    let mut rng = crate::synthetic::Rng::new(now_ms() as u64);
+    let mut rng = crate::quickstart::synthetic::Rng::new(now_ms() as u64);
     let mut next_person = people;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1))));
     loop {
@@ -411,7 +418,7 @@ async fn generate(producer: FutureProducer, people: u64, rate: u32) -> anyhow::R
         let roll = rng.below(100);
         if roll < 3 {
             // An agency bug: a change event cut short.
-            let e = crate::synthetic::Event {
+            let e = crate::quickstart::synthetic::Event {
                 key: b"{\"person_id\":\"000000000000\"}".to_vec(),
                 value: Some(b"{\"before\":null,\"after\":{\"person_id\":".to_vec()),
             };

@@ -10,14 +10,16 @@
 //! on loopback).
 
 use crate::config::{NodeConfig, SourceConfig};
-use crate::dead_letter::DeadLetterSink;
-use crate::forward::{ForwardSource, Forwarder};
+use crate::kafka::client_config;
+use crate::lifecycle::Fatal;
 use crate::now_ms;
-use crate::pipeline::{ClusterWriter, CommittedOffsets, Mergers, Writer};
-use crate::sources::{FileSource, KafkaSource, Route, client_config, file_stream};
-use crate::spec::{OperatorSpec, PipelineSpec, SpecErrors};
+use crate::pipelines::rekey::{ForwardSource, Forwarder};
+use crate::pipelines::spec::{OperatorSpec, PipelineSpec, SpecErrors};
+use crate::sources::{FileSource, KafkaSource, Route, file_stream};
 use crate::telemetry::{Readiness, metric};
 use crate::views::ViewRegistry;
+use crate::writer::dead_letter::DeadLetterSink;
+use crate::writer::{ClusterWriter, CommittedOffsets, Mergers, Writer};
 use anyhow::Context;
 use ndc_coordinator::{Coordinator, StoredSpec};
 use ndc_operators::merge::{JoinRule, MergeViews, Merger};
@@ -74,6 +76,8 @@ pub struct Runtime {
     running: Option<DataPath>,
     /// Cluster mode: specs come from the replicated state.
     cluster: Option<ClusterSide>,
+    /// Where the state writer's fatal errors go.
+    fatal: Fatal,
 }
 
 /// Cluster mode of a runtime. Specs are replicated by Raft; every node runs
@@ -101,6 +105,7 @@ impl Runtime {
         views: ViewRegistry,
         readiness: Readiness,
         coordinator: Option<Coordinator>,
+        fatal: Fatal,
     ) -> anyhow::Result<Runtime> {
         let mut specs = BTreeMap::new();
         for (name, text) in store.specs()? {
@@ -149,6 +154,7 @@ impl Runtime {
             specs,
             reader: store.reader(),
             store: Some(store),
+            fatal,
             running: None,
             cluster,
         };
@@ -175,14 +181,14 @@ impl Runtime {
         store.add_views(&names)?;
         // Levels: configured views declare theirs; pipeline views inherit
         // them from their sources' fields.
-        let mut classes: BTreeMap<String, crate::spec::ViewClass> = self
+        let mut classes: BTreeMap<String, crate::pipelines::spec::ViewClass> = self
             .config
             .views
             .iter()
             .map(|v| {
                 (
                     v.name.clone(),
-                    crate::spec::ViewClass {
+                    crate::pipelines::spec::ViewClass {
                         levels: v
                             .columns
                             .iter()
@@ -255,7 +261,7 @@ impl Runtime {
             return true;
         }
         let p = &self.config.pipelines;
-        let created = crate::sources::create_topics(
+        let created = crate::kafka::create_topics(
             kafka,
             &topics,
             p.repartition_partitions,
@@ -285,11 +291,11 @@ impl Runtime {
             let _ = t.await;
         }
         match path.writer.await {
+            // A failed writer's store may be ahead of its disk: it is not
+            // run again (the node is stopping; a restart reopens it).
+            Ok(writer) if writer.failed => {}
             Ok(writer) => self.store = Some(writer.store),
-            Err(e) => {
-                error!(error = %e, "state writer failed; stopping the node");
-                std::process::exit(70);
-            }
+            Err(e) => self.fatal.raise(format!("the state writer panicked: {e}")),
         }
     }
 
@@ -1156,7 +1162,7 @@ fn build(
             .set("linger.ms", "5")
             .set(
                 "message.max.bytes",
-                crate::dead_letter::PRODUCER_MAX_MESSAGE_BYTES.to_string(),
+                crate::writer::dead_letter::PRODUCER_MAX_MESSAGE_BYTES.to_string(),
             )
             .create()
             .and_then(|producer| Ok((producer, client_config(k).create()?)))
@@ -1193,7 +1199,7 @@ fn build(
             // source waits for missing topics, so this only delays.
             tasks.push(tokio::spawn(async move {
                 let mut attempt = 0;
-                while let Err(e) = crate::sources::create_topics(
+                while let Err(e) = crate::kafka::create_topics(
                     &kafka,
                     &topics,
                     section.repartition_partitions,
@@ -1280,6 +1286,8 @@ fn build(
         unwritten: Default::default(),
         batches: 0,
         spare_batch: Vec::new(),
+        fatal: runtime.fatal.clone(),
+        failed: false,
     };
     let writer = writer.spawn(info_span!("state_writer"));
     Ok(DataPath {

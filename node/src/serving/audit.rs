@@ -141,7 +141,8 @@ struct Body<'a> {
 /// a node, on the peer listener, may say it forwarded).
 pub fn recorded_by_forwarder<T>(req: &tonic::Request<T>) -> bool {
     req.metadata().get(ndc_coordinator::FORWARDED).is_some()
-        && crate::access::caller(req).is_ok_and(|c| c.via == crate::access::Via::Peer)
+        && crate::serving::access::caller(req)
+            .is_ok_and(|c| c.via == crate::serving::access::Via::Peer)
 }
 
 /// SHA-256 as hex.
@@ -799,7 +800,7 @@ pub async fn replicate(
         loop {
             // A node stopping does not wait for a broker that is away.
             let created = tokio::select! {
-                r = crate::sources::create_topics(&kafka, topics, 1, config.replication, "audit") => r,
+                r = crate::kafka::create_topics(&kafka, topics, 1, config.replication, "audit") => r,
                 _ = shutdown.cancelled() => return,
             };
             let Err(e) = created else { break };
@@ -902,7 +903,7 @@ pub async fn index_cluster(
     let Some(inner) = audit.inner.clone() else {
         return Ok(());
     };
-    let consumer: StreamConsumer = crate::sources::consumer_config(
+    let consumer: StreamConsumer = crate::kafka::consumer_config(
         &kafka,
         &format!("{}-audit", kafka.group_id),
         crate::config::StartFrom::Earliest,
@@ -916,7 +917,7 @@ pub async fn index_cluster(
         if next == 0 {
             Offset::Beginning
         } else {
-            crate::sources::resume_offset(next)
+            crate::kafka::resume_offset(&kafka, next)
         },
     )?;
     consumer.assign(&tpl)?;
@@ -952,7 +953,7 @@ pub async fn index_cluster(
             if let Err(e) = consumer.seek(
                 &topic,
                 0,
-                crate::sources::resume_offset(next),
+                crate::kafka::resume_offset(&kafka, next),
                 Duration::from_secs(5),
             ) {
                 warn!(error = %e, "cannot seek the audit topic");
@@ -1009,7 +1010,7 @@ pub async fn read_topic(
 ) -> anyhow::Result<u64> {
     use anyhow::Context;
     use rdkafka::error::KafkaError;
-    let consumer: StreamConsumer = crate::sources::consumer_config(
+    let consumer: StreamConsumer = crate::kafka::consumer_config(
         kafka,
         &format!("{}-audit-verify", kafka.group_id),
         crate::config::StartFrom::Earliest,
@@ -1042,7 +1043,7 @@ pub async fn read_topic(
             consumer.seek(
                 topic,
                 0,
-                crate::sources::resume_offset(next),
+                crate::kafka::resume_offset(kafka, next),
                 Duration::from_secs(5),
             )?;
             continue;

@@ -877,7 +877,7 @@ operators:
         );
     }
 
-    const NATIONAL: &str = include_str!("../../examples/national.yaml");
+    const NATIONAL: &str = include_str!("../../../examples/national.yaml");
 
     fn level_of(c: &BTreeMap<String, ViewClass>, view: &str, column: &str) -> Level {
         c[view].levels.get(column).copied().unwrap_or(Level::Secret)

@@ -2,11 +2,11 @@
 //! and a person's own report; and the client calls behind `ndc audit` and
 //! `ndc person`.
 
-use crate::access;
-use crate::audit::{Audit, Event, Record};
 use crate::client::ClientTls;
-use crate::runtime::Runtime;
-use crate::spec::{OperatorSpec, PipelineSpec};
+use crate::pipelines::runtime::Runtime;
+use crate::pipelines::spec::{OperatorSpec, PipelineSpec};
+use crate::serving::access;
+use crate::serving::audit::{Audit, Event, Record};
 use crate::views::ViewRegistry;
 use ndc_operators::national_id::NationalId;
 use ndc_operators::{Key, StoreReader};
@@ -329,9 +329,9 @@ pub async fn person_report(
 pub async fn verify_topic(
     kafka: &crate::config::KafkaSection,
     topic: &str,
-) -> anyhow::Result<crate::audit::Verifier> {
-    let mut v = crate::audit::Verifier::default();
-    crate::audit::read_topic(kafka, topic, |offset, bytes| {
+) -> anyhow::Result<crate::serving::audit::Verifier> {
+    let mut v = crate::serving::audit::Verifier::default();
+    crate::serving::audit::read_topic(kafka, topic, |offset, bytes| {
         v.check(format!("offset {offset}"), bytes);
     })
     .await?;
@@ -339,8 +339,8 @@ pub async fn verify_topic(
 }
 
 /// Records of a JSON-lines export, verified in order.
-pub fn verify_lines(text: &str) -> crate::audit::Verifier {
-    let mut v = crate::audit::Verifier::default();
+pub fn verify_lines(text: &str) -> crate::serving::audit::Verifier {
+    let mut v = crate::serving::audit::Verifier::default();
     for (i, line) in text.lines().enumerate() {
         if !line.trim().is_empty() {
             v.check(format!("line {}", i + 1), line.as_bytes());
@@ -350,7 +350,7 @@ pub fn verify_lines(text: &str) -> crate::audit::Verifier {
 }
 
 /// What `ndc audit verify` prints.
-pub fn verify_summary(v: &crate::audit::Verifier) -> Value {
+pub fn verify_summary(v: &crate::serving::audit::Verifier) -> Value {
     let heads: BTreeMap<String, Value> = v
         .heads()
         .into_iter()

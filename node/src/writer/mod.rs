@@ -18,11 +18,15 @@
 //! view's change log, and every node commits what it reads from that log
 //! ([`Writer::process_log`]).
 
+pub mod dead_letter;
+
+use crate::cluster::LogInput;
 use crate::config::{ChangelogSection, PipelineSection};
-use crate::dead_letter::{DeadLetter, DeadLetterSink};
+use crate::lifecycle::{Fatal, catch_panic};
 use crate::now_ms;
 use crate::telemetry::{metric, unix_seconds};
-use crate::views::Committed;
+use crate::views::{Commits, Committed};
+use crate::writer::dead_letter::{DeadLetter, DeadLetterSink};
 use ndc_operators::{
     DecodeError, Decoded, Outcome, Pending, Position, PreparedWrite, Replayed, Store, ViewId,
 };
@@ -54,16 +58,6 @@ pub struct Input {
     pub raw_value: Option<Vec<u8>>,
 }
 
-/// A record of a view's change log (cluster mode), read at `offset`.
-#[derive(Debug)]
-pub struct LogInput {
-    pub view: ViewId,
-    /// Offsets-store stream of the change log.
-    pub stream: Arc<str>,
-    pub offset: u64,
-    pub record: LogRecord,
-}
-
 /// Cluster mode of the state writer: decisions go to the change log, and
 /// the change log is what gets committed.
 pub struct ClusterWriter {
@@ -74,10 +68,6 @@ pub struct ClusterWriter {
     pub applied: BTreeMap<ViewId, watch::Sender<u64>>,
     pub pending: Pending,
 }
-
-/// Commit watchers of the views the writer writes (shared with the
-/// subscription registry, which outlives a writer).
-pub type Commits = Arc<BTreeMap<ViewId, Arc<watch::Sender<Committed>>>>;
 
 /// The person-keyed task of each pipeline, by its contributions view (the
 /// view its repartition route feeds).
@@ -112,6 +102,11 @@ pub struct Writer {
     /// vector grew by doubling to a batch's size every time (a copy of
     /// the batch so far at each step, 1.3% of the node's instructions).
     pub spare_batch: Vec<Input>,
+    /// Where a fatal error goes (the node stops; see [`crate::lifecycle`]).
+    pub fatal: Fatal,
+    /// Set once this writer met a fatal error: from then on it commits
+    /// nothing (its in-memory state may be ahead of the disk) and stops.
+    pub failed: bool,
 }
 
 /// A prepared batch being written (and then published) on a blocking thread.
@@ -260,19 +255,6 @@ fn write_durably(prepared: PreparedWrite) -> Result<(), ndc_operators::StoreErro
     written
 }
 
-/// Runs state work where the writer is, on its own thread (see
-/// [`Writer::spawn`]): a panic in it leaves the state in doubt, so the
-/// process stops.
-fn or_abort<T>(what: &str, work: impl FnOnce() -> T) -> T {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
-        Ok(done) => done,
-        Err(_) => {
-            error!("{what} panicked");
-            std::process::abort();
-        }
-    }
-}
-
 /// Per-batch tallies, turned into metrics once per batch. Ordered maps: a
 /// batch touches a handful of entries, each counted per record, where
 /// SipHash cost more than the comparisons.
@@ -308,7 +290,7 @@ impl Writer {
         let mut sources_done = false;
         let mut last_trim = Instant::now();
         loop {
-            if sources_done && log_rx.is_none() {
+            if self.failed || (sources_done && log_rx.is_none()) {
                 break;
             }
             let max = self.pipeline.max_batch_records;
@@ -366,8 +348,21 @@ impl Writer {
             }
         }
         self.finish_inflight().await;
-        info!("state writer stopped: all sources finished");
+        if self.failed {
+            error!(
+                "state writer stopped on a fatal error; nothing after the last commit was written"
+            );
+        } else {
+            info!("state writer stopped: all sources finished");
+        }
         self
+    }
+
+    /// Stops this writer on a fatal error (see [`Writer::failed`]) and asks
+    /// the node to stop.
+    fn fail(&mut self, error: impl std::fmt::Display) {
+        self.failed = true;
+        self.fatal.raise(error);
     }
 
     async fn process(mut self, mut batch: Vec<Input>) -> Self {
@@ -432,7 +427,7 @@ impl Writer {
         let number = self.batches;
         let views: Vec<ViewId> = self.commits.keys().copied().collect();
         let keep = self.has_followers();
-        let outcome = or_abort("state writer", || {
+        let outcome = catch_panic("state writer", || {
             apply_batch(
                 &mut self.store,
                 &self.unwritten,
@@ -449,7 +444,9 @@ impl Writer {
         batch.clear();
         self.spare_batch = batch;
         match outcome {
-            Ok((prepared, publication, effects, tally)) => {
+            Err(e) => self.fail(e),
+            Ok(Err(e)) => self.fail(format!("cannot read the state store: {e}")),
+            Ok(Ok((prepared, publication, effects, tally))) => {
                 // Writes stay in order: the previous batch first.
                 self.finish_inflight().await;
                 self.unwritten.absorb(effects, number);
@@ -466,10 +463,6 @@ impl Writer {
                 self.record(tally, now);
                 metrics::histogram!(metric::BATCH_RECORDS).record(records as f64);
             }
-            Err(e) => {
-                error!(error = %e, "cannot read the state store; stopping the node");
-                std::process::exit(70);
-            }
         }
         self
     }
@@ -481,17 +474,11 @@ impl Writer {
         };
         match task.await {
             Ok(Ok(())) => self.unwritten.applied_through_all(number),
-            Ok(Err(e)) => {
-                // The state store failed (disk full, I/O error). The batch is
-                // not committed; stopping is the only safe answer: a restart
-                // resumes from the last commit.
-                error!(error = %e, "cannot commit to the state store; stopping the node");
-                std::process::exit(70);
-            }
-            Err(e) => {
-                error!(error = %e, "state write panicked");
-                std::process::abort();
-            }
+            // The state store failed (disk full, I/O error). The batch is
+            // not committed; stopping is the only safe answer: a restart
+            // resumes from the last commit.
+            Ok(Err(e)) => self.fail(format!("cannot commit to the state store: {e}")),
+            Err(e) => self.fail(format!("the state write panicked: {e}")),
         }
     }
 
@@ -515,15 +502,19 @@ impl Writer {
     async fn decide_and_log(mut self, batch: Vec<Input>, started: Instant) -> Self {
         let records = batch.len();
         let now = now_ms();
-        let outcome = or_abort("state writer", || match &self.cluster {
+        let outcome = catch_panic("state writer", || match &self.cluster {
             Some(c) => decide_batch(&mut self.store, &c.pending, &self.mergers, &batch, now),
             None => Ok((Vec::new(), Tally::default())),
         });
         let (logged, tally) = match outcome {
-            Ok(pair) => pair,
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => {
+                self.fail(format!("cannot read the state store: {e}"));
+                return self;
+            }
             Err(e) => {
-                error!(error = %e, "cannot read the state store; stopping the node");
-                std::process::exit(70);
+                self.fail(e);
+                return self;
             }
         };
         let mut by_view: BTreeMap<ViewId, (Vec<LogRecord>, Vec<Vec<ViewId>>)> = BTreeMap::new();
@@ -532,6 +523,7 @@ impl Writer {
             records.push(d.record);
             on.push(d.on);
         }
+        let mut log_failed = None;
         if let Some(c) = self.cluster.as_mut() {
             for (view, (records, on)) in by_view {
                 match c.log.append(view, &records).await {
@@ -544,12 +536,16 @@ impl Writer {
                     Err(e) => {
                         // Some records may be in the log; the rest are not.
                         // A restart resumes from what the log delivers back.
-                        error!(error = %e, "cannot write the change log; stopping the node");
-                        std::process::exit(70);
+                        log_failed = Some(format!("cannot write the change log: {e}"));
+                        break;
                     }
                 }
             }
             metrics::gauge!(metric::LOG_PENDING).set(c.pending.len() as f64);
+        }
+        if let Some(e) = log_failed {
+            self.fail(e);
+            return self;
         }
         self.record(tally, now);
         metrics::histogram!(metric::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
@@ -562,7 +558,7 @@ impl Writer {
     async fn process_log(mut self, batch: Vec<LogInput>) -> Self {
         let now = now_ms();
         let keep = self.has_followers();
-        let outcome = or_abort("state writer", || {
+        let outcome = catch_panic("state writer", || {
             let mut counts: HashMap<&'static str, u64> = HashMap::new();
             let mut txn = self.store.begin(now);
             if keep {
@@ -571,6 +567,11 @@ impl Writer {
             for input in &batch {
                 let r = txn.replay(input.view, &input.record, &input.stream, input.offset)?;
                 let name = match r {
+                    Replayed::PartlyApplied { unknown_views } => {
+                        warn!(views = ?unknown_views, offset = input.offset,
+                              "change-log record names views this node does not hold; their effects are skipped (run the same pipeline versions on every node)");
+                        "unknown_view"
+                    }
                     Replayed::Applied => "applied",
                     Replayed::Fence => "fence",
                     Replayed::Fenced => "fenced",
@@ -584,7 +585,9 @@ impl Writer {
             Ok::<_, ndc_operators::StoreError>((info, counts, kept))
         });
         match outcome {
-            Ok((info, counts, kept)) => {
+            Err(e) => self.fail(e),
+            Ok(Err(e)) => self.fail(format!("cannot commit to the state store: {e}")),
+            Ok(Ok((info, counts, kept))) => {
                 for (outcome, n) in counts {
                     metrics::counter!(metric::LOG_RECORDS, "outcome" => outcome).increment(n);
                 }
@@ -607,10 +610,6 @@ impl Writer {
                     }
                     metrics::gauge!(metric::LOG_PENDING).set(c.pending.len() as f64);
                 }
-            }
-            Err(e) => {
-                error!(error = %e, "cannot commit to the state store; stopping the node");
-                std::process::exit(70);
             }
         }
         self
@@ -690,7 +689,7 @@ impl Writer {
     async fn trim(mut self) -> Self {
         let max_events = self.changelog.retention_events;
         let period = self.changelog.retention_period;
-        or_abort("retention", || {
+        let trimmed = catch_panic("change stream retention", || {
             let cutoff = now_ms() - i64::try_from(period.as_millis()).unwrap_or(i64::MAX);
             let views: Vec<ViewId> = self.commits.keys().copied().collect();
             for view in views {
@@ -711,6 +710,9 @@ impl Writer {
             metrics::gauge!(metric::STATE_SST_BYTES).set(sst as f64);
             metrics::gauge!(metric::STATE_MEMTABLE_BYTES).set(mem as f64);
         });
+        if let Err(e) = trimmed {
+            self.fail(e);
+        }
         self
     }
 }
@@ -733,7 +735,7 @@ fn apply_input(
 ) -> Result<Outcome, ndc_operators::StoreError> {
     let outcome = match &input.decoded {
         Ok(Decoded::Change(event)) => {
-            let outcome = txn.apply(input.view, event, &input.pos)?;
+            let outcome = ndc_operators::replica::apply(txn, input.view, event, &input.pos)?;
             if matches!(
                 outcome,
                 Outcome::Inserted | Outcome::Updated | Outcome::Deleted | Outcome::Truncated

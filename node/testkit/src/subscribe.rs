@@ -1,0 +1,162 @@
+//! Subscribers as tests use them: collect lines until a condition holds,
+//! follow a view across restarts by resume token, fold changes into a copy,
+//! and check that a stream is gapless and free of duplicates.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use ndc_node::client::{self, From, SubscribeOptions};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A plain subscription of `view` at `addr` from `from`: every key and
+/// field, no progress lines, no TLS, no reconnect (set fields to change).
+pub fn subscription(addr: impl ToString, view: &str, from: From) -> SubscribeOptions {
+    SubscribeOptions {
+        addr: addr.to_string(),
+        view: view.into(),
+        from,
+        keys: Vec::new(),
+        fields: Vec::new(),
+        limit: None,
+        progress: false,
+        reconnect: false,
+        tls: None,
+        token: None,
+    }
+}
+
+/// Runs `opts` and collects its lines until `done` says so or `timeout`.
+pub async fn read_until(
+    opts: SubscribeOptions,
+    timeout: Duration,
+    mut done: impl FnMut(&[Value]) -> bool + Send,
+) -> Vec<Value> {
+    let mut lines = Vec::new();
+    let fut = client::subscribe(opts, |line| {
+        lines.push(line);
+        !done(&lines)
+    });
+    let _ = tokio::time::timeout(timeout, fut).await;
+    lines
+}
+
+/// Subscribes (with progress lines) and collects output lines until `done`
+/// says so or `timeout`.
+pub async fn collect(
+    addr: SocketAddr,
+    view: &str,
+    from: From,
+    timeout: Duration,
+    done: impl FnMut(&[Value]) -> bool + Send,
+) -> Vec<Value> {
+    let opts = SubscribeOptions {
+        progress: true,
+        ..subscription(addr, view, from)
+    };
+    read_until(opts, timeout, done).await
+}
+
+/// Change lines only (no progress / snapshot markers).
+pub fn changes(lines: &[Value]) -> Vec<&Value> {
+    lines.iter().filter(|l| l.get("op").is_some()).collect()
+}
+
+/// Folds change lines into key → row, as a subscriber keeping a copy would.
+pub fn fold(lines: &[Value]) -> BTreeMap<String, Value> {
+    let mut state = BTreeMap::new();
+    for l in lines {
+        match l.get("op").and_then(Value::as_str) {
+            Some("read" | "insert" | "update") => {
+                state.insert(l["key"].to_string(), l["after"].clone());
+            }
+            Some("delete") => {
+                state.remove(&l["key"].to_string());
+            }
+            Some("truncate") => state.clear(),
+            _ => {}
+        }
+    }
+    state
+}
+
+/// The lines a [`follow`]er has printed so far.
+pub type Seen = Arc<Mutex<Vec<Value>>>;
+
+/// A subscriber from `snapshot` that resumes with its last token whenever
+/// its connection breaks (on the next address, when `addr` lists several);
+/// returns the lines it prints and its task.
+pub fn follow(addr: String, view: &str) -> (Seen, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    let seen: Seen = Default::default();
+    let sink = seen.clone();
+    let task = tokio::spawn(client::subscribe(
+        SubscribeOptions {
+            reconnect: true,
+            ..subscription(addr, view, From::Snapshot)
+        },
+        move |line| {
+            sink.lock().unwrap().push(line);
+            true
+        },
+    ));
+    (seen, task)
+}
+
+/// The sequence numbers a subscriber saw after its first completed snapshot,
+/// checked to be each delivered once, with no gap, in order, continuing
+/// from the snapshot's token.
+pub fn seqs_after_snapshot(lines: &[Value]) -> Vec<u64> {
+    // The subscriber may have started before the first record: its snapshot
+    // can be empty or partial, then the change stream continues from it.
+    let snapshot_end = lines
+        .iter()
+        .position(|l| l.get("snapshot_complete").is_some())
+        .expect("snapshot completed");
+    let first_token = lines[snapshot_end]["resume_token"].as_str().unwrap();
+    let first_seq = ndc_node::security::token::peek(first_token).unwrap().1.seq;
+    let seqs: Vec<u64> = lines[snapshot_end + 1..]
+        .iter()
+        .filter(|l| l.get("op").is_some())
+        .map(|l| l["seq"].as_u64().unwrap())
+        .collect();
+    let distinct: BTreeSet<u64> = seqs.iter().copied().collect();
+    assert_eq!(distinct.len(), seqs.len(), "a change was delivered twice");
+    let want: Vec<u64> = (first_seq + 1..=first_seq + seqs.len() as u64).collect();
+    assert_eq!(seqs, want, "gap or reordering in the change stream");
+    seqs
+}
+
+/// The view's committed sequence and live rows, per ListViews (plaintext).
+pub async fn view_state(addr: SocketAddr, view: &str) -> Option<(u64, u64)> {
+    use ndc_proto::v1::subscription_client::SubscriptionClient;
+    let mut c = SubscriptionClient::connect(format!("http://{addr}"))
+        .await
+        .ok()?;
+    let r = c
+        .list_views(ndc_proto::v1::ListViewsRequest {})
+        .await
+        .ok()?;
+    r.into_inner()
+        .views
+        .into_iter()
+        .find(|v| v.name == view)
+        .map(|v| (v.committed_seq, v.live_rows))
+}
+
+/// Waits until `view` holds `rows` live rows (per ListViews).
+pub async fn wait_rows(addr: SocketAddr, view: &str, rows: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = 0;
+    while Instant::now() < deadline {
+        if let Some((_, live)) = view_state(addr, view).await {
+            last = live;
+            if last >= rows {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("view {view} has {last} rows, expected {rows}");
+}
