@@ -137,6 +137,14 @@ pub async fn connect(addr: &str, tls: Option<&ClientTls>) -> anyhow::Result<Conn
 
 /// A connection to a node at `addr` (`host:port` or a URL), over TLS when
 /// `tls` (else the process default) says so.
+/// How long connecting to a node may take (TCP and TLS).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Keep-alive ping interval, and how long a ping may go unanswered.
+const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// How long a subscription may take to open (connect, then the node's
+/// answer to the request) before the next address is tried.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub async fn channel(
     addr: &str,
     tls: Option<&ClientTls>,
@@ -144,8 +152,19 @@ pub async fn channel(
     use anyhow::Context;
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
     let tls = tls.or(DEFAULT_TLS.get()).filter(|t| t.is_on());
+    // A node that accepts connections but does not answer (frozen, or down
+    // behind a socket its supervisor holds) is given up on: connecting is
+    // bounded, and keep-alive pings find a connection gone silent.
+    let bounded = |e: Endpoint| {
+        e.connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(KEEP_ALIVE)
+            .keep_alive_timeout(KEEP_ALIVE)
+            .keep_alive_while_idle(true)
+    };
     let Some(tls) = tls else {
-        return Ok(Endpoint::from_shared(endpoint(addr))?.connect().await?);
+        return Ok(bounded(Endpoint::from_shared(endpoint(addr))?)
+            .connect()
+            .await?);
     };
     let host = addr
         .trim_start_matches("https://")
@@ -164,7 +183,7 @@ pub async fn channel(
         (None, None) => {}
         _ => anyhow::bail!("--tls-cert and --tls-key go together"),
     }
-    Ok(Endpoint::from_shared(format!("https://{host}"))?
+    Ok(bounded(Endpoint::from_shared(format!("https://{host}"))?)
         .tls_config(config)?
         .connect()
         .await?)
@@ -241,10 +260,6 @@ pub async fn subscribe(
                 Some(t) => Credentials::bearer(t)?,
                 None => Credentials::from_process()?,
             };
-            let mut client = SubscriptionClient::with_interceptor(
-                channel(addr, opts.tls.as_ref()).await?,
-                credentials,
-            );
             let start = match &from {
                 From::Snapshot => Start::Snapshot(Snapshot {}),
                 From::Latest => Start::Latest(Latest {}),
@@ -257,7 +272,16 @@ pub async fn subscribe(
                 fields: opts.fields.clone(),
                 max_batch_size: 0,
             };
-            let mut stream = client.subscribe(request).await?.into_inner();
+            let open = async {
+                let mut client = SubscriptionClient::with_interceptor(
+                    channel(addr, opts.tls.as_ref()).await?,
+                    credentials,
+                );
+                Ok::<_, anyhow::Error>(client.subscribe(request).await?.into_inner())
+            };
+            let mut stream = tokio::time::timeout(OPEN_TIMEOUT, open)
+                .await
+                .map_err(|_| anyhow::anyhow!("{addr} did not answer within {OPEN_TIMEOUT:?}"))??;
             backoff = Duration::from_millis(200);
             while let Some(msg) = stream.message().await? {
                 match msg.kind {

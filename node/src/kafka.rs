@@ -120,3 +120,107 @@ pub fn consumer_config(k: &KafkaSection, group_id: &str, reset: StartFrom) -> Cl
     }
     cc
 }
+
+/// Reads of a partition written by one producer without transactions,
+/// whose offsets therefore have no gaps (a change log, the audit topic):
+/// each record is taken once, in order, and a gap — records a broker
+/// skipped (tansu 0.6.0 does when a fetch starts inside a record batch) — is
+/// read again from before it, a few times, before it is accepted as real.
+#[derive(Debug, Clone)]
+pub struct Gapless {
+    next: u64,
+    retries: u32,
+    /// Whether the first record may come after `next` (a read from the
+    /// topic's start, whose first records may be gone).
+    open_start: bool,
+    started: bool,
+}
+
+/// What to do with a record read from a [`Gapless`] partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Taken already (read again after a seek or a rewind): skip it.
+    Skip,
+    /// Records before it are missing: seek back to read from `next` (with
+    /// [`resume_offset`]), and skip this one.
+    SeekBack { next: u64 },
+    /// Take it; `missing` names where a gap that persisted began.
+    Take { missing: Option<u64> },
+}
+
+/// Reads again from before a gap this many times before accepting it.
+const GAP_RETRIES: u32 = 5;
+
+impl Gapless {
+    /// Expects `next` first; with `open_start`, whatever comes first.
+    pub fn new(next: u64, open_start: bool) -> Gapless {
+        Gapless {
+            next,
+            retries: 0,
+            open_start,
+            started: false,
+        }
+    }
+
+    /// The next offset expected.
+    pub fn next(&self) -> u64 {
+        self.next
+    }
+
+    /// What to do with the record at `offset`. A taken record counts as
+    /// read once [`Gapless::taken`] says so.
+    pub fn step(&mut self, offset: u64) -> Step {
+        if offset < self.next {
+            return Step::Skip;
+        }
+        let mut missing = None;
+        if offset > self.next && (self.started || !self.open_start) {
+            if self.retries < GAP_RETRIES {
+                self.retries += 1;
+                return Step::SeekBack { next: self.next };
+            }
+            missing = Some(self.next);
+        }
+        Step::Take { missing }
+    }
+
+    /// The record at `offset` was handled: the next one is expected.
+    pub fn taken(&mut self, offset: u64) {
+        self.next = offset + 1;
+        self.retries = 0;
+        self.started = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gapless_partition_is_taken_once_in_order_and_a_gap_is_read_again() {
+        let mut g = Gapless::new(3, false);
+        assert_eq!(g.step(1), Step::Skip, "before the start");
+        assert_eq!(g.step(3), Step::Take { missing: None });
+        g.taken(3);
+        assert_eq!(g.step(3), Step::Skip, "read again after a rewind");
+        // 4 and 5 skipped by the broker: read again from 4, a few times.
+        for _ in 0..GAP_RETRIES {
+            assert_eq!(g.step(6), Step::SeekBack { next: 4 });
+        }
+        // Then the gap is accepted (and named).
+        assert_eq!(g.step(6), Step::Take { missing: Some(4) });
+        g.taken(6);
+        assert_eq!(g.next(), 7);
+        // A retry that fills the gap resets the count.
+        assert_eq!(g.step(9), Step::SeekBack { next: 7 });
+        assert_eq!(g.step(7), Step::Take { missing: None });
+    }
+
+    #[test]
+    fn a_read_from_the_start_takes_whatever_comes_first() {
+        let mut g = Gapless::new(0, true);
+        assert_eq!(g.step(40), Step::Take { missing: None });
+        g.taken(40);
+        assert_eq!(g.step(42), Step::SeekBack { next: 41 });
+    }
+}

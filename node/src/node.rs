@@ -17,6 +17,38 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
+/// Serves a tonic `router` on `listener` until `stop`: over TLS when `tls`
+/// is `Some`, else plaintext. Plaintext connections get TCP_NODELAY (tonic's
+/// own `tcp_nodelay` is ignored for an incoming stream, and with Nagle's
+/// algorithm on, a change batch written behind one not yet acknowledged
+/// waited for the subscriber's delayed ACK). A macro: the routers' layered
+/// types differ.
+macro_rules! serve {
+    ($router:expr, $listener:expr, $tls:expr, $stop:expr) => {
+        match $tls {
+            Some(tls) => {
+                let incoming = tls.incoming($listener, $stop.clone());
+                $router
+                    .serve_with_incoming_shutdown(incoming, $stop.cancelled_owned())
+                    .await
+            }
+            None => {
+                let incoming = tokio_stream::StreamExt::map(
+                    tokio_stream::wrappers::TcpListenerStream::new($listener),
+                    |conn| {
+                        let conn = conn?;
+                        conn.set_nodelay(true)?;
+                        Ok::<_, std::io::Error>(conn)
+                    },
+                );
+                $router
+                    .serve_with_incoming_shutdown(incoming, $stop.cancelled_owned())
+                    .await
+            }
+        }
+    };
+}
+
 /// Addresses a started node listens on; written to `<data_dir>/node.addr`
 /// as JSON so that scripts and tests can find ports chosen at run time.
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
@@ -374,31 +406,7 @@ pub async fn start_with(mut config: NodeConfig, handed: Listeners) -> anyhow::Re
             .add_service(reflection)
             .add_service(health_service)
             .add_optional_service(cluster_service);
-        let result = match tls {
-            Some(tls) => {
-                let incoming = tls.incoming(grpc_listener, grpc_stop.clone());
-                router
-                    .serve_with_incoming_shutdown(incoming, grpc_stop.cancelled_owned())
-                    .await
-            }
-            None => {
-                // tonic's own `tcp_nodelay` is ignored for an incoming
-                // stream, and with Nagle's algorithm on, a change batch
-                // written behind one not yet acknowledged waited for the
-                // subscriber's delayed ACK.
-                let incoming = tokio_stream::StreamExt::map(
-                    tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-                    |conn| {
-                        let conn = conn?;
-                        conn.set_nodelay(true)?;
-                        Ok::<_, std::io::Error>(conn)
-                    },
-                );
-                router
-                    .serve_with_incoming_shutdown(incoming, grpc_stop.cancelled_owned())
-                    .await
-            }
-        };
+        let result = serve!(router, grpc_listener, tls, grpc_stop);
         if let Err(e) = result {
             error!(error = %e, "gRPC server failed");
         }
@@ -498,27 +506,7 @@ fn start_peer_server(
         .add_service(PipelinesServer::new(pipelines))
         .add_service(AccessServer::new(access));
     Ok(tokio::spawn(async move {
-        let result = match tls {
-            Some(tls) => {
-                let incoming = tls.incoming(listener, stop.clone());
-                router
-                    .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-                    .await
-            }
-            None => {
-                let incoming = tokio_stream::StreamExt::map(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    |conn| {
-                        let conn = conn?;
-                        conn.set_nodelay(true)?;
-                        Ok::<_, std::io::Error>(conn)
-                    },
-                );
-                router
-                    .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-                    .await
-            }
-        };
+        let result = serve!(router, listener, tls, stop);
         if let Err(e) = result {
             error!(error = %e, "peer gRPC server failed");
         }

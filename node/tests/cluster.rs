@@ -542,7 +542,23 @@ impl Workload {
             assert!(Instant::now() < deadline, "the subscriber did not converge");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Until it has seen the view's last commit: a duplicate delivered
+        // after a failover would have come before it.
+        let (id, addr) = addrs.iter().next().unwrap();
+        let committed = committed_seq(addr, "citizens").await;
+        eventually(
+            &format!("the subscriber at ndc-{id}'s last commit {committed}"),
+            Duration::from_secs(30),
+            || {
+                seen.lock()
+                    .unwrap()
+                    .iter()
+                    .filter_map(|l| l["seq"].as_u64())
+                    .max()
+                    == Some(committed)
+            },
+        )
+        .await;
         subscriber.abort();
         let lines = seen.lock().unwrap().clone();
         // Across every failover.
@@ -964,6 +980,21 @@ fn example_spec() -> PathBuf {
 fn pipeline_member(c: &mut NodeConfig) {
     c.views.clear();
     c.pipelines.files = vec![example_spec()];
+}
+
+/// The committed sequence of `view` at `addr` (as the test's admin).
+async fn committed_seq(addr: &str, view: &str) -> u64 {
+    let mut c = ndc_proto::v1::subscription_client::SubscriptionClient::new(
+        ndc_node::client::channel(addr, None).await.unwrap(),
+    );
+    c.list_views(ndc_proto::v1::ListViewsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .views
+        .into_iter()
+        .find(|v| v.name == view)
+        .map_or(0, |v| v.committed_seq)
 }
 
 fn socket(addr: &str) -> std::net::SocketAddr {

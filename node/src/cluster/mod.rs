@@ -204,9 +204,10 @@ pub async fn run_log_source(
     .context("cannot create the change-log consumer")?;
     let mut tpl = TopicPartitionList::new();
     let mut views: BTreeMap<String, (ViewId, Arc<str>)> = BTreeMap::new();
-    // Per log topic: the next offset to hand over, and how often the read
-    // was restarted to fill a gap before it.
-    let mut expected: BTreeMap<String, (u64, u32)> = BTreeMap::new();
+    // Per log topic: read once, in order, gaps read again. Only nodes write
+    // a change log, without transactions: its offsets have no gaps, and
+    // every node must apply every record.
+    let mut expected: BTreeMap<String, crate::kafka::Gapless> = BTreeMap::new();
     for (view, topic) in &log.topics {
         let next = start.get(view).copied().flatten();
         let offset = match next {
@@ -215,7 +216,10 @@ pub async fn run_log_source(
         };
         tpl.add_partition_offset(topic, 0, offset)?;
         views.insert(topic.clone(), (*view, log_stream(topic).into()));
-        expected.insert(topic.clone(), (next.unwrap_or(0), 0));
+        expected.insert(
+            topic.clone(),
+            crate::kafka::Gapless::new(next.unwrap_or(0), false),
+        );
     }
     consumer.assign(&tpl)?;
     let mut quiet_errors = false;
@@ -231,32 +235,27 @@ pub async fn run_log_source(
                         warn!(topic = m.topic(), offset = m.offset(), "change-log record without an offset; skipped");
                         continue;
                     };
-                    // Only nodes write a change log, without transactions: its
-                    // offsets have no gaps, and every node must apply every
-                    // record. Read again: what came before (already handed over
-                    // or applied). A gap: some broker skipped records (tansu
-                    // 0.6.0 does when a fetch starts inside a record batch):
-                    // read again from before it.
-                    if let Some((next, retries)) = expected.get_mut(m.topic()) {
-                        if offset < *next {
-                            continue;
-                        }
-                        if offset > *next {
-                            metrics::counter!(metric::LOG_GAPS).increment(1);
-                            if *retries < 5 {
-                                *retries += 1;
-                                warn!(topic = m.topic(), expected = *next, got = offset, retries = *retries,
+                    if let Some(order) = expected.get_mut(m.topic()) {
+                        match order.step(offset) {
+                            crate::kafka::Step::Skip => continue,
+                            crate::kafka::Step::SeekBack { next } => {
+                                metrics::counter!(metric::LOG_GAPS).increment(1);
+                                warn!(topic = m.topic(), expected = next, got = offset,
                                       "change-log gap: records were skipped by the broker; reading again from before it");
-                                if let Err(e) = consumer.seek(m.topic(), 0, crate::kafka::resume_offset(&kafka, *next), Duration::from_secs(5)) {
+                                if let Err(e) = consumer.seek(m.topic(), 0, crate::kafka::resume_offset(&kafka, next), Duration::from_secs(5)) {
                                     warn!(error = %e, "cannot seek the change log; will retry");
                                 }
                                 continue;
                             }
-                            error!(topic = m.topic(), expected = *next, got = offset,
-                                   "change-log gap persists: these records are missing from the log");
+                            crate::kafka::Step::Take { missing } => {
+                                if let Some(expected) = missing {
+                                    metrics::counter!(metric::LOG_GAPS).increment(1);
+                                    error!(topic = m.topic(), expected, got = offset,
+                                           "change-log gap persists: these records are missing from the log");
+                                }
+                                order.taken(offset);
+                            }
                         }
-                        *next = offset + 1;
-                        *retries = 0;
                     }
                     metrics::counter!(metric::LOG_BYTES_READ).increment(m.payload_len() as u64);
                     let record = match LogRecord::decode(m.payload().unwrap_or_default()) {

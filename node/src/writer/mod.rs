@@ -926,6 +926,110 @@ mod tests {
         assert_eq!(buf.len(), 6, "a closed channel is left for recv to report");
     }
 
+    /// A writer over a fresh store with one view `v`, fed by the returned
+    /// sender; fatal errors go to the returned handle.
+    fn writer(dir: &std::path::Path) -> (Writer, mpsc::Sender<Input>, Fatal, ViewId) {
+        let mut config = ndc_operators::StoreConfig::new(dir.join("state"));
+        config.sync_commits = false;
+        let store = Store::open(&config, &["v".to_string()]).unwrap();
+        let view = store.view_id("v").unwrap();
+        let views = crate::views::ViewRegistry::default();
+        views.insert("v", view, 0, vec!["id".into()], Default::default(), None);
+        let (tx, rx) = mpsc::channel(16);
+        let fatal = Fatal::new(tokio_util::sync::CancellationToken::new());
+        let writer = Writer {
+            store,
+            rx,
+            dead_letters: DeadLetterSink::File {
+                path: dir.join("dead-letters.ndjson"),
+            },
+            commits: views.publishers(),
+            committed_offsets: Default::default(),
+            pipeline: Default::default(),
+            changelog: Default::default(),
+            mergers: Default::default(),
+            cluster: None,
+            inflight: None,
+            unwritten: Default::default(),
+            batches: 0,
+            spare_batch: Vec::new(),
+            fatal: fatal.clone(),
+            failed: false,
+        };
+        (writer, tx, fatal, view)
+    }
+
+    fn insert(view: ViewId, offset: u64, id: u64) -> Input {
+        let decoder = ndc_operators::Decoder::new(ndc_operators::DecoderConfig {
+            key_columns: vec!["id".into()],
+            ..Default::default()
+        });
+        let key = format!(r#"{{"id":{id}}}"#);
+        let value = format!(r#"{{"op":"c","after":{{"id":{id}}},"source":{{"ts_ms":{offset}}}}}"#);
+        Input {
+            view,
+            pos: Position::new("file:test", offset),
+            decoded: decoder.decode("", Some(key.as_bytes()), Some(value.as_bytes())),
+            topic: None,
+            partition: None,
+            epoch: None,
+            assignment: None,
+            raw_key: None,
+            raw_value: None,
+        }
+    }
+
+    /// A batch the store cannot apply (here: a record for a view the store
+    /// does not have) stops the writer: the error is raised for `main`, the
+    /// node is asked to stop, and nothing of that batch or any later one is
+    /// committed — a restart resumes from the last commit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_error_stops_the_writer_and_commits_nothing_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let (writer, tx, fatal, view) = writer(dir.path());
+        let committed = writer.committed_offsets.clone();
+        let running = writer.spawn(tracing::info_span!("test_writer"));
+        let next_offset = |c: &CommittedOffsets| {
+            c.lock()
+                .unwrap()
+                .get(&(view, Arc::from("file:test")))
+                .copied()
+        };
+        // The first record is committed before anything goes wrong.
+        tx.send(insert(view, 0, 1)).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while next_offset(&committed) != Some(1) {
+            assert!(
+                Instant::now() < deadline,
+                "the first record was not committed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // A view id of another store, unknown to this one.
+        let other = {
+            let config = ndc_operators::StoreConfig::new(dir.path().join("other"));
+            let names: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
+            let store = Store::open(&config, &names).unwrap();
+            store.view_id("d").unwrap()
+        };
+        assert_ne!(other, view);
+        tx.send(insert(other, 1, 2)).await.unwrap();
+        tx.send(insert(view, 2, 3)).await.unwrap();
+        let writer = tokio::time::timeout(Duration::from_secs(10), running)
+            .await
+            .expect("the writer stops on its own")
+            .unwrap();
+        assert!(writer.failed);
+        let error = fatal.error().expect("the error is raised").0;
+        assert!(error.contains("cannot read the state store"), "{error}");
+        assert_eq!(
+            next_offset(&committed),
+            Some(1),
+            "nothing committed after the failure"
+        );
+        assert_eq!(writer.store.next_offset(view, "file:test"), Some(1));
+    }
+
     #[test]
     fn only_a_gapless_run_up_to_the_commit_is_handed_to_subscribers() {
         assert!(is_run_ending_at(&changes(&[4, 5, 6]), 6));
