@@ -448,11 +448,17 @@ pub async fn start_with(mut config: NodeConfig, handed: Listeners) -> anyhow::Re
                 c.shutdown().await;
             }
             server_stop.cancel();
-            let _ = grpc_task.await;
-            if let Some(t) = peer_task {
-                let _ = t.await;
+            for (what, task) in [("gRPC server", Some(grpc_task)), ("peer server", peer_task)] {
+                if let Some(Err(e)) = match task {
+                    Some(t) => Some(t.await),
+                    None => None,
+                } {
+                    error!(error = %e, "{what} task panicked");
+                }
             }
-            let _ = http_task.await;
+            if let Err(e) = http_task.await {
+                error!(error = %e, "HTTP server task panicked");
+            }
             // Every holder of the audit trail is gone: its store closes.
             if let Some(closed) = audit_closed {
                 closed.wait().await;

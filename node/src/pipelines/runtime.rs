@@ -288,7 +288,9 @@ impl Runtime {
         };
         path.shutdown.cancel();
         for t in path.tasks {
-            let _ = t.await;
+            if let Err(e) = t.await {
+                error!(error = %e, "a data-path task panicked");
+            }
         }
         match path.writer.await {
             // A failed writer's store may be ahead of its disk: it is not

@@ -879,7 +879,11 @@ fn save(path: &Path, map: &BTreeMap<String, Grant>) -> Result<(), GrantWriteErro
     if let Some(dir) = path.parent()
         && let Ok(d) = std::fs::File::open(dir)
     {
-        let _ = d.sync_all();
+        // The rename is durable once the directory is: not fatal if it
+        // cannot be synced, but worth knowing.
+        if let Err(e) = d.sync_all() {
+            tracing::warn!(error = %e, dir = %dir.display(), "cannot sync the directory after a rename");
+        }
     }
     Ok(())
 }

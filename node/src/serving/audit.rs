@@ -989,12 +989,14 @@ pub async fn index_cluster(
         if let Err(e) = audit.index_foreign(foreign.as_ref().map(|r| (r, bytes)), offset + 1) {
             metrics::counter!(metric::ERRORS, "stage" => "index").increment(1);
             warn!(error = %e, "cannot index an audit record; reading it again");
-            let _ = consumer.seek(
+            if let Err(e) = consumer.seek(
                 &topic,
                 0,
                 Offset::Offset(offset as i64),
                 Duration::from_secs(5),
-            );
+            ) {
+                warn!(error = %e, "cannot seek the audit topic back; the gap check reads the record again");
+            }
             continue;
         }
         if foreign.is_some() {

@@ -234,7 +234,9 @@ impl KafkaSource {
                 }
             }
         }
-        let _ = refresher.await;
+        if let Err(e) = refresher.await {
+            warn!(error = %e, "the metadata refresher panicked");
+        }
         assigner.commit_advisory(&consumer, &committed);
         // Closing a consumer whose broker does not answer blocks in
         // librdkafka: not on this task, which the node's shutdown awaits.
