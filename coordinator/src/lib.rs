@@ -169,6 +169,10 @@ pub mod metric {
     pub const OWNED_PARTITIONS: &str = "ndc_cluster_owned_partitions";
     pub const FAILOVER_SECONDS: &str = "ndc_cluster_failover_seconds";
     pub const LEASE_VALID: &str = "ndc_cluster_lease_valid";
+    /// Drains before a stop, by `outcome` (`moved`: every partition handed
+    /// over; `timed_out`: not within the time given, the rest move after
+    /// `failure_timeout` once the node is gone).
+    pub const DRAINS: &str = "ndc_cluster_drains_total";
     /// Peer requests refused because the caller's certificate does not name
     /// the node it claims to be (or any node).
     pub const PEER_REFUSED: &str = "ndc_cluster_peer_refused_total";
@@ -181,6 +185,8 @@ struct NodeReport {
     accepted_at: Instant,
     applied_index: u64,
     held: Vec<HeldPartition>,
+    /// The node is stopping and hands its partitions over.
+    draining: bool,
 }
 
 #[derive(Debug, Default)]
@@ -207,6 +213,13 @@ struct Inner {
     lease_until: Mutex<Option<Instant>>,
     /// What this node processes right now (set by the node, sent in heartbeats).
     held: Mutex<Vec<HeldPartition>>,
+    /// Stopping: heartbeats ask the leader to move this node's partitions.
+    draining: std::sync::atomic::AtomicBool,
+    /// The leader's applied index in the first heartbeat reply this node
+    /// got (`u64::MAX` before it), and whether this node has applied as
+    /// much since (see [`Coordinator::caught_up`]).
+    catch_up_to: std::sync::atomic::AtomicU64,
+    caught_up: std::sync::atomic::AtomicBool,
     leader: Mutex<LeaderView>,
     /// Ends the background loops (heartbeats, scheduler, metrics).
     stop: tokio_util::sync::CancellationToken,
@@ -248,6 +261,9 @@ impl Coordinator {
                 applied,
                 lease_until: Mutex::new(None),
                 held: Mutex::new(Vec::new()),
+                draining: std::sync::atomic::AtomicBool::new(false),
+                catch_up_to: std::sync::atomic::AtomicU64::new(u64::MAX),
+                caught_up: std::sync::atomic::AtomicBool::new(false),
                 leader: Mutex::new(LeaderView::default()),
                 stop: tokio_util::sync::CancellationToken::new(),
                 tasks: Mutex::new(Vec::new()),
@@ -412,6 +428,63 @@ impl Coordinator {
             .is_some_and(|until| Instant::now() < until)
     }
 
+    /// Asks the leader (in the next heartbeats) to hand this node's
+    /// partitions to other nodes, and to give it none, while `draining`;
+    /// see [`Coordinator::drain`].
+    pub fn set_draining(&self, draining: bool) {
+        self.inner
+            .draining
+            .store(draining, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether this node has applied the replicated state as far as the
+    /// leader had when it first heard from it: until then its grants and
+    /// specs may be behind (a node that joined, or lost its disk), and a
+    /// refusal by them is "not yet", not "no". Stays true once reached.
+    pub fn caught_up(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.inner.caught_up.load(Relaxed) {
+            return true;
+        }
+        let target = self.inner.catch_up_to.load(Relaxed);
+        let reached = target != u64::MAX && self.applied_index() >= target;
+        if reached {
+            self.inner.caught_up.store(true, Relaxed);
+        }
+        reached
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.inner
+            .draining
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Hands this node's partitions to other nodes before it stops (a
+    /// rolling restart): asks for it in the heartbeats, then waits until the
+    /// applied state gives this node none, at most `timeout`. Returns
+    /// whether they all moved (not when no other node could take them).
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        self.set_draining(true);
+        let mut applied = self.inner.applied.clone();
+        let me = self.node_id();
+        let wait = async {
+            loop {
+                if applied.borrow_and_update().cluster.owned_by(me).is_empty() {
+                    return;
+                }
+                if applied.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let moved = tokio::time::timeout(timeout, wait).await.is_ok()
+            && self.inner.applied.borrow().cluster.owned_by(me).is_empty();
+        metrics::counter!(metric::DRAINS, "outcome" => if moved { "moved" } else { "timed_out" })
+            .increment(1);
+        moved
+    }
+
     /// Tells the leader (in the next heartbeats) what this node processes.
     pub fn set_held(&self, held: Vec<HeldPartition>) {
         if let Ok(mut h) = self.inner.held.lock() {
@@ -485,6 +558,7 @@ impl Coordinator {
                     .lock()
                     .map(|h| h.clone())
                     .unwrap_or_default(),
+                draining: self.is_draining(),
             };
             let metrics = self.inner.raft.metrics().borrow().clone();
             let reply = match metrics.current_leader {
@@ -523,6 +597,17 @@ impl Coordinator {
                     }
                 },
             };
+            if let Some(reply) = &reply
+                && reply.accepted
+            {
+                use std::sync::atomic::Ordering::Relaxed;
+                let _ = self.inner.catch_up_to.compare_exchange(
+                    u64::MAX,
+                    reply.leader_applied_index,
+                    Relaxed,
+                    Relaxed,
+                );
+            }
             if let Some(reply) = reply
                 && reply.accepted
                 && let Ok(mut lease) = self.inner.lease_until.lock()
@@ -556,6 +641,7 @@ impl Coordinator {
             leader_addr,
             term: metrics.current_term,
             lease_ms: 0,
+            leader_applied_index: metrics.last_applied.map_or(0, |l| l.index),
         };
         let is_leader = metrics.state == ServerState::Leader;
         let is_member = metrics
@@ -585,6 +671,7 @@ impl Coordinator {
                 accepted_at: Instant::now(),
                 applied_index: request.applied_index,
                 held: request.held,
+                draining: request.draining,
             },
         );
         reply.accepted = true;
@@ -749,7 +836,19 @@ impl Coordinator {
                 released.insert(p.clone());
             }
         }
-        (state::Liveness { live, released }, dead_since)
+        let draining = live
+            .iter()
+            .copied()
+            .filter(|id| view.reports.get(id).is_some_and(|r| r.draining))
+            .collect();
+        (
+            state::Liveness {
+                live,
+                released,
+                draining,
+            },
+            dead_since,
+        )
     }
 
     /// Publishes Raft metrics.
@@ -861,6 +960,7 @@ impl Coordinator {
                     live: is_leader
                         && (*id == self.node_id()
                             || ago.is_some_and(|d| d < self.inner.config.failure_timeout)),
+                    draining: report.as_ref().is_some_and(|r| r.draining),
                 }
             })
             .collect();

@@ -266,6 +266,9 @@ pub struct Liveness {
     /// Partitions (unowned, or owned by a node not live) that no node can be
     /// acting on any more: reported released, or every lease has expired.
     pub released: BTreeSet<PartitionId>,
+    /// Live nodes that are stopping: they keep nothing and take nothing,
+    /// as long as another live node can take their partitions.
+    pub draining: BTreeSet<NodeId>,
 }
 
 /// Next assignment changes: as few moves as give every live node its fair
@@ -277,7 +280,18 @@ pub struct Liveness {
 /// `liveness.released`. Partitions of dead nodes are handed on once released
 /// (every lease they might hold has expired).
 pub fn plan(state: &ClusterState, liveness: &Liveness) -> Vec<(PartitionId, Option<NodeId>)> {
-    let live = &liveness.live;
+    // Nodes that may own partitions: the live ones not draining; if every
+    // live node drains, nobody could take over, and they keep what they own.
+    let takers: BTreeSet<NodeId> = liveness
+        .live
+        .difference(&liveness.draining)
+        .copied()
+        .collect();
+    let live = if takers.is_empty() {
+        &liveness.live
+    } else {
+        &takers
+    };
     let mut changes = Vec::new();
     if live.is_empty() {
         return changes;
@@ -297,6 +311,11 @@ pub fn plan(state: &ClusterState, liveness: &Liveness) -> Vec<(PartitionId, Opti
                 if let Some(v) = load.get_mut(&owner) {
                     v.push(p);
                 }
+            }
+            // A draining node gives its partitions up at once (the first
+            // step of a move, as for a node above its share).
+            Some(owner) if liveness.live.contains(&owner) => {
+                changes.push((p.clone(), None));
             }
             Some(_) => {
                 // Owned by a node that is not live: unassign only once
@@ -407,6 +426,53 @@ mod tests {
     }
 
     #[test]
+    fn a_draining_node_gives_everything_up_and_takes_nothing() {
+        let mut s = state(6);
+        let all = |s: &ClusterState| all_released(s);
+        let first = plan(
+            &s,
+            &Liveness {
+                live: [1, 2, 3].into(),
+                released: all(&s),
+                draining: BTreeSet::new(),
+            },
+        );
+        s.apply(&Command::Assign { changes: first }, 1);
+        assert_eq!(s.owned_by(3).len(), 2);
+        // Node 3 drains: its partitions are unassigned (first step), and
+        // once released they go to 1 and 2, never back to 3.
+        let draining = Liveness {
+            live: [1, 2, 3].into(),
+            released: BTreeSet::new(),
+            draining: [3].into(),
+        };
+        let give_up = plan(&s, &draining);
+        assert_eq!(give_up.len(), 2);
+        assert!(give_up.iter().all(|(_, owner)| owner.is_none()));
+        s.apply(&Command::Assign { changes: give_up }, 2);
+        let released = Liveness {
+            released: all(&s),
+            ..draining.clone()
+        };
+        let take = plan(&s, &released);
+        assert!(take.iter().all(|(_, owner)| matches!(owner, Some(1 | 2))));
+        s.apply(&Command::Assign { changes: take }, 3);
+        assert!(s.owned_by(3).is_empty());
+        assert_eq!((s.owned_by(1).len(), s.owned_by(2).len()), (3, 3));
+        // With nobody else live, a draining node keeps what it has.
+        let alone = Liveness {
+            live: [1].into(),
+            released: all(&s),
+            draining: [1].into(),
+        };
+        assert!(
+            plan(&s, &alone)
+                .iter()
+                .all(|(p, o)| o.is_some() || s.owner(p).and_then(|a| a.owner) != Some(1))
+        );
+    }
+
+    #[test]
     fn a_dead_owner_keeps_its_partitions_until_they_are_released() {
         let mut s = state(4);
         let first = plan(
@@ -414,6 +480,7 @@ mod tests {
             &Liveness {
                 live: [1, 2].into(),
                 released: all_released(&s),
+                draining: BTreeSet::new(),
             },
         );
         s.apply(&Command::Assign { changes: first }, 1);
@@ -422,6 +489,7 @@ mod tests {
         let l = Liveness {
             live: [1].into(),
             released: BTreeSet::new(),
+            draining: BTreeSet::new(),
         };
         let changes = plan(&s, &l);
         assert!(
@@ -433,6 +501,7 @@ mod tests {
         let l = Liveness {
             live: [1].into(),
             released: s.owned_by(2).into_keys().collect(),
+            draining: BTreeSet::new(),
         };
         let changes = plan(&s, &l);
         s.apply(&Command::Assign { changes }, 1);

@@ -47,6 +47,7 @@ proptest! {
         owners in prop::collection::vec(prop::option::of(0u64..7), 1..8),
         live in prop::collection::btree_set(0u64..7, 0..6),
         released_mask in prop::collection::vec(any::<bool>(), 24),
+        draining in prop::collection::btree_set(0u64..7, 0..3),
     ) {
         let s = cluster(partitions, &owners);
         let released: BTreeSet<String> = s
@@ -56,15 +57,19 @@ proptest! {
             .filter(|(i, _)| released_mask[*i])
             .map(|(_, p)| p.clone())
             .collect();
-        let liveness = Liveness { live: live.clone(), released: released.clone() };
+        let liveness = Liveness { live: live.clone(), released: released.clone(), draining: draining.clone() };
         let changes = plan(&s, &liveness);
+        // Who may take partitions: live nodes not draining (all live ones
+        // when every one drains).
+        let takers: BTreeSet<u64> = live.difference(&draining).copied().collect();
+        let takers = if takers.is_empty() { live.clone() } else { takers };
         let mut seen = BTreeSet::new();
         for (p, owner) in &changes {
             prop_assert!(seen.insert(p.clone()), "partition {} changed twice in one round", p);
             let current = s.owner(p).and_then(|a| a.owner);
             match owner {
                 Some(n) => {
-                    prop_assert!(live.contains(n), "{} given to non-live node {}", p, n);
+                    prop_assert!(takers.contains(n), "{} given to node {} (not live, or draining)", p, n);
                     prop_assert!(released.contains(p), "{} handed on before release", p);
                     prop_assert!(current.is_none_or(|c| !live.contains(&c)),
                         "{} moved directly from live owner {:?} to {}", p, current, n);
@@ -96,7 +101,7 @@ proptest! {
                 .filter(|p| s.owner(p).and_then(|a| a.owner).is_none_or(|o| !live.contains(&o)))
                 .cloned()
                 .collect();
-            let changes = plan(&s, &Liveness { live: live.clone(), released });
+            let changes = plan(&s, &Liveness { live: live.clone(), released, draining: BTreeSet::new() });
             if changes.is_empty() {
                 break;
             }
@@ -110,8 +115,48 @@ proptest! {
         let max = l.values().copied().max().unwrap_or(0);
         let min = l.values().copied().min().unwrap_or(0);
         prop_assert!(max - min <= 1, "unbalanced: {:?}", l);
-        let quiet = plan(&s, &Liveness { live: live.clone(), released: s.partitions.clone() });
+        let quiet = plan(&s, &Liveness { live: live.clone(), released: s.partitions.clone(), draining: BTreeSet::new() });
         prop_assert!(quiet.is_empty(), "not quiet after convergence: {:?}", quiet);
+    }
+
+    /// A node that drains while another live node can take over ends with
+    /// nothing; the others converge balanced as before. Draining never hands
+    /// a partition from one live owner to another directly (checked above).
+    #[test]
+    fn a_draining_node_ends_with_nothing(
+        partitions in 0usize..24,
+        owners in prop::collection::vec(prop::option::of(0u64..7), 1..8),
+        live in prop::collection::btree_set(0u64..7, 2..6),
+        pick in any::<prop::sample::Index>(),
+    ) {
+        let drained = *pick.get(&live.iter().copied().collect::<Vec<_>>());
+        let draining: BTreeSet<u64> = [drained].into();
+        let mut s = cluster(partitions, &owners);
+        for index in 3..9 {
+            // The drained node acknowledges what it gave up; dead nodes'
+            // leases have expired.
+            let released = s
+                .partitions
+                .iter()
+                .filter(|p| s.owner(p).and_then(|a| a.owner).is_none_or(|o| !live.contains(&o)))
+                .cloned()
+                .collect();
+            let changes = plan(&s, &Liveness { live: live.clone(), released, draining: draining.clone() });
+            if changes.is_empty() {
+                break;
+            }
+            s.apply(&Command::Assign { changes }, index);
+        }
+        prop_assert!(s.owned_by(drained).is_empty(), "node {} still owns {:?}", drained, s.owned_by(drained));
+        let takers: BTreeSet<u64> = live.difference(&draining).copied().collect();
+        for p in &s.partitions {
+            let owner = s.owner(p).and_then(|a| a.owner);
+            prop_assert!(owner.is_some_and(|o| takers.contains(&o)), "{} owned by {:?}", p, owner);
+        }
+        let l = loads(&s, &takers);
+        let max = l.values().copied().max().unwrap_or(0);
+        let min = l.values().copied().min().unwrap_or(0);
+        prop_assert!(max - min <= 1, "unbalanced: {:?}", l);
     }
 
     /// Epochs only grow, and every change gets a new one.

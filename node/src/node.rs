@@ -432,17 +432,41 @@ pub async fn start_with(mut config: NodeConfig, handed: Listeners) -> anyhow::Re
     }
 
     let grace = config.node.shutdown_grace;
+    let drain_timeout = config.cluster.as_ref().map(|c| c.drain_timeout);
     let stop = shutdown.clone();
     let ready = readiness.clone();
+    let stopping_fatal = fatal.clone();
     let main = tokio::spawn(async move {
         stop.cancelled().await;
         ready.set(false);
+        // In a cluster, hand the partitions to other nodes first, while this
+        // node still serves and heartbeats: they take over at once instead
+        // of after `failure_timeout`. Not after a fatal error: the node
+        // stops at once, and they move as from a dead node.
+        if let (Some(c), Some(timeout)) = (&coordinator, drain_timeout)
+            && !stopping_fatal.raised()
+        {
+            info!("shutting down: handing partitions to other nodes");
+            let started = std::time::Instant::now();
+            if c.drain(timeout).await {
+                info!(
+                    seconds = started.elapsed().as_secs_f64(),
+                    "partitions handed over"
+                );
+            } else {
+                warn!(
+                    ?timeout,
+                    "partitions not all handed over in time; the rest move once this node is gone"
+                );
+            }
+        }
         info!("shutting down: stopping sources");
         let orderly = async {
             // Sources stop; the writer drains the channel and commits.
             runtime.lock().await.shutdown().await;
-            // Dropping the commit watchers ends the subscriptions.
-            views.clear();
+            // Dropping the commit watchers ends the subscriptions; later
+            // requests are told to resume on another node.
+            views.close();
             info!("state committed; stopping servers");
             if let Some(c) = &coordinator {
                 c.shutdown().await;

@@ -53,17 +53,22 @@ pub struct ServedView {
 
 /// Every served view by name; cheap to clone.
 #[derive(Debug, Clone, Default)]
-pub struct ViewRegistry(Arc<RwLock<BTreeMap<String, ServedView>>>);
+pub struct ViewRegistry {
+    views: Arc<RwLock<BTreeMap<String, ServedView>>>,
+    /// The node is stopping: no view is served any more, and asking for
+    /// one is asking the wrong node, not naming a view that does not exist.
+    closed: Arc<std::sync::atomic::AtomicBool>,
+}
 
 impl ViewRegistry {
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, ServedView>> {
-        self.0
+        self.views
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, ServedView>> {
-        self.0
+        self.views
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -124,6 +129,19 @@ impl ViewRegistry {
     /// Stops serving every view (node shutdown).
     pub fn clear(&self) {
         self.write().clear();
+    }
+
+    /// Stops serving for good (the node is shutting down): every view's
+    /// watcher is dropped, which ends its streams, and later requests are
+    /// told to go elsewhere.
+    pub fn close(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.clear();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn get(&self, name: &str) -> Option<ServedView> {

@@ -460,13 +460,15 @@ impl Workload {
     /// the reference rows (all partitions) and that the subscriber, after its
     /// snapshot, saw one gapless sequence of changes: nothing lost, nothing
     /// twice, across every failover.
-    async fn finish(self, cluster: &Cluster) {
+    /// `cluster_metrics`: what some node must have counted besides the
+    /// metrics every scenario produces.
+    async fn finish(self, cluster: &Cluster, cluster_metrics: &[&str]) {
         let Workload {
             stop,
             expected,
             load,
             seen,
-            subscriber,
+            mut subscriber,
         } = self;
         stop.store(true, Ordering::Relaxed);
         let sent = load.await.unwrap();
@@ -539,7 +541,14 @@ impl Workload {
         // saw one gapless sequence of changes across all its failovers.
         let deadline = Instant::now() + Duration::from_secs(30);
         while fold(&seen.lock().unwrap()) != everything {
-            assert!(Instant::now() < deadline, "the subscriber did not converge");
+            if subscriber.is_finished() || Instant::now() >= deadline {
+                let outcome = if subscriber.is_finished() {
+                    format!("ended: {:?}", (&mut subscriber).await)
+                } else {
+                    "still running".into()
+                };
+                panic!("the subscriber did not converge; its task: {outcome}");
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         // Until it has seen the view's last commit: a duplicate delivered
@@ -592,13 +601,12 @@ impl Workload {
             }
             all.push_str(&text);
         }
-        for name in [
-            "ndc_cluster_failover_seconds_count",
+        for name in cluster_metrics.iter().copied().chain([
             "ndc_cluster_restore_duration_seconds_count",
             "ndc_cluster_assignment_changes_total",
             "ndc_cluster_log_written_bytes_total",
             "ndc_cluster_log_records_total{outcome=\"fence\"}",
-        ] {
+        ]) {
             assert!(all.contains(name), "{name} missing from every node");
         }
     }
@@ -798,7 +806,117 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
     );
     assert!(json["leader"].as_u64().is_some());
 
-    work.finish(&cluster).await;
+    work.finish(&cluster, &["ndc_cluster_failover_seconds_count"])
+        .await;
+}
+
+/// The longest time, between `from` and now, that the subscriber's line
+/// count (sampled every 10 ms into `samples`) did not grow.
+fn longest_stall(samples: &Mutex<Vec<(Instant, usize)>>, from: Instant) -> Duration {
+    let samples = samples.lock().unwrap();
+    let mut stall = Duration::ZERO;
+    let mut last_growth: Option<(Instant, usize)> = None;
+    for &(at, n) in samples.iter().filter(|(at, _)| *at >= from) {
+        match last_growth {
+            Some((since, count)) if n == count => stall = stall.max(at - since),
+            _ => last_growth = Some((at, n)),
+        }
+    }
+    stall
+}
+
+/// A rolling restart under load: each node in turn gets SIGTERM, hands its
+/// partitions to the others before it exits (it says so in its log, and
+/// exits 0), and comes back. The cluster never waits `failure_timeout` for
+/// it; nothing is lost or delivered twice; the subscriber fails over with
+/// its token. How long the subscriber saw no change during each restart is
+/// measured and printed (docs/cluster.md records the figures; not asserted
+/// tightly on a shared 2-core machine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_under_load_hands_partitions_over_before_each_node_stops() {
+    let mut cluster = Cluster::start(3).await;
+    cluster._broker.create_topic("ndc.dead-letter", 1).await;
+    let work = Workload::start(&cluster, &[0, 1, 2]);
+    let samples: Arc<Mutex<Vec<(Instant, usize)>>> = Arc::default();
+    let sampler = {
+        let (seen, samples) = (work.seen.clone(), samples.clone());
+        tokio::spawn(async move {
+            loop {
+                let n = seen.lock().unwrap().len();
+                samples.lock().unwrap().push((Instant::now(), n));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let (s, _) = cluster
+        .wait_for("three live members and balanced partitions", SETTLE, |s| {
+            live_members(s).len() == 3 && balanced_over(s, &[0, 1, 2])
+        })
+        .await;
+    // Followers first, the leader last (it also hands Raft leadership on by
+    // stopping).
+    let leader = s.leader_id.unwrap();
+    let order: Vec<u64> = (0..3).filter(|&i| i != leader).chain([leader]).collect();
+    for id in order {
+        let (s, _) = cluster
+            .wait_for("a balanced cluster before the restart", SETTLE, |s| {
+                live_members(s).len() == 3 && balanced_over(s, &[0, 1, 2])
+            })
+            .await;
+        let before = owners(&s);
+        let from = Instant::now();
+        cluster.member(id).signal("-TERM").unwrap();
+        let exited = eventually_async("the node to exit after SIGTERM", SETTLE, || {
+            let status = cluster.member(id).exited().unwrap();
+            async move { status }
+        })
+        .await;
+        let stopped_in = from.elapsed();
+        assert!(exited.success(), "ndc-{id} exited with {exited}");
+        let log = cluster.member(id).log_tail(200);
+        assert!(
+            log.lines()
+                .rev()
+                .take_while(|l| !l.contains("node started"))
+                .any(|l| l.contains("partitions handed over")),
+            "ndc-{id} stopped without handing its partitions over:\n{log}"
+        );
+        cluster.member(id).kill9(); // reaped already; forgets the process
+        // Handed over before the node was gone: the first status after its
+        // exit already shows none of its partitions on it (a node killed
+        // keeps them for `failure_timeout`).
+        let s = eventually_async("a cluster status", SETTLE, || cluster.status()).await;
+        let still: Vec<String> = owners(&s)
+            .into_iter()
+            .filter(|(_, (owner, _))| *owner == Some(id))
+            .map(|(p, _)| p)
+            .collect();
+        assert!(
+            still.is_empty(),
+            "ndc-{id} still owns {still:?} after it stopped"
+        );
+        let others: Vec<u64> = (0..3).filter(|&i| i != id).collect();
+        let (s, _) = cluster
+            .wait_for(
+                "the stopped node's partitions on the others",
+                FAILOVER_BOUND,
+                |s| balanced_over(s, &others),
+            )
+            .await;
+        check_epochs(&before, &owners(&s));
+        cluster.member(id).start().unwrap();
+        cluster
+            .wait_for("the restarted node back with its share", SETTLE, |s| {
+                live_members(s).len() == 3 && balanced_over(s, &[0, 1, 2])
+            })
+            .await;
+        eprintln!(
+            "ndc-{id} restarted: stopped {stopped_in:?} after SIGTERM; subscriber's longest stall {:?}",
+            longest_stall(&samples, from)
+        );
+    }
+    sampler.abort();
+    work.finish(&cluster, &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -954,7 +1072,8 @@ async fn nodes_are_removed_and_added_online() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    work.finish(&cluster).await;
+    work.finish(&cluster, &["ndc_cluster_failover_seconds_count"])
+        .await;
 }
 
 // ---------------------------------------------------------------------------

@@ -203,6 +203,11 @@ pub struct ClusterSection {
     pub changes_topic_prefix: String,
     /// Replication factor of the change-log topics the nodes create.
     pub changes_replication: i32,
+    /// On SIGTERM, how long a node waits for its partitions to be handed to
+    /// other nodes before it stops anyway (the rest then move after
+    /// `failure_timeout`). Counted before `node.shutdown_grace`.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
 }
 
 impl Default for ClusterSection {
@@ -219,6 +224,7 @@ impl Default for ClusterSection {
             election_timeout: Duration::from_millis(300),
             changes_topic_prefix: "ndc.changes.".into(),
             changes_replication: 3,
+            drain_timeout: Duration::from_secs(10),
         }
     }
 }

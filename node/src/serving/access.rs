@@ -699,6 +699,17 @@ impl Grants {
         })
     }
 
+    /// Whether these grants are the cluster's (a single node's always are):
+    /// a cluster member that has not yet caught up with the replicated
+    /// state may lack a grant the cluster has, so its refusals are "not
+    /// yet" (UNAVAILABLE), not "no".
+    pub fn settled(&self) -> bool {
+        match &self.writer {
+            Writer::Local { .. } => true,
+            Writer::Cluster(c) => c.caught_up(),
+        }
+    }
+
     /// A cluster member's grants: the replicated ones, followed as they change.
     pub fn replicated(coordinator: Coordinator) -> Grants {
         let mut applied = coordinator.watch();

@@ -536,6 +536,12 @@ impl Subscription for SubscriptionService {
         // A view not granted is refused before the node says whether it
         // has it: the caller learns nothing of views it may not read.
         if !caller.may_read(&req.view) {
+            if !self.auth.grants.settled() {
+                return Err(refuse(
+                    tonic::Code::Unavailable,
+                    "this node is catching up with the cluster's grants; retry, or use another node".into(),
+                ));
+            }
             metrics::counter!(metric::ACCESS_REFUSED_STREAMS, "reason" => "view").increment(1);
             return Err(refuse(
                 tonic::Code::PermissionDenied,
@@ -573,6 +579,18 @@ impl Subscription for SubscriptionService {
         // The error names the view asked for and nothing else: the node's
         // other views are not the caller's to learn from a refusal.
         let Some(commits) = self.views.receiver(&req.view) else {
+            if self.views.is_closed() {
+                return Err(refuse(
+                    tonic::Code::Unavailable,
+                    "this node is shutting down; resume on another node".into(),
+                ));
+            }
+            if !self.auth.grants.settled() {
+                return Err(refuse(
+                    tonic::Code::Unavailable,
+                    "this node is catching up with the cluster's pipelines; retry, or use another node".into(),
+                ));
+            }
             return Err(refuse(
                 tonic::Code::NotFound,
                 format!("view {:?} does not exist here", req.view),
