@@ -509,7 +509,7 @@ pub mod admin {
             "applied_index": s.applied_index,
             "members": s.members.iter().map(|m| json!({
                 "id": m.id, "addr": m.addr, "role": m.role, "live": m.live,
-                "last_heartbeat_ms_ago": m.last_heartbeat_ms_ago,
+                "draining": m.draining, "last_heartbeat_ms_ago": m.last_heartbeat_ms_ago,
             })).collect::<Vec<_>>(),
             "partitions": s.partitions.iter().map(|p| json!({
                 "partition": p.partition, "owner": p.owner, "epoch": p.epoch, "running": p.running,
@@ -543,7 +543,11 @@ pub mod admin {
                 m.id,
                 m.addr,
                 m.role,
-                if m.live { "yes" } else { "no" },
+                match (m.live, m.draining) {
+                    (true, true) => "drain",
+                    (true, false) => "yes",
+                    _ => "no",
+                },
                 m.last_heartbeat_ms_ago
                     .map_or("never".to_string(), |ms| format!("{ms} ms ago"))
             );
