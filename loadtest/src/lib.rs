@@ -236,8 +236,19 @@ async fn wait_committed(
     {
         let deadline = Instant::now() + timeout;
         let mut first = None;
+        // No progress for this long short of the target: something is lost
+        // or stuck; say so instead of waiting out `timeout`.
+        let stuck_after = Duration::from_secs(120);
+        let (mut last, mut last_moved) = (0u64, Instant::now());
         loop {
             let c = committed(addr, tls).await.unwrap_or(0);
+            if c != last {
+                (last, last_moved) = (c, Instant::now());
+            } else if last_moved.elapsed() > stuck_after {
+                bail!(
+                    "{addr}: committed {c} of {seq}, no progress for {stuck_after:?} (lost or stuck changes)"
+                );
+            }
             if c > 0 && first.is_none() {
                 first = Some(Instant::now());
             }
@@ -877,6 +888,125 @@ pub async fn cluster_phase(
             "{nodes} node processes from start until every node has committed every change; topic filled beforehand; RSS: largest node"
         ),
     })
+}
+
+/// One node's share of a capacity run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeShare {
+    pub node: u64,
+    pub cpu_seconds: f64,
+    pub live_rows: u64,
+    /// Periods its CPU cap held it back, of all (`None`: not capped).
+    pub throttled: Option<(u64, u64)>,
+}
+
+/// Live rows of the load test's view at `addr` (plaintext).
+async fn live_rows(addr: &str) -> anyhow::Result<u64> {
+    let mut c = ndc_proto::v1::subscription_client::SubscriptionClient::new(
+        ndc_node::client::channel(addr, None).await?,
+    );
+    Ok(c.list_views(ndc_proto::v1::ListViewsRequest {})
+        .await?
+        .into_inner()
+        .views
+        .iter()
+        .find(|v| v.name == VIEW)
+        .map_or(0, |v| v.live_rows))
+}
+
+/// Capacity of a cluster of `nodes` node processes, each capped to `cores`
+/// of CPU (cgroup v1; without it, uncapped and accounted in CPU seconds):
+/// from their start on a topic filled beforehand until every node has
+/// committed every change. Reports cluster events/s and, per node, the CPU
+/// it used and the rows it holds — what tells whether adding nodes adds
+/// capacity, or only copies.
+pub async fn capacity_phase(
+    work: &Path,
+    broker: &Broker,
+    topic: &str,
+    w: Workload,
+    nodes: u64,
+    cores: f64,
+    run: &str,
+) -> anyhow::Result<(Report, Vec<NodeShare>)> {
+    let capped = ndc_testkit::CpuCap::available();
+    let mut cluster = ndc_testkit::Cluster::prepare(&ndc_binary()?, work, nodes, |_| {
+        let mut c = kafka_config(work, broker, topic);
+        c.tls.insecure = true;
+        c.audit.enabled = false;
+        // A change log of its own: an earlier run's log would hand this
+        // one its state and source offsets (a replay, not ingestion).
+        c.cluster = Some(ndc_node::config::ClusterSection {
+            changes_replication: 1,
+            changes_topic_prefix: format!("ndc.changes.{run}."),
+            ..Default::default()
+        });
+        if let Some(k) = c.kafka.as_mut() {
+            k.group_id = format!("ndc-{run}");
+        }
+        c
+    })?;
+    let started = Instant::now();
+    let mut caps = Vec::new();
+    for m in &mut cluster.members {
+        m.node.log_filter = "warn".into();
+        m.node.start()?;
+        if capped && let Some(pid) = m.node.pid() {
+            let name = format!("ndc-bench-{}-{}", std::process::id(), m.id);
+            caps.push(Some(ndc_testkit::CpuCap::apply(&name, pid, cores)?));
+        } else {
+            caps.push(None);
+        }
+    }
+    let mut done = started;
+    for m in &cluster.members {
+        let (_, d) = wait_committed(&m.addr(), None, w.events, Duration::from_secs(3600)).await?;
+        done = done.max(d);
+    }
+    let seconds = done.duration_since(started).as_secs_f64();
+    let mut shares = Vec::new();
+    for (m, cap) in cluster.members.iter().zip(&caps) {
+        let rows = live_rows(&m.addr()).await?;
+        // Every person inserted once, none deleted: a node short of that
+        // lost something (a measure of a wrong result is no measure).
+        if rows != w.keys {
+            bail!("ndc-{} holds {rows} rows, not {}", m.id, w.keys);
+        }
+        shares.push(NodeShare {
+            node: m.id,
+            cpu_seconds: m.node.cpu_seconds().unwrap_or(0.0),
+            live_rows: rows,
+            throttled: cap.as_ref().and_then(ndc_testkit::CpuCap::throttled),
+        });
+    }
+    let report = Report {
+        phase: format!("capacity-{nodes}"),
+        events: w.events,
+        keys: w.keys,
+        seconds,
+        events_per_second: w.events as f64 / seconds,
+        mean_event_bytes: 0,
+        node_peak_rss_bytes: cluster
+            .members
+            .iter()
+            .filter_map(|m| m.node.peak_rss())
+            .max(),
+        latency_ms: None,
+        note: if capped {
+            format!(
+                "{nodes} node processes capped to {cores} core(s) each (cgroup cpu.cfs_quota_us), start until every node has committed every change; topic filled beforehand"
+            )
+        } else {
+            format!(
+                "{nodes} node processes, NOT capped (no writable cgroup v1 cpu hierarchy): compare CPU seconds per node instead"
+            )
+        },
+    };
+    // The processes go before their caps (a cgroup with a process in it
+    // cannot be removed).
+    drop(cluster);
+    drop(caps);
+    Ok((report, shares))
 }
 
 fn now_us() -> i64 {

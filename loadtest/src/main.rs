@@ -19,7 +19,8 @@ struct Args {
     /// ceiling), delivery (one subscriber taking a filled view as fast as
     /// it can: not in the default set), broker, latency (through the broker), latency-file (from a
     /// followed file: the node's own latency), golden, cluster (not in the
-    /// default set: three nodes on one machine).
+    /// default set: three nodes on one machine), capacity (not in the
+    /// default set: 1, 2 and 4 node processes each capped to the same CPU).
     #[arg(
         long,
         value_delimiter = ',',
@@ -35,6 +36,15 @@ struct Args {
     /// Length of the latency phase.
     #[arg(long, default_value_t = 30)]
     seconds: u64,
+    /// Node counts of the capacity phase, run in turn in each round.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    capacity_nodes: Vec<u64>,
+    /// CPU cap of each node process in the capacity phase, in cores.
+    #[arg(long, default_value_t = 0.5)]
+    capacity_cores: f64,
+    /// Rounds of the capacity phase (node counts alternate within a round).
+    #[arg(long, default_value_t = 2)]
+    rounds: u64,
     /// Working directory (default: a temporary one, removed afterwards).
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -105,6 +115,48 @@ async fn main() -> anyhow::Result<()> {
         ndc_loadtest::cluster_phase(&fresh("cluster")?, &broker, TOPIC, w, 3)
             .await?
             .print();
+    }
+    if args.phases.iter().any(|p| p == "capacity") {
+        let broker = start_broker()?;
+        broker.try_create_topic(TOPIC, 8).await?;
+        ndc_loadtest::produce_phase(&broker, TOPIC, w)
+            .await?
+            .print();
+        let mut rates: std::collections::BTreeMap<u64, Vec<f64>> = Default::default();
+        for round in 0..args.rounds {
+            for &nodes in &args.capacity_nodes {
+                let (report, shares) = ndc_loadtest::capacity_phase(
+                    &fresh(&format!("capacity-{nodes}"))?,
+                    &broker,
+                    TOPIC,
+                    w,
+                    nodes,
+                    args.capacity_cores,
+                    &format!("r{round}n{nodes}"),
+                )
+                .await?;
+                report.print();
+                for share in &shares {
+                    println!("  round {round} {}", serde_json::to_string(share)?);
+                }
+                rates
+                    .entry(nodes)
+                    .or_default()
+                    .push(report.events_per_second);
+            }
+        }
+        if let Some(one) = rates
+            .get(&1)
+            .map(|r| r.iter().sum::<f64>() / r.len() as f64)
+        {
+            for (nodes, r) in &rates {
+                let mean = r.iter().sum::<f64>() / r.len() as f64;
+                println!(
+                    "capacity: {nodes} node(s) {mean:.0} events/s = {:.2} x one node",
+                    mean / one
+                );
+            }
+        }
     }
     if args.phases.iter().any(|p| p == "golden") {
         let broker = start_broker()?;

@@ -89,11 +89,6 @@ impl ClusterLog {
         self.revoked_set().clone()
     }
 
-    /// The assignment ended: nothing of it is read any more.
-    pub fn forget_assignment(&self, assignment: u64) {
-        self.revoked_set().remove(&assignment);
-    }
-
     /// The revoked set, also after a thread panicked holding it: a set of
     /// ids stays consistent, and reading it as empty would let a fenced
     /// assignment's records through.

@@ -22,7 +22,7 @@ pub use broker::{Broker, TANSU_RESUME_REWIND, header, publish, publish_event};
 pub use certs::{expired, make_certificates, make_client_certificate, openssl};
 pub use cluster::{Cluster, bootstrap_list};
 pub use config::node_config;
-pub use process::{NodeProcess, Ports};
+pub use process::{CpuCap, NodeProcess, Ports};
 pub use subscribe::{
     changes, collect, fold, follow, read_until, seqs_after_snapshot, subscription, view_state,
     wait_rows,

@@ -340,3 +340,55 @@ pub fn peak_rss(pid: &str) -> Option<u64> {
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
+
+/// A CPU cap on one process (cgroup v1, `/sys/fs/cgroup/cpu`): `cores`
+/// cores' worth of CPU time per 100 ms period, so that N node processes on
+/// one machine each get the same, smaller machine. Removed when dropped
+/// (once its process has exited).
+#[derive(Debug)]
+pub struct CpuCap {
+    dir: PathBuf,
+}
+
+impl CpuCap {
+    /// Whether this machine lets us cap processes (the hierarchy exists and
+    /// is writable); else the load test falls back to CPU-seconds
+    /// accounting.
+    pub fn available() -> bool {
+        let root = Path::new("/sys/fs/cgroup/cpu");
+        let probe = root.join(format!("ndc-probe-{}", std::process::id()));
+        let ok = std::fs::create_dir(&probe).is_ok();
+        let _ = std::fs::remove_dir(&probe);
+        ok
+    }
+
+    /// Caps process `pid` (all its threads) under the group `name`.
+    pub fn apply(name: &str, pid: u32, cores: f64) -> anyhow::Result<CpuCap> {
+        let dir = Path::new("/sys/fs/cgroup/cpu").join(name);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create the cgroup {}", dir.display()))?;
+        let period = 100_000u64;
+        let quota = (cores * period as f64).round() as u64;
+        std::fs::write(dir.join("cpu.cfs_period_us"), period.to_string())?;
+        std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string())?;
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string())
+            .with_context(|| format!("cannot move process {pid} into {}", dir.display()))?;
+        Ok(CpuCap { dir })
+    }
+
+    /// Periods in which the group was held back by its quota, of all.
+    pub fn throttled(&self) -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string(self.dir.join("cpu.stat")).ok()?;
+        let field = |name: &str| {
+            stat.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+        };
+        Some((field("nr_throttled ")?, field("nr_periods ")?))
+    }
+}
+
+impl Drop for CpuCap {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
