@@ -841,55 +841,6 @@ pub async fn broker_phase(
     })
 }
 
-/// A cluster of `nodes` node processes catching up on a filled topic: the
-/// owners decide and write the change log, every node applies all of it.
-/// Timed until the last node has committed every change.
-pub async fn cluster_phase(
-    work: &Path,
-    broker: &Broker,
-    topic: &str,
-    w: Workload,
-    nodes: u64,
-) -> anyhow::Result<Report> {
-    let started = Instant::now();
-    let mut cluster = ndc_testkit::Cluster::prepare(&ndc_binary()?, work, nodes, |_| {
-        let mut c = kafka_config(work, broker, topic);
-        c.tls.insecure = true;
-        c.cluster = Some(ndc_node::config::ClusterSection {
-            changes_replication: 1,
-            ..Default::default()
-        });
-        c
-    })?;
-    for m in &mut cluster.members {
-        m.node.log_filter = "warn".into();
-        m.node.start()?;
-    }
-    let mut done = started;
-    for m in &cluster.members {
-        let (_, d) = wait_committed(&m.addr(), None, w.events, Duration::from_secs(3600)).await?;
-        done = done.max(d);
-    }
-    let seconds = done.duration_since(started).as_secs_f64();
-    Ok(Report {
-        phase: format!("cluster-{nodes}"),
-        events: w.events,
-        keys: w.keys,
-        seconds,
-        events_per_second: w.events as f64 / seconds,
-        mean_event_bytes: 0,
-        node_peak_rss_bytes: cluster
-            .members
-            .iter()
-            .filter_map(|m| m.node.peak_rss())
-            .max(),
-        latency_ms: None,
-        note: format!(
-            "{nodes} node processes from start until every node has committed every change; topic filled beforehand; RSS: largest node"
-        ),
-    })
-}
-
 /// One node's share of a capacity run.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct NodeShare {
@@ -915,7 +866,8 @@ async fn live_rows(addr: &str) -> anyhow::Result<u64> {
 }
 
 /// Capacity of a cluster of `nodes` node processes, each capped to `cores`
-/// of CPU (cgroup v1; without it, uncapped and accounted in CPU seconds):
+/// of CPU when given (cgroup v1; without it, uncapped and accounted in CPU
+/// seconds; `None`: the `cluster` phase, uncapped):
 /// from their start on a topic filled beforehand until every node has
 /// committed every change. Reports cluster events/s and, per node, the CPU
 /// it used and the rows it holds — what tells whether adding nodes adds
@@ -926,10 +878,10 @@ pub async fn capacity_phase(
     topic: &str,
     w: Workload,
     nodes: u64,
-    cores: f64,
+    cores: Option<f64>,
     run: &str,
 ) -> anyhow::Result<(Report, Vec<NodeShare>)> {
-    let capped = ndc_testkit::CpuCap::available();
+    let cap = cores.filter(|_| ndc_testkit::CpuCap::available());
     let mut cluster = ndc_testkit::Cluster::prepare(&ndc_binary()?, work, nodes, |_| {
         let mut c = kafka_config(work, broker, topic);
         c.tls.insecure = true;
@@ -951,7 +903,7 @@ pub async fn capacity_phase(
     for m in &mut cluster.members {
         m.node.log_filter = "warn".into();
         m.node.start()?;
-        if capped && let Some(pid) = m.node.pid() {
+        if let (Some(cores), Some(pid)) = (cap, m.node.pid()) {
             let name = format!("ndc-bench-{}-{}", std::process::id(), m.id);
             caps.push(Some(ndc_testkit::CpuCap::apply(&name, pid, cores)?));
         } else {
@@ -980,7 +932,14 @@ pub async fn capacity_phase(
         });
     }
     let report = Report {
-        phase: format!("capacity-{nodes}"),
+        phase: format!(
+            "{}-{nodes}",
+            if cores.is_some() {
+                "capacity"
+            } else {
+                "cluster"
+            }
+        ),
         events: w.events,
         keys: w.keys,
         seconds,
@@ -992,14 +951,16 @@ pub async fn capacity_phase(
             .filter_map(|m| m.node.peak_rss())
             .max(),
         latency_ms: None,
-        note: if capped {
-            format!(
+        note: match (cap, cores) {
+            (Some(cores), _) => format!(
                 "{nodes} node processes capped to {cores} core(s) each (cgroup cpu.cfs_quota_us), start until every node has committed every change; topic filled beforehand"
-            )
-        } else {
-            format!(
+            ),
+            (None, Some(_)) => format!(
                 "{nodes} node processes, NOT capped (no writable cgroup v1 cpu hierarchy): compare CPU seconds per node instead"
-            )
+            ),
+            (None, None) => format!(
+                "{nodes} node processes from start until every node has committed every change; topic filled beforehand; RSS: largest node"
+            ),
         },
     };
     // The processes go before their caps (a cgroup with a process in it

@@ -112,9 +112,10 @@ async fn main() -> anyhow::Result<()> {
         ndc_loadtest::produce_phase(&broker, TOPIC, w)
             .await?
             .print();
-        ndc_loadtest::cluster_phase(&fresh("cluster")?, &broker, TOPIC, w, 3)
-            .await?
-            .print();
+        let (report, _) =
+            ndc_loadtest::capacity_phase(&fresh("cluster")?, &broker, TOPIC, w, 3, None, "cluster")
+                .await?;
+        report.print();
     }
     if args.phases.iter().any(|p| p == "capacity") {
         let broker = start_broker()?;
@@ -131,7 +132,7 @@ async fn main() -> anyhow::Result<()> {
                     TOPIC,
                     w,
                     nodes,
-                    args.capacity_cores,
+                    Some(args.capacity_cores),
                     &format!("r{round}n{nodes}"),
                 )
                 .await?;
