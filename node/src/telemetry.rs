@@ -182,6 +182,15 @@ pub fn prometheus() -> Option<&'static PrometheusHandle> {
         .as_ref()
 }
 
+/// Rounds of background upkeep done so far (see [`upkeep_runs`]).
+static UPKEEP_RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many times the background upkeep has folded histogram samples: a
+/// test (or a diagnosis) waits on it instead of on the clock.
+pub fn upkeep_runs() -> u64 {
+    UPKEEP_RUNS.load(std::sync::atomic::Ordering::Acquire)
+}
+
 /// How often histogram samples are folded into their buckets.
 const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -198,6 +207,7 @@ fn spawn_upkeep(handle: PrometheusHandle) {
             loop {
                 std::thread::sleep(UPKEEP_INTERVAL);
                 handle.run_upkeep();
+                UPKEEP_RUNS.fetch_add(1, std::sync::atomic::Ordering::Release);
             }
         });
     if let Err(e) = spawned {

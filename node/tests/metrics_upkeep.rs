@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn resident_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -22,16 +22,26 @@ fn histogram_samples_do_not_pile_up_when_nobody_scrapes() {
             histogram.record((i % 100) as f64 / 1000.0);
         }
     };
+    // Until the background upkeep has folded what was recorded so far:
+    // a round that began after the samples were (two more rounds ended).
+    let folded = || {
+        let seen = ndc_node::telemetry::upkeep_runs();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while ndc_node::telemetry::upkeep_runs() < seen + 2 {
+            assert!(Instant::now() < deadline, "the metrics upkeep never ran");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
     record(500_000);
-    std::thread::sleep(Duration::from_millis(1500));
+    folded();
     let before = resident_bytes();
-    // 4M samples, 64 MiB as the exporter holds them before folding, over
-    // ~3 s: a node delivering ~1.3M changes/s that nobody scrapes.
+    // 4M samples, 64 MiB as the exporter would hold them unfolded: a node
+    // delivering changes that nobody scrapes. At most one batch (8 MiB) is
+    // unfolded at a time, however slow the machine.
     for _ in 0..8 {
         record(500_000);
-        std::thread::sleep(Duration::from_millis(400));
+        folded();
     }
-    std::thread::sleep(Duration::from_millis(1500));
     let grown = resident_bytes().saturating_sub(before);
     assert!(
         grown < 24 << 20,
