@@ -51,11 +51,53 @@ pub struct ClusterLog {
     pub names: BTreeMap<ViewId, String>,
     /// View → next log offset this node has applied.
     pub applied: BTreeMap<ViewId, watch::Receiver<u64>>,
-    /// Consumer assignments of which the writer dropped records (fenced:
-    /// lease lapsed or partition moved). The rest of such an assignment is
-    /// dropped too, and the consumer restarts the partition from the
-    /// committed offset: going on after a dropped record would skip it.
-    pub revoked: std::sync::Mutex<std::collections::HashSet<u64>>,
+    /// Consumer assignments of which the writer dropped records.
+    pub revoked: Revocations,
+}
+
+/// Consumer assignments of which the writer dropped records (fenced: lease
+/// lapsed or partition moved). The rest of such an assignment is dropped
+/// too, and the consumer restarts the partition from the committed offset
+/// under a new assignment: going on after a dropped record would skip it.
+/// A revocation is never taken back — records of the old assignment may
+/// still wait in the channel after the restart, and deciding them would
+/// move the stored offset past the dropped ones (a lost batch, seen under
+/// CPU caps when the restart forgot it). One id is kept per lapse.
+#[derive(Debug, Default)]
+pub struct Revocations(std::sync::Mutex<std::collections::HashSet<u64>>);
+
+impl Revocations {
+    /// Whether records of `assignment` may be decided: not if it was
+    /// revoked; else as `may_act` says (the lease and epoch now), and if it
+    /// says no, the assignment is revoked for good.
+    pub fn admit(&self, assignment: u64, may_act: impl FnOnce() -> bool) -> bool {
+        if self.set().contains(&assignment) {
+            return false;
+        }
+        let ok = may_act();
+        if !ok {
+            self.set().insert(assignment);
+        }
+        ok
+    }
+
+    pub fn contains(&self, assignment: u64) -> bool {
+        self.set().contains(&assignment)
+    }
+
+    /// Every revoked assignment.
+    pub fn snapshot(&self) -> std::collections::HashSet<u64> {
+        self.set().clone()
+    }
+
+    /// The set, also after a thread panicked holding it: a set of ids stays
+    /// consistent, and reading it as empty would let a fenced assignment's
+    /// records through.
+    fn set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<u64>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// Offsets-store stream name of a change-log topic.
@@ -76,28 +118,6 @@ pub fn incarnation_of(topic: &str) -> u64 {
 }
 
 impl ClusterLog {
-    /// Marks a consumer assignment as revoked (see [`ClusterLog::revoked`]).
-    pub fn revoke_assignment(&self, assignment: u64) {
-        self.revoked_set().insert(assignment);
-    }
-
-    pub fn is_revoked(&self, assignment: u64) -> bool {
-        self.revoked_set().contains(&assignment)
-    }
-
-    pub fn revoked_assignments(&self) -> std::collections::HashSet<u64> {
-        self.revoked_set().clone()
-    }
-
-    /// The revoked set, also after a thread panicked holding it: a set of
-    /// ids stays consistent, and reading it as empty would let a fenced
-    /// assignment's records through.
-    fn revoked_set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<u64>> {
-        self.revoked
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     /// Appends records to `view`'s change log in order; returns their offsets.
     pub async fn append(&self, view: ViewId, records: &[LogRecord]) -> anyhow::Result<Vec<u64>> {
         let topic = self.topics.get(&view).context("view has no change log")?;
@@ -582,5 +602,27 @@ pub fn peer_client_tls(config: &NodeConfig) -> ClientTls {
             .or_else(|| config.tls.client_ca.clone()),
         cert: config.tls.cert.clone(),
         key: config.tls.key.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The window that lost a batch: an assignment fenced once is never
+    /// admitted again, even after the partition was restarted under a new
+    /// assignment and the lease is valid again.
+    #[test]
+    fn an_assignment_fenced_once_is_never_admitted_again() {
+        let r = Revocations::default();
+        assert!(r.admit(1, || true), "lease valid: decided");
+        assert!(!r.admit(1, || false), "lease lapsed: dropped, revoked");
+        assert!(r.contains(1));
+        // The partition restarts from the committed offset as assignment 2.
+        assert!(r.admit(2, || true));
+        // Records of assignment 1 still in the channel: dropped, although
+        // the lease is back.
+        assert!(!r.admit(1, || true));
+        assert!(r.snapshot().contains(&1) && !r.contains(2));
     }
 }

@@ -480,7 +480,7 @@ async fn follow_assignments(
         // had lapsed) must not go on from where the consumer is: it is
         // restarted from the committed offset (removed now, added again on
         // the next round), or the dropped records would be skipped for good.
-        let revoked = log.revoked_assignments();
+        let revoked = log.revoked.snapshot();
         let removed: Vec<(String, i32)> = current
             .iter()
             .filter(|(k, h)| desired.get(*k) != Some(&h.epoch) || revoked.contains(&h.assignment))
@@ -491,11 +491,7 @@ async fn follow_assignments(
             .filter(|(k, e)| current.get(*k).map(|h| h.epoch) != Some(**e))
             .map(|(k, e)| (k.clone(), *e))
             .collect();
-        // A revoked assignment stays revoked: records of it may still wait
-        // in the channel or in the writer's next batch after the partition
-        // is restarted, and deciding them would move the stored offset past
-        // the dropped ones (seen as 5,000 lost updates — one dropped batch —
-        // with four nodes starved by CPU caps). One id per lapse is kept.
+        // The old assignment stays revoked (see `cluster::Revocations`).
         if !removed.is_empty() {
             let mut tpl = TopicPartitionList::new();
             for (t, p) in &removed {

@@ -636,19 +636,14 @@ impl Writer {
             *verdicts
                 .entry((i.view, topic.clone(), partition, epoch, assignment))
                 .or_insert_with(|| {
-                    if cluster.log.is_revoked(assignment) {
-                        return false;
-                    }
-                    let pid = crate::cluster::partition_id(
-                        self.store.view_name(i.view),
-                        topic,
-                        partition,
-                    );
-                    let ok = cluster.coordinator.may_act(&pid, epoch);
-                    if !ok {
-                        cluster.log.revoke_assignment(assignment);
-                    }
-                    ok
+                    cluster.log.revoked.admit(assignment, || {
+                        let pid = crate::cluster::partition_id(
+                            self.store.view_name(i.view),
+                            topic,
+                            partition,
+                        );
+                        cluster.coordinator.may_act(&pid, epoch)
+                    })
                 })
         });
         let dropped = before - batch.len();
