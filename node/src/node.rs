@@ -438,7 +438,7 @@ pub async fn start_with(mut config: NodeConfig, handed: Listeners) -> anyhow::Re
     let stopping_fatal = fatal.clone();
     let main = tokio::spawn(async move {
         stop.cancelled().await;
-        ready.set(false);
+        ready.stop();
         // In a cluster, hand the partitions to other nodes first, while this
         // node still serves and heartbeats: they take over at once instead
         // of after `failure_timeout`. Not after a fatal error: the node

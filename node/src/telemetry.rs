@@ -217,15 +217,25 @@ fn spawn_upkeep(handle: PrometheusHandle) {
 
 /// Whether the node can serve (sources assigned, state open, gRPC up).
 #[derive(Debug, Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness {
+    ready: Arc<AtomicBool>,
+    /// The node is stopping: not ready any more, whatever the sources say.
+    stopping: Arc<AtomicBool>,
+}
 
 impl Readiness {
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Release);
+        self.ready.store(ready, Ordering::Release);
     }
 
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire) && !self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Not ready from now on (a stop began: load balancers send new
+    /// subscribers elsewhere while the node drains and stops).
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
     }
 }
 

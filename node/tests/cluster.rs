@@ -866,11 +866,35 @@ async fn a_rolling_restart_under_load_hands_partitions_over_before_each_node_sto
         let before = owners(&s);
         let from = Instant::now();
         cluster.member(id).signal("-TERM").unwrap();
-        let exited = eventually_async("the node to exit after SIGTERM", SETTLE, || {
-            let status = cluster.member(id).exited().unwrap();
-            async move { status }
-        })
-        .await;
+        // While it drains and stops it says it is not ready (load balancers
+        // send new subscribers elsewhere).
+        let http = cluster.member(id).http();
+        let mut said_not_ready = false;
+        let deadline = Instant::now() + SETTLE;
+        let exited = loop {
+            if let Some(status) = cluster.member(id).exited().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ndc-{id} did not exit after SIGTERM"
+            );
+            // Short: once the process is gone its (kept) socket answers
+            // nothing, and this would delay noticing the exit.
+            if let Ok(Ok(text)) = tokio::time::timeout(
+                Duration::from_millis(200),
+                ndc_testkit::wait::try_http_get(http, "/readyz"),
+            )
+            .await
+            {
+                said_not_ready |= text.starts_with("HTTP/1.1 503");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(
+            said_not_ready,
+            "ndc-{id} never said it was not ready while stopping"
+        );
         let stopped_in = from.elapsed();
         assert!(exited.success(), "ndc-{id} exited with {exited}");
         let log = cluster.member(id).log_tail(200);
