@@ -36,6 +36,39 @@ fn loads(s: &ClusterState, live: &BTreeSet<NodeId>) -> BTreeMap<NodeId, usize> {
     l
 }
 
+/// Planning rounds at Raft indexes `indexes` until planning is quiet, with
+/// everything not owned by a live node released (its owner acknowledged,
+/// or its lease expired).
+fn converge(
+    s: &mut ClusterState,
+    live: &BTreeSet<NodeId>,
+    draining: &BTreeSet<NodeId>,
+    indexes: std::ops::Range<u64>,
+) {
+    for index in indexes {
+        let released = s
+            .partitions
+            .iter()
+            .filter(|p| {
+                s.owner(p)
+                    .and_then(|a| a.owner)
+                    .is_none_or(|o| !live.contains(&o))
+            })
+            .cloned()
+            .collect();
+        let liveness = Liveness {
+            live: live.clone(),
+            released,
+            draining: draining.clone(),
+        };
+        let changes = plan(s, &liveness);
+        if changes.is_empty() {
+            break;
+        }
+        s.apply(&Command::Assign { changes }, index);
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
@@ -92,21 +125,7 @@ proptest! {
         live in prop::collection::btree_set(0u64..7, 1..6),
     ) {
         let mut s = cluster(partitions, &owners);
-        for index in 3..7 {
-            // Everything not owned by a live node is released (its owner
-            // acknowledged, or its lease expired).
-            let released = s
-                .partitions
-                .iter()
-                .filter(|p| s.owner(p).and_then(|a| a.owner).is_none_or(|o| !live.contains(&o)))
-                .cloned()
-                .collect();
-            let changes = plan(&s, &Liveness { live: live.clone(), released, draining: BTreeSet::new() });
-            if changes.is_empty() {
-                break;
-            }
-            s.apply(&Command::Assign { changes }, index);
-        }
+        converge(&mut s, &live, &BTreeSet::new(), 3..7);
         for p in &s.partitions {
             let owner = s.owner(p).and_then(|a| a.owner);
             prop_assert!(owner.is_some_and(|o| live.contains(&o)), "{} owned by {:?}", p, owner);
@@ -132,21 +151,8 @@ proptest! {
         let drained = *pick.get(&live.iter().copied().collect::<Vec<_>>());
         let draining: BTreeSet<u64> = [drained].into();
         let mut s = cluster(partitions, &owners);
-        for index in 3..9 {
-            // The drained node acknowledges what it gave up; dead nodes'
-            // leases have expired.
-            let released = s
-                .partitions
-                .iter()
-                .filter(|p| s.owner(p).and_then(|a| a.owner).is_none_or(|o| !live.contains(&o)))
-                .cloned()
-                .collect();
-            let changes = plan(&s, &Liveness { live: live.clone(), released, draining: draining.clone() });
-            if changes.is_empty() {
-                break;
-            }
-            s.apply(&Command::Assign { changes }, index);
-        }
+        // The drained node acknowledges what it gave up, as any owner does.
+        converge(&mut s, &live, &draining, 3..9);
         prop_assert!(s.owned_by(drained).is_empty(), "node {} still owns {:?}", drained, s.owned_by(drained));
         let takers: BTreeSet<u64> = live.difference(&draining).copied().collect();
         for p in &s.partitions {

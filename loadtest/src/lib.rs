@@ -211,8 +211,11 @@ impl NodeProcess {
     }
 }
 
-/// Committed sequence of the load test's view at `addr`.
-async fn committed(addr: &str, tls: Option<&ndc_node::client::ClientTls>) -> anyhow::Result<u64> {
+/// The load test's view at `addr`, as `ListViews` reports it.
+async fn bench_view(
+    addr: &str,
+    tls: Option<&ndc_node::client::ClientTls>,
+) -> anyhow::Result<Option<ndc_proto::v1::ViewInfo>> {
     let mut c = ndc_proto::v1::subscription_client::SubscriptionClient::new(
         ndc_node::client::channel(addr, tls).await?,
     );
@@ -220,9 +223,8 @@ async fn committed(addr: &str, tls: Option<&ndc_node::client::ClientTls>) -> any
         .await?
         .into_inner()
         .views
-        .iter()
-        .find(|v| v.name == VIEW)
-        .map_or(0, |v| v.committed_seq))
+        .into_iter()
+        .find(|v| v.name == VIEW))
 }
 
 /// Polls until the view at `addr` has committed `seq`; returns (first
@@ -233,34 +235,36 @@ async fn wait_committed(
     seq: u64,
     timeout: Duration,
 ) -> anyhow::Result<(Instant, Instant)> {
-    {
-        let deadline = Instant::now() + timeout;
-        let mut first = None;
-        // No progress for this long short of the target: something is lost
-        // or stuck; say so instead of waiting out `timeout`.
-        let stuck_after = Duration::from_secs(120);
-        let (mut last, mut last_moved) = (0u64, Instant::now());
-        loop {
-            let c = committed(addr, tls).await.unwrap_or(0);
-            if c != last {
-                (last, last_moved) = (c, Instant::now());
-            } else if last_moved.elapsed() > stuck_after {
-                bail!(
-                    "{addr}: committed {c} of {seq}, no progress for {stuck_after:?} (lost or stuck changes)"
-                );
-            }
-            if c > 0 && first.is_none() {
-                first = Some(Instant::now());
-            }
-            if c >= seq {
-                let now = Instant::now();
-                return Ok((first.unwrap_or(now), now));
-            }
-            if Instant::now() > deadline {
-                bail!("timed out: committed {c} of {seq}");
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+    let deadline = Instant::now() + timeout;
+    let mut first = None;
+    // No progress for this long short of the target: something is lost
+    // or stuck; say so instead of waiting out `timeout`.
+    let stuck_after = Duration::from_secs(120);
+    let (mut last, mut last_moved) = (0u64, Instant::now());
+    loop {
+        let c = bench_view(addr, tls)
+            .await
+            .ok()
+            .flatten()
+            .map_or(0, |v| v.committed_seq);
+        if c != last {
+            (last, last_moved) = (c, Instant::now());
+        } else if last_moved.elapsed() > stuck_after {
+            bail!(
+                "{addr}: committed {c} of {seq}, no progress for {stuck_after:?} (lost or stuck changes)"
+            );
         }
+        if c > 0 && first.is_none() {
+            first = Some(Instant::now());
+        }
+        if c >= seq {
+            let now = Instant::now();
+            return Ok((first.unwrap_or(now), now));
+        }
+        if Instant::now() > deadline {
+            bail!("timed out: committed {c} of {seq}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -851,20 +855,6 @@ pub struct NodeShare {
     pub throttled: Option<(u64, u64)>,
 }
 
-/// Live rows of the load test's view at `addr` (plaintext).
-async fn live_rows(addr: &str) -> anyhow::Result<u64> {
-    let mut c = ndc_proto::v1::subscription_client::SubscriptionClient::new(
-        ndc_node::client::channel(addr, None).await?,
-    );
-    Ok(c.list_views(ndc_proto::v1::ListViewsRequest {})
-        .await?
-        .into_inner()
-        .views
-        .iter()
-        .find(|v| v.name == VIEW)
-        .map_or(0, |v| v.live_rows))
-}
-
 /// Capacity of a cluster of `nodes` node processes, each capped to `cores`
 /// of CPU when given (cgroup v1; without it, uncapped and accounted in CPU
 /// seconds; `None`: the `cluster` phase, uncapped):
@@ -918,7 +908,9 @@ pub async fn capacity_phase(
     let seconds = done.duration_since(started).as_secs_f64();
     let mut shares = Vec::new();
     for (m, cap) in cluster.members.iter().zip(&caps) {
-        let rows = live_rows(&m.addr()).await?;
+        let rows = bench_view(&m.addr(), None)
+            .await?
+            .map_or(0, |v| v.live_rows);
         // Every person inserted once, none deleted: a node short of that
         // lost something (a measure of a wrong result is no measure).
         if rows != w.keys {

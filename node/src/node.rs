@@ -473,10 +473,7 @@ pub async fn start_with(mut config: NodeConfig, handed: Listeners) -> anyhow::Re
             }
             server_stop.cancel();
             for (what, task) in [("gRPC server", Some(grpc_task)), ("peer server", peer_task)] {
-                if let Some(Err(e)) = match task {
-                    Some(t) => Some(t.await),
-                    None => None,
-                } {
+                if let Some(Err(e)) = futures::future::OptionFuture::from(task).await {
                     error!(error = %e, "{what} task panicked");
                 }
             }

@@ -558,14 +558,7 @@ impl Workload {
         eventually(
             &format!("the subscriber at ndc-{id}'s last commit {committed}"),
             Duration::from_secs(30),
-            || {
-                seen.lock()
-                    .unwrap()
-                    .iter()
-                    .filter_map(|l| l["seq"].as_u64())
-                    .max()
-                    == Some(committed)
-            },
+            || last_seq(&seen.lock().unwrap()) == committed,
         )
         .await;
         subscriber.abort();

@@ -114,19 +114,12 @@ async fn kill_9_at_any_point_loses_nothing_and_delivers_no_duplicate() {
     }
     // Until the subscriber has seen the view's last committed change: a
     // duplicate delivered after a resume would have come before it.
-    let last_seen = |lines: &[Value]| {
-        lines
-            .iter()
-            .filter_map(|l| l.get("seq").and_then(Value::as_u64))
-            .max()
-            .unwrap_or(0)
-    };
     eventually_async(
         "the subscriber at the view's last commit",
         Duration::from_secs(60),
         || async {
             let (committed, _) = view_state(grpc, "citizens").await?;
-            (last_seen(&seen.lock().unwrap()) == committed).then_some(())
+            (last_seq(&seen.lock().unwrap()) == committed).then_some(())
         },
     )
     .await;

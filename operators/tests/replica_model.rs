@@ -746,6 +746,16 @@ proptest! {
     }
 }
 
+/// A store (unsynced) holding one view, `v`.
+#[allow(clippy::unwrap_used)]
+fn store_of_one_view(dir: &std::path::Path) -> (Store, ndc_operators::ViewId) {
+    let mut config = StoreConfig::new(dir);
+    config.sync_commits = false;
+    let store = Store::open(&config, &["v".to_string()]).unwrap();
+    let view = store.view_id("v").unwrap();
+    (store, view)
+}
+
 #[test]
 fn records_of_a_fenced_owner_are_ignored_by_every_node() {
     use ndc_operators::Replayed;
@@ -753,10 +763,7 @@ fn records_of_a_fenced_owner_are_ignored_by_every_node() {
     use std::sync::Arc;
 
     let dir = tempfile::tempdir().unwrap();
-    let mut config = StoreConfig::new(dir.path());
-    config.sync_commits = false;
-    let mut store = Store::open(&config, &["v".to_string()]).unwrap();
-    let view = store.view_id("v").unwrap();
+    let (mut store, view) = store_of_one_view(dir.path());
     let log: Arc<str> = "log:x:0".into();
     let record = |epoch: u64, fence: bool, next: u64| LogRecord {
         view: "v".into(),
@@ -805,10 +812,7 @@ fn effects_on_a_view_this_node_does_not_hold_are_skipped_not_fatal() {
     use std::sync::Arc;
 
     let dir = tempfile::tempdir().unwrap();
-    let mut config = StoreConfig::new(dir.path());
-    config.sync_commits = false;
-    let mut store = Store::open(&config, &["v".to_string()]).unwrap();
-    let view = store.view_id("v").unwrap();
+    let (mut store, view) = store_of_one_view(dir.path());
     let log: Arc<str> = "log:x:0".into();
     let put = |view: &str, key: &str| Effect {
         key: key.as_bytes().to_vec(),

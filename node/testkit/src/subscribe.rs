@@ -104,6 +104,16 @@ pub fn follow(addr: String, view: &str) -> (Seen, tokio::task::JoinHandle<anyhow
     (seen, task)
 }
 
+/// The highest sequence number among `lines` (0 when none has one): where
+/// a subscriber is in the view's change stream.
+pub fn last_seq(lines: &[Value]) -> u64 {
+    lines
+        .iter()
+        .filter_map(|l| l.get("seq").and_then(Value::as_u64))
+        .max()
+        .unwrap_or(0)
+}
+
 /// The sequence numbers a subscriber saw after its first completed snapshot,
 /// checked to be each delivered once, with no gap, in order, continuing
 /// from the snapshot's token.
