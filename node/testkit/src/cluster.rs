@@ -133,7 +133,7 @@ impl Cluster {
                 }
             }
             eprintln!("---- ndc-{} log (last {lines} lines)", m.id);
-            eprintln!("{}", m.node.log_tail(lines));
+            eprintln!("{}", all[all.len().saturating_sub(lines)..].join("\n"));
         }
     }
 }
