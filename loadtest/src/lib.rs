@@ -454,6 +454,7 @@ fn file_config(work: &Path, export: &Path, follow: bool) -> NodeConfig {
         })],
         columns: bench_columns(),
         national_id: Some("person_id".into()),
+        shards: 1,
     }];
     c
 }
@@ -541,13 +542,24 @@ pub async fn delivery_phase(work: &Path, w: Workload) -> anyhow::Result<Vec<Repo
     node.wait_committed(w.events, Duration::from_secs(3600))
         .await?;
     let mut reports = Vec::new();
-    // The change stream's incarnation, from the snapshot's resume token: the
-    // catch-up resumes from before its first change.
-    let mut incarnation = None;
+    // The change streams' incarnations, from the snapshot's resume token:
+    // the catch-up resumes from before their first changes.
+    let mut incarnation: Option<Vec<ndc_node::security::token::Position>> = None;
     for name in ["delivery-snapshot", "delivery-catchup"] {
-        let start = match incarnation {
+        let start = match &incarnation {
             None => Start::Snapshot(Default::default()),
-            Some(i) => Start::ResumeToken(ndc_node::security::token::encode(VIEW, i, 0)),
+            Some(shards) => Start::ResumeToken(ndc_node::security::token::encode(
+                VIEW,
+                &shards
+                    .iter()
+                    .map(|p: &ndc_node::security::token::Position| {
+                        ndc_node::security::token::Position {
+                            incarnation: p.incarnation,
+                            seq: 0,
+                        }
+                    })
+                    .collect::<Vec<_>>(),
+            )),
         };
         let mut client =
             SubscriptionClient::new(node.channel().await?).max_decoding_message_size(64 << 20);
@@ -584,7 +596,7 @@ pub async fn delivery_phase(work: &Path, w: Workload) -> anyhow::Result<Vec<Repo
                     incarnation = Some(
                         ndc_node::security::token::decode(&b.resume_token, VIEW)
                             .map_err(|e| anyhow::anyhow!("snapshot token: {e}"))?
-                            .incarnation,
+                            .shards,
                     );
                     break;
                 }
@@ -707,6 +719,7 @@ fn kafka_config(work: &Path, broker: &Broker, topic: &str) -> NodeConfig {
         })],
         columns: bench_columns(),
         national_id: Some("person_id".into()),
+        shards: 1,
     }];
     c
 }

@@ -221,6 +221,7 @@ pub fn change_json(view: &str, c: &Change, resume_token: Option<String>) -> Valu
     let source = c.source.clone().unwrap_or_default();
     json!({
         "view": view,
+        "shard": c.shard,
         "seq": c.seq,
         "op": op_name(c.op),
         "key": parse_or_string(Some(&c.key_json)).clone(),
@@ -286,10 +287,26 @@ pub async fn subscribe(
             while let Some(msg) = stream.message().await? {
                 match msg.kind {
                     Some(subscribe_response::Kind::Batch(b)) => {
-                        let incarnation = token::peek(&b.resume_token).map(|(_, p)| p.incarnation);
+                        // A change's own token: the positions before the batch,
+                        // moved up to the change in its shard.
+                        let mut at = match &from {
+                            From::Token(t) => token::peek(t).map(|(_, p)| p.shards),
+                            _ => None,
+                        };
+                        if !b.snapshot
+                            && let Some((_, now)) = token::peek(&b.resume_token)
+                            && at.as_ref().is_none_or(|a| a.len() != now.shards.len())
+                        {
+                            // No earlier position (started at `latest`): the
+                            // batch's own, which holds each change's shard.
+                            at = Some(now.shards);
+                        }
                         for c in &b.changes {
-                            let t = match (incarnation, c.seq) {
-                                (Some(inc), seq) if seq > 0 => Some(token::encode(&opts.view, inc, seq)),
+                            let t = match at.as_mut().and_then(|a| a.get_mut(c.shard as usize)) {
+                                Some(p) if c.seq > 0 => {
+                                    p.seq = c.seq;
+                                    at.as_deref().map(|a| token::encode(&opts.view, a))
+                                }
                                 _ => None,
                             };
                             seen += 1;

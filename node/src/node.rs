@@ -165,19 +165,21 @@ pub async fn start_with(mut config: NodeConfig, handed: Listeners) -> anyhow::Re
             config.node.data_dir.display()
         )
     })?;
-    let view_names: Vec<String> = config.views.iter().map(|v| v.name.clone()).collect();
+    let view_names: Vec<String> = config.views.iter().flat_map(|v| v.store_names()).collect();
     let mut store_config = StoreConfig::new(config.node.data_dir.join("state"));
     store_config.block_cache_bytes = config.storage.block_cache.as_usize();
     store_config.write_buffer_bytes = config.storage.write_buffer.as_usize();
     store_config.sync_commits = config.storage.sync_commits;
     store_config.compress_rows = config.storage.compress_rows;
     store_config.wal_dir = config.storage.wal_dir.clone();
-    let store = Store::open(&store_config, &view_names).with_context(|| {
+    let mut store = Store::open(&store_config, &[]).with_context(|| {
         format!(
             "cannot open the state store in {} (is another node using this data_dir?)",
             store_config.path.display()
         )
     })?;
+    crate::pipelines::runtime::check_shards(&config.views, &store.reader().stored_view_names()?)?;
+    store.add_views(&view_names)?;
     let reader = store.reader();
 
     let grpc_listener = telemetry::bind_or_adopt(

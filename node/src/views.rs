@@ -37,18 +37,35 @@ impl Committed {
 /// Receives a view's commits.
 pub type CommitReceiver = watch::Receiver<Committed>;
 
+/// One shard of a served view: a store view of its own.
+#[derive(Debug, Clone)]
+pub struct Shard {
+    pub id: ViewId,
+    /// Its name in the store (`view#i`, or the view's name with one shard).
+    pub store_name: Arc<str>,
+    /// Head of its change stream.
+    pub commits: Arc<watch::Sender<Committed>>,
+}
+
 /// One served view.
 #[derive(Debug, Clone)]
 pub struct ServedView {
-    pub id: ViewId,
-    /// Head of its change stream.
-    pub commits: Arc<watch::Sender<Committed>>,
+    /// Its shards, in shard order (one for an unsharded view).
+    pub shards: Arc<[Shard]>,
     /// Key columns, to check subscribers' key filters (empty: any key).
     pub key_columns: Vec<String>,
     /// Level of each classified column; the others are `secret`.
     pub levels: Arc<BTreeMap<String, ndc_operators::masking::Level>>,
     /// The column naming the person a row is about (audit trail).
     pub national_id: Option<Arc<str>>,
+}
+
+/// A shard to serve: its store view and last committed sequence.
+#[derive(Debug, Clone)]
+pub struct ShardHead {
+    pub id: ViewId,
+    pub store_name: String,
+    pub last_seq: u64,
 }
 
 /// Every served view by name; cheap to clone.
@@ -73,14 +90,31 @@ impl ViewRegistry {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Serves a view from its last committed sequence (kept if already
-    /// served; a new classification replaces the old one, which ends the
-    /// streams masked under it).
+    /// Serves a view of one shard from its last committed sequence.
     pub fn insert(
         &self,
         name: &str,
         id: ViewId,
         last_seq: u64,
+        key_columns: Vec<String>,
+        levels: BTreeMap<String, ndc_operators::masking::Level>,
+        national_id: Option<String>,
+    ) {
+        let shard = ShardHead {
+            id,
+            store_name: name.to_string(),
+            last_seq,
+        };
+        self.insert_sharded(name, vec![shard], key_columns, levels, national_id);
+    }
+
+    /// Serves a view from its shards' last committed sequences (kept if
+    /// already served; a new classification replaces the old one, which
+    /// ends the streams masked under it).
+    pub fn insert_sharded(
+        &self,
+        name: &str,
+        shards: Vec<ShardHead>,
         key_columns: Vec<String>,
         levels: BTreeMap<String, ndc_operators::masking::Level>,
         national_id: Option<String>,
@@ -93,15 +127,22 @@ impl ViewRegistry {
             v.national_id = national_id.map(Into::into);
             return;
         }
+        let shards: Vec<Shard> = shards
+            .into_iter()
+            .map(|s| Shard {
+                id: s.id,
+                store_name: s.store_name.into(),
+                commits: Arc::new(
+                    watch::channel(Committed {
+                        seq: s.last_seq,
+                        latest: None,
+                    })
+                    .0,
+                ),
+            })
+            .collect();
         views.entry(name.to_string()).or_insert_with(|| ServedView {
-            id,
-            commits: Arc::new(
-                watch::channel(Committed {
-                    seq: last_seq,
-                    latest: None,
-                })
-                .0,
-            ),
+            shards: shards.into(),
             key_columns,
             levels: Arc::new(levels),
             national_id: national_id.map(Into::into),
@@ -148,8 +189,22 @@ impl ViewRegistry {
         self.read().get(name).cloned()
     }
 
+    /// Commits of a one-shard view (pipeline views, which are not sharded).
     pub fn receiver(&self, name: &str) -> Option<CommitReceiver> {
-        self.read().get(name).map(|v| v.commits.subscribe())
+        self.read().get(name).and_then(|v| match &*v.shards {
+            [one] => Some(one.commits.subscribe()),
+            _ => None,
+        })
+    }
+
+    /// Names of the served views.
+    pub fn names(&self) -> Vec<String> {
+        self.read().keys().cloned().collect()
+    }
+
+    /// A view's shards, in shard order.
+    pub fn shards(&self, name: &str) -> Option<Arc<[Shard]>> {
+        self.read().get(name).map(|v| v.shards.clone())
     }
 
     pub fn key_columns(&self, name: &str) -> Vec<String> {
@@ -164,7 +219,7 @@ impl ViewRegistry {
         Arc::new(
             self.read()
                 .values()
-                .map(|v| (v.id, v.commits.clone()))
+                .flat_map(|v| v.shards.iter().map(|s| (s.id, s.commits.clone())))
                 .collect(),
         )
     }

@@ -41,8 +41,25 @@ struct Cluster {
     edit: fn(&mut NodeConfig),
 }
 
-/// Members of the replica scenarios: one configured view of `TOPIC`.
-fn replica_member(_: &mut NodeConfig) {}
+/// Shards of the replica scenarios' view: four over six partitions, so
+/// that shards hold different numbers of partitions.
+const SHARDS: u32 = 4;
+
+/// Members of the replica scenarios: one configured view of `TOPIC`, in
+/// `SHARDS` shards (each with its own change log and sequence numbers).
+fn replica_member(c: &mut NodeConfig) {
+    c.views[0].shards = SHARDS;
+}
+
+/// Partition id of a source partition of the replica view (it names the
+/// shard's store view).
+fn replica_partition(p: i32) -> String {
+    let shard = ndc_operators::shard::of_partition(p, SHARDS);
+    format!(
+        "{}/{TOPIC}/{p}",
+        ndc_operators::shard::store_name("citizens", shard, SHARDS)
+    )
+}
 
 /// The cluster runs with mutual TLS on both listeners: one development CA
 /// for this test process, a certificate per node (`ndc-N`, as
@@ -224,13 +241,19 @@ impl Cluster {
 fn log_history(cluster: &Cluster, keys: &[&String], partition_of: &BTreeMap<String, i32>) {
     use prost::Message as _;
     use rdkafka::message::Message as _;
-    let log = cluster
-        ._broker
-        .read_all("ndc.changes.citizens", usize::MAX, Duration::from_secs(5));
+    let log: Vec<_> = (0..SHARDS)
+        .flat_map(|s| {
+            cluster._broker.read_all(
+                &format!("ndc.changes.citizens.shard{s}"),
+                usize::MAX,
+                Duration::from_secs(5),
+            )
+        })
+        .collect();
     let parts: BTreeSet<String> = keys
         .iter()
         .filter_map(|k| partition_of.get(*k))
-        .map(|p| format!("citizens/{TOPIC}/{p}"))
+        .map(|p| replica_partition(*p))
         .collect();
     for member in cluster.members() {
         let text = std::fs::read_to_string(member.node.log_path()).unwrap_or_default();
@@ -619,6 +642,10 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
         "cluster formed and assigned in {t:?}: leader {:?}",
         s.leader_id
     );
+    // Each source partition belongs to the shard `p mod SHARDS` names.
+    let registered: BTreeSet<String> = owners(&s).into_keys().collect();
+    let want: BTreeSet<String> = (0..PARTITIONS).map(replica_partition).collect();
+    assert_eq!(registered, want);
 
     // `./dev.sh soak` (NDC_SOAK=1): the cycle of failures ten times over.
     let rounds = if std::env::var("NDC_SOAK").is_ok() {
@@ -801,6 +828,12 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
 
     work.finish(&cluster, &["ndc_cluster_failover_seconds_count"])
         .await;
+    // Every shard wrote a change log of its own.
+    for shard in 0..SHARDS {
+        let topic = format!("ndc.changes.citizens.shard{shard}");
+        let records = cluster._broker.read_all(&topic, 1, Duration::from_secs(10));
+        assert!(!records.is_empty(), "{topic} is empty");
+    }
 }
 
 /// The longest time, between `from` and now, that the subscriber's line

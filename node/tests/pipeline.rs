@@ -349,8 +349,7 @@ async fn resume_tokens_continue_without_gap_or_duplicate_across_disconnects_and_
 
     // Read the first 10 changes, then disconnect.
     let mut got: Vec<Value> = Vec::new();
-    let latest_zero =
-        ndc_node::security::token::encode("citizens", view_incarnation(node.addrs.grpc).await, 0);
+    let latest_zero = token_of("citizens", view_incarnation(node.addrs.grpc).await, 0);
     let part = collect(
         node.addrs.grpc,
         "citizens",
@@ -429,10 +428,15 @@ async fn view_incarnation_of(addr: std::net::SocketAddr, view: &str) -> u64 {
         .as_str()
         .unwrap()
         .to_string();
-    ndc_node::security::token::peek(&token)
-        .unwrap()
-        .1
-        .incarnation
+    ndc_node::security::token::peek(&token).unwrap().1.shards[0].incarnation
+}
+
+/// A resume token of a view of one shard.
+fn token_of(view: &str, incarnation: u64, seq: u64) -> String {
+    ndc_node::security::token::encode(
+        view,
+        &[ndc_node::security::token::Position { incarnation, seq }],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -513,7 +517,7 @@ async fn bad_requests_get_clear_statuses() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("resume token"), "{}", err.message());
 
-    let other = ndc_node::security::token::encode("addresses", 1, 0);
+    let other = token_of("addresses", 1, 0);
     let err = client
         .subscribe(req("citizens", Some(Start::ResumeToken(other)), vec![]))
         .await
@@ -525,7 +529,7 @@ async fn bad_requests_get_clear_statuses() {
         err.message()
     );
 
-    let stale = ndc_node::security::token::encode("citizens", 12345, 0);
+    let stale = token_of("citizens", 12345, 0);
     let err = client
         .subscribe(req("citizens", Some(Start::ResumeToken(stale)), vec![]))
         .await
@@ -569,7 +573,7 @@ async fn key_and_field_filters() {
     let opts = ndc_node::client::SubscribeOptions {
         addr: node.addrs.grpc.to_string(),
         view: "citizens".into(),
-        from: From::Token(ndc_node::security::token::encode(
+        from: From::Token(token_of(
             "citizens",
             view_incarnation(node.addrs.grpc).await,
             0,
@@ -643,9 +647,7 @@ async fn a_slow_subscriber_catches_up_from_storage_and_does_not_hold_back_the_no
     let mut stream = client
         .subscribe(SubscribeRequest {
             view: "slow".into(),
-            start: Some(Start::ResumeToken(ndc_node::security::token::encode(
-                "slow", inc, 0,
-            ))),
+            start: Some(Start::ResumeToken(token_of("slow", inc, 0))),
             keys: vec![],
             fields: vec![],
             max_batch_size: 0,
@@ -810,6 +812,7 @@ fn file_only_node(
         )],
         columns: Default::default(),
         national_id: None,
+        shards: 1,
     }];
     config.validate().unwrap();
     config
@@ -999,7 +1002,7 @@ async fn subscribers_that_keep_up_get_each_commit_from_memory_exactly_as_storage
     // What the followers got from memory is what storage holds: a late
     // subscriber reads the same changes back from RocksDB.
     let incarnation = view_incarnation_of(grpc, "kept").await;
-    let token = ndc_node::security::token::encode("kept", incarnation, 3);
+    let token = token_of("kept", incarnation, 3);
     let stored = collect(grpc, "kept", From::Token(token), T, move |l| {
         l.iter().any(|x| x["seq"] == last_seq)
     })

@@ -10,6 +10,7 @@
 //!   committed atomically.
 //! - [`merge`]: the golden record of each citizen from many agencies' facts.
 //! - [`national_id`]: the 12-digit citizen identification number.
+//! - [`shard`]: how a view's key space is split into shards.
 
 pub mod debezium;
 pub mod masking;
@@ -17,6 +18,7 @@ pub mod merge;
 pub mod national_id;
 pub mod ordering;
 pub mod replica;
+pub mod shard;
 pub mod store;
 
 pub use debezium::{

@@ -139,6 +139,7 @@ pub fn apply_from(
                     after_json,
                     source: Some(source_position(&event.source, origin)),
                     committed_at_ms: txn.now_ms(),
+                    shard: 0,
                 };
                 txn.append_change(view, change)?;
             }
@@ -197,6 +198,7 @@ fn truncate(
                 after_json: None,
                 source: Some(source),
                 committed_at_ms: txn.now_ms(),
+                shard: 0,
             },
         )?;
     } else {
@@ -211,6 +213,7 @@ fn truncate(
                     after_json: None,
                     source: Some(source.clone()),
                     committed_at_ms: txn.now_ms(),
+                    shard: 0,
                 },
             )?;
         }

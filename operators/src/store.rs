@@ -332,6 +332,21 @@ impl StoreReader {
             .collect()
     }
 
+    /// Every view whose state the store holds, registered in this process
+    /// or not (to tell what a data directory was written with).
+    pub fn stored_view_names(&self) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        let prefix = view_meta_key("");
+        for item in self.db.prefix_iterator_cf(cf(&self.db, CF_META), &prefix) {
+            let (k, _) = item?;
+            let Some(name) = k.strip_prefix(prefix.as_slice()) else {
+                break;
+            };
+            out.push(String::from_utf8_lossy(name).into_owned());
+        }
+        Ok(out)
+    }
+
     /// Position of a consumer of change streams (such as the re-keying
     /// stage of a pipeline), written by that consumer, not the writer.
     pub fn cursor(&self, name: &str) -> Result<u64, StoreError> {
@@ -1434,6 +1449,7 @@ impl Txn<'_> {
                 after_json: row_json,
                 source: Some(source),
                 committed_at_ms: self.now_ms,
+                shard: 0,
             },
         )?;
         Ok(Some(op))

@@ -349,9 +349,13 @@ pub fn coordinator_config(
     })
 }
 
-/// Change-log topic of a view.
+/// Change-log topic of a view (of a shard: `<prefix><view>.shard<i>`).
 pub fn log_topic(cluster: &ClusterSection, view: &str) -> String {
-    format!("{}{view}", cluster.changes_topic_prefix)
+    format!(
+        "{}{}",
+        cluster.changes_topic_prefix,
+        ndc_operators::shard::topic_safe(view)
+    )
 }
 
 /// Change-log topic of a view: a configured view's by name; a pipeline
@@ -364,10 +368,11 @@ pub fn view_log_topic(cluster: &ClusterSection, view: &str, generation: Option<u
     }
 }
 
-/// Every (view, Kafka topic) the cluster must consume, given the replicated
-/// pipeline specs (see `pipelines::runtime::cluster_routes`).
+/// Every (view, Kafka topic, the view's shards) the cluster must consume,
+/// given the replicated pipeline specs (see
+/// `pipelines::runtime::cluster_routes`).
 pub type Routes = Box<
-    dyn Fn(&BTreeMap<String, ndc_coordinator::StoredSpec>) -> BTreeSet<(String, String)>
+    dyn Fn(&BTreeMap<String, ndc_coordinator::StoredSpec>) -> BTreeSet<(String, String, u32)>
         + Send
         + Sync,
 >;
@@ -402,15 +407,24 @@ pub async fn register_partitions(
         }
         let state = coordinator.watch().borrow().cluster.clone();
         let routes = routes(&state.specs);
+        // A partition id names the store view of its shard.
         let pair_of = |pid: &str| {
             let mut parts = pid.splitn(3, '/');
             Some((parts.next()?.to_string(), parts.next()?.to_string()))
         };
+        let wanted: BTreeSet<(String, String)> = routes
+            .iter()
+            .flat_map(|(view, topic, shards)| {
+                ndc_operators::shard::store_names(view, *shards)
+                    .into_iter()
+                    .map(|s| (s, topic.clone()))
+            })
+            .collect();
         // Partitions of views (or topics) no longer run.
         let stale: Vec<String> = state
             .partitions
             .iter()
-            .filter(|p| pair_of(p).is_none_or(|pair| !routes.contains(&pair)))
+            .filter(|p| pair_of(p).is_none_or(|pair| !wanted.contains(&pair)))
             .cloned()
             .collect();
         if !stale.is_empty() {
@@ -423,15 +437,26 @@ pub async fn register_partitions(
         }
         // A route without partitions yet is looked up every second; the
         // rest every metadata refresh (topics that grow).
-        let registered: BTreeSet<(String, String)> =
-            state.partitions.iter().filter_map(|p| pair_of(p)).collect();
-        let missing = routes.iter().any(|r| !registered.contains(r));
+        let registered: BTreeSet<(String, String)> = state
+            .partitions
+            .iter()
+            .filter_map(|p| pair_of(p))
+            .map(
+                |(store_name, topic)| match ndc_operators::shard::parse_store_name(&store_name) {
+                    Some((view, _)) => (view.to_string(), topic),
+                    None => (store_name, topic),
+                },
+            )
+            .collect();
+        let missing = routes
+            .iter()
+            .any(|(v, t, _)| !registered.contains(&(v.clone(), t.clone())));
         if !missing && last_fetch.is_some_and(|t| t.elapsed() < kafka.metadata_refresh) {
             continue;
         }
         last_fetch = Some(std::time::Instant::now());
         let c = consumer.clone();
-        let names: BTreeSet<String> = routes.iter().map(|(_, t)| t.clone()).collect();
+        let names: BTreeSet<String> = routes.iter().map(|(_, t, _)| t.clone()).collect();
         let found = tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
             for topic in names {
@@ -450,10 +475,12 @@ pub async fn register_partitions(
         .await
         .unwrap_or_default();
         let mut partitions = Vec::new();
-        for (view, topic) in &routes {
+        for (view, topic, shards) in &routes {
             for (t, p) in &found {
                 if t == topic {
-                    partitions.push(partition_id(view, topic, *p));
+                    let shard = ndc_operators::shard::of_partition(*p, *shards);
+                    let store_name = ndc_operators::shard::store_name(view, shard, *shards);
+                    partitions.push(partition_id(&store_name, topic, *p));
                 }
             }
         }

@@ -615,7 +615,31 @@ pub struct ViewConfig {
     /// person: the audit trail records whose data each delivery held.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub national_id: Option<String>,
+    /// Shards the view's key space is split into, by source partition
+    /// (`partition % shards`): each shard has its own change stream,
+    /// sequence numbers, RocksDB key range and, in a cluster, change log.
+    /// Fixed for the life of the view's state.
+    #[serde(default = "default_shards", skip_serializing_if = "is_one")]
+    pub shards: u32,
 }
+
+fn default_shards() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
+}
+
+impl ViewConfig {
+    /// Store names of the view's shards.
+    pub fn store_names(&self) -> Vec<String> {
+        ndc_operators::shard::store_names(&self.name, self.shards)
+    }
+}
+
+/// Most shards a view may have.
+pub const MAX_SHARDS: u32 = 256;
 
 /// How sensitive a column is (docs/security.md, data protection).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -1040,8 +1064,30 @@ impl NodeConfig {
                     format!("{at}.name"),
                     "may contain only letters, digits, '.', '_' and '-'",
                 );
+            } else if ndc_operators::shard::is_shard_suffixed(&view.name) {
+                bad(
+                    format!("{at}.name"),
+                    "must not end in '.shard<N>' (the change-log topics of sharded views are named so)",
+                );
             } else if !names.insert(view.name.clone()) {
                 bad(format!("{at}.name"), "another view has the same name");
+            }
+            if view.shards == 0 || view.shards > MAX_SHARDS {
+                bad(
+                    format!("{at}.shards"),
+                    &format!("must be between 1 and {MAX_SHARDS}"),
+                );
+            }
+            if view.shards > 1
+                && view
+                    .sources
+                    .iter()
+                    .any(|s| matches!(s, SourceConfig::File(_)))
+            {
+                bad(
+                    format!("{at}.shards"),
+                    "a sharded view reads Kafka sources only (a shard is a set of source partitions; a file has none): publish the export to a topic",
+                );
             }
             if view.key_columns.iter().any(|c| c.trim().is_empty()) {
                 bad(

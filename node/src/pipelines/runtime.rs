@@ -9,7 +9,7 @@
 //! for the length of one commit and a consumer start (well under a second
 //! on loopback).
 
-use crate::config::{NodeConfig, SourceConfig};
+use crate::config::{NodeConfig, SourceConfig, ViewConfig};
 use crate::kafka::client_config;
 use crate::lifecycle::Fatal;
 use crate::now_ms;
@@ -17,13 +17,13 @@ use crate::pipelines::rekey::{ForwardSource, Forwarder};
 use crate::pipelines::spec::{OperatorSpec, PipelineSpec, SpecErrors};
 use crate::sources::{FileSource, KafkaSource, Route, file_stream};
 use crate::telemetry::{Readiness, metric};
-use crate::views::ViewRegistry;
+use crate::views::{ShardHead, ViewRegistry};
 use crate::writer::dead_letter::DeadLetterSink;
 use crate::writer::{ClusterWriter, CommittedOffsets, Mergers, Writer};
 use anyhow::Context;
 use ndc_coordinator::{Coordinator, StoredSpec};
 use ndc_operators::merge::{JoinRule, MergeViews, Merger};
-use ndc_operators::{Decoder, DecoderConfig, Format, NationalIdCheck, Store, StoreReader};
+use ndc_operators::{Decoder, DecoderConfig, Format, NationalIdCheck, Store, StoreReader, ViewId};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
@@ -168,16 +168,20 @@ impl Runtime {
     /// Adds every view of the config and the specs to the store and serves it.
     fn register_views(&mut self) -> anyhow::Result<()> {
         let store = self.store.as_mut().context("data path is running")?;
-        let mut wanted: Vec<(String, Vec<String>)> = self
+        // (name, key columns, shards)
+        let mut wanted: Vec<(String, Vec<String>, u32)> = self
             .config
             .views
             .iter()
-            .map(|v| (v.name.clone(), v.key_columns.clone()))
+            .map(|v| (v.name.clone(), v.key_columns.clone(), v.shards))
             .collect();
         for spec in self.specs.values() {
-            wanted.extend(spec_views(spec));
+            wanted.extend(spec_views(spec).into_iter().map(|(n, k)| (n, k, 1)));
         }
-        let names: Vec<String> = wanted.iter().map(|(n, _)| n.clone()).collect();
+        let names: Vec<String> = wanted
+            .iter()
+            .flat_map(|(n, _, shards)| ndc_operators::shard::store_names(n, *shards))
+            .collect();
         store.add_views(&names)?;
         // Levels: configured views declare theirs; pipeline views inherit
         // them from their sources' fields.
@@ -202,12 +206,19 @@ impl Runtime {
         for spec in self.specs.values() {
             classes.extend(spec.classification());
         }
-        for (name, keys) in wanted {
-            let id = store.view_id(&name).context("view just added")?;
-            let last = store.meta(id).map_or(0, |m| m.last_seq);
+        for (name, keys, shards) in wanted {
+            let mut heads = Vec::new();
+            for store_name in ndc_operators::shard::store_names(&name, shards) {
+                let id = store.view_id(&store_name).context("view just added")?;
+                heads.push(ShardHead {
+                    id,
+                    last_seq: store.meta(id).map_or(0, |m| m.last_seq),
+                    store_name,
+                });
+            }
             let class = classes.remove(&name).unwrap_or_default();
             self.views
-                .insert(&name, id, last, keys, class.levels, class.national_id);
+                .insert_sharded(&name, heads, keys, class.levels, class.national_id);
         }
         Ok(())
     }
@@ -380,7 +391,7 @@ impl Runtime {
             if self
                 .views
                 .get(&v)
-                .is_some_and(|s| store.view_id(&v) != Some(s.id))
+                .is_some_and(|s| s.shards.first().map(|s| s.id) != store.view_id(&v))
             {
                 self.views.remove(&v);
             }
@@ -444,14 +455,20 @@ impl Runtime {
             anyhow::bail!("cluster mode needs the cluster and kafka sections");
         };
         let store = self.store.as_mut().context("data path is running")?;
+        // Every shard of a configured view has a log of its own.
         let mut all: Vec<(String, Option<u64>)> = self
             .config
             .views
             .iter()
-            .map(|v| (v.name.clone(), None))
+            .flat_map(|v| v.store_names())
+            .map(|n| (n, None))
             .collect();
-        let mut logged: BTreeSet<String> =
-            self.config.views.iter().map(|v| v.name.clone()).collect();
+        let mut logged: BTreeSet<String> = self
+            .config
+            .views
+            .iter()
+            .flat_map(|v| v.store_names())
+            .collect();
         for spec in self.specs.values() {
             for v in spec.views() {
                 let g = side.generations.get(&v).copied();
@@ -897,6 +914,38 @@ fn reset_set(old: &PipelineSpec, new: &PipelineSpec) -> BTreeSet<String> {
     reset
 }
 
+/// Refuses to serve a configured view under a shard count other than the
+/// one its state was written with: its rows, change streams and tokens are
+/// per shard, and re-splitting them is a rebuild, not a restart.
+pub fn check_shards(views: &[ViewConfig], stored: &[String]) -> anyhow::Result<()> {
+    for view in views {
+        let wanted: BTreeSet<String> = view.store_names().into_iter().collect();
+        let found: Vec<&String> = stored
+            .iter()
+            .filter(|s| {
+                *s == &view.name
+                    || ndc_operators::shard::parse_store_name(s)
+                        .is_some_and(|(v, _)| v == view.name)
+            })
+            .collect();
+        if let Some(other) = found.iter().find(|s| !wanted.contains(**s)) {
+            let had = found
+                .iter()
+                .filter(|s| ndc_operators::shard::parse_store_name(s).is_some())
+                .count()
+                .max(1);
+            anyhow::bail!(
+                "view {:?} is configured with {} shard(s) but its state in this data directory \
+                 was written with {had} (found {other:?}); a view's shard count is fixed: keep \
+                 `shards: {had}`, or rebuild the view under a new name (or from an empty data_dir)",
+                view.name,
+                view.shards
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Cluster mode: the repartition topic of a pipeline, named after its
 /// contributions view's generation (the same on every node).
 pub fn cluster_repartition_topic(
@@ -918,12 +967,12 @@ pub fn cluster_repartition_topic(
 pub fn cluster_routes(
     config: &NodeConfig,
     specs: &BTreeMap<String, StoredSpec>,
-) -> BTreeSet<(String, String)> {
+) -> BTreeSet<(String, String, u32)> {
     let mut out = BTreeSet::new();
     for v in &config.views {
         for s in &v.sources {
             if let SourceConfig::Kafka(k) = s {
-                out.insert((v.name.clone(), k.topic.clone()));
+                out.insert((v.name.clone(), k.topic.clone(), v.shards));
             }
         }
     }
@@ -932,13 +981,13 @@ pub fn cluster_routes(
             continue;
         };
         for (name, source) in &spec.sources {
-            out.insert((spec.view(name), source.topic.clone()));
+            out.insert((spec.view(name), source.topic.clone(), 1));
         }
         if let (Some((merge, _)), Some(topic)) = (
             spec.merges().next(),
             cluster_repartition_topic(config, &spec, &stored.generations),
         ) {
-            out.insert((format!("{}.contributions", spec.view(merge)), topic));
+            out.insert((format!("{}.contributions", spec.view(merge)), topic, 1));
         }
     }
     out
@@ -1081,13 +1130,18 @@ fn build(
     };
     let setup = (|| -> anyhow::Result<()> {
         for view in &config.views {
-            let id = view_id(&view.name)?;
+            let shards: Arc<[(ViewId, Arc<str>)]> = view
+                .store_names()
+                .into_iter()
+                .map(|n| Ok((view_id(&n)?, Arc::from(n.as_str()))))
+                .collect::<anyhow::Result<Vec<_>>>()?
+                .into();
+            let id = shards[0].0;
             for source in &view.sources {
                 match source {
                     SourceConfig::Kafka(k) => {
                         routes.entry(k.topic.clone()).or_default().push(Route {
-                            view: id,
-                            view_name: view.name.as_str().into(),
+                            shards: shards.clone(),
                             decoder: decoder(k.format, &view.key_columns, None),
                         })
                     }
@@ -1118,11 +1172,14 @@ fn build(
             for (name, source) in &spec.sources {
                 let view = spec.view(name);
                 let id = view_id(&view)?;
-                routes.entry(source.topic.clone()).or_default().push(Route {
-                    view: id,
-                    view_name: view.as_str().into(),
-                    decoder: decoder(source.format, &source.key, national_id_check(spec, name)),
-                });
+                routes
+                    .entry(source.topic.clone())
+                    .or_default()
+                    .push(Route::one(
+                        id,
+                        &view,
+                        decoder(source.format, &source.key, national_id_check(spec, name)),
+                    ));
                 if let Some(column) = spec.rekey_column(name) {
                     forward.push(ForwardSource {
                         source: name.clone(),
@@ -1140,17 +1197,17 @@ fn build(
             let merge_views = merger.views;
             let contributions = store.view_name(merge_views.contributions).to_string();
             mergers.insert(merge_views.contributions, merger);
-            routes.entry(topic.clone()).or_default().push(Route {
-                view: merge_views.contributions,
-                view_name: contributions.into(),
-                decoder: decoder(Format::Facts, &[], None),
-            });
+            routes.entry(topic.clone()).or_default().push(Route::one(
+                merge_views.contributions,
+                &contributions,
+                decoder(Format::Facts, &[], None),
+            ));
             repartition_topics.push(topic.clone());
             forwarders.push((spec.name.clone(), topic, forward));
         }
-        for route in routes.values().flatten() {
-            for (stream, next) in store.offsets_of(route.view) {
-                start_offsets.insert((route.view, stream.to_string()), next);
+        for (view, _) in routes.values().flatten().flat_map(|r| r.shards.iter()) {
+            for (stream, next) in store.offsets_of(*view) {
+                start_offsets.insert((*view, stream.to_string()), next);
             }
         }
         Ok(())

@@ -81,6 +81,7 @@ pub fn config(bootstrap: &str, opts: &QuickstartOptions, certs: &DevCertificates
             })],
             columns: Default::default(),
             national_id: Some("person_id".into()),
+            shards: 1,
         },
         ViewConfig {
             name: "residence.addresses".into(),
@@ -91,6 +92,7 @@ pub fn config(bootstrap: &str, opts: &QuickstartOptions, certs: &DevCertificates
             })],
             columns: Default::default(),
             national_id: Some("person_id".into()),
+            shards: 1,
         },
     ];
     c

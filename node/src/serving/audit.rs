@@ -51,6 +51,10 @@ pub enum Event {
         principal: String,
         purpose: String,
         view: String,
+        /// The view's shard the batch came from (its sequence numbers are
+        /// the shard's); absent for shard 0, as before shards.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        shard: u32,
         /// Rows of a snapshot (their sequence numbers are 0).
         snapshot: bool,
         first_seq: u64,
@@ -107,6 +111,10 @@ impl Event {
             Event::PipelineDrop { .. } => "pipeline_drop",
         }
     }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// One record of a chain, as stored and shipped (JSON, `hash` last).
@@ -1075,6 +1083,7 @@ mod tests {
             principal: "agency-a".into(),
             purpose: "benefits".into(),
             view: view.into(),
+            shard: 0,
             snapshot: false,
             first_seq: 1,
             last_seq: 2,

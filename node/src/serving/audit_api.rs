@@ -69,12 +69,33 @@ impl AuditService {
     }
 
     /// One row of a view by key, if it is there: (key, row, source position).
+    /// A sharded view's row is in one of its shards (the one its source
+    /// partition feeds, which the key alone does not tell): each is asked.
     async fn row(&self, view: &str, key: &Key) -> Result<Option<Value>, Status> {
+        let shards: Vec<Arc<str>> = self
+            .views
+            .shards(view)
+            .map(|s| s.iter().map(|s| s.store_name.clone()).collect())
+            .unwrap_or_default();
+        for store_name in shards {
+            if let Some(row) = self.shard_row(view, &store_name, key).await? {
+                return Ok(Some(row));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn shard_row(
+        &self,
+        view: &str,
+        store_name: &str,
+        key: &Key,
+    ) -> Result<Option<Value>, Status> {
         let reader = self.reader.clone();
-        let (view, key) = (view.to_string(), key.clone());
+        let (view, store_name, key) = (view.to_string(), store_name.to_string(), key.clone());
         tokio::task::spawn_blocking(move || {
             let mut found = None;
-            reader.scan_snapshot(&view, Some(std::slice::from_ref(&key)), 1, |rows| {
+            reader.scan_snapshot(&store_name, Some(std::slice::from_ref(&key)), 1, |rows| {
                 found = rows.into_iter().next().map(|r| {
                     json!({
                         "view": view,
@@ -222,8 +243,7 @@ impl AuditApi for AuditService {
             }
         }
         // Configured views keyed by their national-ID column.
-        for name in self.reader.view_names() {
-            let name = name.to_string();
+        for name in self.views.names() {
             if specs
                 .iter()
                 .any(|s| name.starts_with(&format!("{}.", s.name)))

@@ -147,6 +147,7 @@ fn store_status(e: StoreError) -> Status {
 
 fn snapshot_change(row: SnapshotRow) -> Change {
     Change {
+        shard: 0,
         seq: 0,
         op: Op::Read as i32,
         key_json: row.key,
@@ -181,21 +182,46 @@ fn batch(
     }
 }
 
+/// What a shard's subscriber hands the fan-in (which gives it the view's
+/// vector token on its way to the client).
+#[derive(Debug)]
+enum Out {
+    /// Rows of the shard's snapshot (not a position yet).
+    Rows(Vec<Change>),
+    /// The shard's snapshot is complete: it stands at `seq`.
+    SnapshotDone { seq: u64 },
+    /// Changes of the shard, the last of them at `cursor` (or passed over
+    /// by the filter up to it).
+    Changes { changes: Vec<Change>, cursor: u64 },
+    /// Nothing to send: the shard stands at `cursor`, committed `committed`.
+    Progress { cursor: u64, committed: u64 },
+}
+
+#[derive(Debug)]
+struct ShardOut {
+    shard: u32,
+    out: Out,
+}
+
+/// Streams one shard of a view: its snapshot, then its change stream.
 struct Subscriber {
     reader: StoreReader,
+    /// The view served (labels, levels, audit).
     view: String,
-    incarnation: u64,
+    /// Which of the view's shards, and its name in the store.
+    shard: u32,
+    store_name: Arc<str>,
     filter: Filter,
     batch_size: usize,
     progress_interval: Duration,
     commits: CommitReceiver,
-    tx: Sender,
+    out: mpsc::Sender<ShardOut>,
     /// Who receives the stream and why, as the audit trail records it.
     recipient: Arc<Recipient>,
     audit: Audit,
     views: ViewRegistry,
     /// A delivered batch whose audit record is being written.
-    held: Option<(Ack, SubscribeResponse)>,
+    held: Option<(Ack, Out)>,
     /// The leak test's mutation: masking off on this one path.
     #[cfg(test)]
     unmasked: Option<DeliveryPath>,
@@ -224,11 +250,18 @@ struct Recipient {
 
 impl Recipient {
     /// The audit record of a batch about to be sent.
-    fn delivery(&self, changes: &[Change], snapshot: bool, people: BTreeSet<String>) -> Event {
+    fn delivery(
+        &self,
+        shard: u32,
+        changes: &[Change],
+        snapshot: bool,
+        people: BTreeSet<String>,
+    ) -> Event {
         Event::Delivery {
             principal: self.principal.clone(),
             purpose: self.purpose.clone(),
             view: self.view.clone(),
+            shard,
             snapshot,
             first_seq: changes.first().map_or(0, |c| c.seq),
             last_seq: changes.last().map_or(0, |c| c.seq),
@@ -276,8 +309,10 @@ impl Subscriber {
     async fn snapshot(&self) -> Result<u64, Status> {
         let reader = self.reader.clone();
         let view = self.view.clone();
+        let store_name = self.store_name.clone();
+        let shard = self.shard;
         let keys = self.filter.keys.clone();
-        let tx = self.tx.clone();
+        let tx = self.out.clone();
         let filter = self.filter_on(DeliveryPath::Snapshot).into_owned();
         let batch_size = self.batch_size;
         let audit = self.audit.clone();
@@ -299,10 +334,13 @@ impl Subscriber {
                     }
                     metrics::counter!(metric::CHANGES_SENT, "view" => view.clone())
                         .increment(changes.len() as u64);
-                    tx.blocking_send(Ok(batch(changes, String::new(), true, false)))
-                        .is_ok()
+                    tx.blocking_send(ShardOut {
+                        shard,
+                        out: Out::Rows(changes),
+                    })
+                    .is_ok()
                 };
-            let last = reader.scan_snapshot(&view, keys.as_deref(), batch_size, |rows| {
+            let last = reader.scan_snapshot(&store_name, keys.as_deref(), batch_size, |rows| {
                 let mut people = BTreeSet::new();
                 let changes: Vec<Change> = rows
                     .into_iter()
@@ -311,7 +349,9 @@ impl Subscriber {
                 if changes.is_empty() {
                     return true;
                 }
-                let ack = match audit.submit_blocking(recipient.delivery(&changes, true, people)) {
+                let ack = match audit
+                    .submit_blocking(recipient.delivery(shard, &changes, true, people))
+                {
                     Ok(ack) => ack,
                     Err(e) => {
                         refused = Some(audit_status(e));
@@ -333,8 +373,7 @@ impl Subscriber {
             return Err(status);
         }
         let last_seq = last_seq.map_err(store_status)?;
-        let token = token::encode(&self.view, self.incarnation, last_seq);
-        self.send(batch(Vec::new(), token, true, true)).await?;
+        self.send(Out::SnapshotDone { seq: last_seq }).await?;
         Ok(last_seq)
     }
 
@@ -347,9 +386,12 @@ impl Subscriber {
         Ok(())
     }
 
-    async fn send(&self, msg: SubscribeResponse) -> Result<(), Status> {
-        self.tx
-            .send(Ok(msg))
+    async fn send(&self, out: Out) -> Result<(), Status> {
+        self.out
+            .send(ShardOut {
+                shard: self.shard,
+                out,
+            })
             .await
             .map_err(|_| Status::cancelled("subscriber went away"))
     }
@@ -384,14 +426,19 @@ impl Subscriber {
         // out when that one is delivered, or when the stream waits.
         let ack = self
             .audit
-            .submit(self.recipient.delivery(&out, false, people))
+            .submit(self.recipient.delivery(self.shard, &out, false, people))
             .await
             .map_err(audit_status)?;
         metrics::counter!(metric::CHANGES_SENT, "view" => self.view.clone())
             .increment(out.len() as u64);
-        let token = token::encode(&self.view, self.incarnation, cursor);
         self.release().await?;
-        self.held = Some((ack, batch(out, token, false, false)));
+        self.held = Some((
+            ack,
+            Out::Changes {
+                changes: out,
+                cursor,
+            },
+        ));
         Ok(true)
     }
 
@@ -427,13 +474,14 @@ impl Subscriber {
             if read_store || head.seq > cursor {
                 read_store = false;
                 let reader = self.reader.clone();
-                let view = self.view.clone();
+                let store_name = self.store_name.clone();
                 let limit = self.batch_size;
-                let changes =
-                    tokio::task::spawn_blocking(move || reader.changes_after(&view, cursor, limit))
-                        .await
-                        .map_err(|e| Status::internal(format!("read task failed: {e}")))?
-                        .map_err(store_status)?;
+                let changes = tokio::task::spawn_blocking(move || {
+                    reader.changes_after(&store_name, cursor, limit)
+                })
+                .await
+                .map_err(|e| Status::internal(format!("read task failed: {e}")))?
+                .map_err(store_status)?;
                 let full = changes.len() >= limit;
                 metrics::counter!(metric::CHANGES_READ, "view" => self.view.clone(), "from" => "store")
                     .increment(changes.len() as u64);
@@ -469,17 +517,149 @@ impl Subscriber {
                     }
                 }
                 _ = tokio::time::sleep(wait) => {
-                    let progress = SubscribeResponse {
-                        kind: Some(subscribe_response::Kind::Progress(Progress {
-                            resume_token: token::encode(&self.view, self.incarnation, cursor),
-                            committed_seq: committed,
-                            server_time_ms: now_ms(),
-                        })),
-                    };
-                    self.send(progress).await?;
+                    self.send(Out::Progress { cursor, committed }).await?;
                     last_sent = Instant::now();
                 }
-                _ = self.tx.closed() => return Ok(()),
+                _ = self.out.closed() => return Ok(()),
+            }
+        }
+    }
+}
+
+/// Where a subscription starts in each shard: at a snapshot, or after
+/// these sequences (a resume token, or the heads for `latest`).
+type StartAt = Option<Vec<u64>>;
+
+/// One subscription over every shard of a view: a task per shard, whose
+/// batches are merged into the client's stream in arrival order (a key
+/// lives in one shard, so its changes stay in order), each carrying the
+/// vector of the shards' positions as its token.
+struct FanIn {
+    view: String,
+    incarnations: Vec<u64>,
+    progress_interval: Duration,
+    tx: Sender,
+}
+
+impl FanIn {
+    fn token(&self, cursors: &[Option<u64>]) -> Option<String> {
+        let positions: Option<Vec<token::Position>> = cursors
+            .iter()
+            .zip(&self.incarnations)
+            .map(|(c, &incarnation)| c.map(|seq| token::Position { incarnation, seq }))
+            .collect();
+        positions.map(|p| token::encode(&self.view, &p))
+    }
+
+    async fn send(&self, msg: SubscribeResponse) -> Result<(), Status> {
+        self.tx
+            .send(Ok(msg))
+            .await
+            .map_err(|_| Status::cancelled("subscriber went away"))
+    }
+
+    /// Runs the shards' subscribers until the client goes away or one of
+    /// them fails. A snapshot is complete once every shard's is: no change
+    /// is sent before that (each shard waits for the others), so the
+    /// stream is the view's rows, then one token, then changes.
+    async fn run(
+        self,
+        subscribers: Vec<Subscriber>,
+        start: StartAt,
+        mut rx: mpsc::Receiver<ShardOut>,
+    ) -> Result<(), Status> {
+        let n = subscribers.len();
+        let barrier = Arc::new(tokio::sync::Barrier::new(n));
+        let mut tasks = tokio::task::JoinSet::new();
+        for sub in subscribers {
+            let from = start
+                .as_ref()
+                .and_then(|s| s.get(sub.shard as usize).copied());
+            let barrier = barrier.clone();
+            tasks.spawn(
+                async move {
+                    let cursor = match from {
+                        Some(c) => c,
+                        None => {
+                            let c = sub.snapshot().await?;
+                            barrier.wait().await;
+                            c
+                        }
+                    };
+                    sub.follow(cursor).await
+                }
+                .in_current_span(),
+            );
+        }
+        let mut cursors: Vec<Option<u64>> = match &start {
+            Some(s) => s.iter().copied().map(Some).collect(),
+            None => vec![None; n],
+        };
+        let mut committed: Vec<u64> = vec![0; n];
+        let mut last_progress: Option<Instant> = None;
+        loop {
+            let ShardOut { shard, out } = tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(m) => m,
+                    None => return Ok(()),
+                },
+                done = tasks.join_next() => match done {
+                    Some(Ok(Ok(()))) => continue,
+                    Some(Ok(Err(status))) => return Err(status),
+                    Some(Err(e)) => return Err(Status::internal(format!("subscription task failed: {e}"))),
+                    None => return Ok(()),
+                },
+            };
+            let i = shard as usize;
+            let tag = |mut changes: Vec<Change>| {
+                for c in &mut changes {
+                    c.shard = shard;
+                }
+                changes
+            };
+            match out {
+                Out::Rows(changes) => {
+                    self.send(batch(tag(changes), String::new(), true, false))
+                        .await?
+                }
+                Out::SnapshotDone { seq } => {
+                    cursors[i] = Some(seq);
+                    committed[i] = committed[i].max(seq);
+                    if let Some(token) = self.token(&cursors) {
+                        self.send(batch(Vec::new(), token, true, true)).await?;
+                    }
+                }
+                Out::Changes { changes, cursor } => {
+                    cursors[i] = Some(cursor);
+                    committed[i] = committed[i].max(cursor);
+                    let token = self.token(&cursors).unwrap_or_default();
+                    self.send(batch(tag(changes), token, false, false)).await?;
+                }
+                Out::Progress {
+                    cursor,
+                    committed: head,
+                } => {
+                    cursors[i] = Some(cursor);
+                    committed[i] = head;
+                    // Every shard says it is alive: the client hears it
+                    // about once per interval, not once per shard.
+                    if last_progress.is_some_and(|t| t.elapsed() < self.progress_interval / 2) {
+                        continue;
+                    }
+                    let Some(resume_token) = self.token(&cursors) else {
+                        continue;
+                    };
+                    last_progress = Some(Instant::now());
+                    self.send(SubscribeResponse {
+                        kind: Some(subscribe_response::Kind::Progress(Progress {
+                            resume_token,
+                            committed_seq: committed.iter().sum(),
+                            committed_seqs: committed.clone(),
+                            server_time_ms: now_ms(),
+                        })),
+                    })
+                    .await?;
+                }
             }
         }
     }
@@ -521,6 +701,77 @@ impl tokio_stream::Stream for Guarded {
         }
         std::pin::Pin::new(&mut self.rx).poll_next(cx)
     }
+}
+
+/// Where a resume token resumes each shard of a view, or why it cannot.
+fn resume_at(
+    view: &str,
+    t: &str,
+    metas: &[ndc_proto::state::ViewMeta],
+) -> Result<Vec<u64>, Status> {
+    let pos = token::decode(t, view).map_err(|m| refuse(tonic::Code::InvalidArgument, m))?;
+    if pos.shards.len() != metas.len() {
+        let message = if pos.single_format {
+            format!(
+                "resume token is from a release before views had shards (one position) and view \
+                 {view:?} has {} shards; subscribe again with start=snapshot",
+                metas.len()
+            )
+        } else {
+            format!(
+                "resume token holds positions in {} shards and view {view:?} has {} (its shards \
+                 changed); subscribe again with start=snapshot",
+                pos.shards.len(),
+                metas.len()
+            )
+        };
+        return Err(refuse(tonic::Code::FailedPrecondition, message));
+    }
+    let shard = |i: usize| match metas.len() {
+        1 => String::new(),
+        _ => format!(" (shard {i})"),
+    };
+    let mut seqs = Vec::with_capacity(metas.len());
+    for (i, (p, meta)) in pos.shards.iter().zip(metas).enumerate() {
+        if p.incarnation != meta.incarnation {
+            return Err(refuse(
+                tonic::Code::FailedPrecondition,
+                format!(
+                    "resume token is from another incarnation of view {view:?}{} (its change stream \
+                     was rebuilt); subscribe again with start=snapshot",
+                    shard(i)
+                ),
+            ));
+        }
+        if p.seq > meta.last_seq {
+            // In a cluster, a node that has not yet applied as much of the
+            // change log as the subscriber's last node: retryable.
+            return Err(refuse(
+                tonic::Code::Unavailable,
+                format!(
+                    "this node has not caught up with the resume token of view {view:?}{} yet \
+                     (token seq {}, committed here {}); retry shortly or on another node",
+                    shard(i),
+                    p.seq,
+                    meta.last_seq
+                ),
+            ));
+        }
+        if p.seq + 1 < meta.retained_from_seq {
+            return Err(refuse(
+                tonic::Code::OutOfRange,
+                format!(
+                    "view {view:?}{} no longer retains seq {} (retained from {}); subscribe again \
+                     with start=snapshot",
+                    shard(i),
+                    p.seq + 1,
+                    meta.retained_from_seq
+                ),
+            ));
+        }
+        seqs.push(p.seq);
+    }
+    Ok(seqs)
 }
 
 #[tonic::async_trait]
@@ -578,7 +829,7 @@ impl Subscription for SubscriptionService {
         };
         // The error names the view asked for and nothing else: the node's
         // other views are not the caller's to learn from a refusal.
-        let Some(commits) = self.views.receiver(&req.view) else {
+        let Some(shards) = self.views.shards(&req.view) else {
             if self.views.is_closed() {
                 return Err(refuse(
                     tonic::Code::Unavailable,
@@ -620,7 +871,11 @@ impl Subscription for SubscriptionService {
                 ));
             }
         }
-        let meta = self.reader.view_meta(&req.view).map_err(store_status)?;
+        let metas = shards
+            .iter()
+            .map(|s| self.reader.view_meta(&s.store_name))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(store_status)?;
         let mut keys = std::collections::BTreeSet::new();
         for k in &req.keys {
             let key = Key::parse(k).map_err(|e| {
@@ -647,43 +902,10 @@ impl Subscription for SubscriptionService {
             }
         }
         let start = req.start.unwrap_or(Start::Snapshot(Default::default()));
-        let cursor = match &start {
+        let start_at: StartAt = match &start {
             Start::Snapshot(_) => None,
-            Start::Latest(_) => Some(commits.borrow().seq),
-            Start::ResumeToken(t) => {
-                let pos = token::decode(t, &req.view)
-                    .map_err(|m| refuse(tonic::Code::InvalidArgument, m))?;
-                if pos.incarnation != meta.incarnation {
-                    return Err(refuse(
-                        tonic::Code::FailedPrecondition,
-                        format!(
-                            "resume token is from another incarnation of view {:?} (its change stream was rebuilt); \
-                             subscribe again with start=snapshot",
-                            req.view
-                        ),
-                    ));
-                }
-                if pos.seq > meta.last_seq {
-                    // In a cluster, a node that has not yet applied as much of
-                    // the change log as the subscriber's last node: retryable.
-                    return Err(refuse(
-                        tonic::Code::Unavailable,
-                        format!(
-                            "this node has not caught up with the resume token of view {:?} yet \
-                             (token seq {}, committed here {}); retry shortly or on another node",
-                            req.view, pos.seq, meta.last_seq
-                        ),
-                    ));
-                }
-                if pos.seq + 1 < meta.retained_from_seq {
-                    return Err(store_status(StoreError::Expired {
-                        view: req.view.clone(),
-                        seq: pos.seq + 1,
-                        retained_from: meta.retained_from_seq,
-                    }));
-                }
-                Some(pos.seq)
-            }
+            Start::Latest(_) => Some(shards.iter().map(|s| s.commits.borrow().seq).collect()),
+            Start::ResumeToken(t) => Some(resume_at(&req.view, t, &metas)?),
         };
         let stream_slot = self.stream_slot(&caller.principal)?;
         let permit = self.slots.clone().try_acquire_owned().map_err(|_| {
@@ -700,52 +922,66 @@ impl Subscription for SubscriptionService {
             n => n.min(self.config.max_batch_size),
         } as usize;
         let (tx, rx) = mpsc::channel(self.config.buffer_batches);
-        let subscriber = Subscriber {
-            reader: self.reader.clone(),
+        let filter = Filter {
+            mask: caller
+                .grant
+                .as_ref()
+                .and_then(|g| g.clearance.map(|c| (c, g.masking.clone())))
+                .map(|(clearance, policies)| {
+                    Arc::new(Masker {
+                        levels: self.views.levels(&req.view),
+                        clearance,
+                        policies,
+                        keys: self.hash_keys.clone(),
+                    })
+                }),
+            person: self.views.national_id(&req.view),
+            ..Filter::new(
+                keys.into_iter().collect(),
+                fields,
+                caller.grant.as_ref().and_then(|g| g.row_filter.clone()),
+            )
+        };
+        let recipient = Arc::new(Recipient {
+            principal: caller.principal.clone(),
+            purpose: caller
+                .grant
+                .as_ref()
+                .map(|g| g.purpose.clone())
+                .unwrap_or_default(),
             view: req.view.clone(),
-            incarnation: meta.incarnation,
-            filter: Filter {
-                mask: caller
-                    .grant
-                    .as_ref()
-                    .and_then(|g| g.clearance.map(|c| (c, g.masking.clone())))
-                    .map(|(clearance, policies)| {
-                        Arc::new(Masker {
-                            levels: self.views.levels(&req.view),
-                            clearance,
-                            policies,
-                            keys: self.hash_keys.clone(),
-                        })
-                    }),
-                person: self.views.national_id(&req.view),
-                ..Filter::new(
-                    keys.into_iter().collect(),
-                    fields,
-                    caller.grant.as_ref().and_then(|g| g.row_filter.clone()),
-                )
-            },
-            batch_size,
-            progress_interval: self.config.progress_interval,
-            commits,
-            tx: tx.clone(),
-            recipient: Arc::new(Recipient {
-                principal: caller.principal.clone(),
-                purpose: caller
-                    .grant
-                    .as_ref()
-                    .map(|g| g.purpose.clone())
-                    .unwrap_or_default(),
+        });
+        let (shard_tx, shard_rx) = mpsc::channel(self.config.buffer_batches.max(1));
+        let subscribers: Vec<Subscriber> = shards
+            .iter()
+            .enumerate()
+            .map(|(i, shard)| Subscriber {
+                reader: self.reader.clone(),
                 view: req.view.clone(),
-            }),
-            audit: self.audit.clone(),
-            views: self.views.clone(),
-            held: None,
-            #[cfg(test)]
-            unmasked: None,
+                shard: i as u32,
+                store_name: shard.store_name.clone(),
+                filter: filter.clone(),
+                batch_size,
+                progress_interval: self.config.progress_interval,
+                commits: shard.commits.subscribe(),
+                out: shard_tx.clone(),
+                recipient: recipient.clone(),
+                audit: self.audit.clone(),
+                views: self.views.clone(),
+                held: None,
+                #[cfg(test)]
+                unmasked: None,
+            })
+            .collect();
+        drop(shard_tx);
+        let fan_in = FanIn {
+            view: req.view.clone(),
+            incarnations: metas.iter().map(|m| m.incarnation).collect(),
+            progress_interval: self.config.progress_interval,
+            tx: tx.clone(),
         };
         let view = req.view.clone();
-        let span =
-            info_span!("subscription", view = %view, from = ?cursor, principal = %caller.principal);
+        let span = info_span!("subscription", view = %view, from = ?start_at, principal = %caller.principal);
         let auth = self.auth.clone();
         let (end_tx, end_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(
@@ -754,13 +990,7 @@ impl Subscription for SubscriptionService {
                 let _slot = stream_slot;
                 let gauge = metrics::gauge!(metric::SUBSCRIPTIONS, "view" => view.clone());
                 gauge.increment(1.0);
-                let work = async {
-                    let cursor = match cursor {
-                        Some(c) => c,
-                        None => subscriber.snapshot().await?,
-                    };
-                    subscriber.follow(cursor).await
-                };
+                let work = fan_in.run(subscribers, start_at, shard_rx);
                 // The stream lasts as long as the grant it was admitted under;
                 // when that ends, so does the stream, ahead of anything still
                 // buffered for it.
@@ -798,24 +1028,33 @@ impl Subscription for SubscriptionService {
     ) -> Result<Response<ListViewsResponse>, Status> {
         let caller = access::caller(&request)?;
         let mut views = Vec::new();
-        for name in self.reader.view_names() {
+        for name in self.views.names() {
             // Only the views the caller may read.
-            if self.views.get(&name).is_none() || !caller.may_read(&name) {
+            let Some(shards) = self.views.shards(&name) else {
+                continue;
+            };
+            if !caller.may_read(&name) {
                 continue;
             }
-            let meta = self.reader.view_meta(&name).map_err(store_status)?;
+            let metas = shards
+                .iter()
+                .map(|s| self.reader.view_meta(&s.store_name))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(store_status)?;
             views.push(ViewInfo {
-                name: name.to_string(),
                 key_columns: self.views.key_columns(&name),
-                committed_seq: meta.last_seq,
-                retained_from_seq: meta.retained_from_seq,
-                live_rows: meta.live_rows,
+                committed_seq: metas.iter().map(|m| m.last_seq).sum(),
+                retained_from_seq: metas.iter().map(|m| m.retained_from_seq).min().unwrap_or(1),
+                live_rows: metas.iter().map(|m| m.live_rows).sum(),
                 column_levels: self
                     .views
                     .levels(&name)
                     .iter()
                     .map(|(c, l)| (c.clone(), l.as_str().to_string()))
                     .collect(),
+                shards: shards.len() as u32,
+                committed_seqs: metas.iter().map(|m| m.last_seq).collect(),
+                name,
             });
         }
         Ok(Response::new(ListViewsResponse { views }))
@@ -1261,12 +1500,13 @@ mod tests {
             let sub = Subscriber {
                 reader: b.store.reader(),
                 view: "v".into(),
-                incarnation: 0,
+                shard: 0,
+                store_name: "v".into(),
                 filter,
                 batch_size: 2,
                 progress_interval: Duration::from_secs(3600),
                 commits,
-                tx,
+                out: tx,
                 recipient: Arc::new(Recipient {
                     principal: "p".into(),
                     purpose: String::new(),
@@ -1290,9 +1530,9 @@ mod tests {
                     }
                 }
                 let mut out = Vec::new();
-                while let Some(Ok(msg)) = rx.recv().await {
-                    if let Some(subscribe_response::Kind::Batch(batch)) = msg.kind {
-                        out.extend(batch.changes);
+                while let Some(ShardOut { out: msg, .. }) = rx.recv().await {
+                    if let Out::Rows(changes) | Out::Changes { changes, .. } = msg {
+                        out.extend(changes);
                     }
                 }
                 out

@@ -38,9 +38,28 @@ pub fn file_stream(path: &std::path::Path) -> String {
 /// One view reading a topic.
 #[derive(Debug, Clone)]
 pub struct Route {
-    pub view: ViewId,
-    pub view_name: Arc<str>,
+    /// The view's shards (store view and its name), in shard order: the
+    /// records of partition `p` go to shard `p mod shards`
+    /// ([`ndc_operators::shard`]).
+    pub shards: Arc<[(ViewId, Arc<str>)]>,
     pub decoder: Decoder,
+}
+
+impl Route {
+    /// A route to a view of one shard.
+    pub fn one(view: ViewId, name: &str, decoder: Decoder) -> Route {
+        Route {
+            shards: Arc::new([(view, Arc::from(name))]),
+            decoder,
+        }
+    }
+
+    /// The store view that takes partition `p`'s records, and its name.
+    pub fn shard(&self, p: i32) -> (ViewId, &Arc<str>) {
+        let n = u32::try_from(self.shards.len()).unwrap_or(1);
+        let (id, name) = &self.shards[ndc_operators::shard::of_partition(p, n) as usize];
+        (*id, name)
+    }
 }
 
 /// Epoch under which this node holds each (topic, partition), in cluster mode.
@@ -200,7 +219,7 @@ impl KafkaSource {
                             let decoded = route.decoder.decode(topic, m.key(), m.payload());
                             let keep_raw = decoded.is_err();
                             let input = Input {
-                                view: route.view,
+                                view: route.shard(partition).0,
                                 pos: Position { stream: stream.clone(), offset },
                                 decoded,
                                 topic: Some(topic_arc.clone()),
@@ -274,11 +293,11 @@ impl Assigner {
             .iter()
             .map(|r| {
                 committed
-                    .get(&(r.view, stream.clone()))
+                    .get(&(r.shard(p).0, stream.clone()))
                     .copied()
                     .or_else(|| {
                         self.start_offsets
-                            .get(&(r.view, stream.to_string()))
+                            .get(&(r.shard(p).0, stream.to_string()))
                             .copied()
                     })
             })
@@ -306,7 +325,7 @@ impl Assigner {
         let stream: Arc<str> = kafka_stream(topic, p).into();
         self.routes.get(topic).and_then(|rs| {
             rs.iter()
-                .filter_map(|r| committed.get(&(r.view, stream.clone())).copied())
+                .filter_map(|r| committed.get(&(r.shard(p).0, stream.clone())).copied())
                 .min()
         })
     }
@@ -404,7 +423,7 @@ impl Assigner {
                 .iter()
                 .filter_map(|r| {
                     committed
-                        .get(&(r.view, Arc::from(stream.as_str())))
+                        .get(&(r.shard(*p).0, Arc::from(stream.as_str())))
                         .copied()
                 })
                 .min();
@@ -460,8 +479,8 @@ async fn follow_assignments(
                 .cluster
                 .owned_by(coordinator.node_id());
             for (topic, routes) in &assigner.routes {
-                for route in routes {
-                    let prefix = format!("{}/{}/", route.view_name, topic);
+                for (_, name) in routes.iter().flat_map(|r| r.shards.iter()) {
+                    let prefix = format!("{name}/{topic}/");
                     for (pid, epoch) in &owned {
                         if let Some(p) = pid
                             .strip_prefix(&prefix)
@@ -530,8 +549,9 @@ async fn follow_assignments(
                 .map(Vec::as_slice)
                 .unwrap_or(&[])
             {
-                let pid = crate::cluster::partition_id(&route.view_name, &topic, p);
-                if let Err(e) = log.fence(route.view, &pid, epoch, &shutdown).await {
+                let (view, name) = route.shard(p);
+                let pid = crate::cluster::partition_id(name, &topic, p);
+                if let Err(e) = log.fence(view, &pid, epoch, &shutdown).await {
                     warn!(partition = %pid, error = %e, "cannot fence the partition yet; will retry");
                     ok = false;
                     break;
@@ -611,9 +631,9 @@ async fn follow_assignments(
                         .unwrap_or(&[])
                         .iter()
                         .map(|r| HeldPartition {
-                            partition: format!("{}/{}/{}", r.view_name, topic, p),
+                            partition: crate::cluster::partition_id(r.shard(p).1, &topic, p),
                             epoch,
-                            next_offset: offsets.get(&(r.view, stream.clone())).copied(),
+                            next_offset: offsets.get(&(r.shard(p).0, stream.clone())).copied(),
                             high_watermark: high,
                         })
                         .collect::<Vec<_>>()

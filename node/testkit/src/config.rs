@@ -44,6 +44,7 @@ pub fn node_config(
             })],
             columns: Default::default(),
             national_id: keys.contains(&"person_id").then(|| "person_id".to_string()),
+            shards: 1,
         })
         .collect();
     c

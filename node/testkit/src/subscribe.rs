@@ -104,19 +104,25 @@ pub fn follow(addr: String, view: &str) -> (Seen, tokio::task::JoinHandle<anyhow
     (seen, task)
 }
 
-/// The highest sequence number among `lines` (0 when none has one): where
-/// a subscriber is in the view's change stream.
+/// Where a subscriber is in the view's change streams: the sum over shards
+/// of the highest sequence it saw in each (0 when none) — what `ListViews`
+/// says the view committed (`committed_seq`) once it has caught up.
 pub fn last_seq(lines: &[Value]) -> u64 {
-    lines
-        .iter()
-        .filter_map(|l| l.get("seq").and_then(Value::as_u64))
-        .max()
-        .unwrap_or(0)
+    let mut top: BTreeMap<u64, u64> = BTreeMap::new();
+    for l in lines {
+        if let Some(seq) = l.get("seq").and_then(Value::as_u64) {
+            let shard = l.get("shard").and_then(Value::as_u64).unwrap_or(0);
+            let t = top.entry(shard).or_default();
+            *t = (*t).max(seq);
+        }
+    }
+    top.values().sum()
 }
 
 /// The sequence numbers a subscriber saw after its first completed snapshot,
-/// checked to be each delivered once, with no gap, in order, continuing
-/// from the snapshot's token.
+/// checked, shard by shard, to be each delivered once, with no gap, in
+/// order, continuing from the snapshot token's position in that shard.
+/// Returns them in arrival order.
 pub fn seqs_after_snapshot(lines: &[Value]) -> Vec<u64> {
     // The subscriber may have started before the first record: its snapshot
     // can be empty or partial, then the change stream continues from it.
@@ -125,17 +131,39 @@ pub fn seqs_after_snapshot(lines: &[Value]) -> Vec<u64> {
         .position(|l| l.get("snapshot_complete").is_some())
         .expect("snapshot completed");
     let first_token = lines[snapshot_end]["resume_token"].as_str().unwrap();
-    let first_seq = ndc_node::security::token::peek(first_token).unwrap().1.seq;
-    let seqs: Vec<u64> = lines[snapshot_end + 1..]
+    let start = ndc_node::security::token::peek(first_token)
+        .unwrap()
+        .1
+        .shards;
+    let mut per_shard: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    let mut all = Vec::new();
+    for l in lines[snapshot_end + 1..]
         .iter()
         .filter(|l| l.get("op").is_some())
-        .map(|l| l["seq"].as_u64().unwrap())
-        .collect();
-    let distinct: BTreeSet<u64> = seqs.iter().copied().collect();
-    assert_eq!(distinct.len(), seqs.len(), "a change was delivered twice");
-    let want: Vec<u64> = (first_seq + 1..=first_seq + seqs.len() as u64).collect();
-    assert_eq!(seqs, want, "gap or reordering in the change stream");
-    seqs
+    {
+        let seq = l["seq"].as_u64().unwrap();
+        let shard = l.get("shard").and_then(Value::as_u64).unwrap_or(0);
+        per_shard.entry(shard).or_default().push(seq);
+        all.push(seq);
+    }
+    for (shard, seqs) in per_shard {
+        let first = start
+            .get(shard as usize)
+            .expect("a shard the token names")
+            .seq;
+        let distinct: BTreeSet<u64> = seqs.iter().copied().collect();
+        assert_eq!(
+            distinct.len(),
+            seqs.len(),
+            "a change of shard {shard} was delivered twice"
+        );
+        let want: Vec<u64> = (first + 1..=first + seqs.len() as u64).collect();
+        assert_eq!(
+            seqs, want,
+            "gap or reordering in the change stream of shard {shard}"
+        );
+    }
+    all
 }
 
 /// The view's committed sequence and live rows, per ListViews (plaintext).
