@@ -858,6 +858,46 @@ pub async fn broker_phase(
     })
 }
 
+/// One node's throughput with a pool of `writers` state writers: a view of
+/// `shards` shards (the topic's partitions spread over them), from the node
+/// process's start on a topic filled beforehand to its last commit. Run
+/// with 1 and with 2 writers, alternating, for item 6 of issue 21 (all
+/// cores of a node used): the ratio tells what the second writer adds.
+pub async fn writers_phase(
+    work: &Path,
+    broker: &Broker,
+    topic: &str,
+    w: Workload,
+    shards: u32,
+    writers: usize,
+    label: &str,
+) -> anyhow::Result<Report> {
+    let mut c = kafka_config(work, broker, topic);
+    c.views[0].shards = shards;
+    c.pipeline.writers = writers;
+    let started = Instant::now();
+    let node = NodeProcess::start(&c, work)?;
+    let (_, done) = node
+        .wait_committed(w.events, Duration::from_secs(3600))
+        .await?;
+    let seconds = done.duration_since(started).as_secs_f64();
+    let cpu = node.cpu_seconds().unwrap_or(0.0);
+    Ok(Report {
+        phase: format!("writers-{label}"),
+        events: w.events,
+        keys: w.keys,
+        seconds,
+        events_per_second: w.events as f64 / seconds,
+        mean_event_bytes: 0,
+        node_peak_rss_bytes: node.peak_rss(),
+        latency_ms: None,
+        note: format!(
+            "{writers} writer(s), {shards} shards; node start to last commit, topic filled \
+             beforehand; node CPU {cpu:.1} s"
+        ),
+    })
+}
+
 /// One node's share of a capacity run.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct NodeShare {

@@ -20,7 +20,9 @@ struct Args {
     /// it can: not in the default set), broker, latency (through the broker), latency-file (from a
     /// followed file: the node's own latency), golden, cluster (not in the
     /// default set: three nodes on one machine), capacity (not in the
-    /// default set: 1, 2 and 4 node processes each capped to the same CPU).
+    /// default set: 1, 2 and 4 node processes each capped to the same CPU),
+    /// writers (not in the default set: one node with 1, then 2 state
+    /// writers over a view in 4 shards).
     #[arg(
         long,
         value_delimiter = ',',
@@ -42,7 +44,8 @@ struct Args {
     /// CPU cap of each node process in the capacity phase, in cores.
     #[arg(long, default_value_t = 0.5)]
     capacity_cores: f64,
-    /// Rounds of the capacity phase (node counts alternate within a round).
+    /// Rounds of the capacity and writers phases (node or writer counts
+    /// alternate within a round).
     #[arg(long, default_value_t = 2)]
     rounds: u64,
     /// Working directory (default: a temporary one, removed afterwards).
@@ -154,6 +157,47 @@ async fn main() -> anyhow::Result<()> {
                 let mean = r.iter().sum::<f64>() / r.len() as f64;
                 println!(
                     "capacity: {nodes} node(s) {mean:.0} events/s = {:.2} x one node",
+                    mean / one
+                );
+            }
+        }
+    }
+    if args.phases.iter().any(|p| p == "writers") {
+        // One node, a view in 4 shards over 4 partitions, 1 then 2 state
+        // writers, alternating within each round.
+        let broker = start_broker()?;
+        broker.try_create_topic(TOPIC, 4).await?;
+        ndc_loadtest::produce_phase(&broker, TOPIC, w)
+            .await?
+            .print();
+        let mut rates: std::collections::BTreeMap<usize, Vec<f64>> = Default::default();
+        for round in 0..args.rounds {
+            for writers in [1usize, 2] {
+                let report = ndc_loadtest::writers_phase(
+                    &fresh(&format!("writers-{writers}"))?,
+                    &broker,
+                    TOPIC,
+                    w,
+                    4,
+                    writers,
+                    &format!("r{round}w{writers}"),
+                )
+                .await?;
+                report.print();
+                rates
+                    .entry(writers)
+                    .or_default()
+                    .push(report.events_per_second);
+            }
+        }
+        if let Some(one) = rates
+            .get(&1)
+            .map(|r| r.iter().sum::<f64>() / r.len() as f64)
+        {
+            for (writers, r) in &rates {
+                let mean = r.iter().sum::<f64>() / r.len() as f64;
+                println!(
+                    "writers: {writers} writer(s) {mean:.0} events/s = {:.2} x one writer",
                     mean / one
                 );
             }

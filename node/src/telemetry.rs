@@ -76,6 +76,8 @@ pub mod metric {
     pub const STATE_WRITE_SECONDS: &str = "ndc_state_write_duration_seconds";
     /// Records per committed batch.
     pub const BATCH_RECORDS: &str = "ndc_commit_batch_records";
+    /// Transactions committed by each state writer of the pool (`writer`).
+    pub const WRITER_COMMITS: &str = "ndc_writer_commits_total";
     /// Last committed sequence of a view's change stream, by `view`.
     pub const VIEW_SEQ: &str = "ndc_view_committed_seq";
     /// Live rows in a view, by `view`.

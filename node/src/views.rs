@@ -5,9 +5,9 @@
 
 use ndc_operators::ViewId;
 use ndc_proto::v1::Change;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 /// Commit watchers of the views the writer writes (shared with the
 /// subscription registry, which outlives a writer).
@@ -31,6 +31,65 @@ impl Committed {
     pub fn next_after(&self, cursor: u64) -> Option<&Arc<[Change]>> {
         let latest = self.latest.as_ref()?;
         (latest.first()?.seq == cursor.checked_add(1)?).then_some(latest)
+    }
+}
+
+/// What a state writer takes in, by the view it is for.
+pub trait ForView {
+    fn view(&self) -> ViewId;
+}
+
+/// The inputs of a pool of state writers: each view is written by one of
+/// them (see `writer::assign_writers`), and its records go to that writer's
+/// bounded channel — a full channel stops the sources feeding it.
+pub struct Inputs<T> {
+    /// View → index of its writer (views not listed: the first).
+    by_view: Arc<HashMap<ViewId, usize>>,
+    txs: Vec<mpsc::Sender<T>>,
+}
+
+impl<T> Clone for Inputs<T> {
+    fn clone(&self) -> Self {
+        Inputs {
+            by_view: self.by_view.clone(),
+            txs: self.txs.clone(),
+        }
+    }
+}
+
+impl<T: ForView> Inputs<T> {
+    /// One channel of `capacity` per writer; returns the receivers in
+    /// writer order.
+    pub fn new(
+        by_view: Arc<HashMap<ViewId, usize>>,
+        writers: usize,
+        capacity: usize,
+    ) -> (Inputs<T>, Vec<mpsc::Receiver<T>>) {
+        let (txs, rxs) = (0..writers.max(1))
+            .map(|_| mpsc::channel(capacity.max(1)))
+            .unzip();
+        (Inputs { by_view, txs }, rxs)
+    }
+
+    fn to(&self, view: ViewId) -> &mpsc::Sender<T> {
+        let i = self.by_view.get(&view).copied().unwrap_or(0);
+        &self.txs[i.min(self.txs.len() - 1)]
+    }
+
+    /// Waits for room in the writer's channel; fails once that writer has
+    /// stopped.
+    pub async fn send(&self, item: T) -> Result<(), mpsc::error::SendError<T>> {
+        self.to(item.view()).send(item).await
+    }
+
+    /// [`Inputs::send`] from a thread outside the runtime (file sources).
+    pub fn blocking_send(&self, item: T) -> Result<(), mpsc::error::SendError<T>> {
+        self.to(item.view()).blocking_send(item)
+    }
+
+    /// Whether every writer has stopped.
+    pub fn is_closed(&self) -> bool {
+        self.txs.iter().all(mpsc::Sender::is_closed)
     }
 }
 

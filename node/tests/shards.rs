@@ -3,7 +3,8 @@
 //! partitions `p mod 3` names, with its own change stream and sequence
 //! numbers; a subscriber fans in every shard, gets a resume token that is a
 //! vector of per-shard positions, and resumes by it — across a kill -9 too —
-//! with no gap and no duplicate in any shard. A token of the release before
+//! with no gap and no duplicate in any shard; two state writers share the
+//! shards. A token of the release before
 //! shards is refused with a clear message, and a node whose view's shard
 //! count changed refuses to start rather than misread its state.
 
@@ -66,6 +67,8 @@ async fn a_sharded_view_is_fanned_in_and_resumed_by_a_vector_token() {
     );
     config.views[0].shards = SHARDS;
     config.pipeline.max_batch_records = 100;
+    // Two state writers: shards 0 and 2 on the first, 1 on the second.
+    config.pipeline.writers = 2;
     let mut node = NodeProcess::start_new(bin(), config.clone(), dir.path(), "node").unwrap();
     node.wait_ready(Duration::from_secs(60)).await.unwrap();
     let grpc = node.grpc();
@@ -146,6 +149,20 @@ async fn a_sharded_view_is_fanned_in_and_resumed_by_a_vector_token() {
     );
     assert_eq!(info.committed_seqs.iter().sum::<u64>(), info.committed_seq);
     assert_eq!(info.live_rows, expected.len() as u64);
+
+    // Both writers of the pool committed their shards (counted since the
+    // restart).
+    let metrics = metrics_text(node.http()).await;
+    for writer in ["0", "1"] {
+        let commits = metric_value(&metrics, |l| {
+            l.starts_with("ndc_writer_commits_total{")
+                && l.contains(&format!("writer=\"{writer}\""))
+        });
+        assert!(
+            commits.is_some_and(|n| n > 0.0),
+            "writer {writer}: {commits:?}"
+        );
+    }
 
     // Resuming from any change's token (a vector of per-shard positions)
     // continues exactly after it: the same changes, shard by shard, as the

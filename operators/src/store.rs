@@ -536,7 +536,8 @@ impl StoreReader {
 /// The most a new batch reserves up front, whatever the last one took.
 const MAX_BATCH_RESERVE: usize = 32 << 20;
 
-/// Write side of the store. Exactly one per database.
+/// Write side of the store: one per database, or one per set of views
+/// after [`Store::split_off`] (a pool of writers).
 pub struct Store {
     reader: StoreReader,
     metas: InternalMap<ViewId, ViewMeta>,
@@ -772,6 +773,72 @@ impl Store {
         self.metas.remove(&id);
         self.offsets.retain(|(v, _), _| *v != id);
         Ok(())
+    }
+
+    /// Splits off a write side for `views`: a second writer over the same
+    /// database, that commits those views (and only those) while this one
+    /// commits the rest. Views' state never spans two handles: each view's
+    /// metadata, offsets and change stream are written by the handle that
+    /// holds it, so two handles commit without coordinating (RocksDB groups
+    /// their WAL writes). Views not held here are ignored.
+    pub fn split_off(&mut self, views: &[ViewId]) -> Store {
+        let mut write_opts = WriteOptions::default();
+        write_opts.set_sync(self.sync);
+        let mut other = Store {
+            reader: self.reader.clone(),
+            metas: InternalMap::default(),
+            names: HashMap::new(),
+            offsets: InternalMap::default(),
+            write_opts,
+            sync: self.sync,
+            last_batch_bytes: 0,
+            row_truncates: Default::default(),
+            prefix_scanned: Default::default(),
+            _cache: self._cache.clone(),
+            _write_buffers: self._write_buffers.clone(),
+        };
+        for &view in views {
+            let (Some(meta), Some(name)) = (self.metas.remove(&view), self.names.remove(&view))
+            else {
+                continue;
+            };
+            other.metas.insert(view, meta);
+            other.names.insert(view, name);
+            if self.row_truncates.remove(&view) {
+                other.row_truncates.insert(view);
+            }
+            if self.prefix_scanned.remove(&view) {
+                other.prefix_scanned.insert(view);
+            }
+        }
+        let moved: Vec<(ViewId, Arc<str>)> = self
+            .offsets
+            .keys()
+            .filter(|(v, _)| other.names.contains_key(v))
+            .cloned()
+            .collect();
+        for key in moved {
+            if let Some(o) = self.offsets.remove(&key) {
+                other.offsets.insert(key, o);
+            }
+        }
+        other
+    }
+
+    /// Takes back the views of a handle [`Store::split_off`] gave out.
+    pub fn join(&mut self, other: Store) {
+        self.metas.extend(other.metas);
+        self.names.extend(other.names);
+        self.offsets.extend(other.offsets);
+        self.row_truncates.extend(other.row_truncates);
+        self.prefix_scanned.extend(other.prefix_scanned);
+    }
+
+    /// The views this handle writes.
+    pub fn held_views(&self) -> Vec<ViewId> {
+        let mut v: Vec<ViewId> = self.names.keys().copied().collect();
+        v.sort();
+        v
     }
 
     /// Emits a truncate of `view` as one delete per removed row (with its

@@ -26,7 +26,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -207,7 +207,7 @@ pub async fn run_log_source(
     kafka: KafkaSection,
     log: Arc<ClusterLog>,
     start: BTreeMap<ViewId, Option<u64>>,
-    tx: mpsc::Sender<LogInput>,
+    tx: crate::views::Inputs<LogInput>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let consumer: StreamConsumer = crate::kafka::consumer_config(

@@ -485,8 +485,32 @@ pub struct PipelineSection {
     pub max_batch_delay: Duration,
     /// Records (key + value) above this go to the dead-letter sink.
     pub max_record_bytes: ByteSize,
-    /// Decoded records buffered between sources and the state writer.
+    /// Decoded records buffered between sources and the state writers
+    /// (shared out among them).
     pub channel_capacity: usize,
+    /// State writers, each applying and committing its share of the views'
+    /// shards on a thread of its own; 0: one per core.
+    pub writers: usize,
+}
+
+/// Most state writers a node runs.
+pub const MAX_WRITERS: usize = 64;
+
+impl PipelineSection {
+    /// The number of state writers to run: `writers`, or one per core.
+    pub fn writer_count(&self) -> usize {
+        match self.writers {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        }
+        .clamp(1, MAX_WRITERS)
+    }
+
+    /// Each writer's channel: an equal share of `channel_capacity`, but
+    /// room for at least one full batch.
+    pub fn channel_per_writer(&self) -> usize {
+        (self.channel_capacity / self.writer_count()).max(self.max_batch_records)
+    }
 }
 
 impl Default for PipelineSection {
@@ -500,6 +524,7 @@ impl Default for PipelineSection {
             max_batch_delay: Duration::ZERO,
             max_record_bytes: ByteSize(1 << 20),
             channel_capacity: 20_000,
+            writers: 0,
         }
     }
 }
@@ -916,6 +941,12 @@ impl NodeConfig {
         }
         if self.pipeline.max_batch_records == 0 {
             bad("pipeline.max_batch_records".into(), "must be at least 1");
+        }
+        if self.pipeline.writers > MAX_WRITERS {
+            bad(
+                "pipeline.writers".into(),
+                &format!("must be at most {MAX_WRITERS} (0: one per core)"),
+            );
         }
         if self.pipeline.channel_capacity == 0 {
             bad("pipeline.channel_capacity".into(), "must be at least 1");

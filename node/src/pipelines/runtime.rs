@@ -26,7 +26,7 @@ use ndc_operators::merge::{JoinRule, MergeViews, Merger};
 use ndc_operators::{Decoder, DecoderConfig, Format, NationalIdCheck, Store, StoreReader, ViewId};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
@@ -60,7 +60,14 @@ pub enum ApplyError {
 struct DataPath {
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
-    writer: JoinHandle<Writer>,
+    /// The pool of state writers, in writer order.
+    writers: Vec<JoinHandle<Writer>>,
+}
+
+/// How many state writers run, and which writes each view.
+struct WriterPool {
+    writers: usize,
+    by_view: Arc<HashMap<ViewId, usize>>,
 }
 
 /// A node's data path and its pipeline specs.
@@ -227,12 +234,13 @@ impl Runtime {
     pub async fn start(&mut self) -> anyhow::Result<()> {
         let repartition_ready = self.create_repartition_topics().await;
         let shutdown = CancellationToken::new();
+        let pool = self.writer_pool()?;
         let logs = match self.cluster.is_some() {
-            true => Some(self.open_logs(&shutdown).await?),
+            true => Some(self.open_logs(&shutdown, &pool).await?),
             false => None,
         };
         let store = self.store.take().context("data path already running")?;
-        match build(self, store, logs, shutdown, repartition_ready) {
+        match build(self, store, logs, shutdown, repartition_ready, pool) {
             Ok(path) => {
                 self.running = Some(path);
                 Ok(())
@@ -242,6 +250,28 @@ impl Runtime {
                 Err(e)
             }
         }
+    }
+
+    /// Which writer of the pool writes each view: configured views' shards
+    /// spread over the writers, everything else on the first.
+    fn writer_pool(&self) -> anyhow::Result<WriterPool> {
+        let store = self.store.as_ref().context("data path already running")?;
+        let replicas: Vec<Vec<ViewId>> = self
+            .config
+            .views
+            .iter()
+            .map(|v| {
+                v.store_names()
+                    .iter()
+                    .filter_map(|n| store.view_id(n))
+                    .collect()
+            })
+            .collect();
+        let writers = self.config.pipeline.writer_count();
+        Ok(WriterPool {
+            writers,
+            by_view: Arc::new(crate::writer::assign_writers(&replicas, writers)),
+        })
     }
 
     /// Creates the pipelines' repartition topics before the sources look
@@ -303,12 +333,25 @@ impl Runtime {
                 error!(error = %e, "a data-path task panicked");
             }
         }
-        match path.writer.await {
-            // A failed writer's store may be ahead of its disk: it is not
-            // run again (the node is stopping; a restart reopens it).
-            Ok(writer) if writer.failed => {}
-            Ok(writer) => self.store = Some(writer.store),
-            Err(e) => self.fatal.raise(format!("the state writer panicked: {e}")),
+        let mut store: Option<Store> = None;
+        let mut usable = true;
+        for handle in path.writers {
+            match handle.await {
+                // A failed writer's store may be ahead of its disk: it is
+                // not run again (the node is stopping; a restart reopens it).
+                Ok(writer) if writer.failed => usable = false,
+                Ok(writer) => match store.as_mut() {
+                    None => store = Some(writer.store),
+                    Some(s) => s.join(writer.store),
+                },
+                Err(e) => {
+                    usable = false;
+                    self.fatal.raise(format!("the state writer panicked: {e}"));
+                }
+            }
+        }
+        if usable {
+            self.store = store;
         }
     }
 
@@ -448,7 +491,8 @@ impl Runtime {
     async fn open_logs(
         &mut self,
         shutdown: &CancellationToken,
-    ) -> anyhow::Result<(ClusterWriter, Vec<JoinHandle<()>>)> {
+        pool: &WriterPool,
+    ) -> anyhow::Result<(Vec<ClusterWriter>, Vec<JoinHandle<()>>)> {
         let (Some(side), Some(section), Some(kafka)) =
             (&self.cluster, &self.config.cluster, &self.config.kafka)
         else {
@@ -529,7 +573,7 @@ impl Runtime {
             applied: applied_rx,
             revoked: Default::default(),
         });
-        let (log_tx, log_rx) = mpsc::channel(1024);
+        let (log_tx, log_rxs) = crate::views::Inputs::new(pool.by_view.clone(), pool.writers, 1024);
         let task = tokio::spawn(
             {
                 let kafka = kafka.clone();
@@ -545,14 +589,25 @@ impl Runtime {
             }
             .instrument(info_span!("log_source")),
         );
-        let writer = ClusterWriter {
-            coordinator: side.coordinator.clone(),
-            log,
-            log_rx: Some(log_rx),
-            applied: applied_tx,
-            pending: Default::default(),
-        };
-        Ok((writer, vec![task]))
+        // Each writer applies the logs of its views and says how far.
+        let mut applied: Vec<BTreeMap<ViewId, watch::Sender<u64>>> =
+            (0..pool.writers).map(|_| BTreeMap::new()).collect();
+        for (view, tx) in applied_tx {
+            let w = pool.by_view.get(&view).copied().unwrap_or(0);
+            applied[w].insert(view, tx);
+        }
+        let writers = log_rxs
+            .into_iter()
+            .zip(applied)
+            .map(|(log_rx, applied)| ClusterWriter {
+                coordinator: side.coordinator.clone(),
+                log: log.clone(),
+                log_rx: Some(log_rx),
+                applied,
+                pending: Default::default(),
+            })
+            .collect();
+        Ok((writers, vec![task]))
     }
 
     /// Cluster mode: whether this node runs exactly the replicated specs.
@@ -1076,9 +1131,10 @@ fn national_id_check(spec: &PipelineSpec, source: &str) -> Option<NationalIdChec
 fn build(
     runtime: &Runtime,
     store: Store,
-    cluster: Option<(ClusterWriter, Vec<JoinHandle<()>>)>,
+    cluster: Option<(Vec<ClusterWriter>, Vec<JoinHandle<()>>)>,
     shutdown: CancellationToken,
     repartition_ready: bool,
+    pool: WriterPool,
 ) -> Result<DataPath, (Store, anyhow::Error)> {
     let Runtime {
         config,
@@ -1089,7 +1145,11 @@ fn build(
         ..
     } = runtime;
     let generations = runtime.cluster.as_ref().map(|c| &c.generations);
-    let (tx, rx) = mpsc::channel(config.pipeline.channel_capacity);
+    let (tx, rxs) = crate::views::Inputs::new(
+        pool.by_view.clone(),
+        pool.writers,
+        config.pipeline.channel_per_writer(),
+    );
     let decoder = |format, key_columns: &[String], national_id| {
         Decoder::new(DecoderConfig {
             format,
@@ -1243,10 +1303,14 @@ fn build(
             path: config.dead_letter_file(),
         },
     };
-    let (cluster_writer, cluster_tasks) = match cluster {
+    let (cluster_writers, cluster_tasks) = match cluster {
         Some((w, t)) => (Some(w), t),
         None => (None, Vec::new()),
     };
+    let cluster_side = cluster_writers
+        .as_ref()
+        .and_then(|w| w.first())
+        .map(|w| (w.coordinator.clone(), w.log.clone()));
     if routes.is_empty() {
         readiness.set(true);
     } else if let Some(k) = &config.kafka {
@@ -1283,9 +1347,7 @@ fn build(
             committed: committed.clone(),
             readiness: readiness.clone(),
             shutdown: shutdown.clone(),
-            cluster: cluster_writer
-                .as_ref()
-                .map(|w| (w.coordinator.clone(), w.log.clone())),
+            cluster: cluster_side.clone(),
         };
         tasks.push(tokio::spawn(
             async move {
@@ -1321,7 +1383,7 @@ fn build(
                 reader: store.reader(),
                 producer,
                 shutdown: shutdown.clone(),
-                active_if_leader: cluster_writer.as_ref().map(|w| w.coordinator.clone()),
+                active_if_leader: cluster_side.as_ref().map(|(c, _)| c.clone()),
             };
             tasks.push(tokio::spawn(
                 f.run()
@@ -1331,27 +1393,52 @@ fn build(
     }
     drop(tx);
     tasks.extend(cluster_tasks);
-    let writer = Writer {
-        store,
-        rx,
-        dead_letters,
-        commits: views.publishers(),
-        committed_offsets: committed.clone(),
-        pipeline: config.pipeline.clone(),
-        changelog: config.changelog.clone(),
-        mergers: Mergers::new(mergers),
-        cluster: cluster_writer,
-        inflight: None,
-        unwritten: Default::default(),
-        batches: 0,
-        spare_batch: Vec::new(),
-        fatal: runtime.fatal.clone(),
-        failed: false,
-    };
-    let writer = writer.spawn(info_span!("state_writer"));
+    // The pool: the first writer keeps the store handle and every view not
+    // given to another; each other writer splits off its own views.
+    let mut store = store;
+    let mut stores: Vec<Store> = (1..pool.writers)
+        .map(|w| {
+            let mine: Vec<ViewId> = pool
+                .by_view
+                .iter()
+                .filter(|(_, i)| **i == w)
+                .map(|(v, _)| *v)
+                .collect();
+            store.split_off(&mine)
+        })
+        .collect();
+    stores.insert(0, store);
+    let mut cluster_writers = cluster_writers.map(Vec::into_iter);
+    let mergers = Mergers::new(mergers);
+    let writers = stores
+        .into_iter()
+        .zip(rxs)
+        .enumerate()
+        .map(|(i, (store, rx))| {
+            Writer {
+                index: i,
+                store,
+                rx,
+                dead_letters: dead_letters.clone(),
+                commits: views.publishers(),
+                committed_offsets: committed.clone(),
+                pipeline: config.pipeline.clone(),
+                changelog: config.changelog.clone(),
+                mergers: mergers.clone(),
+                cluster: cluster_writers.as_mut().and_then(Iterator::next),
+                inflight: None,
+                unwritten: Default::default(),
+                batches: 0,
+                spare_batch: Vec::new(),
+                fatal: runtime.fatal.clone(),
+                failed: false,
+            }
+            .spawn(info_span!("state_writer", writer = i))
+        })
+        .collect();
     Ok(DataPath {
         shutdown,
         tasks,
-        writer,
+        writers,
     })
 }

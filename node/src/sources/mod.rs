@@ -9,7 +9,7 @@
 use crate::config::{KafkaSection, StartFrom};
 use crate::kafka::{broker_error_kind, consumer_config, resume_offset};
 use crate::telemetry::{Readiness, metric};
-use crate::writer::{CommittedOffsets, Input};
+use crate::writer::{CommittedOffsets, Input, Inputs};
 use ndc_coordinator::Coordinator;
 use ndc_operators::{Decoder, Position, ViewId};
 use ndc_proto::cluster::HeldPartition;
@@ -21,7 +21,6 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -122,7 +121,7 @@ pub struct KafkaSource {
     pub routes: BTreeMap<String, Vec<Route>>,
     /// Stored next offsets, by (view, stream), when the node started.
     pub start_offsets: HashMap<(ViewId, String), u64>,
-    pub tx: mpsc::Sender<Input>,
+    pub tx: Inputs<Input>,
     pub committed: CommittedOffsets,
     pub readiness: Readiness,
     pub shutdown: CancellationToken,
@@ -672,7 +671,7 @@ pub struct FileSource {
     pub start_line: u64,
     /// Wait at the end of the file for more lines instead of finishing.
     pub follow: bool,
-    pub tx: mpsc::Sender<Input>,
+    pub tx: Inputs<Input>,
     pub shutdown: CancellationToken,
 }
 

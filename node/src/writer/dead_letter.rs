@@ -72,7 +72,9 @@ pub enum DeadLetterError {
     },
 }
 
-/// Where dead letters go.
+/// Where dead letters go (one per state writer: clones share the producer,
+/// or append whole lines to the same file).
+#[derive(Clone)]
 pub enum DeadLetterSink {
     Kafka {
         producer: FutureProducer,
@@ -239,6 +241,9 @@ impl DeadLetterSink {
                     .open(path)
                     .map_err(io)?;
                 let b64 = base64::engine::general_purpose::STANDARD;
+                // One write of whole lines: writers of a pool append to the
+                // same file, and an appended write is not interleaved.
+                let mut text = String::new();
                 for l in letters {
                     let line = serde_json::json!({
                         "reason": l.error.message,
@@ -249,8 +254,10 @@ impl DeadLetterSink {
                         "key_base64": l.key.as_ref().map(|k| b64.encode(k)),
                         "value_base64": l.value.as_ref().map(|v| b64.encode(v)),
                     });
-                    writeln!(file, "{line}").map_err(io)?;
+                    text.push_str(&line.to_string());
+                    text.push('\n');
                 }
+                file.write_all(text.as_bytes()).map_err(io)?;
                 file.sync_data().map_err(io)?;
                 Ok(())
             }

@@ -25,7 +25,8 @@ use crate::config::{ChangelogSection, PipelineSection};
 use crate::lifecycle::{Fatal, catch_panic};
 use crate::now_ms;
 use crate::telemetry::{metric, unix_seconds};
-use crate::views::{Commits, Committed};
+pub use crate::views::Inputs;
+use crate::views::{Commits, Committed, ForView};
 use crate::writer::dead_letter::{DeadLetter, DeadLetterSink};
 use ndc_operators::{
     DecodeError, Decoded, Outcome, Pending, Position, PreparedWrite, Replayed, Store, ViewId,
@@ -58,6 +59,37 @@ pub struct Input {
     pub raw_value: Option<Vec<u8>>,
 }
 
+impl ForView for Input {
+    fn view(&self) -> ViewId {
+        self.view
+    }
+}
+
+impl ForView for LogInput {
+    fn view(&self) -> ViewId {
+        self.view
+    }
+}
+
+/// Which writer of a pool of `writers` writes each view: the shards of
+/// every configured view (`replicas`, each a view's store views in shard
+/// order) spread over the writers, so that a view's shards are applied
+/// on as many cores as there are writers; every other view (pipeline
+/// views, whose merges write several views in one transaction) by the
+/// first writer.
+pub fn assign_writers(replicas: &[Vec<ViewId>], writers: usize) -> HashMap<ViewId, usize> {
+    let writers = writers.max(1);
+    let mut out = HashMap::new();
+    let mut next = 0usize;
+    for shards in replicas {
+        for &view in shards {
+            out.insert(view, next % writers);
+            next += 1;
+        }
+    }
+    out
+}
+
 /// Cluster mode of the state writer: decisions go to the change log, and
 /// the change log is what gets committed.
 pub struct ClusterWriter {
@@ -82,6 +114,8 @@ const MAX_LOG_RECORD_BYTES: usize = 512 << 10;
 pub type CommittedOffsets = Arc<Mutex<HashMap<(ViewId, Arc<str>), u64>>>;
 
 pub struct Writer {
+    /// Its place in the node's pool of writers (metrics, logs).
+    pub index: usize,
     pub store: Store,
     pub rx: mpsc::Receiver<Input>,
     pub dead_letters: DeadLetterSink,
@@ -452,8 +486,10 @@ impl Writer {
                 self.unwritten.absorb(effects, number);
                 // 4. Write, then publish as soon as it is durable.
                 let publisher = self.publisher();
+                let commits = self.commit_counter();
                 let task = tokio::task::spawn_blocking(move || {
                     write_durably(prepared)?;
+                    commits.increment(1);
                     publisher.publish(&publication);
                     metrics::histogram!(metric::COMMIT_SECONDS)
                         .record(started.elapsed().as_secs_f64());
@@ -486,6 +522,10 @@ impl Writer {
     /// changes to; without one they are not kept past the batch.
     fn has_followers(&self) -> bool {
         self.commits.values().any(|tx| tx.receiver_count() > 0)
+    }
+
+    fn commit_counter(&self) -> metrics::Counter {
+        metrics::counter!(metric::WRITER_COMMITS, "writer" => self.index.to_string())
     }
 
     fn publisher(&self) -> Publisher {
@@ -588,6 +628,7 @@ impl Writer {
             Err(e) => self.fail(e),
             Ok(Err(e)) => self.fail(format!("cannot commit to the state store: {e}")),
             Ok(Ok((info, counts, kept))) => {
+                self.commit_counter().increment(1);
                 for (outcome, n) in counts {
                     metrics::counter!(metric::LOG_RECORDS, "outcome" => outcome).increment(n);
                 }
@@ -932,14 +973,28 @@ mod tests {
         views.insert("v", view, 0, vec!["id".into()], Default::default(), None);
         let (tx, rx) = mpsc::channel(16);
         let fatal = Fatal::new(tokio_util::sync::CancellationToken::new());
-        let writer = Writer {
+        let writer = writer_over(0, store, rx, dir, &views, &fatal, Default::default());
+        (writer, tx, fatal, view)
+    }
+
+    fn writer_over(
+        index: usize,
+        store: Store,
+        rx: mpsc::Receiver<Input>,
+        dir: &std::path::Path,
+        views: &crate::views::ViewRegistry,
+        fatal: &Fatal,
+        committed_offsets: CommittedOffsets,
+    ) -> Writer {
+        Writer {
+            index,
             store,
             rx,
             dead_letters: DeadLetterSink::File {
                 path: dir.join("dead-letters.ndjson"),
             },
             commits: views.publishers(),
-            committed_offsets: Default::default(),
+            committed_offsets,
             pipeline: Default::default(),
             changelog: Default::default(),
             mergers: Default::default(),
@@ -950,8 +1005,77 @@ mod tests {
             spare_batch: Vec::new(),
             fatal: fatal.clone(),
             failed: false,
+        }
+    }
+
+    /// A pool of two writers over one store, each with the handle of its
+    /// own views (`Store::split_off`): records are routed to the writer of
+    /// their view, both commit at the same time, and what each committed —
+    /// rows, change streams, offsets, metadata — is all there once the
+    /// handles are joined, and after the store is opened again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pool_of_writers_commits_each_writers_views_side_by_side() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ndc_operators::StoreConfig::new(dir.path().join("state"));
+        config.sync_commits = true;
+        let names = ["a".to_string(), "b".to_string()];
+        let mut store = Store::open(&config, &names).unwrap();
+        let (a, b) = (store.view_id("a").unwrap(), store.view_id("b").unwrap());
+        let views = crate::views::ViewRegistry::default();
+        views.insert("a", a, 0, vec!["id".into()], Default::default(), None);
+        views.insert("b", b, 0, vec!["id".into()], Default::default(), None);
+        let by_view = Arc::new(assign_writers(&[vec![a, b]], 2));
+        assert_eq!((by_view[&a], by_view[&b]), (0, 1));
+        let second = store.split_off(&[b]);
+        assert_eq!(store.held_views(), vec![a]);
+        assert_eq!(second.held_views(), vec![b]);
+        let (inputs, rxs) = Inputs::<Input>::new(by_view, 2, 64);
+        let fatal = Fatal::new(tokio_util::sync::CancellationToken::new());
+        let committed = CommittedOffsets::default();
+        let mut running = Vec::new();
+        for (i, (store, rx)) in [store, second].into_iter().zip(rxs).enumerate() {
+            let w = writer_over(i, store, rx, dir.path(), &views, &fatal, committed.clone());
+            running.push(w.spawn(tracing::info_span!("test_writer", writer = i)));
+        }
+        let per_view = 500u64;
+        for n in 0..per_view {
+            inputs.send(insert(a, n, n)).await.unwrap();
+            inputs.send(insert(b, n, n)).await.unwrap();
+        }
+        drop(inputs);
+        let mut joined: Option<Store> = None;
+        let mut commits_by = Vec::new();
+        for r in running {
+            let w = tokio::time::timeout(Duration::from_secs(30), r)
+                .await
+                .expect("each writer stops once its channel is drained")
+                .unwrap();
+            assert!(!w.failed);
+            commits_by.push(w.batches);
+            match joined.as_mut() {
+                None => joined = Some(w.store),
+                Some(s) => s.join(w.store),
+            }
+        }
+        assert!(
+            commits_by.iter().all(|&n| n > 0),
+            "both writers committed: {commits_by:?}"
+        );
+        let check = |store: &Store| {
+            for view in [a, b] {
+                assert_eq!(store.meta(view).map(|m| m.last_seq), Some(per_view));
+                assert_eq!(store.meta(view).map(|m| m.live_rows), Some(per_view));
+                assert_eq!(store.next_offset(view, "file:test"), Some(per_view));
+            }
         };
-        (writer, tx, fatal, view)
+        let joined = joined.unwrap();
+        assert_eq!(joined.held_views(), vec![a, b]);
+        check(&joined);
+        drop(joined);
+        let reopened = Store::open(&config, &names).unwrap();
+        check(&reopened);
+        let changes = reopened.reader().changes_after("b", 0, 10_000).unwrap();
+        assert_eq!(changes.len() as u64, per_view);
     }
 
     fn insert(view: ViewId, offset: u64, id: u64) -> Input {
