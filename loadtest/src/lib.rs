@@ -839,14 +839,34 @@ pub async fn broker_phase(
     w: Workload,
 ) -> anyhow::Result<Report> {
     let c = kafka_config(work, broker, topic);
+    drain_phase(
+        work,
+        &c,
+        w,
+        "broker".into(),
+        "node process start to last commit, topic filled beforehand".into(),
+    )
+    .await
+}
+
+/// Starts a node on a topic filled beforehand and reports it from its start
+/// to its last commit (its CPU seconds added to `note`).
+async fn drain_phase(
+    work: &Path,
+    config: &NodeConfig,
+    w: Workload,
+    phase: String,
+    note: String,
+) -> anyhow::Result<Report> {
     let started = Instant::now();
-    let node = NodeProcess::start(&c, work)?;
+    let node = NodeProcess::start(config, work)?;
     let (_, done) = node
         .wait_committed(w.events, Duration::from_secs(3600))
         .await?;
     let seconds = done.duration_since(started).as_secs_f64();
+    let cpu = node.cpu_seconds().unwrap_or(0.0);
     Ok(Report {
-        phase: "broker".into(),
+        phase,
         events: w.events,
         keys: w.keys,
         seconds,
@@ -854,7 +874,7 @@ pub async fn broker_phase(
         mean_event_bytes: 0,
         node_peak_rss_bytes: node.peak_rss(),
         latency_ms: None,
-        note: "node process start to last commit, topic filled beforehand".into(),
+        note: format!("{note}; node CPU {cpu:.1} s"),
     })
 }
 
@@ -875,27 +895,16 @@ pub async fn writers_phase(
     let mut c = kafka_config(work, broker, topic);
     c.views[0].shards = shards;
     c.pipeline.writers = writers;
-    let started = Instant::now();
-    let node = NodeProcess::start(&c, work)?;
-    let (_, done) = node
-        .wait_committed(w.events, Duration::from_secs(3600))
-        .await?;
-    let seconds = done.duration_since(started).as_secs_f64();
-    let cpu = node.cpu_seconds().unwrap_or(0.0);
-    Ok(Report {
-        phase: format!("writers-{label}"),
-        events: w.events,
-        keys: w.keys,
-        seconds,
-        events_per_second: w.events as f64 / seconds,
-        mean_event_bytes: 0,
-        node_peak_rss_bytes: node.peak_rss(),
-        latency_ms: None,
-        note: format!(
-            "{writers} writer(s), {shards} shards; node start to last commit, topic filled \
-             beforehand; node CPU {cpu:.1} s"
+    drain_phase(
+        work,
+        &c,
+        w,
+        format!("writers-{label}"),
+        format!(
+            "{writers} writer(s), {shards} shards; node start to last commit, topic filled beforehand"
         ),
-    })
+    )
+    .await
 }
 
 /// One node's share of a capacity run.

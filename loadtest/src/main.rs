@@ -149,18 +149,7 @@ async fn main() -> anyhow::Result<()> {
                     .push(report.events_per_second);
             }
         }
-        if let Some(one) = rates
-            .get(&1)
-            .map(|r| r.iter().sum::<f64>() / r.len() as f64)
-        {
-            for (nodes, r) in &rates {
-                let mean = r.iter().sum::<f64>() / r.len() as f64;
-                println!(
-                    "capacity: {nodes} node(s) {mean:.0} events/s = {:.2} x one node",
-                    mean / one
-                );
-            }
-        }
+        print_ratios("capacity", "node(s)", &rates);
     }
     if args.phases.iter().any(|p| p == "writers") {
         // One node, a view in 4 shards over 4 partitions, 1 then 2 state
@@ -190,18 +179,7 @@ async fn main() -> anyhow::Result<()> {
                     .push(report.events_per_second);
             }
         }
-        if let Some(one) = rates
-            .get(&1)
-            .map(|r| r.iter().sum::<f64>() / r.len() as f64)
-        {
-            for (writers, r) in &rates {
-                let mean = r.iter().sum::<f64>() / r.len() as f64;
-                println!(
-                    "writers: {writers} writer(s) {mean:.0} events/s = {:.2} x one writer",
-                    mean / one
-                );
-            }
-        }
+        print_ratios("writers", "writer(s)", &rates);
     }
     if args.phases.iter().any(|p| p == "golden") {
         let broker = start_broker()?;
@@ -242,4 +220,24 @@ async fn main() -> anyhow::Result<()> {
         .print();
     }
     Ok(())
+}
+
+/// Prints each count's mean events/s and its ratio to the count of one
+/// (runs alternated in one sitting).
+fn print_ratios<K: std::fmt::Display + Ord + From<u8>>(
+    phase: &str,
+    unit: &str,
+    rates: &std::collections::BTreeMap<K, Vec<f64>>,
+) {
+    let mean = |r: &Vec<f64>| r.iter().sum::<f64>() / r.len() as f64;
+    let Some(one) = rates.get(&K::from(1)).map(mean) else {
+        return;
+    };
+    for (count, r) in rates {
+        println!(
+            "{phase}: {count} {unit} {:.0} events/s = {:.2} x one",
+            mean(r),
+            mean(r) / one
+        );
+    }
 }

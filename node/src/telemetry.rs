@@ -33,7 +33,8 @@ pub mod metric {
     pub const TLS_HANDSHAKE_FAILURES: &str = "ndc_tls_handshake_failures_total";
     /// Requests refused before any service saw them, by `reason`
     /// (`unauthenticated`: no or a bad certificate or token;
-    /// `permission_denied`: a role the caller lacks).
+    /// `permission_denied`: a role the caller lacks; `catching_up`: the
+    /// node has not caught up with the cluster's grants yet).
     pub const ACCESS_DENIED: &str = "ndc_access_denied_total";
     /// Re-reads of the `access.jwt` key files after they changed, by
     /// `outcome` (`reloaded`, `failed`: the previous keys stay in force).

@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const TOPIC: &str = "population.public.citizens";
-const PARTITIONS: i32 = 6;
+const PARTITIONS: i32 = 8;
 
 struct Cluster {
     _broker: Broker,
@@ -41,9 +41,8 @@ struct Cluster {
     edit: fn(&mut NodeConfig),
 }
 
-/// Shards of the replica scenarios' view: four over six partitions, so
-/// that shards hold different numbers of partitions.
-const SHARDS: u32 = 4;
+/// Shards of the replica scenarios' view: one per partition.
+const SHARDS: u32 = 8;
 
 /// Members of the replica scenarios: one configured view of `TOPIC`, in
 /// `SHARDS` shards (each with its own change log and sequence numbers).
@@ -359,51 +358,29 @@ fn start_load(
         .create()
         .unwrap();
     tokio::spawn(async move {
-        let mut feed = Feed::new(Table::Citizens, 1_767_225_600_000);
+        let mut feed = feed::Citizens::default();
         let mut rng = Rng::new(7);
-        let mut revision: BTreeMap<u64, u32> = BTreeMap::new();
         let mut sent = 0u64;
         while !stop.load(Ordering::Relaxed) {
             let i = rng.below(PEOPLE);
             let partition = (i % PARTITIONS as u64) as i32;
-            let key = json!({"person_id": national_id(i).to_string()}).to_string();
-            let send = |k: Vec<u8>, v: Option<Vec<u8>>| {
-                let producer = producer.clone();
-                async move {
-                    let mut r = FutureRecord::<[u8], [u8]>::to(TOPIC)
-                        .key(&k[..])
-                        .partition(partition);
-                    if let Some(v) = &v {
-                        r = r.payload(&v[..]);
-                    }
-                    producer.send(r, Duration::from_secs(10)).await.unwrap();
+            let change = feed.change(i, rng.below(100) < 10, true);
+            for e in &change.events {
+                let mut r = FutureRecord::<[u8], [u8]>::to(TOPIC)
+                    .key(&e.key[..])
+                    .partition(partition);
+                if let Some(v) = &e.value {
+                    r = r.payload(&v[..]);
                 }
-            };
-            if rng.below(100) < 10 && revision.contains_key(&i) {
-                let e = feed.event('d', i, revision[&i], None);
-                send(e.key.clone(), e.value.clone()).await;
-                send(e.key.clone(), None).await;
-                revision.remove(&i);
-                expected
-                    .lock()
-                    .unwrap()
-                    .entry(partition)
-                    .or_default()
-                    .remove(&key);
-            } else {
-                let (op, rev) = match revision.get(&i) {
-                    Some(r) => ('u', r + 1),
-                    None => ('c', 0),
+                producer.send(r, Duration::from_secs(10)).await.unwrap();
+            }
+            {
+                let mut expected = expected.lock().unwrap();
+                let rows = expected.entry(partition).or_default();
+                match change.row {
+                    Some(row) => rows.insert(change.key, row),
+                    None => rows.remove(&change.key),
                 };
-                let e = feed.event(op, i, rev, None);
-                send(e.key.clone(), e.value.clone()).await;
-                revision.insert(i, rev);
-                expected
-                    .lock()
-                    .unwrap()
-                    .entry(partition)
-                    .or_default()
-                    .insert(key, citizen_row(i, rev));
             }
             sent += 1;
             if sent.is_multiple_of(20) {

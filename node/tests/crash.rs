@@ -6,10 +6,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-use ndc_node::quickstart::synthetic::{Feed, Rng, Table, citizen_row, national_id};
+use ndc_node::quickstart::synthetic::{Rng, national_id};
 use ndc_testkit::*;
-use serde_json::{Value, json};
-use std::collections::{BTreeMap, BTreeSet};
+use serde_json::json;
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 const TOPIC: &str = "population.public.citizens";
@@ -45,11 +45,9 @@ async fn kill_9_at_any_point_loses_nothing_and_delivers_no_duplicate() {
 
     // The feed: inserts, updates, deletes with tombstones, some bad records.
     let producer = broker.producer();
-    let mut feed = Feed::new(Table::Citizens, 1_767_225_600_000);
+    let mut feed = feed::Citizens::default();
     let mut rng = Rng::new(42);
     let people = 300u64;
-    let mut revision: BTreeMap<u64, u32> = BTreeMap::new();
-    let mut expected: BTreeMap<String, Value> = BTreeMap::new();
     let mut bad_records = 0usize;
     // `./dev.sh soak` (NDC_SOAK=1): ten times the records and kills.
     let soak = std::env::var("NDC_SOAK").is_ok();
@@ -66,8 +64,8 @@ async fn kill_9_at_any_point_loses_nothing_and_delivers_no_duplicate() {
         }
         let i = rng.below(people);
         let roll = rng.below(100);
-        let key = json!({"person_id": national_id(i).to_string()}).to_string();
         if roll < 2 {
+            let key = json!({"person_id": national_id(i).to_string()}).to_string();
             publish(
                 &producer,
                 TOPIC,
@@ -76,21 +74,10 @@ async fn kill_9_at_any_point_loses_nothing_and_delivers_no_duplicate() {
             )
             .await;
             bad_records += 1;
-        } else if roll < 12 && revision.contains_key(&i) {
-            let e = feed.event('d', i, revision[&i], None);
-            publish(&producer, TOPIC, Some(&e.key), e.value.as_deref()).await;
-            publish(&producer, TOPIC, Some(&e.key), None).await;
-            revision.remove(&i);
-            expected.remove(&key);
         } else {
-            let (op, rev) = match revision.get(&i) {
-                Some(r) => ('u', r + 1),
-                None => ('c', 0),
-            };
-            let e = feed.event(op, i, rev, None);
-            publish(&producer, TOPIC, Some(&e.key), e.value.as_deref()).await;
-            revision.insert(i, rev);
-            expected.insert(key, citizen_row(i, rev));
+            for e in feed.change(i, roll < 12, true).events {
+                publish(&producer, TOPIC, Some(&e.key), e.value.as_deref()).await;
+            }
         }
         if n % 50 == 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -102,7 +89,7 @@ async fn kill_9_at_any_point_loses_nothing_and_delivers_no_duplicate() {
     let deadline = Instant::now() + Duration::from_secs(if soak { 600 } else { 90 });
     loop {
         let lines = seen.lock().unwrap().clone();
-        if fold(&lines) == expected {
+        if fold(&lines) == feed.expected {
             break;
         }
         assert!(
@@ -127,7 +114,7 @@ async fn kill_9_at_any_point_loses_nothing_and_delivers_no_duplicate() {
     let lines = seen.lock().unwrap().clone();
 
     seqs_after_snapshot(&lines);
-    assert_eq!(fold(&lines), expected);
+    assert_eq!(fold(&lines), feed.expected);
 
     // Every bad record reached the dead-letter topic (at least once).
     let letters = broker.read_all(DLQ, bad_records, Duration::from_secs(30));

@@ -131,8 +131,21 @@ async fn a_peer_speaks_only_for_the_node_its_certificate_names() {
         "{e}"
     );
     c.status(StatusRequest {}).await.unwrap();
-    let mut c = cluster(public, subscriber).await;
-    let e = code_and_message(c.status(StatusRequest {}).await);
+    let c = cluster(public, subscriber).await;
+    // Until the node has caught up with the cluster's grants it cannot tell
+    // a missing role from one it has not seen yet: UNAVAILABLE, retried.
+    let e = eventually_async(
+        "a definite answer once the node caught up with its grants",
+        std::time::Duration::from_secs(30),
+        || {
+            let mut c = c.clone();
+            async move {
+                let e = code_and_message(c.status(StatusRequest {}).await);
+                (!e.starts_with("Unavailable")).then_some(e)
+            }
+        },
+    )
+    .await;
     assert!(
         e.starts_with("PermissionDenied")
             && e.contains("subscriber")

@@ -12,13 +12,13 @@
 
 use base64::Engine;
 use ndc_node::client::From;
-use ndc_node::quickstart::synthetic::{Feed, Rng, Table, citizen_row, national_id};
+use ndc_node::quickstart::synthetic::Rng;
 use ndc_proto::v1::subscribe_request::Start;
 use ndc_proto::v1::subscription_client::SubscriptionClient;
 use ndc_proto::v1::{ListViewsRequest, ResumeToken, SubscribeRequest, ViewInfo};
 use ndc_testkit::*;
 use prost::Message as _;
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -80,12 +80,29 @@ async fn a_sharded_view_is_fanned_in_and_resumed_by_a_vector_token() {
     // Inserts, updates and deletes of 240 people, keyed: the producer puts
     // each person in one partition, hence in one shard.
     let producer = broker.producer();
-    let mut feed = Feed::new(Table::Citizens, 1_767_225_600_000);
+    let mut feed = feed::Citizens::default();
     let mut rng = Rng::new(7);
-    let mut revision: BTreeMap<u64, u32> = BTreeMap::new();
-    let mut expected: BTreeMap<String, Value> = BTreeMap::new();
     let total = 2400;
+    let mut late = None;
     for n in 0..total {
+        if n == total / 3 {
+            // A second subscriber, from a snapshot taken while changes flow
+            // (complete before the crash below, so that it is one snapshot).
+            let (late_seen, task) = follow(grpc.to_string(), "citizens");
+            eventually(
+                "the late subscriber's snapshot",
+                Duration::from_secs(30),
+                || {
+                    late_seen
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .any(|l| l.get("snapshot_complete").is_some())
+                },
+            )
+            .await;
+            late = Some((late_seen, task));
+        }
         if n == total / 2 {
             // A crash half-way: the subscriber resumes on the restarted
             // node with its vector token.
@@ -93,23 +110,11 @@ async fn a_sharded_view_is_fanned_in_and_resumed_by_a_vector_token() {
             node.start().unwrap();
         }
         let i = rng.below(240);
-        let key = json!({"person_id": national_id(i).to_string()}).to_string();
-        if rng.below(10) == 0 && revision.contains_key(&i) {
-            let e = feed.event('d', i, revision[&i], None);
+        for e in feed.change(i, rng.below(10) == 0, false).events {
             publish(&producer, TOPIC, Some(&e.key), e.value.as_deref()).await;
-            revision.remove(&i);
-            expected.remove(&key);
-        } else {
-            let (op, rev) = match revision.get(&i) {
-                Some(r) => ('u', r + 1),
-                None => ('c', 0),
-            };
-            let e = feed.event(op, i, rev, None);
-            publish(&producer, TOPIC, Some(&e.key), e.value.as_deref()).await;
-            revision.insert(i, rev);
-            expected.insert(key, citizen_row(i, rev));
         }
     }
+    let expected = feed.expected;
 
     // The subscriber reaches the view's last commit in every shard.
     eventually_async(
@@ -124,6 +129,37 @@ async fn a_sharded_view_is_fanned_in_and_resumed_by_a_vector_token() {
     .await;
     subscriber.abort();
     let lines = seen.lock().unwrap().clone();
+
+    // The late subscriber: every shard's rows first, then one token, then
+    // changes — none of any shard before the snapshot is complete — and
+    // the same view in the end, gapless in every shard.
+    let (late_seen, late_task) = late.expect("started");
+    eventually_async(
+        "the late subscriber at every shard's last commit",
+        Duration::from_secs(60),
+        || async {
+            let (committed, _) = view_state(grpc, "citizens").await?;
+            (last_seq(&late_seen.lock().unwrap()) == committed).then_some(())
+        },
+    )
+    .await;
+    late_task.abort();
+    let late_lines = late_seen.lock().unwrap().clone();
+    let complete = late_lines
+        .iter()
+        .position(|l| l.get("snapshot_complete").is_some())
+        .expect("the late snapshot completed");
+    assert!(
+        late_lines[..complete].iter().all(|l| l["op"] == "read"),
+        "only snapshot rows before the snapshot is complete"
+    );
+    assert!(
+        late_lines[..complete].len() > 10,
+        "the late snapshot held rows: {}",
+        complete
+    );
+    seqs_after_snapshot(&late_lines);
+    assert_eq!(fold(&late_lines), expected);
     // Gapless and duplicate-free in each shard, across the crash.
     let delivered = seqs_after_snapshot(&lines);
     assert!(delivered.len() >= total / 2, "{} changes", delivered.len());

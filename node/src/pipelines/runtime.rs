@@ -1409,18 +1409,28 @@ fn build(
         .collect();
     stores.insert(0, store);
     let mut cluster_writers = cluster_writers.map(Vec::into_iter);
+    let all_commits = views.publishers();
     let mergers = Mergers::new(mergers);
     let writers = stores
         .into_iter()
         .zip(rxs)
         .enumerate()
         .map(|(i, (store, rx))| {
+            // Each writer publishes the commits of its own views.
+            let held: std::collections::HashSet<ViewId> = store.held_views().into_iter().collect();
+            let commits = Arc::new(
+                all_commits
+                    .iter()
+                    .filter(|(v, _)| held.contains(v))
+                    .map(|(v, c)| (*v, c.clone()))
+                    .collect(),
+            );
             Writer {
                 index: i,
                 store,
                 rx,
                 dead_letters: dead_letters.clone(),
-                commits: views.publishers(),
+                commits,
                 committed_offsets: committed.clone(),
                 pipeline: config.pipeline.clone(),
                 changelog: config.changelog.clone(),

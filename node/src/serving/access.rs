@@ -221,6 +221,21 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
+    /// A refusal for want of a grant: `PERMISSION_DENIED` with `message` —
+    /// unless this node has not yet caught up with the cluster's grants (a
+    /// new node, a lost disk), where the grant may well exist: then
+    /// `UNAVAILABLE`, so that a client retries or moves to another node
+    /// instead of giving up. Every service refuses through this.
+    pub fn not_granted(&self, message: String) -> Status {
+        if self.grants.settled() {
+            Status::permission_denied(message)
+        } else {
+            Status::unavailable(
+                "this node is catching up with the cluster's grants; retry, or use another node",
+            )
+        }
+    }
+
     pub fn new(
         access: &AccessSection,
         tls: &TlsSection,
@@ -521,7 +536,7 @@ impl Gate {
                         .and_then(|g| g.expires_at_ms)
                         .is_some_and(|t| t <= now_ms());
                     if expired || has.is_none_or(|r| r < role) {
-                        return Err(Status::permission_denied(format!(
+                        return Err(auth.not_granted(format!(
                             "{} ({}) may not call {path}: it needs the {} role{}",
                             caller.principal,
                             caller.via.as_str(),
@@ -626,6 +641,7 @@ where
             Err(status) => {
                 let reason = match status.code() {
                     tonic::Code::Unauthenticated => "unauthenticated",
+                    tonic::Code::Unavailable => "catching_up",
                     _ => "permission_denied",
                 };
                 metrics::counter!(metric::ACCESS_DENIED, "reason" => reason).increment(1);

@@ -526,6 +526,30 @@ impl Subscriber {
     }
 }
 
+/// One shard's part of a subscription, as the fan-in drives it: its
+/// snapshot (returning where it stands), then its changes after a cursor
+/// until the client goes away. [`Subscriber`] reads the store; tests drive
+/// the fan-in with scripted shards.
+trait ShardStream: Send + 'static {
+    fn shard(&self) -> u32;
+    fn snapshot(&self) -> impl std::future::Future<Output = Result<u64, Status>> + Send;
+    fn follow(self, cursor: u64) -> impl std::future::Future<Output = Result<(), Status>> + Send;
+}
+
+impl ShardStream for Subscriber {
+    fn shard(&self) -> u32 {
+        self.shard
+    }
+
+    fn snapshot(&self) -> impl std::future::Future<Output = Result<u64, Status>> + Send {
+        Subscriber::snapshot(self)
+    }
+
+    fn follow(self, cursor: u64) -> impl std::future::Future<Output = Result<(), Status>> + Send {
+        Subscriber::follow(self, cursor)
+    }
+}
+
 /// Where a subscription starts in each shard: at a snapshot, or after
 /// these sequences (a resume token, or the heads for `latest`).
 type StartAt = Option<Vec<u64>>;
@@ -562,9 +586,9 @@ impl FanIn {
     /// them fails. A snapshot is complete once every shard's is: no change
     /// is sent before that (each shard waits for the others), so the
     /// stream is the view's rows, then one token, then changes.
-    async fn run(
+    async fn run<S: ShardStream>(
         self,
-        subscribers: Vec<Subscriber>,
+        subscribers: Vec<S>,
         start: StartAt,
         mut rx: mpsc::Receiver<ShardOut>,
     ) -> Result<(), Status> {
@@ -574,7 +598,7 @@ impl FanIn {
         for sub in subscribers {
             let from = start
                 .as_ref()
-                .and_then(|s| s.get(sub.shard as usize).copied());
+                .and_then(|s| s.get(sub.shard() as usize).copied());
             let barrier = barrier.clone();
             tasks.spawn(
                 async move {
@@ -787,22 +811,16 @@ impl Subscription for SubscriptionService {
         // A view not granted is refused before the node says whether it
         // has it: the caller learns nothing of views it may not read.
         if !caller.may_read(&req.view) {
-            if !self.auth.grants.settled() {
-                return Err(refuse(
-                    tonic::Code::Unavailable,
-                    "this node is catching up with the cluster's grants; retry, or use another node".into(),
-                ));
-            }
-            metrics::counter!(metric::ACCESS_REFUSED_STREAMS, "reason" => "view").increment(1);
-            return Err(refuse(
-                tonic::Code::PermissionDenied,
-                format!(
-                    "{} ({}) may not read view {:?}",
-                    caller.principal,
-                    caller.via.as_str(),
-                    req.view
-                ),
+            let status = self.auth.not_granted(format!(
+                "{} ({}) may not read view {:?}",
+                caller.principal,
+                caller.via.as_str(),
+                req.view
             ));
+            if status.code() == tonic::Code::PermissionDenied {
+                metrics::counter!(metric::ACCESS_REFUSED_STREAMS, "reason" => "view").increment(1);
+            }
+            return Err(refuse(status.code(), status.message().to_string()));
         }
         let granted_columns = caller
             .grant
@@ -1193,6 +1211,144 @@ mod tests {
             after_json: after.map(str::to_string),
             ..Change::default()
         }
+    }
+
+    /// A shard scripted for the fan-in: its snapshot (one row, standing at
+    /// `at`) waits for `gate` when it has one; its changes are one change
+    /// right after the cursor, then nothing until the client goes.
+    struct Scripted {
+        shard: u32,
+        at: u64,
+        gate: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+        out: mpsc::Sender<ShardOut>,
+    }
+
+    impl ShardStream for Scripted {
+        fn shard(&self) -> u32 {
+            self.shard
+        }
+
+        fn snapshot(&self) -> impl std::future::Future<Output = Result<u64, Status>> + Send {
+            let gate = self.gate.lock().unwrap().take();
+            async move {
+                if let Some(gate) = gate {
+                    let _ = gate.await;
+                }
+                let row = Change {
+                    op: Op::Read as i32,
+                    key_json: format!("{{\"k\":{}}}", self.shard),
+                    ..Change::default()
+                };
+                for out in [Out::Rows(vec![row]), Out::SnapshotDone { seq: self.at }] {
+                    let msg = ShardOut {
+                        shard: self.shard,
+                        out,
+                    };
+                    self.out.send(msg).await.unwrap();
+                }
+                Ok(self.at)
+            }
+        }
+
+        async fn follow(self, cursor: u64) -> Result<(), Status> {
+            let change = Change {
+                seq: cursor + 1,
+                op: Op::Update as i32,
+                ..Change::default()
+            };
+            let out = Out::Changes {
+                changes: vec![change],
+                cursor: cursor + 1,
+            };
+            let _ = self
+                .out
+                .send(ShardOut {
+                    shard: self.shard,
+                    out,
+                })
+                .await;
+            self.out.closed().await;
+            Ok(())
+        }
+    }
+
+    /// The fan-in sends no change of any shard before every shard's snapshot
+    /// is complete — even when one shard is done long before another — and
+    /// then the view's token: the vector of the shards' positions, moved up
+    /// shard by shard as their changes go out. Time is paused: waiting
+    /// "a second" returns once every task is idle, so a change that could
+    /// slip out early would have.
+    #[tokio::test(start_paused = true)]
+    async fn the_fan_in_sends_no_change_before_every_shard_snapshot_is_complete() {
+        let (client_tx, mut client_rx) = mpsc::channel(64);
+        let (shard_tx, shard_rx) = mpsc::channel(64);
+        let (open, gate) = tokio::sync::oneshot::channel();
+        let shards = vec![
+            Scripted {
+                shard: 0,
+                at: 40,
+                gate: Mutex::new(None),
+                out: shard_tx.clone(),
+            },
+            Scripted {
+                shard: 1,
+                at: 9,
+                gate: Mutex::new(Some(gate)),
+                out: shard_tx,
+            },
+        ];
+        let fan_in = FanIn {
+            view: "v".into(),
+            incarnations: vec![7, 8],
+            progress_interval: Duration::from_secs(3600),
+            tx: client_tx,
+        };
+        let running = tokio::spawn(fan_in.run(shards, None, shard_rx));
+        let batch_of = |m: Result<SubscribeResponse, Status>| match m.unwrap().kind {
+            Some(subscribe_response::Kind::Batch(b)) => b,
+            other => panic!("not a batch: {other:?}"),
+        };
+        // Shard 0 is done; shard 1 waits: only shard 0's rows went out.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let early = batch_of(client_rx.try_recv().expect("shard 0's rows"));
+        assert!(early.snapshot && !early.snapshot_complete);
+        assert_eq!(early.changes[0].shard, 0);
+        assert!(
+            client_rx.try_recv().is_err(),
+            "nothing more before shard 1's snapshot is complete"
+        );
+        open.send(()).unwrap();
+        let mut rest = Vec::new();
+        while rest.len() < 4 {
+            rest.push(batch_of(client_rx.recv().await.expect("a batch")));
+        }
+        assert!(rest[0].snapshot && rest[0].changes[0].shard == 1);
+        assert!(rest[1].snapshot_complete, "{rest:?}");
+        let positions = |t: &str| {
+            token::decode(t, "v")
+                .unwrap()
+                .shards
+                .iter()
+                .map(|p| (p.incarnation, p.seq))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(positions(&rest[1].resume_token), [(7, 40), (8, 9)]);
+        let mut moved: Vec<(u32, Vec<(u64, u64)>)> = rest[2..]
+            .iter()
+            .map(|b| {
+                assert!(!b.snapshot);
+                (b.changes[0].shard, positions(&b.resume_token))
+            })
+            .collect();
+        moved.sort();
+        // Each change batch moves its own shard's position only (the other
+        // shard's is where it was when the batch went out).
+        assert_eq!(moved[0].0, 0);
+        assert_eq!(moved[0].1[0], (7, 41));
+        assert_eq!(moved[1].0, 1);
+        assert_eq!(moved[1].1[1], (8, 10));
+        drop(client_rx);
+        running.abort();
     }
 
     #[test]

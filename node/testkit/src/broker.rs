@@ -79,21 +79,33 @@ impl Broker {
     /// start is tried again on another port.
     pub fn try_start() -> anyhow::Result<Broker> {
         let bin = tansu_binary()?;
-        for _ in 0..5 {
+        Broker::until_ready("tansu", || {
             let port = probe_port()?;
             let url = format!("tcp://127.0.0.1:{port}");
-            let mut broker = Broker {
+            Ok(Broker {
                 child: Some(spawn_tansu(&bin, &url, &url)?),
                 tls: None,
                 mock: None,
                 bootstrap: format!("127.0.0.1:{port}"),
                 client_properties: Vec::new(),
-            };
+            })
+        })
+    }
+
+    /// Starts a broker with `start` until one answers (five tries: each on
+    /// ports probed anew; one that does not answer is dropped, which stops
+    /// its processes).
+    fn until_ready(
+        what: &str,
+        mut start: impl FnMut() -> anyhow::Result<Broker>,
+    ) -> anyhow::Result<Broker> {
+        for _ in 0..5 {
+            let mut broker = start()?;
             if broker.wait_ready(Duration::from_secs(15)) {
                 return Ok(broker);
             }
         }
-        bail!("tansu did not become ready")
+        bail!("{what} did not become ready")
     }
 
     /// librdkafka's in-process mock cluster: for the load test's comparison
@@ -117,14 +129,13 @@ impl Broker {
     pub fn start_tls(dir: &Path) -> Broker {
         crate::certs::make_certificates(dir, "ndc-test-ca");
         let bin = tansu_binary().unwrap();
-        for _ in 0..5 {
-            let (plain, tls) = (probe_port().unwrap(), probe_port().unwrap());
+        Broker::until_ready("tansu behind stunnel", || {
+            let (plain, tls) = (probe_port()?, probe_port()?);
             let child = spawn_tansu(
                 &bin,
                 &format!("tcp://127.0.0.1:{plain}"),
                 &format!("tcp://127.0.0.1:{tls}"),
-            )
-            .unwrap();
+            )?;
             let conf = dir.join("stunnel.conf");
             std::fs::write(
                 &conf,
@@ -134,15 +145,14 @@ impl Broker {
                     dir.join("server.pem").display(),
                     dir.join("server.key").display()
                 ),
-            )
-            .unwrap();
+            )?;
             let stunnel = Command::new("stunnel4")
                 .arg(&conf)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
-                .expect("start stunnel4 (Debian package stunnel4; ./dev.sh setup installs it)");
-            let mut broker = Broker {
+                .context("start stunnel4 (Debian package stunnel4; ./dev.sh setup installs it)")?;
+            Ok(Broker {
                 child: Some(child),
                 tls: Some(stunnel),
                 mock: None,
@@ -154,12 +164,9 @@ impl Broker {
                         dir.join("ca.pem").display().to_string(),
                     ),
                 ],
-            };
-            if broker.wait_ready(Duration::from_secs(15)) {
-                return broker;
-            }
-        }
-        panic!("tansu behind stunnel did not become ready");
+            })
+        })
+        .expect("start tansu behind stunnel")
     }
 
     /// A client configuration for this broker.

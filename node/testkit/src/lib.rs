@@ -14,6 +14,7 @@ pub mod broker;
 pub mod certs;
 pub mod cluster;
 pub mod config;
+pub mod feed;
 pub mod process;
 pub mod subscribe;
 pub mod wait;

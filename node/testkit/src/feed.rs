@@ -1,0 +1,74 @@
+//! A citizens feed with the replica it must produce: upserts and deletes
+//! of people as Debezium events (from the quickstart's synthetic
+//! [`Feed`]), folded into the rows a replica of it ends with — the
+//! reference the crash, shard and cluster tests compare against.
+
+use ndc_node::quickstart::synthetic::{Event, Feed, Table, citizen_row, national_id};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
+/// Where the feed stands, and what the replica must hold.
+pub struct Citizens {
+    feed: Feed,
+    /// Person → revision of its live row.
+    revision: BTreeMap<u64, u32>,
+    /// Key (canonical JSON) → row a replica must hold.
+    pub expected: BTreeMap<String, Value>,
+}
+
+/// One change of one person.
+pub struct Change {
+    /// To publish, in order, keyed (a delete may bring its tombstone).
+    pub events: Vec<Event>,
+    /// The person's key, as a replica stores it.
+    pub key: String,
+    /// The row after the change; `None`: deleted.
+    pub row: Option<Value>,
+}
+
+impl Default for Citizens {
+    fn default() -> Self {
+        Citizens {
+            feed: Feed::new(Table::Citizens, 1_767_225_600_000),
+            revision: BTreeMap::new(),
+            expected: BTreeMap::new(),
+        }
+    }
+}
+
+impl Citizens {
+    /// The next change of person `i`: a delete if `delete` and the person
+    /// has a row (followed by its tombstone when `tombstone`), else an
+    /// insert or an update to the next revision.
+    pub fn change(&mut self, i: u64, delete: bool, tombstone: bool) -> Change {
+        let key = json!({"person_id": national_id(i).to_string()}).to_string();
+        if delete && let Some(rev) = self.revision.remove(&i) {
+            let e = self.feed.event('d', i, rev, None);
+            let mut events = vec![e.clone()];
+            if tombstone {
+                events.push(Event {
+                    key: e.key,
+                    value: None,
+                });
+            }
+            self.expected.remove(&key);
+            return Change {
+                events,
+                key,
+                row: None,
+            };
+        }
+        let (op, rev) = match self.revision.get(&i) {
+            Some(r) => ('u', r + 1),
+            None => ('c', 0),
+        };
+        self.revision.insert(i, rev);
+        let row = citizen_row(i, rev);
+        self.expected.insert(key.clone(), row.clone());
+        Change {
+            events: vec![self.feed.event(op, i, rev, None)],
+            key,
+            row: Some(row),
+        }
+    }
+}
