@@ -1024,6 +1024,90 @@ pub async fn capacity_phase(
     Ok((report, shares))
 }
 
+/// Time for a node to join a cluster that holds `w.keys` rows: one node
+/// ingests the topic (filled beforehand) into its state; then a second node
+/// starts without state and is added as a learner, and is timed from its
+/// start until its view has every change — with `copy_state` by copying the
+/// first node's state store, else by replaying the change logs from their
+/// start. Reports the seconds to join and the bytes copied.
+pub async fn join_phase(
+    work: &Path,
+    broker: &Broker,
+    topic: &str,
+    w: Workload,
+    copy_state: bool,
+    run: &str,
+) -> anyhow::Result<Report> {
+    let config = |_: u64| {
+        let mut c = kafka_config(work, broker, topic);
+        c.tls.insecure = true;
+        c.audit.enabled = false;
+        c.cluster = Some(ndc_node::config::ClusterSection {
+            changes_replication: 1,
+            changes_topic_prefix: format!("ndc.changes.{run}."),
+            state_from_peers: copy_state,
+            ..Default::default()
+        });
+        if let Some(k) = c.kafka.as_mut() {
+            k.group_id = format!("ndc-{run}");
+        }
+        c
+    };
+    let mut cluster = ndc_testkit::Cluster::prepare(&ndc_binary()?, work, 1, config)?;
+    let joiner_peer = cluster.prepare_joiner(1, config(1))?;
+    for m in &mut cluster.members {
+        m.node.log_filter = "warn,ndc_node::node=info".into();
+    }
+    cluster.members[0].node.start()?;
+    let first = cluster.members[0].addr();
+    wait_committed(&first, None, w.events, Duration::from_secs(7200)).await?;
+    let started = Instant::now();
+    cluster.members[1].node.start()?;
+    // The joiner listens once its state is in place (copied or empty).
+    cluster.members[1]
+        .node
+        .wait_started(Duration::from_secs(3600))?;
+    let listening = started.elapsed().as_secs_f64();
+    ndc_node::cluster::admin::add_node(&first, 1, &joiner_peer, true).await?;
+    let (_, done) = wait_committed(
+        &cluster.members[1].addr(),
+        None,
+        w.events,
+        Duration::from_secs(7200),
+    )
+    .await?;
+    let seconds = done.duration_since(started).as_secs_f64();
+    let rows = bench_view(&cluster.members[1].addr(), None)
+        .await?
+        .map_or(0, |v| v.live_rows);
+    if rows != w.keys {
+        bail!("the joiner holds {rows} rows, not {}", w.keys);
+    }
+    let metrics = ndc_testkit::metrics_text(cluster.members[1].node.http()).await;
+    let copied = ndc_testkit::metric_value(&metrics, |l| {
+        l.starts_with("ndc_cluster_state_received_bytes_total")
+    })
+    .unwrap_or(0.0);
+    let report = Report {
+        phase: format!("join-{}", if copy_state { "copy" } else { "replay" }),
+        events: w.events,
+        keys: w.keys,
+        seconds,
+        events_per_second: w.events as f64 / seconds,
+        mean_event_bytes: 0,
+        node_peak_rss_bytes: cluster.members[1].node.peak_rss(),
+        latency_ms: None,
+        note: format!(
+            "joiner start until its view has every change ({} rows); listening after {listening:.1} s; {:.0} MiB of state copied; joiner CPU {:.1} s",
+            rows,
+            copied / (1024.0 * 1024.0),
+            cluster.members[1].node.cpu_seconds().unwrap_or(0.0)
+        ),
+    };
+    drop(cluster);
+    Ok(report)
+}
+
 fn now_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -22,7 +22,9 @@ struct Args {
     /// default set: three nodes on one machine), capacity (not in the
     /// default set: 1, 2 and 4 node processes each capped to the same CPU),
     /// writers (not in the default set: one node with 1, then 2 state
-    /// writers over a view in 4 shards).
+    /// writers over a view in 4 shards), join (not in the default set: time
+    /// for a node to join a cluster holding `--keys` rows, copying a peer's
+    /// state or replaying the change logs).
     #[arg(
         long,
         value_delimiter = ',',
@@ -180,6 +182,23 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         print_ratios("writers", "writer(s)", &rates);
+    }
+    if args.phases.iter().any(|p| p == "join") {
+        // A node joining a cluster that holds `--keys` rows: by copying a
+        // peer's state, then by replaying the change logs (alternating).
+        let broker = start_broker()?;
+        broker.try_create_topic(TOPIC, 4).await?;
+        ndc_loadtest::produce_phase(&broker, TOPIC, w)
+            .await?
+            .print();
+        for round in 0..args.rounds {
+            for copy in [true, false] {
+                let run = format!("join{round}{}", if copy { "c" } else { "r" });
+                ndc_loadtest::join_phase(&fresh(&run)?, &broker, TOPIC, w, copy, &run)
+                    .await?
+                    .print();
+            }
+        }
     }
     if args.phases.iter().any(|p| p == "golden") {
         let broker = start_broker()?;

@@ -167,6 +167,36 @@ pub async fn start_with(mut config: NodeConfig, handed: Listeners) -> anyhow::Re
     })?;
     let view_names: Vec<String> = config.views.iter().flat_map(|v| v.store_names()).collect();
     let mut store_config = StoreConfig::new(config.node.data_dir.join("state"));
+    // A cluster node without state copies a peer's (it then tails the
+    // change logs from the positions the copy holds).
+    if let Some(cluster) = &config.cluster {
+        if config.storage.wal_dir.is_some() && cluster.state_from_peers {
+            info!(
+                "storage.wal_dir is set: a node without state replays the change logs instead of copying a peer's state"
+            );
+        } else if let Some(me) = cluster.resolve_node_id(&config.node.id) {
+            let tls = crate::cluster::peer_client_tls(&config);
+            match crate::cluster::state_transfer::copy_from_peers(
+                cluster,
+                me,
+                &store_config.path,
+                &tls,
+            )
+            .await
+            {
+                Ok(Some(c)) => info!(
+                    peer = c.peer,
+                    bytes = c.bytes,
+                    seconds = c.seconds,
+                    "started from a copy of a peer's state; tailing the change logs from its positions"
+                ),
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(error = %e, "cannot copy a peer's state; replaying the change logs instead")
+                }
+            }
+        }
+    }
     store_config.block_cache_bytes = config.storage.block_cache.as_usize();
     store_config.write_buffer_bytes = config.storage.write_buffer.as_usize();
     store_config.sync_commits = config.storage.sync_commits;
@@ -334,7 +364,7 @@ pub async fn start_with(mut config: NodeConfig, handed: Listeners) -> anyhow::Re
         config.audit.max_answer_records,
     );
     let service = SubscriptionService::new(
-        reader,
+        reader.clone(),
         views.clone(),
         config.subscriptions.clone(),
         auth.clone(),
@@ -379,6 +409,11 @@ pub async fn start_with(mut config: NodeConfig, handed: Listeners) -> anyhow::Re
                 auth.clone(),
                 peer_client_tls.clone(),
                 audit.clone(),
+            ),
+            crate::cluster::state_transfer::StateService::new(
+                reader.clone(),
+                c.clone(),
+                &config.node.data_dir,
             ),
             server_stop.clone(),
         )?),
@@ -521,6 +556,7 @@ fn start_peer_server(
     listener: tokio::net::TcpListener,
     pipelines: crate::serving::pipelines_api::PipelineService,
     access: crate::serving::access_api::AccessService,
+    state: crate::cluster::state_transfer::StateService,
     stop: CancellationToken,
 ) -> anyhow::Result<JoinHandle<()>> {
     let mut section = config.tls.clone();
@@ -533,7 +569,8 @@ fn start_peer_server(
         .add_service(coordinator.raft_service())
         .add_service(coordinator.cluster_service(true))
         .add_service(PipelinesServer::new(pipelines))
-        .add_service(AccessServer::new(access));
+        .add_service(AccessServer::new(access))
+        .add_service(ndc_proto::cluster::state_server::StateServer::new(state));
     Ok(tokio::spawn(async move {
         let result = serve!(router, listener, tls, stop);
         if let Err(e) = result {

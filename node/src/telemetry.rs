@@ -77,6 +77,12 @@ pub mod metric {
     pub const STATE_WRITE_SECONDS: &str = "ndc_state_write_duration_seconds";
     /// Records per committed batch.
     pub const BATCH_RECORDS: &str = "ndc_commit_batch_records";
+    /// Bytes of state checkpoints sent to peers that started without state.
+    pub const STATE_SENT_BYTES: &str = "ndc_cluster_state_sent_bytes_total";
+    /// Bytes of a peer's state this node copied when it started without one.
+    pub const STATE_RECEIVED_BYTES: &str = "ndc_cluster_state_received_bytes_total";
+    /// How long this node took to copy a peer's state at its start.
+    pub const STATE_COPY_SECONDS: &str = "ndc_cluster_state_copy_seconds";
     /// Transactions committed by each state writer of the pool (`writer`).
     pub const WRITER_COMMITS: &str = "ndc_writer_commits_total";
     /// Last committed sequence of a view's change stream, by `view`.

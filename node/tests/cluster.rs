@@ -735,7 +735,8 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
 
     // 5. A node loses its disk (kill -9, data directory wiped, restart):
     // it rejoins with an empty Raft log, the leader catches it up, and it
-    // rebuilds its state from the change log (finish() checks its rows).
+    // starts from a copy of a peer's state store, then tails the change
+    // logs from the positions the copy holds (finish() checks its rows).
     let s = cluster
         .wait_for("a balanced cluster", SETTLE, |s| {
             live_members(s).len() == 3 && balanced_over(s, &[0, 1, 2])
@@ -774,6 +775,18 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
         "node {wiped} lost its data directory: rejoined in {:?}",
         t + started.elapsed()
     );
+    let log = std::fs::read_to_string(cluster.member(wiped).log_path()).unwrap();
+    let copied = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("started from a copy of a peer's state"))
+        .unwrap_or_else(|| {
+            panic!(
+                "the wiped node copied no state:\n{}",
+                cluster.member(wiped).log_tail(30)
+            )
+        });
+    eprintln!("node {wiped}: {copied}");
 
     // The CLI shows the same picture.
     let admin = &pki().admin;

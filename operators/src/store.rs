@@ -332,6 +332,27 @@ impl StoreReader {
             .collect()
     }
 
+    /// Writes a consistent copy of the whole store to `dir` (a RocksDB
+    /// checkpoint: memtables flushed, table files hard-linked where the file
+    /// system allows): rows, change streams, offsets and metadata as of one
+    /// commit, which another node can open as its own state and resume from.
+    /// `dir` must not exist.
+    pub fn checkpoint(&self, dir: &Path) -> Result<(), StoreError> {
+        let checkpoint = rocksdb::checkpoint::Checkpoint::new(&*self.db)?;
+        checkpoint.create_checkpoint(dir)?;
+        Ok(())
+    }
+
+    /// The sum over views of their last sequence: how much state this
+    /// store holds (0: none).
+    pub fn changes_held(&self) -> Result<u64, StoreError> {
+        let mut sum = 0u64;
+        for name in self.stored_view_names()? {
+            sum = sum.saturating_add(self.view_meta(&name)?.last_seq);
+        }
+        Ok(sum)
+    }
+
     /// Every view whose state the store holds, registered in this process
     /// or not (to tell what a data directory was written with).
     pub fn stored_view_names(&self) -> Result<Vec<String>, StoreError> {

@@ -10,6 +10,8 @@
 //! sequence numbers: a subscriber can resume on any node with its token, and
 //! a node that gains a partition has its state already.
 
+pub mod state_transfer;
+
 use crate::client::ClientTls;
 use crate::config::{ClusterSection, KafkaSection, NodeConfig, parse_peer};
 use crate::kafka::client_config;

@@ -208,6 +208,15 @@ pub struct ClusterSection {
     /// `failure_timeout`). Counted before `node.shutdown_grace`.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// A node that starts without state (new, or its disk lost) copies the
+    /// state store of a caught-up peer (a RocksDB checkpoint over the peer
+    /// listener; the first of `bootstrap` to answer) and tails the change
+    /// logs from there, instead of replaying every log from its start.
+    pub state_from_peers: bool,
+    /// How long a starting node waits for each peer to describe its state;
+    /// peers that do not answer in time (not started yet) are passed over.
+    #[serde(with = "humantime_serde")]
+    pub state_from_peers_timeout: Duration,
 }
 
 impl Default for ClusterSection {
@@ -225,6 +234,8 @@ impl Default for ClusterSection {
             changes_topic_prefix: "ndc.changes.".into(),
             changes_replication: 3,
             drain_timeout: Duration::from_secs(10),
+            state_from_peers: true,
+            state_from_peers_timeout: Duration::from_secs(2),
         }
     }
 }

@@ -37,6 +37,8 @@ pub struct Cluster {
     pub members: Vec<Member>,
     bin: PathBuf,
     dir: PathBuf,
+    /// The initial voters, as every member's `cluster.bootstrap` names them.
+    bootstrap: Vec<String>,
 }
 
 impl Cluster {
@@ -58,9 +60,10 @@ impl Cluster {
             members: Vec::new(),
             bin: bin.to_path_buf(),
             dir: dir.to_path_buf(),
+            bootstrap,
         };
         for (id, ports) in (0..nodes).zip(ports) {
-            cluster.add(id, ports, config(id), &bootstrap)?;
+            cluster.add(id, ports, config(id))?;
         }
         Ok(cluster)
     }
@@ -79,32 +82,27 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// A member outside the bootstrap list (it waits for `add-node`), not
-    /// started. Returns its peer address, what `add-node` names.
+    /// A member outside the bootstrap list (it names the initial voters,
+    /// as a node added to a StatefulSet does, and waits for `add-node`),
+    /// not started. Returns its peer address, what `add-node` names.
     pub fn prepare_joiner(&mut self, id: u64, config: NodeConfig) -> anyhow::Result<String> {
         let ports = Ports::bind(true)?;
         let peer = ports
             .peer()
             .map(|p| p.to_string())
             .unwrap_or_else(String::new);
-        self.add(id, ports, config, &[])?;
+        self.add(id, ports, config)?;
         Ok(peer)
     }
 
-    fn add(
-        &mut self,
-        id: u64,
-        ports: Ports,
-        mut config: NodeConfig,
-        bootstrap: &[String],
-    ) -> anyhow::Result<()> {
+    fn add(&mut self, id: u64, ports: Ports, mut config: NodeConfig) -> anyhow::Result<()> {
         let name = format!("ndc-{id}");
         config.node.id = name.clone();
         config.node.data_dir = self.dir.join(&name);
         config
             .cluster
             .get_or_insert_with(Default::default)
-            .bootstrap = bootstrap.to_vec();
+            .bootstrap = self.bootstrap.clone();
         let node = NodeProcess::new(&self.bin, ports, config, &self.dir, &name)?;
         self.members.push(Member { id, node });
         Ok(())
