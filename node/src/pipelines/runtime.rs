@@ -573,7 +573,9 @@ impl Runtime {
             applied: applied_rx,
             revoked: Default::default(),
         });
-        let (log_tx, log_rxs) = crate::views::Inputs::new(pool.by_view.clone(), pool.writers, 1024);
+        // A few batches of the largest records (512 KiB) per writer: a node
+        // replaying a log holds tens of megabytes here, not a gigabyte.
+        let (log_tx, log_rxs) = crate::views::Inputs::new(pool.by_view.clone(), pool.writers, 128);
         let task = tokio::spawn(
             {
                 let kafka = kafka.clone();
