@@ -907,6 +907,24 @@ pub async fn writers_phase(
     .await
 }
 
+/// A cluster member of run `run` (plaintext, no audit trail), with a
+/// change log and consumer group of its own: an earlier run's log would
+/// hand this one its state and source offsets (a replay, not ingestion).
+fn cluster_config(work: &Path, broker: &Broker, topic: &str, run: &str) -> NodeConfig {
+    let mut c = kafka_config(work, broker, topic);
+    c.tls.insecure = true;
+    c.audit.enabled = false;
+    c.cluster = Some(ndc_node::config::ClusterSection {
+        changes_replication: 1,
+        changes_topic_prefix: format!("ndc.changes.{run}."),
+        ..Default::default()
+    });
+    if let Some(k) = c.kafka.as_mut() {
+        k.group_id = format!("ndc-{run}");
+    }
+    c
+}
+
 /// One node's share of a capacity run.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct NodeShare {
@@ -935,20 +953,7 @@ pub async fn capacity_phase(
 ) -> anyhow::Result<(Report, Vec<NodeShare>)> {
     let cap = cores.filter(|_| ndc_testkit::CpuCap::available());
     let mut cluster = ndc_testkit::Cluster::prepare(&ndc_binary()?, work, nodes, |_| {
-        let mut c = kafka_config(work, broker, topic);
-        c.tls.insecure = true;
-        c.audit.enabled = false;
-        // A change log of its own: an earlier run's log would hand this
-        // one its state and source offsets (a replay, not ingestion).
-        c.cluster = Some(ndc_node::config::ClusterSection {
-            changes_replication: 1,
-            changes_topic_prefix: format!("ndc.changes.{run}."),
-            ..Default::default()
-        });
-        if let Some(k) = c.kafka.as_mut() {
-            k.group_id = format!("ndc-{run}");
-        }
-        c
+        cluster_config(work, broker, topic, run)
     })?;
     let started = Instant::now();
     let mut caps = Vec::new();
@@ -1039,17 +1044,9 @@ pub async fn join_phase(
     run: &str,
 ) -> anyhow::Result<Report> {
     let config = |_: u64| {
-        let mut c = kafka_config(work, broker, topic);
-        c.tls.insecure = true;
-        c.audit.enabled = false;
-        c.cluster = Some(ndc_node::config::ClusterSection {
-            changes_replication: 1,
-            changes_topic_prefix: format!("ndc.changes.{run}."),
-            state_from_peers: copy_state,
-            ..Default::default()
-        });
-        if let Some(k) = c.kafka.as_mut() {
-            k.group_id = format!("ndc-{run}");
+        let mut c = cluster_config(work, broker, topic, run);
+        if let Some(cluster) = c.cluster.as_mut() {
+            cluster.state_from_peers = copy_state;
         }
         c
     };

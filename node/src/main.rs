@@ -638,6 +638,7 @@ fn run() -> anyhow::Result<()> {
                         "{}",
                         serde_json::json!({"view": v.name, "key_columns": v.key_columns, "committed_seq": v.committed_seq,
                                            "retained_from_seq": v.retained_from_seq, "live_rows": v.live_rows,
+                                           "shards": v.shards, "committed_seqs": v.committed_seqs,
                                            "column_levels": v.column_levels})
                     );
                 }

@@ -23,7 +23,7 @@ use ndc_proto::cluster::state_server::State;
 use ndc_proto::cluster::{
     CheckpointChunk, CheckpointRequest, DescribeStateRequest, StateDescription,
 };
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tokio::sync::mpsc;
@@ -44,10 +44,17 @@ pub struct StateService {
 
 impl StateService {
     pub fn new(reader: StoreReader, coordinator: Coordinator, data_dir: &Path) -> Self {
+        let dir = data_dir.join("checkpoints");
+        // Checkpoints an earlier process was sending when it stopped.
+        if dir.exists()
+            && let Err(e) = std::fs::remove_dir_all(&dir)
+        {
+            warn!(dir = %dir.display(), error = %e, "cannot remove old checkpoints");
+        }
         StateService {
             reader,
             coordinator,
-            dir: data_dir.join("checkpoints"),
+            dir,
         }
     }
 }
@@ -257,15 +264,17 @@ pub async fn copy_from_peers(
 /// Copies one peer's checkpoint into `<state_dir>.incoming`, syncs it and
 /// renames it to `state_dir`. Returns the bytes copied.
 async fn fetch(addr: &str, tls: &ClientTls, state_dir: &Path) -> anyhow::Result<u64> {
+    use tokio::io::AsyncWriteExt;
     let incoming = state_dir.with_extension("incoming");
-    if incoming.exists() {
-        std::fs::remove_dir_all(&incoming)?;
+    if tokio::fs::try_exists(&incoming).await? {
+        tokio::fs::remove_dir_all(&incoming).await?;
     }
-    std::fs::create_dir_all(&incoming)?;
+    tokio::fs::create_dir_all(&incoming).await?;
     let mut c = StateClient::new(crate::client::channel(addr, Some(tls)).await?)
         .max_decoding_message_size(CHUNK_BYTES * 2);
     let mut stream = c.checkpoint(CheckpointRequest {}).await?.into_inner();
-    let mut open: Option<(String, std::fs::File)> = None;
+    // The file being written, and how much of it.
+    let mut open: Option<(String, tokio::fs::File, u64)> = None;
     let mut bytes = 0u64;
     let mut complete = false;
     while let Some(chunk) = stream.message().await? {
@@ -279,17 +288,23 @@ async fn fetch(addr: &str, tls: &ClientTls, state_dir: &Path) -> anyhow::Result<
             "the peer sent a file outside its checkpoint: {:?}",
             chunk.file
         );
-        if open.as_ref().is_none_or(|(f, _)| *f != chunk.file) {
-            if let Some((_, f)) = open.take() {
-                f.sync_all()?;
+        if open.as_ref().is_none_or(|(f, _, _)| *f != chunk.file) {
+            if let Some((_, f, _)) = open.take() {
+                f.sync_all().await?;
             }
-            open = Some((
-                chunk.file.clone(),
-                std::fs::File::create(incoming.join(name))?,
-            ));
+            let file = tokio::fs::File::create(incoming.join(name)).await?;
+            open = Some((chunk.file.clone(), file, 0));
         }
-        if let Some((_, f)) = open.as_mut() {
-            f.write_all(&chunk.data)?;
+        if let Some((_, f, written)) = open.as_mut() {
+            anyhow::ensure!(
+                chunk.offset == *written,
+                "the peer sent {:?} out of order (offset {}, {} written)",
+                chunk.file,
+                chunk.offset,
+                written
+            );
+            f.write_all(&chunk.data).await?;
+            *written += chunk.data.len() as u64;
         }
         bytes += chunk.data.len() as u64;
         if chunk.complete {
@@ -298,16 +313,142 @@ async fn fetch(addr: &str, tls: &ClientTls, state_dir: &Path) -> anyhow::Result<
         }
     }
     anyhow::ensure!(complete, "the copy ended before its last file");
-    if let Some((_, f)) = open.take() {
-        f.sync_all()?;
+    if let Some((_, f, _)) = open.take() {
+        f.sync_all().await?;
     }
-    std::fs::File::open(&incoming)?.sync_all()?;
-    if state_dir.exists() {
-        std::fs::remove_dir(state_dir)?; // empty: checked by the caller
+    tokio::fs::File::open(&incoming).await?.sync_all().await?;
+    if tokio::fs::try_exists(state_dir).await? {
+        tokio::fs::remove_dir(state_dir).await?; // empty: checked by the caller
     }
-    std::fs::rename(&incoming, state_dir)?;
+    tokio::fs::rename(&incoming, state_dir).await?;
     if let Some(parent) = state_dir.parent() {
-        std::fs::File::open(parent)?.sync_all()?;
+        tokio::fs::File::open(parent).await?.sync_all().await?;
     }
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// A peer with state that sends the chunks it is given, then ends (or
+    /// fails, when the script ends with an error).
+    struct Scripted(Arc<Vec<Result<CheckpointChunk, Status>>>);
+
+    #[tonic::async_trait]
+    impl State for Scripted {
+        async fn describe(
+            &self,
+            _: Request<DescribeStateRequest>,
+        ) -> Result<Response<StateDescription>, Status> {
+            Ok(Response::new(StateDescription {
+                changes: 10,
+                caught_up: true,
+            }))
+        }
+
+        type CheckpointStream = ReceiverStream<Result<CheckpointChunk, Status>>;
+
+        async fn checkpoint(
+            &self,
+            _: Request<CheckpointRequest>,
+        ) -> Result<Response<Self::CheckpointStream>, Status> {
+            let (tx, rx) = mpsc::channel(16);
+            for item in self.0.iter() {
+                tx.send(item.clone()).await.unwrap();
+            }
+            Ok(Response::new(ReceiverStream::new(rx)))
+        }
+    }
+
+    fn chunk(file: &str, offset: u64, data: &[u8], complete: bool) -> CheckpointChunk {
+        CheckpointChunk {
+            file: file.into(),
+            offset,
+            data: data.to_vec(),
+            complete,
+            total_bytes: 0,
+        }
+    }
+
+    /// Serves `script` on a loopback port the system picks; returns the
+    /// cluster section naming it as the only peer.
+    async fn peer(script: Vec<Result<CheckpointChunk, Status>>) -> ClusterSection {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(ndc_proto::cluster::state_server::StateServer::new(
+                    Scripted(Arc::new(script)),
+                ))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        ClusterSection {
+            bootstrap: vec![format!("1={addr}")],
+            ..ClusterSection::default()
+        }
+    }
+
+    /// A copy is all or nothing: one that breaks off, or names a file
+    /// outside the checkpoint, or skips bytes, leaves no state behind (the
+    /// node starts empty, or copies again at its next start); a whole one
+    /// is in place, byte for byte.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_copy_of_a_peers_state_is_all_or_nothing() {
+        let tls = ClientTls::default();
+        let broken = [
+            vec![
+                Ok(chunk("000009.sst", 0, b"half", false)),
+                Err(Status::internal("peer went away")),
+            ],
+            vec![Ok(chunk("../outside", 0, b"x", true))],
+            vec![
+                Ok(chunk("CURRENT", 0, b"MANIFEST", false)),
+                Ok(chunk("CURRENT", 100, b"-000001", true)),
+            ],
+            // Ends without the last chunk.
+            vec![Ok(chunk("CURRENT", 0, b"MANIFEST", false))],
+        ];
+        for script in broken {
+            let dir = tempfile::tempdir().unwrap();
+            let state = dir.path().join("state");
+            let cluster = peer(script).await;
+            let copied = copy_from_peers(&cluster, 0, &state, &tls).await.unwrap();
+            assert!(copied.is_none());
+            assert!(!holds_state(&state), "no state left by a broken copy");
+            assert!(!dir.path().join("outside").exists());
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        // A leftover of a copy a crash interrupted is replaced.
+        std::fs::create_dir_all(state.with_extension("incoming")).unwrap();
+        std::fs::write(state.with_extension("incoming").join("junk"), b"junk").unwrap();
+        let cluster = peer(vec![
+            Ok(chunk("CURRENT", 0, b"MANIFEST", false)),
+            Ok(chunk("CURRENT", 8, b"-000001\n", false)),
+            Ok(chunk("MANIFEST-000001", 0, b"m", true)),
+        ])
+        .await;
+        let copied = copy_from_peers(&cluster, 0, &state, &tls)
+            .await
+            .unwrap()
+            .expect("a whole copy");
+        assert_eq!((copied.peer, copied.bytes), (1, 17));
+        assert_eq!(
+            std::fs::read(state.join("CURRENT")).unwrap(),
+            b"MANIFEST-000001\n"
+        );
+        assert_eq!(std::fs::read(state.join("MANIFEST-000001")).unwrap(), b"m");
+        assert!(!state.join("junk").exists());
+        assert!(!state.with_extension("incoming").exists());
+        // A node with state copies nothing.
+        assert!(
+            copy_from_peers(&cluster, 0, &state, &tls)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
 }
