@@ -504,7 +504,13 @@ pub async fn start_with(mut config: NodeConfig, handed: Listeners) -> anyhow::Re
             // Dropping the commit watchers ends the subscriptions; later
             // requests are told to resume on another node.
             views.close();
-            info!("state committed; stopping servers");
+            if !stopping_fatal.raised() {
+                info!("state committed; stopping servers");
+            } else {
+                info!(
+                    "data path stopped on a fatal error (nothing after the last commit was written); stopping servers"
+                );
+            }
             if let Some(c) = &coordinator {
                 c.shutdown().await;
             }

@@ -512,8 +512,14 @@ impl Writer {
             Err(e) => self.fail(e),
             Ok(Err(e)) => self.fail(format!("cannot read the state store: {e}")),
             Ok(Ok((prepared, publication, effects, tally))) => {
-                // Writes stay in order: the previous batch first.
+                // Writes stay in order: the previous batch first. If it
+                // failed, this one is not written: committing it without
+                // the previous one would move the stored offsets past
+                // records that were never committed.
                 self.finish_inflight().await;
+                if self.failed {
+                    return self;
+                }
                 self.unwritten.absorb(effects, number);
                 // 4. Write, then publish as soon as it is durable.
                 let publisher = self.publisher();
