@@ -3,7 +3,8 @@
 //!
 //! In a cluster, the owner of a source partition does not commit its
 //! decisions to its own state: it writes their effects to the view's change
-//! log (`<changes_topic_prefix><view>`, one partition, so every node reads
+//! log (`<changes_topic_prefix><view>`, or `….shard<i>` per shard of a
+//! sharded view; one partition, so every node reads
 //! one order), and every node, the owner included, applies that log to its
 //! RocksDB state ([`run_log_source`] feeds the state writer). Every node thus
 //! holds every partition's rows and the same change stream, with the same
