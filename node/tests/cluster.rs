@@ -824,6 +824,53 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
         let records = cluster._broker.read_all(&topic, 1, Duration::from_secs(10));
         assert!(!records.is_empty(), "{topic} is empty");
     }
+
+    // A log record with an effect on a view no node holds (written by a
+    // node running another pipeline version) is skipped and counted on
+    // every node; none stops or crash-loops on it.
+    use prost::Message as _;
+    let ghost = ndc_proto::state::LogRecord {
+        view: "citizens#0".into(),
+        epoch: 1,
+        partition: format!("citizens#0/{TOPIC}.ghost/0"),
+        source_stream: format!("kafka:{TOPIC}.ghost:0"),
+        source_next_offset: 1,
+        fence: false,
+        effects: vec![ndc_proto::state::Effect {
+            key: br#"{"person_id":"000000000000"}"#.to_vec(),
+            view: "ghost.view".into(),
+            kind: Some(ndc_proto::state::effect::Kind::Remove(true)),
+        }],
+    };
+    publish(
+        &cluster._broker.producer(),
+        "ndc.changes.citizens.shard0",
+        Some(ghost.partition.as_bytes()),
+        Some(&ghost.encode_to_vec()),
+    )
+    .await;
+    for m in cluster.members() {
+        let http = m.node.http();
+        eventually_async(
+            "every node counts the record naming an unknown view",
+            Duration::from_secs(30),
+            || async move {
+                let text = metrics_text(http).await;
+                metric_value(&text, |l| {
+                    l.starts_with("ndc_cluster_log_records_total")
+                        && l.contains(r#"outcome="unknown_view""#)
+                })
+                .filter(|n| *n >= 1.0)
+            },
+        )
+        .await;
+    }
+    let (s, _) = cluster
+        .wait_for("every node still live", SETTLE, |s| {
+            live_members(s).len() == 3
+        })
+        .await;
+    assert!(s.members.iter().all(|m| m.live));
 }
 
 /// The longest time, between `from` and now, that the subscriber's line

@@ -1213,6 +1213,82 @@ mod tests {
         }
     }
 
+    /// Once the node closes its views (it is shutting down), a new
+    /// subscription is told to go elsewhere — `UNAVAILABLE`, which clients
+    /// retry on the next node — not that the view does not exist.
+    #[tokio::test]
+    async fn a_closing_node_answers_unavailable_not_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ndc_operators::Store::open(
+            &ndc_operators::StoreConfig::new(dir.path().join("state")),
+            &["v".to_string()],
+        )
+        .unwrap();
+        let views = ViewRegistry::default();
+        views.insert(
+            "v",
+            store.view_id("v").unwrap(),
+            0,
+            Vec::new(),
+            Default::default(),
+            None,
+        );
+        let auth = Arc::new(
+            Authenticator::new(
+                &Default::default(),
+                &Default::default(),
+                crate::serving::access::Grants::local(dir.path()).unwrap(),
+            )
+            .unwrap(),
+        );
+        let service = SubscriptionService::new(
+            store.reader(),
+            views.clone(),
+            Default::default(),
+            auth,
+            16,
+            Arc::new(HashKeys::default()),
+            Audit::default(),
+        );
+        let ask = |view: &str| {
+            let mut request = Request::new(SubscribeRequest {
+                view: view.into(),
+                ..Default::default()
+            });
+            request.extensions_mut().insert(access::Caller {
+                principal: "reader".into(),
+                via: access::Via::Anonymous,
+                grant: Some(ndc_coordinator::Grant {
+                    principal: "reader".into(),
+                    role: ndc_coordinator::Role::Subscriber,
+                    views: vec!["*".into()],
+                    row_filter: None,
+                    columns: Vec::new(),
+                    purpose: "test".into(),
+                    expires_at_ms: None,
+                    granted_by: "test".into(),
+                    granted_at_ms: 0,
+                    clearance: None,
+                    masking: Default::default(),
+                }),
+                token_expires_at_ms: None,
+            });
+            request
+        };
+        let code = |r: Result<Response<Guarded>, Status>| r.err().map(|s| s.code());
+        assert_eq!(code(service.subscribe(ask("v")).await), None, "served");
+        assert_eq!(
+            code(service.subscribe(ask("w")).await),
+            Some(tonic::Code::NotFound)
+        );
+        views.close();
+        for view in ["v", "w"] {
+            let refused = service.subscribe(ask(view)).await.err().expect("refused");
+            assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+            assert!(refused.message().contains("shutting down"), "{refused:?}");
+        }
+    }
+
     /// A shard scripted for the fan-in: its snapshot (one row, standing at
     /// `at`) waits for `gate` when it has one; its changes are one change
     /// right after the cursor, then nothing until the client goes.
