@@ -1,12 +1,14 @@
 //! The gRPC subscription service.
 //!
-//! Each subscription is a task that reads the view from RocksDB and pushes
-//! batches into a bounded channel. When the client reads slowly the channel
-//! fills and the task waits: the server holds at most `buffer_batches`
-//! batches per subscriber, and a subscriber that fell behind catches up from
-//! the durable change stream, never from memory. One that keeps up takes
-//! each commit's changes from the commit itself, already in memory and
-//! shared by all such subscribers, without reading them back.
+//! Each subscription is a task per shard of its view that reads the shard
+//! from RocksDB, and a fan-in that merges their batches (vector resume
+//! tokens) into the client's bounded channel. When the client reads slowly
+//! the channels fill and the tasks wait: the server holds about twice
+//! `buffer_batches` batches (plus one per shard) per subscriber, and a
+//! subscriber that fell behind catches up from the durable change stream,
+//! never from memory. One that keeps up takes each commit's changes from
+//! the commit itself, already in memory and shared by all such subscribers,
+//! without reading them back.
 
 use crate::config::SubscriptionSection;
 use crate::now_ms;
