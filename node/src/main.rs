@@ -174,7 +174,7 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
                     "{}",
                     serde_json::json!({"kind": r.kind, "principal": r.principal, "purpose": r.purpose, "view": r.view,
                                        "at_ms": r.at_ms, "node": r.node, "snapshot": r.snapshot,
-                                       "first_seq": r.first_seq, "last_seq": r.last_seq, "chain": r.chain, "index": r.index})
+                                       "shard": r.shard, "first_seq": r.first_seq, "last_seq": r.last_seq, "chain": r.chain, "index": r.index})
                 );
             }
             if answer.truncated {

@@ -144,6 +144,7 @@ fn access_record(r: Record) -> AccessRecord {
             principal,
             purpose,
             view,
+            shard,
             snapshot,
             first_seq,
             last_seq,
@@ -152,6 +153,7 @@ fn access_record(r: Record) -> AccessRecord {
             out.principal = principal;
             out.purpose = purpose;
             out.view = view;
+            out.shard = shard;
             out.snapshot = snapshot;
             out.first_seq = first_seq;
             out.last_seq = last_seq;
@@ -271,7 +273,7 @@ impl AuditApi for AuditService {
                 json!({
                     "principal": a.principal, "purpose": a.purpose, "view": a.view,
                     "at_ms": a.at_ms, "node": a.node, "snapshot": a.snapshot,
-                    "first_seq": a.first_seq, "last_seq": a.last_seq,
+                    "shard": a.shard, "first_seq": a.first_seq, "last_seq": a.last_seq,
                 })
             })
             .collect();
