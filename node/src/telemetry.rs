@@ -77,6 +77,9 @@ pub mod metric {
     pub const STATE_WRITE_SECONDS: &str = "ndc_state_write_duration_seconds";
     /// Records per committed batch.
     pub const BATCH_RECORDS: &str = "ndc_commit_batch_records";
+    /// Bytes of a followed file's last line held until its newline is
+    /// written, by `path` (0: none held).
+    pub const FILE_PARTIAL_LINE_BYTES: &str = "ndc_source_file_partial_line_bytes";
     /// Bytes of state checkpoints sent to peers that started without state.
     pub const STATE_SENT_BYTES: &str = "ndc_cluster_state_sent_bytes_total";
     /// Bytes of a peer's state this node copied when it started without one.

@@ -899,11 +899,24 @@ async fn a_followed_file_is_read_as_it_grows_and_a_half_written_line_waits() {
     writeln!(file, "{}\n{}\n{}", lines[0], lines[1], lines[2]).unwrap();
     wait_rows(node.addrs.grpc, "growing", 3).await;
 
-    // Half a line: held, not decoded (it would be malformed JSON).
+    // Half a line: held, not decoded (it would be malformed JSON). Once the
+    // source says it holds it, nothing more was committed.
     let (head, tail) = lines[3].split_at(lines[3].len() / 2);
     write!(file, "{head}").unwrap();
     file.flush().unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let path = export.display().to_string();
+    eventually_async("the half line held", T, || {
+        let path = path.clone();
+        async move {
+            let text = metrics_text(http).await;
+            metric_value(&text, |l| {
+                l.starts_with("ndc_source_file_partial_line_bytes{")
+                    && l.contains(&format!("path=\"{path}\""))
+            })
+            .filter(|held| *held == head.len() as f64)
+        }
+    })
+    .await;
     assert_eq!(view_info(node.addrs.grpc).await.committed_seq, 3);
     writeln!(file, "{tail}\n{}", lines[4]).unwrap();
     wait_rows(node.addrs.grpc, "growing", 5).await;

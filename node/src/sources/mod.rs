@@ -711,6 +711,9 @@ impl FileSource {
         let mut partial: Option<(usize, bool)> = None;
         let mut poll = FOLLOW_POLL_MIN;
         let mut last_line = std::time::Instant::now();
+        // Bytes of a line held for its newline (a writer mid-line; one
+        // that stays up names an export whose last line was never ended).
+        let held = metrics::gauge!(metric::FILE_PARTIAL_LINE_BYTES, "path" => self.path.display().to_string());
         loop {
             // A closed channel: the node is gone (a following source would
             // otherwise wait at the end of the file forever, holding up the
@@ -730,6 +733,7 @@ impl FileSource {
                 if read > 0 {
                     partial = Some((read, truncated));
                 }
+                held.set(read as f64);
                 std::thread::sleep(poll);
                 poll = next_poll(poll, last_line.elapsed());
                 continue;
@@ -737,6 +741,7 @@ impl FileSource {
             if self.follow {
                 poll = FOLLOW_POLL_MIN;
                 last_line = std::time::Instant::now();
+                held.set(0.0);
             }
             if read == 0 {
                 break;
