@@ -500,19 +500,14 @@ impl Runtime {
         };
         let store = self.store.as_mut().context("data path is running")?;
         // Every shard of a configured view has a log of its own.
-        let mut all: Vec<(String, Option<u64>)> = self
-            .config
-            .views
-            .iter()
-            .flat_map(|v| v.store_names())
-            .map(|n| (n, None))
-            .collect();
         let mut logged: BTreeSet<String> = self
             .config
             .views
             .iter()
             .flat_map(|v| v.store_names())
             .collect();
+        let mut all: Vec<(String, Option<u64>)> =
+            logged.iter().map(|n| (n.clone(), None)).collect();
         for spec in self.specs.values() {
             for v in spec.views() {
                 let g = side.generations.get(&v).copied();
