@@ -1424,6 +1424,40 @@ views:
     }
 
     #[test]
+    fn shard_counts_names_and_writers_are_checked() {
+        let text = r#"
+kafka: { bootstrap_servers: 127.0.0.1:9092 }
+pipeline: { writers: 65 }
+views:
+  - name: a
+    shards: 0
+    sources: [ { kafka: { topic: t } } ]
+  - name: b
+    shards: 257
+    sources: [ { kafka: { topic: t } } ]
+  - name: c.shard3
+    sources: [ { kafka: { topic: t } } ]
+  - name: d
+    shards: 2
+    sources: [ { file: { path: x.ndjson } } ]
+  - name: e
+    shards: 4
+    sources: [ { kafka: { topic: t } } ]
+"#;
+        let text = parse(text, &[]).expect_err("invalid").to_string();
+        for wanted in [
+            "views[0].shards: must be between 1 and 256",
+            "views[1].shards: must be between 1 and 256",
+            "views[2].name: must not end in '.shard<N>'",
+            "views[3].shards: a sharded view reads Kafka sources only",
+            "pipeline.writers: must be at most 64",
+        ] {
+            assert!(text.contains(wanted), "{wanted}: {text}");
+        }
+        assert!(!text.contains("views[4]"), "{text}");
+    }
+
+    #[test]
     fn printed_config_reads_back() {
         let c = parse(MINIMAL, &[("NDC__STORAGE__BLOCK_CACHE", "64MiB")]).expect("valid");
         let text = c.to_yaml().expect("serializes");
