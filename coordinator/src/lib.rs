@@ -129,6 +129,13 @@ pub struct CoordinatorConfig {
     pub election_timeout: Duration,
     /// Mutual TLS between nodes; `None`: plaintext peer traffic.
     pub peer_tls: Option<PeerTls>,
+    /// Holders per placed shard; 0: every node holds every shard.
+    pub replication_factor: usize,
+    /// The shards the leader places (the configured views' shards);
+    /// others are held by every node.
+    pub placed_shards: BTreeSet<String>,
+    /// This node's zone, sent in heartbeats (standbys go to other zones).
+    pub zone: Option<String>,
 }
 
 impl CoordinatorConfig {
@@ -167,6 +174,11 @@ pub mod metric {
     pub const ASSIGNMENT_CHANGES: &str = "ndc_cluster_assignment_changes_total";
     pub const LIVE_NODES: &str = "ndc_cluster_live_nodes";
     pub const OWNED_PARTITIONS: &str = "ndc_cluster_owned_partitions";
+    /// Shards this node holds (applies the log of) by placement; with
+    /// `replication_factor` 0 every shard, not counted here.
+    pub const HELD_SHARDS: &str = "ndc_cluster_held_shards";
+    /// Placement changes committed by the leader (rounds, not shards).
+    pub const PLACEMENT_CHANGES: &str = "ndc_cluster_placement_changes_total";
     pub const FAILOVER_SECONDS: &str = "ndc_cluster_failover_seconds";
     pub const LEASE_VALID: &str = "ndc_cluster_lease_valid";
     /// Drains before a stop, by `outcome` (`moved`: every partition handed
@@ -187,6 +199,7 @@ struct NodeReport {
     held: Vec<HeldPartition>,
     /// The node is stopping and hands its partitions over.
     draining: bool,
+    zone: String,
 }
 
 #[derive(Debug, Default)]
@@ -524,6 +537,11 @@ impl Coordinator {
             .map_or(0, |t| t.iter().filter(|t| !t.is_finished()).count())
     }
 
+    /// The peer address of a member.
+    pub fn member_addr(&self, id: NodeId) -> Option<String> {
+        self.leader_addr(id)
+    }
+
     fn leader_addr(&self, leader: NodeId) -> Option<String> {
         let applied = self.inner.applied.borrow();
         applied
@@ -559,6 +577,7 @@ impl Coordinator {
                     .map(|h| h.clone())
                     .unwrap_or_default(),
                 draining: self.is_draining(),
+                zone: self.inner.config.zone.clone().unwrap_or_default(),
             };
             let metrics = self.inner.raft.metrics().borrow().clone();
             let reply = match metrics.current_leader {
@@ -672,6 +691,7 @@ impl Coordinator {
                 applied_index: request.applied_index,
                 held: request.held,
                 draining: request.draining,
+                zone: request.zone,
             },
         );
         reply.accepted = true;
@@ -726,7 +746,35 @@ impl Coordinator {
                 self.liveness(&view, &applied)
             };
             metrics::gauge!(metric::LIVE_NODES).set(liveness.live.len() as f64);
-            let changes = state::plan(&applied.cluster, &liveness);
+            // Placement first; the owners are planned on the state it makes.
+            let mut cluster = applied.cluster.clone();
+            let placed: BTreeSet<String> = cluster
+                .partitions
+                .iter()
+                .map(|p| state::shard_of(p).to_string())
+                .filter(|s| self.inner.config.placed_shards.contains(s))
+                .collect();
+            let placement = state::place(
+                &cluster,
+                &placed,
+                &liveness,
+                self.inner.config.replication_factor,
+            );
+            if !placement.is_empty() {
+                info!(changes = ?placement, live = ?liveness.live, "placement changes");
+                let command = Command::Place { changes: placement };
+                match self.inner.raft.client_write(command.clone()).await {
+                    Ok(_) => {
+                        metrics::counter!(metric::PLACEMENT_CHANGES).increment(1);
+                        cluster.apply(&command, 0);
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "cannot commit placement changes");
+                        continue;
+                    }
+                }
+            }
+            let changes = state::plan(&cluster, &liveness);
             if changes.is_empty() {
                 continue;
             }
@@ -841,11 +889,28 @@ impl Coordinator {
             .copied()
             .filter(|id| view.reports.get(id).is_some_and(|r| r.draining))
             .collect();
+        let mut zones: BTreeMap<NodeId, String> = view
+            .reports
+            .iter()
+            .filter(|(_, r)| !r.zone.is_empty())
+            .map(|(id, r)| (*id, r.zone.clone()))
+            .collect();
+        if let Some(z) = &self.inner.config.zone {
+            zones.insert(self.node_id(), z.clone());
+        }
+        let lost = members
+            .iter()
+            .copied()
+            .filter(|&id| !live.contains(&id) && silent(id))
+            .collect();
         (
             state::Liveness {
                 live,
                 released,
                 draining,
+                members,
+                zones,
+                lost,
             },
             dead_since,
         )
@@ -877,6 +942,16 @@ impl Coordinator {
                     .owned_by(self.node_id())
                     .len();
                 metrics::gauge!(metric::OWNED_PARTITIONS).set(owned as f64);
+                let held = self
+                    .inner
+                    .applied
+                    .borrow()
+                    .cluster
+                    .holders
+                    .values()
+                    .filter(|h| h.contains(&self.node_id()))
+                    .count();
+                metrics::gauge!(metric::HELD_SHARDS).set(held as f64);
             }
             tokio::select! {
                 _ = self.inner.stop.cancelled() => return,
@@ -990,7 +1065,17 @@ impl Coordinator {
                 }
             })
             .collect();
+        let shards = applied
+            .cluster
+            .holders
+            .iter()
+            .map(|(shard, holders)| ndc_proto::cluster::ShardPlacement {
+                shard: shard.clone(),
+                holders: holders.clone(),
+            })
+            .collect();
         ClusterStatus {
+            shards,
             answered_by: self.node_id(),
             leader_id: metrics.current_leader,
             term: metrics.current_term,

@@ -53,6 +53,20 @@ pub enum Command {
     PutGrant { grant: Grant },
     /// Removes a principal's grant.
     RevokeGrant { principal: String },
+    /// Sets the holders of shards (see [`ClusterState::holders`]); an
+    /// empty list takes a shard out of placement (every node holds it).
+    Place {
+        changes: Vec<(ShardName, Vec<NodeId>)>,
+    },
+}
+
+/// A shard of a view: the store view `view#i` (or `view` when unsharded),
+/// the first part of its partitions' ids.
+pub type ShardName = String;
+
+/// The shard a partition id (`shard/topic/partition`) belongs to.
+pub fn shard_of(partition: &str) -> &str {
+    partition.split('/').next().unwrap_or(partition)
 }
 
 /// Role of a principal: what it may do besides reading its views.
@@ -162,6 +176,11 @@ pub struct ClusterState {
     /// Grants, by principal.
     #[serde(default)]
     pub grants: BTreeMap<String, Grant>,
+    /// Nodes holding each placed shard (applying its change log, keeping
+    /// its rows), the first of them its owner-to-be: the others are its
+    /// standbys. A shard not named here is held by every node.
+    #[serde(default)]
+    pub holders: BTreeMap<ShardName, Vec<NodeId>>,
 }
 
 impl ClusterState {
@@ -219,6 +238,17 @@ impl ClusterState {
                     self.partitions.remove(p);
                     self.assignments.remove(p);
                 }
+                let shards: BTreeSet<&str> = self.partitions.iter().map(|p| shard_of(p)).collect();
+                self.holders.retain(|s, _| shards.contains(s.as_str()));
+            }
+            Command::Place { changes } => {
+                for (shard, holders) in changes {
+                    if holders.is_empty() {
+                        self.holders.remove(shard);
+                    } else {
+                        self.holders.insert(shard.clone(), holders.clone());
+                    }
+                }
             }
             Command::PutGrant { grant } => {
                 self.grants.insert(grant.principal.clone(), grant.clone());
@@ -243,6 +273,17 @@ impl ClusterState {
 
     pub fn owner(&self, partition: &str) -> Option<&Assignment> {
         self.assignments.get(partition)
+    }
+
+    /// Whether `node` holds `shard`: it is one of its holders, or the shard
+    /// is not placed (every node holds it).
+    pub fn holds(&self, node: NodeId, shard: &str) -> bool {
+        self.holders.get(shard).is_none_or(|h| h.contains(&node))
+    }
+
+    /// The holders of a placed shard, owner-to-be first; `None`: every node.
+    pub fn holders_of(&self, shard: &str) -> Option<&[NodeId]> {
+        self.holders.get(shard).map(Vec::as_slice)
     }
 }
 
@@ -269,6 +310,288 @@ pub struct Liveness {
     /// Live nodes that are stopping: they keep nothing and take nothing,
     /// as long as another live node can take their partitions.
     pub draining: BTreeSet<NodeId>,
+    /// Every member, live or not: a member that is down keeps the shards
+    /// it holds (its state is on its disk); a node no longer a member
+    /// holds nothing.
+    pub members: BTreeSet<NodeId>,
+    /// Zones of the nodes that said theirs: standbys go to other zones
+    /// than their shard's other holders where they can.
+    pub zones: BTreeMap<NodeId, String>,
+    /// Members silent for longer than the failure timeout (or, never heard
+    /// by this leader, for as long as any lease lasts): they cannot act.
+    /// A member neither live nor lost is not known yet (a new leader has
+    /// not heard from it): placement waits for it rather than replace it.
+    pub lost: BTreeSet<NodeId>,
+}
+
+impl Liveness {
+    /// Nodes that may take work: live, not draining; if every live node
+    /// drains, nobody else could take over, and they keep it.
+    fn takers(&self) -> BTreeSet<NodeId> {
+        let takers: BTreeSet<NodeId> = self.live.difference(&self.draining).copied().collect();
+        if takers.is_empty() {
+            self.live.clone()
+        } else {
+            takers
+        }
+    }
+}
+
+/// Next placement changes for `shards` (the placed ones) at
+/// `replication_factor` holders each.
+///
+/// - a holder no longer a member is dropped;
+/// - a shard without a live, non-draining holder gets one in front (it
+///   catches up from the shard's log), else the first such holder is moved
+///   to the front: the owner-to-be is always one that can take over, and
+///   a standby is promoted rather than a node without the state;
+/// - a shard with fewer holders than `replication_factor` gets more, on
+///   the nodes holding fewest (another zone than its holders' where one is
+///   free; ties: fewest shards owned, then lowest id); down members still
+///   count as holders (they come back with their state);
+/// - holders above `replication_factor` are dropped from the back (down
+///   ones first).
+///
+/// `replication_factor` 0 places nothing: every shard leaves placement.
+pub fn place(
+    state: &ClusterState,
+    shards: &BTreeSet<ShardName>,
+    liveness: &Liveness,
+    replication_factor: usize,
+) -> Vec<(ShardName, Vec<NodeId>)> {
+    if replication_factor == 0 {
+        return state
+            .holders
+            .keys()
+            .map(|shard| (shard.clone(), Vec::new()))
+            .collect();
+    }
+    let takers = liveness.takers();
+    let mut load = Load::default();
+    for (shard, holders) in &state.holders {
+        if shards.contains(shard) {
+            load.add(
+                holders.iter().filter(|n| liveness.members.contains(n)),
+                true,
+            );
+        }
+    }
+    // Holders that stay (members), by shard.
+    let mut next: BTreeMap<&ShardName, (Vec<NodeId>, Vec<NodeId>)> = shards
+        .iter()
+        .map(|shard| {
+            let before = state.holders.get(shard).cloned().unwrap_or_default();
+            let kept = before
+                .iter()
+                .copied()
+                .filter(|n| liveness.members.contains(n))
+                .collect();
+            (shard, (before, kept))
+        })
+        .collect();
+    // First every shard's owner-to-be: a holder that can take over moved
+    // to the front, else a new one (the node owning fewest: shards placed
+    // together spread their owners first, then their standbys).
+    // Not known yet: neither live nor lost.
+    let unknown = |n: &NodeId| !liveness.live.contains(n) && !liveness.lost.contains(n);
+    for (_, holders) in next.values_mut() {
+        if holders.first().is_some_and(unknown) {
+            continue;
+        }
+        match holders.iter().position(|n| takers.contains(n)) {
+            Some(0) => {}
+            Some(i) => {
+                load.demote(holders[0]);
+                let n = holders.remove(i);
+                holders.insert(0, n);
+                load.promote(n);
+            }
+            // No holder can take over: a new one, unless one may still be
+            // back (not known yet).
+            None if holders.iter().any(unknown) => {}
+            None => {
+                if let Some(n) = load.pick(&takers, holders, &liveness.zones, true) {
+                    if let Some(&old) = holders.first() {
+                        load.demote(old);
+                    }
+                    holders.insert(0, n);
+                    load.add([&n], false);
+                    load.promote(n);
+                }
+            }
+        }
+    }
+    // Then standbys up to the factor, on the nodes holding fewest; and
+    // holders above it dropped, the down ones first.
+    let owners: BTreeSet<(&str, NodeId)> = state
+        .assignments
+        .iter()
+        .filter_map(|(p, a)| Some((shard_of(p), a.owner?)))
+        .collect();
+    for (shard, (_, holders)) in next.iter_mut() {
+        let shard = shard.as_str();
+        while holders.len() < replication_factor {
+            let Some(n) = load.pick(&takers, holders, &liveness.zones, false) else {
+                break;
+            };
+            holders.push(n);
+            load.add([&n], false);
+        }
+        // A live node still owning one of the shard's partitions keeps it
+        // until its partitions have moved (it applies what it decided).
+        while holders.len() > replication_factor {
+            let owning = |n: &NodeId| liveness.live.contains(n) && owners.contains(&(shard, *n));
+            let Some(i) = holders
+                .iter()
+                .rposition(|n| !liveness.live.contains(n))
+                .filter(|&i| i > 0)
+                .or_else(|| (1..holders.len()).rev().find(|&i| !owning(&holders[i])))
+            else {
+                break;
+            };
+            load.remove(holders.remove(i));
+        }
+    }
+    // Holdings even out: a node holding two more than another hands it a
+    // standby (never an owner-to-be). Shards placed this round trade at
+    // once (nobody holds their state yet); others only once every member
+    // is known (a new leader's first rounds change nothing), and the new
+    // standby catches up from the shard's log (or its copied state) while
+    // the owner goes on.
+    let settled = !liveness.members.iter().any(unknown);
+    loop {
+        let held = |n: &NodeId| load.held.get(n).copied().unwrap_or(0);
+        let (Some(most), Some(least)) = (
+            takers
+                .iter()
+                .max_by_key(|n| (held(n), std::cmp::Reverse(**n))),
+            takers.iter().min_by_key(|n| (held(n), **n)),
+        ) else {
+            break;
+        };
+        if held(most) < held(least) + 2 {
+            break;
+        }
+        let zone = |n: &NodeId| liveness.zones.get(n);
+        let trade = next.iter().find_map(|(shard, (before, h))| {
+            if !(before.is_empty() || settled) || h.contains(least) {
+                return None;
+            }
+            // A shard without standbys (factor 1) moves whole: the new
+            // holder goes first, the old one stays until its partitions
+            // have moved (then it is dropped above the factor).
+            let j = match h.len() {
+                1 if h[0] == *most => 0,
+                _ => (1..h.len()).find(|&j| h[j] == *most)?,
+            };
+            let other_zones = h.iter().filter(|n| *n != most).filter_map(zone);
+            let fits = zone(least) == zone(most)
+                || zone(least).is_none_or(|z| !other_zones.clone().any(|o| o == z));
+            fits.then_some((*shard, j))
+        });
+        let Some((shard, j)) = trade else { break };
+        let (most, least) = (*most, *least);
+        if let Some((_, h)) = next.get_mut(shard) {
+            if j == 0 && owners.contains(&(shard.as_str(), most)) {
+                h.insert(0, least);
+                load.demote(most);
+                load.promote(least);
+            } else {
+                if j == 0 {
+                    load.demote(most);
+                    load.promote(least);
+                }
+                h[j] = least;
+            }
+            load.remove(most);
+            load.add([&least], false);
+        }
+    }
+    // Owners-to-be even out among the nodes that can take over: a shard
+    // whose first holder owns two more than one of its standbys is handed
+    // to that standby (it holds the state: a fence, not a copy). Not while
+    // some member is not known yet (a new leader's first rounds).
+    while settled && !next.is_empty() {
+        let count = |n: &NodeId| load.first.get(n).copied().unwrap_or(0);
+        let swap = next.iter().find_map(|(shard, (_, h))| {
+            let top = count(h.first()?);
+            let j = (1..h.len())
+                .filter(|&j| takers.contains(&h[j]) && count(&h[j]) + 2 <= top)
+                .min_by_key(|&j| (count(&h[j]), h[j]))?;
+            Some((*shard, j))
+        });
+        let Some((shard, j)) = swap else { break };
+        if let Some((_, h)) = next.get_mut(shard) {
+            load.demote(h[0]);
+            load.promote(h[j]);
+            h.swap(0, j);
+        }
+    }
+    next.into_iter()
+        .filter(|(_, (before, holders))| holders != before)
+        .map(|(shard, (_, holders))| (shard.clone(), holders))
+        .collect()
+}
+
+/// Shards held, and shards owned-to-be, per node, as placement goes.
+#[derive(Default)]
+struct Load {
+    held: BTreeMap<NodeId, usize>,
+    first: BTreeMap<NodeId, usize>,
+}
+
+impl Load {
+    fn add<'a>(&mut self, nodes: impl IntoIterator<Item = &'a NodeId>, first_is_owner: bool) {
+        for (i, n) in nodes.into_iter().enumerate() {
+            *self.held.entry(*n).or_default() += 1;
+            if first_is_owner && i == 0 {
+                self.promote(*n);
+            }
+        }
+    }
+
+    fn remove(&mut self, n: NodeId) {
+        if let Some(c) = self.held.get_mut(&n) {
+            *c = c.saturating_sub(1);
+        }
+    }
+
+    fn promote(&mut self, n: NodeId) {
+        *self.first.entry(n).or_default() += 1;
+    }
+
+    fn demote(&mut self, n: NodeId) {
+        if let Some(c) = self.first.get_mut(&n) {
+            *c = c.saturating_sub(1);
+        }
+    }
+
+    /// The taker not among `holders` to add: another zone than theirs
+    /// where one is free, then the fewest owned (`owner`) or held, then the
+    /// lowest id.
+    fn pick(
+        &self,
+        takers: &BTreeSet<NodeId>,
+        holders: &[NodeId],
+        zones: &BTreeMap<NodeId, String>,
+        owner: bool,
+    ) -> Option<NodeId> {
+        let used: BTreeSet<&String> = holders.iter().filter_map(|n| zones.get(n)).collect();
+        takers
+            .iter()
+            .copied()
+            .filter(|n| !holders.contains(n))
+            .min_by_key(|n| {
+                let h = self.held.get(n).copied().unwrap_or(0);
+                let f = self.first.get(n).copied().unwrap_or(0);
+                let same_zone = zones.get(n).is_some_and(|z| used.contains(z));
+                if owner {
+                    (same_zone, f, h, *n)
+                } else {
+                    (same_zone, h, f, *n)
+                }
+            })
+    }
 }
 
 /// Next assignment changes: as few moves as give every live node its fair
@@ -282,21 +605,36 @@ pub struct Liveness {
 pub fn plan(state: &ClusterState, liveness: &Liveness) -> Vec<(PartitionId, Option<NodeId>)> {
     // Nodes that may own partitions: the live ones not draining; if every
     // live node drains, nobody could take over, and they keep what they own.
-    let takers: BTreeSet<NodeId> = liveness
-        .live
-        .difference(&liveness.draining)
-        .copied()
-        .collect();
-    let live = if takers.is_empty() {
-        &liveness.live
-    } else {
-        &takers
-    };
+    let takers = liveness.takers();
+    let live = &takers;
     let mut changes = Vec::new();
     if live.is_empty() {
         return changes;
     }
-    let total = state.partitions.len();
+    // A placed shard's partitions go to its first holder that can take
+    // them, and to nobody else (the others do not apply its log).
+    let (placed, free): (Vec<&PartitionId>, Vec<&PartitionId>) = state
+        .partitions
+        .iter()
+        .partition(|p| state.holders.contains_key(shard_of(p)));
+    for p in placed {
+        let target = state
+            .holders_of(shard_of(p))
+            .and_then(|h| h.iter().copied().find(|n| takers.contains(n)));
+        match state.assignments.get(p).and_then(|a| a.owner) {
+            Some(owner) if Some(owner) == target => {}
+            // First step of a move: the owner stops.
+            Some(owner) if liveness.live.contains(&owner) => changes.push((p.clone(), None)),
+            _ => {
+                if let Some(t) = target
+                    && liveness.released.contains(p)
+                {
+                    changes.push((p.clone(), Some(t)));
+                }
+            }
+        }
+    }
+    let total = free.len();
     let n = live.len();
     let floor = total / n;
     let ceil = total.div_ceil(n);
@@ -305,7 +643,7 @@ pub fn plan(state: &ClusterState, liveness: &Liveness) -> Vec<(PartitionId, Opti
     let mut load: BTreeMap<NodeId, Vec<&PartitionId>> =
         live.iter().map(|&id| (id, Vec::new())).collect();
     let mut homeless: Vec<&PartitionId> = Vec::new();
-    for p in &state.partitions {
+    for p in free {
         match state.assignments.get(p).and_then(|a| a.owner) {
             Some(owner) if live.contains(&owner) => {
                 if let Some(v) = load.get_mut(&owner) {
@@ -435,6 +773,7 @@ mod tests {
                 live: [1, 2, 3].into(),
                 released: all(&s),
                 draining: BTreeSet::new(),
+                ..Default::default()
             },
         );
         s.apply(&Command::Assign { changes: first }, 1);
@@ -445,6 +784,7 @@ mod tests {
             live: [1, 2, 3].into(),
             released: BTreeSet::new(),
             draining: [3].into(),
+            ..Default::default()
         };
         let give_up = plan(&s, &draining);
         assert_eq!(give_up.len(), 2);
@@ -464,6 +804,7 @@ mod tests {
             live: [1].into(),
             released: all(&s),
             draining: [1].into(),
+            ..Default::default()
         };
         assert!(
             plan(&s, &alone)
@@ -481,6 +822,7 @@ mod tests {
                 live: [1, 2].into(),
                 released: all_released(&s),
                 draining: BTreeSet::new(),
+                ..Default::default()
             },
         );
         s.apply(&Command::Assign { changes: first }, 1);
@@ -490,6 +832,7 @@ mod tests {
             live: [1].into(),
             released: BTreeSet::new(),
             draining: BTreeSet::new(),
+            ..Default::default()
         };
         let changes = plan(&s, &l);
         assert!(
@@ -502,6 +845,7 @@ mod tests {
             live: [1].into(),
             released: s.owned_by(2).into_keys().collect(),
             draining: BTreeSet::new(),
+            ..Default::default()
         };
         let changes = plan(&s, &l);
         s.apply(&Command::Assign { changes }, 1);

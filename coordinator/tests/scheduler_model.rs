@@ -60,6 +60,7 @@ fn converge(
             live: live.clone(),
             released,
             draining: draining.clone(),
+            ..Default::default()
         };
         let changes = plan(s, &liveness);
         if changes.is_empty() {
@@ -90,7 +91,7 @@ proptest! {
             .filter(|(i, _)| released_mask[*i])
             .map(|(_, p)| p.clone())
             .collect();
-        let liveness = Liveness { live: live.clone(), released: released.clone(), draining: draining.clone() };
+        let liveness = Liveness { live: live.clone(), released: released.clone(), draining: draining.clone(), ..Default::default() };
         let changes = plan(&s, &liveness);
         // Who may take partitions: live nodes not draining (all live ones
         // when every one drains).
@@ -134,7 +135,7 @@ proptest! {
         let max = l.values().copied().max().unwrap_or(0);
         let min = l.values().copied().min().unwrap_or(0);
         prop_assert!(max - min <= 1, "unbalanced: {:?}", l);
-        let quiet = plan(&s, &Liveness { live: live.clone(), released: s.partitions.clone(), draining: BTreeSet::new() });
+        let quiet = plan(&s, &Liveness { live: live.clone(), released: s.partitions.clone(), draining: BTreeSet::new(), ..Default::default() });
         prop_assert!(quiet.is_empty(), "not quiet after convergence: {:?}", quiet);
     }
 

@@ -371,6 +371,14 @@ pub async fn start_with(mut config: NodeConfig, handed: Listeners) -> anyhow::Re
         config.access.max_streams_per_principal,
         Arc::new(hash_keys),
         audit.clone(),
+    )
+    .with_peers(
+        coordinator
+            .as_ref()
+            .map(|c| crate::serving::shard_peer::PeerShards {
+                coordinator: c.clone(),
+                tls: peer_client_tls.clone(),
+            }),
     );
     let pipelines = crate::serving::pipelines_api::PipelineService::new(
         runtime.clone(),
@@ -399,22 +407,30 @@ pub async fn start_with(mut config: NodeConfig, handed: Listeners) -> anyhow::Re
             &config,
             c,
             listener,
-            crate::serving::pipelines_api::PipelineService::new(
-                runtime.clone(),
-                coordinator.clone(),
-                peer_client_tls.clone(),
-                audit.clone(),
-            ),
-            crate::serving::access_api::AccessService::new(
-                auth.clone(),
-                peer_client_tls.clone(),
-                audit.clone(),
-            ),
-            crate::cluster::state_transfer::StateService::new(
-                reader.clone(),
-                c.clone(),
-                &config.node.data_dir,
-            ),
+            PeerServices {
+                pipelines: crate::serving::pipelines_api::PipelineService::new(
+                    runtime.clone(),
+                    coordinator.clone(),
+                    peer_client_tls.clone(),
+                    audit.clone(),
+                ),
+                access: crate::serving::access_api::AccessService::new(
+                    auth.clone(),
+                    peer_client_tls.clone(),
+                    audit.clone(),
+                ),
+                state: crate::cluster::state_transfer::StateService::new(
+                    reader.clone(),
+                    c.clone(),
+                    &config.node.data_dir,
+                ),
+                shards: crate::serving::shard_peer::ShardService::new(
+                    reader.clone(),
+                    views.clone(),
+                    c.clone(),
+                    &config.subscriptions,
+                ),
+            },
             server_stop.clone(),
         )?),
         _ => None,
@@ -556,15 +572,27 @@ fn local_addr(addr: SocketAddr) -> String {
 /// The peer listener: Raft, heartbeats, and admin requests forwarded by
 /// other nodes, behind a gate that lets in only nodes of the cluster (with
 /// TLS: certificates of the cluster's CA naming a node).
+/// What the peer listener serves besides Raft and heartbeats.
+struct PeerServices {
+    pipelines: crate::serving::pipelines_api::PipelineService,
+    access: crate::serving::access_api::AccessService,
+    state: crate::cluster::state_transfer::StateService,
+    shards: crate::serving::shard_peer::ShardService,
+}
+
 fn start_peer_server(
     config: &NodeConfig,
     coordinator: &ndc_coordinator::Coordinator,
     listener: tokio::net::TcpListener,
-    pipelines: crate::serving::pipelines_api::PipelineService,
-    access: crate::serving::access_api::AccessService,
-    state: crate::cluster::state_transfer::StateService,
+    services: PeerServices,
     stop: CancellationToken,
 ) -> anyhow::Result<JoinHandle<()>> {
+    let PeerServices {
+        pipelines,
+        access,
+        state,
+        shards,
+    } = services;
     let mut section = config.tls.clone();
     section.client_ca = crate::cluster::peer_client_tls(config).ca;
     let tls = crate::security::tls::ServerTls::from_config(&section, false)?;
@@ -576,7 +604,11 @@ fn start_peer_server(
         .add_service(coordinator.cluster_service(true))
         .add_service(PipelinesServer::new(pipelines))
         .add_service(AccessServer::new(access))
-        .add_service(ndc_proto::cluster::state_server::StateServer::new(state));
+        .add_service(ndc_proto::cluster::state_server::StateServer::new(state))
+        .add_service(
+            ndc_proto::cluster::shards_server::ShardsServer::new(shards)
+                .max_encoding_message_size(64 << 20),
+        );
     Ok(tokio::spawn(async move {
         let result = serve!(router, listener, tls, stop);
         if let Err(e) = result {

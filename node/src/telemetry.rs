@@ -112,6 +112,12 @@ pub mod metric {
     pub const SUBSCRIPTION_ERRORS: &str = "ndc_subscription_errors_total";
     /// Changes sent to subscribers, by `view`.
     pub const CHANGES_SENT: &str = "ndc_subscription_changes_sent_total";
+    /// Shards a subscription read from another node (it does not hold
+    /// them), by `outcome`: `opened`, `rerouted` (its holder was lost
+    /// mid-stream and another took over from the shard's cursor).
+    pub const REMOTE_SHARDS: &str = "ndc_subscription_remote_shards_total";
+    /// Shard streams this node serves to other nodes' subscriptions.
+    pub const SHARDS_SERVED: &str = "ndc_cluster_shard_streams_active";
     /// Changes subscribers took from the commit that made them (`from` =
     /// `memory`) or read back from the change stream (`from` = `store`), by
     /// `view`. Mostly `store` means subscribers are not keeping up.
@@ -134,6 +140,8 @@ pub mod metric {
     /// already_applied, unknown_view — effects on a view this node does not
     /// hold were skipped —, undecodable).
     pub const LOG_RECORDS: &str = "ndc_cluster_log_records_total";
+    /// Change logs this node reads and applies: of the shards it holds.
+    pub const LOGS_READ: &str = "ndc_cluster_logs_read";
     /// Gaps in a change log as delivered by the broker (then read again).
     pub const LOG_GAPS: &str = "ndc_cluster_log_gaps_total";
     /// Bytes this node wrote to change logs.

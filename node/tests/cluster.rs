@@ -44,10 +44,73 @@ struct Cluster {
 /// Shards of the replica scenarios' view: one per partition.
 const SHARDS: u32 = 8;
 
+/// Holders per shard in the replica scenarios: an owner and a standby.
+const REPLICATION_FACTOR: usize = 2;
+
 /// Members of the replica scenarios: one configured view of `TOPIC`, in
-/// `SHARDS` shards (each with its own change log and sequence numbers).
+/// `SHARDS` shards (each with its own change log and sequence numbers),
+/// each held by `REPLICATION_FACTOR` of the nodes.
 fn replica_member(c: &mut NodeConfig) {
     c.views[0].shards = SHARDS;
+    if let Some(cluster) = c.cluster.as_mut() {
+        cluster.replication_factor = REPLICATION_FACTOR;
+    }
+}
+
+/// Holders of each shard, owner first.
+fn holders(s: &ClusterStatus) -> BTreeMap<String, Vec<u64>> {
+    s.shards
+        .iter()
+        .map(|p| (p.shard.clone(), p.holders.clone()))
+        .collect()
+}
+
+/// Every shard placed on `REPLICATION_FACTOR` distinct nodes, owners and
+/// holdings within one of each other over `live`, each partition owned by
+/// its shard's first holder.
+fn placed_over(s: &ClusterStatus, live: &[u64]) -> bool {
+    let h = holders(s);
+    if h.len() != SHARDS as usize || !balanced_over(s, live) {
+        return false;
+    }
+    let mut held: BTreeMap<u64, usize> = live.iter().map(|&n| (n, 0)).collect();
+    for nodes in h.values() {
+        let distinct: BTreeSet<&u64> = nodes.iter().collect();
+        if nodes.len() != REPLICATION_FACTOR || distinct.len() != nodes.len() {
+            return false;
+        }
+        for n in nodes {
+            if let Some(c) = held.get_mut(n) {
+                *c += 1;
+            }
+        }
+    }
+    let owned_by_first = s.partitions.iter().all(|p| {
+        let shard = p.partition.split('/').next().unwrap_or_default();
+        p.owner.is_some() && h.get(shard).and_then(|n| n.first().copied()) == p.owner
+    });
+    let max = held.values().max().copied().unwrap_or(0);
+    let min = held.values().min().copied().unwrap_or(0);
+    owned_by_first && max - min <= 1
+}
+
+/// Every partition that moved went to a node that held its shard before
+/// (a standby, with the state): none was rebuilt from the log's start.
+fn moved_to_standbys(before: &ClusterStatus, after: &ClusterStatus) {
+    let held_before = holders(before);
+    let owners_before = owners(before);
+    for p in &after.partitions {
+        let shard = p.partition.split('/').next().unwrap_or_default();
+        if owners_before.get(&p.partition).map(|o| o.0) != Some(p.owner) {
+            assert!(
+                p.owner.is_some_and(|o| held_before[shard].contains(&o)),
+                "{} moved to {:?}, not a standby of {:?}",
+                p.partition,
+                p.owner,
+                held_before[shard]
+            );
+        }
+    }
 }
 
 /// Partition id of a source partition of the replica view (it names the
@@ -99,7 +162,6 @@ fn member_config(dir: &Path, broker: &str, id: u64, edit: fn(&mut NodeConfig)) -
         broker,
         &[("citizens", TOPIC, &["person_id"])],
     );
-    edit(&mut c);
     let pki = pki();
     let (cert, key) = &pki.nodes[id as usize];
     c.tls.insecure = false;
@@ -111,6 +173,7 @@ fn member_config(dir: &Path, broker: &str, id: u64, edit: fn(&mut NodeConfig)) -
         changes_replication: 1,
         ..ClusterSection::default()
     });
+    edit(&mut c);
     c
 }
 
@@ -547,6 +610,26 @@ impl Workload {
                 } else {
                     "still running".into()
                 };
+                // Where each shard stands for the subscriber, and on a node.
+                let mut top: BTreeMap<u64, u64> = BTreeMap::new();
+                for l in seen.lock().unwrap().iter() {
+                    if let Some(seq) = l.get("seq").and_then(Value::as_u64) {
+                        let shard = l.get("shard").and_then(Value::as_u64).unwrap_or(0);
+                        let t = top.entry(shard).or_default();
+                        *t = (*t).max(seq);
+                    }
+                }
+                eprintln!("subscriber per shard: {top:?}");
+                for (id, addr) in &addrs {
+                    eprintln!(
+                        "ndc-{id} committed: {:?}",
+                        committed_seqs(addr, "citizens").await
+                    );
+                }
+                if let Some(s) = cluster.status().await {
+                    eprintln!("holders: {:?}", holders(&s));
+                }
+                cluster.dump_logs();
                 panic!("the subscriber did not converge; its task: {outcome}");
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -611,14 +694,30 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
     cluster._broker.create_topic("ndc.dead-letter", 1).await;
     let work = Workload::start(&cluster, &[0, 1, 2]);
     let (s, t) = cluster
-        .wait_for("three live members and balanced partitions", SETTLE, |s| {
-            live_members(s).len() == 3 && balanced_over(s, &[0, 1, 2])
+        .wait_for("three live members and balanced placement", SETTLE, |s| {
+            live_members(s).len() == 3 && placed_over(s, &[0, 1, 2])
         })
         .await;
     eprintln!(
-        "cluster formed and assigned in {t:?}: leader {:?}",
-        s.leader_id
+        "cluster formed and placed in {t:?}: leader {:?}, holders {:?}",
+        s.leader_id,
+        holders(&s)
     );
+    // A node reads the change logs of the shards it holds, no others.
+    for m in cluster.members() {
+        let held = holders(&s).values().filter(|h| h.contains(&m.id)).count();
+        let http = m.node.http();
+        eventually_async(
+            &format!("ndc-{} reading the logs of its {held} shards", m.id),
+            SETTLE,
+            || async move {
+                let text = metrics_text(http).await;
+                metric_value(&text, |l| l.starts_with("ndc_cluster_logs_read "))
+                    .filter(|n| *n == held as f64)
+            },
+        )
+        .await;
+    }
     // Each source partition belongs to the shard `p mod SHARDS` names.
     let registered: BTreeSet<String> = owners(&s).into_keys().collect();
     let want: BTreeSet<String> = (0..PARTITIONS).map(replica_partition).collect();
@@ -642,6 +741,7 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
         let leader = s.leader_id.unwrap();
         let follower = (0..3).find(|&i| i != leader).unwrap();
         let before = owners(&s);
+        let status_before = s.clone();
         cluster.member(follower).kill9();
         let survivors: Vec<u64> = (0..3).filter(|&i| i != follower).collect();
         let (s, t) = cluster
@@ -649,8 +749,9 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
                 balanced_over(s, &survivors)
             })
             .await;
-        eprintln!("follower {follower} killed: partitions moved in {t:?}");
+        eprintln!("follower {follower} killed: partitions moved to standbys in {t:?}");
         check_epochs(&before, &owners(&s));
+        moved_to_standbys(&status_before, &s);
 
         // It comes back (state kept): partitions rebalance onto it.
         cluster.member(follower).start().unwrap();
@@ -664,6 +765,7 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
         // 2. kill -9 the leader.
         let leader = s.leader_id.unwrap();
         let before = owners(&s);
+        let status_before = s.clone();
         cluster.member(leader).kill9();
         let survivors: Vec<u64> = (0..3).filter(|&i| i != leader).collect();
         let (s, t) = cluster
@@ -678,6 +780,7 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
             s.leader_id
         );
         check_epochs(&before, &owners(&s));
+        moved_to_standbys(&status_before, &s);
 
         // 3. Stopped for longer than the failure timeout (its partitions
         // moved, which takes that long), then back.
@@ -816,8 +919,16 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
     );
     assert!(json["leader"].as_u64().is_some());
 
-    work.finish(&cluster, &["ndc_cluster_failover_seconds_count"])
-        .await;
+    // The subscriber's node holds some shards; it read the others from
+    // their holders.
+    work.finish(
+        &cluster,
+        &[
+            "ndc_cluster_failover_seconds_count",
+            "ndc_subscription_remote_shards_total{outcome=\"opened\"}",
+        ],
+    )
+    .await;
     // Every shard wrote a change log of its own.
     for shard in 0..SHARDS {
         let topic = format!("ndc.changes.citizens.shard{shard}");
@@ -827,7 +938,8 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
 
     // A log record with an effect on a view no node holds (written by a
     // node running another pipeline version) is skipped and counted on
-    // every node; none stops or crash-loops on it.
+    // every node that reads that log (the holders of shard 0); none stops
+    // or crash-loops on it.
     use prost::Message as _;
     let ghost = ndc_proto::state::LogRecord {
         view: "citizens#0".into(),
@@ -849,10 +961,15 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
         Some(&ghost.encode_to_vec()),
     )
     .await;
-    for m in cluster.members() {
+    let shard0 = cluster
+        .status()
+        .await
+        .map(|s| holders(&s)["citizens#0"].clone())
+        .unwrap();
+    for m in cluster.members().iter().filter(|m| shard0.contains(&m.id)) {
         let http = m.node.http();
         eventually_async(
-            "every node counts the record naming an unknown view",
+            "every holder of shard 0 counts the record naming an unknown view",
             Duration::from_secs(30),
             || async move {
                 let text = metrics_text(http).await;
@@ -1159,8 +1276,16 @@ async fn nodes_are_removed_and_added_online() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    work.finish(&cluster, &["ndc_cluster_failover_seconds_count"])
-        .await;
+    // The subscriber's node holds some shards; it read the others from
+    // their holders.
+    work.finish(
+        &cluster,
+        &[
+            "ndc_cluster_failover_seconds_count",
+            "ndc_subscription_remote_shards_total{outcome=\"opened\"}",
+        ],
+    )
+    .await;
 }
 
 // ---------------------------------------------------------------------------
@@ -1201,6 +1326,20 @@ async fn committed_seq(addr: &str, view: &str) -> u64 {
         .into_iter()
         .find(|v| v.name == view)
         .map_or(0, |v| v.committed_seq)
+}
+
+/// The committed sequence of each shard of `view` at `addr`.
+async fn committed_seqs(addr: &str, view: &str) -> Vec<u64> {
+    let mut c = ndc_proto::v1::subscription_client::SubscriptionClient::new(
+        ndc_node::client::channel(addr, None).await.unwrap(),
+    );
+    c.list_views(ndc_proto::v1::ListViewsRequest {})
+        .await
+        .map(|r| r.into_inner().views)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|v| v.name == view)
+        .map_or(Vec::new(), |v| v.committed_seqs)
 }
 
 fn socket(addr: &str) -> std::net::SocketAddr {

@@ -84,6 +84,7 @@ async fn a_peer_speaks_only_for_the_node_its_certificate_names() {
         applied_index: 0,
         held: Vec::new(),
         draining: false,
+        zone: String::new(),
     };
 
     // Node 1's certificate speaks for node 1 (not a member: not accepted,

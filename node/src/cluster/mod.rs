@@ -204,11 +204,15 @@ pub async fn create_log_topics(
     crate::kafka::create_topics(kafka, topics, 1, cluster.changes_replication, "change-log").await
 }
 
-/// Reads every view's change log from the offset stored with the state and
-/// hands its records to the state writer.
+/// Reads the change logs of the views this node holds (every view, unless
+/// placement says otherwise) from the offset stored with the state, and
+/// hands their records to the state writer. Follows placement: a shard
+/// gained is read from where this node left it (its stored offset; the
+/// log's start if it never held it), a shard lost is no longer read.
 pub async fn run_log_source(
     kafka: KafkaSection,
     log: Arc<ClusterLog>,
+    coordinator: Coordinator,
     start: BTreeMap<ViewId, Option<u64>>,
     tx: crate::views::Inputs<LogInput>,
     shutdown: CancellationToken,
@@ -220,34 +224,67 @@ pub async fn run_log_source(
     )
     .create()
     .context("cannot create the change-log consumer")?;
-    let mut tpl = TopicPartitionList::new();
     let mut views: BTreeMap<String, (ViewId, Arc<str>)> = BTreeMap::new();
     // Per log topic: read once, in order, gaps read again. Only nodes write
     // a change log, without transactions: its offsets have no gaps, and
-    // every node must apply every record.
+    // every node must apply every record. Kept across placement changes:
+    // a shard held again resumes after the last record handed on.
     let mut expected: BTreeMap<String, crate::kafka::Gapless> = BTreeMap::new();
     for (view, topic) in &log.topics {
         let next = start.get(view).copied().flatten();
-        let offset = match next {
-            Some(next) => crate::kafka::resume_offset(&kafka, next),
-            None => Offset::Beginning,
-        };
-        tpl.add_partition_offset(topic, 0, offset)?;
         views.insert(topic.clone(), (*view, log_stream(topic).into()));
         expected.insert(
             topic.clone(),
             crate::kafka::Gapless::new(next.unwrap_or(0), false),
         );
     }
-    consumer.assign(&tpl)?;
+    let me = coordinator.node_id();
+    let held_topics = |state: &ndc_coordinator::ClusterState| -> BTreeSet<String> {
+        log.topics
+            .iter()
+            .filter(|(view, _)| log.names.get(view).is_none_or(|name| state.holds(me, name)))
+            .map(|(_, topic)| topic.clone())
+            .collect()
+    };
+    let mut placement = coordinator.watch();
+    let mut reading: Option<BTreeSet<String>> = None;
     let mut quiet_errors = false;
     loop {
+        let wanted = held_topics(&placement.borrow_and_update().cluster);
+        if reading.as_ref() != Some(&wanted) {
+            let mut tpl = TopicPartitionList::new();
+            for topic in &wanted {
+                let next = expected.get(topic).map(|e| e.next()).unwrap_or(0);
+                let offset = match next {
+                    0 => Offset::Beginning,
+                    n => crate::kafka::resume_offset(&kafka, n),
+                };
+                tpl.add_partition_offset(topic, 0, offset)?;
+            }
+            consumer.assign(&tpl)?;
+            if let Some(before) = &reading {
+                let gained: Vec<&String> = wanted.difference(before).collect();
+                let lost: Vec<&String> = before.difference(&wanted).collect();
+                info!(?gained, ?lost, "change logs read here follow placement");
+            }
+            metrics::gauge!(metric::LOGS_READ).set(wanted.len() as f64);
+            reading = Some(wanted);
+        }
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
+            r = placement.changed() => {
+                if r.is_err() {
+                    break;
+                }
+                continue;
+            }
             m = consumer.recv() => match m {
                 Ok(m) => {
                     quiet_errors = false;
+                    if !reading.as_ref().is_some_and(|r| r.contains(m.topic())) {
+                        continue;
+                    }
                     let Some((view, stream)) = views.get(m.topic()).cloned() else { continue };
                     let Ok(offset) = u64::try_from(m.offset()) else {
                         warn!(topic = m.topic(), offset = m.offset(), "change-log record without an offset; skipped");
@@ -337,6 +374,9 @@ pub fn coordinator_config(
         failure_timeout: cluster.failure_timeout,
         raft_heartbeat: cluster.raft_heartbeat,
         election_timeout: cluster.election_timeout,
+        replication_factor: cluster.replication_factor,
+        placed_shards: config.views.iter().flat_map(|v| v.store_names()).collect(),
+        zone: cluster.zone.clone(),
         peer_tls: match (peer_client_tls(config), config.tls.insecure) {
             (tls, false) => match (tls.ca, tls.cert, tls.key) {
                 (Some(ca), Some(cert), Some(key)) => Some(ndc_coordinator::PeerTls {
@@ -556,6 +596,9 @@ pub mod admin {
                 "id": m.id, "addr": m.addr, "role": m.role, "live": m.live,
                 "draining": m.draining, "last_heartbeat_ms_ago": m.last_heartbeat_ms_ago,
             })).collect::<Vec<_>>(),
+            "shards": s.shards.iter().map(|p| json!({
+                "shard": p.shard, "holders": p.holders,
+            })).collect::<Vec<_>>(),
             "partitions": s.partitions.iter().map(|p| json!({
                 "partition": p.partition, "owner": p.owner, "epoch": p.epoch, "running": p.running,
                 "next_offset": p.next_offset, "lag": p.lag,
@@ -596,6 +639,13 @@ pub mod admin {
                 m.last_heartbeat_ms_ago
                     .map_or("never".to_string(), |ms| format!("{ms} ms ago"))
             );
+        }
+        if !s.shards.is_empty() {
+            let _ = writeln!(out, "\n{:<48} HOLDERS (owner first)", "SHARD");
+            for p in &s.shards {
+                let holders: Vec<String> = p.holders.iter().map(u64::to_string).collect();
+                let _ = writeln!(out, "{:<48} {}", p.shard, holders.join(" "));
+            }
         }
         let _ = writeln!(
             out,

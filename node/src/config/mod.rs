@@ -217,6 +217,17 @@ pub struct ClusterSection {
     /// peers that do not answer in time (not started yet) are passed over.
     #[serde(with = "humantime_serde")]
     pub state_from_peers_timeout: Duration,
+    /// Nodes holding each shard of a configured view: its owner and
+    /// `replication_factor - 1` standbys, which apply its change log and
+    /// take over when the owner is lost. A node applies only the logs of
+    /// the shards it holds and fetches the others from their holders when
+    /// a subscriber asks. 0: every node holds every shard (a node's work
+    /// done N times: availability, no capacity). Pipeline views are held
+    /// by every node whatever this says.
+    pub replication_factor: usize,
+    /// This node's failure zone (a Kubernetes zone, a rack): a shard's
+    /// standbys go to other zones than its owner's where there are any.
+    pub zone: Option<String>,
 }
 
 impl Default for ClusterSection {
@@ -236,6 +247,8 @@ impl Default for ClusterSection {
             drain_timeout: Duration::from_secs(10),
             state_from_peers: true,
             state_from_peers_timeout: Duration::from_secs(2),
+            replication_factor: 0,
+            zone: None,
         }
     }
 }
@@ -1076,6 +1089,15 @@ impl NodeConfig {
             }
             if c.changes_replication < 1 {
                 bad("cluster.changes_replication".into(), "must be at least 1");
+            }
+            if c.replication_factor > 16 {
+                bad(
+                    "cluster.replication_factor".into(),
+                    "must be at most 16 (0: every node holds every shard)",
+                );
+            }
+            if c.zone.as_ref().is_some_and(|z| z.trim().is_empty()) {
+                bad("cluster.zone".into(), "must not be empty when given");
             }
             if c.election_timeout < c.raft_heartbeat * 3 {
                 bad(

@@ -576,9 +576,17 @@ impl Runtime {
                 let kafka = kafka.clone();
                 let log = log.clone();
                 let shutdown = shutdown.clone();
+                let coordinator = side.coordinator.clone();
                 async move {
-                    if let Err(e) =
-                        crate::cluster::run_log_source(kafka, log, start, log_tx, shutdown).await
+                    if let Err(e) = crate::cluster::run_log_source(
+                        kafka,
+                        log,
+                        coordinator,
+                        start,
+                        log_tx,
+                        shutdown,
+                    )
+                    .await
                     {
                         error!(error = %e, "change-log source failed");
                     }

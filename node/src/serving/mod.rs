@@ -8,4 +8,5 @@ pub mod audit;
 pub mod audit_api;
 pub mod filter;
 pub mod pipelines_api;
+pub mod shard_peer;
 pub mod subscriptions;

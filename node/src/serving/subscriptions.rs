@@ -16,6 +16,7 @@ use crate::security::token;
 use crate::serving::access::{self, Authenticator};
 use crate::serving::audit::{Ack, Audit, AuditError, Event};
 use crate::serving::filter::{Filter, Masker};
+use crate::serving::shard_peer::{PeerShards, RemoteShard};
 use crate::telemetry::metric;
 use crate::views::{CommitReceiver, ViewRegistry};
 
@@ -49,6 +50,9 @@ pub struct SubscriptionService {
     streams: Arc<Mutex<HashMap<String, usize>>>,
     max_streams_per_principal: usize,
     audit: Audit,
+    /// In a cluster with placement: where the shards this node does not
+    /// hold are read from.
+    peers: Option<PeerShards>,
 }
 
 impl SubscriptionService {
@@ -72,7 +76,15 @@ impl SubscriptionService {
             streams: Arc::default(),
             max_streams_per_principal,
             audit,
+            peers: None,
         }
+    }
+
+    /// Reads the shards this node does not hold (placement) from their
+    /// holders.
+    pub fn with_peers(mut self, peers: Option<PeerShards>) -> Self {
+        self.peers = peers;
+        self
     }
 
     /// Counts a stream of `principal` until the returned guard drops, or
@@ -187,7 +199,7 @@ fn batch(
 /// What a shard's subscriber hands the fan-in (which gives it the view's
 /// vector token on its way to the client).
 #[derive(Debug)]
-enum Out {
+pub(super) enum Out {
     /// Rows of the shard's snapshot (not a position yet).
     Rows(Vec<Change>),
     /// The shard's snapshot is complete: it stands at `seq`.
@@ -200,40 +212,72 @@ enum Out {
 }
 
 #[derive(Debug)]
-struct ShardOut {
-    shard: u32,
-    out: Out,
+pub(super) struct ShardOut {
+    pub(super) shard: u32,
+    pub(super) out: Out,
 }
 
 /// Streams one shard of a view: its snapshot, then its change stream.
-struct Subscriber {
-    reader: StoreReader,
+/// How one shard's batches reach the fan-in: filtered, masked and
+/// audited on this node, wherever the shard is read (this node's store, or
+/// a holder's over the peer listener).
+pub(super) struct Delivery {
     /// The view served (labels, levels, audit).
-    view: String,
-    /// Which of the view's shards, and its name in the store.
-    shard: u32,
-    store_name: Arc<str>,
-    filter: Filter,
-    batch_size: usize,
-    progress_interval: Duration,
-    commits: CommitReceiver,
-    out: mpsc::Sender<ShardOut>,
+    pub(super) view: String,
+    /// Which of the view's shards.
+    pub(super) shard: u32,
+    pub(super) filter: Filter,
+    pub(super) out: mpsc::Sender<ShardOut>,
     /// Who receives the stream and why, as the audit trail records it.
-    recipient: Arc<Recipient>,
-    audit: Audit,
-    views: ViewRegistry,
+    pub(super) recipient: Arc<Recipient>,
+    pub(super) audit: Audit,
+    pub(super) views: ViewRegistry,
     /// A delivered batch whose audit record is being written.
-    held: Option<(Ack, Out)>,
+    pub(super) held: Option<(Ack, Out)>,
     /// The leak test's mutation: masking off on this one path.
     #[cfg(test)]
-    unmasked: Option<DeliveryPath>,
+    pub(super) unmasked: Option<DeliveryPath>,
+}
+
+/// How a local read of a shard ended without an error.
+pub(super) enum Followed {
+    ClientGone,
+    /// Placement took the shard from this node: the read goes on from its
+    /// holders, after `cursor`.
+    Lost {
+        cursor: u64,
+        sub: Box<Subscriber>,
+    },
+}
+
+/// What a local read needs to go on from the holders when placement takes
+/// its shard from this node.
+#[derive(Clone)]
+pub(super) struct Handoff {
+    pub(super) peers: PeerShards,
+    pub(super) keys: Vec<String>,
+    pub(super) incarnation: u64,
+}
+
+/// Streams one shard of a view from this node's store: its snapshot, then
+/// its change stream.
+pub(super) struct Subscriber {
+    pub(super) reader: StoreReader,
+    /// The shard's name in the store.
+    pub(super) store_name: Arc<str>,
+    pub(super) batch_size: usize,
+    pub(super) progress_interval: Duration,
+    pub(super) commits: CommitReceiver,
+    pub(super) d: Delivery,
+    /// In a cluster with placement: where to go on when the shard leaves.
+    pub(super) handoff: Option<Handoff>,
 }
 
 /// Where the changes of a batch come from on their way out. Every path
 /// masks (one leak test drives each of them, and switches masking off on
 /// one at a time to show it would notice).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum DeliveryPath {
+pub(super) enum DeliveryPath {
     /// The view's rows from RocksDB, whole or by key.
     Snapshot,
     /// A caught-up subscriber's changes, from the writer's last commit.
@@ -241,10 +285,13 @@ enum DeliveryPath {
     /// Changes read back from the stored change stream (a resume, a slow
     /// subscriber).
     Store,
+    /// Rows and changes of a shard held by another node, read from it over
+    /// the peer listener.
+    Peer,
 }
 
 /// Who receives a stream, of which view and why.
-struct Recipient {
+pub(super) struct Recipient {
     principal: String,
     purpose: String,
     view: String,
@@ -278,9 +325,9 @@ fn audit_status(e: AuditError) -> Status {
     Status::unavailable(e.to_string())
 }
 
-impl Subscriber {
+impl Delivery {
     /// The filter a path applies.
-    fn filter_on(&self, path: DeliveryPath) -> Cow<'_, Filter> {
+    pub(super) fn filter_on(&self, path: DeliveryPath) -> Cow<'_, Filter> {
         #[cfg(test)]
         if self.unmasked == Some(path) {
             return Cow::Owned(Filter {
@@ -295,7 +342,7 @@ impl Subscriber {
     /// A stream admitted under one classification of its view ends when
     /// the view is classified anew (a pipeline re-applied): the subscriber
     /// resumes under the new levels.
-    fn check_levels(&self) -> Result<(), Status> {
+    pub(super) fn check_levels(&self) -> Result<(), Status> {
         match &self.filter.mask {
             Some(m) if !Arc::ptr_eq(&m.levels, &self.views.levels(&self.view)) => {
                 Err(Status::aborted(format!(
@@ -307,18 +354,111 @@ impl Subscriber {
         }
     }
 
+    /// Sends the held batch once its audit record is stored.
+    pub(super) async fn release(&mut self) -> Result<(), Status> {
+        if let Some((ack, msg)) = self.held.take() {
+            ack.wait().await.map_err(audit_status)?;
+            self.send(msg).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn send(&self, out: Out) -> Result<(), Status> {
+        self.out
+            .send(ShardOut {
+                shard: self.shard,
+                out,
+            })
+            .await
+            .map_err(|_| Status::cancelled("subscriber went away"))
+    }
+
+    /// Sends the changes the filter admits (after `cursor`, the last of
+    /// them); returns whether anything was sent.
+    pub(super) async fn deliver<'c>(
+        &mut self,
+        changes: impl Iterator<Item = Cow<'c, Change>>,
+        cursor: u64,
+        from: DeliveryPath,
+    ) -> Result<bool, Status> {
+        let now = now_ms();
+        let mut people = BTreeSet::new();
+        let out: Vec<Change> = {
+            let filter = self.filter_on(from);
+            changes
+                .filter(|c| filter.admits(c))
+                .filter_map(|c| {
+                    metrics::histogram!(metric::DELIVERY_LATENCY)
+                        .record((now - c.committed_at_ms).max(0) as f64 / 1000.0);
+                    filter.apply(c.into_owned(), &mut people)
+                })
+                .collect()
+        };
+        if out.is_empty() {
+            return Ok(false);
+        }
+        self.check_levels()?;
+        // Recorded before it is sent; not recorded, not sent. The record is
+        // written while the caller prepares the next batch; this batch goes
+        // out when that one is delivered, or when the stream waits.
+        let ack = self
+            .audit
+            .submit(self.recipient.delivery(self.shard, &out, false, people))
+            .await
+            .map_err(audit_status)?;
+        metrics::counter!(metric::CHANGES_SENT, "view" => self.view.clone())
+            .increment(out.len() as u64);
+        self.release().await?;
+        self.held = Some((
+            ack,
+            Out::Changes {
+                changes: out,
+                cursor,
+            },
+        ));
+        Ok(true)
+    }
+
+    /// Sends rows of a snapshot read elsewhere (a holder's), as the
+    /// snapshot of this node's store would: filtered, masked, audited.
+    pub(super) async fn deliver_rows(&mut self, rows: Vec<Change>) -> Result<(), Status> {
+        let mut people = BTreeSet::new();
+        let out: Vec<Change> = {
+            let filter = self.filter_on(DeliveryPath::Peer);
+            rows.into_iter()
+                .filter(|c| filter.admits(c))
+                .filter_map(|c| filter.apply(c, &mut people))
+                .collect()
+        };
+        if out.is_empty() {
+            return Ok(());
+        }
+        let ack = self
+            .audit
+            .submit(self.recipient.delivery(self.shard, &out, true, people))
+            .await
+            .map_err(audit_status)?;
+        metrics::counter!(metric::CHANGES_SENT, "view" => self.view.clone())
+            .increment(out.len() as u64);
+        self.release().await?;
+        self.held = Some((ack, Out::Rows(out)));
+        Ok(())
+    }
+}
+
+impl Subscriber {
     /// Sends the view's rows as of one consistent point; returns that point.
-    async fn snapshot(&self) -> Result<u64, Status> {
+    pub(super) async fn snapshot(&self) -> Result<u64, Status> {
         let reader = self.reader.clone();
-        let view = self.view.clone();
+        let view = self.d.view.clone();
         let store_name = self.store_name.clone();
-        let shard = self.shard;
-        let keys = self.filter.keys.clone();
-        let tx = self.out.clone();
-        let filter = self.filter_on(DeliveryPath::Snapshot).into_owned();
+        let shard = self.d.shard;
+        let keys = self.d.filter.keys.clone();
+        let tx = self.d.out.clone();
+        let filter = self.d.filter_on(DeliveryPath::Snapshot).into_owned();
         let batch_size = self.batch_size;
-        let audit = self.audit.clone();
-        let recipient = self.recipient.clone();
+        let audit = self.d.audit.clone();
+        let recipient = self.d.recipient.clone();
         let (last_seq, refused) = tokio::task::spawn_blocking(move || {
             let mut refused = None;
             // A batch whose record is being written while the next is read.
@@ -375,73 +515,8 @@ impl Subscriber {
             return Err(status);
         }
         let last_seq = last_seq.map_err(store_status)?;
-        self.send(Out::SnapshotDone { seq: last_seq }).await?;
+        self.d.send(Out::SnapshotDone { seq: last_seq }).await?;
         Ok(last_seq)
-    }
-
-    /// Sends the held batch once its audit record is stored.
-    async fn release(&mut self) -> Result<(), Status> {
-        if let Some((ack, msg)) = self.held.take() {
-            ack.wait().await.map_err(audit_status)?;
-            self.send(msg).await?;
-        }
-        Ok(())
-    }
-
-    async fn send(&self, out: Out) -> Result<(), Status> {
-        self.out
-            .send(ShardOut {
-                shard: self.shard,
-                out,
-            })
-            .await
-            .map_err(|_| Status::cancelled("subscriber went away"))
-    }
-
-    /// Sends the changes the filter admits (after `cursor`, the last of
-    /// them); returns whether anything was sent.
-    async fn deliver<'c>(
-        &mut self,
-        changes: impl Iterator<Item = Cow<'c, Change>>,
-        cursor: u64,
-        from: DeliveryPath,
-    ) -> Result<bool, Status> {
-        let now = now_ms();
-        let mut people = BTreeSet::new();
-        let out: Vec<Change> = {
-            let filter = self.filter_on(from);
-            changes
-                .filter(|c| filter.admits(c))
-                .filter_map(|c| {
-                    metrics::histogram!(metric::DELIVERY_LATENCY)
-                        .record((now - c.committed_at_ms).max(0) as f64 / 1000.0);
-                    filter.apply(c.into_owned(), &mut people)
-                })
-                .collect()
-        };
-        if out.is_empty() {
-            return Ok(false);
-        }
-        self.check_levels()?;
-        // Recorded before it is sent; not recorded, not sent. The record is
-        // written while the caller prepares the next batch; this batch goes
-        // out when that one is delivered, or when the stream waits.
-        let ack = self
-            .audit
-            .submit(self.recipient.delivery(self.shard, &out, false, people))
-            .await
-            .map_err(audit_status)?;
-        metrics::counter!(metric::CHANGES_SENT, "view" => self.view.clone())
-            .increment(out.len() as u64);
-        self.release().await?;
-        self.held = Some((
-            ack,
-            Out::Changes {
-                changes: out,
-                cursor,
-            },
-        ));
-        Ok(true)
     }
 
     /// Streams every change after `cursor` until the client goes away.
@@ -450,14 +525,23 @@ impl Subscriber {
     /// ([`crate::views::Committed::next_after`]); behind (a slow client, a new
     /// subscription, a commit missed while sending), it reads them from the
     /// durable change stream.
-    async fn follow(mut self, mut cursor: u64) -> Result<(), Status> {
+    pub(super) async fn follow(mut self, mut cursor: u64) -> Result<Followed, Status> {
+        // Placement taking the shard from this node ends the local read.
+        let peers = self.handoff.as_ref().map(|h| h.peers.clone());
+        let name = self.store_name.clone();
+        let mut lost = std::pin::pin!(async move {
+            match peers {
+                Some(p) => p.lost(&name).await,
+                None => std::future::pending::<()>().await,
+            }
+        });
         let mut last_sent = Instant::now();
         // The first round reads the store whatever the head says.
         let mut read_store = true;
         loop {
             let head = self.commits.borrow_and_update().clone();
             if let Some(kept) = head.next_after(cursor).filter(|_| !read_store) {
-                metrics::counter!(metric::CHANGES_READ, "view" => self.view.clone(), "from" => "memory")
+                metrics::counter!(metric::CHANGES_READ, "view" => self.d.view.clone(), "from" => "memory")
                     .increment(kept.len() as u64);
                 // A commit may hold more changes than a batch the client takes.
                 for part in kept.chunks(self.batch_size.max(1)) {
@@ -465,6 +549,7 @@ impl Subscriber {
                         cursor = last.seq;
                     }
                     if self
+                        .d
                         .deliver(part.iter().map(Cow::Borrowed), cursor, DeliveryPath::Memory)
                         .await?
                     {
@@ -485,11 +570,12 @@ impl Subscriber {
                 .map_err(|e| Status::internal(format!("read task failed: {e}")))?
                 .map_err(store_status)?;
                 let full = changes.len() >= limit;
-                metrics::counter!(metric::CHANGES_READ, "view" => self.view.clone(), "from" => "store")
+                metrics::counter!(metric::CHANGES_READ, "view" => self.d.view.clone(), "from" => "store")
                     .increment(changes.len() as u64);
                 if let Some(last) = changes.last() {
                     cursor = last.seq;
                     if self
+                        .d
                         .deliver(
                             changes.into_iter().map(Cow::Owned),
                             cursor,
@@ -508,7 +594,7 @@ impl Subscriber {
                 continue;
             }
             // Caught up: what is held goes out before the stream waits.
-            self.release().await?;
+            self.d.release().await?;
             // Wait for the next commit, or say we are alive.
             let wait = self.progress_interval.saturating_sub(last_sent.elapsed());
             let committed = head.seq;
@@ -519,12 +605,56 @@ impl Subscriber {
                     }
                 }
                 _ = tokio::time::sleep(wait) => {
-                    self.send(Out::Progress { cursor, committed }).await?;
+                    self.d.send(Out::Progress { cursor, committed }).await?;
                     last_sent = Instant::now();
                 }
-                _ = self.out.closed() => return Ok(()),
+                _ = self.d.out.closed() => return Ok(Followed::ClientGone),
+                () = &mut lost => {
+                    self.d.release().await?;
+                    return Ok(Followed::Lost { cursor, sub: Box::new(self) });
+                }
             }
         }
+    }
+}
+
+/// A subscriber of one shard for another node's fan-in: every row and
+/// change of the shard (the keys asked for, if any), unmasked and not
+/// audited here — the node serving the subscriber does both.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn raw_subscriber(
+    reader: StoreReader,
+    view: &str,
+    shard: crate::views::Shard,
+    keys: Vec<Key>,
+    batch_size: usize,
+    progress_interval: Duration,
+    views: ViewRegistry,
+    out: mpsc::Sender<ShardOut>,
+) -> Subscriber {
+    Subscriber {
+        reader,
+        store_name: shard.store_name.clone(),
+        batch_size,
+        progress_interval,
+        commits: shard.commits.subscribe(),
+        d: Delivery {
+            view: view.to_string(),
+            shard: 0,
+            filter: Filter::new(keys, Vec::new(), None),
+            out,
+            recipient: Arc::new(Recipient {
+                principal: "peer".into(),
+                purpose: "fan-in".into(),
+                view: view.to_string(),
+            }),
+            audit: Audit::default(),
+            views,
+            held: None,
+            #[cfg(test)]
+            unmasked: None,
+        },
+        handoff: None,
     }
 }
 
@@ -532,29 +662,106 @@ impl Subscriber {
 /// snapshot (returning where it stands), then its changes after a cursor
 /// until the client goes away. [`Subscriber`] reads the store; tests drive
 /// the fan-in with scripted shards.
-trait ShardStream: Send + 'static {
+pub(super) trait ShardStream: Send + 'static {
     fn shard(&self) -> u32;
-    fn snapshot(&self) -> impl std::future::Future<Output = Result<u64, Status>> + Send;
+    fn snapshot(&mut self) -> impl std::future::Future<Output = Result<u64, Status>> + Send;
+    /// Where a `latest` start begins: the shard's head as its reader
+    /// knows it (sent on as progress, so that the view's token has it).
+    fn head(&mut self) -> impl std::future::Future<Output = Result<u64, Status>> + Send;
     fn follow(self, cursor: u64) -> impl std::future::Future<Output = Result<(), Status>> + Send;
 }
 
 impl ShardStream for Subscriber {
     fn shard(&self) -> u32 {
-        self.shard
+        self.d.shard
     }
 
-    fn snapshot(&self) -> impl std::future::Future<Output = Result<u64, Status>> + Send {
+    fn snapshot(&mut self) -> impl std::future::Future<Output = Result<u64, Status>> + Send {
         Subscriber::snapshot(self)
     }
 
-    fn follow(self, cursor: u64) -> impl std::future::Future<Output = Result<(), Status>> + Send {
-        Subscriber::follow(self, cursor)
+    async fn head(&mut self) -> Result<u64, Status> {
+        let seq = self.commits.borrow().seq;
+        self.d
+            .send(Out::Progress {
+                cursor: seq,
+                committed: seq,
+            })
+            .await?;
+        Ok(seq)
+    }
+
+    async fn follow(self, cursor: u64) -> Result<(), Status> {
+        match Subscriber::follow(self, cursor).await? {
+            Followed::ClientGone => Ok(()),
+            Followed::Lost { cursor, sub } => sub.into_remote().follow(cursor).await,
+        }
     }
 }
 
-/// Where a subscription starts in each shard: at a snapshot, or after
-/// these sequences (a resume token, or the heads for `latest`).
-type StartAt = Option<Vec<u64>>;
+/// A shard of a subscription: read from this node's store, or from its
+/// holders.
+enum AnyShard {
+    Local(Box<Subscriber>),
+    Remote(Box<RemoteShard>),
+}
+
+impl Subscriber {
+    /// The same read, from the shard's holders (placement took it from
+    /// this node).
+    fn into_remote(self) -> RemoteShard {
+        let handoff = self
+            .handoff
+            .expect("only a read with a handoff loses its shard");
+        metrics::counter!(metric::REMOTE_SHARDS, "outcome" => "handed_off").increment(1);
+        RemoteShard {
+            holders: handoff.peers.holder_addrs(&self.store_name),
+            store_name: self.store_name.to_string(),
+            peers: handoff.peers,
+            keys: handoff.keys,
+            batch_size: self.batch_size as u32,
+            incarnation: handoff.incarnation,
+            stream: None,
+            current: None,
+            d: self.d,
+        }
+    }
+}
+
+impl ShardStream for AnyShard {
+    fn shard(&self) -> u32 {
+        match self {
+            AnyShard::Local(s) => s.shard(),
+            AnyShard::Remote(s) => s.shard(),
+        }
+    }
+
+    async fn snapshot(&mut self) -> Result<u64, Status> {
+        match self {
+            AnyShard::Local(s) => ShardStream::snapshot(&mut **s).await,
+            AnyShard::Remote(s) => s.snapshot().await,
+        }
+    }
+
+    async fn head(&mut self) -> Result<u64, Status> {
+        match self {
+            AnyShard::Local(s) => s.head().await,
+            AnyShard::Remote(s) => s.head().await,
+        }
+    }
+
+    async fn follow(self, cursor: u64) -> Result<(), Status> {
+        match self {
+            AnyShard::Local(s) => ShardStream::follow(*s, cursor).await,
+            AnyShard::Remote(s) => (*s).follow(cursor).await,
+        }
+    }
+}
+
+/// Where a subscription starts in each shard: at a snapshot (`None`), or
+/// after these sequences (a resume token, or this node's heads for
+/// `latest`); `None` for a shard: at its head as its holder knows it.
+type StartAt = Option<Vec<Option<u64>>>;
 
 /// One subscription over every shard of a view: a task per shard, whose
 /// batches are merged into the client's stream in arrival order (a key
@@ -597,15 +804,16 @@ impl FanIn {
         let n = subscribers.len();
         let barrier = Arc::new(tokio::sync::Barrier::new(n));
         let mut tasks = tokio::task::JoinSet::new();
-        for sub in subscribers {
+        for mut sub in subscribers {
             let from = start
                 .as_ref()
-                .and_then(|s| s.get(sub.shard() as usize).copied());
+                .map(|s| s.get(sub.shard() as usize).copied().flatten());
             let barrier = barrier.clone();
             tasks.spawn(
                 async move {
                     let cursor = match from {
-                        Some(c) => c,
+                        Some(Some(c)) => c,
+                        Some(None) => sub.head().await?,
                         None => {
                             let c = sub.snapshot().await?;
                             barrier.wait().await;
@@ -618,7 +826,7 @@ impl FanIn {
             );
         }
         let mut cursors: Vec<Option<u64>> = match &start {
-            Some(s) => s.iter().copied().map(Some).collect(),
+            Some(s) => s.clone(),
             None => vec![None; n],
         };
         let mut committed: Vec<u64> = vec![0; n];
@@ -734,6 +942,7 @@ fn resume_at(
     view: &str,
     t: &str,
     metas: &[ndc_proto::state::ViewMeta],
+    remote: &[Option<Vec<String>>],
 ) -> Result<Vec<u64>, Status> {
     let pos = token::decode(t, view).map_err(|m| refuse(tonic::Code::InvalidArgument, m))?;
     if pos.shards.len() != metas.len() {
@@ -759,6 +968,8 @@ fn resume_at(
     };
     let mut seqs = Vec::with_capacity(metas.len());
     for (i, (p, meta)) in pos.shards.iter().zip(metas).enumerate() {
+        // A shard read from its holders: they check the rest.
+        let held_here = remote.get(i).is_none_or(Option::is_none);
         if p.incarnation != meta.incarnation {
             return Err(refuse(
                 tonic::Code::FailedPrecondition,
@@ -769,7 +980,7 @@ fn resume_at(
                 ),
             ));
         }
-        if p.seq > meta.last_seq {
+        if held_here && p.seq > meta.last_seq {
             // In a cluster, a node that has not yet applied as much of the
             // change log as the subscriber's last node: retryable.
             return Err(refuse(
@@ -783,7 +994,7 @@ fn resume_at(
                 ),
             ));
         }
-        if p.seq + 1 < meta.retained_from_seq {
+        if held_here && p.seq + 1 < meta.retained_from_seq {
             return Err(refuse(
                 tonic::Code::OutOfRange,
                 format!(
@@ -896,6 +1107,15 @@ impl Subscription for SubscriptionService {
             .map(|s| self.reader.view_meta(&s.store_name))
             .collect::<Result<Vec<_>, _>>()
             .map_err(store_status)?;
+        // Shards held elsewhere (placement): read from their holders.
+        let remote: Vec<Option<Vec<String>>> = shards
+            .iter()
+            .map(|s| {
+                self.peers
+                    .as_ref()
+                    .and_then(|p| p.remote_holders(&s.store_name))
+            })
+            .collect();
         let mut keys = std::collections::BTreeSet::new();
         for k in &req.keys {
             let key = Key::parse(k).map_err(|e| {
@@ -924,8 +1144,19 @@ impl Subscription for SubscriptionService {
         let start = req.start.unwrap_or(Start::Snapshot(Default::default()));
         let start_at: StartAt = match &start {
             Start::Snapshot(_) => None,
-            Start::Latest(_) => Some(shards.iter().map(|s| s.commits.borrow().seq).collect()),
-            Start::ResumeToken(t) => Some(resume_at(&req.view, t, &metas)?),
+            Start::Latest(_) => Some(
+                shards
+                    .iter()
+                    .zip(&remote)
+                    .map(|(s, r)| r.is_none().then(|| s.commits.borrow().seq))
+                    .collect(),
+            ),
+            Start::ResumeToken(t) => Some(
+                resume_at(&req.view, t, &metas, &remote)?
+                    .into_iter()
+                    .map(Some)
+                    .collect(),
+            ),
         };
         let stream_slot = self.stream_slot(&caller.principal)?;
         let permit = self.slots.clone().try_acquire_owned().map_err(|_| {
@@ -972,25 +1203,51 @@ impl Subscription for SubscriptionService {
             view: req.view.clone(),
         });
         let (shard_tx, shard_rx) = mpsc::channel(self.config.buffer_batches.max(1));
-        let subscribers: Vec<Subscriber> = shards
+        let key_texts: Vec<String> = req.keys.clone();
+        let subscribers: Vec<AnyShard> = shards
             .iter()
             .enumerate()
-            .map(|(i, shard)| Subscriber {
-                reader: self.reader.clone(),
-                view: req.view.clone(),
-                shard: i as u32,
-                store_name: shard.store_name.clone(),
-                filter: filter.clone(),
-                batch_size,
-                progress_interval: self.config.progress_interval,
-                commits: shard.commits.subscribe(),
-                out: shard_tx.clone(),
-                recipient: recipient.clone(),
-                audit: self.audit.clone(),
-                views: self.views.clone(),
-                held: None,
-                #[cfg(test)]
-                unmasked: None,
+            .zip(remote)
+            .zip(&metas)
+            .map(|(((i, shard), remote), meta)| {
+                let d = Delivery {
+                    view: req.view.clone(),
+                    shard: i as u32,
+                    filter: filter.clone(),
+                    out: shard_tx.clone(),
+                    recipient: recipient.clone(),
+                    audit: self.audit.clone(),
+                    views: self.views.clone(),
+                    held: None,
+                    #[cfg(test)]
+                    unmasked: None,
+                };
+                match (remote, &self.peers) {
+                    (Some(holders), Some(peers)) => AnyShard::Remote(Box::new(RemoteShard {
+                        d,
+                        store_name: shard.store_name.to_string(),
+                        holders,
+                        peers: peers.clone(),
+                        keys: key_texts.clone(),
+                        batch_size: batch_size as u32,
+                        incarnation: meta.incarnation,
+                        stream: None,
+                        current: None,
+                    })),
+                    _ => AnyShard::Local(Box::new(Subscriber {
+                        reader: self.reader.clone(),
+                        store_name: shard.store_name.clone(),
+                        batch_size,
+                        progress_interval: self.config.progress_interval,
+                        commits: shard.commits.subscribe(),
+                        d,
+                        handoff: self.peers.clone().map(|peers| Handoff {
+                            peers,
+                            keys: key_texts.clone(),
+                            incarnation: meta.incarnation,
+                        }),
+                    })),
+                }
             })
             .collect();
         drop(shard_tx);
@@ -1056,11 +1313,31 @@ impl Subscription for SubscriptionService {
             if !caller.may_read(&name) {
                 continue;
             }
-            let metas = shards
+            let mut metas = shards
                 .iter()
                 .map(|s| self.reader.view_meta(&s.store_name))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(store_status)?;
+            // Shards held elsewhere: where their holders stand.
+            if let Some(peers) = &self.peers {
+                for (shard, meta) in shards.iter().zip(metas.iter_mut()) {
+                    let Some(holders) = peers.remote_holders(&shard.store_name) else {
+                        continue;
+                    };
+                    let head =
+                        crate::serving::shard_peer::remote_head(peers, &holders, &shard.store_name)
+                            .await
+                            .ok_or_else(|| {
+                                Status::unavailable(format!(
+                                    "no holder of shard {} of view {name:?} answers; retry",
+                                    shard.store_name
+                                ))
+                            })?;
+                    meta.last_seq = head.last_seq;
+                    meta.retained_from_seq = head.retained_from_seq;
+                    meta.live_rows = head.live_rows;
+                }
+            }
             views.push(ViewInfo {
                 key_columns: self.views.key_columns(&name),
                 committed_seq: metas.iter().map(|m| m.last_seq).sum(),
@@ -1306,7 +1583,11 @@ mod tests {
             self.shard
         }
 
-        fn snapshot(&self) -> impl std::future::Future<Output = Result<u64, Status>> + Send {
+        async fn head(&mut self) -> Result<u64, Status> {
+            Ok(self.at)
+        }
+
+        fn snapshot(&mut self) -> impl std::future::Future<Output = Result<u64, Status>> + Send {
             let gate = self.gate.lock().unwrap().take();
             async move {
                 if let Some(gate) = gate {
@@ -1498,11 +1779,12 @@ mod tests {
         use std::cell::RefCell;
 
         const MEMBERS: [&str; 2] = ["a", "b"];
-        const PATHS: [DeliveryPath; 4] = [
+        const PATHS: [DeliveryPath; 5] = [
             DeliveryPath::Snapshot,
             DeliveryPath::Snapshot,
             DeliveryPath::Memory,
             DeliveryPath::Store,
+            DeliveryPath::Peer,
         ];
 
         type Row = serde_json::Map<String, Value>;
@@ -1687,7 +1969,7 @@ mod tests {
                     write(b, &updates);
                     given = b.store.reader().changes_after("v", head, 1000).unwrap();
                 }
-                DeliveryPath::Memory => {
+                DeliveryPath::Memory | DeliveryPath::Peer => {
                     let mut seq = head;
                     for (op, pick) in [(Op::Insert, 0), (Op::Update, 1)] {
                         for (k, (r0, r1)) in keys.iter().zip(&case.rows) {
@@ -1702,7 +1984,9 @@ mod tests {
                             });
                         }
                     }
-                    latest = Some(Arc::<[Change]>::from(given.clone()));
+                    if case.path == DeliveryPath::Memory {
+                        latest = Some(Arc::<[Change]>::from(given.clone()));
+                    }
                 }
             }
             let levels = case.levels.clone();
@@ -1733,24 +2017,28 @@ mod tests {
             let (tx, mut rx) = mpsc::channel(10_000);
             let sub = Subscriber {
                 reader: b.store.reader(),
-                view: "v".into(),
-                shard: 0,
                 store_name: "v".into(),
-                filter,
                 batch_size: 2,
                 progress_interval: Duration::from_secs(3600),
                 commits,
-                out: tx,
-                recipient: Arc::new(Recipient {
-                    principal: "p".into(),
-                    purpose: String::new(),
+                d: Delivery {
                     view: "v".into(),
-                }),
-                audit: Audit::default(),
-                views: b.views.clone(),
-                held: None,
-                unmasked,
+                    shard: 0,
+                    filter,
+                    out: tx,
+                    recipient: Arc::new(Recipient {
+                        principal: "p".into(),
+                        purpose: String::new(),
+                        view: "v".into(),
+                    }),
+                    audit: Audit::default(),
+                    views: b.views.clone(),
+                    held: None,
+                    unmasked,
+                },
+                handoff: None,
             };
+            let from_peer = given.clone();
             let out = b.rt.block_on(async move {
                 match case.path {
                     DeliveryPath::Snapshot => {
@@ -1758,9 +2046,27 @@ mod tests {
                         // Its sender goes with it: the batches end.
                         drop(sub);
                     }
+                    // What a holder sent: snapshot rows, then changes.
+                    DeliveryPath::Peer => {
+                        let mut d = sub.d;
+                        let (rows, changes) = from_peer.split_at(from_peer.len() / 2);
+                        d.deliver_rows(rows.to_vec()).await.unwrap();
+                        let cursor = changes.last().map_or(0, |c| c.seq);
+                        d.deliver(
+                            changes.iter().map(Cow::Borrowed),
+                            cursor,
+                            DeliveryPath::Peer,
+                        )
+                        .await
+                        .unwrap();
+                        d.release().await.unwrap();
+                    }
                     _ => {
                         let ended = sub.follow(head).await;
-                        assert_eq!(ended.unwrap_err().code(), tonic::Code::Unavailable);
+                        assert_eq!(
+                            ended.err().map(|e| e.code()),
+                            Some(tonic::Code::Unavailable)
+                        );
                     }
                 }
                 let mut out = Vec::new();
@@ -1873,6 +2179,7 @@ mod tests {
                 DeliveryPath::Snapshot,
                 DeliveryPath::Memory,
                 DeliveryPath::Store,
+                DeliveryPath::Peer,
             ] {
                 let found = run(300, Some(path), Some(path));
                 assert!(found.is_err(), "masking off on {path:?} went unnoticed");

@@ -471,12 +471,12 @@ async fn follow_assignments(
         assigner.readiness.set(lease);
         // What this node should consume now: (topic, partition) → epoch.
         let mut desired: BTreeMap<(String, i32), u64> = BTreeMap::new();
+        let owned = coordinator
+            .watch()
+            .borrow()
+            .cluster
+            .owned_by(coordinator.node_id());
         if lease {
-            let owned = coordinator
-                .watch()
-                .borrow()
-                .cluster
-                .owned_by(coordinator.node_id());
             for (topic, routes) in &assigner.routes {
                 for (_, name) in routes.iter().flat_map(|r| r.shards.iter()) {
                     let prefix = format!("{name}/{topic}/");
@@ -550,7 +550,13 @@ async fn follow_assignments(
             {
                 let (view, name) = route.shard(p);
                 let pid = crate::cluster::partition_id(name, &topic, p);
-                if let Err(e) = log.fence(view, &pid, epoch, &shutdown).await {
+                // Only the views whose partition this node owns: another
+                // view's shard (of the same topic) may be held elsewhere,
+                // and this node would wait for a log it does not read.
+                let Some(&pid_epoch) = owned.get(&pid) else {
+                    continue;
+                };
+                if let Err(e) = log.fence(view, &pid, pid_epoch, &shutdown).await {
                     warn!(partition = %pid, error = %e, "cannot fence the partition yet; will retry");
                     ok = false;
                     break;
