@@ -933,6 +933,9 @@ pub struct NodeShare {
     pub live_rows: u64,
     /// Periods its CPU cap held it back, of all (`None`: not capped).
     pub throttled: Option<(u64, u64)>,
+    /// Change-log bytes it wrote (as an owner) and read (as a holder).
+    pub log_written_bytes: u64,
+    pub log_read_bytes: u64,
 }
 
 /// Capacity of a cluster of `nodes` node processes, each capped to `cores`
@@ -942,6 +945,11 @@ pub struct NodeShare {
 /// committed every change. Reports cluster events/s and, per node, the CPU
 /// it used and the rows it holds — what tells whether adding nodes adds
 /// capacity, or only copies.
+///
+/// `placement`: `None` runs the view unsharded on every node (each node
+/// applies everything); `Some((shards, rf))` splits it in `shards` shards
+/// held by `rf` nodes each (`cluster.replication_factor`).
+#[allow(clippy::too_many_arguments)]
 pub async fn capacity_phase(
     work: &Path,
     broker: &Broker,
@@ -949,11 +957,19 @@ pub async fn capacity_phase(
     w: Workload,
     nodes: u64,
     cores: Option<f64>,
+    placement: Option<(u32, usize)>,
     run: &str,
 ) -> anyhow::Result<(Report, Vec<NodeShare>)> {
     let cap = cores.filter(|_| ndc_testkit::CpuCap::available());
     let mut cluster = ndc_testkit::Cluster::prepare(&ndc_binary()?, work, nodes, |_| {
-        cluster_config(work, broker, topic, run)
+        let mut c = cluster_config(work, broker, topic, run);
+        if let Some((shards, rf)) = placement {
+            c.views[0].shards = shards;
+            if let Some(cluster) = c.cluster.as_mut() {
+                cluster.replication_factor = rf;
+            }
+        }
+        c
     })?;
     let started = Instant::now();
     let mut caps = Vec::new();
@@ -974,29 +990,83 @@ pub async fn capacity_phase(
     }
     let seconds = done.duration_since(started).as_secs_f64();
     let mut shares = Vec::new();
+    // With placement: which shards each node holds.
+    let holders = match placement {
+        Some(_) => {
+            let status = ndc_node::cluster::admin::status(&cluster.members[0].addr()).await?;
+            status
+                .shards
+                .into_iter()
+                .map(|p| (p.shard, p.holders))
+                .collect()
+        }
+        None => std::collections::BTreeMap::<String, Vec<u64>>::new(),
+    };
     for (m, cap) in cluster.members.iter().zip(&caps) {
+        // What a subscriber of this node sees (its shards and the others').
         let rows = bench_view(&m.addr(), None)
             .await?
             .map_or(0, |v| v.live_rows);
         // Every person inserted once, none deleted: a node short of that
         // lost something (a measure of a wrong result is no measure).
         if rows != w.keys {
-            bail!("ndc-{} holds {rows} rows, not {}", m.id, w.keys);
+            bail!("ndc-{} serves {rows} rows, not {}", m.id, w.keys);
         }
+        let text = ndc_testkit::metrics_text(m.node.http()).await;
+        let counter = |name: &str| {
+            ndc_testkit::metric_value(&text, |l| l.starts_with(&format!("{name} "))).unwrap_or(0.0)
+                as u64
+        };
+        let (log_written_bytes, log_read_bytes) = (
+            counter("ndc_cluster_log_written_bytes_total"),
+            counter("ndc_cluster_log_read_bytes_total"),
+        );
+        // What it holds itself: the rows of its shards.
+        let held = if placement.is_some() {
+            holders
+                .iter()
+                .filter(|(_, h)| h.contains(&m.id))
+                .map(|(shard, _)| {
+                    ndc_testkit::metric_value(&text, |l| {
+                        l.starts_with(&format!("ndc_view_rows{{view=\"{shard}\"}}"))
+                    })
+                    .unwrap_or(0.0) as u64
+                })
+                .sum()
+        } else {
+            rows
+        };
         shares.push(NodeShare {
             node: m.id,
             cpu_seconds: m.node.cpu_seconds().unwrap_or(0.0),
-            live_rows: rows,
+            live_rows: held,
             throttled: cap.as_ref().and_then(ndc_testkit::CpuCap::throttled),
+            log_written_bytes,
+            log_read_bytes,
         });
+    }
+    if let Some((_, rf)) = placement {
+        // Each row on `rf` nodes (all of them, with fewer nodes than that).
+        let copies = rf.min(nodes as usize) as u64;
+        let held: u64 = shares.iter().map(|s| s.live_rows).sum();
+        if held != w.keys * copies {
+            bail!(
+                "the nodes hold {held} rows between them, not {} × {copies}",
+                w.keys
+            );
+        }
     }
     let report = Report {
         phase: format!(
-            "{}-{nodes}",
+            "{}-{nodes}{}",
             if cores.is_some() {
                 "capacity"
             } else {
                 "cluster"
+            },
+            match placement {
+                Some((_, rf)) => format!("-rf{rf}"),
+                None => String::new(),
             }
         ),
         events: w.events,

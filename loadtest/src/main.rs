@@ -43,6 +43,11 @@ struct Args {
     /// Node counts of the capacity phase, run in turn in each round.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     capacity_nodes: Vec<u64>,
+    /// Replication factors of the capacity phase (a view in 8 shards over
+    /// the topic's 8 partitions, each shard held by that many nodes); 0:
+    /// the view unsharded, every node applying everything.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    capacity_rf: Vec<usize>,
     /// CPU cap of each node process in the capacity phase, in cores.
     #[arg(long, default_value_t = 0.5)]
     capacity_cores: f64,
@@ -117,9 +122,17 @@ async fn main() -> anyhow::Result<()> {
         ndc_loadtest::produce_phase(&broker, TOPIC, w)
             .await?
             .print();
-        let (report, _) =
-            ndc_loadtest::capacity_phase(&fresh("cluster")?, &broker, TOPIC, w, 3, None, "cluster")
-                .await?;
+        let (report, _) = ndc_loadtest::capacity_phase(
+            &fresh("cluster")?,
+            &broker,
+            TOPIC,
+            w,
+            3,
+            None,
+            None,
+            "cluster",
+        )
+        .await?;
         report.print();
     }
     if args.phases.iter().any(|p| p == "capacity") {
@@ -128,30 +141,33 @@ async fn main() -> anyhow::Result<()> {
         ndc_loadtest::produce_phase(&broker, TOPIC, w)
             .await?
             .print();
-        let mut rates: std::collections::BTreeMap<u64, Vec<f64>> = Default::default();
-        for round in 0..args.rounds {
-            for &nodes in &args.capacity_nodes {
-                let (report, shares) = ndc_loadtest::capacity_phase(
-                    &fresh(&format!("capacity-{nodes}"))?,
-                    &broker,
-                    TOPIC,
-                    w,
-                    nodes,
-                    Some(args.capacity_cores),
-                    &format!("r{round}n{nodes}"),
-                )
-                .await?;
-                report.print();
-                for share in &shares {
-                    println!("  round {round} {}", serde_json::to_string(share)?);
+        for &rf in &args.capacity_rf {
+            let mut rates: std::collections::BTreeMap<u64, Vec<f64>> = Default::default();
+            for round in 0..args.rounds {
+                for &nodes in &args.capacity_nodes {
+                    let (report, shares) = ndc_loadtest::capacity_phase(
+                        &fresh(&format!("capacity-{nodes}"))?,
+                        &broker,
+                        TOPIC,
+                        w,
+                        nodes,
+                        Some(args.capacity_cores),
+                        (rf > 0).then_some((8, rf)),
+                        &format!("rf{rf}r{round}n{nodes}"),
+                    )
+                    .await?;
+                    report.print();
+                    for share in &shares {
+                        println!("  round {round} {}", serde_json::to_string(share)?);
+                    }
+                    rates
+                        .entry(nodes)
+                        .or_default()
+                        .push(report.events_per_second);
                 }
-                rates
-                    .entry(nodes)
-                    .or_default()
-                    .push(report.events_per_second);
             }
+            print_ratios(&format!("capacity rf {rf}"), "node(s)", &rates);
         }
-        print_ratios("capacity", "node(s)", &rates);
     }
     if args.phases.iter().any(|p| p == "writers") {
         // One node, a view in 4 shards over 4 partitions, 1 then 2 state

@@ -94,6 +94,16 @@ fn placed_over(s: &ClusterStatus, live: &[u64]) -> bool {
     owned_by_first && max - min <= 1
 }
 
+/// Shard reads re-routed by node `id` after losing a holder.
+async fn rerouted(cluster: &Cluster, id: u64) -> f64 {
+    let m = cluster.members().iter().find(|m| m.id == id).unwrap();
+    let text = metrics_text(m.node.http()).await;
+    metric_value(&text, |l| {
+        l.starts_with("ndc_subscription_remote_shards_total") && l.contains("rerouted")
+    })
+    .unwrap_or(0.0)
+}
+
 /// Every partition that moved went to a node that held its shard before
 /// (a standby, with the state): none was rebuilt from the log's start.
 fn moved_to_standbys(before: &ClusterStatus, after: &ClusterStatus) {
@@ -737,11 +747,22 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
                 live_members(s).len() == 3 && balanced_over(s, &[0, 1, 2])
             })
             .await;
-        // 1. kill -9 a follower.
+        // 1. kill -9 a follower: not the subscriber's node (0) when it can
+        // be helped, so that the subscriber reads on through node 0's fan-in.
         let leader = s.leader_id.unwrap();
-        let follower = (0..3).find(|&i| i != leader).unwrap();
+        let follower = (1..3)
+            .find(|&i| i != leader)
+            .unwrap_or_else(|| (0..3).find(|&i| i != leader).unwrap());
         let before = owners(&s);
         let status_before = s.clone();
+        // Shards node 0 reads from the follower (not held by node 0, the
+        // follower their first holder): their streams break and re-route.
+        let rerouted_before = rerouted(&cluster, 0).await;
+        let read_from_follower: Vec<String> = holders(&s)
+            .into_iter()
+            .filter(|(_, h)| !h.contains(&0) && h.first() == Some(&follower))
+            .map(|(shard, _)| shard)
+            .collect();
         cluster.member(follower).kill9();
         let survivors: Vec<u64> = (0..3).filter(|&i| i != follower).collect();
         let (s, t) = cluster
@@ -750,6 +771,20 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
             })
             .await;
         eprintln!("follower {follower} killed: partitions moved to standbys in {t:?}");
+        if follower != 0 && !read_from_follower.is_empty() && round == 0 {
+            // The subscriber on node 0 read these from the follower; the
+            // final check shows it saw their changes once each.
+            eventually_async(
+                "node 0 re-routing the shards it read from the dead follower",
+                SETTLE,
+                || async {
+                    let n = rerouted(&cluster, 0).await;
+                    (n > rerouted_before).then_some(n)
+                },
+            )
+            .await;
+            eprintln!("node 0 re-routed {read_from_follower:?} to their standbys");
+        }
         check_epochs(&before, &owners(&s));
         moved_to_standbys(&status_before, &s);
 

@@ -1480,6 +1480,40 @@ views:
     }
 
     #[test]
+    fn placement_settings_are_checked_and_the_zone_comes_from_the_environment() {
+        let cluster = |extra: &str| {
+            format!(
+                r#"
+kafka: {{ bootstrap_servers: 127.0.0.1:9092 }}
+node: {{ id: ndc-0 }}
+tls: {{ insecure: true }}
+cluster: {{ bootstrap: ["ndc-0.ndc:50052"]{extra} }}
+views:
+  - name: a
+    shards: 8
+    sources: [ {{ kafka: {{ topic: t }} }} ]
+"#
+            )
+        };
+        let text = parse(&cluster(", replication_factor: 17, zone: ' '"), &[])
+            .expect_err("invalid")
+            .to_string();
+        assert!(
+            text.contains("cluster.replication_factor: must be at most 16"),
+            "{text}"
+        );
+        assert!(text.contains("cluster.zone: must not be empty"), "{text}");
+        let c = parse(
+            &cluster(", replication_factor: 2"),
+            &[("NDC__CLUSTER__ZONE", "eu-west-1a")],
+        )
+        .expect("valid");
+        let section = c.cluster.expect("cluster section");
+        assert_eq!(section.replication_factor, 2);
+        assert_eq!(section.zone.as_deref(), Some("eu-west-1a"));
+    }
+
+    #[test]
     fn printed_config_reads_back() {
         let c = parse(MINIMAL, &[("NDC__STORAGE__BLOCK_CACHE", "64MiB")]).expect("valid");
         let text = c.to_yaml().expect("serializes");
