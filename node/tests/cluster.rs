@@ -57,6 +57,17 @@ fn replica_member(c: &mut NodeConfig) {
     }
 }
 
+/// Members of the two-view scenario: besides `citizens` (8 shards), a
+/// second view `mirror` of the same topic in 3 shards — a source partition
+/// feeds a shard of each, placed and owned each on its own.
+fn mirrored_member(c: &mut NodeConfig) {
+    replica_member(c);
+    let mut mirror = c.views[0].clone();
+    mirror.name = "mirror".into();
+    mirror.shards = 3;
+    c.views.push(mirror);
+}
+
 /// Holders of each shard, owner first.
 fn holders(s: &ClusterStatus) -> BTreeMap<String, Vec<u64>> {
     s.shards
@@ -535,7 +546,8 @@ impl Workload {
     /// twice, across every failover.
     /// `cluster_metrics`: what some node must have counted besides the
     /// metrics every scenario produces.
-    async fn finish(self, cluster: &Cluster, cluster_metrics: &[&str]) {
+    /// Returns the reference rows.
+    async fn finish(self, cluster: &Cluster, cluster_metrics: &[&str]) -> BTreeMap<String, Value> {
         let Workload {
             stop,
             expected,
@@ -695,6 +707,7 @@ impl Workload {
         ]) {
             assert!(all.contains(name), "{name} missing from every node");
         }
+        everything
     }
 }
 
@@ -1676,4 +1689,75 @@ async fn golden_records_are_the_same_on_every_node_through_a_leader_kill_and_a_r
     cluster
         .wait_for("no partitions left", SETTLE, |s| s.partitions.is_empty())
         .await;
+}
+
+/// Two views of one topic: a source partition feeds a shard of each, and
+/// the two shards may be owned by different nodes, under different epochs.
+/// A node consumes the partition for the views it owns only, each record
+/// under its own view's epoch (with one epoch per partition, a node owning
+/// both would have fenced one of them for good; one owning one of them would
+/// have fenced itself waiting for a log it does not read). Both views end
+/// with every row on every node, through a kill -9.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_views_of_one_topic_are_owned_and_fenced_each_on_its_own() {
+    let mut cluster = Cluster::start_with(3, &[(TOPIC, PARTITIONS)], mirrored_member).await;
+    let work = Workload::start(&cluster, &[0, 1]);
+    let (s, _) = cluster
+        .wait_for("both views' partitions owned", SETTLE, |s| {
+            live_members(s).len() == 3
+                && s.partitions.len() == 2 * PARTITIONS as usize
+                && s.partitions.iter().all(|p| p.owner.is_some() && p.running)
+        })
+        .await;
+    // Some source partition has its two views' shards on different owners.
+    let owner_of = |view: &str, p: i32| {
+        s.partitions
+            .iter()
+            .find(|x| {
+                x.partition.starts_with(&format!("{view}#"))
+                    && x.partition.ends_with(&format!("/{TOPIC}/{p}"))
+            })
+            .and_then(|x| x.owner)
+    };
+    let split = (0..PARTITIONS)
+        .filter(|&p| owner_of("citizens", p) != owner_of("mirror", p))
+        .count();
+    eprintln!("{split} of {PARTITIONS} source partitions feed shards owned by different nodes");
+    assert!(
+        split > 0,
+        "placement put every pair on one node: {:?}",
+        owners(&s)
+    );
+    cluster.member(2).kill9();
+    cluster
+        .wait_for(
+            "node 2's partitions on nodes 0 and 1",
+            FAILOVER_BOUND,
+            |s| {
+                s.partitions
+                    .iter()
+                    .all(|p| matches!(p.owner, Some(0 | 1)) && p.running)
+            },
+        )
+        .await;
+    cluster.member(2).start().unwrap();
+    let everything = work.finish(&cluster, &[]).await;
+    for m in cluster.members() {
+        let addr = m.addr();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (rows, _) = view_rows(&addr, "mirror").await;
+            if rows == everything {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ndc-{}: mirror has {} rows, citizens {}",
+                m.id,
+                rows.len(),
+                everything.len()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
 }

@@ -67,9 +67,14 @@ impl Route {
 type Epochs = Arc<RwLock<HashMap<(String, i32), Held>>>;
 
 /// One assignment of a partition to this node's consumer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Held {
+    /// The highest epoch of `views` (names the assignment in logs).
     epoch: u64,
+    /// The views (shards) fed by the partition that this node owns, each
+    /// with the epoch of its own partition id: a topic may feed several
+    /// views, each placed and owned on its own. Records go only to these.
+    views: Arc<BTreeMap<ViewId, u64>>,
     /// Unique per (re)assignment of the partition to the consumer, which
     /// (re)starts reading at the committed offset. Records carry it, so that
     /// once the writer has dropped some of an assignment's records, the rest
@@ -203,7 +208,7 @@ impl KafkaSource {
                         let partition = m.partition();
                         let held = if cluster.is_some() {
                             // Fetched before an unassignment: not ours any more.
-                            let Some(h) = epochs.read().ok().and_then(|e| e.get(&(topic.to_string(), partition)).copied()) else { continue };
+                            let Some(h) = epochs.read().ok().and_then(|e| e.get(&(topic.to_string(), partition)).cloned()) else { continue };
                             Some(h)
                         } else {
                             None
@@ -215,6 +220,15 @@ impl KafkaSource {
                         let stream: Arc<str> = kafka_stream(topic, partition).into();
                         let topic_arc: Arc<str> = topic.into();
                         for route in routes {
+                            // In a cluster: only to the views whose partition
+                            // this node owns, under that partition's epoch.
+                            let epoch = match &held {
+                                Some(h) => match h.views.get(&route.shard(partition).0) {
+                                    Some(e) => Some(*e),
+                                    None => continue,
+                                },
+                                None => None,
+                            };
                             let decoded = route.decoder.decode(topic, m.key(), m.payload());
                             let keep_raw = decoded.is_err();
                             let input = Input {
@@ -223,8 +237,8 @@ impl KafkaSource {
                                 decoded,
                                 topic: Some(topic_arc.clone()),
                                 partition: Some(partition),
-                                epoch: held.map(|h| h.epoch),
-                                assignment: held.map(|h| h.assignment),
+                                epoch,
+                                assignment: held.as_ref().map(|h| h.assignment),
                                 raw_key: if keep_raw { m.key().map(<[u8]>::to_vec) } else { None },
                                 raw_value: if keep_raw { m.payload().map(<[u8]>::to_vec) } else { None },
                             };
@@ -469,8 +483,9 @@ async fn follow_assignments(
         }
         let lease = coordinator.lease_valid();
         assigner.readiness.set(lease);
-        // What this node should consume now: (topic, partition) → epoch.
-        let mut desired: BTreeMap<(String, i32), u64> = BTreeMap::new();
+        // What this node should consume now: (topic, partition) → the
+        // views it owns there, with their epochs.
+        let mut desired: BTreeMap<(String, i32), BTreeMap<ViewId, u64>> = BTreeMap::new();
         let owned = coordinator
             .watch()
             .borrow()
@@ -478,15 +493,20 @@ async fn follow_assignments(
             .owned_by(coordinator.node_id());
         if lease {
             for (topic, routes) in &assigner.routes {
-                for (_, name) in routes.iter().flat_map(|r| r.shards.iter()) {
-                    let prefix = format!("{name}/{topic}/");
-                    for (pid, epoch) in &owned {
-                        if let Some(p) = pid
-                            .strip_prefix(&prefix)
-                            .and_then(|p| p.parse::<i32>().ok())
-                        {
-                            let e = desired.entry((topic.clone(), p)).or_insert(*epoch);
-                            *e = (*e).max(*epoch);
+                for route in routes {
+                    for (view, name) in route.shards.iter() {
+                        let prefix = format!("{name}/{topic}/");
+                        for (pid, epoch) in &owned {
+                            if let Some(p) = pid
+                                .strip_prefix(&prefix)
+                                .and_then(|p| p.parse::<i32>().ok())
+                                .filter(|p| route.shard(*p).0 == *view)
+                            {
+                                desired
+                                    .entry((topic.clone(), p))
+                                    .or_default()
+                                    .insert(*view, *epoch);
+                            }
                         }
                     }
                 }
@@ -501,13 +521,13 @@ async fn follow_assignments(
         let revoked = log.revoked.snapshot();
         let removed: Vec<(String, i32)> = current
             .iter()
-            .filter(|(k, h)| desired.get(*k) != Some(&h.epoch) || revoked.contains(&h.assignment))
+            .filter(|(k, h)| desired.get(*k) != Some(&*h.views) || revoked.contains(&h.assignment))
             .map(|(k, _)| k.clone())
             .collect();
-        let added: Vec<((String, i32), u64)> = desired
+        let added: Vec<((String, i32), BTreeMap<ViewId, u64>)> = desired
             .iter()
-            .filter(|(k, e)| current.get(*k).map(|h| h.epoch) != Some(**e))
-            .map(|(k, e)| (k.clone(), *e))
+            .filter(|(k, v)| current.get(*k).map(|h| &*h.views) != Some(*v))
+            .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         // The old assignment stays revoked (see `cluster::Revocations`).
         if !removed.is_empty() {
@@ -540,7 +560,7 @@ async fn follow_assignments(
         // first: once this node has applied its fence, its state holds every
         // effect that counts and the source offset to resume from.
         let mut fenced = Vec::with_capacity(added.len());
-        for ((topic, p), epoch) in added {
+        for ((topic, p), views) in added {
             let mut ok = true;
             for route in assigner
                 .routes
@@ -553,7 +573,7 @@ async fn follow_assignments(
                 // Only the views whose partition this node owns: another
                 // view's shard (of the same topic) may be held elsewhere,
                 // and this node would wait for a log it does not read.
-                let Some(&pid_epoch) = owned.get(&pid) else {
+                let Some(&pid_epoch) = views.get(&view) else {
                     continue;
                 };
                 if let Err(e) = log.fence(view, &pid, pid_epoch, &shutdown).await {
@@ -563,18 +583,18 @@ async fn follow_assignments(
                 }
             }
             if ok {
-                fenced.push(((topic, p), epoch));
+                fenced.push(((topic, p), views));
             }
         }
         let added = fenced;
         if !added.is_empty() {
             let offsets = committed.lock().map(|c| c.clone()).unwrap_or_default();
             let mut tpl = TopicPartitionList::new();
-            for ((topic, p), epoch) in &added {
+            for ((topic, p), views) in &added {
                 // The latest committed offset, else the one found at start.
                 let offset = assigner.start_offset(topic, *p, &offsets);
                 if tpl.add_partition_offset(topic, *p, offset).is_ok() {
-                    info!(topic = %topic, partition = p, epoch, ?offset, "consuming partition assigned by the cluster");
+                    info!(topic = %topic, partition = p, epochs = ?views.values().collect::<Vec<_>>(), ?offset, "consuming partition assigned by the cluster");
                 }
             }
             match consumer.incremental_assign(&tpl) {
@@ -584,12 +604,13 @@ async fn follow_assignments(
                         restoring.insert(k.clone(), (std::time::Instant::now(), from));
                     }
                     if let Ok(mut e) = epochs.write() {
-                        for (k, epoch) in &added {
+                        for (k, views) in &added {
                             next_assignment += 1;
                             e.insert(
                                 k.clone(),
                                 Held {
-                                    epoch: *epoch,
+                                    epoch: views.values().copied().max().unwrap_or(0),
+                                    views: Arc::new(views.clone()),
                                     assignment: next_assignment,
                                 },
                             );
@@ -626,7 +647,7 @@ async fn follow_assignments(
                 .map(|e| e.clone())
                 .unwrap_or_default()
                 .into_iter()
-                .flat_map(|((topic, p), Held { epoch, .. })| {
+                .flat_map(|((topic, p), Held { views, .. })| {
                     let stream: Arc<str> = kafka_stream(&topic, p).into();
                     let high = highs.get(&(topic.clone(), p)).copied();
                     assigner
@@ -635,11 +656,14 @@ async fn follow_assignments(
                         .map(Vec::as_slice)
                         .unwrap_or(&[])
                         .iter()
-                        .map(|r| HeldPartition {
-                            partition: crate::cluster::partition_id(r.shard(p).1, &topic, p),
-                            epoch,
-                            next_offset: offsets.get(&(r.shard(p).0, stream.clone())).copied(),
-                            high_watermark: high,
+                        .filter_map(|r| {
+                            let (view, name) = r.shard(p);
+                            Some(HeldPartition {
+                                partition: crate::cluster::partition_id(name, &topic, p),
+                                epoch: *views.get(&view)?,
+                                next_offset: offsets.get(&(view, stream.clone())).copied(),
+                                high_watermark: high,
+                            })
                         })
                         .collect::<Vec<_>>()
                 })
