@@ -459,72 +459,82 @@ pub fn place(
     // standby catches up from the shard's log (or its copied state) while
     // the owner goes on.
     let settled = !liveness.members.iter().any(unknown);
+    // The two passes run until neither changes anything: promoting a
+    // standby can make its old owner a standby that may then be traded.
     loop {
-        let held = |n: &NodeId| load.held.get(n).copied().unwrap_or(0);
-        let (Some(most), Some(least)) = (
-            takers
-                .iter()
-                .max_by_key(|n| (held(n), std::cmp::Reverse(**n))),
-            takers.iter().min_by_key(|n| (held(n), **n)),
-        ) else {
-            break;
-        };
-        if held(most) < held(least) + 2 {
-            break;
-        }
-        let zone = |n: &NodeId| liveness.zones.get(n);
-        let trade = next.iter().find_map(|(shard, (before, h))| {
-            if !(before.is_empty() || settled) || h.contains(least) {
-                return None;
-            }
-            // A shard without standbys (factor 1) moves whole: the new
-            // holder goes first, the old one stays until its partitions
-            // have moved (then it is dropped above the factor).
-            let j = match h.len() {
-                1 if h[0] == *most => 0,
-                _ => (1..h.len()).find(|&j| h[j] == *most)?,
+        let mut changed = false;
+        loop {
+            let held = |n: &NodeId| load.held.get(n).copied().unwrap_or(0);
+            let (Some(most), Some(least)) = (
+                takers
+                    .iter()
+                    .max_by_key(|n| (held(n), std::cmp::Reverse(**n))),
+                takers.iter().min_by_key(|n| (held(n), **n)),
+            ) else {
+                break;
             };
-            let other_zones = h.iter().filter(|n| *n != most).filter_map(zone);
-            let fits = zone(least) == zone(most)
-                || zone(least).is_none_or(|z| !other_zones.clone().any(|o| o == z));
-            fits.then_some((*shard, j))
-        });
-        let Some((shard, j)) = trade else { break };
-        let (most, least) = (*most, *least);
-        if let Some((_, h)) = next.get_mut(shard) {
-            if j == 0 && owners.contains(&(shard.as_str(), most)) {
-                h.insert(0, least);
-                load.demote(most);
-                load.promote(least);
-            } else {
-                if j == 0 {
+            if held(most) < held(least) + 2 {
+                break;
+            }
+            let zone = |n: &NodeId| liveness.zones.get(n);
+            let trade = next.iter().find_map(|(shard, (before, h))| {
+                if !(before.is_empty() || settled) || h.contains(least) {
+                    return None;
+                }
+                // A shard without standbys (factor 1) moves whole: the new
+                // holder goes first, the old one stays until its partitions
+                // have moved (then it is dropped above the factor).
+                let j = match h.len() {
+                    1 if h[0] == *most => 0,
+                    _ => (1..h.len()).find(|&j| h[j] == *most)?,
+                };
+                let other_zones = h.iter().filter(|n| *n != most).filter_map(zone);
+                let fits = zone(least) == zone(most)
+                    || zone(least).is_none_or(|z| !other_zones.clone().any(|o| o == z));
+                fits.then_some((*shard, j))
+            });
+            let Some((shard, j)) = trade else { break };
+            changed = true;
+            let (most, least) = (*most, *least);
+            if let Some((_, h)) = next.get_mut(shard) {
+                if j == 0 && owners.contains(&(shard.as_str(), most)) {
+                    h.insert(0, least);
                     load.demote(most);
                     load.promote(least);
+                } else {
+                    if j == 0 {
+                        load.demote(most);
+                        load.promote(least);
+                    }
+                    h[j] = least;
                 }
-                h[j] = least;
+                load.remove(most);
+                load.add([&least], false);
             }
-            load.remove(most);
-            load.add([&least], false);
         }
-    }
-    // Owners-to-be even out among the nodes that can take over: a shard
-    // whose first holder owns two more than one of its standbys is handed
-    // to that standby (it holds the state: a fence, not a copy). Not while
-    // some member is not known yet (a new leader's first rounds).
-    while settled && !next.is_empty() {
-        let count = |n: &NodeId| load.first.get(n).copied().unwrap_or(0);
-        let swap = next.iter().find_map(|(shard, (_, h))| {
-            let top = count(h.first()?);
-            let j = (1..h.len())
-                .filter(|&j| takers.contains(&h[j]) && count(&h[j]) + 2 <= top)
-                .min_by_key(|&j| (count(&h[j]), h[j]))?;
-            Some((*shard, j))
-        });
-        let Some((shard, j)) = swap else { break };
-        if let Some((_, h)) = next.get_mut(shard) {
-            load.demote(h[0]);
-            load.promote(h[j]);
-            h.swap(0, j);
+        // Owners-to-be even out among the nodes that can take over: a shard
+        // whose first holder owns two more than one of its standbys is handed
+        // to that standby (it holds the state: a fence, not a copy). Not while
+        // some member is not known yet (a new leader's first rounds).
+        while settled && !next.is_empty() {
+            let count = |n: &NodeId| load.first.get(n).copied().unwrap_or(0);
+            let swap = next.iter().find_map(|(shard, (_, h))| {
+                let top = count(h.first()?);
+                let j = (1..h.len())
+                    .filter(|&j| takers.contains(&h[j]) && count(&h[j]) + 2 <= top)
+                    .min_by_key(|&j| (count(&h[j]), h[j]))?;
+                Some((*shard, j))
+            });
+            let Some((shard, j)) = swap else { break };
+            changed = true;
+            if let Some((_, h)) = next.get_mut(shard) {
+                load.demote(h[0]);
+                load.promote(h[j]);
+                h.swap(0, j);
+            }
+        }
+        if !changed {
+            break;
         }
     }
     next.into_iter()
