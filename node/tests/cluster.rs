@@ -966,6 +966,15 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
         PARTITIONS as usize
     );
     assert!(json["leader"].as_u64().is_some());
+    // And where each shard is held, owner first.
+    let shards = json["shards"].as_array().unwrap();
+    assert_eq!(shards.len(), SHARDS as usize);
+    assert!(
+        shards
+            .iter()
+            .all(|p| p["holders"].as_array().map(Vec::len) == Some(REPLICATION_FACTOR)),
+        "{shards:?}"
+    );
 
     // The subscriber's node holds some shards; it read the others from
     // their holders.
