@@ -24,9 +24,12 @@ use ndc_proto::cluster::{
     ShardProgress,
 };
 use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
@@ -38,11 +41,50 @@ const REROUTE_WINDOW: Duration = Duration::from_secs(10);
 /// Where the shards this node does not hold are read from.
 #[derive(Clone)]
 pub struct PeerShards {
-    pub coordinator: Coordinator,
-    pub tls: ClientTls,
+    coordinator: Coordinator,
+    tls: ClientTls,
+    /// One HTTP/2 connection per holder, shared by every shard stream to
+    /// it (a channel reconnects by itself when its holder comes back).
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
 impl PeerShards {
+    pub fn new(coordinator: Coordinator, tls: ClientTls) -> Self {
+        PeerShards {
+            coordinator,
+            tls,
+            channels: Arc::default(),
+        }
+    }
+
+    /// The connection to the holder at `addr`.
+    async fn channel(&self, addr: &str) -> anyhow::Result<Channel> {
+        let cached = self
+            .channels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(addr)
+            .cloned();
+        if let Some(c) = cached {
+            return Ok(c);
+        }
+        let c = crate::client::channel(addr, Some(&self.tls)).await?;
+        self.channels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Forgets the connection to a holder that failed (the next stream
+    /// connects anew).
+    fn forget(&self, addr: &str) {
+        self.channels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(addr);
+    }
+
     /// The peer addresses of `shard`'s holders, owner first, if this node
     /// does not hold it; `None` when it does (or nothing is placed).
     pub fn remote_holders(&self, shard: &str) -> Option<Vec<String>> {
@@ -70,7 +112,7 @@ impl PeerShards {
 pub async fn remote_head(peers: &PeerShards, holders: &[String], shard: &str) -> Option<ShardHead> {
     for addr in holders {
         let asked = async {
-            let channel = crate::client::channel(addr, Some(&peers.tls)).await.ok()?;
+            let channel = peers.channel(addr).await.ok()?;
             ShardsClient::new(channel)
                 .head(ShardHeadRequest {
                     shard: shard.to_string(),
@@ -356,7 +398,9 @@ impl RemoteShard {
                     incarnation: self.incarnation,
                 };
                 let opened = async {
-                    let channel = crate::client::channel(&addr, Some(&self.peers.tls))
+                    let channel = self
+                        .peers
+                        .channel(&addr)
                         .await
                         .map_err(|e| Status::unavailable(format!("{addr}: {e:#}")))?;
                     ShardsClient::new(channel)
@@ -373,7 +417,10 @@ impl RemoteShard {
                         return Ok(stream);
                     }
                     Err(status) if is_final(&status) => return Err(status),
-                    Err(status) => last = format!("{addr}: {}", status.message()),
+                    Err(status) => {
+                        self.peers.forget(&addr);
+                        last = format!("{addr}: {}", status.message());
+                    }
                 }
             }
             if Instant::now() >= until || self.d.out.is_closed() {
@@ -501,7 +548,10 @@ impl ShardStream for RemoteShard {
             warn!(shard = %self.store_name, cursor, reason = %broke,
                   "lost the holder of a shard mid-stream; resuming from its cursor on another");
             self.holders = self.peers.holder_addrs(&self.store_name);
-            // The holder just lost is tried last.
+            // The holder just lost is tried last, on a new connection.
+            if let Some(lost) = &self.current {
+                self.peers.forget(lost);
+            }
             if let Some(lost) = self.current.take()
                 && let Some(i) = self.holders.iter().position(|a| *a == lost)
             {
