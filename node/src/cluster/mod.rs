@@ -705,4 +705,30 @@ mod tests {
         assert!(!r.admit(1, || true));
         assert!(r.snapshot().contains(&1) && !r.contains(2));
     }
+
+    /// `ndc cluster status` shows where each placed shard is held, owner
+    /// first; without placement, no such table.
+    #[test]
+    fn the_status_table_lists_each_shards_holders() {
+        let mut status = ndc_proto::cluster::ClusterStatus {
+            shards: vec![ndc_proto::cluster::ShardPlacement {
+                shard: "citizens#3".into(),
+                holders: vec![2, 0],
+            }],
+            ..Default::default()
+        };
+        let text = admin::status_text(&status);
+        assert!(text.contains("HOLDERS (owner first)"), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("citizens#3") && l.trim_end().ends_with("2 0")),
+            "{text}"
+        );
+        assert_eq!(
+            admin::status_json(&status)["shards"][0]["holders"],
+            serde_json::json!([2, 0])
+        );
+        status.shards.clear();
+        assert!(!admin::status_text(&status).contains("HOLDERS"));
+    }
 }

@@ -187,19 +187,7 @@ impl ShardService {
             max_batch_size: config.max_batch_size,
         }
     }
-}
 
-fn to_wire(out: Out) -> FollowShardResponse {
-    let kind = match out {
-        Out::Rows(changes) => Kind::Rows(ShardChanges { changes, cursor: 0 }),
-        Out::SnapshotDone { seq } => Kind::SnapshotDone(seq),
-        Out::Changes { changes, cursor } => Kind::Changes(ShardChanges { changes, cursor }),
-        Out::Progress { cursor, committed } => Kind::Progress(ShardProgress { cursor, committed }),
-    };
-    FollowShardResponse { kind: Some(kind) }
-}
-
-impl ShardService {
     /// Refuses a shard this node does not hold: a node that held it once
     /// has its rows as they were, not as they are.
     fn check_holder(&self, shard: &str) -> Result<(), Status> {
@@ -212,6 +200,16 @@ impl ShardService {
             )))
         }
     }
+}
+
+fn to_wire(out: Out) -> FollowShardResponse {
+    let kind = match out {
+        Out::Rows(changes) => Kind::Rows(ShardChanges { changes, cursor: 0 }),
+        Out::SnapshotDone { seq } => Kind::SnapshotDone(seq),
+        Out::Changes { changes, cursor } => Kind::Changes(ShardChanges { changes, cursor }),
+        Out::Progress { cursor, committed } => Kind::Progress(ShardProgress { cursor, committed }),
+    };
+    FollowShardResponse { kind: Some(kind) }
 }
 
 #[tonic::async_trait]
