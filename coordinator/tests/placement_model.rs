@@ -273,6 +273,29 @@ proptest! {
         prop_assert_eq!(plan(&s, &fresh), vec![]);
     }
 
+    /// With no standbys (factor 1), a draining node's shards still move:
+    /// to other nodes (which catch up from the log), the drained node
+    /// keeping each until its partitions have gone, then nothing.
+    #[test]
+    fn without_standbys_a_draining_node_hands_its_shards_over_whole(
+        shards in 1usize..13,
+        nodes in 2u64..6,
+        drained in 0u64..6,
+    ) {
+        let drained = drained % nodes;
+        let (mut s, names, all) = placed(shards, nodes, 1);
+        let draining = Liveness { draining: [drained].into(), ..all };
+        for _ in 0..3 {
+            settle(&mut s, &names, &draining, 1);
+            converge_owners(&mut s, &draining);
+        }
+        prop_assert!(s.owned_by(drained).is_empty(), "still owns {:?}", s.owned_by(drained));
+        for (shard, h) in &s.holders {
+            prop_assert!(h.len() == 1 && h[0] != drained, "{}: {:?}", shard, h);
+        }
+        prop_assert!(place(&s, &names, &draining, 1).is_empty(), "not quiet");
+    }
+
     /// A node that joins takes its share: standbys move to it until
     /// holdings are within one, then owners-to-be even out onto it; no
     /// owner-to-be is dropped as a holder on the way.
