@@ -9,7 +9,7 @@
 //! serving node resumes from the shard's cursor on another holder: no gap,
 //! no duplicate.
 
-use super::subscriptions::{Delivery, DeliveryPath, Out, ShardStream};
+use super::subscriptions::{Checker, Delivery, DeliveryPath, Out, ShardStream, resume_refusal};
 use crate::client::ClientTls;
 use crate::telemetry::metric;
 use crate::views::ViewRegistry;
@@ -89,46 +89,32 @@ impl PeerShards {
     /// does not hold it; `None` when it does (or nothing is placed).
     pub fn remote_holders(&self, shard: &str) -> Option<Vec<String>> {
         let me = self.coordinator.node_id();
-        let holders = {
-            let applied = self.coordinator.watch();
-            let state = applied.borrow();
-            let holders = state.cluster.holders_of(shard)?;
-            if holders.contains(&me) {
-                return None;
-            }
-            holders.to_vec()
-        };
-        Some(
-            holders
-                .into_iter()
-                .filter_map(|id| self.coordinator.member_addr(id))
-                .collect(),
-        )
-    }
-}
-
-/// Where a shard held elsewhere stands: the first of its holders to answer
-/// (each within 2 s); `None` if none does.
-pub async fn remote_head(peers: &PeerShards, holders: &[String], shard: &str) -> Option<ShardHead> {
-    for addr in holders {
-        let asked = async {
-            let channel = peers.channel(addr).await.ok()?;
-            ShardsClient::new(channel)
-                .head(ShardHeadRequest {
-                    shard: shard.to_string(),
-                })
-                .await
-                .ok()
-                .map(Response::into_inner)
-        };
-        if let Ok(Some(head)) = tokio::time::timeout(Duration::from_secs(2), asked).await {
-            return Some(head);
+        if self.coordinator.watch().borrow().cluster.holds(me, shard) {
+            return None;
         }
+        Some(self.holder_addrs(shard))
     }
-    None
-}
 
-impl PeerShards {
+    /// Where a shard held elsewhere stands: the first of its holders to
+    /// answer (each within 2 s); `None` if none does.
+    pub async fn head(&self, holders: &[String], shard: &str) -> Option<ShardHead> {
+        for addr in holders {
+            let asked = async {
+                let channel = self.channel(addr).await.ok()?;
+                ShardsClient::new(channel)
+                    .head(ShardHeadRequest {
+                        shard: shard.to_string(),
+                    })
+                    .await
+                    .ok()
+                    .map(Response::into_inner)
+            };
+            if let Ok(Some(head)) = tokio::time::timeout(Duration::from_secs(2), asked).await {
+                return Some(head);
+            }
+        }
+        None
+    }
     /// The peer addresses of every holder of `shard`, owner first (this
     /// node's own too: a read that goes on from the holders may find it is
     /// one again). Empty when the shard is not placed.
@@ -149,16 +135,24 @@ impl PeerShards {
 
     /// Resolves once placement takes `shard` from this node.
     pub async fn lost(&self, shard: &str) {
-        let me = self.coordinator.node_id();
-        let mut placement = self.coordinator.watch();
-        loop {
-            if !placement.borrow_and_update().cluster.holds(me, shard) {
-                return;
-            }
-            if placement.changed().await.is_err() {
-                // The node is stopping: the read ends with it.
-                std::future::pending::<()>().await;
-            }
+        if !until_not_held(&self.coordinator, shard).await {
+            // The node is stopping: the read ends with it.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Waits until placement takes `shard` from this node (`true`), or the node
+/// stops (`false`).
+async fn until_not_held(coordinator: &Coordinator, shard: &str) -> bool {
+    let me = coordinator.node_id();
+    let mut placement = coordinator.watch();
+    loop {
+        if !placement.borrow_and_update().cluster.holds(me, shard) {
+            return true;
+        }
+        if placement.changed().await.is_err() {
+            return false;
         }
     }
 }
@@ -251,23 +245,19 @@ impl Shards for ShardService {
             .reader
             .view_meta(&shard.store_name)
             .map_err(|e| Status::internal(e.to_string()))?;
-        if req.incarnation != 0 && req.incarnation != meta.incarnation {
-            return Err(Status::failed_precondition(format!(
-                "shard {} is in another incarnation here (its change stream was rebuilt); \
-                 subscribe again with start=snapshot",
-                req.shard
-            )));
-        }
-        if let Some(Start::After(seq)) = req.start
-            && seq + 1 < meta.retained_from_seq
-        {
-            return Err(Status::out_of_range(format!(
-                "shard {} no longer retains seq {} (retained from {}); subscribe again with \
-                 start=snapshot",
-                req.shard,
-                seq + 1,
-                meta.retained_from_seq
-            )));
+        // The incarnation for every start; a resume's position too.
+        let (seq, checker) = match req.start {
+            Some(Start::After(seq)) => (seq, Checker::Holder),
+            _ => (0, Checker::Server),
+        };
+        if let Some(refused) = resume_refusal(
+            &format!("shard {}", req.shard),
+            &meta,
+            (req.incarnation != 0).then_some(req.incarnation),
+            seq,
+            checker,
+        ) {
+            return Err(refused);
         }
         let keys = req
             .keys
@@ -294,19 +284,16 @@ impl Shards for ShardService {
         let forward = tx.clone();
         // The stream ends when placement takes the shard from this node:
         // from then on its copy falls behind, silently.
-        let mut placement = self.coordinator.watch();
-        let me = self.coordinator.node_id();
+        let coordinator = self.coordinator.clone();
         let name = req.shard.clone();
         let moved = async move {
-            loop {
-                if !placement.borrow_and_update().cluster.holds(me, &name) {
-                    return Status::unavailable(format!(
-                        "node {me} no longer holds shard {name}; resume on a holder"
-                    ));
-                }
-                if placement.changed().await.is_err() {
-                    return Status::unavailable("node is shutting down");
-                }
+            if until_not_held(&coordinator, &name).await {
+                Status::unavailable(format!(
+                    "node {} no longer holds shard {name}; resume on a holder",
+                    coordinator.node_id()
+                ))
+            } else {
+                Status::unavailable("node is shutting down")
             }
         };
         tokio::spawn(async move {
@@ -429,11 +416,23 @@ impl RemoteShard {
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(1));
-            // Placement anew (this node's own peer listener too, if it
-            // holds the shard now: the sequences are the same everywhere).
-            let now = self.peers.holder_addrs(&self.store_name);
-            if !now.is_empty() {
-                self.holders = now;
+            self.refresh_holders();
+        }
+    }
+
+    /// Placement anew (this node's own peer listener too, if it holds the
+    /// shard now: the sequences are the same everywhere); the holder just
+    /// lost, if any, is tried last, on a new connection.
+    fn refresh_holders(&mut self) {
+        let now = self.peers.holder_addrs(&self.store_name);
+        if !now.is_empty() {
+            self.holders = now;
+        }
+        if let Some(lost) = self.current.take() {
+            self.peers.forget(&lost);
+            if let Some(i) = self.holders.iter().position(|a| *a == lost) {
+                let a = self.holders.remove(i);
+                self.holders.push(a);
             }
         }
     }
@@ -545,17 +544,7 @@ impl ShardStream for RemoteShard {
             metrics::counter!(metric::REMOTE_SHARDS, "outcome" => "rerouted").increment(1);
             warn!(shard = %self.store_name, cursor, reason = %broke,
                   "lost the holder of a shard mid-stream; resuming from its cursor on another");
-            self.holders = self.peers.holder_addrs(&self.store_name);
-            // The holder just lost is tried last, on a new connection.
-            if let Some(lost) = &self.current {
-                self.peers.forget(lost);
-            }
-            if let Some(lost) = self.current.take()
-                && let Some(i) = self.holders.iter().position(|a| *a == lost)
-            {
-                let a = self.holders.remove(i);
-                self.holders.push(a);
-            }
+            self.refresh_holders();
             info!(shard = %self.store_name, holders = ?self.holders, "shard holders now");
         }
     }

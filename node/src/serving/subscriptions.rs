@@ -145,18 +145,73 @@ fn store_status(e: StoreError) -> Status {
             view,
             seq,
             retained_from,
-        } => refuse(
-            tonic::Code::OutOfRange,
-            format!(
-                "view {view:?} no longer retains seq {seq} (retained from {retained_from}); \
-                 subscribe again with start=snapshot"
-            ),
-        ),
+        } => no_longer_retained(&format!("view {view:?}"), seq, retained_from),
         StoreError::UnknownView(v) => {
             refuse(tonic::Code::NotFound, format!("view {v:?} does not exist"))
         }
         other => refuse(tonic::Code::Internal, format!("state store: {other}")),
     }
+}
+
+/// `what` (a view, a shard) no longer holds `seq` of its change stream.
+fn no_longer_retained(what: &str, seq: u64, retained_from: u64) -> Status {
+    refuse(
+        tonic::Code::OutOfRange,
+        format!(
+            "{what} no longer retains seq {seq} (retained from {retained_from}); subscribe again \
+             with start=snapshot"
+        ),
+    )
+}
+
+/// Which node checks a resume position against a shard's `ViewMeta`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Checker {
+    /// The serving node, for a shard it reads itself: every check.
+    Reader,
+    /// Only the incarnation: the serving node, for a shard read from its
+    /// holders (they check the rest); a holder asked for a snapshot.
+    Server,
+    /// A holder streaming the shard to another node: it waits for what it
+    /// has not committed yet instead of refusing it.
+    Holder,
+}
+
+/// Why a shard, as `meta` describes it, cannot be resumed after `seq`:
+/// another incarnation than the caller's (when it names one), a position
+/// not committed here yet (retryable), or one no longer retained.
+pub(super) fn resume_refusal(
+    what: &str,
+    meta: &ndc_proto::state::ViewMeta,
+    incarnation: Option<u64>,
+    seq: u64,
+    checker: Checker,
+) -> Option<Status> {
+    if incarnation.is_some_and(|i| i != meta.incarnation) {
+        return Some(refuse(
+            tonic::Code::FailedPrecondition,
+            format!(
+                "resume token is from another incarnation of {what} (its change stream was \
+                 rebuilt); subscribe again with start=snapshot"
+            ),
+        ));
+    }
+    if checker == Checker::Reader && seq > meta.last_seq {
+        // In a cluster, a node that has not yet applied as much of the
+        // change log as the subscriber's last node: retryable.
+        return Some(refuse(
+            tonic::Code::Unavailable,
+            format!(
+                "this node has not caught up with the resume token of {what} yet (token seq \
+                 {seq}, committed here {}); retry shortly or on another node",
+                meta.last_seq
+            ),
+        ));
+    }
+    if checker != Checker::Server && seq + 1 < meta.retained_from_seq {
+        return Some(no_longer_retained(what, seq + 1, meta.retained_from_seq));
+    }
+    None
 }
 
 fn snapshot_change(row: SnapshotRow) -> Change {
@@ -398,25 +453,34 @@ impl Delivery {
             return Ok(false);
         }
         self.check_levels()?;
-        // Recorded before it is sent; not recorded, not sent. The record is
-        // written while the caller prepares the next batch; this batch goes
-        // out when that one is delivered, or when the stream waits.
+        self.record_and_hold(out, people, false, |changes| Out::Changes {
+            changes,
+            cursor,
+        })
+        .await?;
+        Ok(true)
+    }
+
+    /// Recorded before it is sent; not recorded, not sent. The record is
+    /// written while the caller prepares the next batch; this batch goes
+    /// out when that one is delivered, or when the stream waits.
+    async fn record_and_hold(
+        &mut self,
+        out: Vec<Change>,
+        people: BTreeSet<String>,
+        snapshot: bool,
+        batch: impl FnOnce(Vec<Change>) -> Out,
+    ) -> Result<(), Status> {
         let ack = self
             .audit
-            .submit(self.recipient.delivery(self.shard, &out, false, people))
+            .submit(self.recipient.delivery(self.shard, &out, snapshot, people))
             .await
             .map_err(audit_status)?;
         metrics::counter!(metric::CHANGES_SENT, "view" => self.view.clone())
             .increment(out.len() as u64);
         self.release().await?;
-        self.held = Some((
-            ack,
-            Out::Changes {
-                changes: out,
-                cursor,
-            },
-        ));
-        Ok(true)
+        self.held = Some((ack, batch(out)));
+        Ok(())
     }
 
     /// Sends rows of a snapshot read elsewhere (a holder's), as the
@@ -433,16 +497,7 @@ impl Delivery {
         if out.is_empty() {
             return Ok(());
         }
-        let ack = self
-            .audit
-            .submit(self.recipient.delivery(self.shard, &out, true, people))
-            .await
-            .map_err(audit_status)?;
-        metrics::counter!(metric::CHANGES_SENT, "view" => self.view.clone())
-            .increment(out.len() as u64);
-        self.release().await?;
-        self.held = Some((ack, Out::Rows(out)));
-        Ok(())
+        self.record_and_hold(out, people, true, Out::Rows).await
     }
 }
 
@@ -968,43 +1023,13 @@ fn resume_at(
     };
     let mut seqs = Vec::with_capacity(metas.len());
     for (i, (p, meta)) in pos.shards.iter().zip(metas).enumerate() {
-        // A shard read from its holders: they check the rest.
-        let held_here = remote.get(i).is_none_or(Option::is_none);
-        if p.incarnation != meta.incarnation {
-            return Err(refuse(
-                tonic::Code::FailedPrecondition,
-                format!(
-                    "resume token is from another incarnation of view {view:?}{} (its change stream \
-                     was rebuilt); subscribe again with start=snapshot",
-                    shard(i)
-                ),
-            ));
-        }
-        if held_here && p.seq > meta.last_seq {
-            // In a cluster, a node that has not yet applied as much of the
-            // change log as the subscriber's last node: retryable.
-            return Err(refuse(
-                tonic::Code::Unavailable,
-                format!(
-                    "this node has not caught up with the resume token of view {view:?}{} yet \
-                     (token seq {}, committed here {}); retry shortly or on another node",
-                    shard(i),
-                    p.seq,
-                    meta.last_seq
-                ),
-            ));
-        }
-        if held_here && p.seq + 1 < meta.retained_from_seq {
-            return Err(refuse(
-                tonic::Code::OutOfRange,
-                format!(
-                    "view {view:?}{} no longer retains seq {} (retained from {}); subscribe again \
-                     with start=snapshot",
-                    shard(i),
-                    p.seq + 1,
-                    meta.retained_from_seq
-                ),
-            ));
+        let checker = match remote.get(i) {
+            Some(Some(_)) => Checker::Server,
+            _ => Checker::Reader,
+        };
+        let what = format!("view {view:?}{}", shard(i));
+        if let Some(refused) = resume_refusal(&what, meta, Some(p.incarnation), p.seq, checker) {
+            return Err(refused);
         }
         seqs.push(p.seq);
     }
@@ -1324,15 +1349,15 @@ impl Subscription for SubscriptionService {
                     let Some(holders) = peers.remote_holders(&shard.store_name) else {
                         continue;
                     };
-                    let head =
-                        crate::serving::shard_peer::remote_head(peers, &holders, &shard.store_name)
-                            .await
-                            .ok_or_else(|| {
-                                Status::unavailable(format!(
-                                    "no holder of shard {} of view {name:?} answers; retry",
-                                    shard.store_name
-                                ))
-                            })?;
+                    let head = peers
+                        .head(&holders, &shard.store_name)
+                        .await
+                        .ok_or_else(|| {
+                            Status::unavailable(format!(
+                                "no holder of shard {} of view {name:?} answers; retry",
+                                shard.store_name
+                            ))
+                        })?;
                     meta.last_seq = head.last_seq;
                     meta.retained_from_seq = head.retained_from_seq;
                     meta.live_rows = head.live_rows;
