@@ -165,7 +165,7 @@ pub async fn start_with(mut config: NodeConfig, handed: Listeners) -> anyhow::Re
             config.node.data_dir.display()
         )
     })?;
-    let view_names: Vec<String> = config.views.iter().flat_map(|v| v.store_names()).collect();
+    let view_names: Vec<String> = config.view_store_names();
     let mut store_config = StoreConfig::new(config.node.data_dir.join("state"));
     // A cluster node without state copies a peer's (it then tails the
     // change logs from the positions the copy holds).

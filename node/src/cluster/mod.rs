@@ -4,12 +4,13 @@
 //! In a cluster, the owner of a source partition does not commit its
 //! decisions to its own state: it writes their effects to the view's change
 //! log (`<changes_topic_prefix><view>`, or `….shard<i>` per shard of a
-//! sharded view; one partition, so every node reads
-//! one order), and every node, the owner included, applies that log to its
-//! RocksDB state ([`run_log_source`] feeds the state writer). Every node thus
-//! holds every partition's rows and the same change stream, with the same
-//! sequence numbers: a subscriber can resume on any node with its token, and
-//! a node that gains a partition has its state already.
+//! sharded view; one partition, so every reader reads one order), and every
+//! holder of the shard (every node, without placement), the owner included,
+//! applies that log to its RocksDB state ([`run_log_source`] feeds the state
+//! writer). Every holder thus has the shard's rows and the same change
+//! stream, with the same sequence numbers: a subscriber can resume on any
+//! node with its token (shards a node does not hold are read from their
+//! holders), and an owner-to-be has its shard's state already.
 
 pub mod state_transfer;
 
@@ -249,9 +250,14 @@ pub async fn run_log_source(
     let mut placement = coordinator.watch();
     let mut reading: Option<BTreeSet<String>> = None;
     let mut quiet_errors = false;
+    // Placement is looked at when it changes, not for every record.
+    let mut placement_changed = true;
     loop {
-        let wanted = held_topics(&placement.borrow_and_update().cluster);
-        if reading.as_ref() != Some(&wanted) {
+        let wanted = placement_changed
+            .then(|| held_topics(&placement.borrow_and_update().cluster))
+            .filter(|w| reading.as_ref() != Some(w));
+        placement_changed = false;
+        if let Some(wanted) = wanted {
             let mut tpl = TopicPartitionList::new();
             for topic in &wanted {
                 let next = expected.get(topic).map(|e| e.next()).unwrap_or(0);
@@ -277,6 +283,7 @@ pub async fn run_log_source(
                 if r.is_err() {
                     break;
                 }
+                placement_changed = true;
                 continue;
             }
             m = consumer.recv() => match m {
@@ -375,7 +382,7 @@ pub fn coordinator_config(
         raft_heartbeat: cluster.raft_heartbeat,
         election_timeout: cluster.election_timeout,
         replication_factor: cluster.replication_factor,
-        placed_shards: config.views.iter().flat_map(|v| v.store_names()).collect(),
+        placed_shards: config.view_store_names(),
         zone: cluster.zone.clone(),
         peer_tls: match (peer_client_tls(config), config.tls.insecure) {
             (tls, false) => match (tls.ca, tls.cert, tls.key) {

@@ -809,6 +809,15 @@ pub enum ConfigError {
 }
 
 impl NodeConfig {
+    /// Store names of every configured view's shards (what the node opens,
+    /// logs and, in a cluster, places).
+    pub fn view_store_names<B: FromIterator<String>>(&self) -> B {
+        self.views
+            .iter()
+            .flat_map(ViewConfig::store_names)
+            .collect()
+    }
+
     /// Loads a YAML file and applies `NDC__*` overrides from the process
     /// environment, then validates.
     pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {

@@ -500,12 +500,7 @@ impl Runtime {
         };
         let store = self.store.as_mut().context("data path is running")?;
         // Every shard of a configured view has a log of its own.
-        let mut logged: BTreeSet<String> = self
-            .config
-            .views
-            .iter()
-            .flat_map(|v| v.store_names())
-            .collect();
+        let mut logged: BTreeSet<String> = self.config.view_store_names();
         let mut all: Vec<(String, Option<u64>)> =
             logged.iter().map(|n| (n.clone(), None)).collect();
         for spec in self.specs.values() {
