@@ -415,8 +415,7 @@ pub fn place(
                         load.demote(old);
                     }
                     holders.insert(0, n);
-                    load.add([&n], false);
-                    load.promote(n);
+                    load.add([&n], true);
                 }
             }
         }
@@ -497,15 +496,13 @@ pub fn place(
             changed = true;
             let (most, least) = (*most, *least);
             if let Some((_, h)) = next.get_mut(shard) {
-                if j == 0 && owners.contains(&(shard.as_str(), most)) {
-                    h.insert(0, least);
+                if j == 0 {
                     load.demote(most);
                     load.promote(least);
+                }
+                if j == 0 && owners.contains(&(shard.as_str(), most)) {
+                    h.insert(0, least);
                 } else {
-                    if j == 0 {
-                        load.demote(most);
-                        load.promote(least);
-                    }
                     h[j] = least;
                 }
                 load.remove(most);

@@ -1370,32 +1370,37 @@ fn pipeline_member(c: &mut NodeConfig) {
     c.pipelines.files = vec![example_spec()];
 }
 
-/// The committed sequence of `view` at `addr` (as the test's admin).
-async fn committed_seq(addr: &str, view: &str) -> u64 {
+/// What `ListViews` at `addr` says of `view` (as the test's admin).
+async fn view_info(
+    addr: &str,
+    view: &str,
+) -> Result<Option<ndc_proto::v1::ViewInfo>, tonic::Status> {
     let mut c = ndc_proto::v1::subscription_client::SubscriptionClient::new(
         ndc_node::client::channel(addr, None).await.unwrap(),
     );
-    c.list_views(ndc_proto::v1::ListViewsRequest {})
-        .await
-        .unwrap()
+    Ok(c.list_views(ndc_proto::v1::ListViewsRequest {})
+        .await?
         .into_inner()
         .views
         .into_iter()
-        .find(|v| v.name == view)
+        .find(|v| v.name == view))
+}
+
+/// The committed sequence of `view` at `addr`.
+async fn committed_seq(addr: &str, view: &str) -> u64 {
+    view_info(addr, view)
+        .await
+        .unwrap()
         .map_or(0, |v| v.committed_seq)
 }
 
-/// The committed sequence of each shard of `view` at `addr`.
+/// The committed sequence of each shard of `view` at `addr` (diagnostics:
+/// empty if the node does not answer).
 async fn committed_seqs(addr: &str, view: &str) -> Vec<u64> {
-    let mut c = ndc_proto::v1::subscription_client::SubscriptionClient::new(
-        ndc_node::client::channel(addr, None).await.unwrap(),
-    );
-    c.list_views(ndc_proto::v1::ListViewsRequest {})
+    view_info(addr, view)
         .await
-        .map(|r| r.into_inner().views)
-        .unwrap_or_default()
-        .into_iter()
-        .find(|v| v.name == view)
+        .ok()
+        .flatten()
         .map_or(Vec::new(), |v| v.committed_seqs)
 }
 
