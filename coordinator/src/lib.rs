@@ -131,9 +131,6 @@ pub struct CoordinatorConfig {
     pub peer_tls: Option<PeerTls>,
     /// Holders per placed shard; 0: every node holds every shard.
     pub replication_factor: usize,
-    /// The shards the leader places (the configured views' shards);
-    /// others are held by every node.
-    pub placed_shards: BTreeSet<String>,
     /// This node's zone, sent in heartbeats (standbys go to other zones).
     pub zone: Option<String>,
 }
@@ -748,11 +745,13 @@ impl Coordinator {
             metrics::gauge!(metric::LIVE_NODES).set(liveness.live.len() as f64);
             // Placement first; the owners are planned on the state it makes.
             let mut cluster = applied.cluster.clone();
+            // Every shard fed by registered partitions: configured views'
+            // and pipelines' (a merge's derived views follow its
+            // contributions' shards, see the node's views).
             let placed: BTreeSet<String> = cluster
                 .partitions
                 .iter()
                 .map(|p| state::shard_of(p).to_string())
-                .filter(|s| self.inner.config.placed_shards.contains(s))
                 .collect();
             let placement = state::place(
                 &cluster,

@@ -33,7 +33,6 @@ async fn a_node_acts_only_on_its_current_epoch_and_only_while_its_lease_holds() 
         election_timeout: Duration::from_millis(200),
         peer_tls: None,
         replication_factor: 0,
-        placed_shards: Default::default(),
         zone: None,
     })
     .await

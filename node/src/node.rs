@@ -363,19 +363,22 @@ pub async fn start_with(mut config: NodeConfig, handed: Listeners) -> anyhow::Re
         config.node.id.clone(),
         config.audit.max_answer_records,
     );
-    let service =
-        SubscriptionService::new(
-            reader.clone(),
+    let service = SubscriptionService::new(
+        reader.clone(),
+        views.clone(),
+        config.subscriptions.clone(),
+        auth.clone(),
+        config.access.max_streams_per_principal,
+        Arc::new(hash_keys),
+        audit.clone(),
+    )
+    .with_peers(coordinator.as_ref().map(|c| {
+        crate::serving::shard_peer::PeerShards::new(
+            c.clone(),
+            peer_client_tls.clone(),
             views.clone(),
-            config.subscriptions.clone(),
-            auth.clone(),
-            config.access.max_streams_per_principal,
-            Arc::new(hash_keys),
-            audit.clone(),
         )
-        .with_peers(coordinator.as_ref().map(|c| {
-            crate::serving::shard_peer::PeerShards::new(c.clone(), peer_client_tls.clone())
-        }));
+    }));
     let pipelines = crate::serving::pipelines_api::PipelineService::new(
         runtime.clone(),
         coordinator.clone(),

@@ -104,6 +104,10 @@ pub struct Shard {
     pub store_name: Arc<str>,
     /// Head of its change stream.
     pub commits: Arc<watch::Sender<Committed>>,
+    /// The shard whose placement this one follows: itself, or for a view
+    /// derived on another shard's log (a merge's golden records, conflicts
+    /// and joins), that shard (its holders apply the log that writes it).
+    pub placed_as: Arc<str>,
 }
 
 /// One served view.
@@ -125,6 +129,8 @@ pub struct ShardHead {
     pub id: ViewId,
     pub store_name: String,
     pub last_seq: u64,
+    /// See [`Shard::placed_as`]; `None`: itself.
+    pub placed_as: Option<String>,
 }
 
 /// Every served view by name; cheap to clone.
@@ -163,6 +169,7 @@ impl ViewRegistry {
             id,
             store_name: name.to_string(),
             last_seq,
+            placed_as: None,
         };
         self.insert_sharded(name, vec![shard], key_columns, levels, national_id);
     }
@@ -190,6 +197,7 @@ impl ViewRegistry {
             .into_iter()
             .map(|s| Shard {
                 id: s.id,
+                placed_as: s.placed_as.as_deref().unwrap_or(&s.store_name).into(),
                 store_name: s.store_name.into(),
                 commits: Arc::new(
                     watch::channel(Committed {
@@ -248,12 +256,30 @@ impl ViewRegistry {
         self.read().get(name).cloned()
     }
 
-    /// Commits of a one-shard view (pipeline views, which are not sharded).
-    pub fn receiver(&self, name: &str) -> Option<CommitReceiver> {
-        self.read().get(name).and_then(|v| match &*v.shards {
-            [one] => Some(one.commits.subscribe()),
-            _ => None,
+    /// Commits of one shard of a view, by its store name.
+    pub fn shard_receiver(&self, view: &str, store_name: &str) -> Option<CommitReceiver> {
+        self.read().get(view).and_then(|v| {
+            v.shards
+                .iter()
+                .find(|s| &*s.store_name == store_name)
+                .map(|s| s.commits.subscribe())
         })
+    }
+
+    /// The shard whose placement the shard `store_name` follows (itself if
+    /// no served view says otherwise).
+    pub fn placed_as(&self, store_name: &str) -> Arc<str> {
+        let view =
+            ndc_operators::shard::parse_store_name(store_name).map_or(store_name, |(v, _)| v);
+        self.read()
+            .get(view)
+            .and_then(|v| {
+                v.shards
+                    .iter()
+                    .find(|s| &*s.store_name == store_name)
+                    .map(|s| s.placed_as.clone())
+            })
+            .unwrap_or_else(|| store_name.into())
     }
 
     /// Names of the served views.

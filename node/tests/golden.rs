@@ -687,3 +687,105 @@ async fn pipelines_are_applied_updated_and_dropped_on_a_running_node() {
     follower.abort();
     node.shutdown().await;
 }
+
+/// A pipeline split into shards gives the same views as the same pipeline
+/// in one: two nodes read the same five feeds, one runs the example spec,
+/// the other the spec with `shards: 3` (sources split by partition, the
+/// merge and its joins by national ID); their golden records, conflicts
+/// and vehicle owners are equal row for row, and the sharded node serves
+/// each from three shards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_in_shards_gives_the_same_views_as_in_one() {
+    let broker = broker_with_feeds().await;
+    let producer = broker.producer();
+    let mut feeds: Vec<Feed> = TABLES
+        .iter()
+        .map(|t| Feed::new(*t, 1_767_225_600_000))
+        .collect();
+    for i in 0..PEOPLE {
+        for (t, feed) in TABLES.iter().zip(feeds.iter_mut()) {
+            if *t != Table::Businesses || i < BUSINESSES {
+                publish_event(&producer, t.topic(), &feed.event('r', i, 0, None)).await;
+            }
+        }
+    }
+    // Then some people move and change phone.
+    for i in (0..PEOPLE).step_by(3) {
+        publish_event(
+            &producer,
+            Table::Citizens.topic(),
+            &feeds[0].event('u', i, 1, None),
+        )
+        .await;
+        publish_event(
+            &producer,
+            Table::Addresses.topic(),
+            &feeds[1].event('u', i, 1, None),
+        )
+        .await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(example()).unwrap();
+    let sharded_spec = dir.path().join("sharded.yaml");
+    std::fs::write(
+        &sharded_spec,
+        text.replacen("version: 1\n", "version: 1\nshards: 3\n", 1),
+    )
+    .unwrap();
+    let mut nodes = Vec::new();
+    for (name, spec) in [("one", example()), ("sharded", sharded_spec)] {
+        let data = dir.path().join(name);
+        let mut config = node_config(&data, &broker.bootstrap, &[]);
+        config.pipelines.files = vec![spec];
+        config.pipelines.repartition_topic_prefix = format!("ndc.repartition.{name}.");
+        if let Some(k) = config.kafka.as_mut() {
+            k.group_id = format!("ndc-{name}");
+        }
+        nodes.push(ndc_node::start(config).await.unwrap());
+    }
+    let (one, sharded) = (nodes[0].addrs.grpc, nodes[1].addrs.grpc);
+    let merged = |r: &BTreeMap<String, Value>| {
+        r.len() == PEOPLE as usize
+            && r.values()
+                .all(|g| g["_contributors"].as_array().map(Vec::len) == Some(3))
+            && (0..PEOPLE).step_by(3).all(|i| {
+                r.values().any(|g| {
+                    g["national_id"] == json!(national_id(i).to_string())
+                        && g["phone"] == citizen_row(i, 1)["phone"]
+                })
+            })
+    };
+    let reference = until(one, "national.people", "all people merged", merged).await;
+    let split = until(sharded, "national.people", "all people merged", merged).await;
+    assert_eq!(by_person(&split), by_person(&reference));
+    for view in [
+        "national.people.conflicts",
+        "national.vehicle_owners",
+        "national.residents",
+    ] {
+        let reference = rows(one, view).await;
+        let split = until(sharded, view, "the same rows", |r| {
+            r.len() == reference.len()
+        })
+        .await;
+        assert!(!reference.is_empty(), "{view} has rows");
+        assert_eq!(split, reference, "{view}");
+    }
+    let mut c = ndc_proto::v1::subscription_client::SubscriptionClient::new(
+        ndc_node::client::channel(&sharded.to_string(), None)
+            .await
+            .unwrap(),
+    );
+    let views = c
+        .list_views(ndc_proto::v1::ListViewsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .views;
+    let people = views.iter().find(|v| v.name == "national.people").unwrap();
+    assert_eq!(people.committed_seqs.len(), 3, "{people:?}");
+    assert!(
+        people.committed_seqs.iter().all(|s| *s > 0),
+        "every shard holds people: {people:?}"
+    );
+}

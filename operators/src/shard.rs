@@ -51,6 +51,19 @@ pub fn of_partition(partition: i32, shards: u32) -> u32 {
     u32::try_from(partition).unwrap_or(0) % shards.max(1)
 }
 
+/// Shard of a person in a view split by national ID (a pipeline's merge
+/// state): FNV-1a of the ID, stable across releases and platforms, so that
+/// every node, and the re-keying stage that picks the repartition
+/// partition, agree on it.
+pub fn of_national_id(national_id: &str, shards: u32) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in national_id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    u32::try_from(h % u64::from(shards.max(1))).unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,5 +91,28 @@ mod tests {
         assert_eq!(shards, [0, 1, 2, 3, 0, 1, 2, 3]);
         assert_eq!(of_partition(5, 1), 0);
         assert_eq!(of_partition(-1, 4), 0);
+    }
+
+    #[test]
+    fn people_spread_over_shards_and_always_land_on_the_same_one() {
+        let ids: Vec<String> = (0..4000)
+            .map(|i| format!("{:012}", 1_000_000 + i))
+            .collect();
+        let mut counts = [0u32; 8];
+        for id in &ids {
+            let s = of_national_id(id, 8);
+            assert_eq!(s, of_national_id(id, 8));
+            counts[s as usize] += 1;
+        }
+        // Roughly even: no shard with less than half or more than twice its share.
+        assert!(
+            counts.iter().all(|c| (250..=1000).contains(c)),
+            "{counts:?}"
+        );
+        assert_eq!(of_national_id("001234567890", 1), 0);
+        assert_eq!(of_national_id("001234567890", 0), 0);
+        // Pinned: a change of hash would move people between shards of
+        // existing state.
+        assert_eq!(of_national_id("001234567890", 1024), 204);
     }
 }

@@ -395,6 +395,19 @@ impl StoreReader {
         Ok(())
     }
 
+    /// Committed next offset of `stream` for the view `name` (`None`: never
+    /// read, or no such view). Read from disk: what the last commit wrote.
+    pub fn stream_offset(&self, name: &str, stream: &str) -> Result<Option<u64>, StoreError> {
+        let Some(view) = self.view_id(name) else {
+            return Ok(None);
+        };
+        Ok(self
+            .db
+            .get_cf(cf(&self.db, CF_OFFSETS), offset_key(view, stream))?
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map(u64::from_be_bytes))
+    }
+
     /// Committed metadata of a view.
     pub fn view_meta(&self, name: &str) -> Result<ViewMeta, StoreError> {
         let bytes = self
@@ -794,6 +807,23 @@ impl Store {
         self.metas.remove(&id);
         self.offsets.retain(|(v, _), _| *v != id);
         Ok(())
+    }
+
+    /// Drops every shard of a view (`view`, `view#0`, `view#1`, …) whatever
+    /// shard count it was written with; returns whether there was any.
+    pub fn drop_sharded_view(&mut self, view: &str) -> Result<bool, StoreError> {
+        let names: Vec<String> = self
+            .reader
+            .view_names()
+            .into_iter()
+            .filter(|n| {
+                n == view || crate::shard::parse_store_name(n).is_some_and(|(v, _)| v == view)
+            })
+            .collect();
+        for n in &names {
+            self.drop_view(n)?;
+        }
+        Ok(!names.is_empty())
     }
 
     /// Splits off a write side for `views`: a second writer over the same

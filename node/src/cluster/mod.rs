@@ -382,7 +382,6 @@ pub fn coordinator_config(
         raft_heartbeat: cluster.raft_heartbeat,
         election_timeout: cluster.election_timeout,
         replication_factor: cluster.replication_factor,
-        placed_shards: config.view_store_names(),
         zone: cluster.zone.clone(),
         peer_tls: match (peer_client_tls(config), config.tls.insecure) {
             (tls, false) => match (tls.ca, tls.cert, tls.key) {

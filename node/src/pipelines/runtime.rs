@@ -175,19 +175,23 @@ impl Runtime {
     /// Adds every view of the config and the specs to the store and serves it.
     fn register_views(&mut self) -> anyhow::Result<()> {
         let store = self.store.as_mut().context("data path is running")?;
-        // (name, key columns, shards)
-        let mut wanted: Vec<(String, Vec<String>, u32)> = self
+        let mut wanted: Vec<PipelineView> = self
             .config
             .views
             .iter()
-            .map(|v| (v.name.clone(), v.key_columns.clone(), v.shards))
+            .map(|v| PipelineView {
+                name: v.name.clone(),
+                keys: v.key_columns.clone(),
+                shards: v.shards,
+                placed_with: None,
+            })
             .collect();
         for spec in self.specs.values() {
-            wanted.extend(spec_views(spec).into_iter().map(|(n, k)| (n, k, 1)));
+            wanted.extend(spec_views(spec));
         }
         let names: Vec<String> = wanted
             .iter()
-            .flat_map(|(n, _, shards)| ndc_operators::shard::store_names(n, *shards))
+            .flat_map(|v| ndc_operators::shard::store_names(&v.name, v.shards))
             .collect();
         store.add_views(&names)?;
         // Levels: configured views declare theirs; pipeline views inherit
@@ -213,19 +217,32 @@ impl Runtime {
         for spec in self.specs.values() {
             classes.extend(spec.classification());
         }
-        for (name, keys, shards) in wanted {
+        for view in wanted {
             let mut heads = Vec::new();
-            for store_name in ndc_operators::shard::store_names(&name, shards) {
+            for (shard, store_name) in ndc_operators::shard::store_names(&view.name, view.shards)
+                .into_iter()
+                .enumerate()
+            {
                 let id = store.view_id(&store_name).context("view just added")?;
+                let placed_as = view
+                    .placed_with
+                    .as_ref()
+                    .map(|w| ndc_operators::shard::store_name(w, shard as u32, view.shards));
                 heads.push(ShardHead {
                     id,
                     last_seq: store.meta(id).map_or(0, |m| m.last_seq),
                     store_name,
+                    placed_as,
                 });
             }
-            let class = classes.remove(&name).unwrap_or_default();
-            self.views
-                .insert_sharded(&name, heads, keys, class.levels, class.national_id);
+            let class = classes.remove(&view.name).unwrap_or_default();
+            self.views.insert_sharded(
+                &view.name,
+                heads,
+                view.keys,
+                class.levels,
+                class.national_id,
+            );
         }
         Ok(())
     }
@@ -305,7 +322,7 @@ impl Runtime {
         let created = crate::kafka::create_topics(
             kafka,
             &topics,
-            p.repartition_partitions,
+            repartition_partitions(&self.config, &self.specs),
             p.repartition_replication,
             "repartition",
         );
@@ -424,17 +441,18 @@ impl Runtime {
             .unwrap_or_default();
         let reset = reconcile(store, old, spec)?;
         for v in &old_views {
-            if store.view_id(v).is_none() {
+            if !has_view(store, v) {
                 self.views.remove(v);
             }
         }
         // Views whose state was reset get a fresh watcher (their
         // subscribers' tokens no longer apply).
         for v in spec.views() {
+            let first = spec.store_names(&v).first().and_then(|n| store.view_id(n));
             if self
                 .views
                 .get(&v)
-                .is_some_and(|s| s.shards.first().map(|s| s.id) != store.view_id(&v))
+                .is_some_and(|s| s.shards.first().map(|s| s.id) != first)
             {
                 self.views.remove(&v);
             }
@@ -447,13 +465,17 @@ impl Runtime {
         if let Some(old) = old_spec
             && old.operators != spec.operators
             && let Some(store) = self.store.as_mut()
-            && let Some(merger) = merger_of(spec, store)?
         {
-            store.set_prefix_scanned(merger.views.contributions);
-            let mut txn = store.begin(now_ms());
-            let people = merger.refresh_all(&mut txn)?;
-            txn.commit()?;
-            info!(pipeline = %spec.name, people, "golden records recomputed under the new rules");
+            let mut people = 0;
+            for merger in mergers_of(spec, store)? {
+                store.set_prefix_scanned(merger.views.contributions);
+                let mut txn = store.begin(now_ms());
+                people += merger.refresh_all(&mut txn)?;
+                txn.commit()?;
+            }
+            if people > 0 {
+                info!(pipeline = %spec.name, people, "golden records recomputed under the new rules");
+            }
         }
         info!(pipeline = %spec.name, version = spec.version, ?reset, "pipeline applied");
         Ok(reset)
@@ -469,7 +491,7 @@ impl Runtime {
             let store = self.store.as_mut().context("data path stopped")?;
             let views = spec.views();
             for v in &views {
-                store.drop_view(v)?;
+                store.drop_sharded_view(v)?;
                 self.views.remove(v);
             }
             store.remove_spec(name)?;
@@ -506,11 +528,13 @@ impl Runtime {
         for spec in self.specs.values() {
             for v in spec.views() {
                 let g = side.generations.get(&v).copied();
-                all.push((v, g));
+                all.extend(spec.store_names(&v).into_iter().map(|n| (n, g)));
             }
-            logged.extend(spec.sources.keys().map(|s| spec.view(s)));
-            if let Some((merge, _)) = spec.merges().next() {
-                logged.insert(format!("{}.contributions", spec.view(merge)));
+            for s in spec.sources.keys() {
+                logged.extend(spec.store_names(&spec.view(s)));
+            }
+            if let Some(c) = contributions_view(spec) {
+                logged.extend(spec.store_names(&c));
             }
         }
         let mut topics = BTreeMap::new();
@@ -648,7 +672,7 @@ impl Runtime {
         for name in gone {
             if let Some(spec) = self.specs.remove(&name) {
                 for v in spec.views() {
-                    store.drop_view(&v)?;
+                    store.drop_sharded_view(&v)?;
                     self.views.remove(&v);
                     side.generations.remove(&v);
                     reader.set_cursor(&generation_key(&v), 0)?;
@@ -683,8 +707,7 @@ impl Runtime {
                 if new_views.contains(v) && want == have && want.is_some() {
                     continue;
                 }
-                if store.view_id(v).is_some() {
-                    store.drop_view(v)?;
+                if store.drop_sharded_view(v)? {
                     dropped.insert(v.clone());
                 }
                 self.views.remove(v);
@@ -701,7 +724,9 @@ impl Runtime {
                     .joins()
                     .any(|(j, js)| &js.stream == source && dropped.contains(&new.view(j)));
                 if dropped.contains(&v) || merge_dropped || join_dropped {
-                    reader.set_cursor(&v, 0)?;
+                    for shard in new.store_names(&v) {
+                        reader.set_cursor(&shard, 0)?;
+                    }
                 }
             }
             for v in &new_views {
@@ -880,29 +905,60 @@ fn apply_files(
     Ok(())
 }
 
+/// A view to serve: its key columns, its shards, and the view whose shard
+/// `i` writes its shard `i` (`None`: it is fed itself).
+struct PipelineView {
+    name: String,
+    keys: Vec<String>,
+    shards: u32,
+    placed_with: Option<String>,
+}
+
+/// The contributions view of a pipeline's merge: fed by the repartition
+/// topic, its log carries the effects on the golden records, conflicts and
+/// joins of the same shard.
+fn contributions_view(spec: &PipelineSpec) -> Option<String> {
+    spec.merges()
+        .next()
+        .map(|(merge, _)| format!("{}.contributions", spec.view(merge)))
+}
+
 /// A pipeline's views with their key columns.
-fn spec_views(spec: &PipelineSpec) -> Vec<(String, Vec<String>)> {
+fn spec_views(spec: &PipelineSpec) -> Vec<PipelineView> {
+    let contributions = contributions_view(spec);
+    let view = |name: String, keys: &[&str], derived: bool| PipelineView {
+        name,
+        keys: keys.iter().map(|k| k.to_string()).collect(),
+        shards: spec.shards,
+        placed_with: if derived { contributions.clone() } else { None },
+    };
     let mut out = Vec::new();
     for (name, source) in &spec.sources {
-        out.push((spec.view(name), source.key.clone()));
+        out.push(PipelineView {
+            name: spec.view(name),
+            keys: source.key.clone(),
+            shards: spec.shards,
+            placed_with: None,
+        });
     }
     for (name, op) in &spec.operators {
         match op {
             OperatorSpec::Merge(_) => {
-                out.push((spec.view(name), vec!["national_id".into()]));
-                out.push((
+                out.push(view(spec.view(name), &["national_id"], true));
+                out.push(view(
                     format!("{}.conflicts", spec.view(name)),
-                    vec!["attribute".into(), "national_id".into()],
+                    &["attribute", "national_id"],
+                    true,
                 ));
-                out.push((
+                out.push(view(
                     format!("{}.contributions", spec.view(name)),
-                    vec!["national_id".into(), "source".into(), "source_key".into()],
+                    &["national_id", "source", "source_key"],
+                    false,
                 ));
             }
-            OperatorSpec::Join(_) => out.push((
-                spec.view(name),
-                vec!["national_id".into(), "source_key".into()],
-            )),
+            OperatorSpec::Join(_) => {
+                out.push(view(spec.view(name), &["national_id", "source_key"], true))
+            }
         }
     }
     out
@@ -934,17 +990,21 @@ fn reconcile(
     for (name, rules) in new.merges() {
         if reset.contains(name) {
             for input in &rules.inputs {
-                store.reader().set_cursor(&new.view(input), 0)?;
+                for shard in new.store_names(&new.view(input)) {
+                    store.reader().set_cursor(&shard, 0)?;
+                }
             }
         }
     }
     for (_, join) in new.joins() {
         if reset.contains(&join.table) || reset.contains(&join.stream) {
-            store.reader().set_cursor(&new.view(&join.stream), 0)?;
+            for shard in new.store_names(&new.view(&join.stream)) {
+                store.reader().set_cursor(&shard, 0)?;
+            }
         }
     }
     for v in drop {
-        store.drop_view(&v)?;
+        store.drop_sharded_view(&v)?;
     }
     Ok(reset)
 }
@@ -1036,13 +1096,13 @@ pub fn cluster_routes(
             continue;
         };
         for (name, source) in &spec.sources {
-            out.insert((spec.view(name), source.topic.clone(), 1));
+            out.insert((spec.view(name), source.topic.clone(), spec.shards));
         }
-        if let (Some((merge, _)), Some(topic)) = (
-            spec.merges().next(),
+        if let (Some(contributions), Some(topic)) = (
+            contributions_view(&spec),
             cluster_repartition_topic(config, &spec, &stored.generations),
         ) {
-            out.insert((format!("{}.contributions", spec.view(merge)), topic, 1));
+            out.insert((contributions, topic, spec.shards));
         }
     }
     out
@@ -1063,8 +1123,8 @@ fn repartition_topic(
     if let Some(generations) = generations {
         return cluster_repartition_topic(config, spec, generations);
     }
-    let (merge, _) = spec.merges().next()?;
-    let id = store.view_id(&format!("{}.contributions", spec.view(merge)))?;
+    let contributions = contributions_view(spec)?;
+    let id = store.view_id(spec.store_names(&contributions).first()?)?;
     Some(format!(
         "{}{}.{}",
         config.pipelines.repartition_topic_prefix,
@@ -1073,35 +1133,70 @@ fn repartition_topic(
     ))
 }
 
-/// The person-keyed task of a pipeline (its merge and the joins on it).
-fn merger_of(spec: &PipelineSpec, store: &Store) -> anyhow::Result<Option<Merger>> {
+/// The person-keyed tasks of a pipeline (its merge and the joins on it),
+/// one per shard: shard `i` of the contributions writes shard `i` of the
+/// golden records, conflicts and joins, as every person's facts meet in
+/// one shard.
+fn mergers_of(spec: &PipelineSpec, store: &Store) -> anyhow::Result<Vec<Merger>> {
     let Some((merge, rules)) = spec.merges().next() else {
-        return Ok(None);
-    };
-    let view_id = |name: &str| {
-        store
-            .view_id(name)
-            .with_context(|| format!("view {name} is not registered"))
+        return Ok(Vec::new());
     };
     let base = spec.view(merge);
-    let views = MergeViews {
-        contributions: view_id(&format!("{base}.contributions"))?,
-        golden: view_id(&base)?,
-        conflicts: view_id(&format!("{base}.conflicts"))?,
+    let shard_ids = |view: &str| -> anyhow::Result<Vec<ViewId>> {
+        spec.store_names(view)
+            .iter()
+            .map(|name| {
+                store
+                    .view_id(name)
+                    .with_context(|| format!("view {name} is not registered"))
+            })
+            .collect()
     };
+    let contributions = shard_ids(&format!("{base}.contributions"))?;
+    let golden = shard_ids(&base)?;
+    let conflicts = shard_ids(&format!("{base}.conflicts"))?;
     let mut joins = Vec::new();
     for (name, join) in spec.joins().filter(|(_, j)| j.table == merge) {
-        joins.push(JoinRule {
-            stream: join.stream.clone(),
-            attributes: join.attributes.clone(),
-            view: view_id(&spec.view(name))?,
-        });
+        joins.push((join, shard_ids(&spec.view(name))?));
     }
-    Ok(Some(Merger {
-        rules: rules.clone(),
-        views,
-        joins,
-    }))
+    Ok((0..contributions.len())
+        .map(|i| Merger {
+            rules: rules.clone(),
+            views: MergeViews {
+                contributions: contributions[i],
+                golden: golden[i],
+                conflicts: conflicts[i],
+            },
+            joins: joins
+                .iter()
+                .map(|(join, ids)| JoinRule {
+                    stream: join.stream.clone(),
+                    attributes: join.attributes.clone(),
+                    view: ids[i],
+                })
+                .collect(),
+        })
+        .collect())
+}
+
+/// Partitions of the repartition topics this node creates: as configured,
+/// and at least one per shard of the merges (the re-keying stage writes a
+/// person's facts to the partition numbered as the person's shard).
+fn repartition_partitions(config: &NodeConfig, specs: &BTreeMap<String, PipelineSpec>) -> i32 {
+    let shards = specs
+        .values()
+        .filter(|s| s.repartitions())
+        .map(|s| i32::try_from(s.shards).unwrap_or(i32::MAX))
+        .max()
+        .unwrap_or(1);
+    config.pipelines.repartition_partitions.max(shards)
+}
+
+/// Whether the store holds any shard of `view`.
+fn has_view(store: &Store, view: &str) -> bool {
+    store.reader().view_names().iter().any(|n| {
+        n == view || ndc_operators::shard::parse_store_name(n).is_some_and(|(v, _)| v == view)
+    })
 }
 
 /// National-ID check of a pipeline source: its own `national_id`, else the
@@ -1170,17 +1265,21 @@ fn build(
     let mut store = store;
     for spec in specs.values() {
         for name in spec.sources.keys() {
-            if spec.rekey_column(name).is_some()
-                && let Some(id) = store.view_id(&spec.view(name))
-            {
-                store.set_truncate_as_deletes(id, true);
+            if spec.rekey_column(name).is_some() {
+                for shard in spec.store_names(&spec.view(name)) {
+                    if let Some(id) = store.view_id(&shard) {
+                        store.set_truncate_as_deletes(id, true);
+                    }
+                }
             }
         }
         // The merge reads a person's contributions by key prefix.
-        if let Some((merge, _)) = spec.merges().next()
-            && let Some(id) = store.view_id(&format!("{}.contributions", spec.view(merge)))
-        {
-            store.set_prefix_scanned(id);
+        if let Some(contributions) = contributions_view(spec) {
+            for shard in spec.store_names(&contributions) {
+                if let Some(id) = store.view_id(&shard) {
+                    store.set_prefix_scanned(id);
+                }
+            }
         }
     }
     let view_id = |name: &str| {
@@ -1227,43 +1326,50 @@ fn build(
                 }
             }
         }
+        let shards_of =
+            |spec: &PipelineSpec, view: &str| -> anyhow::Result<Vec<(ViewId, Arc<str>)>> {
+                spec.store_names(view)
+                    .into_iter()
+                    .map(|n| Ok((view_id(&n)?, Arc::from(n.as_str()))))
+                    .collect()
+            };
         for spec in specs.values() {
             let mut forward = Vec::new();
             for (name, source) in &spec.sources {
                 let view = spec.view(name);
-                let id = view_id(&view)?;
-                routes
-                    .entry(source.topic.clone())
-                    .or_default()
-                    .push(Route::one(
-                        id,
-                        &view,
-                        decoder(source.format, &source.key, national_id_check(spec, name)),
-                    ));
+                let shards: Arc<[(ViewId, Arc<str>)]> = shards_of(spec, &view)?.into();
+                routes.entry(source.topic.clone()).or_default().push(Route {
+                    shards: shards.clone(),
+                    decoder: decoder(source.format, &source.key, national_id_check(spec, name)),
+                });
                 if let Some(column) = spec.rekey_column(name) {
-                    forward.push(ForwardSource {
-                        source: name.clone(),
-                        view: view.clone(),
-                        column: column.to_string(),
-                        commits: views.receiver(&view).context("view served")?,
-                    });
+                    for (id, store_name) in shards.iter() {
+                        forward.push(ForwardSource {
+                            source: name.clone(),
+                            view: *id,
+                            store_name: store_name.to_string(),
+                            column: column.to_string(),
+                            commits: views
+                                .shard_receiver(&view, store_name)
+                                .context("view served")?,
+                        });
+                    }
                 }
             }
-            let Some(merger) = merger_of(spec, &store)? else {
+            let Some(contributions) = contributions_view(spec) else {
                 continue;
             };
             let topic = repartition_topic(config, &store.reader(), generations, spec)
                 .context("merge views registered")?;
-            let merge_views = merger.views;
-            let contributions = store.view_name(merge_views.contributions).to_string();
-            mergers.insert(merge_views.contributions, merger);
-            routes.entry(topic.clone()).or_default().push(Route::one(
-                merge_views.contributions,
-                &contributions,
-                decoder(Format::Facts, &[], None),
-            ));
+            for merger in mergers_of(spec, &store)? {
+                mergers.insert(merger.views.contributions, merger);
+            }
+            routes.entry(topic.clone()).or_default().push(Route {
+                shards: shards_of(spec, &contributions)?.into(),
+                decoder: decoder(Format::Facts, &[], None),
+            });
             repartition_topics.push(topic.clone());
-            forwarders.push((spec.name.clone(), topic, forward));
+            forwarders.push((spec.name.clone(), topic, spec.shards, forward));
         }
         for (view, _) in routes.values().flatten().flat_map(|r| r.shards.iter()) {
             for (stream, next) in store.offsets_of(*view) {
@@ -1317,6 +1423,7 @@ fn build(
         if !repartition_ready && !repartition_topics.is_empty() {
             let kafka = k.clone();
             let section = config.pipelines.clone();
+            let partitions = repartition_partitions(config, specs);
             let topics = repartition_topics.clone();
             // Not created at start (broker slow or down): keep trying; the
             // source waits for missing topics, so this only delays.
@@ -1325,7 +1432,7 @@ fn build(
                 while let Err(e) = crate::kafka::create_topics(
                     &kafka,
                     &topics,
-                    section.repartition_partitions,
+                    partitions,
                     section.repartition_replication,
                     "repartition",
                 )
@@ -1357,7 +1464,7 @@ fn build(
             }
             .instrument(info_span!("kafka_source")),
         ));
-        for (pipeline, topic, sources) in forwarders {
+        for (pipeline, topic, shards, sources) in forwarders {
             let producer = match client_config(k)
                 .set("enable.idempotence", "true")
                 .set("acks", "all")
@@ -1379,11 +1486,12 @@ fn build(
             let f = Forwarder {
                 pipeline: pipeline.clone(),
                 topic,
+                person_shards: shards,
                 sources,
                 reader: store.reader(),
                 producer,
                 shutdown: shutdown.clone(),
-                active_if_leader: cluster_side.as_ref().map(|(c, _)| c.clone()),
+                cluster: cluster_side.clone(),
             };
             tasks.push(tokio::spawn(
                 f.run()

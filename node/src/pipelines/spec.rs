@@ -26,6 +26,12 @@ pub struct PipelineSpec {
     pub version: u64,
     #[serde(default)]
     pub description: String,
+    /// Shards of every view of the pipeline: a source's split by its
+    /// topic's partitions (`partition mod shards`), the merge's and its
+    /// joins' by national ID. Each shard is placed on its own nodes in a
+    /// cluster; fixed once the pipeline runs (a change rebuilds it).
+    #[serde(default = "one_shard", skip_serializing_if = "is_one_shard")]
+    pub shards: u32,
     pub sources: BTreeMap<String, SourceSpec>,
     #[serde(default)]
     pub operators: BTreeMap<String, OperatorSpec>,
@@ -47,6 +53,18 @@ pub struct Declassification {
 fn one() -> u64 {
     1
 }
+
+fn one_shard() -> u32 {
+    1
+}
+
+fn is_one_shard(n: &u32) -> bool {
+    *n == 1
+}
+
+/// Most shards a pipeline may have (a shard is a change log, a RocksDB key
+/// range and a placement unit each).
+pub const MAX_SHARDS: u32 = 256;
 
 /// One agency table's change feed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -205,6 +223,9 @@ impl PipelineSpec {
         }
         if self.sources.is_empty() {
             bad("sources".into(), "a pipeline needs at least one source");
+        }
+        if !(1..=MAX_SHARDS).contains(&self.shards) {
+            bad("shards".into(), "must be between 1 and 256");
         }
         for (name, source) in &self.sources {
             let at = format!("sources.{name}");
@@ -393,6 +414,12 @@ impl PipelineSpec {
             .chain(self.operators.keys())
             .flat_map(|node| self.node_views(node))
             .collect()
+    }
+
+    /// The store views (shards) of one of this pipeline's views, in shard
+    /// order.
+    pub fn store_names(&self, view: &str) -> Vec<String> {
+        ndc_operators::shard::store_names(view, self.shards)
     }
 
     /// The views of one source or operator: a merge also writes its
@@ -709,6 +736,11 @@ impl PipelineSpec {
     /// golden records are recomputed from the kept contributions.)
     pub fn reshaped(&self, next: &PipelineSpec) -> BTreeSet<String> {
         let mut out = BTreeSet::new();
+        if self.shards != next.shards {
+            // Every view is split anew: everything is rebuilt.
+            out.extend(next.sources.keys().chain(next.operators.keys()).cloned());
+            return out;
+        }
         for (name, s) in &next.sources {
             let same = self.sources.get(name).is_some_and(|old| {
                 old.topic == s.topic && old.format == s.format && old.key == s.key
@@ -881,6 +913,38 @@ operators:
 
     fn level_of(c: &BTreeMap<String, ViewClass>, view: &str, column: &str) -> Level {
         c[view].levels.get(column).copied().unwrap_or(Level::Secret)
+    }
+
+    #[test]
+    fn shards_are_bounded_and_a_new_count_rebuilds_everything() {
+        let one = PipelineSpec::from_yaml(SPEC).expect("valid");
+        assert_eq!(one.shards, 1);
+        assert_eq!(one.store_names("citizen.people"), ["citizen.people"]);
+        let four = PipelineSpec::from_yaml(&SPEC.replace("version: 2", "version: 3\nshards: 4"))
+            .expect("valid");
+        assert_eq!(
+            four.store_names("citizen.people"),
+            [
+                "citizen.people#0",
+                "citizen.people#1",
+                "citizen.people#2",
+                "citizen.people#3"
+            ]
+        );
+        let every: BTreeSet<String> = four
+            .sources
+            .keys()
+            .chain(four.operators.keys())
+            .cloned()
+            .collect();
+        assert_eq!(one.reshaped(&four), every);
+        assert!(four.reshaped(&four).is_empty());
+        for bad in ["shards: 0", "shards: 257"] {
+            let e =
+                PipelineSpec::from_yaml(&SPEC.replace("version: 2", &format!("version: 2\n{bad}")))
+                    .expect_err(bad);
+            assert!(e.to_string().contains("shards"), "{e}");
+        }
     }
 
     #[test]

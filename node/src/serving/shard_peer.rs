@@ -43,16 +43,19 @@ const REROUTE_WINDOW: Duration = Duration::from_secs(10);
 pub struct PeerShards {
     coordinator: Coordinator,
     tls: ClientTls,
+    /// Which shard each served shard follows in placement.
+    views: ViewRegistry,
     /// One HTTP/2 connection per holder, shared by every shard stream to
     /// it (a channel reconnects by itself when its holder comes back).
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
 impl PeerShards {
-    pub fn new(coordinator: Coordinator, tls: ClientTls) -> Self {
+    pub fn new(coordinator: Coordinator, tls: ClientTls, views: ViewRegistry) -> Self {
         PeerShards {
             coordinator,
             tls,
+            views,
             channels: Arc::default(),
         }
     }
@@ -89,7 +92,8 @@ impl PeerShards {
     /// does not hold it; `None` when it does (or nothing is placed).
     pub fn remote_holders(&self, shard: &str) -> Option<Vec<String>> {
         let me = self.coordinator.node_id();
-        if self.coordinator.watch().borrow().cluster.holds(me, shard) {
+        let placed = self.views.placed_as(shard);
+        if self.coordinator.watch().borrow().cluster.holds(me, &placed) {
             return None;
         }
         Some(self.holder_addrs(shard))
@@ -119,12 +123,13 @@ impl PeerShards {
     /// node's own too: a read that goes on from the holders may find it is
     /// one again). Empty when the shard is not placed.
     pub fn holder_addrs(&self, shard: &str) -> Vec<String> {
+        let placed = self.views.placed_as(shard);
         let holders = self
             .coordinator
             .watch()
             .borrow()
             .cluster
-            .holders_of(shard)
+            .holders_of(&placed)
             .map(<[u64]>::to_vec)
             .unwrap_or_default();
         holders
@@ -135,7 +140,8 @@ impl PeerShards {
 
     /// Resolves once placement takes `shard` from this node.
     pub async fn lost(&self, shard: &str) {
-        if !until_not_held(&self.coordinator, shard).await {
+        let placed = self.views.placed_as(shard);
+        if !until_not_held(&self.coordinator, &placed).await {
             // The node is stopping: the read ends with it.
             std::future::pending::<()>().await;
         }
@@ -186,7 +192,8 @@ impl ShardService {
     /// has its rows as they were, not as they are.
     fn check_holder(&self, shard: &str) -> Result<(), Status> {
         let me = self.coordinator.node_id();
-        if self.coordinator.watch().borrow().cluster.holds(me, shard) {
+        let placed = self.views.placed_as(shard);
+        if self.coordinator.watch().borrow().cluster.holds(me, &placed) {
             Ok(())
         } else {
             Err(Status::unavailable(format!(
@@ -286,8 +293,9 @@ impl Shards for ShardService {
         // from then on its copy falls behind, silently.
         let coordinator = self.coordinator.clone();
         let name = req.shard.clone();
+        let placed = self.views.placed_as(&name);
         let moved = async move {
-            if until_not_held(&coordinator, &name).await {
+            if until_not_held(&coordinator, &placed).await {
                 Status::unavailable(format!(
                     "node {} no longer holds shard {name}; resume on a holder",
                     coordinator.node_id()
