@@ -736,14 +736,19 @@ fn golden_tables(people: u64) -> [(Table, u64); 5] {
     ]
 }
 
-/// Fills the five agencies' topics with their snapshots.
-pub async fn golden_produce(broker: &Broker, people: u64) -> anyhow::Result<Report> {
+/// Fills the five agencies' topics (of `partitions` partitions) with their
+/// snapshots.
+pub async fn golden_produce(
+    broker: &Broker,
+    people: u64,
+    partitions: i32,
+) -> anyhow::Result<Report> {
     let producer = broker.bulk_producer()?;
     let started = Instant::now();
     let mut events = 0u64;
     let mut bytes = 0u64;
     for (table, rows) in golden_tables(people) {
-        broker.try_create_topic(table.topic(), 4).await?;
+        broker.try_create_topic(table.topic(), partitions).await?;
         let mut feed = Feed::new(table, 1_767_225_600_000);
         let mut inflight = Vec::with_capacity(10_000);
         for i in 0..rows {
@@ -923,6 +928,139 @@ fn cluster_config(work: &Path, broker: &Broker, topic: &str, run: &str) -> NodeC
         k.group_id = format!("ndc-{run}");
     }
     c
+}
+
+/// The golden-record pipeline on a cluster of `nodes` node processes, each
+/// capped to `cores` (cgroup v1, when writable): the example spec in
+/// `shards` shards, each held by `rf` nodes, catching up on the five
+/// agencies' filled topics. Timed from the first start until every node
+/// serves every contribution and every vehicle joined with its owner (the
+/// shards it does not hold through its fan-in).
+#[allow(clippy::too_many_arguments)]
+pub async fn golden_capacity_phase(
+    work: &Path,
+    broker: &Broker,
+    people: u64,
+    nodes: u64,
+    cores: f64,
+    shards: u32,
+    rf: usize,
+    run: &str,
+) -> anyhow::Result<(Report, Vec<NodeShare>)> {
+    let cap = ndc_testkit::CpuCap::available();
+    let spec = work.join("national.yaml");
+    std::fs::create_dir_all(work)?;
+    std::fs::write(
+        &spec,
+        ndc_node::quickstart::EXAMPLE_PIPELINE.replacen(
+            "version: 1\n",
+            &format!("version: 1\nshards: {shards}\n"),
+            1,
+        ),
+    )?;
+    if !std::fs::read_to_string(&spec)?.contains("\nshards: ") {
+        bail!("the example spec has no `version: 1` line to put `shards` after");
+    }
+    let mut cluster = ndc_testkit::Cluster::prepare(&ndc_binary()?, work, nodes, |_| {
+        let mut c = cluster_config(work, broker, TOPIC, run);
+        c.views.clear();
+        c.pipelines.files = vec![spec.clone()];
+        c.pipelines.repartition_topic_prefix = format!("ndc.repartition.{run}.");
+        if let Some(cluster) = c.cluster.as_mut() {
+            cluster.replication_factor = rf;
+        }
+        c
+    })?;
+    let events: u64 = golden_tables(people).iter().map(|(_, n)| n).sum();
+    let started = Instant::now();
+    let mut caps = Vec::new();
+    for m in &mut cluster.members {
+        m.node.log_filter = "warn".into();
+        m.node.start()?;
+        match (cap, m.node.pid()) {
+            (true, Some(pid)) => {
+                let name = format!("ndc-bench-{}-{}", std::process::id(), m.id);
+                caps.push(Some(ndc_testkit::CpuCap::apply(&name, pid, cores)?));
+            }
+            _ => caps.push(None),
+        }
+    }
+    let deadline = started + Duration::from_secs(3600);
+    let mut pending: Vec<String> = cluster.members.iter().map(|m| m.addr()).collect();
+    while !pending.is_empty() {
+        let mut still = Vec::new();
+        for addr in pending {
+            let views = match ndc_node::client::channel(&addr, None).await {
+                Ok(ch) => ndc_proto::v1::subscription_client::SubscriptionClient::new(ch)
+                    .list_views(ndc_proto::v1::ListViewsRequest {})
+                    .await
+                    .map(|r| r.into_inner().views)
+                    .unwrap_or_default(),
+                Err(_) => Vec::new(),
+            };
+            let rows = |name: &str| {
+                views
+                    .iter()
+                    .find(|v| v.name == name)
+                    .map_or(0, |v| v.live_rows)
+            };
+            // Every source row is one contribution (merged or joined).
+            if rows("national.people.contributions") < events
+                || rows("national.vehicle_owners") < people
+            {
+                still.push(addr);
+            }
+        }
+        pending = still;
+        if Instant::now() > deadline {
+            bail!("timed out: {pending:?} not complete");
+        }
+        if !pending.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let mut shares = Vec::new();
+    for (m, cap) in cluster.members.iter().zip(&caps) {
+        let text = ndc_testkit::metrics_text(m.node.http()).await;
+        let counter = |name: &str| {
+            ndc_testkit::metric_value(&text, |l| l.starts_with(&format!("{name} "))).unwrap_or(0.0)
+                as u64
+        };
+        shares.push(NodeShare {
+            node: m.id,
+            cpu_seconds: m.node.cpu_seconds().unwrap_or(0.0),
+            live_rows: counter("ndc_cluster_logs_read"),
+            throttled: cap.as_ref().and_then(ndc_testkit::CpuCap::throttled),
+            log_written_bytes: counter("ndc_cluster_log_written_bytes_total"),
+            log_read_bytes: counter("ndc_cluster_log_read_bytes_total"),
+        });
+    }
+    let report = Report {
+        phase: format!("golden-capacity-{nodes}-rf{rf}"),
+        events,
+        keys: people,
+        seconds,
+        events_per_second: events as f64 / seconds,
+        mean_event_bytes: 0,
+        node_peak_rss_bytes: cluster
+            .members
+            .iter()
+            .filter_map(|m| m.node.peak_rss())
+            .max(),
+        latency_ms: None,
+        note: format!(
+            "{nodes} node processes{}, example pipeline in {shards} shards at RF {rf}: start until every node serves every contribution and joined vehicle; topics filled beforehand (live_rows in the shares: change logs the node reads)",
+            if cap {
+                format!(" capped to {cores} core(s) each")
+            } else {
+                " NOT capped (no writable cgroup v1 cpu hierarchy)".to_string()
+            }
+        ),
+    };
+    drop(cluster);
+    drop(caps);
+    Ok((report, shares))
 }
 
 /// One node's share of a capacity run.

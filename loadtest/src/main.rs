@@ -21,7 +21,8 @@ struct Args {
     /// followed file: the node's own latency), golden, cluster (not in the
     /// default set: three nodes on one machine), capacity (not in the
     /// default set: 1, 2 and 4 node processes each capped to the same CPU),
-    /// writers (not in the default set: one node with 1, then 2 state
+    /// golden-capacity (not in the default set: the golden pipeline in 8
+    /// shards on 1, 2 and 4 capped node processes, `--people` people), writers (not in the default set: one node with 1, then 2 state
     /// writers over a view in 4 shards), join (not in the default set: time
     /// for a node to join a cluster holding `--keys` rows, copying a peer's
     /// state or replaying the change logs).
@@ -169,6 +170,42 @@ async fn main() -> anyhow::Result<()> {
             print_ratios(&format!("capacity rf {rf}"), "node(s)", &rates);
         }
     }
+    if args.phases.iter().any(|p| p == "golden-capacity") {
+        // The golden-record pipeline in 8 shards (topics of 8 partitions)
+        // on 1, 2 and 4 capped node processes, per replication factor.
+        let broker = start_broker()?;
+        ndc_loadtest::golden_produce(&broker, args.people, 8)
+            .await?
+            .print();
+        for &rf in args.capacity_rf.iter().filter(|rf| **rf > 0) {
+            let mut rates: std::collections::BTreeMap<u64, Vec<f64>> = Default::default();
+            for round in 0..args.rounds {
+                for &nodes in &args.capacity_nodes {
+                    let run = format!("g{rf}r{round}n{nodes}");
+                    let (report, shares) = ndc_loadtest::golden_capacity_phase(
+                        &fresh(&format!("golden-capacity-{nodes}"))?,
+                        &broker,
+                        args.people,
+                        nodes,
+                        args.capacity_cores,
+                        8,
+                        rf,
+                        &run,
+                    )
+                    .await?;
+                    report.print();
+                    for share in &shares {
+                        println!("  round {round} {}", serde_json::to_string(share)?);
+                    }
+                    rates
+                        .entry(nodes)
+                        .or_default()
+                        .push(report.events_per_second);
+                }
+            }
+            print_ratios(&format!("golden capacity rf {rf}"), "node(s)", &rates);
+        }
+    }
     if args.phases.iter().any(|p| p == "writers") {
         // One node, a view in 4 shards over 4 partitions, 1 then 2 state
         // writers, alternating within each round.
@@ -218,7 +255,7 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.phases.iter().any(|p| p == "golden") {
         let broker = start_broker()?;
-        ndc_loadtest::golden_produce(&broker, args.people)
+        ndc_loadtest::golden_produce(&broker, args.people, 4)
             .await?
             .print();
         ndc_loadtest::golden_phase(&fresh("golden")?, &broker, args.people)
