@@ -121,6 +121,11 @@ pub struct ServedView {
     pub levels: Arc<BTreeMap<String, ndc_operators::masking::Level>>,
     /// The column naming the person a row is about (audit trail).
     pub national_id: Option<Arc<str>>,
+    /// The key column whose national-ID hash picks a row's shard (a
+    /// pipeline's merge views); `None`: any shard may hold any key (a
+    /// replica's shard is its source partition, which depends on the
+    /// producer's partitioner).
+    pub split_by: Option<Arc<str>>,
 }
 
 /// A shard to serve: its store view and last committed sequence.
@@ -213,7 +218,46 @@ impl ViewRegistry {
             key_columns,
             levels: Arc::new(levels),
             national_id: national_id.map(Into::into),
+            split_by: None,
         });
+    }
+
+    /// Says that `name`'s rows are split over its shards by the
+    /// national-ID hash of `column` (a keyed read then needs only the
+    /// keys' shards).
+    pub fn set_split_by(&self, name: &str, column: &str) {
+        if let Some(v) = self.write().get_mut(name) {
+            v.split_by = Some(column.into());
+        }
+    }
+
+    /// The shards that may hold rows with the given keys (JSON objects of
+    /// the key columns), in shard order: every shard unless the view is
+    /// split by national ID.
+    pub fn shards_of_keys(&self, name: &str, keys: &[ndc_operators::Key]) -> Option<Vec<bool>> {
+        let views = self.read();
+        let view = views.get(name)?;
+        let n = view.shards.len();
+        let (Some(column), false) = (&view.split_by, keys.is_empty()) else {
+            return Some(vec![true; n]);
+        };
+        let mut wanted = vec![false; n];
+        for key in keys {
+            let id = serde_json::from_str::<serde_json::Value>(key.as_str())
+                .ok()
+                .and_then(|k| ndc_operators::merge::national_id_text(k.get(&**column)?));
+            match id {
+                Some(id) => {
+                    let shard = ndc_operators::shard::of_national_id(&id, n as u32) as usize;
+                    if let Some(w) = wanted.get_mut(shard) {
+                        *w = true;
+                    }
+                }
+                // A key without it could be anywhere.
+                None => return Some(vec![true; n]),
+            }
+        }
+        Some(wanted)
     }
 
     /// The column naming the person a view's rows are about.

@@ -116,6 +116,29 @@ async fn rerouted(cluster: &Cluster, id: u64) -> f64 {
     .unwrap_or(0.0)
 }
 
+/// Shard streams node `id` serves to other nodes' subscriptions right now.
+async fn streams_served(cluster: &Cluster, id: u64) -> f64 {
+    let m = cluster.members().iter().find(|m| m.id == id).unwrap();
+    metric_value(&metrics_text(m.node.http()).await, |l| {
+        l.starts_with("ndc_cluster_shard_streams_active ")
+    })
+    .unwrap_or(0.0)
+}
+
+/// Waits until node 0 has re-routed a shard stream since `before` (a
+/// holder it read from, `what`, was killed).
+async fn rerouted_since(cluster: &Cluster, before: f64, what: &str) {
+    eventually_async(
+        &format!("node 0 re-routing the shards it read from {what}"),
+        SETTLE,
+        || async {
+            let n = rerouted(cluster, 0).await;
+            (n > before).then_some(n)
+        },
+    )
+    .await;
+}
+
 /// Every partition that moved went to a node that held its shard before
 /// (a standby, with the state): none was rebuilt from the log's start.
 fn moved_to_standbys(before: &ClusterStatus, after: &ClusterStatus) {
@@ -764,17 +787,26 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
         // 1. kill -9 a follower: not the subscriber's node (0) when it can
         // be helped, so that the subscriber reads on through node 0's fan-in.
         let leader = s.leader_id.unwrap();
-        let follower = (1..3)
-            .find(|&i| i != leader)
-            .unwrap_or_else(|| (0..3).find(|&i| i != leader).unwrap());
+        let follower = match leader {
+            // Either will do: the one node 0 reads shards from, if one.
+            0 if streams_served(&cluster, 2).await > streams_served(&cluster, 1).await => 2,
+            0 => 1,
+            _ => (1..3).find(|&i| i != leader).unwrap(),
+        };
         let before = owners(&s);
         let status_before = s.clone();
-        // Shards node 0 reads from the follower (not held by node 0, the
-        // follower their first holder): their streams break and re-route.
+        // Shards node 0 reads from the follower: their streams break and
+        // re-route. Which holder of a shard node 0 reads from is the one
+        // that was first when its stream opened (placement may have
+        // reordered them since), so the follower's own count of the shard
+        // streams it serves says whether there are any (node 0 has the only
+        // subscriber). With the leader's kill below, at least one of the
+        // two breaks some: node 0 holds only some shards.
         let rerouted_before = rerouted(&cluster, 0).await;
+        let streams_on_follower = streams_served(&cluster, follower).await;
         let read_from_follower: Vec<String> = holders(&s)
             .into_iter()
-            .filter(|(_, h)| !h.contains(&0) && h.first() == Some(&follower))
+            .filter(|(_, h)| !h.contains(&0) && h.contains(&follower))
             .map(|(shard, _)| shard)
             .collect();
         cluster.member(follower).kill9();
@@ -785,19 +817,15 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
             })
             .await;
         eprintln!("follower {follower} killed: partitions moved to standbys in {t:?}");
-        if follower != 0 && !read_from_follower.is_empty() && round == 0 {
+        let mut rerouting_shown = false;
+        if follower != 0 && streams_on_follower > 0.0 && round == 0 {
             // The subscriber on node 0 read these from the follower; the
             // final check shows it saw their changes once each.
-            eventually_async(
-                "node 0 re-routing the shards it read from the dead follower",
-                SETTLE,
-                || async {
-                    let n = rerouted(&cluster, 0).await;
-                    (n > rerouted_before).then_some(n)
-                },
-            )
-            .await;
-            eprintln!("node 0 re-routed {read_from_follower:?} to their standbys");
+            rerouted_since(&cluster, rerouted_before, "the dead follower").await;
+            rerouting_shown = true;
+            eprintln!(
+                "node 0 re-routed {streams_on_follower} of {read_from_follower:?} to their standbys"
+            );
         }
         check_epochs(&before, &owners(&s));
         moved_to_standbys(&status_before, &s);
@@ -815,6 +843,8 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
         let leader = s.leader_id.unwrap();
         let before = owners(&s);
         let status_before = s.clone();
+        let rerouted_before = rerouted(&cluster, 0).await;
+        let streams_on_leader = streams_served(&cluster, leader).await;
         cluster.member(leader).kill9();
         let survivors: Vec<u64> = (0..3).filter(|&i| i != leader).collect();
         let (s, t) = cluster
@@ -830,6 +860,15 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
         );
         check_epochs(&before, &owners(&s));
         moved_to_standbys(&status_before, &s);
+        if leader != 0 && streams_on_leader > 0.0 && round == 0 {
+            rerouted_since(&cluster, rerouted_before, "the dead leader").await;
+            eprintln!("node 0 re-routed {streams_on_leader} shard stream(s) from the dead leader");
+            rerouting_shown = true;
+        }
+        assert!(
+            rerouting_shown || round > 0,
+            "node 0 read no shard from either killed node: re-routing not exercised"
+        );
 
         // 3. Stopped for longer than the failure timeout (its partitions
         // moved, which takes that long), then back.
@@ -1908,6 +1947,44 @@ async fn a_sharded_pipeline_is_re_keyed_and_merged_on_the_owners_of_its_shards()
         assert!(
             read < f64::from(logs),
             "ndc-{} reads {read} of {logs} logs",
+            m.id
+        );
+    }
+    // A keyed subscription to a view split by national ID reads only the
+    // key's shard: from a node that does not hold it, one remote stream;
+    // from one that does, none.
+    let person = national_id(5).to_string();
+    let key_shard = ndc_operators::shard::of_national_id(&person, PIPELINE_SHARDS);
+    let key_holders = placed[&format!("national.people.contributions#{key_shard}")].clone();
+    for m in cluster.members() {
+        let opened = || async {
+            metric_value(&metrics_text(m.node.http()).await, |l| {
+                l.starts_with("ndc_subscription_remote_shards_total") && l.contains("opened")
+            })
+            .unwrap_or(0.0)
+        };
+        let before = opened().await;
+        let opts = ndc_node::client::SubscribeOptions {
+            keys: vec![json!({ "national_id": person }).to_string()],
+            progress: true,
+            ..subscription(m.addr(), "national.people", From::Snapshot)
+        };
+        let lines = read_until(opts, Duration::from_secs(20), |l| {
+            l.iter().any(|x| x.get("snapshot_complete").is_some())
+        })
+        .await;
+        let rows = fold(&lines);
+        assert_eq!(rows.len(), 1, "ndc-{}: {lines:?}", m.id);
+        assert_eq!(rows.values().next().unwrap()["national_id"], json!(person));
+        let streams = opened().await - before;
+        let expected = if key_holders.contains(&m.id) {
+            0.0
+        } else {
+            1.0
+        };
+        assert_eq!(
+            streams, expected,
+            "ndc-{}: remote shard streams opened for one key (its shard held by {key_holders:?})",
             m.id
         );
     }

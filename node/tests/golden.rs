@@ -771,6 +771,53 @@ async fn a_pipeline_in_shards_gives_the_same_views_as_in_one() {
         assert!(!reference.is_empty(), "{view} has rows");
         assert_eq!(split, reference, "{view}");
     }
+    // A keyed read goes to the person's shard and finds the same row.
+    let person = national_id(4).to_string();
+    let opts = ndc_node::client::SubscribeOptions {
+        keys: vec![json!({ "national_id": person }).to_string()],
+        progress: true,
+        ..subscription(sharded, "national.people", From::Snapshot)
+    };
+    let lines = read_until(opts, T, |l| {
+        l.iter().any(|x| x.get("snapshot_complete").is_some())
+    })
+    .await;
+    let keyed = by_person(&fold(&lines));
+    assert_eq!(keyed.len(), 1, "{lines:?}");
+    assert_eq!(keyed[&person], by_person(&reference)[&person]);
+    // Resumed with its token (the shards it does not read stand at 0 in
+    // it), it gets the person's next change.
+    let token = lines
+        .iter()
+        .find(|x| x.get("snapshot_complete").is_some())
+        .and_then(|x| x["resume_token"].as_str())
+        .unwrap()
+        .to_string();
+    publish_event(
+        &producer,
+        Table::Citizens.topic(),
+        &feeds[0].event('u', 4, 2, None),
+    )
+    .await;
+    let opts = ndc_node::client::SubscribeOptions {
+        keys: vec![json!({ "national_id": person }).to_string()],
+        ..subscription(sharded, "national.people", From::Token(token))
+    };
+    let phone = citizen_row(4, 2)["phone"].clone();
+    let resumed = read_until(opts, T, |l| {
+        changes(l).iter().any(|c| c["after"]["phone"] == phone)
+    })
+    .await;
+    let seen = changes(&resumed);
+    assert!(
+        seen.iter().any(|c| c["after"]["phone"] == phone),
+        "{resumed:?}"
+    );
+    assert!(
+        seen.iter()
+            .all(|c| c["after"]["national_id"] == json!(person)),
+        "only the person's changes: {resumed:?}"
+    );
     let mut c = ndc_proto::v1::subscription_client::SubscriptionClient::new(
         ndc_node::client::channel(&sharded.to_string(), None)
             .await
@@ -788,4 +835,7 @@ async fn a_pipeline_in_shards_gives_the_same_views_as_in_one() {
         people.committed_seqs.iter().all(|s| *s > 0),
         "every shard holds people: {people:?}"
     );
+    for node in nodes {
+        node.shutdown().await;
+    }
 }

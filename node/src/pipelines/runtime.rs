@@ -184,6 +184,7 @@ impl Runtime {
                 keys: v.key_columns.clone(),
                 shards: v.shards,
                 placed_with: None,
+                split_by_person: false,
             })
             .collect();
         for spec in self.specs.values() {
@@ -236,6 +237,7 @@ impl Runtime {
                 });
             }
             let class = classes.remove(&view.name).unwrap_or_default();
+            let split = view.shards > 1 && view.split_by_person;
             self.views.insert_sharded(
                 &view.name,
                 heads,
@@ -243,6 +245,9 @@ impl Runtime {
                 class.levels,
                 class.national_id,
             );
+            if split {
+                self.views.set_split_by(&view.name, "national_id");
+            }
         }
         Ok(())
     }
@@ -912,6 +917,9 @@ struct PipelineView {
     keys: Vec<String>,
     shards: u32,
     placed_with: Option<String>,
+    /// Split by the national-ID hash of its `national_id` key column (the
+    /// merge's views), not by source partition.
+    split_by_person: bool,
 }
 
 /// The contributions view of a pipeline's merge: fed by the repartition
@@ -931,6 +939,7 @@ fn spec_views(spec: &PipelineSpec) -> Vec<PipelineView> {
         keys: keys.iter().map(|k| k.to_string()).collect(),
         shards: spec.shards,
         placed_with: if derived { contributions.clone() } else { None },
+        split_by_person: true,
     };
     let mut out = Vec::new();
     for (name, source) in &spec.sources {
@@ -939,6 +948,7 @@ fn spec_views(spec: &PipelineSpec) -> Vec<PipelineView> {
             keys: source.key.clone(),
             shards: spec.shards,
             placed_with: None,
+            split_by_person: false,
         });
     }
     for (name, op) in &spec.operators {

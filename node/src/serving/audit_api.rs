@@ -72,10 +72,21 @@ impl AuditService {
     /// A sharded view's row is in one of its shards (the one its source
     /// partition feeds, which the key alone does not tell): each is asked.
     async fn row(&self, view: &str, key: &Key) -> Result<Option<Value>, Status> {
+        // Only the key's shard when the view is split by national ID.
+        let wanted = self
+            .views
+            .shards_of_keys(view, std::slice::from_ref(key))
+            .unwrap_or_default();
         let shards: Vec<Arc<str>> = self
             .views
             .shards(view)
-            .map(|s| s.iter().map(|s| s.store_name.clone()).collect())
+            .map(|s| {
+                s.iter()
+                    .zip(&wanted)
+                    .filter(|(_, wanted)| **wanted)
+                    .map(|(s, _)| s.store_name.clone())
+                    .collect()
+            })
             .unwrap_or_default();
         for store_name in shards {
             if let Some(row) = self.shard_row(view, &store_name, key).await? {

@@ -759,6 +759,27 @@ impl ShardStream for Subscriber {
 enum AnyShard {
     Local(Box<Subscriber>),
     Remote(Box<RemoteShard>),
+    Idle(Box<IdleShard>),
+}
+
+/// A shard that cannot hold any key of a keyed subscription (the view is
+/// split by national ID): not read, here or on its holders. It stands at
+/// 0 in a snapshot's token, or where the token it resumes from says (a
+/// later read of it with other keys starts there).
+struct IdleShard {
+    d: Delivery,
+}
+
+impl IdleShard {
+    async fn stand_at(&self, seq: u64) -> Result<u64, Status> {
+        self.d
+            .send(Out::Progress {
+                cursor: seq,
+                committed: seq,
+            })
+            .await?;
+        Ok(seq)
+    }
 }
 
 impl Subscriber {
@@ -788,6 +809,7 @@ impl ShardStream for AnyShard {
         match self {
             AnyShard::Local(s) => s.shard(),
             AnyShard::Remote(s) => s.shard(),
+            AnyShard::Idle(s) => s.d.shard,
         }
     }
 
@@ -795,6 +817,10 @@ impl ShardStream for AnyShard {
         match self {
             AnyShard::Local(s) => ShardStream::snapshot(&mut **s).await,
             AnyShard::Remote(s) => s.snapshot().await,
+            AnyShard::Idle(s) => {
+                s.d.send(Out::SnapshotDone { seq: 0 }).await?;
+                Ok(0)
+            }
         }
     }
 
@@ -802,6 +828,7 @@ impl ShardStream for AnyShard {
         match self {
             AnyShard::Local(s) => s.head().await,
             AnyShard::Remote(s) => s.head().await,
+            AnyShard::Idle(s) => s.stand_at(0).await,
         }
     }
 
@@ -809,6 +836,13 @@ impl ShardStream for AnyShard {
         match self {
             AnyShard::Local(s) => ShardStream::follow(*s, cursor).await,
             AnyShard::Remote(s) => (*s).follow(cursor).await,
+            AnyShard::Idle(s) => {
+                // Heard of once, so that a resumed token carries it; then
+                // nothing until the client goes away.
+                s.stand_at(cursor).await?;
+                s.d.out.closed().await;
+                Ok(())
+            }
         }
     }
 }
@@ -998,6 +1032,7 @@ fn resume_at(
     t: &str,
     metas: &[ndc_proto::state::ViewMeta],
     remote: &[Option<Vec<String>>],
+    read: &[bool],
 ) -> Result<Vec<u64>, Status> {
     let pos = token::decode(t, view).map_err(|m| refuse(tonic::Code::InvalidArgument, m))?;
     if pos.shards.len() != metas.len() {
@@ -1023,8 +1058,10 @@ fn resume_at(
     };
     let mut seqs = Vec::with_capacity(metas.len());
     for (i, (p, meta)) in pos.shards.iter().zip(metas).enumerate() {
-        let checker = match remote.get(i) {
-            Some(Some(_)) => Checker::Server,
+        // A shard read elsewhere is checked by its holder; one not read
+        // (a keyed read's other shards) only for its incarnation.
+        let checker = match (remote.get(i), read.get(i)) {
+            (Some(Some(_)), _) | (_, Some(false)) => Checker::Server,
             _ => Checker::Reader,
         };
         let what = format!("view {view:?}{}", shard(i));
@@ -1132,15 +1169,6 @@ impl Subscription for SubscriptionService {
             .map(|s| self.reader.view_meta(&s.store_name))
             .collect::<Result<Vec<_>, _>>()
             .map_err(store_status)?;
-        // Shards held elsewhere (placement): read from their holders.
-        let remote: Vec<Option<Vec<String>>> = shards
-            .iter()
-            .map(|s| {
-                self.peers
-                    .as_ref()
-                    .and_then(|p| p.remote_holders(&s.store_name))
-            })
-            .collect();
         let mut keys = std::collections::BTreeSet::new();
         for k in &req.keys {
             let key = Key::parse(k).map_err(|e| {
@@ -1166,6 +1194,24 @@ impl Subscription for SubscriptionService {
                 }
             }
         }
+        // A keyed read of a view split by national ID reads only the keys'
+        // shards; the others stand still in its token.
+        let keys: Vec<Key> = keys.into_iter().collect();
+        let read = self
+            .views
+            .shards_of_keys(&req.view, &keys)
+            .unwrap_or_else(|| vec![true; shards.len()]);
+        // Shards held elsewhere (placement): read from their holders.
+        let remote: Vec<Option<Vec<String>>> = shards
+            .iter()
+            .zip(&read)
+            .map(|(s, read)| {
+                self.peers
+                    .as_ref()
+                    .filter(|_| *read)
+                    .and_then(|p| p.remote_holders(&s.store_name))
+            })
+            .collect();
         let start = req.start.unwrap_or(Start::Snapshot(Default::default()));
         let start_at: StartAt = match &start {
             Start::Snapshot(_) => None,
@@ -1173,11 +1219,15 @@ impl Subscription for SubscriptionService {
                 shards
                     .iter()
                     .zip(&remote)
-                    .map(|(s, r)| r.is_none().then(|| s.commits.borrow().seq))
+                    .zip(&read)
+                    .map(|((s, r), read)| match read {
+                        true => r.is_none().then(|| s.commits.borrow().seq),
+                        false => Some(0),
+                    })
                     .collect(),
             ),
             Start::ResumeToken(t) => Some(
-                resume_at(&req.view, t, &metas, &remote)?
+                resume_at(&req.view, t, &metas, &remote, &read)?
                     .into_iter()
                     .map(Some)
                     .collect(),
@@ -1213,7 +1263,7 @@ impl Subscription for SubscriptionService {
                 }),
             person: self.views.national_id(&req.view),
             ..Filter::new(
-                keys.into_iter().collect(),
+                keys,
                 fields,
                 caller.grant.as_ref().and_then(|g| g.row_filter.clone()),
             )
@@ -1234,7 +1284,8 @@ impl Subscription for SubscriptionService {
             .enumerate()
             .zip(remote)
             .zip(&metas)
-            .map(|(((i, shard), remote), meta)| {
+            .zip(&read)
+            .map(|((((i, shard), remote), meta), read)| {
                 let d = Delivery {
                     view: req.view.clone(),
                     shard: i as u32,
@@ -1247,6 +1298,9 @@ impl Subscription for SubscriptionService {
                     #[cfg(test)]
                     unmasked: None,
                 };
+                if !read {
+                    return AnyShard::Idle(Box::new(IdleShard { d }));
+                }
                 match (remote, &self.peers) {
                     (Some(holders), Some(peers)) => AnyShard::Remote(Box::new(RemoteShard {
                         d,
