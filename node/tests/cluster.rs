@@ -1745,6 +1745,58 @@ async fn golden_records_are_the_same_on_every_node_through_a_leader_kill_and_a_r
         .await;
 }
 
+/// A holder frozen (SIGSTOP) while node 0's subscriber reads shards from
+/// it keeps its connections open: node 0 notices its silence (no progress
+/// for `PEER_SILENCE`, 3 s) and reads those shards from their standbys,
+/// well before HTTP/2 keep-alive would (about 10 s). The subscriber ends
+/// with every row, gapless and without duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_holder_is_given_up_on_when_it_falls_silent() {
+    let mut cluster = Cluster::start_with(3, &[(TOPIC, PARTITIONS)], replica_member).await;
+    let work = Workload::start(&cluster, &[0]);
+    cluster
+        .wait_for("a placed and balanced cluster", SETTLE, |s| {
+            live_members(s).len() == 3 && placed_over(s, &[0, 1, 2])
+        })
+        .await;
+    // Node 0 holds some shards, not all: it reads the others from 1 or 2.
+    let holder = eventually_async("node 0 reading shards from a peer", SETTLE, || async {
+        let (a, b) = (
+            streams_served(&cluster, 1).await,
+            streams_served(&cluster, 2).await,
+        );
+        (a + b > 0.0).then_some(if a >= b { 1 } else { 2 })
+    })
+    .await;
+    let http0 = cluster.members()[0].node.http();
+    let silent = || async move {
+        metric_value(&metrics_text(http0).await, |l| {
+            l.starts_with("ndc_subscription_remote_shards_total") && l.contains("silent")
+        })
+        .unwrap_or(0.0)
+    };
+    let before = silent().await;
+    let streams = streams_served(&cluster, holder).await;
+    let frozen_at = Instant::now();
+    cluster.member(holder).signal("-STOP").unwrap();
+    eventually_async("node 0 giving up on the frozen holder", SETTLE, || async {
+        let n = silent().await;
+        (n > before).then_some(n)
+    })
+    .await;
+    eprintln!(
+        "node {holder} frozen with {streams} shard stream(s) to node 0: node 0 gave up on it after {:?}",
+        frozen_at.elapsed()
+    );
+    cluster.member(holder).signal("-CONT").unwrap();
+    cluster
+        .wait_for("rebalance after the holder thaws", SETTLE, |s| {
+            live_members(s).len() == 3 && placed_over(s, &[0, 1, 2])
+        })
+        .await;
+    work.finish(&cluster, &[]).await;
+}
+
 /// Two views of one topic: a source partition feeds a shard of each, and
 /// the two shards may be owned by different nodes, under different epochs.
 /// A node consumes the partition for the views it owns only, each record

@@ -38,6 +38,16 @@ use tracing::{info, warn};
 /// client resumes with its token).
 const REROUTE_WINDOW: Duration = Duration::from_secs(10);
 
+/// How often a holder streaming a shard to this node says where it stands
+/// when it has nothing else to send.
+const PEER_PROGRESS: Duration = Duration::from_millis(500);
+
+/// A holder silent this long (six of its progress intervals) is given up
+/// on, and the shard read from another: a frozen holder (SIGSTOP, a stuck
+/// VM) keeps its TCP connection open, which HTTP/2 keep-alive notices only
+/// after about 10 s.
+const PEER_SILENCE: Duration = Duration::from_secs(3);
+
 /// Where the shards this node does not hold are read from.
 #[derive(Clone)]
 pub struct PeerShards {
@@ -282,7 +292,10 @@ impl Shards for ShardService {
                 0 => self.max_batch_size,
                 n => n.min(self.max_batch_size),
             } as usize,
-            self.progress_interval,
+            match req.progress_ms {
+                0 => self.progress_interval,
+                ms => Duration::from_millis(u64::from(ms.max(50))),
+            },
             self.views.clone(),
             shard_tx,
         );
@@ -389,6 +402,7 @@ impl RemoteShard {
                     keys: self.keys.clone(),
                     batch_size: self.batch_size,
                     incarnation: self.incarnation,
+                    progress_ms: PEER_PROGRESS.as_millis() as u32,
                 };
                 let opened = async {
                     let channel = self
@@ -515,6 +529,10 @@ impl ShardStream for RemoteShard {
                 let msg = tokio::select! {
                     m = stream.message() => m,
                     () = self.d.out.closed() => return Ok(()),
+                    () = tokio::time::sleep(PEER_SILENCE) => {
+                        metrics::counter!(metric::REMOTE_SHARDS, "outcome" => "silent").increment(1);
+                        break format!("the holder was silent for {PEER_SILENCE:?}");
+                    }
                 };
                 match msg {
                     Ok(Some(FollowShardResponse { kind: Some(kind) })) => match kind {
