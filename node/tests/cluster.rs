@@ -1467,6 +1467,47 @@ async fn view_rows(addr: &str, view: &str) -> (BTreeMap<String, Value>, Value) {
     (fold(&lines), token)
 }
 
+/// Publishes every agency's snapshot of the golden scenarios' people.
+async fn publish_snapshots(producer: &rdkafka::producer::FutureProducer, feeds: &mut [Feed]) {
+    for i in 0..GOLDEN_PEOPLE {
+        for (t, feed) in AGENCIES.iter().zip(feeds.iter_mut()) {
+            if *t != Table::Businesses || i < GOLDEN_BUSINESSES {
+                publish_event(producer, t.topic(), &feed.event('r', i, 0, None)).await;
+            }
+        }
+    }
+}
+
+/// Every person has a golden record merged from three agencies.
+fn all_merged(r: &BTreeMap<String, Value>) -> bool {
+    r.len() == GOLDEN_PEOPLE as usize
+        && r.values()
+            .all(|g| g["_contributors"].as_array().map(Vec::len) == Some(3))
+}
+
+/// Every person's golden record has the phone of citizens' row version `v`.
+fn phones_are(v: u32) -> impl Fn(&BTreeMap<String, Value>) -> bool {
+    move |r| {
+        let g = golden_by_person(r);
+        (0..GOLDEN_PEOPLE).all(|i| {
+            g.get(&national_id(i).to_string())
+                .is_some_and(|g| g["phone"] == citizen_row(i, v)["phone"])
+        })
+    }
+}
+
+/// Every vehicle is joined with its owner, who has the phone of version `v`.
+fn owners_phones_are(v: u32) -> impl Fn(&BTreeMap<String, Value>) -> bool {
+    move |r| {
+        r.len() == GOLDEN_PEOPLE as usize
+            && r.values().all(|o| {
+                (0..GOLDEN_PEOPLE)
+                    .find(|i| o["national_id"] == json!(national_id(*i).to_string()))
+                    .is_some_and(|i| o["person"]["phone"] == citizen_row(i, v)["phone"])
+            })
+    }
+}
+
 fn golden_by_person(rows: &BTreeMap<String, Value>) -> BTreeMap<String, Value> {
     rows.values()
         .map(|v| (v["national_id"].as_str().unwrap().to_string(), v.clone()))
@@ -1527,13 +1568,7 @@ async fn golden_records_are_the_same_on_every_node_through_a_leader_kill_and_a_r
         .iter()
         .map(|t| Feed::new(*t, 1_767_225_600_000))
         .collect();
-    for i in 0..GOLDEN_PEOPLE {
-        for (t, feed) in AGENCIES.iter().zip(feeds.iter_mut()) {
-            if *t != Table::Businesses || i < GOLDEN_BUSINESSES {
-                publish_event(&producer, t.topic(), &feed.event('r', i, 0, None)).await;
-            }
-        }
-    }
+    publish_snapshots(&producer, &mut feeds).await;
     let addrs: Vec<String> = cluster.members().iter().map(|m| m.addr()).collect();
 
     // The spec was replicated to every node; each runs it under one name.
@@ -1562,11 +1597,7 @@ async fn golden_records_are_the_same_on_every_node_through_a_leader_kill_and_a_r
         &addrs,
         "national.people",
         "all people merged",
-        |r| {
-            r.len() == GOLDEN_PEOPLE as usize
-                && r.values()
-                    .all(|g| g["_contributors"].as_array().map(Vec::len) == Some(3))
-        },
+        all_merged,
     )
     .await;
     let golden = golden_by_person(&golden);
@@ -1602,9 +1633,9 @@ async fn golden_records_are_the_same_on_every_node_through_a_leader_kill_and_a_r
     let owners: BTreeSet<u64> = s.partitions.iter().filter_map(|p| p.owner).collect();
     assert!(owners.len() > 1, "spread over nodes: {s:#?}");
 
-    // Under load (every citizen changes phone), the leader — which also
-    // re-keys the sources — is killed: a new leader takes over the re-keying
-    // and the dead node's partitions; nothing is lost, nothing doubled.
+    // Under load (every citizen changes phone), the leader is killed: the
+    // others take over its partitions and the re-keying of the source
+    // shards they feed; nothing is lost, nothing doubled.
     let leader = s.leader_id.unwrap();
     // The same feed: its LSNs go on rising.
     let mut citizens = feeds.swap_remove(0);
@@ -1631,19 +1662,12 @@ async fn golden_records_are_the_same_on_every_node_through_a_leader_kill_and_a_r
         .filter(|m| m.running())
         .map(|m| m.addr())
         .collect();
-    let phones_updated = |r: &BTreeMap<String, Value>| {
-        let g = golden_by_person(r);
-        (0..GOLDEN_PEOPLE).all(|i| {
-            g.get(&national_id(i).to_string())
-                .is_some_and(|g| g["phone"] == citizen_row(i, 1)["phone"])
-        })
-    };
     converged(
         &cluster,
         &survivors,
         "national.people",
         "new phones",
-        phones_updated,
+        phones_are(1),
     )
     .await;
     converged(
@@ -1651,15 +1675,7 @@ async fn golden_records_are_the_same_on_every_node_through_a_leader_kill_and_a_r
         &survivors,
         "national.vehicle_owners",
         "owners' new phones",
-        |r| {
-            r.len() == GOLDEN_PEOPLE as usize
-                && r.values().all(|v| {
-                    let i = (0..GOLDEN_PEOPLE)
-                        .find(|i| v["national_id"] == json!(national_id(*i).to_string()))
-                        .unwrap();
-                    v["person"]["phone"] == citizen_row(i, 1)["phone"]
-                })
-        },
+        owners_phones_are(1),
     )
     .await;
     // The killed node comes back, catches up from the change logs, agrees.
@@ -1669,7 +1685,7 @@ async fn golden_records_are_the_same_on_every_node_through_a_leader_kill_and_a_r
         &addrs,
         "national.people",
         "the returning node caught up",
-        phones_updated,
+        phones_are(1),
     )
     .await;
 
@@ -1927,13 +1943,7 @@ async fn a_sharded_pipeline_is_re_keyed_and_merged_on_the_owners_of_its_shards()
         .iter()
         .map(|t| Feed::new(*t, 1_767_225_600_000))
         .collect();
-    for i in 0..GOLDEN_PEOPLE {
-        for (t, feed) in AGENCIES.iter().zip(feeds.iter_mut()) {
-            if *t != Table::Businesses || i < GOLDEN_BUSINESSES {
-                publish_event(&producer, t.topic(), &feed.event('r', i, 0, None)).await;
-            }
-        }
-    }
+    publish_snapshots(&producer, &mut feeds).await;
     let spec = std::fs::read_to_string(example_spec()).unwrap().replacen(
         "version: 1\n",
         &format!("version: 1\nshards: {PIPELINE_SHARDS}\n"),
@@ -1950,11 +1960,7 @@ async fn a_sharded_pipeline_is_re_keyed_and_merged_on_the_owners_of_its_shards()
         &addrs,
         "national.people",
         "all people merged",
-        |r| {
-            r.len() == GOLDEN_PEOPLE as usize
-                && r.values()
-                    .all(|g| g["_contributors"].as_array().map(Vec::len) == Some(3))
-        },
+        all_merged,
     )
     .await;
     let golden = golden_by_person(&golden);
@@ -2083,12 +2089,7 @@ async fn a_sharded_pipeline_is_re_keyed_and_merged_on_the_owners_of_its_shards()
         .map(|m| m.addr())
         .collect();
     converged(&cluster, &survivors, "national.people", "new phones", |r| {
-        let g = golden_by_person(r);
-        g.len() == GOLDEN_PEOPLE as usize
-            && (0..GOLDEN_PEOPLE).all(|i| {
-                g.get(&national_id(i).to_string())
-                    .is_some_and(|g| g["phone"] == citizen_row(i, 1)["phone"])
-            })
+        r.len() == GOLDEN_PEOPLE as usize && phones_are(1)(r)
     })
     .await;
     converged(
@@ -2096,15 +2097,7 @@ async fn a_sharded_pipeline_is_re_keyed_and_merged_on_the_owners_of_its_shards()
         &survivors,
         "national.vehicle_owners",
         "owners' new phones",
-        |r| {
-            r.len() == GOLDEN_PEOPLE as usize
-                && r.values().all(|v| {
-                    let i = (0..GOLDEN_PEOPLE)
-                        .find(|i| v["national_id"] == json!(national_id(*i).to_string()))
-                        .unwrap();
-                    v["person"]["phone"] == citizen_row(i, 1)["phone"]
-                })
-        },
+        owners_phones_are(1),
     )
     .await;
     // Re-keying went on from the carried cursors: the facts published

@@ -43,6 +43,23 @@ async fn broker_with_feeds() -> Broker {
     broker
 }
 
+/// Publishes the five agencies' snapshots of `PEOPLE` people; returns
+/// their feeds, for the changes that follow.
+async fn publish_snapshots(producer: &rdkafka::producer::FutureProducer) -> Vec<Feed> {
+    let mut feeds: Vec<Feed> = TABLES
+        .iter()
+        .map(|t| Feed::new(*t, 1_767_225_600_000))
+        .collect();
+    for i in 0..PEOPLE {
+        for (t, feed) in TABLES.iter().zip(feeds.iter_mut()) {
+            if *t != Table::Businesses || i < BUSINESSES {
+                publish_event(producer, t.topic(), &feed.event('r', i, 0, None)).await;
+            }
+        }
+    }
+    feeds
+}
+
 /// The rows of a view as a subscriber folding its snapshot sees them, keyed
 /// by the key JSON.
 async fn rows(addr: std::net::SocketAddr, view: &str) -> BTreeMap<String, Value> {
@@ -99,17 +116,7 @@ fn bad_citizen(id: &str, birth_date: &str, gender: &str) -> (Vec<u8>, Vec<u8>) {
 async fn golden_records_conflicts_and_the_four_pillars_from_five_agencies() {
     let broker = broker_with_feeds().await;
     let producer = broker.producer();
-    let mut feeds: Vec<Feed> = TABLES
-        .iter()
-        .map(|t| Feed::new(*t, 1_767_225_600_000))
-        .collect();
-    for i in 0..PEOPLE {
-        for (t, feed) in TABLES.iter().zip(feeds.iter_mut()) {
-            if *t != Table::Businesses || i < BUSINESSES {
-                publish_event(&producer, t.topic(), &feed.event('r', i, 0, None)).await;
-            }
-        }
-    }
+    let mut feeds = publish_snapshots(&producer).await;
     // Invalid national IDs: unknown province 003; a woman born in 1989
     // whose century/gender digit says a man; a birth year that disagrees.
     for (id, date, gender) in [
@@ -698,17 +705,7 @@ async fn pipelines_are_applied_updated_and_dropped_on_a_running_node() {
 async fn a_pipeline_in_shards_gives_the_same_views_as_in_one() {
     let broker = broker_with_feeds().await;
     let producer = broker.producer();
-    let mut feeds: Vec<Feed> = TABLES
-        .iter()
-        .map(|t| Feed::new(*t, 1_767_225_600_000))
-        .collect();
-    for i in 0..PEOPLE {
-        for (t, feed) in TABLES.iter().zip(feeds.iter_mut()) {
-            if *t != Table::Businesses || i < BUSINESSES {
-                publish_event(&producer, t.topic(), &feed.event('r', i, 0, None)).await;
-            }
-        }
-    }
+    let mut feeds = publish_snapshots(&producer).await;
     // Then some people move and change phone.
     for i in (0..PEOPLE).step_by(3) {
         publish_event(
