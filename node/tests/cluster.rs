@@ -2126,4 +2126,23 @@ async fn a_sharded_pipeline_is_re_keyed_and_merged_on_the_owners_of_its_shards()
         repeated * 10 < history.len(),
         "{repeated} facts of the history published again after the kill"
     );
+    // The victim comes back with its state: it catches up on the logs of
+    // the shards placement gives it again, and every node agrees.
+    cluster.member(victim).start().unwrap();
+    converged(
+        &cluster,
+        &addrs,
+        "national.people",
+        "the returning node caught up",
+        phones_are(1),
+    )
+    .await;
+    converged(
+        &cluster,
+        &addrs,
+        "national.vehicle_owners",
+        "the returning node's joins",
+        owners_phones_are(1),
+    )
+    .await;
 }
