@@ -704,7 +704,20 @@ impl Workload {
         // changes, failovers and restores recorded somewhere.
         let mut all = String::new();
         for m in cluster.members().iter().filter(|m| m.running()) {
-            let text = metrics_text(m.node.http()).await;
+            // A node restarted a moment ago exports its Raft gauges once
+            // its Raft state has been reported; wait for that.
+            let text = eventually_async(
+                &format!("ndc-{}'s cluster metrics", m.id),
+                SETTLE,
+                || async {
+                    let text = metrics_text(m.node.http()).await;
+                    ["ndc_raft_commit_index", "ndc_cluster_lease_valid 1"]
+                        .iter()
+                        .all(|n| text.contains(n))
+                        .then_some(text)
+                },
+            )
+            .await;
             for l in text
                 .lines()
                 .filter(|l| l.starts_with("ndc_cluster_log_gaps_total"))
@@ -1049,6 +1062,7 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
             key: br#"{"person_id":"000000000000"}"#.to_vec(),
             view: "ghost.view".into(),
             kind: Some(ndc_proto::state::effect::Kind::Remove(true)),
+            ..Default::default()
         }],
     };
     publish(

@@ -1148,7 +1148,9 @@ pub struct Txn<'s> {
     changes: u64,
     /// Cluster owner mode: effects decided since the last take, with the
     /// view each is on.
-    recording: Option<Vec<(ViewId, Effect)>>,
+    /// Effects recorded (cluster owner mode), each with, for a put or a
+    /// remove, the key's live row just before it.
+    recording: Option<Vec<(ViewId, Effect, Option<String>)>>,
     /// Cluster owner mode: logged effects not yet applied back.
     pending: Option<&'s Pending>,
     /// Changes appended, kept (see [`Txn::keep_changes`]).
@@ -1179,6 +1181,83 @@ pub struct Pending {
 struct Logged {
     log: ViewId,
     offset: u64,
+}
+
+/// The rows a log record's puts and removes wrote and replaced, by view and
+/// key, as its effects go: where a change's images left out of the log are
+/// (the owner leaves out what repeats them, every holder puts it back).
+#[derive(Default)]
+struct RowImages {
+    last: HashMap<(ViewId, Vec<u8>), Images>,
+}
+
+/// What the last put or remove of a key wrote (`None`: removed, or a
+/// tombstone) and the live row it replaced.
+#[derive(Debug, Clone, Default)]
+struct Images {
+    written: Option<String>,
+    replaced: Option<String>,
+}
+
+impl RowImages {
+    /// Owner: notes a put or remove (with the live row it replaced), or
+    /// leaves out a change's images that repeat the ones noted for its key.
+    fn elide_or_note(&mut self, view: ViewId, e: &mut Effect, replaced: Option<String>) {
+        match &mut e.kind {
+            Some(effect::Kind::Put(row)) => {
+                let written = (!row.deleted).then(|| row.row_json.clone());
+                self.note(view, &e.key, written, replaced);
+            }
+            Some(effect::Kind::Remove(_)) => self.note(view, &e.key, None, replaced),
+            Some(effect::Kind::Change(c)) => {
+                let Some(images) = self.last.get(&(view, c.key_json.as_bytes().to_vec())) else {
+                    return;
+                };
+                if c.after_json.is_some() && c.after_json == images.written {
+                    c.after_json = None;
+                    e.after_is_row = true;
+                }
+                if c.before_json.is_some() && c.before_json == images.replaced {
+                    c.before_json = None;
+                    e.before_was_row = true;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Holder: notes a put or remove about to be applied.
+    fn note(
+        &mut self,
+        view: ViewId,
+        key: &[u8],
+        written: Option<String>,
+        replaced: Option<String>,
+    ) {
+        self.last
+            .insert((view, key.to_vec()), Images { written, replaced });
+    }
+
+    /// Holder: a change with the images the owner left out put back.
+    fn restore(&self, view: ViewId, e: &Effect, change: &Change) -> Result<Change, StoreError> {
+        let mut change = change.clone();
+        if !(e.after_is_row || e.before_was_row) {
+            return Ok(change);
+        }
+        let Some(images) = self.last.get(&(view, change.key_json.as_bytes().to_vec())) else {
+            return Err(StoreError::CorruptRow(format!(
+                "change-log record: a change of key {} refers to a row this record does not write",
+                change.key_json
+            )));
+        };
+        if e.after_is_row {
+            change.after_json = images.written.clone();
+        }
+        if e.before_was_row {
+            change.before_json = images.replaced.clone();
+        }
+        Ok(change)
+    }
 }
 
 impl Pending {
@@ -1411,25 +1490,47 @@ impl Txn<'_> {
     }
 
     /// Whether `key` has a row that is not a tombstone.
-    fn is_live(&self, view: ViewId, key: &[u8]) -> Result<bool, StoreError> {
+    /// The key's row, if live.
+    fn live_row_json(&self, view: ViewId, key: &[u8]) -> Result<Option<String>, StoreError> {
         Ok(self
             .current_row(view, key)?
             .as_ref()
             .as_ref()
-            .is_some_and(|r| !r.deleted))
+            .filter(|r| !r.deleted)
+            .map(|r| r.row_json.clone()))
     }
 
     /// Records an effect in cluster owner mode; `kind` is only built (rows
     /// and changes cloned) when recording, not on a single node's hot path.
     pub(crate) fn record(&mut self, view: ViewId, key: &[u8], kind: impl FnOnce() -> effect::Kind) {
+        if self.recording.is_none() {
+            return;
+        }
+        let kind = kind();
+        // What a put or remove replaces, for the change that follows it
+        // (see `take_effects`); a row that cannot be read is not elided.
+        let before = match kind {
+            effect::Kind::Put(_) | effect::Kind::Remove(_) => {
+                self.current_row(view, key).ok().and_then(|r| {
+                    r.as_ref()
+                        .as_ref()
+                        .filter(|r| !r.deleted)
+                        .map(|r| r.row_json.clone())
+                })
+            }
+            _ => None,
+        };
         if let Some(r) = &mut self.recording {
             r.push((
                 view,
                 Effect {
                     key: key.to_vec(),
-                    kind: Some(kind()),
+                    kind: Some(kind),
                     view: String::new(),
+                    after_is_row: false,
+                    before_was_row: false,
                 },
+                before,
             ));
         }
     }
@@ -1457,16 +1558,24 @@ impl Txn<'_> {
     /// Effects recorded since the last call (cluster owner mode; empty
     /// otherwise), each with its view, to be carried by `log`'s change log:
     /// an effect on another view names it.
+    ///
+    /// A change's images that repeat a row every holder has by then (the
+    /// row its key's last put wrote; the live row that put replaced) are
+    /// left out and flagged: [`Txn::replay`] puts them back.
     pub fn take_effects(&mut self, log: ViewId) -> Vec<(ViewId, Effect)> {
-        let mut effects = self
+        let recorded = self
             .recording
             .as_mut()
             .map(std::mem::take)
             .unwrap_or_default();
-        for (view, e) in &mut effects {
-            if *view != log {
-                e.view = self.store.view_name(*view).to_string();
+        let mut images = RowImages::default();
+        let mut effects = Vec::with_capacity(recorded.len());
+        for (view, mut e, before) in recorded {
+            images.elide_or_note(view, &mut e, before);
+            if view != log {
+                e.view = self.store.view_name(view).to_string();
             }
+            effects.push((view, e));
         }
         effects
     }
@@ -1688,6 +1797,7 @@ impl Txn<'_> {
             return Ok(Replayed::Fence);
         }
         let mut unknown_views: Vec<String> = Vec::new();
+        let mut images = RowImages::default();
         for e in &record.effects {
             let view = if e.view.is_empty() {
                 view
@@ -1704,7 +1814,14 @@ impl Txn<'_> {
             };
             match &e.kind {
                 Some(effect::Kind::Put(row)) => {
-                    let was_live = self.is_live(view, &e.key)?;
+                    let replaced = self.live_row_json(view, &e.key)?;
+                    let was_live = replaced.is_some();
+                    images.note(
+                        view,
+                        &e.key,
+                        (!row.deleted).then(|| row.row_json.clone()),
+                        replaced,
+                    );
                     let delta = i64::from(!row.deleted) - i64::from(was_live);
                     self.put_encoded(CF_ROWS, row_key(view, &e.key), row);
                     self.index(view, &e.key);
@@ -1714,7 +1831,9 @@ impl Txn<'_> {
                     meta.live_rows = meta.live_rows.saturating_add_signed(delta);
                 }
                 Some(effect::Kind::Remove(_)) => {
-                    let was_live = self.is_live(view, &e.key)?;
+                    let replaced = self.live_row_json(view, &e.key)?;
+                    let was_live = replaced.is_some();
+                    images.note(view, &e.key, None, replaced);
                     let db = &self.store.reader.db;
                     self.batch.delete_cf(cf(db, CF_ROWS), row_key(view, &e.key));
                     self.index(view, &e.key);
@@ -1722,7 +1841,10 @@ impl Txn<'_> {
                     let meta = self.meta_mut(view)?;
                     meta.live_rows = meta.live_rows.saturating_sub(u64::from(was_live));
                 }
-                Some(effect::Kind::Change(change)) => self.append_change(view, change.clone())?,
+                Some(effect::Kind::Change(change)) => {
+                    let change = images.restore(view, e, change)?;
+                    self.append_change(view, change)?
+                }
                 Some(effect::Kind::Truncate(version)) => {
                     self.meta_mut(view)?.truncated_at = Some(version.clone());
                 }

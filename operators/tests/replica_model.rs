@@ -823,6 +823,7 @@ fn effects_on_a_view_this_node_does_not_hold_are_skipped_not_fatal() {
             row_json: "{}".into(),
             unapplied: None,
         })),
+        ..Effect::default()
     };
     let record = LogRecord {
         view: "v".into(),
