@@ -458,55 +458,122 @@ pub fn place(
     // standby catches up from the shard's log (or its copied state) while
     // the owner goes on.
     let settled = !liveness.members.iter().any(unknown);
+    // Shards held and owned-to-be per (node, view): a view's shards cost
+    // alike, different views' do not (a merge's shards against its
+    // sources'), so moves take a shard of the view most concentrated on
+    // the giving node, and every view ends spread, not only the counts.
+    let mut per_view = ViewLoad::default();
+    for (shard, (_, h)) in &next {
+        per_view.add(h, shard);
+    }
     // The two passes run until neither changes anything: promoting a
     // standby can make its old owner a standby that may then be traded.
     loop {
         let mut changed = false;
-        loop {
+        // Bounded: each move lowers the spread of the counts or of one
+        // view's, but a bound keeps a round finite whatever the input.
+        for _ in 0..4 * (next.len() + takers.len()) {
             let held = |n: &NodeId| load.held.get(n).copied().unwrap_or(0);
-            let (Some(most), Some(least)) = (
-                takers
+            let zone = |n: &NodeId| liveness.zones.get(n);
+            // Where `from` (holder `j` of `h`) may hand `shard` to `to`: a
+            // standby, or with factor 1 the whole shard (the new holder
+            // goes first, the old one stays until its partitions have
+            // moved, then it is dropped above the factor); never onto a
+            // holder, nor into a zone its other holders are in, nor from a
+            // node that still owns some of its partitions (mid-move).
+            let movable =
+                |shard: &str, before: &[NodeId], h: &[NodeId], from: NodeId, to: NodeId| {
+                    if !(before.is_empty() || settled) || h.contains(&to) {
+                        return None;
+                    }
+                    let j = match h.len() {
+                        1 if h[0] == from => 0,
+                        _ => (1..h.len()).find(|&j| h[j] == from)?,
+                    };
+                    if j > 0 && owners.contains(&(shard, from)) {
+                        return None;
+                    }
+                    let other_zones = h.iter().filter(|n| **n != from).filter_map(zone);
+                    let fits = zone(&to) == zone(&from)
+                        || zone(&to).is_none_or(|z| !other_zones.clone().any(|o| o == z));
+                    fits.then_some(j)
+                };
+            let most = takers
+                .iter()
+                .max_by_key(|n| (held(n), std::cmp::Reverse(**n)));
+            let least = takers.iter().min_by_key(|n| (held(n), **n));
+            // Counts first: the node holding most hands the node holding
+            // fewest a shard of the view it has most more of.
+            let by_count = match (most, least) {
+                (Some(&most), Some(&least)) if held(&most) >= held(&least) + 2 => next
                     .iter()
-                    .max_by_key(|n| (held(n), std::cmp::Reverse(**n))),
-                takers.iter().min_by_key(|n| (held(n), **n)),
-            ) else {
+                    .filter_map(|(shard, (before, h))| {
+                        Some((*shard, movable(shard, before, h, most, least)?, most, least))
+                    })
+                    .max_by_key(|(shard, _, _, _)| {
+                        (
+                            per_view.excess(&per_view.held, most, least, shard),
+                            std::cmp::Reverse(*shard),
+                        )
+                    }),
+                _ => None,
+            };
+            // Then views: a node holding two more of a view's shards than
+            // another hands it one, if the other holds fewer shards in all
+            // (the counts stay within one of each other), or as many and
+            // has a shard of another view to hand back (the counts' pass
+            // then does: a swap).
+            let takers = &takers;
+            let hand_back = |from: NodeId, to: NodeId, view: &str| {
+                next.iter().any(|(s2, (b2, h2))| {
+                    view_of(s2) != view
+                        && per_view.excess(&per_view.held, to, from, s2) >= 1
+                        && movable(s2, b2, h2, to, from).is_some()
+                })
+            };
+            let by_view = || {
+                next.iter()
+                    .flat_map(|(shard, (before, h))| {
+                        h.iter().flat_map(move |&from| {
+                            takers.iter().map(move |&to| (*shard, before, h, from, to))
+                        })
+                    })
+                    .filter(|(shard, _, _, from, to)| {
+                        per_view.excess(&per_view.held, *from, *to, shard) >= 2
+                            && (held(to) < held(from)
+                                || (held(to) == held(from)
+                                    && hand_back(*from, *to, view_of(shard))))
+                    })
+                    .filter_map(|(shard, before, h, from, to)| {
+                        Some((shard, movable(shard, before, h, from, to)?, from, to))
+                    })
+                    .max_by_key(|(shard, _, from, to)| {
+                        (
+                            per_view.excess(&per_view.held, *from, *to, shard),
+                            std::cmp::Reverse(*shard),
+                        )
+                    })
+            };
+            let Some((shard, j, from, to)) = by_count.or_else(by_view) else {
                 break;
             };
-            if held(most) < held(least) + 2 {
-                break;
-            }
-            let zone = |n: &NodeId| liveness.zones.get(n);
-            let trade = next.iter().find_map(|(shard, (before, h))| {
-                if !(before.is_empty() || settled) || h.contains(least) {
-                    return None;
-                }
-                // A shard without standbys (factor 1) moves whole: the new
-                // holder goes first, the old one stays until its partitions
-                // have moved (then it is dropped above the factor).
-                let j = match h.len() {
-                    1 if h[0] == *most => 0,
-                    _ => (1..h.len()).find(|&j| h[j] == *most)?,
-                };
-                let other_zones = h.iter().filter(|n| *n != most).filter_map(zone);
-                let fits = zone(least) == zone(most)
-                    || zone(least).is_none_or(|z| !other_zones.clone().any(|o| o == z));
-                fits.then_some((*shard, j))
-            });
-            let Some((shard, j)) = trade else { break };
             changed = true;
-            let (most, least) = (*most, *least);
+            per_view.moved(HeldOrFirst::Held, from, to, shard);
+            if j == 0 {
+                per_view.moved(HeldOrFirst::First, from, to, shard);
+            }
             if let Some((_, h)) = next.get_mut(shard) {
                 if j == 0 {
-                    load.demote(most);
-                    load.promote(least);
+                    load.demote(from);
+                    load.promote(to);
                 }
-                if j == 0 && owners.contains(&(shard.as_str(), most)) {
-                    h.insert(0, least);
+                if j == 0 && owners.contains(&(shard.as_str(), from)) {
+                    h.insert(0, to);
                 } else {
-                    h[j] = least;
+                    h[j] = to;
                 }
-                load.remove(most);
-                load.add([&least], false);
+                load.remove(from);
+                load.add([&to], false);
             }
         }
         // Owners-to-be even out among the nodes that can take over: a shard
@@ -515,15 +582,24 @@ pub fn place(
         // some member is not known yet (a new leader's first rounds).
         while settled && !next.is_empty() {
             let count = |n: &NodeId| load.first.get(n).copied().unwrap_or(0);
-            let swap = next.iter().find_map(|(shard, (_, h))| {
+            let candidates = next.iter().filter_map(|(shard, (_, h))| {
                 let top = count(h.first()?);
                 let j = (1..h.len())
                     .filter(|&j| takers.contains(&h[j]) && count(&h[j]) + 2 <= top)
                     .min_by_key(|&j| (count(&h[j]), h[j]))?;
-                Some((*shard, j))
+                Some((*shard, j, h[0], h[j]))
             });
-            let Some((shard, j)) = swap else { break };
+            let swap = candidates.max_by_key(|(shard, _, from, to)| {
+                (
+                    per_view.excess(&per_view.first, *from, *to, shard),
+                    std::cmp::Reverse(*shard),
+                )
+            });
+            let Some((shard, j, from, to)) = swap else {
+                break;
+            };
             changed = true;
+            per_view.moved(HeldOrFirst::First, from, to, shard);
             if let Some((_, h)) = next.get_mut(shard) {
                 load.demote(h[0]);
                 load.promote(h[j]);
@@ -538,6 +614,61 @@ pub fn place(
         .filter(|(_, (before, holders))| holders != before)
         .map(|(shard, (_, holders))| (shard.clone(), holders))
         .collect()
+}
+
+/// The view a shard belongs to (`view#i` → `view`).
+fn view_of(shard: &str) -> &str {
+    shard.rsplit_once('#').map_or(shard, |(view, _)| view)
+}
+
+/// Which count of [`ViewLoad`] a move changes.
+enum HeldOrFirst {
+    Held,
+    First,
+}
+
+/// Shards held and owned-to-be per (node, view), as the evening passes go.
+#[derive(Default)]
+struct ViewLoad {
+    held: BTreeMap<(NodeId, String), usize>,
+    first: BTreeMap<(NodeId, String), usize>,
+}
+
+impl ViewLoad {
+    fn add(&mut self, holders: &[NodeId], shard: &str) {
+        let view = view_of(shard).to_string();
+        for (i, n) in holders.iter().enumerate() {
+            *self.held.entry((*n, view.clone())).or_default() += 1;
+            if i == 0 {
+                *self.first.entry((*n, view.clone())).or_default() += 1;
+            }
+        }
+    }
+
+    /// How many more of `shard`'s view `from` has than `to`.
+    fn excess(
+        &self,
+        counts: &BTreeMap<(NodeId, String), usize>,
+        from: NodeId,
+        to: NodeId,
+        shard: &str,
+    ) -> isize {
+        let view = view_of(shard).to_string();
+        let of = |n: NodeId| counts.get(&(n, view.clone())).copied().unwrap_or(0) as isize;
+        of(from) - of(to)
+    }
+
+    fn moved(&mut self, which: HeldOrFirst, from: NodeId, to: NodeId, shard: &str) {
+        let counts = match which {
+            HeldOrFirst::Held => &mut self.held,
+            HeldOrFirst::First => &mut self.first,
+        };
+        let view = view_of(shard).to_string();
+        if let Some(c) = counts.get_mut(&(from, view.clone())) {
+            *c = c.saturating_sub(1);
+        }
+        *counts.entry((to, view)).or_default() += 1;
+    }
 }
 
 /// Shards held, and shards owned-to-be, per node, as placement goes.
