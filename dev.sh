@@ -22,7 +22,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 NDC_CACHE="${NDC_CACHE:-$HOME/.cache/ndc}"
 TANSU_VERSION=0.6.0
-TANSU_ROOT="$NDC_CACHE/tansu-$TANSU_VERSION"
+# Built with SlateDB storage too: the tests that trim change logs need
+# DeleteRecords, which tansu's default (memory) storage does not implement.
+TANSU_ROOT="$NDC_CACHE/tansu-$TANSU_VERSION-slatedb"
 export NDC_TANSU_BIN="$TANSU_ROOT/bin/tansu"
 DEB_PACKAGES=(build-essential pkg-config cmake libclang-dev protobuf-compiler libcurl4-openssl-dev zlib1g-dev libssl-dev libsasl2-dev openssl stunnel4)
 
@@ -58,7 +60,7 @@ setup_broker() {
     say "installing the test broker tansu $TANSU_VERSION into $TANSU_ROOT (about 7 minutes, once)"
     mkdir -p "$NDC_CACHE"
     CARGO_TARGET_DIR="$NDC_CACHE/tansu-build" cargo install tansu --version "$TANSU_VERSION" \
-      --locked --features dynostore --root "$TANSU_ROOT" --quiet
+      --locked --features dynostore,tansu-broker/slatedb --root "$TANSU_ROOT" --quiet
     rm -rf "$NDC_CACHE/tansu-build"
   fi
 }

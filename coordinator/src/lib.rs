@@ -31,7 +31,7 @@ pub use state::{
 };
 pub use store::Applied;
 
-use ndc_proto::cluster::{HeartbeatReply, HeartbeatRequest, HeldPartition};
+use ndc_proto::cluster::{HeartbeatReply, HeartbeatRequest, HeldPartition, LogPosition};
 use openraft::{ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -197,6 +197,8 @@ struct NodeReport {
     /// The node is stopping and hands its partitions over.
     draining: bool,
     zone: String,
+    /// Next change-log offset applied and committed, per shard held.
+    log_positions: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Default)]
@@ -207,6 +209,16 @@ struct LeaderView {
     /// When a round of heartbeats to a quorum, started at this instant,
     /// last confirmed this node's leadership.
     confirmed_at: Option<Instant>,
+}
+
+/// Ids of the members (voters and learners) of the applied membership.
+fn member_ids(applied: &Applied) -> BTreeSet<NodeId> {
+    applied
+        .membership
+        .membership()
+        .nodes()
+        .map(|(id, _)| *id)
+        .collect()
 }
 
 /// Handle of a node's coordinator. Cheap to clone.
@@ -223,6 +235,11 @@ struct Inner {
     lease_until: Mutex<Option<Instant>>,
     /// What this node processes right now (set by the node, sent in heartbeats).
     held: Mutex<Vec<HeldPartition>>,
+    /// Change-log positions this node has committed, per shard (set by the
+    /// node, sent in heartbeats).
+    log_positions: Mutex<Vec<LogPosition>>,
+    /// Leader: where each shard's change log was last trimmed up to.
+    log_starts: Mutex<BTreeMap<String, u64>>,
     /// Stopping: heartbeats ask the leader to move this node's partitions.
     draining: std::sync::atomic::AtomicBool,
     /// The leader's applied index in the first heartbeat reply this node
@@ -271,6 +288,8 @@ impl Coordinator {
                 applied,
                 lease_until: Mutex::new(None),
                 held: Mutex::new(Vec::new()),
+                log_positions: Mutex::new(Vec::new()),
+                log_starts: Mutex::new(BTreeMap::new()),
                 draining: std::sync::atomic::AtomicBool::new(false),
                 catch_up_to: std::sync::atomic::AtomicU64::new(u64::MAX),
                 caught_up: std::sync::atomic::AtomicBool::new(false),
@@ -502,6 +521,60 @@ impl Coordinator {
         }
     }
 
+    /// Tells the leader (in the next heartbeats) how far this node has
+    /// applied and committed each shard's change log.
+    pub fn set_log_positions(&self, positions: &BTreeMap<String, u64>) {
+        if let Ok(mut p) = self.inner.log_positions.lock() {
+            *p = positions
+                .iter()
+                .map(|(shard, next_offset)| LogPosition {
+                    shard: shard.clone(),
+                    next_offset: *next_offset,
+                })
+                .collect();
+        }
+    }
+
+    /// Leader: up to where each of `shards`' change logs may be trimmed —
+    /// the lowest position its holders (every member, for a shard not
+    /// placed) have reported to this leader. A shard with a holder that has
+    /// not reported yet (new, down since this leader began) is left out:
+    /// it may still need the whole log. `None` when this node is not a
+    /// leader whose leadership a quorum confirmed recently.
+    pub fn log_trim_points(&self, shards: &BTreeSet<String>) -> Option<BTreeMap<String, u64>> {
+        let metrics = self.inner.raft.metrics().borrow().clone();
+        if metrics.state != ServerState::Leader {
+            return None;
+        }
+        let applied = self.inner.applied.borrow().clone();
+        let members = member_ids(&applied);
+        let view = self.inner.leader.lock().ok()?;
+        let confirmed = view
+            .confirmed_at
+            .is_some_and(|t| t.elapsed() < self.inner.config.lease);
+        if view.term != metrics.current_term || !confirmed {
+            return None;
+        }
+        let positions: BTreeMap<NodeId, &BTreeMap<String, u64>> = view
+            .reports
+            .iter()
+            .map(|(n, r)| (*n, &r.log_positions))
+            .collect();
+        Some(state::log_trim_points(
+            &applied.cluster,
+            &members,
+            &positions,
+            shards,
+        ))
+    }
+
+    /// Leader: the change log of `shard` now starts at `offset` (for status).
+    pub fn record_log_start(&self, shard: &str, offset: u64) {
+        if let Ok(mut starts) = self.inner.log_starts.lock() {
+            starts.insert(shard.to_string(), offset);
+        }
+    }
+
     /// Stops the background loops and Raft (for an orderly node shutdown);
     /// returns once they have ended.
     pub async fn shutdown(&self) {
@@ -575,6 +648,12 @@ impl Coordinator {
                     .unwrap_or_default(),
                 draining: self.is_draining(),
                 zone: self.inner.config.zone.clone().unwrap_or_default(),
+                log_positions: self
+                    .inner
+                    .log_positions
+                    .lock()
+                    .map(|p| p.clone())
+                    .unwrap_or_default(),
             };
             let metrics = self.inner.raft.metrics().borrow().clone();
             let reply = match metrics.current_leader {
@@ -689,6 +768,11 @@ impl Coordinator {
                 held: request.held,
                 draining: request.draining,
                 zone: request.zone,
+                log_positions: request
+                    .log_positions
+                    .into_iter()
+                    .map(|p| (p.shard, p.next_offset))
+                    .collect(),
             },
         );
         reply.accepted = true;
@@ -698,6 +782,10 @@ impl Coordinator {
 
     fn reset_if_new_term(&self, view: &mut LeaderView, term: u64) {
         if view.term != term || view.since.is_none() {
+            // Where logs start is known again once this leader trims them.
+            if let Ok(mut starts) = self.inner.log_starts.lock() {
+                starts.clear();
+            }
             *view = LeaderView {
                 term,
                 since: Some(Instant::now()),
@@ -814,12 +902,7 @@ impl Coordinator {
         let now = Instant::now();
         let timeout = self.inner.config.failure_timeout;
         let since = view.since.unwrap_or(now);
-        let members: BTreeSet<NodeId> = applied
-            .membership
-            .membership()
-            .nodes()
-            .map(|(id, _)| *id)
-            .collect();
+        let members = member_ids(applied);
         // Last time each node could have renewed a lease: its last accepted
         // heartbeat, or, never heard by this leader, when this leader began.
         let last_heard = |id: NodeId| {
@@ -1071,6 +1154,22 @@ impl Coordinator {
             .map(|(shard, holders)| ndc_proto::cluster::ShardPlacement {
                 shard: shard.clone(),
                 holders: holders.clone(),
+                applied: holders
+                    .iter()
+                    .filter_map(|n| {
+                        let report = view.as_ref().ok()?.reports.get(n)?;
+                        Some(ndc_proto::cluster::HolderPosition {
+                            node: *n,
+                            next_offset: *report.log_positions.get(shard)?,
+                        })
+                    })
+                    .collect(),
+                log_start: self
+                    .inner
+                    .log_starts
+                    .lock()
+                    .ok()
+                    .and_then(|s| s.get(shard).copied()),
             })
             .collect();
         ClusterStatus {

@@ -299,6 +299,33 @@ pub enum Release {
     Done,
 }
 
+/// Up to where each of `shards`' change logs may be trimmed: the lowest
+/// next offset its holders (every member, for a shard not placed) have
+/// reported applied. A shard left out: a holder has not reported it.
+pub fn log_trim_points(
+    state: &ClusterState,
+    members: &BTreeSet<NodeId>,
+    reported: &BTreeMap<NodeId, &BTreeMap<String, u64>>,
+    shards: &BTreeSet<ShardName>,
+) -> BTreeMap<ShardName, u64> {
+    let mut out = BTreeMap::new();
+    for shard in shards {
+        let holders: BTreeSet<NodeId> = match state.holders_of(shard) {
+            Some(h) if !h.is_empty() => h.iter().copied().filter(|n| members.contains(n)).collect(),
+            _ => members.clone(),
+        };
+        let lowest = holders
+            .iter()
+            .map(|n| reported.get(n)?.get(shard).copied())
+            .collect::<Option<Vec<u64>>>()
+            .and_then(|p| p.into_iter().min());
+        if let Some(lowest) = lowest {
+            out.insert(shard.clone(), lowest);
+        }
+    }
+    out
+}
+
 /// Input of [`plan`]: the leader's view of the cluster at one instant.
 #[derive(Debug, Clone, Default)]
 pub struct Liveness {
@@ -860,6 +887,56 @@ mod tests {
 
     fn all_released(s: &ClusterState) -> BTreeSet<PartitionId> {
         s.partitions.iter().cloned().collect()
+    }
+
+    /// A log is trimmed only behind every holder that is still a member,
+    /// and not at all while one of them has not said where it is.
+    #[test]
+    fn a_log_is_trimmed_behind_its_slowest_holder_and_not_before_each_reported() {
+        let mut s = ClusterState::default();
+        s.apply(
+            &Command::Place {
+                changes: vec![
+                    ("v#0".into(), vec![1, 2]),
+                    ("v#1".into(), vec![2, 3]),
+                    ("v#2".into(), vec![1, 9]),
+                ],
+            },
+            1,
+        );
+        let members = BTreeSet::from([1, 2, 3]);
+        let n1 = BTreeMap::from([
+            ("v#0".to_string(), 40),
+            ("v#2".to_string(), 7),
+            ("w".to_string(), 5),
+        ]);
+        let n2 = BTreeMap::from([
+            ("v#0".to_string(), 30),
+            ("v#1".to_string(), 50),
+            ("w".to_string(), 9),
+        ]);
+        let n3 = BTreeMap::from([("v#1".to_string(), 60)]);
+        let shards: BTreeSet<ShardName> = ["v#0", "v#1", "v#2", "w"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        let reported = BTreeMap::from([(1, &n1), (2, &n2), (3, &n3)]);
+        let points = log_trim_points(&s, &members, &reported, &shards);
+        assert_eq!(
+            points,
+            BTreeMap::from([
+                // The slowest of its holders.
+                ("v#0".to_string(), 30),
+                ("v#1".to_string(), 50),
+                // Node 9 is no member: it holds nothing back.
+                ("v#2".to_string(), 7),
+            ]),
+            "`w` is not placed: every member holds it, and node 3 has not reported it"
+        );
+        let without_3 = BTreeMap::from([(1, &n1), (2, &n2)]);
+        let points = log_trim_points(&s, &members, &without_3, &shards);
+        assert!(!points.contains_key("v#1"), "{points:?}");
+        assert_eq!(points.get("v#0"), Some(&30));
     }
 
     #[test]

@@ -921,6 +921,8 @@ fn cluster_config(work: &Path, broker: &Broker, topic: &str, run: &str) -> NodeC
     c.audit.enabled = false;
     c.cluster = Some(ndc_node::config::ClusterSection {
         changes_replication: 1,
+        // tansu's memory storage has no DeleteRecords.
+        log_trim_interval: std::time::Duration::ZERO,
         changes_topic_prefix: format!("ndc.changes.{run}."),
         ..Default::default()
     });

@@ -421,6 +421,7 @@ pub async fn start_with(mut config: NodeConfig, handed: Listeners) -> anyhow::Re
                 state: crate::cluster::state_transfer::StateService::new(
                     reader.clone(),
                     c.clone(),
+                    views.clone(),
                     &config.node.data_dir,
                 ),
                 shards: crate::serving::shard_peer::ShardService::new(

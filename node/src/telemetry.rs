@@ -150,6 +150,15 @@ pub mod metric {
     pub const LOG_BYTES_READ: &str = "ndc_cluster_log_read_bytes_total";
     /// Effects logged by this node and not yet applied back.
     pub const LOG_PENDING: &str = "ndc_cluster_log_pending_effects";
+    /// Leader: change-log trims, by `outcome` (trimmed, failed — the broker
+    /// refused or does not support DeleteRecords).
+    pub const LOG_TRIMS: &str = "ndc_cluster_log_trims_total";
+    /// Leader: change-log records deleted by trimming.
+    pub const LOG_RECORDS_TRIMMED: &str = "ndc_cluster_log_records_trimmed_total";
+    /// Shard states copied because a change log was trimmed past a holder,
+    /// by `side` (sent, installed) — and `outcome` on the installing side
+    /// (installed, none — no holder had a copy at the log's start yet).
+    pub const SHARD_COPIES: &str = "ndc_cluster_shard_copies_total";
 }
 
 /// Starts logging: `RUST_LOG` filter (default info), JSON with `NDC_LOG_FORMAT=json`.

@@ -326,6 +326,18 @@ impl ViewRegistry {
             .unwrap_or_else(|| store_name.into())
     }
 
+    /// Store names of the shards written by `store_name`'s log besides
+    /// itself: those placed as it (a merge's golden records, conflicts and
+    /// joins, by its contributions' shards).
+    pub fn written_with(&self, store_name: &str) -> Vec<String> {
+        self.read()
+            .values()
+            .flat_map(|v| v.shards.iter())
+            .filter(|s| &*s.placed_as == store_name && &*s.store_name != store_name)
+            .map(|s| s.store_name.to_string())
+            .collect()
+    }
+
     /// Names of the served views.
     pub fn names(&self) -> Vec<String> {
         self.read().keys().cloned().collect()

@@ -216,6 +216,8 @@ fn member_config(dir: &Path, broker: &str, id: u64, edit: fn(&mut NodeConfig)) -
     c.access.admins = vec!["admin".into()];
     c.cluster = Some(ClusterSection {
         changes_replication: 1,
+        // tansu's memory storage has no DeleteRecords.
+        log_trim_interval: std::time::Duration::ZERO,
         ..ClusterSection::default()
     });
     edit(&mut c);
@@ -228,7 +230,15 @@ impl Cluster {
     }
 
     async fn start_with(nodes: u64, topics: &[(&str, i32)], edit: fn(&mut NodeConfig)) -> Cluster {
-        let broker = Broker::start();
+        Cluster::start_on(Broker::start(), nodes, topics, edit).await
+    }
+
+    async fn start_on(
+        broker: Broker,
+        nodes: u64,
+        topics: &[(&str, i32)],
+        edit: fn(&mut NodeConfig),
+    ) -> Cluster {
         for (topic, partitions) in topics {
             broker.create_topic(topic, *partitions).await;
         }
@@ -458,10 +468,17 @@ fn start_load(
     bootstrap: &str,
     stop: Arc<AtomicBool>,
     expected: Expected,
+    idempotent: bool,
 ) -> tokio::task::JoinHandle<u64> {
     let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
-        .set("enable.idempotence", "true")
+        .set("enable.idempotence", idempotent.to_string())
+        // In order without idempotence too (a resent batch may repeat
+        // changes: the replica drops them by version).
+        .set(
+            "max.in.flight.requests.per.connection",
+            if idempotent { "5" } else { "1" },
+        )
         .set("linger.ms", "2")
         .create()
         .unwrap();
@@ -542,7 +559,12 @@ impl Workload {
     fn start(cluster: &Cluster, ids: &[u64]) -> Workload {
         let stop = Arc::new(AtomicBool::new(false));
         let expected: Expected = Arc::default();
-        let load = start_load(&cluster._broker.bootstrap, stop.clone(), expected.clone());
+        let load = start_load(
+            &cluster._broker.bootstrap,
+            stop.clone(),
+            expected.clone(),
+            true,
+        );
         let addrs: Vec<String> = ids
             .iter()
             .map(|id| {
@@ -1397,6 +1419,194 @@ async fn nodes_are_removed_and_added_online() {
         ],
     )
     .await;
+}
+
+/// Members of the trimming scenario: the replica scenarios' view, change
+/// logs trimmed every 300 ms to 5 records behind their slowest holder,
+/// no state copied when a node starts without one (a node that joins must
+/// copy each shard it is given from a holder, since its log no longer
+/// starts at 0), and no audit trail (its producer would be one more writer
+/// on the broker: see the scenario).
+fn trimming_member(c: &mut NodeConfig) {
+    replica_member(c);
+    c.audit.enabled = false;
+    if let Some(cluster) = c.cluster.as_mut() {
+        cluster.log_trim_interval = Duration::from_millis(300);
+        cluster.log_trim_slack = 5;
+        cluster.state_from_peers = false;
+    }
+}
+
+/// The offset of the first record a reader from the start of `topic`
+/// (partition 0) gets.
+fn first_offset(broker: &Broker, topic: &str) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = broker
+        .client()
+        .set("group.id", "trim-check")
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            return m.offset();
+        }
+        assert!(Instant::now() < deadline, "nothing to read in {topic}");
+    }
+}
+
+/// The change logs are trimmed behind their holders, and a node that needs
+/// what was trimmed copies the shards from a holder instead.
+///
+/// On tansu's SlateDB storage, the only storage of the test broker that
+/// implements DeleteRecords. It fails concurrent idempotent producers
+/// (every idempotent write updates one shared record of producers in a
+/// serializable transaction; with three nodes writing their logs at once,
+/// their producers got `InvalidProducerEpoch` within seconds and the nodes
+/// stopped), so one node writes at a time here: node 0 alone under the
+/// load (a producer without idempotence, in order), then node 1 joins once
+/// the load has stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_logs_are_trimmed_and_a_node_behind_them_copies_its_shards() {
+    let mut cluster = Cluster::start_on(
+        Broker::start_trimmable(),
+        1,
+        &[(TOPIC, PARTITIONS)],
+        trimming_member,
+    )
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let expected: Expected = Arc::default();
+    let load = start_load(
+        &cluster._broker.bootstrap,
+        stop.clone(),
+        expected.clone(),
+        false,
+    );
+    let (s, t) = cluster
+        .wait_for("every shard's log trimmed", SETTLE, |s| {
+            s.shards.len() == SHARDS as usize
+                && s.shards.iter().all(|p| p.log_start.is_some_and(|l| l > 0))
+        })
+        .await;
+    eprintln!("every change log trimmed {t:?} after the start");
+    // Behind the holder: each log starts before what it applied, and the
+    // records before its start are gone from the broker.
+    for p in &s.shards {
+        let start = p.log_start.unwrap();
+        assert_eq!(p.applied.len(), p.holders.len(), "{p:?}");
+        assert!(p.applied.iter().all(|a| a.next_offset > start), "{p:?}");
+        let topic = ndc_node::cluster::view_log_topic(&ClusterSection::default(), &p.shard, None);
+        let first = first_offset(&cluster._broker, &topic);
+        assert!(
+            first >= start as i64,
+            "{topic}: read from {first}, trimmed to {start}"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent = load.await.unwrap();
+    cluster
+        .wait_for("the owner caught up (lag 0)", SETTLE, |s| {
+            s.partitions.iter().all(|p| p.running && p.lag == Some(0))
+        })
+        .await;
+    let everything: BTreeMap<String, Value> = expected
+        .lock()
+        .unwrap()
+        .values()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    eprintln!("load: {sent} changes, {} rows", everything.len());
+
+    // Node 1 joins without state: every shard it is given (all of them, at
+    // replication factor 2) has a log that no longer starts at 0.
+    let addr0 = cluster.members()[0].addr();
+    let addr1 = cluster.prepare_joiner(1);
+    cluster.member(1).start().unwrap();
+    let mut joined = false;
+    for _ in 0..100 {
+        if admin::add_node(&addr0, 1, &addr1, false).await.is_ok() {
+            joined = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(joined, "add-node succeeds once node 1 listens");
+    let (_, t) = cluster
+        .wait_for("both nodes holding every shard", SETTLE, |s| {
+            live_members(s).len() == 2 && placed_over(s, &[0, 1])
+        })
+        .await;
+    eprintln!("node 1 placed {t:?} after it joined");
+    let http = cluster.member(1).http();
+    let installed = eventually_async("node 1 installing a copy of each shard", SETTLE, || async {
+        let text = metrics_text(http).await;
+        let n = metric_value(&text, |l| {
+            l.starts_with("ndc_cluster_shard_copies_total") && l.contains("side=\"installed\"")
+        })
+        .unwrap_or(0.0);
+        (n >= f64::from(SHARDS)).then_some(n)
+    })
+    .await;
+    let sent_copies = copies(&cluster, "sent").await;
+    eprintln!("node 1 installed {installed} shard copies; node 0 sent {sent_copies}");
+    assert!(sent_copies >= installed);
+    // Both nodes serve exactly the reference rows: node 1 its shards from
+    // the copies and the logs after them.
+    for m in cluster.members() {
+        let addr = m.addr();
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let rows = snapshot_rows(&addr).await;
+            if rows == everything {
+                break;
+            }
+            if Instant::now() >= deadline {
+                cluster.dump_logs();
+                panic!(
+                    "ndc-{} serves {} rows, expected {}",
+                    m.id,
+                    rows.len(),
+                    everything.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // Node 1's own state (not its fan-in): every shard's change stream at
+    // the same sequence as node 0's.
+    let (addr0, addr1) = (cluster.members()[0].addr(), cluster.members()[1].addr());
+    assert_eq!(
+        committed_seqs(&addr1, "citizens").await,
+        committed_seqs(&addr0, "citizens").await
+    );
+    let text = metrics_text(http).await;
+    assert_eq!(
+        metric_value(&text, |l| l.starts_with("ndc_cluster_logs_read")),
+        Some(f64::from(SHARDS)),
+        "node 1 applies every shard's log itself"
+    );
+}
+
+/// Shard copies counted by the running nodes on `side` (sent, installed).
+async fn copies(cluster: &Cluster, side: &str) -> f64 {
+    let mut sum = 0.0;
+    for m in cluster.members().iter().filter(|m| m.running()) {
+        let text = metrics_text(m.node.http()).await;
+        sum += metric_value(&text, |l| {
+            l.starts_with("ndc_cluster_shard_copies_total")
+                && l.contains(&format!("side=\"{side}\""))
+        })
+        .unwrap_or(0.0);
+    }
+    sum
 }
 
 // ---------------------------------------------------------------------------

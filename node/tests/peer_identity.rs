@@ -60,6 +60,8 @@ async fn a_peer_speaks_only_for_the_node_its_certificate_names() {
     config.cluster = Some(ClusterSection {
         bootstrap: vec![format!("0={peer_addr}")],
         changes_replication: 1,
+        // tansu's memory storage has no DeleteRecords.
+        log_trim_interval: std::time::Duration::ZERO,
         ..ClusterSection::default()
     });
     let node = ndc_node::node::start_with(config, ports.listeners().unwrap())
@@ -85,6 +87,7 @@ async fn a_peer_speaks_only_for_the_node_its_certificate_names() {
         held: Vec::new(),
         draining: false,
         zone: String::new(),
+        log_positions: Vec::new(),
     };
 
     // Node 1's certificate speaks for node 1 (not a member: not accepted,

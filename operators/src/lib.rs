@@ -27,6 +27,6 @@ pub use debezium::{
 };
 pub use replica::{Outcome, Position};
 pub use store::{
-    CommitInfo, Pending, PreparedWrite, Replayed, RowOverlay, SnapshotRow, Store, StoreConfig,
-    StoreError, StoreReader, Txn, ViewId, state_db_options,
+    CommitInfo, Pending, PreparedWrite, Replayed, RowOverlay, SnapshotRow, StateEntry, StateFamily,
+    Store, StoreConfig, StoreError, StoreReader, Txn, ViewId, state_db_options,
 };

@@ -301,6 +301,25 @@ fn prefix_end(view: ViewId) -> Vec<u8> {
     (view.0 + 1).to_be_bytes().to_vec()
 }
 
+/// Every key of `view` in a column family at `snapshot`, in order, without
+/// filling the block cache (a whole-view read), across prefixes (the
+/// prefix bloom filters must not apply).
+fn view_scan<'a>(
+    snapshot: &'a rocksdb::SnapshotWithThreadMode<'a, DB>,
+    family: &rocksdb::ColumnFamily,
+    view: ViewId,
+) -> rocksdb::DBIteratorWithThreadMode<'a, DB> {
+    let mut opts = ReadOptions::default();
+    opts.set_iterate_upper_bound(prefix_end(view));
+    opts.fill_cache(false);
+    opts.set_total_order_seek(true);
+    snapshot.iterator_cf_opt(
+        family,
+        opts,
+        IteratorMode::From(&view.prefix(), Direction::Forward),
+    )
+}
+
 /// The smallest key greater than every key starting with `prefix` (`None`
 /// when the prefix is all 0xff).
 fn prefix_upper_bound(prefix: &[u8]) -> Option<Vec<u8>> {
@@ -519,17 +538,7 @@ impl StoreReader {
                 }
             }
             None => {
-                let mut opts = ReadOptions::default();
-                opts.set_iterate_upper_bound(prefix_end(view));
-                opts.fill_cache(false);
-                // Across prefixes: the prefix bloom filters must not apply.
-                opts.set_total_order_seek(true);
-                let start = view.prefix();
-                let iter = snapshot.iterator_cf_opt(
-                    rows_cf,
-                    opts,
-                    IteratorMode::From(&start, Direction::Forward),
-                );
+                let iter = view_scan(&snapshot, rows_cf, view);
                 for item in iter {
                     let (k, v) = item?;
                     if !push(&k, &v, &mut batch)? {
@@ -542,6 +551,65 @@ impl StoreReader {
             sink(batch);
         }
         Ok(meta.last_seq)
+    }
+
+    /// Views' whole state at one consistent point (one snapshot for all),
+    /// for another node to take as its own ([`Store::install_view`]): each
+    /// view's metadata, cursor, stream offsets, change stream and rows,
+    /// keys without this store's view id. Handed to `sink` with the view's
+    /// name, in order, `batch_size` entries at a time; `sink` returns false
+    /// to stop early. Blocking: run it on a blocking thread.
+    pub fn export_views(
+        &self,
+        names: &[String],
+        batch_size: usize,
+        mut sink: impl FnMut(&str, Vec<StateEntry>) -> bool,
+    ) -> Result<(), StoreError> {
+        let snapshot = self.db.snapshot();
+        let meta_cf = cf(&self.db, CF_META);
+        for name in names {
+            let view = self
+                .view_id(name)
+                .ok_or_else(|| StoreError::UnknownView(name.clone()))?;
+            let meta_bytes = snapshot
+                .get_cf(meta_cf, view_meta_key(name))?
+                .ok_or_else(|| StoreError::UnknownView(name.clone()))?;
+            let mut batch = Vec::with_capacity(batch_size.min(4096));
+            batch.push(StateEntry {
+                family: StateFamily::Meta,
+                key: Vec::new(),
+                value: meta_bytes.to_vec(),
+            });
+            if let Some(cursor) = snapshot.get_cf(meta_cf, cursor_key(name))? {
+                batch.push(StateEntry {
+                    family: StateFamily::Cursor,
+                    key: Vec::new(),
+                    value: cursor.to_vec(),
+                });
+            }
+            for family in [
+                StateFamily::Offsets,
+                StateFamily::Changelog,
+                StateFamily::Rows,
+            ] {
+                let iter = view_scan(&snapshot, cf(&self.db, family.column_family()), view);
+                for item in iter {
+                    let (k, v) = item?;
+                    batch.push(StateEntry {
+                        family,
+                        key: k.get(4..).unwrap_or_default().to_vec(),
+                        value: v.to_vec(),
+                    });
+                    if batch.len() >= batch_size && !sink(name, std::mem::take(&mut batch)) {
+                        return Ok(());
+                    }
+                }
+            }
+            if !batch.is_empty() && !sink(name, batch) {
+                return Ok(());
+            }
+        }
+        Ok(())
     }
 
     /// Approximate bytes on disk (SST files) and in memtables, for metrics.
@@ -565,6 +633,60 @@ impl StoreReader {
         }
         (sst, mem)
     }
+}
+
+/// Where an entry of a copied view's state goes (see
+/// [`StoreReader::export_view`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateFamily {
+    Rows,
+    Changelog,
+    Offsets,
+    /// The view's [`ViewMeta`] (key empty).
+    Meta,
+    /// The view's cursor (key empty).
+    Cursor,
+}
+
+impl StateFamily {
+    fn column_family(self) -> &'static str {
+        match self {
+            StateFamily::Rows => CF_ROWS,
+            StateFamily::Changelog => CF_CHANGELOG,
+            StateFamily::Offsets => CF_OFFSETS,
+            StateFamily::Meta | StateFamily::Cursor => CF_META,
+        }
+    }
+
+    /// Wire number of the family (the state-copy RPC).
+    pub fn number(self) -> u32 {
+        match self {
+            StateFamily::Rows => 1,
+            StateFamily::Changelog => 2,
+            StateFamily::Offsets => 3,
+            StateFamily::Meta => 4,
+            StateFamily::Cursor => 5,
+        }
+    }
+
+    pub fn from_number(n: u32) -> Option<StateFamily> {
+        Some(match n {
+            1 => StateFamily::Rows,
+            2 => StateFamily::Changelog,
+            3 => StateFamily::Offsets,
+            4 => StateFamily::Meta,
+            5 => StateFamily::Cursor,
+            _ => return None,
+        })
+    }
+}
+
+/// One key of a view's state, without the view's id: ids are per store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateEntry {
+    pub family: StateFamily,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
 }
 
 /// The most a new batch reserves up front, whatever the last one took.
@@ -806,6 +928,67 @@ impl Store {
         self.names.remove(&id);
         self.metas.remove(&id);
         self.offsets.retain(|(v, _), _| *v != id);
+        Ok(())
+    }
+
+    /// Replaces a view's whole state with a copy another store exported
+    /// ([`StoreReader::export_view`]), in one synced write: rows, change
+    /// stream, offsets, metadata (its sequence numbers and incarnation) and
+    /// cursor become the copy's, nothing of the old state is left. The view
+    /// must be written by this handle. Used by a holder that can no longer
+    /// catch up from a change log (trimmed past its position).
+    pub fn install_view(&mut self, name: &str, entries: Vec<StateEntry>) -> Result<(), StoreError> {
+        let id = self
+            .reader
+            .view_id(name)
+            .filter(|id| self.names.contains_key(id))
+            .ok_or_else(|| StoreError::UnknownView(name.into()))?;
+        let db = self.reader.db.clone();
+        let mut batch = WriteBatch::default();
+        for family in [CF_ROWS, CF_CHANGELOG, CF_OFFSETS] {
+            batch.delete_range_cf(cf(&db, family), id.prefix().to_vec(), prefix_end(id));
+        }
+        batch.delete_cf(cf(&db, CF_META), cursor_key(name));
+        let mut meta = None;
+        let mut offsets = Vec::new();
+        for e in entries {
+            match e.family {
+                StateFamily::Meta => {
+                    let mut m: ViewMeta =
+                        decode(&e.value, || format!("copied meta of view {name}"))?;
+                    // Ids are this store's own.
+                    m.id = id.0;
+                    meta = Some(m);
+                }
+                StateFamily::Cursor => batch.put_cf(cf(&db, CF_META), cursor_key(name), &e.value),
+                family => {
+                    if family == StateFamily::Offsets {
+                        let stream: Arc<str> = String::from_utf8_lossy(&e.key).into();
+                        let value = <[u8; 8]>::try_from(e.value.as_slice()).map_err(|_| {
+                            StoreError::CorruptRow(format!("copied offset of {stream} in {name}"))
+                        })?;
+                        offsets.push((stream, u64::from_be_bytes(value)));
+                    }
+                    batch.put_cf(
+                        cf(&db, family.column_family()),
+                        row_key(id, &e.key),
+                        &e.value,
+                    );
+                }
+            }
+        }
+        let meta = meta.ok_or_else(|| {
+            StoreError::CorruptRow(format!("the copy of view {name} has no metadata"))
+        })?;
+        batch.put_cf(cf(&db, CF_META), view_meta_key(name), meta.encode_to_vec());
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        db.write_opt(batch, &opts)?;
+        self.metas.insert(id, meta);
+        self.offsets.retain(|(v, _), _| *v != id);
+        for (stream, offset) in offsets {
+            self.offsets.insert((id, stream), offset);
+        }
         Ok(())
     }
 

@@ -13,6 +13,7 @@
 //! holders), and an owner-to-be has its shard's state already.
 
 pub mod state_transfer;
+pub mod trim;
 
 use crate::client::ClientTls;
 use crate::config::{ClusterSection, KafkaSection, NodeConfig, parse_peer};
@@ -42,6 +43,10 @@ pub struct LogInput {
     pub stream: Arc<str>,
     pub offset: u64,
     pub record: LogRecord,
+    /// A copy of the shard's whole state that replaces this node's (the log
+    /// was trimmed past it; see [`trim`]); `offset` is then the next log
+    /// offset the copy has applied, and `record` is empty.
+    pub copy: Option<Vec<(String, Vec<ndc_operators::StateEntry>)>>,
 }
 
 /// The cluster's change logs, shared by the state writer (which writes
@@ -210,12 +215,18 @@ pub async fn create_log_topics(
 /// hands their records to the state writer. Follows placement: a shard
 /// gained is read from where this node left it (its stored offset; the
 /// log's start if it never held it), a shard lost is no longer read.
+///
+/// With `copies` (the logs may be trimmed), a log whose records this node
+/// needs are gone (a gap that persists) is not applied across the gap: the
+/// shard's state is copied from another holder, installed by the writer,
+/// and the log read on from the copy's position.
 pub async fn run_log_source(
     kafka: KafkaSection,
     log: Arc<ClusterLog>,
     coordinator: Coordinator,
     start: BTreeMap<ViewId, Option<u64>>,
     tx: crate::views::Inputs<LogInput>,
+    copies: Option<ClientTls>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let consumer: StreamConsumer = crate::kafka::consumer_config(
@@ -249,6 +260,10 @@ pub async fn run_log_source(
     };
     let mut placement = coordinator.watch();
     let mut reading: Option<BTreeSet<String>> = None;
+    // Logs whose shard is being copied from a holder (their records are
+    // not applied meanwhile), and the copies as they arrive.
+    let mut copying: BTreeSet<String> = BTreeSet::new();
+    let (copied_tx, mut copied_rx) = tokio::sync::mpsc::channel::<(String, trim::ShardCopy)>(4);
     let mut quiet_errors = false;
     // Placement is looked at when it changes, not for every record.
     let mut placement_changed = true;
@@ -286,10 +301,35 @@ pub async fn run_log_source(
                 placement_changed = true;
                 continue;
             }
+            Some((topic, copy)) = copied_rx.recv() => {
+                copying.remove(&topic);
+                let Some((view, stream)) = views.get(&topic).cloned() else { continue };
+                if !reading.as_ref().is_some_and(|r| r.contains(&topic)) {
+                    info!(%topic, "a shard copy arrived after placement took the shard away; dropped");
+                    continue;
+                }
+                info!(%topic, from = copy.from, next_offset = copy.next_offset, views = copy.views.len(),
+                      "shard state copied from a holder; reading its log on from the copy");
+                let offset = copy.next_offset;
+                let input = LogInput { view, stream, offset, record: LogRecord::default(), copy: Some(copy.views) };
+                let sent = tokio::select! {
+                    r = tx.send(input) => r.is_ok(),
+                    _ = shutdown.cancelled() => false,
+                };
+                if !sent {
+                    break;
+                }
+                expected.insert(topic, crate::kafka::Gapless::new(offset, false));
+                // Read every held log again from where it stands: this one
+                // from the copy's position.
+                reading = None;
+                placement_changed = true;
+                continue;
+            }
             m = consumer.recv() => match m {
                 Ok(m) => {
                     quiet_errors = false;
-                    if !reading.as_ref().is_some_and(|r| r.contains(m.topic())) {
+                    if !reading.as_ref().is_some_and(|r| r.contains(m.topic())) || copying.contains(m.topic()) {
                         continue;
                     }
                     let Some((view, stream)) = views.get(m.topic()).cloned() else { continue };
@@ -307,6 +347,19 @@ pub async fn run_log_source(
                                 if let Err(e) = consumer.seek(m.topic(), 0, crate::kafka::resume_offset(&kafka, next), Duration::from_secs(5)) {
                                     warn!(error = %e, "cannot seek the change log; will retry");
                                 }
+                                continue;
+                            }
+                            crate::kafka::Step::Take { missing: Some(needed) } if copies.is_some() => {
+                                // Trimmed past this node: copy the shard.
+                                let (Some(tls), Some(shard)) = (copies.clone(), log.names.get(&view).cloned()) else { continue };
+                                metrics::counter!(metric::LOG_GAPS).increment(1);
+                                warn!(topic = m.topic(), needed, first = offset,
+                                      "change log starts after what this node has applied (trimmed): copying the shard's state from a holder");
+                                copying.insert(m.topic().to_string());
+                                tokio::spawn(copy_until_done(
+                                    coordinator.clone(), tls, shard, m.topic().to_string(),
+                                    stream.to_string(), offset, copied_tx.clone(), shutdown.clone(),
+                                ));
                                 continue;
                             }
                             crate::kafka::Step::Take { missing } => {
@@ -332,7 +385,7 @@ pub async fn run_log_source(
                     };
                     // Backpressure, but not past a shutdown.
                     let sent = tokio::select! {
-                        r = tx.send(LogInput { view, stream, offset, record }) => r.is_ok(),
+                        r = tx.send(LogInput { view, stream, offset, record, copy: None }) => r.is_ok(),
                         _ = shutdown.cancelled() => false,
                     };
                     if !sent {
@@ -351,6 +404,38 @@ pub async fn run_log_source(
     }
     info!("change-log source stopped");
     Ok(())
+}
+
+/// Copies `shard` from a holder whose copy reaches `at_least` (retrying
+/// each second: holders may be catching up themselves), then hands it to
+/// the log source.
+#[allow(clippy::too_many_arguments)]
+async fn copy_until_done(
+    coordinator: Coordinator,
+    tls: ClientTls,
+    shard: String,
+    topic: String,
+    stream: String,
+    at_least: u64,
+    done: tokio::sync::mpsc::Sender<(String, trim::ShardCopy)>,
+    shutdown: CancellationToken,
+) {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(copy) = trim::copy_shard(&coordinator, &tls, &shard, &stream, at_least).await {
+            metrics::counter!(metric::SHARD_COPIES, "side" => "received", "outcome" => "copied")
+                .increment(1);
+            info!(%shard, seconds = started.elapsed().as_secs_f64(), "shard state received");
+            let _ = done.send((topic, copy)).await;
+            return;
+        }
+        metrics::counter!(metric::SHARD_COPIES, "side" => "received", "outcome" => "none")
+            .increment(1);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
 }
 
 /// Partition id of a Kafka source partition of a view.
@@ -603,7 +688,8 @@ pub mod admin {
                 "draining": m.draining, "last_heartbeat_ms_ago": m.last_heartbeat_ms_ago,
             })).collect::<Vec<_>>(),
             "shards": s.shards.iter().map(|p| json!({
-                "shard": p.shard, "holders": p.holders,
+                "shard": p.shard, "holders": p.holders, "log_start": p.log_start,
+                "applied": p.applied.iter().map(|a| json!({"node": a.node, "next_offset": a.next_offset})).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
             "partitions": s.partitions.iter().map(|p| json!({
                 "partition": p.partition, "owner": p.owner, "epoch": p.epoch, "running": p.running,
@@ -647,10 +733,29 @@ pub mod admin {
             );
         }
         if !s.shards.is_empty() {
-            let _ = writeln!(out, "\n{:<48} HOLDERS (owner first)", "SHARD");
+            let _ = writeln!(
+                out,
+                "\n{:<40} {:<10} {:<16} LOG APPLIED (per holder)",
+                "SHARD", "LOG START", "HOLDERS"
+            );
             for p in &s.shards {
                 let holders: Vec<String> = p.holders.iter().map(u64::to_string).collect();
-                let _ = writeln!(out, "{:<48} {}", p.shard, holders.join(" "));
+                let applied: Vec<String> = p
+                    .holders
+                    .iter()
+                    .map(|n| {
+                        let at = p.applied.iter().find(|a| a.node == *n);
+                        opt(at.map(|a| a.next_offset))
+                    })
+                    .collect();
+                let _ = writeln!(
+                    out,
+                    "{:<40} {:<10} {:<16} {}",
+                    p.shard,
+                    opt(p.log_start),
+                    holders.join(" "),
+                    applied.join(" ")
+                );
             }
         }
         let _ = writeln!(
@@ -720,19 +825,30 @@ mod tests {
             shards: vec![ndc_proto::cluster::ShardPlacement {
                 shard: "citizens#3".into(),
                 holders: vec![2, 0],
+                applied: vec![ndc_proto::cluster::HolderPosition {
+                    node: 0,
+                    next_offset: 1200,
+                }],
+                log_start: Some(1100),
             }],
             ..Default::default()
         };
         let text = admin::status_text(&status);
-        assert!(text.contains("HOLDERS (owner first)"), "{text}");
+        assert!(text.contains("HOLDERS"), "{text}");
+        // Holders owner first, where the log starts, how far each applied.
         assert!(
-            text.lines()
-                .any(|l| l.starts_with("citizens#3") && l.trim_end().ends_with("2 0")),
+            text.lines().any(|l| l.starts_with("citizens#3")
+                && l.split_whitespace().collect::<Vec<_>>()[1..]
+                    == ["1100", "2", "0", "-", "1200"]),
             "{text}"
         );
         assert_eq!(
             admin::status_json(&status)["shards"][0]["holders"],
             serde_json::json!([2, 0])
+        );
+        assert_eq!(
+            admin::status_json(&status)["shards"][0]["applied"][0]["next_offset"],
+            1200
         );
         status.shards.clear();
         assert!(!admin::status_text(&status).contains("HOLDERS"));

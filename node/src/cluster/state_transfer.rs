@@ -21,7 +21,8 @@ use ndc_operators::StoreReader;
 use ndc_proto::cluster::state_client::StateClient;
 use ndc_proto::cluster::state_server::State;
 use ndc_proto::cluster::{
-    CheckpointChunk, CheckpointRequest, DescribeStateRequest, StateDescription,
+    CheckpointChunk, CheckpointRequest, CopyShardRequest, DescribeStateRequest, ShardStateChunk,
+    StateDescription,
 };
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -38,12 +39,18 @@ const CHUNK_BYTES: usize = 1 << 20;
 pub struct StateService {
     reader: StoreReader,
     coordinator: Coordinator,
+    views: crate::views::ViewRegistry,
     /// Where checkpoints are made (removed once sent).
     dir: PathBuf,
 }
 
 impl StateService {
-    pub fn new(reader: StoreReader, coordinator: Coordinator, data_dir: &Path) -> Self {
+    pub fn new(
+        reader: StoreReader,
+        coordinator: Coordinator,
+        views: crate::views::ViewRegistry,
+        data_dir: &Path,
+    ) -> Self {
         let dir = data_dir.join("checkpoints");
         // Checkpoints an earlier process was sending when it stopped.
         if dir.exists()
@@ -54,6 +61,7 @@ impl StateService {
         StateService {
             reader,
             coordinator,
+            views,
             dir,
         }
     }
@@ -179,6 +187,18 @@ impl State for StateService {
             }
             drop(made);
         });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type CopyShardStream = ReceiverStream<Result<ShardStateChunk, Status>>;
+
+    async fn copy_shard(
+        &self,
+        request: Request<CopyShardRequest>,
+    ) -> Result<Response<Self::CopyShardStream>, Status> {
+        let shard = request.into_inner().shard;
+        let rx =
+            crate::cluster::trim::serve_copy(&self.reader, &self.coordinator, &self.views, &shard)?;
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -359,6 +379,15 @@ mod tests {
                 tx.send(item.clone()).await.unwrap();
             }
             Ok(Response::new(ReceiverStream::new(rx)))
+        }
+
+        type CopyShardStream = ReceiverStream<Result<ShardStateChunk, Status>>;
+
+        async fn copy_shard(
+            &self,
+            _: Request<CopyShardRequest>,
+        ) -> Result<Response<Self::CopyShardStream>, Status> {
+            Err(Status::unimplemented("not in this test"))
         }
     }
 

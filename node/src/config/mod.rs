@@ -228,6 +228,18 @@ pub struct ClusterSection {
     /// This node's failure zone (a Kubernetes zone, a rack): a shard's
     /// standbys go to other zones than its owner's where there are any.
     pub zone: Option<String>,
+    /// How often the leader trims the change logs behind the lowest
+    /// position each shard's holders have applied (Kafka DeleteRecords), so
+    /// that they stop growing forever; a holder left behind a trimmed log
+    /// copies its shard from another. 0: never trim (a broker without
+    /// DeleteRecords, such as tansu's memory storage).
+    #[serde(with = "humantime_serde")]
+    pub log_trim_interval: Duration,
+    /// Records each change log keeps behind its slowest holder when
+    /// trimmed (at least 1): a holder briefly behind goes on from the log
+    /// instead of copying the shard, and a broker that deletes whole record
+    /// batches (tansu) keeps the batch the slowest holder is in.
+    pub log_trim_slack: u64,
 }
 
 impl Default for ClusterSection {
@@ -249,6 +261,8 @@ impl Default for ClusterSection {
             state_from_peers_timeout: Duration::from_secs(2),
             replication_factor: 0,
             zone: None,
+            log_trim_interval: Duration::from_secs(60),
+            log_trim_slack: 1000,
         }
     }
 }

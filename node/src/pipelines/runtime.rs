@@ -595,6 +595,37 @@ impl Runtime {
         // A few batches of the largest records (512 KiB) per writer: a node
         // replaying a log holds tens of megabytes here, not a gigabyte.
         let (log_tx, log_rxs) = crate::views::Inputs::new(pool.by_view.clone(), pool.writers, 128);
+        // Logs may be trimmed: a holder left behind copies its shard.
+        let trimming = !section.log_trim_interval.is_zero();
+        let copies = trimming.then(|| crate::cluster::peer_client_tls(&self.config));
+        let mut tasks = Vec::new();
+        if trimming {
+            let trimmer = crate::cluster::trim::run_log_trimmer(
+                kafka.clone(),
+                log.clone(),
+                side.coordinator.clone(),
+                section.log_trim_interval,
+                section.log_trim_slack,
+                shutdown.clone(),
+            );
+            tasks.push(tokio::spawn(
+                async move {
+                    if let Err(e) = trimmer.await {
+                        error!(error = %e, "change-log trimming failed");
+                    }
+                }
+                .instrument(info_span!("log_trimmer")),
+            ));
+        }
+        tasks.push(tokio::spawn(
+            crate::cluster::trim::report_log_positions(
+                log.clone(),
+                side.coordinator.clone(),
+                section.heartbeat_interval,
+                shutdown.clone(),
+            )
+            .instrument(info_span!("log_positions")),
+        ));
         let task = tokio::spawn(
             {
                 let kafka = kafka.clone();
@@ -608,6 +639,7 @@ impl Runtime {
                         coordinator,
                         start,
                         log_tx,
+                        copies,
                         shutdown,
                     )
                     .await
@@ -636,7 +668,8 @@ impl Runtime {
                 pending: Default::default(),
             })
             .collect();
-        Ok((writers, vec![task]))
+        tasks.push(task);
+        Ok((writers, tasks))
     }
 
     /// Cluster mode: whether this node runs exactly the replicated specs.

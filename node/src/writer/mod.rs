@@ -632,7 +632,86 @@ impl Writer {
 
     /// Cluster mode, every node: applies change-log records and commits them
     /// with the log position, then publishes like a local commit.
+    /// Applies a batch of change-log records; a shard copy among them
+    /// (see [`crate::cluster::trim`]) is installed in its place in the
+    /// order: what came before it is committed first, what comes after
+    /// applies on top of it.
     async fn process_log(mut self, batch: Vec<LogInput>) -> Self {
+        if batch.iter().all(|i| i.copy.is_none()) {
+            return self.process_log_records(batch).await;
+        }
+        let mut run = Vec::new();
+        for mut input in batch {
+            match input.copy.take() {
+                None => run.push(input),
+                Some(entries) => {
+                    if !run.is_empty() {
+                        self = self.process_log_records(std::mem::take(&mut run)).await;
+                    }
+                    if self.failed {
+                        return self;
+                    }
+                    self.install_copy(input.view, input.offset, entries);
+                }
+            }
+        }
+        if !run.is_empty() && !self.failed {
+            self = self.process_log_records(run).await;
+        }
+        self
+    }
+
+    /// Replaces a shard's state — the views its log writes, the shard's
+    /// own last (it holds the log position: a crash half-way leaves the
+    /// shard behind the log's start, and it is copied again) — with a
+    /// holder's copy whose log position is `next_offset`, and tells
+    /// subscribers and the fence waiters.
+    fn install_copy(
+        &mut self,
+        view: ViewId,
+        next_offset: u64,
+        copy: Vec<(String, Vec<ndc_operators::StateEntry>)>,
+    ) {
+        let started = Instant::now();
+        let mut heads = Vec::new();
+        for (name, entries) in copy {
+            // A view this node does not run (other pipeline versions) is
+            // skipped, as its effects in log records are.
+            let Some(id) = self
+                .store
+                .view_id(&name)
+                .filter(|id| self.store.held_views().contains(id))
+            else {
+                warn!(view = %name, "a shard copy names a view this writer does not hold; skipped (run the same pipeline versions on every node)");
+                continue;
+            };
+            if let Err(e) = self.store.install_view(&name, entries) {
+                self.fail(format!("cannot install the copy of {name}: {e}"));
+                return;
+            }
+            heads.push((id, self.store.meta(id).map_or(0, |m| m.last_seq)));
+        }
+        metrics::counter!(metric::SHARD_COPIES, "side" => "installed").increment(1);
+        info!(shard = %self.store.view_name(view), views = heads.len(), next_offset,
+              seconds = started.elapsed().as_secs_f64(), "shard state replaced by a holder's copy");
+        let info = ndc_operators::CommitInfo {
+            last_seqs: heads,
+            changes: 0,
+        };
+        let views: Vec<ViewId> = self.commits.keys().copied().collect();
+        self.publisher()
+            .publish(&publication(&self.store, &info, &views, Vec::new()));
+        if let Some(c) = self.cluster.as_mut() {
+            if let Some(last) = next_offset.checked_sub(1) {
+                c.pending.applied_through(view, last);
+            }
+            if let Some(tx) = c.applied.get(&view) {
+                tx.send_replace(next_offset);
+            }
+        }
+    }
+
+    async fn process_log_records(mut self, batch: Vec<LogInput>) -> Self {
         let now = now_ms();
         let keep = self.has_followers();
         let outcome = catch_panic("state writer", || {
@@ -1014,6 +1093,7 @@ mod tests {
                 partition: "p".repeat(bytes),
                 ..LogRecord::default()
             },
+            copy: None,
         };
         let (tx, mut rx) = mpsc::channel(1000);
         for _ in 0..200 {

@@ -1,6 +1,8 @@
 //! A real Kafka-protocol broker for tests: tansu with in-memory storage, on
 //! a loopback port chosen at run time; behind stunnel when it must speak
-//! TLS. librdkafka's mock cluster only where the load test compares with it.
+//! TLS; on tansu's SlateDB storage (in memory too) when records must be
+//! deleted (DeleteRecords, which the default storage does not implement).
+//! librdkafka's mock cluster only where the load test compares with it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -36,7 +38,7 @@ pub fn tansu_binary() -> anyhow::Result<PathBuf> {
         return Ok(PathBuf::from(p));
     }
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
-    let cached = PathBuf::from(home).join(".cache/ndc/tansu-0.6.0/bin/tansu");
+    let cached = PathBuf::from(home).join(".cache/ndc/tansu-0.6.0-slatedb/bin/tansu");
     if cached.exists() {
         return Ok(cached);
     }
@@ -54,13 +56,33 @@ fn probe_port() -> anyhow::Result<u16> {
         .port())
 }
 
-/// tansu with in-memory storage listening on `listen` and advertising
-/// `advertise` (URLs `tcp://host:port`).
-fn spawn_tansu(bin: &Path, listen: &str, advertise: &str) -> anyhow::Result<Child> {
+/// Where a tansu broker keeps its records (both in memory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Storage {
+    /// tansu's default storage, `memory://`: no DeleteRecords.
+    Memory,
+    /// SlateDB over an in-memory object store, `slatedb://memory`:
+    /// DeleteRecords moves a partition's start (needs tansu built with
+    /// `tansu-broker/slatedb`, as `./dev.sh setup` does).
+    Slate,
+}
+
+/// tansu listening on `listen` and advertising `advertise` (URLs
+/// `tcp://host:port`).
+fn spawn_tansu(
+    bin: &Path,
+    listen: &str,
+    advertise: &str,
+    storage: Storage,
+) -> anyhow::Result<Child> {
+    let engine = match storage {
+        Storage::Memory => "memory://tansu/",
+        Storage::Slate => "slatedb://memory/",
+    };
     Command::new(bin)
         .args(["broker", "--listener-url", listen])
         .args(["--advertised-listener-url", advertise])
-        .args(["--storage-engine", "memory://tansu/"])
+        .args(["--storage-engine", engine])
         .env("RUST_LOG", "error")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -78,12 +100,24 @@ impl Broker {
     /// probe and tansu's bind shows as a broker that never answers, and the
     /// start is tried again on another port.
     pub fn try_start() -> anyhow::Result<Broker> {
+        Broker::try_start_on(Storage::Memory)
+    }
+
+    /// A tansu broker whose partitions can be trimmed (Kafka DeleteRecords:
+    /// the change logs' trimming); panics when it cannot start.
+    pub fn start_trimmable() -> Broker {
+        Broker::try_start_on(Storage::Slate).expect(
+            "start the test broker on SlateDB storage (tansu built with tansu-broker/slatedb: ./dev.sh setup)",
+        )
+    }
+
+    fn try_start_on(storage: Storage) -> anyhow::Result<Broker> {
         let bin = tansu_binary()?;
         Broker::until_ready("tansu", || {
             let port = probe_port()?;
             let url = format!("tcp://127.0.0.1:{port}");
             Ok(Broker {
-                child: Some(spawn_tansu(&bin, &url, &url)?),
+                child: Some(spawn_tansu(&bin, &url, &url, storage)?),
                 tls: None,
                 mock: None,
                 bootstrap: format!("127.0.0.1:{port}"),
@@ -135,6 +169,7 @@ impl Broker {
                 &bin,
                 &format!("tcp://127.0.0.1:{plain}"),
                 &format!("tcp://127.0.0.1:{tls}"),
+                Storage::Memory,
             )?;
             let conf = dir.join("stunnel.conf");
             std::fs::write(
