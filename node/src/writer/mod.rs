@@ -1235,6 +1235,117 @@ mod tests {
         assert_eq!(changes.len() as u64, per_view);
     }
 
+    /// A shard copy in a log batch replaces, in the batch's order, every
+    /// view it carries (those the shard's log writes, then the shard), and
+    /// their heads go to subscribers; a view this node does not run is
+    /// skipped without stopping the writer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shard_copy_replaces_each_view_it_carries_and_publishes_their_heads() {
+        let (holder_dir, dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let names = ["contributions".to_string(), "golden".to_string()];
+        let open = |dir: &std::path::Path, names: &[String]| {
+            let mut config = ndc_operators::StoreConfig::new(dir.join("state"));
+            config.sync_commits = false;
+            Store::open(&config, names).unwrap()
+        };
+        // What the holder has: rows in both views.
+        let holder = open(holder_dir.path(), &names);
+        let (hc, hg) = (
+            holder.view_id("contributions").unwrap(),
+            holder.view_id("golden").unwrap(),
+        );
+        let (tx, rx) = mpsc::channel(64);
+        let fatal = Fatal::new(tokio_util::sync::CancellationToken::new());
+        let hviews = crate::views::ViewRegistry::default();
+        let w = writer_over(
+            0,
+            holder,
+            rx,
+            holder_dir.path(),
+            &hviews,
+            &fatal,
+            Default::default(),
+        );
+        let running = w.spawn(tracing::info_span!("holder"));
+        for n in 0..5 {
+            tx.send(insert(hc, n, n)).await.unwrap();
+            tx.send(insert(hg, n, 100 + n)).await.unwrap();
+        }
+        drop(tx);
+        let holder = running.await.unwrap().store;
+        let mut copy: Vec<(String, Vec<ndc_operators::StateEntry>)> = Vec::new();
+        let exported = ["golden".to_string(), "contributions".to_string()];
+        holder
+            .reader()
+            .export_views(&exported, 2, |name, batch| {
+                match copy.last_mut() {
+                    Some((n, entries)) if n == name => entries.extend(batch),
+                    _ => copy.push((name.to_string(), batch)),
+                }
+                true
+            })
+            .unwrap();
+        copy.insert(0, ("not-run-here".to_string(), Vec::new()));
+
+        // This node: an older state of its own, a subscriber's view of the
+        // heads, and the copy arriving in a log batch.
+        let mine = [names[0].clone(), names[1].clone(), "other".to_string()];
+        let store = open(dir.path(), &mine);
+        let (c, g) = (
+            store.view_id("contributions").unwrap(),
+            store.view_id("golden").unwrap(),
+        );
+        let views = crate::views::ViewRegistry::default();
+        views.insert(
+            "contributions",
+            c,
+            0,
+            vec!["id".into()],
+            Default::default(),
+            None,
+        );
+        views.insert("golden", g, 0, vec!["id".into()], Default::default(), None);
+        let heads = views.publishers();
+        let golden_head = heads[&g].subscribe();
+        let (_tx, rx) = mpsc::channel(1);
+        let mut w = writer_over(0, store, rx, dir.path(), &views, &fatal, Default::default());
+        // Rows the holder does not have: gone once the copy is installed.
+        w = w.process(vec![insert(g, 0, 900), insert(c, 0, 901)]).await;
+        w.finish_inflight().await;
+        let input = LogInput {
+            view: c,
+            stream: Arc::from("log:t:0"),
+            offset: 42,
+            record: LogRecord::default(),
+            copy: Some(copy),
+        };
+        let w = w.process_log(vec![input]).await;
+        assert!(!w.failed, "a view not run here is skipped, not fatal");
+        assert!(!fatal.raised());
+        let rows = |reader: &ndc_operators::StoreReader, view: &str| {
+            let mut out = Vec::new();
+            reader
+                .scan_snapshot(view, None, 100, |b| {
+                    out.extend(b.into_iter().map(|r| r.row_json));
+                    true
+                })
+                .unwrap();
+            out
+        };
+        let (theirs, ours) = (holder.reader(), w.store.reader());
+        for view in ["contributions", "golden"] {
+            assert_eq!(rows(&ours, view), rows(&theirs, view), "{view}");
+            assert_eq!(
+                ours.view_meta(view).unwrap().last_seq,
+                theirs.view_meta(view).unwrap().last_seq
+            );
+        }
+        assert_eq!(
+            golden_head.borrow().seq,
+            theirs.view_meta("golden").unwrap().last_seq
+        );
+    }
+
     fn insert(view: ViewId, offset: u64, id: u64) -> Input {
         let decoder = ndc_operators::Decoder::new(ndc_operators::DecoderConfig {
             key_columns: vec!["id".into()],
