@@ -57,7 +57,7 @@ setup_packages() {
 
 setup_broker() {
   if [ ! -x "$NDC_TANSU_BIN" ]; then
-    say "installing the test broker tansu $TANSU_VERSION into $TANSU_ROOT (about 7 minutes, once)"
+    say "installing the test broker tansu $TANSU_VERSION into $TANSU_ROOT (about 14 minutes on 2 cores, once)"
     mkdir -p "$NDC_CACHE"
     CARGO_TARGET_DIR="$NDC_CACHE/tansu-build" cargo install tansu --version "$TANSU_VERSION" \
       --locked --features dynostore,tansu-broker/slatedb --root "$TANSU_ROOT" --quiet

@@ -222,8 +222,9 @@ pub struct ClusterSection {
     /// take over when the owner is lost. A node applies only the logs of
     /// the shards it holds and fetches the others from their holders when
     /// a subscriber asks. 0: every node holds every shard (a node's work
-    /// done N times: availability, no capacity). Pipeline views are held
-    /// by every node whatever this says.
+    /// done N times: availability, no capacity). A pipeline's shards are
+    /// placed the same way (its derived views follow their contributions
+    /// shard).
     pub replication_factor: usize,
     /// This node's failure zone (a Kubernetes zone, a rack): a shard's
     /// standbys go to other zones than its owner's where there are any.
