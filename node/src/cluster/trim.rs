@@ -70,8 +70,9 @@ pub async fn report_log_positions(
             .collect();
         coordinator.set_log_positions(&positions);
     }
-    // A node that stops reading must not hold trimming back with stale
-    // positions it no longer keeps up.
+    // Stopped (the data path restarts, or the node stops): no positions
+    // until it reads again, so the leader leaves its shards' logs alone
+    // meanwhile — conservative, never wrong.
     coordinator.set_log_positions(&BTreeMap::new());
 }
 
