@@ -74,7 +74,7 @@ case "$cmd" in
     ;;
   quickstart)
     setup_packages
-    say "building ndc (release; the first build compiles RocksDB and librdkafka, about 15 minutes)"
+    say "building ndc (release; the first build compiles RocksDB and librdkafka, 15-27 minutes on 2 cores)"
     cargo build --release --locked -p ndc-node --bin ndc
     exec "${CARGO_TARGET_DIR:-target}/release/ndc" quickstart "$@"
     ;;
