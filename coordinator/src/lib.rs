@@ -607,6 +607,11 @@ impl Coordinator {
             .map_or(0, |t| t.iter().filter(|t| !t.is_finished()).count())
     }
 
+    /// Ids of the cluster's members, as this node has applied them.
+    pub fn members(&self) -> BTreeSet<NodeId> {
+        member_ids(&self.inner.applied.borrow())
+    }
+
     /// The peer address of a member.
     pub fn member_addr(&self, id: NodeId) -> Option<String> {
         self.leader_addr(id)

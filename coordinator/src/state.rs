@@ -285,6 +285,15 @@ impl ClusterState {
     pub fn holders_of(&self, shard: &str) -> Option<&[NodeId]> {
         self.holders.get(shard).map(Vec::as_slice)
     }
+
+    /// The nodes among `members` that hold `shard` (owner-to-be first): its
+    /// holders, or every member when it is not placed.
+    pub fn holders_among(&self, shard: &str, members: &BTreeSet<NodeId>) -> Vec<NodeId> {
+        match self.holders_of(shard) {
+            Some(h) if !h.is_empty() => h.iter().copied().filter(|n| members.contains(n)).collect(),
+            _ => members.iter().copied().collect(),
+        }
+    }
 }
 
 /// What the leader knows about one partition's owner beyond the replicated
@@ -310,11 +319,8 @@ pub fn log_trim_points(
 ) -> BTreeMap<ShardName, u64> {
     let mut out = BTreeMap::new();
     for shard in shards {
-        let holders: BTreeSet<NodeId> = match state.holders_of(shard) {
-            Some(h) if !h.is_empty() => h.iter().copied().filter(|n| members.contains(n)).collect(),
-            _ => members.clone(),
-        };
-        let lowest = holders
+        let lowest = state
+            .holders_among(shard, members)
             .iter()
             .map(|n| reported.get(n)?.get(shard).copied())
             .collect::<Option<Vec<u64>>>()

@@ -319,11 +319,16 @@ pub async fn run_log_source(
                 if !sent {
                     break;
                 }
+                // This log goes on from the copy's position (the others
+                // where they are); if the seek fails, every held log is
+                // assigned again from where it stands.
+                let from = crate::kafka::resume_offset(&kafka, offset);
+                if let Err(e) = consumer.seek(&topic, 0, from, Duration::from_secs(5)) {
+                    warn!(%topic, error = %e, "cannot seek the change log to the copy's position; assigning the logs again");
+                    reading = None;
+                    placement_changed = true;
+                }
                 expected.insert(topic, crate::kafka::Gapless::new(offset, false));
-                // Read every held log again from where it stands: this one
-                // from the copy's position.
-                reading = None;
-                placement_changed = true;
                 continue;
             }
             m = consumer.recv() => match m {

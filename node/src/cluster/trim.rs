@@ -260,18 +260,11 @@ pub async fn copy_shard(
     at_least: u64,
 ) -> Option<ShardCopy> {
     let me = coordinator.node_id();
-    let holders: Vec<u64> = {
-        let applied = coordinator.watch().borrow().clone();
-        match applied.cluster.holders_of(shard) {
-            Some(h) if !h.is_empty() => h.to_vec(),
-            _ => applied
-                .membership
-                .membership()
-                .nodes()
-                .map(|(id, _)| *id)
-                .collect(),
-        }
-    };
+    let holders = coordinator
+        .watch()
+        .borrow()
+        .cluster
+        .holders_among(shard, &coordinator.members());
     for peer in holders.into_iter().filter(|n| *n != me) {
         let Some(addr) = coordinator.member_addr(peer) else {
             continue;
