@@ -32,6 +32,7 @@ pub use state::{
 pub use store::Applied;
 
 use ndc_proto::cluster::{HeartbeatReply, HeartbeatRequest, HeldPartition, LogPosition};
+use openraft::async_runtime::WatchReceiver;
 use openraft::{ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -60,10 +61,9 @@ openraft::declare_raft_types!(
         R = state::CommandReply,
         NodeId = NodeId,
         Node = Member,
-        SnapshotData = std::io::Cursor<Vec<u8>>,
 );
 
-type Raft = openraft::Raft<TypeConfig>;
+type Raft = openraft::Raft<TypeConfig, store::StateMachine>;
 
 /// A lazily connected channel to another node's peer listener
 /// (`host:port`), for Raft RPCs, heartbeats and forwarded admin requests
@@ -133,6 +133,10 @@ pub struct CoordinatorConfig {
     pub replication_factor: usize,
     /// This node's zone, sent in heartbeats (standbys go to other zones).
     pub zone: Option<String>,
+    /// Raft log entries between snapshots of the cluster metadata; as many
+    /// are kept behind each snapshot for followers that lag, older ones are
+    /// purged (a follower further behind is sent the snapshot).
+    pub snapshot_logs: u64,
 }
 
 impl CoordinatorConfig {
@@ -148,6 +152,9 @@ impl CoordinatorConfig {
                 "lease ({:?}) must be at least twice heartbeat_interval ({:?})",
                 self.lease, self.heartbeat_interval
             )));
+        }
+        if self.snapshot_logs == 0 {
+            return Err(Error::Config("snapshot_logs must be at least 1".into()));
         }
         if self.raft_heartbeat * 3 > self.election_timeout {
             return Err(Error::Config(format!(
@@ -182,6 +189,11 @@ pub mod metric {
     /// over; `timed_out`: not within the time given, the rest move after
     /// `failure_timeout` once the node is gone).
     pub const DRAINS: &str = "ndc_cluster_drains_total";
+    /// Raft leadership handed to another voter by a leader that stops
+    /// (`outcome`: `transferred`; `no_candidate`: no other live voter had
+    /// the whole log; `timed_out`: none took over in time, the others elect
+    /// once the leader's lease ends).
+    pub const LEADER_TRANSFERS: &str = "ndc_cluster_leader_transfers_total";
     /// Peer requests refused because the caller's certificate does not name
     /// the node it claims to be (or any node).
     pub const PEER_REFUSED: &str = "ndc_cluster_peer_refused_total";
@@ -266,6 +278,11 @@ impl Coordinator {
             heartbeat_interval: ms(config.raft_heartbeat),
             election_timeout_min: ms(config.election_timeout),
             election_timeout_max: ms(config.election_timeout) * 2,
+            // A node that lost its data directory comes back with an empty
+            // log; the leader re-replicates it instead of refusing it.
+            allow_log_reversion: Some(true),
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_logs),
+            max_in_snapshot_log_to_keep: config.snapshot_logs,
             ..Default::default()
         }
         .validate()
@@ -402,25 +419,38 @@ impl Coordinator {
         if all_known {
             return Ok(());
         }
-        self.inner
-            .raft
-            .client_write(Command::RegisterPartitions { partitions })
+        self.propose(Command::RegisterPartitions { partitions })
             .await
             .map(|_| ())
-            .map_err(|e| Error::Raft(e.to_string()))
     }
 
     /// Writes a command to the replicated state; only on the leader (else
     /// [`Error::NotLeader`], naming the leader to forward to).
+    ///
+    /// A leader just elected accepts writes once a quorum has acknowledged
+    /// it (its lease); until then, at most `election_timeout`, the write
+    /// waits here instead of failing (it was not appended, so a retry
+    /// cannot apply it twice).
     pub async fn propose(&self, command: Command) -> Result<state::CommandReply, Error> {
-        match self.inner.raft.client_write(command).await {
-            Ok(r) => Ok(r.data),
-            Err(openraft::error::RaftError::APIError(
-                openraft::error::ClientWriteError::ForwardToLeader(f),
-            )) => Err(Error::NotLeader {
-                leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
-            }),
-            Err(e) => Err(Error::Raft(e.to_string())),
+        use openraft::error::{ClientWriteError, ForwardReason, RaftError};
+        let deadline = Instant::now() + self.inner.config.election_timeout;
+        loop {
+            match self.inner.raft.client_write(command.clone()).await {
+                Ok(r) => return Ok(r.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))
+                    if f.reason == ForwardReason::LeaseExpired
+                        && self.is_leader()
+                        && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(self.inner.config.raft_heartbeat / 4).await;
+                }
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    return Err(Error::NotLeader {
+                        leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
+                    });
+                }
+                Err(e) => return Err(Error::Raft(e.to_string())),
+            }
         }
     }
 
@@ -514,6 +544,97 @@ impl Coordinator {
         moved
     }
 
+    /// Hands Raft leadership to another voter before this node stops, so the
+    /// cluster has a leader at once instead of after the old one's lease
+    /// (`election_timeout` × 2) and an election. The other voter chosen is a
+    /// live one (heard from within `lease`), not draining, with the most log
+    /// replicated; it must have the whole log, so this waits (within
+    /// `timeout`) until it has. Returns `None` when this node is not the
+    /// leader, else whether another node leads now.
+    pub async fn hand_over_leadership(&self, timeout: Duration) -> Option<bool> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let me = self.node_id();
+        let mut rx = self.inner.raft.metrics();
+        let metrics = rx.borrow_watched().clone();
+        if metrics.state != ServerState::Leader {
+            return None;
+        }
+        let outcome = |outcome: &'static str| {
+            metrics::counter!(metric::LEADER_TRANSFERS, "outcome" => outcome).increment(1);
+        };
+        let candidates: BTreeSet<NodeId> = {
+            let Ok(view) = self.inner.leader.lock() else {
+                outcome("no_candidate");
+                return Some(false);
+            };
+            let now = Instant::now();
+            metrics
+                .membership_config
+                .membership()
+                .voter_ids()
+                .filter(|id| *id != me)
+                .filter(|id| {
+                    view.reports.get(id).is_some_and(|r| {
+                        !r.draining && now.duration_since(r.accepted_at) < self.inner.config.lease
+                    })
+                })
+                .collect()
+        };
+        // The candidate with the most log; wait until one has all of it.
+        let target = loop {
+            let m = rx.borrow_watched().clone();
+            if m.state != ServerState::Leader {
+                // Lost leadership meanwhile: someone else leads (or will).
+                return Some(m.current_leader.is_some_and(|l| l != me));
+            }
+            let last = m.last_log_index;
+            let best = m.replication.as_ref().and_then(|r| {
+                r.iter()
+                    .filter(|(id, _)| candidates.contains(id))
+                    .map(|(id, matched)| (matched.map(|l| l.index), *id))
+                    .max()
+            });
+            match best {
+                Some((matched, id)) if matched >= last => break id,
+                Some(_) => {}
+                None => {
+                    warn!("no other live voter to hand Raft leadership to");
+                    outcome("no_candidate");
+                    return Some(false);
+                }
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                warn!("no other voter had the whole Raft log in time; not handing over leadership");
+                outcome("no_candidate");
+                return Some(false);
+            }
+        };
+        info!(to = target, "handing Raft leadership over");
+        if let Err(e) = self.inner.raft.trigger().transfer_leader(target).await {
+            warn!(error = %e, "Raft leadership transfer not started");
+            outcome("timed_out");
+            return Some(false);
+        }
+        let handed = async {
+            loop {
+                let m = rx.borrow_watched().clone();
+                if m.current_leader.is_some_and(|l| l != me) {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let moved = tokio::time::timeout_at(deadline, handed).await.is_ok()
+            && rx.borrow_watched().current_leader.is_some_and(|l| l != me);
+        outcome(if moved { "transferred" } else { "timed_out" });
+        Some(moved)
+    }
+
     /// Tells the leader (in the next heartbeats) what this node processes.
     pub fn set_held(&self, held: Vec<HeldPartition>) {
         if let Ok(mut h) = self.inner.held.lock() {
@@ -542,7 +663,7 @@ impl Coordinator {
     /// it may still need the whole log. `None` when this node is not a
     /// leader whose leadership a quorum confirmed recently.
     pub fn log_trim_points(&self, shards: &BTreeSet<String>) -> Option<BTreeMap<String, u64>> {
-        let metrics = self.inner.raft.metrics().borrow().clone();
+        let metrics = self.inner.raft.metrics().borrow_watched().clone();
         if metrics.state != ServerState::Leader {
             return None;
         }
@@ -660,7 +781,7 @@ impl Coordinator {
                     .map(|p| p.clone())
                     .unwrap_or_default(),
             };
-            let metrics = self.inner.raft.metrics().borrow().clone();
+            let metrics = self.inner.raft.metrics().borrow_watched().clone();
             let reply = match metrics.current_leader {
                 None => None,
                 Some(leader) if leader == self.node_id() => Some(self.accept_heartbeat(request)),
@@ -730,7 +851,7 @@ impl Coordinator {
 
     /// Leader side of a heartbeat.
     pub(crate) fn accept_heartbeat(&self, request: HeartbeatRequest) -> HeartbeatReply {
-        let metrics = self.inner.raft.metrics().borrow().clone();
+        let metrics = self.inner.raft.metrics().borrow_watched().clone();
         let leader_addr = metrics
             .current_leader
             .and_then(|l| self.leader_addr(l))
@@ -809,7 +930,7 @@ impl Coordinator {
                 _ = self.inner.stop.cancelled() => return,
                 _ = ticker.tick() => {}
             }
-            let metrics = self.inner.raft.metrics().borrow().clone();
+            let metrics = self.inner.raft.metrics().borrow_watched().clone();
             if metrics.state != ServerState::Leader {
                 continue;
             }
@@ -818,7 +939,9 @@ impl Coordinator {
             let started = Instant::now();
             let confirm = tokio::time::timeout(
                 self.inner.config.lease,
-                self.inner.raft.ensure_linearizable(),
+                self.inner
+                    .raft
+                    .ensure_linearizable(openraft::ReadPolicy::ReadIndex),
             )
             .await;
             if let Ok(mut view) = self.inner.leader.lock() {
@@ -855,7 +978,7 @@ impl Coordinator {
             if !placement.is_empty() {
                 info!(changes = ?placement, live = ?liveness.live, "placement changes");
                 let command = Command::Place { changes: placement };
-                match self.inner.raft.client_write(command.clone()).await {
+                match self.propose(command.clone()).await {
                     Ok(_) => {
                         metrics::counter!(metric::PLACEMENT_CHANGES).increment(1);
                         cluster.apply(&command, 0);
@@ -880,12 +1003,7 @@ impl Coordinator {
                 })
                 .collect();
             let n = changes.len() as u64;
-            match self
-                .inner
-                .raft
-                .client_write(Command::Assign { changes })
-                .await
-            {
+            match self.propose(Command::Assign { changes }).await {
                 Ok(_) => {
                     metrics::counter!(metric::ASSIGNMENT_CHANGES).increment(n);
                     for s in failovers {
@@ -1097,7 +1215,7 @@ impl Coordinator {
     /// owners last reported.
     pub(crate) fn status(&self) -> ndc_proto::cluster::ClusterStatus {
         use ndc_proto::cluster::{ClusterStatus, MemberStatus, PartitionStatus};
-        let metrics = self.inner.raft.metrics().borrow().clone();
+        let metrics = self.inner.raft.metrics().borrow_watched().clone();
         let applied = self.inner.applied.borrow().clone();
         let view = self.inner.leader.lock();
         let now = Instant::now();
@@ -1189,14 +1307,30 @@ impl Coordinator {
         }
     }
 
+    /// Up to which Raft log index this node's log was purged behind a
+    /// snapshot (`None`: nothing purged yet).
+    pub fn raft_log_purged_to(&self) -> Option<u64> {
+        self.inner
+            .raft
+            .metrics()
+            .borrow_watched()
+            .purged
+            .map(|l| l.index)
+    }
+
+    /// The Raft term this node is in.
+    pub fn raft_term(&self) -> u64 {
+        self.inner.raft.metrics().borrow_watched().current_term
+    }
+
     /// Whether this node is the Raft leader now.
     pub fn is_leader(&self) -> bool {
-        self.inner.raft.metrics().borrow().state == ServerState::Leader
+        self.inner.raft.metrics().borrow_watched().state == ServerState::Leader
     }
 
     /// The leader now, with its gRPC address.
     pub fn current_leader_addr(&self) -> Option<(NodeId, String)> {
-        let leader = self.inner.raft.metrics().borrow().current_leader?;
+        let leader = self.inner.raft.metrics().borrow_watched().current_leader?;
         Some((leader, self.leader_addr(leader)?))
     }
 }

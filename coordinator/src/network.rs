@@ -6,16 +6,21 @@ use crate::{Member, TypeConfig};
 use ndc_proto::cluster::RaftMessage;
 use ndc_proto::cluster::raft_client::RaftClient;
 use ndc_proto::cluster::raft_server::Raft as RaftRpc;
+use openraft::alias::{SnapshotOf, VoteOf};
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    Fatal, NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable,
 };
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
-use serde::Serialize;
+use openraft::storage::SnapshotMeta;
+use openraft::vote::RaftLeaderId;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::future::Future;
+use std::io::Cursor;
 use std::time::{Duration, Instant, SystemTime};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -79,16 +84,18 @@ impl PeerClient {
         }
     }
 
-    async fn call<Req, Resp, E>(
+    /// One RPC. The remote answers `Result<Resp, RaftError>`; its error
+    /// (its Raft stopped) is reported as a network error, text only: error
+    /// bodies differ between openraft versions.
+    async fn call<Req, Resp>(
         &mut self,
         method: Method,
         request: &Req,
-        option: &RPCOption,
-    ) -> Result<Resp, RPCError<NodeId, Member, RaftError<NodeId, E>>>
+        ttl: Duration,
+    ) -> Result<Resp, RPCError<TypeConfig>>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
-        E: std::error::Error + DeserializeOwned,
     {
         self.refresh();
         let channel = match &self.channel {
@@ -104,7 +111,7 @@ impl PeerClient {
             serde_json::to_vec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut client = RaftClient::new(channel);
         let mut req = Request::new(RaftMessage { json });
-        req.set_timeout(option.hard_ttl());
+        req.set_timeout(ttl);
         // `set_timeout` only tells the server; a peer that accepts the
         // connection but never answers (a frozen process, whose kernel still
         // completes TCP handshakes) is timed out here.
@@ -112,14 +119,14 @@ impl PeerClient {
             match method {
                 Method::Append => client.append_entries(req).await,
                 Method::Vote => client.vote(req).await,
-                Method::Snapshot => client.install_snapshot(req).await,
+                Method::Snapshot => client.install_full_snapshot(req).await,
+                Method::TransferLeader => client.transfer_leader(req).await,
             }
         };
-        let Ok(reply) = tokio::time::timeout(option.hard_ttl(), call).await else {
+        let Ok(reply) = tokio::time::timeout(ttl, call).await else {
             return Err(RPCError::Unreachable(Unreachable::new(&Failure(format!(
-                "{}: no answer within {:?}",
+                "{}: no answer within {ttl:?}",
                 self.addr,
-                option.hard_ttl()
             )))));
         };
         let reply = match reply {
@@ -138,9 +145,14 @@ impl PeerClient {
                 )))));
             }
         };
-        let result: Result<Resp, RaftError<NodeId, E>> = serde_json::from_slice(&reply.json)
+        let result: Result<Resp, serde_json::Value> = serde_json::from_slice(&reply.json)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        result.map_err(|e| {
+            RPCError::Network(NetworkError::new(&Failure(format!(
+                "node {} ({}) failed: {e}",
+                self.target, self.addr
+            ))))
+        })
     }
 }
 
@@ -148,34 +160,67 @@ enum Method {
     Append,
     Vote,
     Snapshot,
+    TransferLeader,
 }
 
-impl RaftNetwork<TypeConfig> for PeerClient {
+/// A whole snapshot as sent to a follower.
+#[derive(Serialize, Deserialize)]
+struct FullSnapshot {
+    vote: VoteOf<TypeConfig>,
+    meta: SnapshotMeta<openraft::alias::CommittedLeaderIdOf<TypeConfig>, NodeId, Member>,
+    data: Vec<u8>,
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerClient {
+    type SnapshotData = Cursor<Vec<u8>>;
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
-        self.call(Method::Append, &rpc, &option).await
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
-        option: RPCOption,
-    ) -> Result<
-        InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, Member, RaftError<NodeId, InstallSnapshotError>>,
-    > {
-        self.call(Method::Snapshot, &rpc, &option).await
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(Method::Append, &rpc, option.hard_ttl()).await
     }
 
     async fn vote(
         &mut self,
-        rpc: VoteRequest<NodeId>,
+        rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
-        self.call(Method::Vote, &rpc, &option).await
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(Method::Vote, &rpc, option.hard_ttl()).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: VoteOf<TypeConfig>,
+        snapshot: SnapshotOf<TypeConfig, Cursor<Vec<u8>>>,
+        cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let request = FullSnapshot {
+            vote,
+            meta: snapshot.meta,
+            data: snapshot.snapshot.into_inner(),
+        };
+        let send = self.call(Method::Snapshot, &request, option.hard_ttl());
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            reply = send => reply.map_err(|e| match e {
+                RPCError::Timeout(t) => StreamingError::Timeout(t),
+                RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+                RPCError::Network(n) => StreamingError::Network(n),
+                RPCError::RemoteError(r) => StreamingError::Network(NetworkError::new(&r)),
+            }),
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(Method::TransferLeader, &req, option.hard_ttl())
+            .await
     }
 }
 
@@ -210,6 +255,12 @@ fn reply<T: Serialize>(result: &T) -> Result<Response<RaftMessage>, Status> {
     Ok(Response::new(RaftMessage { json }))
 }
 
+fn fatal_reply<T: Serialize>(
+    result: Result<T, Fatal<TypeConfig>>,
+) -> Result<Response<RaftMessage>, Status> {
+    reply(&result.map_err(RaftError::<TypeConfig>::Fatal))
+}
+
 #[tonic::async_trait]
 impl RaftRpc for RaftService {
     async fn append_entries(
@@ -218,26 +269,49 @@ impl RaftRpc for RaftService {
     ) -> Result<Response<RaftMessage>, Status> {
         let rpc: AppendEntriesRequest<TypeConfig> = self
             .parse(req, |r: &AppendEntriesRequest<TypeConfig>| {
-                r.vote.leader_id().voted_for()
+                Some(*r.vote.leader_id().node_id())
             })?;
         reply(&self.raft.append_entries(rpc).await)
     }
 
     async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        let rpc: VoteRequest<NodeId> = self.parse(req, |r: &VoteRequest<NodeId>| {
-            r.vote.leader_id().voted_for()
+        let rpc: VoteRequest<TypeConfig> = self.parse(req, |r: &VoteRequest<TypeConfig>| {
+            Some(*r.vote.leader_id().node_id())
         })?;
         reply(&self.raft.vote(rpc).await)
     }
 
     async fn install_snapshot(
         &self,
+        _req: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        Err(Status::failed_precondition(
+            "chunked Raft snapshots (ndc built with openraft 0.9) are not accepted: \
+             upgrade the leader, it then sends whole snapshots",
+        ))
+    }
+
+    async fn install_full_snapshot(
+        &self,
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
-        let rpc: InstallSnapshotRequest<TypeConfig> = self
-            .parse(req, |r: &InstallSnapshotRequest<TypeConfig>| {
-                r.vote.leader_id().voted_for()
+        let rpc: FullSnapshot =
+            self.parse(req, |r: &FullSnapshot| Some(*r.vote.leader_id().node_id()))?;
+        let snapshot = openraft::Snapshot {
+            meta: rpc.meta,
+            snapshot: Cursor::new(rpc.data),
+        };
+        fatal_reply(self.raft.install_full_snapshot(rpc.vote, snapshot).await)
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let rpc: TransferLeaderRequest<TypeConfig> = self
+            .parse(req, |r: &TransferLeaderRequest<TypeConfig>| {
+                Some(*r.from_leader().leader_id().node_id())
             })?;
-        reply(&self.raft.install_snapshot(rpc).await)
+        fatal_reply(self.raft.handle_transfer_leader(rpc).await)
     }
 }

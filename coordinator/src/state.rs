@@ -60,6 +60,27 @@ pub enum Command {
     },
 }
 
+/// What openraft logs of a command: its kind and size, never its contents
+/// (a grant names principals and filter values).
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::RegisterPartitions { partitions } => {
+                write!(f, "register {} partitions", partitions.len())
+            }
+            Command::Assign { changes } => write!(f, "assign {} partitions", changes.len()),
+            Command::PutSpec { name, .. } => write!(f, "put pipeline {name}"),
+            Command::DropSpec { name } => write!(f, "drop pipeline {name}"),
+            Command::UnregisterPartitions { partitions } => {
+                write!(f, "unregister {} partitions", partitions.len())
+            }
+            Command::PutGrant { .. } => f.write_str("put grant"),
+            Command::RevokeGrant { .. } => f.write_str("revoke grant"),
+            Command::Place { changes } => write!(f, "place {} shards", changes.len()),
+        }
+    }
+}
+
 /// A shard of a view: the store view `view#i` (or `view` when unsharded),
 /// the first part of its partitions' ids.
 pub type ShardName = String;

@@ -6,16 +6,14 @@
 //! The state machine is small (cluster metadata), so it is stored whole after
 //! every applied batch, in the same write as its last applied log id.
 
-// openraft's StorageError is large by design and is what its traits return.
-#![allow(clippy::result_large_err)]
-
-use crate::state::{ClusterState, CommandReply, NodeId};
-use crate::{Member, TypeConfig};
-use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
-use openraft::{
-    Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta,
-    StorageError, StorageIOError, StoredMembership, Vote,
+use crate::TypeConfig;
+use crate::state::{ClusterState, CommandReply};
+use futures::StreamExt;
+use openraft::alias::{EntryOf, LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf, VoteOf};
+use openraft::storage::{
+    EntryResponder, IOFlushed, LogState, RaftLogStorage, RaftStateMachine, SnapshotMeta,
 };
+use openraft::{EntryPayload, OptionalSend, RaftLogReader, RaftSnapshotBuilder, StoredMembership};
 use rocksdb::{
     ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions,
 };
@@ -27,7 +25,10 @@ use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::watch;
 
-type StorageResult<T> = Result<T, StorageError<NodeId>>;
+type StorageResult<T> = Result<T, std::io::Error>;
+type LogId = LogIdOf<TypeConfig>;
+type Entry = EntryOf<TypeConfig>;
+type Snapshot = SnapshotOf<TypeConfig, Cursor<Vec<u8>>>;
 
 const CF_LOG: &str = "log";
 const CF_META: &str = "meta";
@@ -60,7 +61,6 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachine), crate::Error> {
             db,
             applied: machine,
             published: tx,
-            snapshot_seq: 0,
         },
     ))
 }
@@ -81,8 +81,12 @@ fn index_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }
 
-fn json<T: Serialize>(value: &T) -> Result<Vec<u8>, StorageIOError<NodeId>> {
-    serde_json::to_vec(value).map_err(|e| StorageIOError::write(&e))
+fn json<T: Serialize>(value: &T) -> StorageResult<Vec<u8>> {
+    serde_json::to_vec(value).map_err(std::io::Error::other)
+}
+
+fn io(e: impl std::error::Error + Send + Sync + 'static) -> std::io::Error {
+    std::io::Error::other(e)
 }
 
 /// The Raft log.
@@ -93,22 +97,16 @@ pub struct LogStore {
 
 impl LogStore {
     fn get_meta<T: for<'de> Deserialize<'de>>(&self, key: &[u8]) -> StorageResult<Option<T>> {
-        let Some(bytes) = self
-            .db
-            .get_cf(cf(&self.db, CF_META), key)
-            .map_err(|e| StorageIOError::read(&e))?
-        else {
+        let Some(bytes) = self.db.get_cf(cf(&self.db, CF_META), key).map_err(io)? else {
             return Ok(None);
         };
-        Ok(Some(
-            serde_json::from_slice(&bytes).map_err(|e| StorageIOError::read(&e))?,
-        ))
+        Ok(Some(serde_json::from_slice(&bytes).map_err(io)?))
     }
 
     fn put_meta<T: Serialize>(&self, key: &[u8], value: &T) -> StorageResult<()> {
         self.db
             .put_cf_opt(cf(&self.db, CF_META), key, json(value)?, &synced())
-            .map_err(|e| StorageIOError::write(&e))?;
+            .map_err(io)?;
         Ok(())
     }
 }
@@ -117,7 +115,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
-    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+    ) -> StorageResult<Vec<Entry>> {
         let start = match range.start_bound() {
             Bound::Included(x) => *x,
             Bound::Excluded(x) => x.saturating_add(1),
@@ -129,18 +127,23 @@ impl RaftLogReader<TypeConfig> for LogStore {
             IteratorMode::From(&index_key(start), Direction::Forward),
         );
         for item in iter {
-            let (k, v) = item.map_err(|e| StorageIOError::read_logs(&e))?;
-            let index = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| {
-                StorageIOError::read_logs(&crate::Error::Corrupt("log key".into()))
-            })?);
+            let (k, v) = item.map_err(io)?;
+            let index = u64::from_be_bytes(
+                k.as_ref()
+                    .try_into()
+                    .map_err(|_| io(crate::Error::Corrupt("log key".into())))?,
+            );
             if !range.contains(&index) {
                 break;
             }
-            let entry: Entry<TypeConfig> =
-                serde_json::from_slice(&v).map_err(|e| StorageIOError::read_logs(&e))?;
+            let entry: Entry = serde_json::from_slice(&v).map_err(io)?;
             out.push(entry);
         }
         Ok(out)
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<VoteOf<TypeConfig>>> {
+        self.get_meta(VOTE)
     }
 }
 
@@ -154,21 +157,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .next()
         {
             Some(item) => {
-                let (_, v) = item.map_err(|e| StorageIOError::read_logs(&e))?;
-                let entry: Entry<TypeConfig> =
-                    serde_json::from_slice(&v).map_err(|e| StorageIOError::read_logs(&e))?;
+                let (_, v) = item.map_err(io)?;
+                let entry: Entry = serde_json::from_slice(&v).map_err(io)?;
                 Some(entry.log_id)
             }
             None => None,
         };
-        let last_purged_log_id: Option<LogId<NodeId>> = self.get_meta(PURGED)?;
+        let last_purged_log_id: Option<LogId> = self.get_meta(PURGED)?;
         Ok(LogState {
             last_purged_log_id,
             last_log_id: last.or(last_purged_log_id),
         })
     }
 
-    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
+    async fn save_committed(&mut self, committed: Option<LogId>) -> StorageResult<()> {
         self.put_meta(COMMITTED, &committed)?;
         if let Some(c) = committed {
             metrics::gauge!(crate::metric::RAFT_COMMIT_INDEX).set(c.index as f64);
@@ -176,24 +178,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(())
     }
 
-    async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
-        Ok(self.get_meta::<Option<LogId<NodeId>>>(COMMITTED)?.flatten())
+    async fn read_committed(&mut self) -> StorageResult<Option<LogId>> {
+        Ok(self.get_meta::<Option<LogId>>(COMMITTED)?.flatten())
     }
 
-    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
+    async fn save_vote(&mut self, vote: &VoteOf<TypeConfig>) -> StorageResult<()> {
         self.db
             .put_cf_opt(cf(&self.db, CF_META), VOTE, json(vote)?, &synced())
-            .map_err(|e| StorageIOError::write_vote(&e))?;
+            .map_err(io)?;
         Ok(())
     }
 
-    async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
-        self.get_meta(VOTE)
-    }
-
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> StorageResult<()>
     where
-        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
         let mut batch = WriteBatch::default();
@@ -201,7 +199,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.put_cf(
                 cf(&self.db, CF_LOG),
                 index_key(entry.log_id.index),
-                serde_json::to_vec(&entry).map_err(|e| StorageIOError::write_logs(&e))?,
+                serde_json::to_vec(&entry).map_err(io)?,
             );
         }
         // Synced before reporting the entries durable: a vote or an
@@ -209,30 +207,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let result = self.db.write_opt(batch, &synced());
         match result {
             Ok(()) => {
-                callback.log_io_completed(Ok(()));
+                callback.io_completed(Ok(()));
                 Ok(())
             }
             Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(StorageIOError::write_logs(&e).into())
+                callback.io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(io(e))
             }
         }
     }
 
-    async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> StorageResult<()> {
+        let from = last_log_id.map_or(0, |l| l.index.saturating_add(1));
         let mut batch = WriteBatch::default();
-        batch.delete_range_cf(
-            cf(&self.db, CF_LOG),
-            index_key(log_id.index),
-            index_key(u64::MAX),
-        );
-        self.db
-            .write_opt(batch, &synced())
-            .map_err(|e| StorageIOError::write_logs(&e))?;
+        batch.delete_range_cf(cf(&self.db, CF_LOG), index_key(from), index_key(u64::MAX));
+        self.db.write_opt(batch, &synced()).map_err(io)?;
         Ok(())
     }
 
-    async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+    async fn purge(&mut self, log_id: LogId) -> StorageResult<()> {
         let mut batch = WriteBatch::default();
         batch.put_cf(cf(&self.db, CF_META), PURGED, json(&log_id)?);
         batch.delete_range_cf(
@@ -240,9 +233,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             index_key(0),
             index_key(log_id.index.saturating_add(1)),
         );
-        self.db
-            .write_opt(batch, &synced())
-            .map_err(|e| StorageIOError::write_logs(&e))?;
+        self.db.write_opt(batch, &synced()).map_err(io)?;
         Ok(())
     }
 
@@ -254,14 +245,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 /// The applied state: cluster metadata plus what Raft needs to know of it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Applied {
-    pub last_applied: Option<LogId<NodeId>>,
-    pub membership: StoredMembership<NodeId, Member>,
+    pub last_applied: Option<LogId>,
+    pub membership: StoredMembershipOf<TypeConfig>,
     pub cluster: ClusterState,
 }
 
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
-    meta: SnapshotMeta<NodeId, Member>,
+    meta: SnapshotMetaOf<TypeConfig>,
     data: Vec<u8>,
 }
 
@@ -271,7 +262,6 @@ pub struct StateMachine {
     db: Arc<DB>,
     applied: Applied,
     published: watch::Sender<Arc<Applied>>,
-    snapshot_seq: u64,
 }
 
 impl StateMachine {
@@ -287,7 +277,7 @@ impl StateMachine {
                 json(&self.applied)?,
                 &synced(),
             )
-            .map_err(|e| StorageIOError::write_state_machine(&e))?;
+            .map_err(io)?;
         self.published.send_replace(Arc::new(self.applied.clone()));
         Ok(())
     }
@@ -296,17 +286,17 @@ impl StateMachine {
 /// Builds snapshots from a copy of the applied state.
 pub struct SnapshotBuilder {
     applied: Applied,
-    id: String,
     db: Arc<DB>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
-    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+    type SnapshotData = Cursor<Vec<u8>>;
+
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot> {
         let data = json(&self.applied)?;
         let meta = SnapshotMeta {
             last_log_id: self.applied.last_applied,
             last_membership: self.applied.membership.clone(),
-            snapshot_id: self.id.clone(),
         };
         let stored = StoredSnapshot {
             meta: meta.clone(),
@@ -314,30 +304,35 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         };
         self.db
             .put_cf_opt(cf(&self.db, CF_META), SNAPSHOT, json(&stored)?, &synced())
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+            .map_err(io)?;
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Cursor::new(data),
         })
     }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = Cursor<Vec<u8>>;
     type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(
         &mut self,
-    ) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, Member>)> {
+    ) -> StorageResult<(Option<LogId>, StoredMembershipOf<TypeConfig>)> {
         Ok((self.applied.last_applied, self.applied.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<CommandReply>>
+    async fn apply<S>(&mut self, mut entries: S) -> StorageResult<()>
     where
-        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
-        I::IntoIter: OptionalSend,
+        S: futures::Stream<Item = Result<EntryResponder<TypeConfig>, std::io::Error>>
+            + Unpin
+            + OptionalSend,
     {
+        // The whole batch is persisted in one write before any caller hears
+        // of it: a reply means the change survives a crash.
         let mut replies = Vec::new();
-        for entry in entries {
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
             self.applied.last_applied = Some(entry.log_id);
             let reply = match entry.payload {
                 EntryPayload::Blank => CommandReply::default(),
@@ -349,37 +344,31 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     CommandReply::default()
                 }
             };
-            replies.push(reply);
+            if let Some(responder) = responder {
+                replies.push((responder, reply));
+            }
         }
         self.persist()?;
-        Ok(replies)
+        for (responder, reply) in replies {
+            responder.send(reply);
+        }
+        Ok(())
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        self.snapshot_seq += 1;
-        let id = match self.applied.last_applied {
-            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, self.snapshot_seq),
-            None => format!("--{}", self.snapshot_seq),
-        };
         SnapshotBuilder {
             applied: self.applied.clone(),
-            id,
             db: self.db.clone(),
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
-    }
-
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta<NodeId, Member>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        meta: &SnapshotMetaOf<TypeConfig>,
+        snapshot: Cursor<Vec<u8>>,
     ) -> StorageResult<()> {
         let data = snapshot.into_inner();
-        let applied: Applied = serde_json::from_slice(&data)
-            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let applied: Applied = serde_json::from_slice(&data).map_err(io)?;
         self.applied = Applied {
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
@@ -391,23 +380,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         self.db
             .put_cf_opt(cf(&self.db, CF_META), SNAPSHOT, json(&stored)?, &synced())
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+            .map_err(io)?;
         self.persist()
     }
 
-    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot>> {
         let Some(bytes) = self
             .db
             .get_cf(cf(&self.db, CF_META), SNAPSHOT)
-            .map_err(|e| StorageIOError::read(&e))?
+            .map_err(io)?
         else {
             return Ok(None);
         };
-        let stored: StoredSnapshot =
-            serde_json::from_slice(&bytes).map_err(|e| StorageIOError::read(&e))?;
+        let stored: StoredSnapshot = serde_json::from_slice(&bytes).map_err(io)?;
         Ok(Some(Snapshot {
             meta: stored.meta,
-            snapshot: Box::new(Cursor::new(stored.data)),
+            snapshot: Cursor::new(stored.data),
         }))
     }
 }

@@ -34,6 +34,7 @@ async fn a_node_acts_only_on_its_current_epoch_and_only_while_its_lease_holds() 
         peer_tls: None,
         replication_factor: 0,
         zone: None,
+        snapshot_logs: 5000,
     })
     .await
     .unwrap();

@@ -513,6 +513,22 @@ pub async fn start_with(mut config: NodeConfig, handed: Listeners) -> anyhow::Re
                 );
             }
         }
+        // A leader hands Raft leadership over next (even after a fatal
+        // error: leadership has nothing to do with the data path), so the
+        // cluster keeps a leader instead of electing one after this node's
+        // lease. Its partitions are gone by now: the new leader has nothing
+        // of this node's to move.
+        if let (Some(c), Some(timeout)) = (&coordinator, drain_timeout)
+            && let Some(handed) = c.hand_over_leadership(timeout).await
+        {
+            if handed {
+                info!("Raft leadership handed over");
+            } else {
+                warn!(
+                    "Raft leadership not handed over; the others elect a leader once this node is gone"
+                );
+            }
+        }
         info!("shutting down: stopping sources");
         let orderly = async {
             // Sources stop; the writer drains the channel and commits.

@@ -1166,8 +1166,8 @@ async fn a_rolling_restart_under_load_hands_partitions_over_before_each_node_sto
             live_members(s).len() == 3 && balanced_over(s, &[0, 1, 2])
         })
         .await;
-    // Followers first, the leader last (it also hands Raft leadership on by
-    // stopping).
+    // Followers first, the leader last (it also hands Raft leadership over
+    // before it stops).
     let leader = s.leader_id.unwrap();
     let order: Vec<u64> = (0..3).filter(|&i| i != leader).chain([leader]).collect();
     for id in order {
@@ -1218,6 +1218,15 @@ async fn a_rolling_restart_under_load_hands_partitions_over_before_each_node_sto
                 .any(|l| l.contains("partitions handed over")),
             "ndc-{id} stopped without handing its partitions over:\n{log}"
         );
+        if id == leader {
+            assert!(
+                log.lines()
+                    .rev()
+                    .take_while(|l| !l.contains("node started"))
+                    .any(|l| l.contains("Raft leadership handed over")),
+                "the leader ndc-{id} stopped without handing Raft leadership over:\n{log}"
+            );
+        }
         cluster.member(id).kill9(); // reaped already; forgets the process
         // Handed over before the node was gone: the first status after its
         // exit already shows none of its partitions on it (a node killed

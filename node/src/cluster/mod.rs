@@ -473,6 +473,7 @@ pub fn coordinator_config(
         election_timeout: cluster.election_timeout,
         replication_factor: cluster.replication_factor,
         zone: cluster.zone.clone(),
+        snapshot_logs: cluster.raft_snapshot_logs,
         peer_tls: match (peer_client_tls(config), config.tls.insecure) {
             (tls, false) => match (tls.ca, tls.cert, tls.key) {
                 (Some(ca), Some(cert), Some(key)) => Some(ndc_coordinator::PeerTls {

@@ -199,6 +199,9 @@ pub struct ClusterSection {
     /// Raft election timeout (randomised between this and twice this).
     #[serde(with = "humantime_serde")]
     pub election_timeout: Duration,
+    /// Raft log entries between snapshots of the cluster metadata (as many
+    /// are kept behind a snapshot; a follower further behind gets it).
+    pub raft_snapshot_logs: u64,
     /// Change log of view V: topic `<prefix>V` (created by the nodes).
     pub changes_topic_prefix: String,
     /// Replication factor of the change-log topics the nodes create.
@@ -255,6 +258,7 @@ impl Default for ClusterSection {
             failure_timeout: Duration::from_millis(1500),
             raft_heartbeat: Duration::from_millis(100),
             election_timeout: Duration::from_millis(300),
+            raft_snapshot_logs: 5000,
             changes_topic_prefix: "ndc.changes.".into(),
             changes_replication: 3,
             drain_timeout: Duration::from_secs(10),
@@ -1122,6 +1126,9 @@ impl NodeConfig {
             }
             if c.zone.as_ref().is_some_and(|z| z.trim().is_empty()) {
                 bad("cluster.zone".into(), "must not be empty when given");
+            }
+            if c.raft_snapshot_logs == 0 {
+                bad("cluster.raft_snapshot_logs".into(), "must be at least 1");
             }
             if c.election_timeout < c.raft_heartbeat * 3 {
                 bad(
