@@ -629,6 +629,12 @@ impl Coordinator {
                 }
             }
         };
+        // One election: the target votes at once and the others, told of
+        // the handover, grant it. If it does not (it died meanwhile, or runs
+        // a build without transfers), this leader writes nothing more, so
+        // it is not kept waiting long.
+        let deadline =
+            deadline.min(tokio::time::Instant::now() + self.inner.config.election_timeout * 4);
         let moved = tokio::time::timeout_at(deadline, handed).await.is_ok()
             && rx.borrow_watched().current_leader.is_some_and(|l| l != me);
         outcome(if moved { "transferred" } else { "timed_out" });
