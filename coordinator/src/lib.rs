@@ -137,6 +137,9 @@ pub struct CoordinatorConfig {
     /// are kept behind each snapshot for followers that lag, older ones are
     /// purged (a follower further behind is sent the snapshot).
     pub snapshot_logs: u64,
+    /// Records a standby may be behind a shard's furthest holder and still
+    /// count as having its state (Kafka Streams' `acceptable.recovery.lag`).
+    pub recovery_lag: u64,
 }
 
 impl CoordinatorConfig {
@@ -177,6 +180,9 @@ pub mod metric {
     pub const RAFT_LAST_LOG_INDEX: &str = "ndc_raft_last_log_index";
     pub const ASSIGNMENT_CHANGES: &str = "ndc_cluster_assignment_changes_total";
     pub const LIVE_NODES: &str = "ndc_cluster_live_nodes";
+    /// Leader: placed shards with fewer live holders that have the shard's
+    /// state than `replication_factor` (or than live nodes, if fewer).
+    pub const UNDER_REPLICATED_SHARDS: &str = "ndc_cluster_under_replicated_shards";
     pub const OWNED_PARTITIONS: &str = "ndc_cluster_owned_partitions";
     /// Shards this node holds (applies the log of) by placement; with
     /// `replication_factor` 0 every shard, not counted here.
@@ -231,6 +237,26 @@ fn member_ids(applied: &Applied) -> BTreeSet<NodeId> {
         .nodes()
         .map(|(id, _)| *id)
         .collect()
+}
+
+/// Placed shards with fewer live holders that have the state than the
+/// factor asks (or than there are live nodes).
+fn under_replicated(cluster: &ClusterState, liveness: &state::Liveness, factor: usize) -> usize {
+    let want = factor.min(liveness.live.len());
+    cluster
+        .holders
+        .iter()
+        .filter(|(shard, holders)| {
+            holders
+                .iter()
+                .filter(|n| {
+                    liveness.live.contains(n)
+                        && !liveness.catching_up.contains(&((*shard).clone(), **n))
+                })
+                .count()
+                < want
+        })
+        .count()
 }
 
 /// Handle of a node's coordinator. Cheap to clone.
@@ -965,6 +991,11 @@ impl Coordinator {
                 self.liveness(&view, &applied)
             };
             metrics::gauge!(metric::LIVE_NODES).set(liveness.live.len() as f64);
+            metrics::gauge!(metric::UNDER_REPLICATED_SHARDS).set(under_replicated(
+                &applied.cluster,
+                &liveness,
+                self.inner.config.replication_factor,
+            ) as f64);
             // Placement first; the owners are planned on the state it makes.
             let mut cluster = applied.cluster.clone();
             // Every shard fed by registered partitions: configured views'
@@ -1114,6 +1145,7 @@ impl Coordinator {
             .copied()
             .filter(|&id| !live.contains(&id) && silent(id))
             .collect();
+        let catching_up = self.catching_up(view, applied, &live);
         (
             state::Liveness {
                 live,
@@ -1122,9 +1154,51 @@ impl Coordinator {
                 members,
                 zones,
                 lost,
+                catching_up,
+                new_holders_catch_up: true,
             },
             dead_since,
         )
+    }
+
+    /// Live holders of placed shards without the shard's state yet, by
+    /// the log positions they report: none, before the log's start (it was
+    /// trimmed past them: they copy the shard), or more than
+    /// `recovery_lag` records behind the furthest holder.
+    fn catching_up(
+        &self,
+        view: &LeaderView,
+        applied: &Applied,
+        live: &BTreeSet<NodeId>,
+    ) -> BTreeSet<(String, NodeId)> {
+        let starts = self
+            .inner
+            .log_starts
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        let position = |n: &NodeId, shard: &str| {
+            view.reports
+                .get(n)
+                .and_then(|r| r.log_positions.get(shard).copied())
+        };
+        let mut out = BTreeSet::new();
+        for (shard, holders) in &applied.cluster.holders {
+            let furthest = holders
+                .iter()
+                .filter(|n| live.contains(n))
+                .filter_map(|n| position(n, shard))
+                .max()
+                .unwrap_or(0);
+            let start = starts.get(shard).copied().unwrap_or(0);
+            let needed = start.max(furthest.saturating_sub(self.inner.config.recovery_lag));
+            for n in holders.iter().filter(|n| live.contains(n)) {
+                if position(n, shard).is_none_or(|p| p < needed) {
+                    out.insert((shard.clone(), *n));
+                }
+            }
+        }
+        out
     }
 
     /// Publishes Raft metrics.

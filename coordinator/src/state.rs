@@ -376,6 +376,16 @@ pub struct Liveness {
     /// A member neither live nor lost is not known yet (a new leader has
     /// not heard from it): placement waits for it rather than replace it.
     pub lost: BTreeSet<NodeId>,
+    /// Live holders that do not have a shard's state yet: they report no
+    /// position in its log, or one before the log's start (they must copy
+    /// the shard), or one further behind than the acceptable recovery lag.
+    /// A standby that has the state is promoted before one that has not,
+    /// and a holder that has it, replaced, keeps the shard until its
+    /// replacement has caught up (make before break).
+    pub catching_up: BTreeSet<(ShardName, NodeId)>,
+    /// A node that does not hold a shard yet has none of its state (the
+    /// leader's view; off, only `catching_up` says who lacks it).
+    pub new_holders_catch_up: bool,
 }
 
 impl Liveness {
@@ -421,6 +431,12 @@ pub fn place(
             .collect();
     }
     let takers = liveness.takers();
+    // Whether `n` has `shard`'s state (see `Liveness::catching_up`).
+    let has_state = |shard: &str, n: &NodeId| {
+        !liveness.catching_up.contains(&(shard.to_string(), *n))
+            && (!liveness.new_holders_catch_up
+                || state.holders.get(shard).is_some_and(|h| h.contains(n)))
+    };
     let mut load = Load::default();
     for (shard, holders) in &state.holders {
         if shards.contains(shard) {
@@ -448,11 +464,16 @@ pub fn place(
     // together spread their owners first, then their standbys).
     // Not known yet: neither live nor lost.
     let unknown = |n: &NodeId| !liveness.live.contains(n) && !liveness.lost.contains(n);
-    for (_, holders) in next.values_mut() {
+    for (shard, (_, holders)) in next.iter_mut() {
         if holders.first().is_some_and(unknown) {
             continue;
         }
-        match holders.iter().position(|n| takers.contains(n)) {
+        // A taker with the state before one still catching up.
+        let taker = holders
+            .iter()
+            .position(|n| takers.contains(n) && has_state(shard, n))
+            .or_else(|| holders.iter().position(|n| takers.contains(n)));
+        match taker {
             Some(0) => {}
             Some(i) => {
                 load.demote(holders[0]);
@@ -516,9 +537,19 @@ pub fn place(
     // alike, different views' do not (a merge's shards against its
     // sources'), so moves take a shard of the view most concentrated on
     // the giving node, and every view ends spread, not only the counts.
+    // Holders kept above the factor (an owner whose partitions have not
+    // moved yet) are leaving: counted nowhere, so the evening passes judge
+    // the placement the moves lead to — counting them, a round moved shards
+    // off a node that was about to lose them and the next moved them back.
+    // A shard mid-move is not moved again (see `movable`).
+    for (_, h) in next.values() {
+        for n in h.iter().skip(replication_factor) {
+            load.remove(*n);
+        }
+    }
     let mut per_view = ViewLoad::default();
     for (shard, (_, h)) in &next {
-        per_view.add(h, shard);
+        per_view.add(&h[..h.len().min(replication_factor)], shard);
     }
     // The two passes run until neither changes anything: promoting a
     // standby can make its old owner a standby that may then be traded.
@@ -538,6 +569,9 @@ pub fn place(
             let movable =
                 |shard: &str, before: &[NodeId], h: &[NodeId], from: NodeId, to: NodeId| {
                     if !(before.is_empty() || settled) || h.contains(&to) {
+                        return None;
+                    }
+                    if h.len() > replication_factor {
                         return None;
                     }
                     let j = match h.len() {
@@ -638,8 +672,10 @@ pub fn place(
             let count = |n: &NodeId| load.first.get(n).copied().unwrap_or(0);
             let candidates = next.iter().filter_map(|(shard, (_, h))| {
                 let top = count(h.first()?);
-                let j = (1..h.len())
-                    .filter(|&j| takers.contains(&h[j]) && count(&h[j]) + 2 <= top)
+                let j = (1..h.len().min(replication_factor))
+                    .filter(|&j| {
+                        takers.contains(&h[j]) && has_state(shard, &h[j]) && count(&h[j]) + 2 <= top
+                    })
                     .min_by_key(|&j| (count(&h[j]), h[j]))?;
                 Some((*shard, j, h[0], h[j]))
             });
@@ -663,6 +699,29 @@ pub fn place(
         if !changed {
             break;
         }
+    }
+    // Make before break: a holder with the state that this round drops
+    // stays, after the others, while a holder that replaces it catches up
+    // (as many as it takes for `replication_factor` holders with the
+    // state). The rounds above see it as gone: the next one drops it again
+    // and this keeps it again (no change) until its replacement is ready.
+    for (shard, (before, holders)) in next.iter_mut() {
+        let ready = |n: &NodeId| has_state(shard, n);
+        if holders.iter().all(ready) {
+            continue;
+        }
+        let with_state = holders
+            .iter()
+            .filter(|n| ready(n) && liveness.live.contains(n))
+            .count();
+        let keep: Vec<NodeId> = before
+            .iter()
+            .copied()
+            .filter(|n| !holders.contains(n))
+            .filter(|n| liveness.live.contains(n) && liveness.members.contains(n) && ready(n))
+            .take(replication_factor.saturating_sub(with_state))
+            .collect();
+        holders.extend(keep);
     }
     next.into_iter()
         .filter(|(_, (before, holders))| holders != before)

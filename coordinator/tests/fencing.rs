@@ -35,6 +35,7 @@ async fn a_node_acts_only_on_its_current_epoch_and_only_while_its_lease_holds() 
         replication_factor: 0,
         zone: None,
         snapshot_logs: 5000,
+        recovery_lag: 10_000,
     })
     .await
     .unwrap();

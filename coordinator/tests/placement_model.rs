@@ -397,3 +397,134 @@ proptest! {
         prop_assert!(place(&s, &shards, &Liveness { live: all.clone(), members: all.clone(), ..Default::default() }, rf).is_empty(), "not quiet");
     }
 }
+
+/// Pairs (shard, holder) of `s` not in `with_state`: holders still
+/// catching up, as the leader would see them from their log positions.
+fn catching_up(
+    s: &ClusterState,
+    with_state: &BTreeSet<(String, NodeId)>,
+) -> BTreeSet<(String, NodeId)> {
+    s.holders
+        .iter()
+        .flat_map(|(shard, h)| h.iter().map(move |n| (shard.clone(), *n)))
+        .filter(|p| !with_state.contains(p))
+        .collect()
+}
+
+/// Placement rounds (with owners converging after each) until quiet,
+/// checking after each that every shard keeps `floor[shard]` live holders
+/// that have its state.
+fn rounds_keeping(
+    s: &mut ClusterState,
+    shards: &BTreeSet<String>,
+    l: &Liveness,
+    rf: usize,
+    with_state: &BTreeSet<(String, NodeId)>,
+    floor: &BTreeMap<String, usize>,
+) -> Result<(), TestCaseError> {
+    for round in 0..12 {
+        let l = Liveness {
+            catching_up: catching_up(s, with_state),
+            new_holders_catch_up: true,
+            ..l.clone()
+        };
+        let changes = place(s, shards, &l, rf);
+        if changes.is_empty() {
+            return Ok(());
+        }
+        s.apply(&Command::Place { changes }, 20 + round);
+        converge_owners(s, &l);
+        for (shard, h) in &s.holders {
+            let ready = h
+                .iter()
+                .filter(|n| l.live.contains(n) && with_state.contains(&(shard.clone(), **n)))
+                .count();
+            prop_assert!(
+                ready >= floor[shard],
+                "{}: {} holders with the state, {} before: {:?}",
+                shard,
+                ready,
+                floor[shard],
+                h
+            );
+        }
+    }
+    prop_assert!(
+        false,
+        "placement not quiet after 12 rounds: {:?}",
+        s.holders
+    );
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Make before break. A node joins and takes standbys (then owners);
+    /// while the new holders catch up, every shard keeps as many holders
+    /// with its state as it had (up to the factor): the holders they
+    /// replace stay, after the others, and rounds are quiet meanwhile.
+    /// Once the new ones have the state, the replaced ones go: every shard
+    /// ends with the factor's holders, holdings even, quiet. An owner lost
+    /// meanwhile is replaced by a holder that has the state.
+    #[test]
+    fn a_replaced_holder_stays_until_its_replacement_caught_up(
+        shards in 1usize..13,
+        nodes in 2u64..5,
+        rf in 2usize..4,
+        lose_owner in any::<bool>(),
+    ) {
+        let (mut s, names, _) = placed(shards, nodes, rf);
+        let mut with_state: BTreeSet<(String, NodeId)> = s
+            .holders
+            .iter()
+            .flat_map(|(shard, h)| h.iter().map(move |n| (shard.clone(), *n)))
+            .collect();
+        let floor: BTreeMap<String, usize> =
+            s.holders.iter().map(|(k, h)| (k.clone(), h.len().min(rf))).collect();
+        let after: BTreeSet<NodeId> = (0..=nodes).collect();
+        let l = Liveness { live: after.clone(), members: after.clone(), ..Default::default() };
+        rounds_keeping(&mut s, &names, &l, rf, &with_state, &floor)?;
+        let waiting = catching_up(&s, &with_state);
+        for (shard, h) in &s.holders {
+            let new = h.iter().filter(|n| waiting.contains(&(shard.clone(), **n))).count();
+            prop_assert!(h.len() <= rf + new, "{}: {:?} ({} catching up)", shard, h, new);
+        }
+        // Quiet while they catch up.
+        let l = Liveness { new_holders_catch_up: true, ..l };
+        prop_assert!(
+            place(&s, &names, &Liveness { catching_up: waiting.clone(), ..l.clone() }, rf).is_empty(),
+            "not quiet while catching up"
+        );
+        let l = if lose_owner && !waiting.is_empty() {
+            // The owner-to-be of a shard with a holder catching up dies.
+            let (shard, _) = waiting.iter().next().unwrap();
+            let dead = s.holders[shard][0];
+            let live: BTreeSet<NodeId> = after.iter().copied().filter(|n| *n != dead).collect();
+            let l = Liveness { live, lost: [dead].into(), ..l.clone() };
+            let changes = place(&s, &names, &Liveness { catching_up: catching_up(&s, &with_state), ..l.clone() }, rf);
+            s.apply(&Command::Place { changes }, 40);
+            for (shard, h) in &s.holders {
+                let has = |n: &NodeId| with_state.contains(&(shard.clone(), *n)) && l.live.contains(n);
+                if h.iter().any(has) {
+                    prop_assert!(has(&h[0]), "{}: owner-to-be {} has no state: {:?}", shard, h[0], h);
+                }
+            }
+            l
+        } else {
+            l
+        };
+        // They caught up.
+        with_state.extend(waiting);
+        let floor: BTreeMap<String, usize> = s.holders.keys().map(|k| (k.clone(), 0)).collect();
+        rounds_keeping(&mut s, &names, &l, rf, &with_state, &floor)?;
+        let (held, _) = counts(&s, &l.live);
+        if l.lost.is_empty() {
+            for (shard, h) in &s.holders {
+                prop_assert_eq!(h.len(), rf.min(after.len()), "{}: {:?}", shard, h);
+            }
+            prop_assert!(spread(&held) <= 1, "holdings {:?}", held);
+        }
+        prop_assert!(place(&s, &names, &Liveness { catching_up: catching_up(&s, &with_state), ..l.clone() }, rf).is_empty(), "not quiet");
+    }
+}

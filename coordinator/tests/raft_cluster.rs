@@ -68,6 +68,7 @@ async fn start(
         replication_factor: 0,
         zone: None,
         snapshot_logs,
+        recovery_lag: 10_000,
     })
     .await
     .unwrap();

@@ -116,6 +116,15 @@ async fn rerouted(cluster: &Cluster, id: u64) -> f64 {
     .unwrap_or(0.0)
 }
 
+/// The leader `id`'s count of shards short of holders with their state.
+async fn under_replicated(cluster: &Cluster, id: u64) -> f64 {
+    let m = cluster.members().iter().find(|m| m.id == id).unwrap();
+    metric_value(&metrics_text(m.node.http()).await, |l| {
+        l.starts_with("ndc_cluster_under_replicated_shards ")
+    })
+    .unwrap_or(f64::NAN)
+}
+
 /// Shard streams node `id` serves to other nodes' subscriptions right now.
 async fn streams_served(cluster: &Cluster, id: u64) -> f64 {
     let m = cluster.members().iter().find(|m| m.id == id).unwrap();
@@ -1290,6 +1299,41 @@ async fn nodes_are_removed_and_added_online() {
     assert!(s.members.iter().all(|m| m.id != 2));
     cluster.member(2).kill9();
 
+    // Shards node 2 held have their second holder with the state again.
+    let leader = s.leader_id.unwrap();
+    eventually_async("no shard under-replicated", SETTLE, || async {
+        (under_replicated(&cluster, leader).await == 0.0).then_some(())
+    })
+    .await;
+    // From here on, while node 3 joins and takes standbys, every shard keeps
+    // two holders with its state (make before break): sampled throughout.
+    let joining = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watch_join = {
+        let (http, joining) = (cluster.member(leader).http(), joining.clone());
+        let peer = cluster
+            .members()
+            .iter()
+            .find(|m| m.id == leader)
+            .unwrap()
+            .addr();
+        tokio::spawn(async move {
+            let (mut worst, mut widest) = (0.0f64, 0usize);
+            while joining.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(v) = metric_value(&metrics_text(http).await, |l| {
+                    l.starts_with("ndc_cluster_under_replicated_shards ")
+                }) {
+                    worst = worst.max(v);
+                }
+                if let Ok(s) = admin::status(&peer).await {
+                    let most = s.shards.iter().map(|sh| sh.holders.len()).max();
+                    widest = widest.max(most.unwrap_or(0));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (worst, widest)
+        })
+    };
+
     // A new node 3 joins as learner, catches up, becomes a voter, gets work.
     let addr3 = cluster.prepare_joiner(3);
     cluster.member(3).start().unwrap();
@@ -1312,6 +1356,32 @@ async fn nodes_are_removed_and_added_online() {
         .await;
     eprintln!("node 3 added: rebalanced in {t:?}");
     assert!(s.members.iter().any(|m| m.id == 3 && m.role == "voter"));
+    // Node 3 caught up: the holders it replaced are gone, none lacks state.
+    cluster
+        .wait_for("two holders per shard again", SETTLE, |s| {
+            s.shards.iter().all(|sh| sh.holders.len() == 2)
+                && s.shards.iter().any(|sh| sh.holders.contains(&3))
+        })
+        .await;
+    eventually_async(
+        "no shard under-replicated after the join",
+        SETTLE,
+        || async { (under_replicated(&cluster, leader).await == 0.0).then_some(()) },
+    )
+    .await;
+    joining.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (worst, widest) = watch_join.await.unwrap();
+    eprintln!(
+        "while node 3 joined: {widest} holders at most on a shard, {worst} under-replicated shards at most"
+    );
+    assert_eq!(
+        worst, 0.0,
+        "a shard lost a holder with its state while node 3 caught up"
+    );
+    assert_eq!(
+        widest, 3,
+        "no replaced holder stayed while node 3 caught up"
+    );
 
     // Removing an unknown node is a clear error.
     let err = admin::remove_node(&addr0, 42)

@@ -474,6 +474,7 @@ pub fn coordinator_config(
         replication_factor: cluster.replication_factor,
         zone: cluster.zone.clone(),
         snapshot_logs: cluster.raft_snapshot_logs,
+        recovery_lag: cluster.acceptable_recovery_lag,
         peer_tls: match (peer_client_tls(config), config.tls.insecure) {
             (tls, false) => match (tls.ca, tls.cert, tls.key) {
                 (Some(ca), Some(cert), Some(key)) => Some(ndc_coordinator::PeerTls {

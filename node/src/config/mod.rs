@@ -202,6 +202,10 @@ pub struct ClusterSection {
     /// Raft log entries between snapshots of the cluster metadata (as many
     /// are kept behind a snapshot; a follower further behind gets it).
     pub raft_snapshot_logs: u64,
+    /// Records a standby may be behind its shard's furthest holder and
+    /// still count as having the shard's state: it is promoted first, and a
+    /// holder it replaces is dropped only once it is within this.
+    pub acceptable_recovery_lag: u64,
     /// Change log of view V: topic `<prefix>V` (created by the nodes).
     pub changes_topic_prefix: String,
     /// Replication factor of the change-log topics the nodes create.
@@ -259,6 +263,7 @@ impl Default for ClusterSection {
             raft_heartbeat: Duration::from_millis(100),
             election_timeout: Duration::from_millis(300),
             raft_snapshot_logs: 5000,
+            acceptable_recovery_lag: 10_000,
             changes_topic_prefix: "ndc.changes.".into(),
             changes_replication: 3,
             drain_timeout: Duration::from_secs(10),
