@@ -2449,3 +2449,168 @@ async fn a_sharded_pipeline_is_re_keyed_and_merged_on_the_owners_of_its_shards()
     )
     .await;
 }
+
+/// Members of the pipeline-copy scenario: a sharded pipeline placed at
+/// replication factor 2, its logs trimmed every 300 ms to 5 records behind
+/// their slowest holder, no state copied at start, no audit trail (one
+/// writer at a time on the broker: see the replica trimming scenario).
+fn trimmed_pipeline_member(c: &mut NodeConfig) {
+    placed_pipeline_member(c);
+    c.audit.enabled = false;
+    if let Some(cluster) = c.cluster.as_mut() {
+        cluster.log_trim_interval = Duration::from_millis(300);
+        cluster.log_trim_slack = 5;
+        cluster.state_from_peers = false;
+    }
+}
+
+/// A sharded pipeline's logs are trimmed on a node that runs it alone; a
+/// node that then joins without state is given every shard (factor 2) and,
+/// its logs no longer starting at 0, copies each from the holder — a merge
+/// shard with the golden records, conflicts and join it writes. It ends
+/// with the same golden records and the same change streams as the holder,
+/// from its own state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_shard_is_copied_with_its_derived_views_to_a_node_behind_its_logs() {
+    use ndc_node::serving::pipelines_api as pipelines;
+    let topics: Vec<(&str, i32)> = AGENCIES
+        .iter()
+        .map(|t| (t.topic(), PIPELINE_SHARDS as i32))
+        .chain([("ndc.dead-letter", 1)])
+        .collect();
+    let mut cluster = Cluster::start_on(
+        Broker::start_trimmable(),
+        1,
+        &topics,
+        trimmed_pipeline_member,
+    )
+    .await;
+    let producer = cluster._broker.producer();
+    let mut feeds: Vec<Feed> = AGENCIES
+        .iter()
+        .map(|t| Feed::new(*t, 1_767_225_600_000))
+        .collect();
+    publish_snapshots(&producer, &mut feeds).await;
+    let spec = std::fs::read_to_string(example_spec()).unwrap().replacen(
+        "version: 1\n",
+        &format!("version: 1\nshards: {PIPELINE_SHARDS}\n"),
+        1,
+    );
+    let addr0 = cluster.members()[0].addr();
+    let deadline = Instant::now() + SETTLE;
+    while let Err(e) = pipelines::apply(&addr0, spec.clone(), false).await {
+        assert!(Instant::now() < deadline, "spec not applied: {e}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let golden = converged(
+        &cluster,
+        std::slice::from_ref(&addr0),
+        "national.people",
+        "all people merged",
+        all_merged,
+    )
+    .await;
+    // Every merge shard's log (it writes the golden records) is trimmed.
+    let merge_shards: Vec<String> = (0..PIPELINE_SHARDS)
+        .map(|i| format!("national.people.contributions#{i}"))
+        .collect();
+    let (_, t) = cluster
+        .wait_for("every merge shard's log trimmed", SETTLE, |s| {
+            merge_shards.iter().all(|m| {
+                s.shards
+                    .iter()
+                    .any(|p| &p.shard == m && p.log_start.is_some_and(|l| l > 0))
+            })
+        })
+        .await;
+    eprintln!("merge logs trimmed {t:?} after the start");
+
+    let addr1 = cluster.prepare_joiner(1);
+    cluster.member(1).start().unwrap();
+    let mut joined = false;
+    for _ in 0..100 {
+        if admin::add_node(&addr0, 1, &addr1, false).await.is_ok() {
+            joined = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(joined, "add-node succeeds once node 1 listens");
+    let (s, _) = cluster
+        .wait_for("both nodes holding every shard", SETTLE, |s| {
+            live_members(s).len() == 2
+                && !s.shards.is_empty()
+                && s.shards.iter().all(|p| {
+                    let mut h = p.holders.clone();
+                    h.sort_unstable();
+                    h == [0, 1]
+                })
+        })
+        .await;
+    let trimmed = s
+        .shards
+        .iter()
+        .filter(|p| p.log_start.is_some_and(|l| l > 0))
+        .count();
+    let http = cluster.member(1).http();
+    let installed = eventually_async(
+        "node 1 installing a copy of each trimmed shard",
+        SETTLE,
+        || async {
+            let n = metric_value(&metrics_text(http).await, |l| {
+                l.starts_with("ndc_cluster_shard_copies_total") && l.contains("side=\"installed\"")
+            })
+            .unwrap_or(0.0);
+            (n >= trimmed as f64).then_some(n)
+        },
+    )
+    .await;
+    eprintln!("node 1 installed {installed} shard copies ({trimmed} shards trimmed)");
+    let addr1 = cluster.members()[1].addr();
+    let addrs = [addr0.clone(), addr1.clone()];
+    let both = converged(
+        &cluster,
+        &addrs,
+        "national.people",
+        "the golden records on both nodes",
+        all_merged,
+    )
+    .await;
+    assert_eq!(both, golden);
+    converged(
+        &cluster,
+        &addrs,
+        "national.vehicle_owners",
+        "vehicles joined on both nodes",
+        |r| r.len() == GOLDEN_PEOPLE as usize,
+    )
+    .await;
+    // Node 1's own state: it holds every shard, so it reads none remotely,
+    // and each derived view's change streams stand where node 0's do.
+    for view in [
+        "national.people",
+        "national.people.conflicts",
+        "national.vehicle_owners",
+    ] {
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let (a, b) = (
+                committed_seqs(&addr0, view).await,
+                committed_seqs(&addr1, view).await,
+            );
+            if a == b && !a.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{view}: node 0 at {a:?}, node 1 at {b:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let remote = metric_value(&metrics_text(http).await, |l| {
+        l.starts_with("ndc_subscription_remote_shards_total") && l.contains("opened")
+    })
+    .unwrap_or(0.0);
+    assert_eq!(remote, 0.0, "node 1 read shards remotely");
+}
