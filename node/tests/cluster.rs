@@ -2510,6 +2510,16 @@ async fn a_pipeline_shard_is_copied_with_its_derived_views_to_a_node_behind_its_
         all_merged,
     )
     .await;
+    // At rest before the join: the copy is of settled shards (moving
+    // owners mid-stream is the sharded-pipeline scenario's part).
+    converged(
+        &cluster,
+        std::slice::from_ref(&addr0),
+        "national.vehicle_owners",
+        "vehicles joined",
+        |r| r.len() == GOLDEN_PEOPLE as usize,
+    )
+    .await;
     // Every merge shard's log (it writes the golden records) is trimmed.
     let merge_shards: Vec<String> = (0..PIPELINE_SHARDS)
         .map(|i| format!("national.people.contributions#{i}"))

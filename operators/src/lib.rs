@@ -12,6 +12,7 @@
 //! - [`national_id`]: the 12-digit citizen identification number.
 //! - [`shard`]: how a view's key space is split into shards.
 
+pub mod copy_file;
 pub mod debezium;
 pub mod masking;
 pub mod merge;

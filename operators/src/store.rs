@@ -274,6 +274,20 @@ fn cursor_key(name: &str) -> Vec<u8> {
     format!("cursor/{name}").into_bytes()
 }
 
+/// Set while a copy of the view is being installed: found at open, the
+/// view's state was half replaced, and it starts again empty.
+fn installing_key(name: &str) -> Vec<u8> {
+    format!("installing/{name}").into_bytes()
+}
+
+/// Where a copy's SST files are written before they are ingested: beside
+/// the state directory, on the same file system (ingestion moves them).
+fn scratch_dir(db: &DB) -> PathBuf {
+    let mut dir = db.path().as_os_str().to_owned();
+    dir.push(".copy");
+    PathBuf::from(dir)
+}
+
 fn spec_key(name: &str) -> Vec<u8> {
     format!("spec/{name}").into_bytes()
 }
@@ -859,7 +873,38 @@ impl Store {
             if self.reader.view_id(name).is_some() {
                 continue;
             }
-            let meta = match db.get_cf(meta_cf, view_meta_key(name))? {
+            let stored = db.get_cf(meta_cf, view_meta_key(name))?;
+            let half_installed = db.get_cf(meta_cf, installing_key(name))?.is_some();
+            let meta = match stored {
+                Some(bytes) if half_installed => {
+                    // A copy was being installed when the node stopped: its
+                    // old state is gone, the new one partly in. Empty again,
+                    // with a new incarnation (resume tokens of it are void);
+                    // its shard's log position is behind the log, so the copy
+                    // is made again.
+                    let old = decode::<ViewMeta>(&bytes, || format!("meta of view {name}"))?;
+                    let id = ViewId(old.id);
+                    for family in [CF_ROWS, CF_CHANGELOG, CF_OFFSETS] {
+                        created.delete_range_cf(
+                            cf(&db, family),
+                            id.prefix().to_vec(),
+                            prefix_end(id),
+                        );
+                    }
+                    created.delete_cf(meta_cf, cursor_key(name));
+                    created.delete_cf(meta_cf, installing_key(name));
+                    let meta = ViewMeta {
+                        id: old.id,
+                        incarnation: new_incarnation(old.id),
+                        last_seq: 0,
+                        retained_from_seq: 1,
+                        truncated_at: None,
+                        live_rows: 0,
+                    };
+                    created.put_cf(meta_cf, view_meta_key(name), meta.encode_to_vec());
+                    tracing::warn!(view = %name, "a shard copy was half installed when the node stopped: the view starts empty and is copied again");
+                    meta
+                }
                 Some(bytes) => decode::<ViewMeta>(&bytes, || format!("meta of view {name}"))?,
                 None => {
                     let meta = ViewMeta {
@@ -878,11 +923,17 @@ impl Store {
             let id = ViewId(meta.id);
             let mut opts = ReadOptions::default();
             opts.set_iterate_upper_bound(prefix_end(id));
-            for item in db.iterator_cf_opt(
-                cf(&db, CF_OFFSETS),
-                opts,
-                IteratorMode::From(&id.prefix(), Direction::Forward),
-            ) {
+            // (A half-installed view's offsets are being deleted.)
+            let stored_offsets = if half_installed {
+                None
+            } else {
+                Some(db.iterator_cf_opt(
+                    cf(&db, CF_OFFSETS),
+                    opts,
+                    IteratorMode::From(&id.prefix(), Direction::Forward),
+                ))
+            };
+            for item in stored_offsets.into_iter().flatten() {
                 let (k, v) = item?;
                 if k.len() < 4 || v.len() != 8 {
                     continue;
@@ -938,20 +989,38 @@ impl Store {
     /// must be written by this handle. Used by a holder that can no longer
     /// catch up from a change log (trimmed past its position).
     pub fn install_view(&mut self, name: &str, entries: Vec<StateEntry>) -> Result<(), StoreError> {
+        self.install_view_from(name, entries.into_iter().map(Ok))
+    }
+
+    /// As [`Store::install_view`], reading the copy as it goes (from a
+    /// file, see [`crate::copy_file`]): rows, change stream and offsets are
+    /// written to SST files and ingested, so a copy's size is bounded by
+    /// disk, not memory. Each family's entries must come together, keys
+    /// ascending (as [`StoreReader::export_views`] gives them). Crash-safe:
+    /// the view is marked before its old state is deleted and unmarked in
+    /// the write that stores its new metadata; a view found marked at open
+    /// starts again empty (see [`Store::add_views`]).
+    pub fn install_view_from(
+        &mut self,
+        name: &str,
+        entries: impl IntoIterator<Item = Result<StateEntry, StoreError>>,
+    ) -> Result<(), StoreError> {
         let id = self
             .reader
             .view_id(name)
             .filter(|id| self.names.contains_key(id))
             .ok_or_else(|| StoreError::UnknownView(name.into()))?;
         let db = self.reader.db.clone();
-        let mut batch = WriteBatch::default();
-        for family in [CF_ROWS, CF_CHANGELOG, CF_OFFSETS] {
-            batch.delete_range_cf(cf(&db, family), id.prefix().to_vec(), prefix_end(id));
-        }
-        batch.delete_cf(cf(&db, CF_META), cursor_key(name));
+        let scratch = scratch_dir(&db);
+        std::fs::create_dir_all(&scratch)?;
+        let sst_opts = Options::default();
         let mut meta = None;
+        let mut cursor = None;
         let mut offsets = Vec::new();
+        let mut open: Option<(StateFamily, rocksdb::SstFileWriter<'_>, PathBuf)> = None;
+        let mut files: Vec<(StateFamily, PathBuf)> = Vec::new();
         for e in entries {
+            let e = e?;
             match e.family {
                 StateFamily::Meta => {
                     let mut m: ViewMeta =
@@ -960,7 +1029,7 @@ impl Store {
                     m.id = id.0;
                     meta = Some(m);
                 }
-                StateFamily::Cursor => batch.put_cf(cf(&db, CF_META), cursor_key(name), &e.value),
+                StateFamily::Cursor => cursor = Some(e.value),
                 family => {
                     if family == StateFamily::Offsets {
                         let stream: Arc<str> = String::from_utf8_lossy(&e.key).into();
@@ -969,21 +1038,64 @@ impl Store {
                         })?;
                         offsets.push((stream, u64::from_be_bytes(value)));
                     }
-                    batch.put_cf(
-                        cf(&db, family.column_family()),
-                        row_key(id, &e.key),
-                        &e.value,
-                    );
+                    if open.as_ref().is_none_or(|(f, _, _)| *f != family) {
+                        if let Some((f, mut writer, path)) = open.take() {
+                            writer.finish()?;
+                            files.push((f, path));
+                        }
+                        if files.iter().any(|(f, _)| *f == family) {
+                            return Err(StoreError::CorruptRow(format!(
+                                "the copy of view {name} has its {family:?} entries apart"
+                            )));
+                        }
+                        let path = scratch.join(format!("{}-{}.sst", id.0, family.number()));
+                        let writer = rocksdb::SstFileWriter::create(&sst_opts);
+                        writer.open(&path)?;
+                        open = Some((family, writer, path));
+                    }
+                    if let Some((_, writer, _)) = open.as_mut() {
+                        // Out of order keys are refused here (a corrupt copy).
+                        writer.put(row_key(id, &e.key), &e.value)?;
+                    }
                 }
             }
+        }
+        if let Some((f, mut writer, path)) = open.take() {
+            writer.finish()?;
+            files.push((f, path));
         }
         let meta = meta.ok_or_else(|| {
             StoreError::CorruptRow(format!("the copy of view {name} has no metadata"))
         })?;
-        batch.put_cf(cf(&db, CF_META), view_meta_key(name), meta.encode_to_vec());
-        let mut opts = WriteOptions::default();
-        opts.set_sync(true);
-        db.write_opt(batch, &opts)?;
+        let mut synced = WriteOptions::default();
+        synced.set_sync(true);
+        let meta_cf = cf(&db, CF_META);
+        // 1. Marked, and the old state gone.
+        let mut batch = WriteBatch::default();
+        batch.put_cf(meta_cf, installing_key(name), b"");
+        for family in [CF_ROWS, CF_CHANGELOG, CF_OFFSETS] {
+            batch.delete_range_cf(cf(&db, family), id.prefix().to_vec(), prefix_end(id));
+        }
+        batch.delete_cf(meta_cf, cursor_key(name));
+        db.write_opt(batch, &synced)?;
+        // 2. The copy's files, moved in (above the deletions).
+        let mut ingest = rocksdb::IngestExternalFileOptions::default();
+        ingest.set_move_files(true);
+        for (family, path) in &files {
+            db.ingest_external_file_cf_opts(
+                cf(&db, family.column_family()),
+                &ingest,
+                vec![path.as_path()],
+            )?;
+        }
+        // 3. Its metadata, and no longer marked.
+        let mut batch = WriteBatch::default();
+        if let Some(cursor) = &cursor {
+            batch.put_cf(meta_cf, cursor_key(name), cursor);
+        }
+        batch.put_cf(meta_cf, view_meta_key(name), meta.encode_to_vec());
+        batch.delete_cf(meta_cf, installing_key(name));
+        db.write_opt(batch, &synced)?;
         self.metas.insert(id, meta);
         self.offsets.retain(|(v, _), _| *v != id);
         for (stream, offset) in offsets {

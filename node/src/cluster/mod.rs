@@ -46,7 +46,17 @@ pub struct LogInput {
     /// A copy of the shard's whole state that replaces this node's (the log
     /// was trimmed past it; see [`trim`]); `offset` is then the next log
     /// offset the copy has applied, and `record` is empty.
-    pub copy: Option<Vec<(String, Vec<ndc_operators::StateEntry>)>>,
+    /// Each view's copy is a file ([`ndc_operators::copy_file`]), removed
+    /// once installed.
+    pub copy: Option<Vec<(String, std::path::PathBuf)>>,
+}
+
+/// How a node copies a shard from a holder: over the peer listener with
+/// this TLS, spilling the copy to files in `dir` as it arrives.
+#[derive(Clone)]
+pub struct ShardCopies {
+    pub tls: ClientTls,
+    pub dir: std::path::PathBuf,
 }
 
 /// The cluster's change logs, shared by the state writer (which writes
@@ -226,9 +236,15 @@ pub async fn run_log_source(
     coordinator: Coordinator,
     start: BTreeMap<ViewId, Option<u64>>,
     tx: crate::views::Inputs<LogInput>,
-    copies: Option<ClientTls>,
+    copies: Option<ShardCopies>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    if let Some(c) = &copies {
+        // Left by copies cut short (the node stopped): never installed.
+        let _ = std::fs::remove_dir_all(&c.dir);
+        std::fs::create_dir_all(&c.dir)
+            .with_context(|| format!("cannot create {}", c.dir.display()))?;
+    }
     let consumer: StreamConsumer = crate::kafka::consumer_config(
         &kafka,
         &format!("{}-log", kafka.group_id),
@@ -356,13 +372,13 @@ pub async fn run_log_source(
                             }
                             crate::kafka::Step::Take { missing: Some(needed) } if copies.is_some() => {
                                 // Trimmed past this node: copy the shard.
-                                let (Some(tls), Some(shard)) = (copies.clone(), log.names.get(&view).cloned()) else { continue };
+                                let (Some(copies), Some(shard)) = (copies.clone(), log.names.get(&view).cloned()) else { continue };
                                 metrics::counter!(metric::LOG_GAPS).increment(1);
                                 warn!(topic = m.topic(), needed, first = offset,
                                       "change log starts after what this node has applied (trimmed): copying the shard's state from a holder");
                                 copying.insert(m.topic().to_string());
                                 tokio::spawn(copy_until_done(
-                                    coordinator.clone(), tls, shard, m.topic().to_string(),
+                                    coordinator.clone(), copies, shard, m.topic().to_string(),
                                     stream.to_string(), offset, copied_tx.clone(), shutdown.clone(),
                                 ));
                                 continue;
@@ -417,7 +433,7 @@ pub async fn run_log_source(
 #[allow(clippy::too_many_arguments)]
 async fn copy_until_done(
     coordinator: Coordinator,
-    tls: ClientTls,
+    copies: ShardCopies,
     shard: String,
     topic: String,
     stream: String,
@@ -427,7 +443,8 @@ async fn copy_until_done(
 ) {
     let started = std::time::Instant::now();
     loop {
-        if let Some(copy) = trim::copy_shard(&coordinator, &tls, &shard, &stream, at_least).await {
+        if let Some(copy) = trim::copy_shard(&coordinator, &copies, &shard, &stream, at_least).await
+        {
             metrics::counter!(metric::SHARD_COPIES, "side" => "received", "outcome" => "copied")
                 .increment(1);
             info!(%shard, seconds = started.elapsed().as_secs_f64(), "shard state received");

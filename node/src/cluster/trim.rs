@@ -18,7 +18,6 @@
 //! writer install it in place of what it had, and tails the log from the
 //! copy's position.
 
-use crate::client::ClientTls;
 use crate::cluster::ClusterLog;
 use crate::config::KafkaSection;
 use crate::telemetry::metric;
@@ -31,6 +30,7 @@ use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -241,9 +241,10 @@ fn chunk(view: &str, batch: Vec<StateEntry>, complete: bool) -> ShardStateChunk 
 }
 
 /// A shard's state copied from a holder (by store view: the views its log
-/// writes besides it, then the shard), and the next log offset it holds.
+/// writes besides it, then the shard; each in a file), and the next log
+/// offset it holds.
 pub struct ShardCopy {
-    pub views: Vec<(String, Vec<StateEntry>)>,
+    pub views: Vec<(String, PathBuf)>,
     pub next_offset: u64,
     pub from: u64,
 }
@@ -254,7 +255,7 @@ pub struct ShardCopy {
 /// holder has such a copy now (each tried once).
 pub async fn copy_shard(
     coordinator: &Coordinator,
-    tls: &ClientTls,
+    copies: &super::ShardCopies,
     shard: &str,
     stream: &str,
     at_least: u64,
@@ -269,7 +270,7 @@ pub async fn copy_shard(
         let Some(addr) = coordinator.member_addr(peer) else {
             continue;
         };
-        match fetch_copy(&addr, tls, shard, stream).await {
+        match fetch_copy(&addr, copies, shard, stream).await {
             Ok((views, next_offset)) if next_offset >= at_least => {
                 return Some(ShardCopy {
                     views,
@@ -290,11 +291,12 @@ pub async fn copy_shard(
 
 async fn fetch_copy(
     addr: &str,
-    tls: &ClientTls,
+    copies: &super::ShardCopies,
     shard: &str,
     stream: &str,
-) -> anyhow::Result<(Vec<(String, Vec<StateEntry>)>, u64)> {
-    let mut client = StateClient::new(crate::client::channel(addr, Some(tls)).await?)
+) -> anyhow::Result<(Vec<(String, PathBuf)>, u64)> {
+    use ndc_operators::copy_file::CopyFileWriter;
+    let mut client = StateClient::new(crate::client::channel(addr, Some(&copies.tls)).await?)
         .max_decoding_message_size(64 << 20);
     let mut chunks = client
         .copy_shard(CopyShardRequest {
@@ -302,13 +304,27 @@ async fn fetch_copy(
         })
         .await?
         .into_inner();
-    let mut views: Vec<(String, Vec<StateEntry>)> = Vec::new();
+    // One file per view, as the chunks come: memory holds one chunk.
+    let dir = copies.dir.join(shard);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut views: Vec<(String, PathBuf)> = Vec::new();
+    let mut open: Option<(CopyFileWriter, u64)> = None;
     let mut next_offset = None;
+    async fn finish(open: Option<(CopyFileWriter, u64)>) -> anyhow::Result<()> {
+        if let Some((writer, _)) = open {
+            tokio::task::spawn_blocking(move || writer.finish()).await??;
+        }
+        Ok(())
+    }
     while let Some(chunk) = chunks.message().await? {
         if views.last().is_none_or(|(v, _)| *v != chunk.view) {
-            views.push((chunk.view.clone(), Vec::new()));
+            finish(open.take()).await?;
+            let path = dir.join(format!("{}.copy", views.len()));
+            open = Some((CopyFileWriter::create(&path)?, 0));
+            views.push((chunk.view.clone(), path));
         }
-        let Some((view, entries)) = views.last_mut() else {
+        let (Some((view, _)), Some((writer, written))) = (views.last(), open.as_mut()) else {
             continue;
         };
         for e in chunk.entries {
@@ -319,14 +335,23 @@ async fn fetch_copy(
                     .context("a log offset that is not 8 bytes")?;
                 next_offset = Some(u64::from_be_bytes(value));
             }
-            entries.push(StateEntry {
+            writer.push(&StateEntry {
                 family,
                 key: e.key,
                 value: e.value,
-            });
+            })?;
+            *written += 1;
         }
         if chunk.complete {
-            views.retain(|(_, entries)| !entries.is_empty());
+            if open.as_ref().is_some_and(|(_, n)| *n == 0) {
+                // A view with nothing (the holder sends each view's
+                // metadata, so only a view it no longer has).
+                finish(open.take()).await?;
+                if let Some((_, path)) = views.pop() {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+            finish(open.take()).await?;
             anyhow::ensure!(
                 views.last().is_some_and(|(v, _)| v == shard),
                 "the copy does not end with the shard itself"

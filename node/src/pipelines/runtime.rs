@@ -597,7 +597,10 @@ impl Runtime {
         let (log_tx, log_rxs) = crate::views::Inputs::new(pool.by_view.clone(), pool.writers, 128);
         // Logs may be trimmed: a holder left behind copies its shard.
         let trimming = !section.log_trim_interval.is_zero();
-        let copies = trimming.then(|| crate::cluster::peer_client_tls(&self.config));
+        let copies = trimming.then(|| crate::cluster::ShardCopies {
+            tls: crate::cluster::peer_client_tls(&self.config),
+            dir: self.config.node.data_dir.join("shard-copies"),
+        });
         let mut tasks = Vec::new();
         if trimming {
             let trimmer = crate::cluster::trim::run_log_trimmer(

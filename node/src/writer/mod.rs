@@ -670,11 +670,11 @@ impl Writer {
         &mut self,
         view: ViewId,
         next_offset: u64,
-        copy: Vec<(String, Vec<ndc_operators::StateEntry>)>,
+        copy: Vec<(String, std::path::PathBuf)>,
     ) {
         let started = Instant::now();
         let mut heads = Vec::new();
-        for (name, entries) in copy {
+        for (name, file) in copy {
             // A view this node does not run (other pipeline versions) is
             // skipped, as its effects in log records are.
             let Some(id) = self
@@ -683,9 +683,13 @@ impl Writer {
                 .filter(|id| self.store.held_views().contains(id))
             else {
                 warn!(view = %name, "a shard copy names a view this writer does not hold; skipped (run the same pipeline versions on every node)");
+                let _ = std::fs::remove_file(&file);
                 continue;
             };
-            if let Err(e) = self.store.install_view(&name, entries) {
+            let installed = ndc_operators::copy_file::read_copy_file(&file)
+                .and_then(|entries| self.store.install_view_from(&name, entries));
+            let _ = std::fs::remove_file(&file);
+            if let Err(e) = installed {
                 self.fail(format!("cannot install the copy of {name}: {e}"));
                 return;
             }
@@ -1286,6 +1290,22 @@ mod tests {
             })
             .unwrap();
         copy.insert(0, ("not-run-here".to_string(), Vec::new()));
+        // Spilled to files, as the log source receives them.
+        let spill = tempfile::tempdir().unwrap();
+        let copy: Vec<(String, std::path::PathBuf)> = copy
+            .into_iter()
+            .enumerate()
+            .map(|(i, (name, entries))| {
+                let path = spill.path().join(format!("{i}.copy"));
+                let mut file = ndc_operators::copy_file::CopyFileWriter::create(&path).unwrap();
+                for e in &entries {
+                    file.push(e).unwrap();
+                }
+                file.finish().unwrap();
+                (name, path)
+            })
+            .collect();
+        let files: Vec<std::path::PathBuf> = copy.iter().map(|(_, p)| p.clone()).collect();
 
         // This node: an older state of its own, a subscriber's view of the
         // heads, and the copy arriving in a log batch.
@@ -1343,6 +1363,10 @@ mod tests {
         assert_eq!(
             golden_head.borrow().seq,
             theirs.view_meta("golden").unwrap().last_seq
+        );
+        assert!(
+            files.iter().all(|f| !f.exists()),
+            "the copy's files are removed once installed"
         );
     }
 
