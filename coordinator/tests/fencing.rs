@@ -3,19 +3,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::wait;
+
 use ndc_coordinator::{Coordinator, CoordinatorConfig, Peer};
 use std::time::{Duration, Instant};
-
-async fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_acts_only_on_its_current_epoch_and_only_while_its_lease_holds() {

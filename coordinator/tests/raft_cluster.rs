@@ -5,20 +5,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::wait;
+
 use ndc_coordinator::{Command, Coordinator, CoordinatorConfig, Peer};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-
-async fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
 
 struct Node {
     coordinator: Coordinator,

@@ -310,6 +310,24 @@ impl Cluster {
         self.nodes.prepare_joiner(id, config).unwrap()
     }
 
+    /// Starts node `id` anew and adds it to the cluster through `via` (a
+    /// member's gRPC address), retrying until it listens.
+    async fn join(&mut self, id: u64, via: &str) -> ndc_proto::cluster::MembershipReply {
+        let addr = self.prepare_joiner(id);
+        self.member(id).start().unwrap();
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            match admin::add_node(via, id, &addr, false).await {
+                Ok(m) => return m,
+                Err(e) => assert!(
+                    Instant::now() < deadline,
+                    "add-node of ndc-{id} never succeeded: {e}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     fn member(&mut self, id: u64) -> &mut NodeProcess {
         self.nodes.member(id)
     }
@@ -1335,19 +1353,7 @@ async fn nodes_are_removed_and_added_online() {
     };
 
     // A new node 3 joins as learner, catches up, becomes a voter, gets work.
-    let addr3 = cluster.prepare_joiner(3);
-    cluster.member(3).start().unwrap();
-    let mut joined = None;
-    for _ in 0..100 {
-        match admin::add_node(&addr0, 3, &addr3, false).await {
-            Ok(m) => {
-                joined = Some(m);
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-    let m = joined.expect("add-node succeeds once node 3 listens");
+    let m = cluster.join(3, &addr0).await;
     assert_eq!(m.voters, vec![0, 1, 3]);
     let (s, t) = cluster
         .wait_for("rebalance onto node 3", SETTLE, |s| {
@@ -1607,17 +1613,7 @@ async fn change_logs_are_trimmed_and_a_node_behind_them_copies_its_shards() {
     // Node 1 joins without state: every shard it is given (all of them, at
     // replication factor 2) has a log that no longer starts at 0.
     let addr0 = cluster.members()[0].addr();
-    let addr1 = cluster.prepare_joiner(1);
-    cluster.member(1).start().unwrap();
-    let mut joined = false;
-    for _ in 0..100 {
-        if admin::add_node(&addr0, 1, &addr1, false).await.is_ok() {
-            joined = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(joined, "add-node succeeds once node 1 listens");
+    cluster.join(1, &addr0).await;
     let (_, t) = cluster
         .wait_for("both nodes holding every shard", SETTLE, |s| {
             live_members(s).len() == 2 && placed_over(s, &[0, 1])
@@ -1625,15 +1621,7 @@ async fn change_logs_are_trimmed_and_a_node_behind_them_copies_its_shards() {
         .await;
     eprintln!("node 1 placed {t:?} after it joined");
     let http = cluster.member(1).http();
-    let installed = eventually_async("node 1 installing a copy of each shard", SETTLE, || async {
-        let text = metrics_text(http).await;
-        let n = metric_value(&text, |l| {
-            l.starts_with("ndc_cluster_shard_copies_total") && l.contains("side=\"installed\"")
-        })
-        .unwrap_or(0.0);
-        (n >= f64::from(SHARDS)).then_some(n)
-    })
-    .await;
+    let installed = copies_installed(&cluster, "each shard", f64::from(SHARDS)).await;
     let sent_copies = copies(&cluster, "sent").await;
     eprintln!("node 1 installed {installed} shard copies; node 0 sent {sent_copies}");
     assert!(sent_copies >= installed);
@@ -1675,6 +1663,15 @@ async fn change_logs_are_trimmed_and_a_node_behind_them_copies_its_shards() {
 }
 
 /// Shard copies counted by the running nodes on `side` (sent, installed).
+/// Waits until the running nodes installed `at_least` shard copies (`what`).
+async fn copies_installed(cluster: &Cluster, what: &str, at_least: f64) -> f64 {
+    eventually_async(&format!("a copy of {what} installed"), SETTLE, || async {
+        let n = copies(cluster, "installed").await;
+        (n >= at_least).then_some(n)
+    })
+    .await
+}
+
 async fn copies(cluster: &Cluster, side: &str) -> f64 {
     let mut sum = 0.0;
     for m in cluster.members().iter().filter(|m| m.running()) {
@@ -2535,17 +2532,7 @@ async fn a_pipeline_shard_is_copied_with_its_derived_views_to_a_node_behind_its_
         .await;
     eprintln!("merge logs trimmed {t:?} after the start");
 
-    let addr1 = cluster.prepare_joiner(1);
-    cluster.member(1).start().unwrap();
-    let mut joined = false;
-    for _ in 0..100 {
-        if admin::add_node(&addr0, 1, &addr1, false).await.is_ok() {
-            joined = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(joined, "add-node succeeds once node 1 listens");
+    cluster.join(1, &addr0).await;
     let (s, _) = cluster
         .wait_for("both nodes holding every shard", SETTLE, |s| {
             live_members(s).len() == 2
@@ -2563,18 +2550,7 @@ async fn a_pipeline_shard_is_copied_with_its_derived_views_to_a_node_behind_its_
         .filter(|p| p.log_start.is_some_and(|l| l > 0))
         .count();
     let http = cluster.member(1).http();
-    let installed = eventually_async(
-        "node 1 installing a copy of each trimmed shard",
-        SETTLE,
-        || async {
-            let n = metric_value(&metrics_text(http).await, |l| {
-                l.starts_with("ndc_cluster_shard_copies_total") && l.contains("side=\"installed\"")
-            })
-            .unwrap_or(0.0);
-            (n >= trimmed as f64).then_some(n)
-        },
-    )
-    .await;
+    let installed = copies_installed(&cluster, "each trimmed shard", trimmed as f64).await;
     eprintln!("node 1 installed {installed} shard copies ({trimmed} shards trimmed)");
     let addr1 = cluster.members()[1].addr();
     let addrs = [addr0.clone(), addr1.clone()];
