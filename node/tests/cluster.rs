@@ -2239,22 +2239,8 @@ async fn a_sharded_pipeline_is_re_keyed_and_merged_on_the_owners_of_its_shards()
         .collect();
     let mut cluster = Cluster::start_with(3, &topics, placed_pipeline_member).await;
     let producer = cluster._broker.producer();
-    let mut feeds: Vec<Feed> = AGENCIES
-        .iter()
-        .map(|t| Feed::new(*t, 1_767_225_600_000))
-        .collect();
-    publish_snapshots(&producer, &mut feeds).await;
-    let spec = std::fs::read_to_string(example_spec()).unwrap().replacen(
-        "version: 1\n",
-        &format!("version: 1\nshards: {PIPELINE_SHARDS}\n"),
-        1,
-    );
+    let mut feeds = start_sharded_pipeline(&cluster, &producer).await;
     let addrs: Vec<String> = cluster.members().iter().map(|m| m.addr()).collect();
-    let deadline = Instant::now() + SETTLE;
-    while let Err(e) = pipelines::apply(&addrs[0], spec.clone(), false).await {
-        assert!(Instant::now() < deadline, "spec not applied: {e}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
     let golden = converged(
         &cluster,
         &addrs,
@@ -2447,6 +2433,33 @@ async fn a_sharded_pipeline_is_re_keyed_and_merged_on_the_owners_of_its_shards()
     .await;
 }
 
+/// Publishes every agency's snapshot and applies the example pipeline in
+/// `PIPELINE_SHARDS` shards through the first node; returns the feeds, to
+/// publish more changes.
+async fn start_sharded_pipeline(
+    cluster: &Cluster,
+    producer: &rdkafka::producer::FutureProducer,
+) -> Vec<Feed> {
+    use ndc_node::serving::pipelines_api as pipelines;
+    let mut feeds: Vec<Feed> = AGENCIES
+        .iter()
+        .map(|t| Feed::new(*t, 1_767_225_600_000))
+        .collect();
+    publish_snapshots(producer, &mut feeds).await;
+    let spec = std::fs::read_to_string(example_spec()).unwrap().replacen(
+        "version: 1\n",
+        &format!("version: 1\nshards: {PIPELINE_SHARDS}\n"),
+        1,
+    );
+    let addr = cluster.members()[0].addr();
+    let deadline = Instant::now() + SETTLE;
+    while let Err(e) = pipelines::apply(&addr, spec.clone(), false).await {
+        assert!(Instant::now() < deadline, "spec not applied: {e}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    feeds
+}
+
 /// Members of the pipeline-copy scenario: a sharded pipeline placed at
 /// replication factor 2, its logs trimmed every 300 ms to 5 records behind
 /// their slowest holder, no state copied at start, no audit trail (one
@@ -2469,7 +2482,6 @@ fn trimmed_pipeline_member(c: &mut NodeConfig) {
 /// from its own state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipeline_shard_is_copied_with_its_derived_views_to_a_node_behind_its_logs() {
-    use ndc_node::serving::pipelines_api as pipelines;
     let topics: Vec<(&str, i32)> = AGENCIES
         .iter()
         .map(|t| (t.topic(), PIPELINE_SHARDS as i32))
@@ -2483,22 +2495,8 @@ async fn a_pipeline_shard_is_copied_with_its_derived_views_to_a_node_behind_its_
     )
     .await;
     let producer = cluster._broker.producer();
-    let mut feeds: Vec<Feed> = AGENCIES
-        .iter()
-        .map(|t| Feed::new(*t, 1_767_225_600_000))
-        .collect();
-    publish_snapshots(&producer, &mut feeds).await;
-    let spec = std::fs::read_to_string(example_spec()).unwrap().replacen(
-        "version: 1\n",
-        &format!("version: 1\nshards: {PIPELINE_SHARDS}\n"),
-        1,
-    );
+    start_sharded_pipeline(&cluster, &producer).await;
     let addr0 = cluster.members()[0].addr();
-    let deadline = Instant::now() + SETTLE;
-    while let Err(e) = pipelines::apply(&addr0, spec.clone(), false).await {
-        assert!(Instant::now() < deadline, "spec not applied: {e}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
     let golden = converged(
         &cluster,
         std::slice::from_ref(&addr0),
