@@ -2598,3 +2598,68 @@ async fn a_pipeline_shard_is_copied_with_its_derived_views_to_a_node_behind_its_
     .unwrap_or(0.0);
     assert_eq!(remote, 0.0, "node 1 read shards remotely");
 }
+
+/// A node joins while a sharded pipeline's first load is still being
+/// re-keyed and merged: shards are placed on it and owners move to it
+/// mid-stream. Every node still ends with every golden record and every
+/// vehicle owner (a move must not drop facts in flight).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_joins_while_a_pipeline_loads_loses_no_fact() {
+    let topics: Vec<(&str, i32)> = AGENCIES
+        .iter()
+        .map(|t| (t.topic(), PIPELINE_SHARDS as i32))
+        .chain([("ndc.dead-letter", 1)])
+        .collect();
+    let mut cluster = Cluster::start_with(2, &topics, placed_pipeline_member).await;
+    let producer = cluster._broker.producer();
+    let mut feeds = start_sharded_pipeline(&cluster, &producer).await;
+    // Every citizen changes phone ten times, paced, while node 2 joins.
+    const VERSIONS: u32 = 10;
+    let mut citizens = feeds.swap_remove(0);
+    let load = {
+        let producer = producer.clone();
+        tokio::spawn(async move {
+            for v in 1..=VERSIONS {
+                for i in 0..GOLDEN_PEOPLE {
+                    publish_event(
+                        &producer,
+                        Table::Citizens.topic(),
+                        &citizens.event('u', i, v, None),
+                    )
+                    .await;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    let addr0 = cluster.members()[0].addr();
+    cluster.join(2, &addr0).await;
+    let (s, _) = cluster
+        .wait_for("owners on node 2", SETTLE, |s| {
+            s.partitions.iter().any(|p| p.owner == Some(2))
+        })
+        .await;
+    let moved_mid_load = !load.is_finished();
+    load.await.unwrap();
+    eprintln!(
+        "node 2 owns {} partitions; owners moved while the load ran: {moved_mid_load}",
+        s.partitions.iter().filter(|p| p.owner == Some(2)).count()
+    );
+    let addrs: Vec<String> = cluster.members().iter().map(|m| m.addr()).collect();
+    converged(
+        &cluster,
+        &addrs,
+        "national.people",
+        "every person's last phone on every node",
+        |r| all_merged(r) && phones_are(VERSIONS)(r),
+    )
+    .await;
+    converged(
+        &cluster,
+        &addrs,
+        "national.vehicle_owners",
+        "every vehicle joined on every node",
+        |r| r.len() == GOLDEN_PEOPLE as usize,
+    )
+    .await;
+}

@@ -456,6 +456,23 @@ impl Assigner {
     }
 }
 
+/// Resolves once `partition` is no longer this node's at `epoch` in the
+/// applied cluster state.
+async fn assignment_changed(coordinator: &Coordinator, partition: &str, epoch: u64) {
+    let me = coordinator.node_id();
+    let mut applied = coordinator.watch();
+    loop {
+        let still = applied
+            .borrow_and_update()
+            .cluster
+            .owner(partition)
+            .is_some_and(|a| a.owner == Some(me) && a.epoch == epoch);
+        if !still || applied.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Cluster mode: keeps the consumer's assignment equal to the partitions the
 /// cluster gives this node (none while its lease is not valid), and reports
 /// them, with offsets and high watermarks, in the node's heartbeats.
@@ -576,10 +593,24 @@ async fn follow_assignments(
                 let Some(&pid_epoch) = views.get(&view) else {
                     continue;
                 };
-                if let Err(e) = log.fence(view, &pid, pid_epoch, &shutdown).await {
-                    warn!(partition = %pid, error = %e, "cannot fence the partition yet; will retry");
-                    ok = false;
-                    break;
+                // The wait ends if the assignment changes meanwhile: a node
+                // that lost the partition (or its shard) again before its
+                // fence came back would otherwise wait for it forever, and
+                // consume none of the partitions it owns.
+                let moved_on = assignment_changed(&coordinator, &pid, pid_epoch);
+                tokio::select! {
+                    r = log.fence(view, &pid, pid_epoch, &shutdown) => {
+                        if let Err(e) = r {
+                            warn!(partition = %pid, error = %e, "cannot fence the partition yet; will retry");
+                            ok = false;
+                            break;
+                        }
+                    }
+                    () = moved_on => {
+                        info!(partition = %pid, epoch = pid_epoch, "assignment changed while fencing the partition; planning again");
+                        ok = false;
+                        break;
+                    }
                 }
             }
             if ok {
