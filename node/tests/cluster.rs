@@ -843,7 +843,8 @@ async fn partitions_fail_over_when_nodes_die_and_rebalance_when_they_return() {
         eprintln!("round {round}");
         let (s, _) = cluster
             .wait_for("a balanced cluster before the round", SETTLE, |s| {
-                live_members(s).len() == 3 && balanced_over(s, &[0, 1, 2])
+                // Placed too: no holder kept while another catches up.
+                live_members(s).len() == 3 && placed_over(s, &[0, 1, 2])
             })
             .await;
         // 1. kill -9 a follower: not the subscriber's node (0) when it can
