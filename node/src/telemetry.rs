@@ -66,6 +66,9 @@ pub mod metric {
     pub const FORWARD_LAG: &str = "ndc_pipeline_forward_lag_changes";
     /// Failed attempts to publish facts (retried), by `pipeline`.
     pub const FORWARD_ERRORS: &str = "ndc_pipeline_forward_errors_total";
+    /// Repartition producers replaced after a fatal error or 20 failed
+    /// rounds in a row.
+    pub const FORWARD_PRODUCERS_RENEWED: &str = "ndc_pipeline_forward_producers_renewed_total";
     /// Pipeline specs applied (`outcome`: applied, unchanged, rejected) and dropped.
     pub const PIPELINE_APPLIES: &str = "ndc_pipeline_applies_total";
     /// Failed attempts to write dead letters (the batch is retried).

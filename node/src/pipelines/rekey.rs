@@ -19,7 +19,7 @@ use ndc_operators::StoreReader;
 use ndc_operators::ViewId;
 use ndc_operators::merge::facts_of_change;
 use ndc_proto::state::LogRecord;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -51,6 +51,9 @@ pub struct Forwarder {
     pub sources: Vec<ForwardSource>,
     pub reader: StoreReader,
     pub producer: FutureProducer,
+    /// To make a new producer when this one fails for good (an idempotent
+    /// producer that the broker fenced stays fenced).
+    pub producer_config: rdkafka::ClientConfig,
     pub shutdown: CancellationToken,
     /// Cluster mode: a source shard's changes are re-keyed by the node that
     /// owns its source partitions (the first of them, if several nodes own
@@ -133,6 +136,26 @@ impl Forwarder {
                         if failures == 1 || failures.is_multiple_of(50) {
                             warn!(pipeline = %self.pipeline, shard = %s.store_name, error = %e, failures,
                                   "cannot publish facts to the repartition topic; retrying");
+                        }
+                        // A fatal producer error (fenced, epoch lost) never
+                        // clears, and a producer failing every round for
+                        // long may be stuck the same way: a new producer
+                        // takes over. What the old one may have published is
+                        // published again from the cursor; the merge ignores
+                        // the duplicates.
+                        let fatal = self.producer.client().fatal_error();
+                        if fatal.is_some() || failures.is_multiple_of(20) {
+                            match self.producer_config.create::<FutureProducer>() {
+                                Ok(p) => {
+                                    warn!(pipeline = %self.pipeline, fatal = ?fatal, failures,
+                                          "the repartition producer keeps failing; a new one takes over");
+                                    metrics::counter!(metric::FORWARD_PRODUCERS_RENEWED, "pipeline" => self.pipeline.clone())
+                                        .increment(1);
+                                    self.producer = p;
+                                }
+                                Err(e) => warn!(pipeline = %self.pipeline, error = %e,
+                                                "cannot make a new repartition producer; retrying"),
+                            }
                         }
                         tokio::select! {
                             _ = self.shutdown.cancelled() => return,

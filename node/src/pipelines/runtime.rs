@@ -1511,15 +1511,15 @@ fn build(
             .instrument(info_span!("kafka_source")),
         ));
         for (pipeline, topic, shards, sources) in forwarders {
-            let producer = match client_config(k)
+            let mut producer_config = client_config(k);
+            producer_config
                 .set("enable.idempotence", "true")
                 .set("acks", "all")
                 .set("linger.ms", "2")
                 // A broker that does not answer fails a round in 30 s (then
                 // retried) rather than holding a pipeline apply for minutes.
-                .set("message.timeout.ms", "30000")
-                .create()
-            {
+                .set("message.timeout.ms", "30000");
+            let producer = match producer_config.create() {
                 Ok(p) => p,
                 Err(e) => {
                     shutdown.cancel();
@@ -1536,6 +1536,7 @@ fn build(
                 sources,
                 reader: store.reader(),
                 producer,
+                producer_config,
                 shutdown: shutdown.clone(),
                 cluster: cluster_side.clone(),
             };
