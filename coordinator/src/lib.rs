@@ -249,10 +249,7 @@ fn under_replicated(cluster: &ClusterState, liveness: &state::Liveness, factor: 
         .filter(|(shard, holders)| {
             holders
                 .iter()
-                .filter(|n| {
-                    liveness.live.contains(n)
-                        && !liveness.catching_up.contains(&((*shard).clone(), **n))
-                })
+                .filter(|n| liveness.live.contains(n) && liveness.has_state(cluster, shard, **n))
                 .count()
                 < want
         })

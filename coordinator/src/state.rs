@@ -389,6 +389,13 @@ pub struct Liveness {
 }
 
 impl Liveness {
+    /// Whether `node` has `shard`'s state (see [`Liveness::catching_up`]).
+    pub fn has_state(&self, state: &ClusterState, shard: &str, node: NodeId) -> bool {
+        !self.catching_up.contains(&(shard.to_string(), node))
+            && (!self.new_holders_catch_up
+                || state.holders.get(shard).is_some_and(|h| h.contains(&node)))
+    }
+
     /// Nodes that may take work: live, not draining; if every live node
     /// drains, nobody else could take over, and they keep it.
     fn takers(&self) -> BTreeSet<NodeId> {
@@ -431,12 +438,7 @@ pub fn place(
             .collect();
     }
     let takers = liveness.takers();
-    // Whether `n` has `shard`'s state (see `Liveness::catching_up`).
-    let has_state = |shard: &str, n: &NodeId| {
-        !liveness.catching_up.contains(&(shard.to_string(), *n))
-            && (!liveness.new_holders_catch_up
-                || state.holders.get(shard).is_some_and(|h| h.contains(n)))
-    };
+    let has_state = |shard: &str, n: &NodeId| liveness.has_state(state, shard, *n);
     let mut load = Load::default();
     for (shard, holders) in &state.holders {
         if shards.contains(shard) {

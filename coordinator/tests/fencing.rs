@@ -7,7 +7,7 @@ mod common;
 
 use common::wait;
 
-use ndc_coordinator::{Coordinator, CoordinatorConfig, Peer};
+use ndc_coordinator::{Coordinator, Peer};
 use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -15,21 +15,11 @@ async fn a_node_acts_only_on_its_current_epoch_and_only_while_its_lease_holds() 
     let dir = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let coordinator = Coordinator::start(CoordinatorConfig {
-        node_id: 0,
-        bootstrap: vec![Peer { id: 0, addr }],
-        data_dir: dir.path().join("raft"),
-        heartbeat_interval: Duration::from_millis(50),
-        lease: Duration::from_millis(300),
-        failure_timeout: Duration::from_millis(600),
-        raft_heartbeat: Duration::from_millis(50),
-        election_timeout: Duration::from_millis(200),
-        peer_tls: None,
-        replication_factor: 0,
-        zone: None,
-        snapshot_logs: 5000,
-        recovery_lag: 10_000,
-    })
+    let coordinator = Coordinator::start(common::config(
+        0,
+        vec![Peer { id: 0, addr }],
+        dir.path().join("raft"),
+    ))
     .await
     .unwrap();
     let server = tokio::spawn({

@@ -49,19 +49,9 @@ async fn start(
     snapshot_logs: u64,
 ) -> Node {
     let coordinator = Coordinator::start(CoordinatorConfig {
-        node_id: id,
-        bootstrap: peers.to_vec(),
-        data_dir: dir.join(format!("raft-{id}")),
-        heartbeat_interval: Duration::from_millis(50),
-        lease: Duration::from_millis(300),
-        failure_timeout: Duration::from_millis(600),
-        raft_heartbeat: Duration::from_millis(50),
         election_timeout: Duration::from_millis(300),
-        peer_tls: None,
-        replication_factor: 0,
-        zone: None,
         snapshot_logs,
-        recovery_lag: 10_000,
+        ..common::config(id, peers.to_vec(), dir.join(format!("raft-{id}")))
     })
     .await
     .unwrap();

@@ -280,6 +280,27 @@ fn installing_key(name: &str) -> Vec<u8> {
     format!("installing/{name}").into_bytes()
 }
 
+/// Deletes a view's rows, change stream, offsets and cursor (not its
+/// metadata) in `batch`.
+fn delete_view_state(batch: &mut WriteBatch, db: &DB, id: ViewId, name: &str) {
+    for family in [CF_ROWS, CF_CHANGELOG, CF_OFFSETS] {
+        batch.delete_range_cf(cf(db, family), id.prefix().to_vec(), prefix_end(id));
+    }
+    batch.delete_cf(cf(db, CF_META), cursor_key(name));
+}
+
+/// Metadata of a view with nothing in it yet, and a new incarnation.
+fn empty_meta(id: u32) -> ViewMeta {
+    ViewMeta {
+        id,
+        incarnation: new_incarnation(id),
+        last_seq: 0,
+        retained_from_seq: 1,
+        truncated_at: None,
+        live_rows: 0,
+    }
+}
+
 /// Where a copy's SST files are written before they are ingested: beside
 /// the state directory, on the same file system (ingestion moves them).
 fn scratch_dir(db: &DB) -> PathBuf {
@@ -883,38 +904,16 @@ impl Store {
                     // its shard's log position is behind the log, so the copy
                     // is made again.
                     let old = decode::<ViewMeta>(&bytes, || format!("meta of view {name}"))?;
-                    let id = ViewId(old.id);
-                    for family in [CF_ROWS, CF_CHANGELOG, CF_OFFSETS] {
-                        created.delete_range_cf(
-                            cf(&db, family),
-                            id.prefix().to_vec(),
-                            prefix_end(id),
-                        );
-                    }
-                    created.delete_cf(meta_cf, cursor_key(name));
+                    delete_view_state(&mut created, &db, ViewId(old.id), name);
                     created.delete_cf(meta_cf, installing_key(name));
-                    let meta = ViewMeta {
-                        id: old.id,
-                        incarnation: new_incarnation(old.id),
-                        last_seq: 0,
-                        retained_from_seq: 1,
-                        truncated_at: None,
-                        live_rows: 0,
-                    };
+                    let meta = empty_meta(old.id);
                     created.put_cf(meta_cf, view_meta_key(name), meta.encode_to_vec());
                     tracing::warn!(view = %name, "a shard copy was half installed when the node stopped: the view starts empty and is copied again");
                     meta
                 }
                 Some(bytes) => decode::<ViewMeta>(&bytes, || format!("meta of view {name}"))?,
                 None => {
-                    let meta = ViewMeta {
-                        id: next_id,
-                        incarnation: new_incarnation(next_id),
-                        last_seq: 0,
-                        retained_from_seq: 1,
-                        truncated_at: None,
-                        live_rows: 0,
-                    };
+                    let meta = empty_meta(next_id);
                     next_id += 1;
                     created.put_cf(meta_cf, view_meta_key(name), meta.encode_to_vec());
                     meta
@@ -970,11 +969,8 @@ impl Store {
             .remove(name);
         let db = self.reader.db.clone();
         let mut batch = WriteBatch::default();
-        for family in [CF_ROWS, CF_CHANGELOG, CF_OFFSETS] {
-            batch.delete_range_cf(cf(&db, family), id.prefix().to_vec(), prefix_end(id));
-        }
+        delete_view_state(&mut batch, &db, id, name);
         batch.delete_cf(cf(&db, CF_META), view_meta_key(name));
-        batch.delete_cf(cf(&db, CF_META), cursor_key(name));
         db.write_opt(batch, &self.write_opts)?;
         self.names.remove(&id);
         self.metas.remove(&id);
@@ -1073,10 +1069,7 @@ impl Store {
         // 1. Marked, and the old state gone.
         let mut batch = WriteBatch::default();
         batch.put_cf(meta_cf, installing_key(name), b"");
-        for family in [CF_ROWS, CF_CHANGELOG, CF_OFFSETS] {
-            batch.delete_range_cf(cf(&db, family), id.prefix().to_vec(), prefix_end(id));
-        }
-        batch.delete_cf(meta_cf, cursor_key(name));
+        delete_view_state(&mut batch, &db, id, name);
         db.write_opt(batch, &synced)?;
         // 2. The copy's files, moved in (above the deletions).
         let mut ingest = rocksdb::IngestExternalFileOptions::default();
