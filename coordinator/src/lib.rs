@@ -31,7 +31,10 @@ pub use state::{
 };
 pub use store::Applied;
 
-use ndc_proto::cluster::{HeartbeatReply, HeartbeatRequest, HeldPartition, LogPosition};
+use ndc_proto::cluster::{
+    HeartbeatReply, HeartbeatRequest, HeldPartition, LogPosition, ShardKeyPlacement,
+};
+use ndc_proto::state::KeyPlacement;
 use openraft::async_runtime::WatchReceiver;
 use openraft::{ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
@@ -205,6 +208,10 @@ pub mod metric {
     pub const PEER_REFUSED: &str = "ndc_cluster_peer_refused_total";
 }
 
+/// The views whose keyed reads may go to one shard, with the partition
+/// count their keys are placed by (see [`Coordinator::key_routes`]).
+pub type KeyRoutes = Arc<BTreeMap<String, u32>>;
+
 /// What the leader remembers of a node (not replicated: a new leader starts
 /// from scratch and waits `failure_timeout` before trusting silence).
 #[derive(Debug, Clone)]
@@ -217,6 +224,8 @@ struct NodeReport {
     zone: String,
     /// Next change-log offset applied and committed, per shard held.
     log_positions: BTreeMap<String, u64>,
+    /// Where each held shard's keys sit, as its records showed.
+    key_placements: BTreeMap<String, KeyPlacement>,
 }
 
 #[derive(Debug, Default)]
@@ -275,6 +284,11 @@ struct Inner {
     log_positions: Mutex<Vec<LogPosition>>,
     /// Leader: where each shard's change log was last trimmed up to.
     log_starts: Mutex<BTreeMap<String, u64>>,
+    /// What this node's shards' records showed of where their keys sit (set
+    /// by the node, sent in heartbeats).
+    key_placements: Mutex<Vec<ShardKeyPlacement>>,
+    /// The views whose keys may be routed, as the leader last said.
+    key_routes: watch::Sender<KeyRoutes>,
     /// Stopping: heartbeats ask the leader to move this node's partitions.
     draining: std::sync::atomic::AtomicBool,
     /// The leader's applied index in the first heartbeat reply this node
@@ -329,6 +343,8 @@ impl Coordinator {
                 lease_until: Mutex::new(None),
                 held: Mutex::new(Vec::new()),
                 log_positions: Mutex::new(Vec::new()),
+                key_placements: Mutex::new(Vec::new()),
+                key_routes: watch::channel(KeyRoutes::default()).0,
                 log_starts: Mutex::new(BTreeMap::new()),
                 draining: std::sync::atomic::AtomicBool::new(false),
                 catch_up_to: std::sync::atomic::AtomicU64::new(u64::MAX),
@@ -685,6 +701,28 @@ impl Coordinator {
         }
     }
 
+    /// Tells the leader (in the next heartbeats) what each shard this node
+    /// holds showed of where its keys sit.
+    pub fn set_key_placements(&self, placements: &BTreeMap<String, KeyPlacement>) {
+        if let Ok(mut p) = self.inner.key_placements.lock() {
+            *p = placements
+                .iter()
+                .map(|(shard, placement)| ShardKeyPlacement {
+                    shard: shard.clone(),
+                    placement: Some(*placement),
+                })
+                .collect();
+        }
+    }
+
+    /// The views whose keyed reads may go to the key's shard alone (view →
+    /// partition count; see [`ndc_operators::shard::key_route`]), as the
+    /// leader last said. Empty until it has: every keyed read then reads
+    /// every shard.
+    pub fn key_routes(&self) -> watch::Receiver<KeyRoutes> {
+        self.inner.key_routes.subscribe()
+    }
+
     /// Leader: up to where each of `shards`' change logs may be trimmed —
     /// the lowest position its holders (every member, for a shard not
     /// placed) have reported to this leader. A shard with a holder that has
@@ -809,6 +847,12 @@ impl Coordinator {
                     .lock()
                     .map(|p| p.clone())
                     .unwrap_or_default(),
+                key_placements: self
+                    .inner
+                    .key_placements
+                    .lock()
+                    .map(|p| p.clone())
+                    .unwrap_or_default(),
             };
             let metrics = self.inner.raft.metrics().borrow_watched().clone();
             let reply = match metrics.current_leader {
@@ -858,6 +902,24 @@ impl Coordinator {
                     Relaxed,
                 );
             }
+            if let Some(routes) = reply
+                .as_ref()
+                .filter(|r| r.accepted)
+                .and_then(|r| r.key_routes.as_ref())
+            {
+                let routes: BTreeMap<String, u32> = routes
+                    .routes
+                    .iter()
+                    .map(|r| (r.view.clone(), r.partitions))
+                    .collect();
+                self.inner.key_routes.send_if_modified(|known| {
+                    let changed = **known != routes;
+                    if changed {
+                        *known = Arc::new(routes);
+                    }
+                    changed
+                });
+            }
             if let Some(reply) = reply
                 && reply.accepted
                 && let Ok(mut lease) = self.inner.lease_until.lock()
@@ -892,6 +954,7 @@ impl Coordinator {
             term: metrics.current_term,
             lease_ms: 0,
             leader_applied_index: metrics.last_applied.map_or(0, |l| l.index),
+            key_routes: None,
         };
         let is_leader = metrics.state == ServerState::Leader;
         let is_member = metrics
@@ -928,11 +991,47 @@ impl Coordinator {
                     .into_iter()
                     .map(|p| (p.shard, p.next_offset))
                     .collect(),
+                key_placements: request
+                    .key_placements
+                    .into_iter()
+                    .filter_map(|p| Some((p.shard, p.placement?)))
+                    .collect(),
             },
         );
+        reply.key_routes = self.known_key_routes(&view);
         reply.accepted = true;
         reply.lease_ms = u64::try_from(self.inner.config.lease.as_millis()).unwrap_or(u64::MAX);
         reply
+    }
+
+    /// Leader: the views whose keys may be routed, from what the holders
+    /// of their shards reported — once every member has reported to this
+    /// leader, or `failure_timeout` has passed since it began (a member
+    /// still silent is down, and the other holders of its shards apply the
+    /// same log). Before that `None`: nodes keep what they had rather
+    /// than drop a route only because a new leader has not heard of it.
+    fn known_key_routes(&self, view: &LeaderView) -> Option<ndc_proto::cluster::KeyRoutes> {
+        let applied = self.inner.applied.borrow().clone();
+        let members = member_ids(&applied);
+        let heard_all = members.iter().all(|m| view.reports.contains_key(m));
+        let waited = view
+            .since
+            .is_some_and(|t| t.elapsed() >= self.inner.config.failure_timeout);
+        if !(heard_all || waited) {
+            return None;
+        }
+        let reports: BTreeMap<NodeId, &BTreeMap<String, KeyPlacement>> = view
+            .reports
+            .iter()
+            .map(|(n, r)| (*n, &r.key_placements))
+            .collect();
+        let routes = state::key_routes(&applied.cluster, &members, &reports);
+        Some(ndc_proto::cluster::KeyRoutes {
+            routes: routes
+                .into_iter()
+                .map(|(view, partitions)| ndc_proto::cluster::KeyRoute { view, partitions })
+                .collect(),
+        })
     }
 
     fn reset_if_new_term(&self, view: &mut LeaderView, term: u64) {

@@ -353,6 +353,46 @@ pub fn log_trim_points(
     out
 }
 
+/// The views whose keys every node may route to one shard, with the
+/// partition count their keys are placed by: for each sharded view with
+/// registered partitions, what the holders of each of its shards reported
+/// of where that shard's keys sit (any holder's report counts: all apply
+/// the same log; a break reported by any wins), judged by
+/// [`ndc_operators::shard::key_route`]. A shard no holder reported on
+/// withholds its view's route.
+pub fn key_routes(
+    state: &ClusterState,
+    members: &BTreeSet<NodeId>,
+    reported: &BTreeMap<NodeId, &BTreeMap<String, ndc_proto::state::KeyPlacement>>,
+) -> BTreeMap<String, u32> {
+    use ndc_operators::shard;
+    let mut views: BTreeMap<&str, BTreeMap<u32, &str>> = BTreeMap::new();
+    for pid in &state.partitions {
+        let name = shard_of(pid);
+        if let Some((view, i)) = shard::parse_store_name(name) {
+            views.entry(view).or_default().insert(i, name);
+        }
+    }
+    let mut out = BTreeMap::new();
+    for (view, shards) in views {
+        let count = shards.keys().max().map_or(0, |m| m + 1) as usize;
+        let mut placements = vec![None; count];
+        for (i, name) in shards {
+            let mut known = None;
+            for n in state.holders_among(name, members) {
+                if let Some(p) = reported.get(&n).and_then(|r| r.get(name)) {
+                    known = Some(shard::merge_key_placement(known, *p));
+                }
+            }
+            placements[i as usize] = known;
+        }
+        if let Some(partitions) = shard::key_route(&placements) {
+            out.insert(view.to_string(), partitions);
+        }
+    }
+    out
+}
+
 /// Input of [`plan`]: the leader's view of the cluster at one instant.
 #[derive(Debug, Clone, Default)]
 pub struct Liveness {
@@ -1025,6 +1065,66 @@ mod tests {
         let points = log_trim_points(&s, &members, &without_3, &shards);
         assert!(!points.contains_key("v#1"), "{points:?}");
         assert_eq!(points.get("v#0"), Some(&30));
+    }
+
+    #[test]
+    fn keys_are_routed_only_on_every_shards_evidence_and_a_break_reported_by_any_holder_wins() {
+        use ndc_proto::state::KeyPlacement;
+        let ok = KeyPlacement {
+            partitions: 3,
+            broken: false,
+        };
+        let broken = KeyPlacement {
+            partitions: 3,
+            broken: true,
+        };
+        let mut s = ClusterState::default();
+        let partitions = [
+            "v#0/t/0", "v#1/t/1", "v#2/t/2", "w/u/0", "x#0/u/0", "x#1/u/1",
+        ];
+        s.apply(
+            &Command::RegisterPartitions {
+                partitions: partitions.iter().map(|p| p.to_string()).collect(),
+            },
+            1,
+        );
+        s.apply(
+            &Command::Place {
+                changes: vec![
+                    ("v#0".into(), vec![1, 2]),
+                    ("v#1".into(), vec![2, 3]),
+                    ("v#2".into(), vec![3, 1]),
+                ],
+            },
+            2,
+        );
+        let members = BTreeSet::from([1, 2, 3]);
+        let all = |shards: &[&str], p: KeyPlacement| -> BTreeMap<String, KeyPlacement> {
+            shards.iter().map(|s| (s.to_string(), p)).collect()
+        };
+        // Node 1 alone reported v#0 and v#2; v#1's holders (2, 3) said nothing.
+        let n1 = all(&["v#0", "v#2", "w", "x#0", "x#1"], ok);
+        let reported = BTreeMap::from([(1, &n1)]);
+        let routes = key_routes(&s, &members, &reported);
+        assert_eq!(
+            routes,
+            BTreeMap::from([("x".to_string(), 3)]),
+            "v waits for v#1; w has one shard, nothing to route"
+        );
+        let n3 = all(&["v#1", "v#2"], ok);
+        let reported = BTreeMap::from([(1, &n1), (3, &n3)]);
+        let routes = key_routes(&s, &members, &reported);
+        assert_eq!(routes.get("v"), Some(&3));
+        // A standby of v#2 (node 3) applied a record out of place: gone,
+        // whatever the other holder still says.
+        let n3 = BTreeMap::from([("v#1".to_string(), ok), ("v#2".to_string(), broken)]);
+        let reported = BTreeMap::from([(1, &n1), (3, &n3)]);
+        assert_eq!(key_routes(&s, &members, &reported).get("v"), None);
+        // A report from a node that no longer holds the shard does not count.
+        let n2 = all(&["v#1"], ok);
+        let n9 = all(&["v#0", "v#1", "v#2"], broken);
+        let reported = BTreeMap::from([(1, &n1), (2, &n2), (9, &n9)]);
+        assert_eq!(key_routes(&s, &members, &reported).get("v"), Some(&3));
     }
 
     #[test]

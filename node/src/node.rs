@@ -15,6 +15,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+/// How often a single node re-reads which of its views' keys are routed to
+/// their shards (in a cluster the leader says so in every heartbeat).
+const KEY_ROUTES_REFRESH: std::time::Duration = std::time::Duration::from_millis(500);
 use tracing::{Instrument, error, info, info_span, warn};
 
 /// Serves a tonic `router` on `listener` until `stop`: over TLS when `tls`
@@ -280,6 +284,16 @@ pub async fn start_with(mut config: NodeConfig, handed: Listeners) -> anyhow::Re
     )?;
     let runtime = Arc::new(tokio::sync::Mutex::new(runtime));
     runtime.lock().await.start().await?;
+    tokio::spawn(
+        crate::views::follow_key_routes(
+            views.clone(),
+            coordinator.clone(),
+            reader.clone(),
+            KEY_ROUTES_REFRESH,
+            shutdown.clone(),
+        )
+        .instrument(info_span!("key_routes")),
+    );
     if let Some(c) = &coordinator {
         tokio::spawn(
             crate::serving::pipelines_api::follow_replicated_specs(

@@ -119,6 +119,14 @@ pub mod metric {
     /// them), by `outcome`: `opened`, `rerouted` (its holder was lost
     /// mid-stream and another took over from the shard's cursor).
     pub const REMOTE_SHARDS: &str = "ndc_subscription_remote_shards_total";
+    /// Keyed reads (subscriptions and lookups with keys) of views split
+    /// into shards, by `shards`: `routed` (only the keys' shards were read)
+    /// or `all` (the view's keys are not known to sit in their shards).
+    pub const KEYED_READS: &str = "ndc_subscription_keyed_reads_total";
+    /// 1 when a replica view's keys are routed to their shards (its records
+    /// showed Kafka's default partitioner over canonical JSON keys), by
+    /// `view`; 0 when keyed reads read every shard.
+    pub const KEYS_ROUTED: &str = "ndc_view_keys_routed";
     /// Shard streams this node serves to other nodes' subscriptions.
     pub const SHARDS_SERVED: &str = "ndc_cluster_shard_streams_active";
     /// Changes subscribers took from the commit that made them (`from` =

@@ -3,6 +3,7 @@
 //! and go with pipeline specs while the node runs; a dropped view's watcher
 //! closes, which ends its subscriptions.
 
+use crate::telemetry::metric;
 use ndc_operators::ViewId;
 use ndc_proto::v1::Change;
 use std::collections::{BTreeMap, HashMap};
@@ -139,12 +140,30 @@ pub struct ShardHead {
 }
 
 /// Every served view by name; cheap to clone.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ViewRegistry {
     views: Arc<RwLock<BTreeMap<String, ServedView>>>,
     /// The node is stopping: no view is served any more, and asking for
     /// one is asking the wrong node, not naming a view that does not exist.
     closed: Arc<std::sync::atomic::AtomicBool>,
+    /// Replica views whose keys are routed to their shards, with the
+    /// partition count they are placed by ([`ndc_operators::shard`], "Keys
+    /// routed to their shard"): from the leader in a cluster, from the
+    /// node's own shards alone.
+    key_routes: Arc<watch::Sender<KeyRoutes>>,
+}
+
+/// Views whose keys are routed to their shards (view → partition count).
+pub type KeyRoutes = ndc_coordinator::KeyRoutes;
+
+impl Default for ViewRegistry {
+    fn default() -> Self {
+        ViewRegistry {
+            views: Default::default(),
+            closed: Default::default(),
+            key_routes: Arc::new(watch::channel(KeyRoutes::default()).0),
+        }
+    }
 }
 
 impl ViewRegistry {
@@ -238,9 +257,26 @@ impl ViewRegistry {
         let views = self.read();
         let view = views.get(name)?;
         let n = view.shards.len();
-        let (Some(column), false) = (&view.split_by, keys.is_empty()) else {
+        if keys.is_empty() || n < 2 {
             return Some(vec![true; n]);
+        }
+        let Some(column) = &view.split_by else {
+            // A replica: its keys' shards are known only while routed.
+            let Some(partitions) = self.key_route(name) else {
+                metrics::counter!(metric::KEYED_READS, "shards" => "all").increment(1);
+                return Some(vec![true; n]);
+            };
+            let mut wanted = vec![false; n];
+            for key in keys {
+                let shard = ndc_operators::shard::of_key(key.as_bytes(), partitions, n as u32);
+                if let Some(w) = wanted.get_mut(shard as usize) {
+                    *w = true;
+                }
+            }
+            metrics::counter!(metric::KEYED_READS, "shards" => "routed").increment(1);
+            return Some(wanted);
         };
+        metrics::counter!(metric::KEYED_READS, "shards" => "routed").increment(1);
         let mut wanted = vec![false; n];
         for key in keys {
             let id = serde_json::from_str::<serde_json::Value>(key.as_str())
@@ -258,6 +294,64 @@ impl ViewRegistry {
             }
         }
         Some(wanted)
+    }
+
+    /// The partition count a replica view's keys are routed by, while they
+    /// are ([`ViewRegistry::set_key_routes`]).
+    pub fn key_route(&self, name: &str) -> Option<u32> {
+        self.key_routes.borrow().get(name).copied()
+    }
+
+    /// Follows the routed views: a keyed read that left shards unread ends
+    /// when its view's route changes.
+    pub fn watch_key_routes(&self) -> watch::Receiver<KeyRoutes> {
+        self.key_routes.subscribe()
+    }
+
+    /// Replaces the routed views (the leader's word in a cluster, see
+    /// `publish_local_key_routes` on a single node).
+    pub fn set_key_routes(&self, routes: KeyRoutes) {
+        let sharded: Vec<String> = self
+            .read()
+            .iter()
+            .filter(|(_, v)| v.split_by.is_none() && v.shards.len() > 1)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in sharded {
+            let routed = routes.contains_key(&name);
+            metrics::gauge!(metric::KEYS_ROUTED, "view" => name).set(f64::from(u8::from(routed)));
+        }
+        self.key_routes.send_if_modified(|known| {
+            let changed = **known != *routes;
+            if changed {
+                *known = routes;
+            }
+            changed
+        });
+    }
+
+    /// Single node: the replica views its own shards show routable.
+    pub fn local_key_routes(&self, reader: &ndc_operators::StoreReader) -> KeyRoutes {
+        let views: Vec<(String, Vec<Arc<str>>)> = self
+            .read()
+            .iter()
+            .filter(|(_, v)| v.split_by.is_none() && v.shards.len() > 1)
+            .map(|(name, v)| {
+                let names = v.shards.iter().map(|s| s.store_name.clone()).collect();
+                (name.clone(), names)
+            })
+            .collect();
+        let mut routes = BTreeMap::new();
+        for (name, shards) in views {
+            let placements: Vec<_> = shards
+                .iter()
+                .map(|s| reader.view_meta(s).ok().and_then(|m| m.key_placement))
+                .collect();
+            if let Some(partitions) = ndc_operators::shard::key_route(&placements) {
+                routes.insert(name, partitions);
+            }
+        }
+        Arc::new(routes)
     }
 
     /// The column naming the person a view's rows are about.
@@ -363,6 +457,42 @@ impl ViewRegistry {
                 .flat_map(|v| v.shards.iter().map(|s| (s.id, s.commits.clone())))
                 .collect(),
         )
+    }
+}
+
+/// Keeps `views`' routed views as the cluster's leader says (`Some`), or as
+/// the node's own shards show, re-read every `every` (`None`: a single
+/// node holds every shard), until `shutdown`.
+pub async fn follow_key_routes(
+    views: ViewRegistry,
+    leader: Option<ndc_coordinator::Coordinator>,
+    reader: ndc_operators::StoreReader,
+    every: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    match leader {
+        Some(coordinator) => {
+            let mut routes = coordinator.key_routes();
+            loop {
+                let now = routes.borrow_and_update().clone();
+                views.set_key_routes(now);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = routes.changed() => if r.is_err() { return },
+                }
+            }
+        }
+        None => {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                views.set_key_routes(views.local_key_routes(&reader));
+            }
+        }
     }
 }
 

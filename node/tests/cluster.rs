@@ -2664,3 +2664,139 @@ async fn a_node_that_joins_while_a_pipeline_loads_loses_no_fact() {
     )
     .await;
 }
+
+/// `ndc_view_keys_routed{view="citizens"}` on member `id` (`None`: not set).
+async fn keys_routed(cluster: &Cluster, id: u64) -> Option<f64> {
+    let m = cluster.members().iter().find(|m| m.id == id).unwrap();
+    metric_value(&metrics_text(m.node.http()).await, |l| {
+        l.starts_with("ndc_view_keys_routed{") && l.contains("view=\"citizens\"")
+    })
+}
+
+/// Shard streams every member serves to other members' subscriptions.
+async fn streams_served_in_all(cluster: &Cluster) -> f64 {
+    let mut total = 0.0;
+    for m in cluster.members() {
+        total += streams_served(cluster, m.id).await;
+    }
+    total
+}
+
+/// In a cluster (8 shards, an owner and a standby each, 3 nodes), a feed
+/// whose keys Kafka's default partitioner placed (librdkafka's murmur2,
+/// Kafka Connect's): the leader hears from the holders that every shard's
+/// records show it and tells every node, and a keyed subscriber on a node
+/// that does not hold the key's shard is served by one shard stream from
+/// one holder — not one per shard. A record sent to another partition
+/// ends that on every node; the keyed subscriber resumes with its token
+/// over every shard and gets that record, and holders now serve a stream
+/// per shard the serving node does not hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_read_is_served_by_its_keys_shard_alone_while_the_feed_shows_kafkas_partitioner() {
+    let cluster = Cluster::start(3).await;
+    let (s, _) = cluster
+        .wait_for("every shard placed and owned", SETTLE, |s| {
+            live_members(s).len() == 3
+                && s.partitions.len() == PARTITIONS as usize
+                && s.partitions.iter().all(|p| p.owner.is_some() && p.running)
+                && placed_over(s, &[0, 1, 2])
+        })
+        .await;
+    let producer = kafka_partitioned_producer(&cluster._broker);
+    let send = |key: String, value: Vec<u8>, partition: Option<i32>| {
+        let producer = producer.clone();
+        async move { publish_keyed(&producer, TOPIC, &key, &value, partition).await }
+    };
+    let mut feed = feed::Citizens::default();
+    let mut partition_of: BTreeMap<String, i32> = BTreeMap::new();
+    for i in 0..200 {
+        let change = feed.change(i, false, false);
+        for e in change.events {
+            let p = send(change.key.clone(), e.value.unwrap(), None).await;
+            partition_of.insert(change.key.clone(), p);
+        }
+    }
+    let used: BTreeSet<i32> = partition_of.values().copied().collect();
+    assert_eq!(used.len(), PARTITIONS as usize, "every partition got keys");
+    for m in [0, 1, 2] {
+        eventually_async(
+            &format!("ndc-{m} routes the view's keys"),
+            SETTLE,
+            || async { (keys_routed(&cluster, m).await == Some(1.0)).then_some(()) },
+        )
+        .await;
+    }
+
+    // The key's shard, from where the producer put it; served through the
+    // one node that holds none of it.
+    let key = feed::Citizens::default().change(0, false, false).key;
+    let shard = ndc_operators::shard::of_partition(partition_of[&key], SHARDS);
+    let shard_name = ndc_operators::shard::store_name("citizens", shard, SHARDS);
+    let holders_of = holders(&s);
+    let serving = [0u64, 1, 2]
+        .into_iter()
+        .find(|n| !holders_of[&shard_name].contains(n))
+        .expect("a node that does not hold the key's shard");
+    let held_by_serving = holders_of.values().filter(|h| h.contains(&serving)).count();
+    let addr = cluster
+        .members()
+        .iter()
+        .find(|m| m.id == serving)
+        .unwrap()
+        .addr();
+    assert_eq!(streams_served_in_all(&cluster).await, 0.0);
+    let (seen, subscriber) = follow_keys(addr.clone(), "citizens", std::slice::from_ref(&key));
+    eventually("the keyed snapshot", SETTLE, || {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.get("snapshot_complete").is_some())
+    })
+    .await;
+    assert_eq!(
+        streams_served_in_all(&cluster).await,
+        1.0,
+        "one holder serves the key's shard {shard_name}, no other shard is read"
+    );
+    let row_seen = |want: Value| {
+        let seen = seen.clone();
+        let key = key.clone();
+        move || fold(&seen.lock().unwrap()).get(&key) == Some(&want)
+    };
+    assert!(row_seen(feed.expected[&key].clone())());
+
+    // The next change of the key, sent to another partition.
+    let change = feed.change(0, false, false);
+    let elsewhere = (partition_of[&key] + 1) % PARTITIONS;
+    let value = change.events[0].value.clone().unwrap();
+    send(key.clone(), value, Some(elsewhere)).await;
+    for m in [0, 1, 2] {
+        eventually_async(
+            &format!("ndc-{m} no longer routes the view's keys"),
+            SETTLE,
+            || async { (keys_routed(&cluster, m).await == Some(0.0)).then_some(()) },
+        )
+        .await;
+    }
+    eventually(
+        "the change sent to another partition, delivered",
+        SETTLE,
+        row_seen(change.row.clone().unwrap()),
+    )
+    .await;
+    let remote = (SHARDS as usize - held_by_serving) as f64;
+    eventually_async(
+        "a stream from a holder of every shard the serving node does not hold",
+        SETTLE,
+        || async { (streams_served_in_all(&cluster).await == remote).then_some(()) },
+    )
+    .await;
+    subscriber.abort();
+    let mut delivered = BTreeSet::new();
+    for c in ndc_testkit::changes(&seen.lock().unwrap()) {
+        assert!(
+            delivered.insert((c["shard"].as_u64(), c["seq"].as_u64())),
+            "delivered twice: {c}"
+        );
+    }
+}

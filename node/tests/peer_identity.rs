@@ -88,6 +88,7 @@ async fn a_peer_speaks_only_for_the_node_its_certificate_names() {
         draining: false,
         zone: String::new(),
         log_positions: Vec::new(),
+        key_placements: Vec::new(),
     };
 
     // Node 1's certificate speaks for node 1 (not a member: not accepted,

@@ -276,3 +276,170 @@ async fn a_sharded_view_is_fanned_in_and_resumed_by_a_vector_token() {
         "{err}"
     );
 }
+
+/// `ndc_view_keys_routed{view="citizens"}` on the node at `http`.
+async fn keys_routed(http: std::net::SocketAddr) -> Option<f64> {
+    metric_value(&metrics_text(http).await, |l| {
+        l.starts_with("ndc_view_keys_routed{") && l.contains("view=\"citizens\"")
+    })
+}
+
+/// Where the first completed snapshot's token stands in each shard.
+fn snapshot_positions(lines: &[Value]) -> Option<Vec<u64>> {
+    let line = lines
+        .iter()
+        .find(|l| l.get("snapshot_complete").is_some())?;
+    let (_, positions) = ndc_node::security::token::peek(line["resume_token"].as_str()?)?;
+    Some(positions.shards.iter().map(|p| p.seq).collect())
+}
+
+/// A feed keyed by canonical JSON and placed by Kafka's default partitioner
+/// (murmur2 — what Kafka Connect, and so Debezium, uses; here librdkafka's
+/// own, so the producer, not ndc, decides each key's partition): a keyed
+/// read goes to the key's shard alone. One record sent to another
+/// partition ends that — the keyed stream ends with a retryable error, its
+/// client resumes with its token over every shard and gets that record —
+/// and keyed reads from then on read every shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_read_goes_to_its_keys_shard_while_the_feed_shows_kafkas_partitioner() {
+    let broker = Broker::start();
+    broker.create_topic(TOPIC, PARTITIONS).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = node_config(
+        &dir.path().join("node"),
+        &broker.bootstrap,
+        &[("citizens", TOPIC, &["person_id"])],
+    );
+    config.views[0].shards = SHARDS;
+    let mut node = NodeProcess::start_new(bin(), config, dir.path(), "node").unwrap();
+    node.wait_ready(Duration::from_secs(60)).await.unwrap();
+    let (grpc, http) = (node.grpc(), node.http());
+
+    let producer = kafka_partitioned_producer(&broker);
+    let send = |key: String, value: Vec<u8>, partition: Option<i32>| {
+        let producer = producer.clone();
+        async move { publish_keyed(&producer, TOPIC, &key, &value, partition).await }
+    };
+    let mut feed = feed::Citizens::default();
+    let mut partition_of: BTreeMap<String, i32> = BTreeMap::new();
+    for i in 0..60 {
+        let change = feed.change(i, false, false);
+        for e in change.events {
+            let key = String::from_utf8(e.key).unwrap();
+            assert_eq!(key, change.key, "the feed's keys are canonical JSON");
+            let p = send(key, e.value.unwrap(), None).await;
+            partition_of.insert(change.key.clone(), p);
+        }
+    }
+    let used: std::collections::BTreeSet<i32> = partition_of.values().copied().collect();
+    assert_eq!(used.len(), PARTITIONS as usize, "every partition got keys");
+    eventually_async(
+        "the view's keys routed to their shards",
+        Duration::from_secs(30),
+        || async { (keys_routed(http).await == Some(1.0)).then_some(()) },
+    )
+    .await;
+
+    // A keyed subscriber (resuming by token when its stream breaks): its
+    // snapshot reads only the key's shard; the others stand at 0.
+    let key = feed::Citizens::default().change(0, false, false).key;
+    let shard = partition_of[&key] as u32 % SHARDS;
+    let (seen, subscriber) = follow_keys(grpc.to_string(), "citizens", std::slice::from_ref(&key));
+    let positions = eventually_async("the keyed snapshot", Duration::from_secs(30), || async {
+        snapshot_positions(&seen.lock().unwrap())
+    })
+    .await;
+    for (i, seq) in positions.iter().enumerate() {
+        if i as u32 == shard {
+            assert!(*seq > 0, "the key's shard {i} was read: {positions:?}");
+        } else {
+            assert_eq!(*seq, 0, "shard {i} holds no row of {key}: {positions:?}");
+        }
+    }
+    let routed = |text: &str| {
+        metric_value(text, |l| {
+            l.starts_with("ndc_subscription_keyed_reads_total{") && l.contains("shards=\"routed\"")
+        })
+    };
+    assert!(routed(&metrics_text(http).await).is_some_and(|n| n >= 1.0));
+    let row_seen = |want: Value| {
+        let seen = seen.clone();
+        let key = key.clone();
+        move || fold(&seen.lock().unwrap()).get(&key) == Some(&want)
+    };
+
+    // An update where the partitioner puts it: delivered as ever.
+    let change = feed.change(0, false, false);
+    let value = change.events[0].value.clone().unwrap();
+    send(key.clone(), value, None).await;
+    eventually(
+        "the update in the key's partition",
+        Duration::from_secs(30),
+        row_seen(change.row.clone().unwrap()),
+    )
+    .await;
+
+    // The next one sent to another partition, as a producer with another
+    // partitioner would: the view is no longer routed, and the keyed
+    // subscriber, resumed over every shard, gets it.
+    let change = feed.change(0, false, false);
+    let value = change.events[0].value.clone().unwrap();
+    let elsewhere = (partition_of[&key] + 1) % PARTITIONS;
+    send(key.clone(), value, Some(elsewhere)).await;
+    eventually_async(
+        "the view's keys no longer routed",
+        Duration::from_secs(30),
+        || async { (keys_routed(http).await == Some(0.0)).then_some(()) },
+    )
+    .await;
+    eventually(
+        "the update from another partition",
+        Duration::from_secs(30),
+        row_seen(change.row.clone().unwrap()),
+    )
+    .await;
+    subscriber.abort();
+    let lines = seen.lock().unwrap().clone();
+    let mut delivered = std::collections::BTreeSet::new();
+    for c in ndc_testkit::changes(&lines) {
+        assert!(
+            delivered.insert((c["shard"].as_u64(), c["seq"].as_u64())),
+            "delivered twice: {c}"
+        );
+    }
+    let ended = metric_value(&metrics_text(http).await, |l| {
+        l.starts_with("ndc_subscription_errors_total{") && l.contains("Unavailable")
+    });
+    assert!(
+        ended.is_some_and(|n| n >= 1.0),
+        "the routed stream was ended: {ended:?}"
+    );
+
+    // From now on a keyed read reads every shard.
+    let lines = read_until(
+        ndc_node::client::SubscribeOptions {
+            keys: vec![key.clone()],
+            progress: true,
+            ..subscription(grpc, "citizens", From::Snapshot)
+        },
+        Duration::from_secs(30),
+        |l| l.iter().any(|l| l.get("snapshot_complete").is_some()),
+    )
+    .await;
+    let positions = snapshot_positions(&lines).expect("a snapshot");
+    assert!(
+        positions.iter().all(|&s| s > 0),
+        "every shard read: {positions:?}"
+    );
+    // Its newest row is there. (So is the one before, in the key's first
+    // shard: a key sent to two partitions lives in two shards — the limit
+    // of splitting by partition, docs/cluster.md "Limits" — so the
+    // snapshot is not folded here.)
+    let key_value: Value = serde_json::from_str(&key).unwrap();
+    assert!(
+        changes(&lines)
+            .iter()
+            .any(|c| c["key"] == key_value && Some(&c["after"]) == change.row.as_ref()),
+        "{lines:?}"
+    );
+}

@@ -6,6 +6,20 @@
 //! follows its source partition (`partition mod n`), so that the shard of
 //! every event of a key is the one its agency's feed put the key in. A view
 //! with one shard is stored under its own name, as before sharding.
+//!
+//! # Keys routed to their shard
+//!
+//! Which partition a replica's key is in is the agency's producer's choice,
+//! so a keyed read cannot in general know its shard. Kafka Connect (and so
+//! Debezium) places a keyed record with Kafka's default partitioner:
+//! `murmur2(key bytes) mod partitions`. When the key bytes are the canonical
+//! JSON of the key (Debezium's JSON key with `schemas.enable=false`, one key
+//! column or columns in name order), the key's partition, and so its shard,
+//! follows from the key alone. ndc does not assume it: the owner of each
+//! shard checks every keyed record it applies
+//! ([`crate::store::Txn::check_key_placement`]) and the shard's metadata
+//! keeps what the records showed ([`KeyPlacement`]); a keyed read goes to one
+//! shard only while every shard that can hold keys says so ([`key_route`]).
 
 /// Store name of shard `shard` of a view with `shards` shards.
 pub fn store_name(view: &str, shard: u32, shards: u32) -> String {
@@ -64,9 +78,144 @@ pub fn of_national_id(national_id: &str, shards: u32) -> u32 {
     u32::try_from(h % u64::from(shards.max(1))).unwrap_or(0)
 }
 
+/// Kafka's murmur2 (`org.apache.kafka.common.utils.Utils.murmur2`, and
+/// librdkafka's `murmur2` partitioners): the hash its default partitioner
+/// places keyed records by.
+pub fn murmur2(data: &[u8]) -> i32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    // Kafka hashes the length as a Java int.
+    let mut h: u32 = SEED ^ (data.len() as u32);
+    let mut words = data.chunks_exact(4);
+    for w in &mut words {
+        let mut k = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let tail = words.remainder();
+    if !tail.is_empty() {
+        for (i, b) in tail.iter().enumerate().rev() {
+            h ^= u32::from(*b) << (8 * i);
+        }
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// The partition Kafka's default partitioner gives a record whose key is
+/// `key` in a topic of `partitions` partitions.
+pub fn kafka_partition(key: &[u8], partitions: u32) -> u32 {
+    // Kafka's `toPositive`: the sign bit masked off, not `abs`.
+    ((murmur2(key) & 0x7fff_ffff) as u32) % partitions.max(1)
+}
+
+/// Shard of `key` (canonical JSON) in a view of `shards` shards fed by
+/// topics of `partitions` partitions, when its keys are routed
+/// ([`key_route`]).
+pub fn of_key(key: &[u8], partitions: u32, shards: u32) -> u32 {
+    let p = kafka_partition(key, partitions);
+    of_partition(i32::try_from(p).unwrap_or(0), shards)
+}
+
+pub use ndc_proto::state::KeyPlacement;
+
+/// What a shard's records showed, `known` so far, once they also showed
+/// `seen`: broken once anything was out of place or came over another
+/// partition count, and for good (the partition count first seen is kept).
+/// Order-insensitive over a run of observations, so a holder applying an
+/// observation twice, or late, ends where the owner does.
+pub fn merge_key_placement(known: Option<KeyPlacement>, seen: KeyPlacement) -> KeyPlacement {
+    match known {
+        None => seen,
+        Some(k) => KeyPlacement {
+            partitions: k.partitions,
+            broken: k.broken || seen.broken || seen.partitions != k.partitions,
+        },
+    }
+}
+
+/// Whether a keyed read of a view may go to one shard: `Some(partitions)`
+/// when every shard that can hold keys (`shards[i]` for every `i` below the
+/// partition count) showed only records where Kafka's default partitioner
+/// puts their keys, over the same partition count, and none showed one out
+/// of place. `shards` are what each shard's records showed, in shard order
+/// (`None`: no keyed record yet). A shard with no record yet withholds the
+/// route: a view is routed on evidence, never on an assumption.
+pub fn key_route(shards: &[Option<KeyPlacement>]) -> Option<u32> {
+    if shards.len() < 2 {
+        return None;
+    }
+    let partitions = shards.iter().flatten().next()?.partitions;
+    if partitions == 0 {
+        return None;
+    }
+    for (i, shard) in shards.iter().enumerate() {
+        match shard {
+            Some(p) if p.broken || p.partitions != partitions => return None,
+            None if (i as u64) < u64::from(partitions) => return None,
+            _ => {}
+        }
+    }
+    Some(partitions)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn murmur2_is_kafkas() {
+        // Kafka's UtilsTest.testMurmur2 and librdkafka's rdmurmur2.c cases.
+        let cases: [(&str, i32); 7] = [
+            ("21", -973_932_308),
+            ("foobar", -790_332_482),
+            ("a-little-bit-long-string", -985_981_536),
+            ("a-little-bit-longer-string", -1_486_304_829),
+            (
+                "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58_897_971,
+            ),
+            ("abc", 479_470_107),
+            ("kafka", 0xd067_cf64_u32 as i32),
+        ];
+        for (text, hash) in cases {
+            assert_eq!(murmur2(text.as_bytes()), hash, "{text}");
+        }
+        assert_eq!(kafka_partition(b"21", 1), 0);
+        // -973932308 & 0x7fffffff = 1173551340.
+        assert_eq!(kafka_partition(b"21", 7), 1_173_551_340 % 7);
+    }
+
+    #[test]
+    fn a_view_is_routed_only_when_every_shard_that_can_hold_keys_agrees() {
+        let ok = |partitions| {
+            Some(KeyPlacement {
+                partitions,
+                broken: false,
+            })
+        };
+        let broken = Some(KeyPlacement {
+            partitions: 4,
+            broken: true,
+        });
+        assert_eq!(key_route(&[ok(4), ok(4), ok(4), ok(4)]), Some(4));
+        // More shards than partitions: shards 2 and 3 never hold a key.
+        assert_eq!(key_route(&[ok(2), ok(2), None, None]), Some(2));
+        // More partitions than shards.
+        assert_eq!(key_route(&[ok(8), ok(8)]), Some(8));
+        assert_eq!(key_route(&[ok(4), None, ok(4), ok(4)]), None);
+        assert_eq!(key_route(&[ok(4), broken, ok(4), ok(4)]), None);
+        assert_eq!(key_route(&[ok(4), ok(3), ok(4), ok(4)]), None);
+        assert_eq!(key_route(&[None, None]), None);
+        assert_eq!(key_route(&[ok(4)]), None, "one shard needs no route");
+    }
 
     #[test]
     fn names_round_trip_and_never_collide_in_topics() {

@@ -298,6 +298,7 @@ fn empty_meta(id: u32) -> ViewMeta {
         retained_from_seq: 1,
         truncated_at: None,
         live_rows: 0,
+        key_placement: None,
     }
 }
 
@@ -1574,7 +1575,7 @@ impl Pending {
                 Some(effect::Kind::Truncate(v)) => {
                     self.truncates.insert(view, (v.clone(), at));
                 }
-                Some(effect::Kind::Change(_)) | None => {}
+                Some(effect::Kind::Change(_) | effect::Kind::KeyPlacement(_)) | None => {}
             }
         }
     }
@@ -1693,6 +1694,36 @@ impl Txn<'_> {
     /// (the view's subscribers cannot take a TRUNCATE).
     pub(crate) fn truncates_row_by_row(&self, view: ViewId) -> bool {
         self.store.row_truncates.contains(&view)
+    }
+
+    /// Notes where a keyed record of `view` from partition `partition` of a
+    /// topic of `partitions` partitions sat: the view's metadata keeps
+    /// whether every such record so far is where Kafka's default
+    /// partitioner puts its key ([`crate::shard`], "Keys routed to their
+    /// shard"). Only a change of that is written (and, for a cluster owner,
+    /// logged for the shard's holders): the first keyed record, or the first
+    /// out of place, after which the view is never routed again.
+    pub fn check_key_placement(
+        &mut self,
+        view: ViewId,
+        key: &Key,
+        partition: i32,
+        partitions: u32,
+    ) -> Result<(), StoreError> {
+        let fits = i64::from(crate::shard::kafka_partition(key.as_bytes(), partitions))
+            == i64::from(partition);
+        let seen = crate::shard::KeyPlacement {
+            partitions,
+            broken: !fits,
+        };
+        let meta = self.meta_mut(view)?;
+        let now = crate::shard::merge_key_placement(meta.key_placement, seen);
+        if meta.key_placement == Some(now) {
+            return Ok(());
+        }
+        meta.key_placement = Some(now);
+        self.record(view, &[], || effect::Kind::KeyPlacement(now));
+        Ok(())
     }
 
     /// Records that the record at `pos` was consumed without changing the
@@ -2135,6 +2166,16 @@ impl Txn<'_> {
                 }
                 Some(effect::Kind::Truncate(version)) => {
                     self.meta_mut(view)?.truncated_at = Some(version.clone());
+                }
+                Some(effect::Kind::KeyPlacement(placement)) => {
+                    // Merged, not set: an owner deciding over metadata not
+                    // yet caught up with its own log may log an older view
+                    // again, which must not undo a break.
+                    let meta = self.meta_mut(view)?;
+                    meta.key_placement = Some(crate::shard::merge_key_placement(
+                        meta.key_placement,
+                        *placement,
+                    ));
                 }
                 None => {}
             }

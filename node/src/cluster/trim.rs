@@ -41,9 +41,12 @@ use tracing::{info, warn};
 const COPY_CHUNK_ENTRIES: usize = 1024;
 
 /// Tells the coordinator, for its heartbeats, the committed position of
-/// every shard log this node holds, until `shutdown`.
+/// every shard log this node holds, and what each held shard's records
+/// showed of where its keys sit (the leader routes keyed reads by it),
+/// until `shutdown`.
 pub async fn report_log_positions(
     log: Arc<ClusterLog>,
+    reader: ndc_operators::StoreReader,
     coordinator: Coordinator,
     every: Duration,
     shutdown: CancellationToken,
@@ -58,21 +61,31 @@ pub async fn report_log_positions(
         }
         let applied = coordinator.watch().borrow().clone();
         let state = &applied.cluster;
-        let positions: BTreeMap<String, u64> = log
+        let held: Vec<(&String, u64)> = log
             .applied
             .iter()
             .filter_map(|(view, applied)| {
                 let name = log.names.get(view)?;
-                state
-                    .holds(me, name)
-                    .then(|| (name.clone(), *applied.borrow()))
+                state.holds(me, name).then(|| (name, *applied.borrow()))
+            })
+            .collect();
+        let positions: BTreeMap<String, u64> =
+            held.iter().map(|(n, p)| ((*n).clone(), *p)).collect();
+        let placements: BTreeMap<String, ndc_operators::shard::KeyPlacement> = held
+            .iter()
+            .filter_map(|(name, _)| {
+                let placement = reader.view_meta(name).ok()?.key_placement?;
+                Some(((*name).clone(), placement))
             })
             .collect();
         coordinator.set_log_positions(&positions);
+        coordinator.set_key_placements(&placements);
     }
     // Stopped (the data path restarts, or the node stops): no positions
     // until it reads again, so the leader leaves its shards' logs alone
-    // meanwhile — conservative, never wrong.
+    // meanwhile — conservative, never wrong. What its shards showed of
+    // their keys is left as last read: at worst behind, and any other
+    // holder's break wins at the leader.
     coordinator.set_log_positions(&BTreeMap::new());
 }
 

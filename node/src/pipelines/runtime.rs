@@ -623,6 +623,7 @@ impl Runtime {
         tasks.push(tokio::spawn(
             crate::cluster::trim::report_log_positions(
                 log.clone(),
+                self.reader.clone(),
                 side.coordinator.clone(),
                 section.heartbeat_interval,
                 shutdown.clone(),

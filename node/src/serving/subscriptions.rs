@@ -1197,10 +1197,34 @@ impl Subscription for SubscriptionService {
         // A keyed read of a view split by national ID reads only the keys'
         // shards; the others stand still in its token.
         let keys: Vec<Key> = keys.into_iter().collect();
+        // A replica's keys are routed only while every shard's records show
+        // them where Kafka's partitioner puts them: a read that leaves shards
+        // unread for that ends when it stops, and resumes over every shard.
+        let mut routes = self.views.watch_key_routes();
+        let route = routes.borrow_and_update().get(&req.view).copied();
         let read = self
             .views
             .shards_of_keys(&req.view, &keys)
             .unwrap_or_else(|| vec![true; shards.len()]);
+        let rerouted = (route.is_some() && read.contains(&false)).then(|| {
+            let view = req.view.clone();
+            async move {
+                while routes.changed().await.is_ok() {
+                    if routes.borrow_and_update().get(&view).copied() != route {
+                        return refuse(
+                            tonic::Code::Unavailable,
+                            format!(
+                                "the keys of view {view:?} are no longer known to sit in their \
+                                 shards (a record came from a partition Kafka's partitioner \
+                                 does not give its key); resume with the last token, which \
+                                 now reads every shard"
+                            ),
+                        );
+                    }
+                }
+                std::future::pending().await
+            }
+        });
         // Shards held elsewhere (placement): read from their holders.
         let remote: Vec<Option<Vec<String>>> = shards
             .iter()
@@ -1350,12 +1374,19 @@ impl Subscription for SubscriptionService {
                 // The stream lasts as long as the grant it was admitted under;
                 // when that ends, so does the stream, ahead of anything still
                 // buffered for it.
+                let rerouted = async move {
+                    match rerouted {
+                        Some(f) => f.await,
+                        None => std::future::pending().await,
+                    }
+                };
                 let result = tokio::select! {
                     r = work => r,
                     status = auth.grants.until_revoked(&auth, &caller, &view) => {
                         let _ = end_tx.send(status);
                         Ok(())
                     }
+                    status = rerouted => Err(status),
                 };
                 gauge.decrement(1.0);
                 match result {

@@ -159,6 +159,7 @@ impl KafkaSource {
             kafka: config.clone(),
             readiness,
             assigned: Mutex::new(BTreeSet::new()),
+            partition_counts: RwLock::new(HashMap::new()),
         });
         let refresher = match cluster.clone() {
             // Metadata is fetched on its own task: a metadata request can take
@@ -219,6 +220,7 @@ impl KafkaSource {
                         };
                         let stream: Arc<str> = kafka_stream(topic, partition).into();
                         let topic_arc: Arc<str> = topic.into();
+                        let partitions = assigner.partition_count(topic);
                         for route in routes {
                             // In a cluster: only to the views whose partition
                             // this node owns, under that partition's epoch.
@@ -237,6 +239,7 @@ impl KafkaSource {
                                 decoded,
                                 topic: Some(topic_arc.clone()),
                                 partition: Some(partition),
+                                partitions,
                                 epoch,
                                 assignment: held.as_ref().map(|h| h.assignment),
                                 raw_key: if keep_raw { m.key().map(<[u8]>::to_vec) } else { None },
@@ -287,6 +290,27 @@ struct Assigner {
     kafka: KafkaSection,
     readiness: Readiness,
     assigned: Mutex<BTreeSet<(String, i32)>>,
+    /// Partitions of each source topic, as last known (topic metadata; in a
+    /// cluster, the partitions the leader registered): each keyed record is
+    /// checked against where Kafka's partitioner puts its key.
+    partition_counts: RwLock<HashMap<String, u32>>,
+}
+
+impl Assigner {
+    fn partition_count(&self, topic: &str) -> Option<u32> {
+        self.partition_counts
+            .read()
+            .ok()
+            .and_then(|c| c.get(topic).copied())
+    }
+
+    fn set_partition_count(&self, topic: &str, count: u32) {
+        if self.partition_count(topic) != Some(count)
+            && let Ok(mut c) = self.partition_counts.write()
+        {
+            c.insert(topic.to_string(), count);
+        }
+    }
 }
 
 impl Assigner {
@@ -373,6 +397,15 @@ impl Assigner {
             if partitions.is_empty() {
                 missing.push(topic.clone());
                 continue;
+            }
+            if let Some(count) = partitions
+                .iter()
+                .max()
+                .and_then(|m| u32::try_from(*m).ok())
+                .map(|m| m + 1)
+                .filter(|c| *c as usize == partitions.len())
+            {
+                self.set_partition_count(topic, count);
             }
             let assigned = self
                 .assigned
@@ -503,11 +536,26 @@ async fn follow_assignments(
         // What this node should consume now: (topic, partition) → the
         // views it owns there, with their epochs.
         let mut desired: BTreeMap<(String, i32), BTreeMap<ViewId, u64>> = BTreeMap::new();
-        let owned = coordinator
-            .watch()
-            .borrow()
-            .cluster
-            .owned_by(coordinator.node_id());
+        let owned = {
+            let applied = coordinator.watch().borrow().clone();
+            // The partitions the leader registered for each topic, from its
+            // metadata: what Kafka's partitioner divides by.
+            let mut counts: HashMap<&str, BTreeSet<&str>> = HashMap::new();
+            for pid in &applied.cluster.partitions {
+                let mut parts = pid.rsplitn(3, '/');
+                if let (Some(p), Some(topic)) = (parts.next(), parts.next())
+                    && assigner.routes.contains_key(topic)
+                {
+                    counts.entry(topic).or_default().insert(p);
+                }
+            }
+            for (topic, partitions) in counts {
+                if let Ok(n) = u32::try_from(partitions.len()) {
+                    assigner.set_partition_count(topic, n);
+                }
+            }
+            applied.cluster.owned_by(coordinator.node_id())
+        };
         if lease {
             for (topic, routes) in &assigner.routes {
                 for route in routes {
@@ -836,6 +884,7 @@ impl FileSource {
                 decoded,
                 topic: None,
                 partition: None,
+                partitions: None,
                 epoch: None,
                 assignment: None,
                 raw_key: None,

@@ -49,6 +49,10 @@ pub struct Input {
     /// Kafka coordinates, for dead-letter headers.
     pub topic: Option<Arc<str>>,
     pub partition: Option<i32>,
+    /// Partitions of the topic, when known: a keyed record is checked
+    /// against where Kafka's default partitioner puts its key, so that keyed
+    /// reads may go to the key's shard alone ([`ndc_operators::shard`]).
+    pub partitions: Option<u32>,
     /// Cluster mode: the assignment epoch under which the record was read.
     pub epoch: Option<u64>,
     /// Cluster mode: the consumer assignment that read it (see
@@ -892,6 +896,12 @@ fn apply_input(
     let outcome = match &input.decoded {
         Ok(Decoded::Change(event)) => {
             let outcome = ndc_operators::replica::apply(txn, input.view, event, &input.pos)?;
+            if outcome != Outcome::AlreadyApplied
+                && let (Some(key), Some(p), Some(n)) =
+                    (&event.key, input.partition, input.partitions)
+            {
+                txn.check_key_placement(input.view, key, p, n)?;
+            }
             if matches!(
                 outcome,
                 Outcome::Inserted | Outcome::Updated | Outcome::Deleted | Outcome::Truncated
@@ -1383,6 +1393,7 @@ mod tests {
             decoded: decoder.decode("", Some(key.as_bytes()), Some(value.as_bytes())),
             topic: None,
             partition: None,
+            partitions: None,
             epoch: None,
             assignment: None,
             raw_key: None,

@@ -335,6 +335,39 @@ pub async fn publish(p: &FutureProducer, topic: &str, key: Option<&[u8]>, value:
         .unwrap();
 }
 
+/// A producer placing keyed records with Kafka's default partitioner
+/// (librdkafka's `murmur2_random`, what Kafka Connect and so Debezium use),
+/// not the CRC32 one librdkafka uses by default.
+pub fn kafka_partitioned_producer(broker: &Broker) -> FutureProducer {
+    broker
+        .client()
+        .set("enable.idempotence", "true")
+        .set("partitioner", "murmur2_random")
+        .create()
+        .expect("a producer")
+}
+
+/// Publishes a keyed record to `partition`, or where the producer's
+/// partitioner puts it; returns the partition it went to.
+pub async fn publish_keyed(
+    p: &FutureProducer,
+    topic: &str,
+    key: &str,
+    value: &[u8],
+    partition: Option<i32>,
+) -> i32 {
+    let mut r: FutureRecord<'_, [u8], [u8]> =
+        FutureRecord::to(topic).key(key.as_bytes()).payload(value);
+    if let Some(p) = partition {
+        r = r.partition(p);
+    }
+    p.send(r, Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap()
+        .partition
+}
+
 /// Publishes one synthetic change event (tombstone if it has no value).
 pub async fn publish_event(
     p: &FutureProducer,

@@ -19,13 +19,16 @@ pub mod process;
 pub mod subscribe;
 pub mod wait;
 
-pub use broker::{Broker, TANSU_RESUME_REWIND, header, publish, publish_event};
+pub use broker::{
+    Broker, TANSU_RESUME_REWIND, header, kafka_partitioned_producer, publish, publish_event,
+    publish_keyed,
+};
 pub use certs::{expired, make_certificates, make_client_certificate, openssl};
 pub use cluster::{Cluster, bootstrap_list};
 pub use config::node_config;
 pub use process::{CpuCap, NodeProcess, Ports};
 pub use subscribe::{
-    changes, collect, fold, follow, last_seq, read_until, seqs_after_snapshot, subscription,
-    view_state, wait_rows,
+    changes, collect, fold, follow, follow_keys, last_seq, read_until, seqs_after_snapshot,
+    subscription, view_state, wait_rows,
 };
 pub use wait::{eventually, eventually_async, http_get, metric_value, metrics_text};

@@ -89,11 +89,23 @@ pub type Seen = Arc<Mutex<Vec<Value>>>;
 /// its connection breaks (on the next address, when `addr` lists several);
 /// returns the lines it prints and its task.
 pub fn follow(addr: String, view: &str) -> (Seen, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    follow_keys(addr, view, &[])
+}
+
+/// A [`follow`]er of the rows of `keys` only (every key when empty), with
+/// progress lines.
+pub fn follow_keys(
+    addr: String,
+    view: &str,
+    keys: &[String],
+) -> (Seen, tokio::task::JoinHandle<anyhow::Result<()>>) {
     let seen: Seen = Default::default();
     let sink = seen.clone();
     let task = tokio::spawn(client::subscribe(
         SubscribeOptions {
             reconnect: true,
+            keys: keys.to_vec(),
+            progress: !keys.is_empty(),
             ..subscription(addr, view, From::Snapshot)
         },
         move |line| {
