@@ -1702,14 +1702,15 @@ impl Txn<'_> {
     /// partitioner puts its key ([`crate::shard`], "Keys routed to their
     /// shard"). Only a change of that is written (and, for a cluster owner,
     /// logged for the shard's holders): the first keyed record, or the first
-    /// out of place, after which the view is never routed again.
+    /// out of place, after which the view is never routed again. Returns
+    /// what the view's metadata says now when this record changed it.
     pub fn check_key_placement(
         &mut self,
         view: ViewId,
         key: &Key,
         partition: i32,
         partitions: u32,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<crate::shard::KeyPlacement>, StoreError> {
         let fits = i64::from(crate::shard::kafka_partition(key.as_bytes(), partitions))
             == i64::from(partition);
         let seen = crate::shard::KeyPlacement {
@@ -1719,11 +1720,16 @@ impl Txn<'_> {
         let meta = self.meta_mut(view)?;
         let now = crate::shard::merge_key_placement(meta.key_placement, seen);
         if meta.key_placement == Some(now) {
-            return Ok(());
+            return Ok(None);
         }
         meta.key_placement = Some(now);
         self.record(view, &[], || effect::Kind::KeyPlacement(now));
-        Ok(())
+        Ok(Some(now))
+    }
+
+    /// The name of one of the store's views (for logs).
+    pub fn view_name(&self, view: ViewId) -> &str {
+        self.store.view_name(view)
     }
 
     /// Records that the record at `pos` was consumed without changing the

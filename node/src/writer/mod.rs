@@ -899,8 +899,18 @@ fn apply_input(
             if outcome != Outcome::AlreadyApplied
                 && let (Some(key), Some(p), Some(n)) =
                     (&event.key, input.partition, input.partitions)
+                && let Some(now) = txn.check_key_placement(input.view, key, p, n)?
+                && now.broken
             {
-                txn.check_key_placement(input.view, key, p, n)?;
+                // Which key is not said: keys name people.
+                warn!(
+                    view = %txn.view_name(input.view),
+                    partition = p,
+                    partitions = n,
+                    "a keyed record is not in the partition Kafka's default partitioner gives \
+                     its key (another partitioner, a key layout other than canonical JSON, or \
+                     partitions added): keyed reads of this view now read every shard"
+                );
             }
             if matches!(
                 outcome,
