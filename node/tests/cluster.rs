@@ -2693,7 +2693,7 @@ async fn streams_served_in_all(cluster: &Cluster) -> f64 {
 /// per shard the serving node does not hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keyed_read_is_served_by_its_keys_shard_alone_while_the_feed_shows_kafkas_partitioner() {
-    let cluster = Cluster::start(3).await;
+    let mut cluster = Cluster::start(3).await;
     let (s, _) = cluster
         .wait_for("every shard placed and owned", SETTLE, |s| {
             live_members(s).len() == 3
@@ -2737,7 +2737,6 @@ async fn a_keyed_read_is_served_by_its_keys_shard_alone_while_the_feed_shows_kaf
         .into_iter()
         .find(|n| !holders_of[&shard_name].contains(n))
         .expect("a node that does not hold the key's shard");
-    let held_by_serving = holders_of.values().filter(|h| h.contains(&serving)).count();
     let addr = cluster
         .members()
         .iter()
@@ -2764,6 +2763,71 @@ async fn a_keyed_read_is_served_by_its_keys_shard_alone_while_the_feed_shows_kaf
         move || fold(&seen.lock().unwrap()).get(&key) == Some(&want)
     };
     assert!(row_seen(feed.expected[&key].clone())());
+
+    // The holder serving that one stream is killed while the key changes
+    // 30 times: the serving node re-routes the stream to the shard's other
+    // holder from its cursor, and the subscriber sees every revision once,
+    // in order.
+    let mut victim = None;
+    for m in [0u64, 1, 2] {
+        if streams_served(&cluster, m).await == 1.0 {
+            victim = Some(m);
+        }
+    }
+    let victim = victim.expect("the holder serving the keyed stream");
+    assert!(holders_of[&shard_name].contains(&victim));
+    let rerouted_before = rerouted(&cluster, serving).await;
+    let first_revision = feed.expected[&key]["revision"].as_u64().unwrap();
+    let updates: Vec<Vec<u8>> = (0..30)
+        .map(|_| {
+            feed.change(0, false, false).events[0]
+                .value
+                .clone()
+                .unwrap()
+        })
+        .collect();
+    let last_row = feed.expected[&key].clone();
+    let writer = tokio::spawn({
+        let producer = producer.clone();
+        let key = key.clone();
+        async move {
+            for value in updates {
+                publish_keyed(&producer, TOPIC, &key, &value, None).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    eventually("the first updates delivered", SETTLE, || {
+        fold(&seen.lock().unwrap())
+            .get(&key)
+            .is_some_and(|r| r["revision"].as_u64() >= Some(first_revision + 5))
+    })
+    .await;
+    cluster.member(victim).kill9();
+    writer.await.unwrap();
+    eventually("every update delivered", SETTLE, row_seen(last_row)).await;
+    assert!(
+        rerouted(&cluster, serving).await > rerouted_before,
+        "ndc-{serving} re-routed the stream ndc-{victim} served"
+    );
+    let revisions: Vec<u64> = ndc_testkit::changes(&seen.lock().unwrap())
+        .iter()
+        .filter(|c| c["op"] != "read")
+        .filter_map(|c| c["after"]["revision"].as_u64())
+        .collect();
+    let want: Vec<u64> = (first_revision + 1..=first_revision + 30).collect();
+    assert_eq!(revisions, want, "every revision once, in order");
+    cluster.member(victim).start().unwrap();
+    let (s, _) = cluster
+        .wait_for(&format!("ndc-{victim} back and placed"), SETTLE, |s| {
+            live_members(s).len() == 3 && placed_over(s, &[0, 1, 2])
+        })
+        .await;
+    // Placement may have changed.
+    let held_by_serving = holders(&s)
+        .values()
+        .filter(|h| h.contains(&serving))
+        .count();
 
     // The next change of the key, sent to another partition.
     let change = feed.change(0, false, false);
