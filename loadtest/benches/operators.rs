@@ -14,7 +14,11 @@
 //! that must not depend on it, run under callgrind, which counts
 //! instructions: `./dev.sh bench-ops --callgrind` (see docs/performance.md).
 //!
-//! `cargo bench -p ndc-loadtest --bench operators -- [--events N] [--keys K] [--stage decode|apply|all|none]`
+//! `cargo bench -p ndc-loadtest --bench operators -- [--events N] [--keys K] [--stage decode|apply|all|none] [--check-key-placement]`
+//!
+//! `--check-key-placement`: the apply stage also checks each event's key
+//! against Kafka's default partitioner, as the state writer does for a
+//! Kafka source (8 partitions, each event where murmur2 puts it).
 
 use hdrhistogram::Histogram;
 use ndc_loadtest::{Workload, cpu_seconds, peak_rss};
@@ -32,6 +36,7 @@ struct Args {
     events: u64,
     keys: u64,
     stage: String,
+    check_key_placement: bool,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -39,6 +44,7 @@ fn args() -> anyhow::Result<Args> {
         events: 1_000_000,
         keys: 250_000,
         stage: "all".into(),
+        check_key_placement: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -48,8 +54,10 @@ fn args() -> anyhow::Result<Args> {
             "--events" => a.events = it.next().unwrap_or_default().parse()?,
             "--keys" => a.keys = it.next().unwrap_or_default().parse()?,
             "--stage" => a.stage = it.next().unwrap_or_default(),
+            "--check-key-placement" => a.check_key_placement = true,
             other => anyhow::bail!(
-                "unknown argument {other:?}; use --events N --keys K --stage decode|apply|all|none"
+                "unknown argument {other:?}; use --events N --keys K --stage decode|apply|all|none \
+                 [--check-key-placement]"
             ),
         }
     }
@@ -172,6 +180,10 @@ fn main() -> anyhow::Result<()> {
                 match d {
                     Decoded::Change(e) => {
                         ndc_operators::replica::apply(&mut txn, id, e, &pos)?;
+                        if let (true, Some(key)) = (a.check_key_placement, &e.key) {
+                            let p = ndc_operators::shard::kafka_partition(key.as_bytes(), 8);
+                            txn.check_key_placement(id, key, p as i32, 8)?;
+                        }
                     }
                     _ => {
                         txn.skip(id, &pos, ndc_operators::Outcome::Skipped);
