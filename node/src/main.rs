@@ -639,6 +639,7 @@ fn run() -> anyhow::Result<()> {
                         serde_json::json!({"view": v.name, "key_columns": v.key_columns, "committed_seq": v.committed_seq,
                                            "retained_from_seq": v.retained_from_seq, "live_rows": v.live_rows,
                                            "shards": v.shards, "committed_seqs": v.committed_seqs,
+                                           "keyed_reads": if v.keyed_reads_routed { "keys' shards" } else { "every shard" },
                                            "column_levels": v.column_levels})
                     );
                 }

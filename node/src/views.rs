@@ -296,6 +296,15 @@ impl ViewRegistry {
         Some(wanted)
     }
 
+    /// Whether a keyed read of the view reads only its keys' shards.
+    pub fn keyed_reads_routed(&self, name: &str) -> bool {
+        let split = match self.read().get(name) {
+            Some(v) if v.shards.len() > 1 => v.split_by.is_some(),
+            _ => return false,
+        };
+        split || self.key_route(name).is_some()
+    }
+
     /// The partition count a replica view's keys are routed by, while they
     /// are ([`ViewRegistry::set_key_routes`]).
     pub fn key_route(&self, name: &str) -> Option<u32> {

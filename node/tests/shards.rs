@@ -340,6 +340,8 @@ async fn a_keyed_read_goes_to_its_keys_shard_while_the_feed_shows_kafkas_partiti
     )
     .await;
 
+    assert!(view_info(grpc).await.keyed_reads_routed);
+
     // A keyed subscriber (resuming by token when its stream breaks): its
     // snapshot reads only the key's shard; the others stand at 0.
     let key = feed::Citizens::default().change(0, false, false).key;
@@ -441,6 +443,7 @@ async fn a_keyed_read_goes_to_its_keys_shard_while_the_feed_shows_kafkas_partiti
     );
 
     // From now on a keyed read reads every shard.
+    assert!(!view_info(grpc).await.keyed_reads_routed);
     let lines = read_until(
         ndc_node::client::SubscribeOptions {
             keys: vec![key.clone()],

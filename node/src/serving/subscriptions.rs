@@ -1461,6 +1461,7 @@ impl Subscription for SubscriptionService {
                     .collect(),
                 shards: shards.len() as u32,
                 committed_seqs: metas.iter().map(|m| m.last_seq).collect(),
+                keyed_reads_routed: self.views.keyed_reads_routed(&name),
                 name,
             });
         }
