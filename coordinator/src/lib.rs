@@ -27,7 +27,8 @@ mod store;
 pub use identity::PeerTls;
 pub use service::{FORWARDED, forwarded};
 pub use state::{
-    Assignment, ClusterState, Command, Grant, NodeId, PartitionId, Role, RowFilter, StoredSpec,
+    Assignment, ClusterState, Command, Grant, KeyRoute, NodeId, PartitionId, Role, RowFilter,
+    StoredSpec,
 };
 pub use store::Applied;
 
@@ -208,9 +209,9 @@ pub mod metric {
     pub const PEER_REFUSED: &str = "ndc_cluster_peer_refused_total";
 }
 
-/// The views whose keyed reads may go to one shard, with the partition
-/// count their keys are placed by (see [`Coordinator::key_routes`]).
-pub type KeyRoutes = Arc<BTreeMap<String, u32>>;
+/// The views whose keyed reads may go to one shard (see
+/// [`Coordinator::key_routes`]).
+pub type KeyRoutes = Arc<BTreeMap<String, state::KeyRoute>>;
 
 /// What the leader remembers of a node (not replicated: a new leader starts
 /// from scratch and waits `failure_timeout` before trusting silence).
@@ -224,8 +225,9 @@ struct NodeReport {
     zone: String,
     /// Next change-log offset applied and committed, per shard held.
     log_positions: BTreeMap<String, u64>,
-    /// Where each held shard's keys sit, as its records showed.
-    key_placements: BTreeMap<String, KeyPlacement>,
+    /// Where each held shard's keys sit, as its records showed, and its
+    /// last change when that was read.
+    key_placements: BTreeMap<String, (KeyPlacement, u64)>,
 }
 
 #[derive(Debug, Default)]
@@ -702,22 +704,23 @@ impl Coordinator {
     }
 
     /// Tells the leader (in the next heartbeats) what each shard this node
-    /// holds showed of where its keys sit.
-    pub fn set_key_placements(&self, placements: &BTreeMap<String, KeyPlacement>) {
+    /// holds showed of where its keys sit, with the shard's last change
+    /// when that was read.
+    pub fn set_key_placements(&self, placements: &BTreeMap<String, (KeyPlacement, u64)>) {
         if let Ok(mut p) = self.inner.key_placements.lock() {
             *p = placements
                 .iter()
-                .map(|(shard, placement)| ShardKeyPlacement {
+                .map(|(shard, (placement, last_seq))| ShardKeyPlacement {
                     shard: shard.clone(),
                     placement: Some(*placement),
+                    last_seq: *last_seq,
                 })
                 .collect();
         }
     }
 
-    /// The views whose keyed reads may go to the key's shard alone (view →
-    /// partition count; see [`ndc_operators::shard::key_route`]), as the
-    /// leader last said. Empty until it has: every keyed read then reads
+    /// The views whose keyed reads may go to the key's shard alone (see
+    /// [`ndc_operators::shard::key_route`]), as the leader last said. Empty until it has: every keyed read then reads
     /// every shard.
     pub fn key_routes(&self) -> watch::Receiver<KeyRoutes> {
         self.inner.key_routes.subscribe()
@@ -907,10 +910,16 @@ impl Coordinator {
                 .filter(|r| r.accepted)
                 .and_then(|r| r.key_routes.as_ref())
             {
-                let routes: BTreeMap<String, u32> = routes
+                let routes: BTreeMap<String, state::KeyRoute> = routes
                     .routes
                     .iter()
-                    .map(|r| (r.view.clone(), r.partitions))
+                    .map(|r| {
+                        let route = state::KeyRoute {
+                            partitions: r.partitions,
+                            verified_seqs: r.verified_seqs.clone(),
+                        };
+                        (r.view.clone(), route)
+                    })
                     .collect();
                 self.inner.key_routes.send_if_modified(|known| {
                     let changed = **known != routes;
@@ -994,7 +1003,7 @@ impl Coordinator {
                 key_placements: request
                     .key_placements
                     .into_iter()
-                    .filter_map(|p| Some((p.shard, p.placement?)))
+                    .filter_map(|p| Some((p.shard, (p.placement?, p.last_seq))))
                     .collect(),
             },
         );
@@ -1020,7 +1029,7 @@ impl Coordinator {
         if !(heard_all || waited) {
             return None;
         }
-        let reports: BTreeMap<NodeId, &BTreeMap<String, KeyPlacement>> = view
+        let reports: BTreeMap<NodeId, &BTreeMap<String, (KeyPlacement, u64)>> = view
             .reports
             .iter()
             .map(|(n, r)| (*n, &r.key_placements))
@@ -1029,7 +1038,11 @@ impl Coordinator {
         Some(ndc_proto::cluster::KeyRoutes {
             routes: routes
                 .into_iter()
-                .map(|(view, partitions)| ndc_proto::cluster::KeyRoute { view, partitions })
+                .map(|(view, r)| ndc_proto::cluster::KeyRoute {
+                    view,
+                    partitions: r.partitions,
+                    verified_seqs: r.verified_seqs,
+                })
                 .collect(),
         })
     }

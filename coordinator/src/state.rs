@@ -353,18 +353,29 @@ pub fn log_trim_points(
     out
 }
 
-/// The views whose keys every node may route to one shard, with the
-/// partition count their keys are placed by: for each sharded view with
-/// registered partitions, what the holders of each of its shards reported
-/// of where that shard's keys sit (any holder's report counts: all apply
-/// the same log; a break reported by any wins), judged by
-/// [`ndc_operators::shard::key_route`]. A shard no holder reported on
-/// withholds its view's route.
+/// A view whose keys every node may route to one shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRoute {
+    /// The partition count its keys are placed by: key k is in shard
+    /// `ndc_operators::shard::of_key(k, partitions, shards)`.
+    pub partitions: u32,
+    /// Per shard, in shard order: the change up to which its records are
+    /// known to be in place (0 where none was reported).
+    pub verified_seqs: Vec<u64>,
+}
+
+/// The views whose keys every node may route to one shard: for each
+/// sharded view with registered partitions, what the holders of each of
+/// its shards reported of where that shard's keys sit, with the shard's last
+/// change then (any holder's report counts: all apply the same log; a break
+/// reported by any wins; the highest change reported is the shard's
+/// verified point), judged by [`ndc_operators::shard::key_route`]. A shard
+/// no holder reported on withholds its view's route.
 pub fn key_routes(
     state: &ClusterState,
     members: &BTreeSet<NodeId>,
-    reported: &BTreeMap<NodeId, &BTreeMap<String, ndc_proto::state::KeyPlacement>>,
-) -> BTreeMap<String, u32> {
+    reported: &BTreeMap<NodeId, &BTreeMap<String, (ndc_proto::state::KeyPlacement, u64)>>,
+) -> BTreeMap<String, KeyRoute> {
     use ndc_operators::shard;
     let mut views: BTreeMap<&str, BTreeMap<u32, &str>> = BTreeMap::new();
     for pid in &state.partitions {
@@ -377,17 +388,23 @@ pub fn key_routes(
     for (view, shards) in views {
         let count = shards.keys().max().map_or(0, |m| m + 1) as usize;
         let mut placements = vec![None; count];
+        let mut verified_seqs = vec![0; count];
         for (i, name) in shards {
             let mut known = None;
             for n in state.holders_among(name, members) {
-                if let Some(p) = reported.get(&n).and_then(|r| r.get(name)) {
+                if let Some((p, seq)) = reported.get(&n).and_then(|r| r.get(name)) {
                     known = Some(shard::merge_key_placement(known, *p));
+                    verified_seqs[i as usize] = verified_seqs[i as usize].max(*seq);
                 }
             }
             placements[i as usize] = known;
         }
         if let Some(partitions) = shard::key_route(&placements) {
-            out.insert(view.to_string(), partitions);
+            let route = KeyRoute {
+                partitions,
+                verified_seqs,
+            };
+            out.insert(view.to_string(), route);
         }
     }
     out
@@ -1099,32 +1116,48 @@ mod tests {
             2,
         );
         let members = BTreeSet::from([1, 2, 3]);
-        let all = |shards: &[&str], p: KeyPlacement| -> BTreeMap<String, KeyPlacement> {
-            shards.iter().map(|s| (s.to_string(), p)).collect()
+        type Report = BTreeMap<String, (KeyPlacement, u64)>;
+        let all = |shards: &[&str], p: KeyPlacement, seq: u64| -> Report {
+            shards.iter().map(|s| (s.to_string(), (p, seq))).collect()
         };
         // Node 1 alone reported v#0 and v#2; v#1's holders (2, 3) said nothing.
-        let n1 = all(&["v#0", "v#2", "w", "x#0", "x#1"], ok);
+        let n1 = all(&["v#0", "v#2", "w", "x#0", "x#1"], ok, 10);
         let reported = BTreeMap::from([(1, &n1)]);
         let routes = key_routes(&s, &members, &reported);
         assert_eq!(
-            routes,
-            BTreeMap::from([("x".to_string(), 3)]),
+            routes.keys().collect::<Vec<_>>(),
+            ["x"],
             "v waits for v#1; w has one shard, nothing to route"
         );
-        let n3 = all(&["v#1", "v#2"], ok);
+        assert_eq!(routes["x"].partitions, 3);
+        // Node 3 holds v#1 and v#2 and is further on in v#2: the highest counts.
+        let n3 = all(&["v#1", "v#2"], ok, 12);
         let reported = BTreeMap::from([(1, &n1), (3, &n3)]);
         let routes = key_routes(&s, &members, &reported);
-        assert_eq!(routes.get("v"), Some(&3));
+        assert_eq!(
+            routes.get("v"),
+            Some(&KeyRoute {
+                partitions: 3,
+                verified_seqs: vec![10, 12, 12],
+            })
+        );
         // A standby of v#2 (node 3) applied a record out of place: gone,
         // whatever the other holder still says.
-        let n3 = BTreeMap::from([("v#1".to_string(), ok), ("v#2".to_string(), broken)]);
+        let n3 = BTreeMap::from([
+            ("v#1".to_string(), (ok, 12)),
+            ("v#2".to_string(), (broken, 13)),
+        ]);
         let reported = BTreeMap::from([(1, &n1), (3, &n3)]);
         assert_eq!(key_routes(&s, &members, &reported).get("v"), None);
         // A report from a node that no longer holds the shard does not count.
-        let n2 = all(&["v#1"], ok);
-        let n9 = all(&["v#0", "v#1", "v#2"], broken);
+        let n2 = all(&["v#1"], ok, 9);
+        let n9 = all(&["v#0", "v#1", "v#2"], broken, 50);
         let reported = BTreeMap::from([(1, &n1), (2, &n2), (9, &n9)]);
-        assert_eq!(key_routes(&s, &members, &reported).get("v"), Some(&3));
+        let routes = key_routes(&s, &members, &reported);
+        assert_eq!(
+            routes.get("v").map(|r| r.verified_seqs.clone()),
+            Some(vec![10, 9, 10])
+        );
     }
 
     #[test]

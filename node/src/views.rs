@@ -308,7 +308,15 @@ impl ViewRegistry {
     /// The partition count a replica view's keys are routed by, while they
     /// are ([`ViewRegistry::set_key_routes`]).
     pub fn key_route(&self, name: &str) -> Option<u32> {
-        self.key_routes.borrow().get(name).copied()
+        self.key_routes.borrow().get(name).map(|r| r.partitions)
+    }
+
+    /// While a replica view's keys are routed, the change of `shard` up to
+    /// which its records are known to be in place: a keyed read that does
+    /// not read the shard may stand there.
+    pub fn verified_seq(&self, name: &str, shard: u32) -> Option<u64> {
+        let routes = self.key_routes.borrow();
+        routes.get(name)?.verified_seqs.get(shard as usize).copied()
     }
 
     /// Follows the routed views: a keyed read that left shards unread ends
@@ -352,12 +360,22 @@ impl ViewRegistry {
             .collect();
         let mut routes = BTreeMap::new();
         for (name, shards) in views {
-            let placements: Vec<_> = shards
+            // Each shard's placement with its last change, in one read.
+            let metas: Vec<_> = shards.iter().map(|s| reader.view_meta(s).ok()).collect();
+            let placements: Vec<_> = metas
                 .iter()
-                .map(|s| reader.view_meta(s).ok().and_then(|m| m.key_placement))
+                .map(|m| m.as_ref().and_then(|m| m.key_placement))
                 .collect();
             if let Some(partitions) = ndc_operators::shard::key_route(&placements) {
-                routes.insert(name, partitions);
+                let verified_seqs = metas
+                    .iter()
+                    .map(|m| m.as_ref().map_or(0, |m| m.last_seq))
+                    .collect();
+                let route = ndc_coordinator::KeyRoute {
+                    partitions,
+                    verified_seqs,
+                };
+                routes.insert(name, route);
             }
         }
         Arc::new(routes)

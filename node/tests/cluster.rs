@@ -2764,6 +2764,13 @@ async fn a_keyed_read_is_served_by_its_keys_shard_alone_while_the_feed_shows_kaf
     };
     assert!(row_seen(feed.expected[&key].clone())());
 
+    // The shards it does not read move up in its token to where the leader
+    // says their records are known to be in place.
+    eventually("the unread shards' positions moved up", SETTLE, || {
+        last_positions(&seen.lock().unwrap()).is_some_and(|p| p.iter().all(|&s| s > 0))
+    })
+    .await;
+
     // The holder serving that one stream is killed while the key changes
     // 30 times: the serving node re-routes the stream to the shard's other
     // holder from its cursor, and the subscriber sees every revision once,

@@ -381,6 +381,16 @@ async fn a_keyed_read_goes_to_its_keys_shard_while_the_feed_shows_kafkas_partiti
     )
     .await;
 
+    // The shards it does not read move up in its token to where their
+    // records are known to be in place (so that once the route is
+    // withdrawn, a resume reads them from there, not from their start).
+    eventually(
+        "the unread shards' positions moved up",
+        Duration::from_secs(30),
+        || last_positions(&seen.lock().unwrap()).is_some_and(|p| p.iter().all(|&s| s > 0)),
+    )
+    .await;
+
     // The next one sent to another partition, as a producer with another
     // partitioner would: the view is no longer routed, and the keyed
     // subscriber, resumed over every shard, gets it.

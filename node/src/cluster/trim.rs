@@ -71,11 +71,13 @@ pub async fn report_log_positions(
             .collect();
         let positions: BTreeMap<String, u64> =
             held.iter().map(|(n, p)| ((*n).clone(), *p)).collect();
-        let placements: BTreeMap<String, ndc_operators::shard::KeyPlacement> = held
+        // With the shard's last change in the same read: every change up to
+        // it comes from records the placement covers.
+        let placements: BTreeMap<String, (ndc_operators::shard::KeyPlacement, u64)> = held
             .iter()
             .filter_map(|(name, _)| {
-                let placement = reader.view_meta(name).ok()?.key_placement?;
-                Some(((*name).clone(), placement))
+                let meta = reader.view_meta(name).ok()?;
+                Some(((*name).clone(), (meta.key_placement?, meta.last_seq)))
             })
             .collect();
         coordinator.set_log_positions(&positions);

@@ -33,7 +33,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, info_span, warn};
@@ -763,14 +763,44 @@ enum AnyShard {
 }
 
 /// A shard that cannot hold any key of a keyed subscription (the view is
-/// split by national ID): not read, here or on its holders. It stands at
-/// 0 in a snapshot's token, or where the token it resumes from says (a
-/// later read of it with other keys starts there).
+/// split by national ID, or a replica's keys are routed): not read, here or
+/// on its holders. It stands at 0 in a snapshot's token, or where the token
+/// it resumes from says (a later read of it with other keys starts there).
+/// Of a routed replica it then moves up to where the shard's records are
+/// known to be in place (`routes`): a read resumed once the route is
+/// withdrawn reads the shard from there, not from its start.
 struct IdleShard {
     d: Delivery,
+    routes: Option<watch::Receiver<crate::views::KeyRoutes>>,
 }
 
 impl IdleShard {
+    /// Stands at `cursor`, and moves up with the shard's verified point
+    /// while the route lasts, until the client goes away.
+    async fn follow(mut self, mut cursor: u64) -> Result<(), Status> {
+        self.stand_at(cursor).await?;
+        let Some(mut routes) = self.routes.take() else {
+            self.d.out.closed().await;
+            return Ok(());
+        };
+        loop {
+            tokio::select! {
+                _ = self.d.out.closed() => return Ok(()),
+                r = routes.changed() => if r.is_err() {
+                    self.d.out.closed().await;
+                    return Ok(());
+                },
+            }
+            let verified = routes
+                .borrow_and_update()
+                .get(&self.d.view)
+                .and_then(|r| r.verified_seqs.get(self.d.shard as usize).copied());
+            if let Some(v) = verified.filter(|v| *v > cursor) {
+                cursor = self.stand_at(v).await?;
+            }
+        }
+    }
+
     async fn stand_at(&self, seq: u64) -> Result<u64, Status> {
         self.d
             .send(Out::Progress {
@@ -836,13 +866,9 @@ impl ShardStream for AnyShard {
         match self {
             AnyShard::Local(s) => ShardStream::follow(*s, cursor).await,
             AnyShard::Remote(s) => (*s).follow(cursor).await,
-            AnyShard::Idle(s) => {
-                // Heard of once, so that a resumed token carries it; then
-                // nothing until the client goes away.
-                s.stand_at(cursor).await?;
-                s.d.out.closed().await;
-                Ok(())
-            }
+            // Heard of, so that a resumed token carries it; then nothing
+            // but its verified point moving up, until the client goes away.
+            AnyShard::Idle(s) => s.follow(cursor).await,
         }
     }
 }
@@ -1201,7 +1227,10 @@ impl Subscription for SubscriptionService {
         // them where Kafka's partitioner puts them: a read that leaves shards
         // unread for that ends when it stops, and resumes over every shard.
         let mut routes = self.views.watch_key_routes();
-        let route = routes.borrow_and_update().get(&req.view).copied();
+        let route = routes
+            .borrow_and_update()
+            .get(&req.view)
+            .map(|r| r.partitions);
         let read = self
             .views
             .shards_of_keys(&req.view, &keys)
@@ -1210,7 +1239,7 @@ impl Subscription for SubscriptionService {
             let view = req.view.clone();
             async move {
                 while routes.changed().await.is_ok() {
-                    if routes.borrow_and_update().get(&view).copied() != route {
+                    if routes.borrow_and_update().get(&view).map(|r| r.partitions) != route {
                         return refuse(
                             tonic::Code::Unavailable,
                             format!(
@@ -1323,7 +1352,8 @@ impl Subscription for SubscriptionService {
                     unmasked: None,
                 };
                 if !read {
-                    return AnyShard::Idle(Box::new(IdleShard { d }));
+                    let routes = route.map(|_| self.views.watch_key_routes());
+                    return AnyShard::Idle(Box::new(IdleShard { d, routes }));
                 }
                 match (remote, &self.peers) {
                     (Some(holders), Some(peers)) => AnyShard::Remote(Box::new(RemoteShard {

@@ -28,7 +28,7 @@ pub use cluster::{Cluster, bootstrap_list};
 pub use config::node_config;
 pub use process::{CpuCap, NodeProcess, Ports};
 pub use subscribe::{
-    changes, collect, fold, follow, follow_keys, last_seq, read_until, seqs_after_snapshot,
-    subscription, view_state, wait_rows,
+    changes, collect, fold, follow, follow_keys, last_positions, last_seq, read_until,
+    seqs_after_snapshot, subscription, view_state, wait_rows,
 };
 pub use wait::{eventually, eventually_async, http_get, metric_value, metrics_text};

@@ -131,6 +131,18 @@ pub fn last_seq(lines: &[Value]) -> u64 {
     top.values().sum()
 }
 
+/// Where the last token a subscriber was given (with a change, a
+/// completed snapshot or a progress line) stands in each shard.
+pub fn last_positions(lines: &[Value]) -> Option<Vec<u64>> {
+    let token = lines.iter().rev().find_map(|l| {
+        l.get("resume_token")
+            .or_else(|| l.get("progress")?.get("resume_token"))?
+            .as_str()
+    })?;
+    let (_, positions) = ndc_node::security::token::peek(token)?;
+    Some(positions.shards.iter().map(|p| p.seq).collect())
+}
+
 /// The sequence numbers a subscriber saw after its first completed snapshot,
 /// checked, shard by shard, to be each delivered once, with no gap, in
 /// order, continuing from the snapshot token's position in that shard.
