@@ -151,10 +151,18 @@ pub struct ViewRegistry {
     /// routed to their shard"): from the leader in a cluster, from the
     /// node's own shards alone.
     key_routes: Arc<watch::Sender<KeyRoutes>>,
+    /// The same views with their partition counts only: changes only when a
+    /// view is routed or stops being routed (the verified points above move
+    /// with every heartbeat).
+    routed_views: Arc<watch::Sender<RoutedViews>>,
 }
 
-/// Views whose keys are routed to their shards (view → partition count).
+/// Views whose keys are routed to their shards, with the partition count
+/// and each shard's verified point.
 pub type KeyRoutes = ndc_coordinator::KeyRoutes;
+
+/// Views whose keys are routed to their shards (view → partition count).
+pub type RoutedViews = Arc<BTreeMap<String, u32>>;
 
 impl Default for ViewRegistry {
     fn default() -> Self {
@@ -162,6 +170,7 @@ impl Default for ViewRegistry {
             views: Default::default(),
             closed: Default::default(),
             key_routes: Arc::new(watch::channel(KeyRoutes::default()).0),
+            routed_views: Arc::new(watch::channel(RoutedViews::default()).0),
         }
     }
 }
@@ -311,18 +320,16 @@ impl ViewRegistry {
         self.key_routes.borrow().get(name).map(|r| r.partitions)
     }
 
-    /// While a replica view's keys are routed, the change of `shard` up to
-    /// which its records are known to be in place: a keyed read that does
-    /// not read the shard may stand there.
-    pub fn verified_seq(&self, name: &str, shard: u32) -> Option<u64> {
-        let routes = self.key_routes.borrow();
-        routes.get(name)?.verified_seqs.get(shard as usize).copied()
-    }
-
-    /// Follows the routed views: a keyed read that left shards unread ends
-    /// when its view's route changes.
+    /// Follows the routed views with each shard's verified point (moves with
+    /// every heartbeat): a shard a keyed read leaves unread moves up with it.
     pub fn watch_key_routes(&self) -> watch::Receiver<KeyRoutes> {
         self.key_routes.subscribe()
+    }
+
+    /// Follows which views are routed: a keyed read that left shards unread
+    /// ends when its view's route changes.
+    pub fn watch_routed_views(&self) -> watch::Receiver<RoutedViews> {
+        self.routed_views.subscribe()
     }
 
     /// Replaces the routed views (the leader's word in a cluster, see
@@ -338,6 +345,17 @@ impl ViewRegistry {
             let routed = routes.contains_key(&name);
             metrics::gauge!(metric::KEYS_ROUTED, "view" => name).set(f64::from(u8::from(routed)));
         }
+        let views: BTreeMap<String, u32> = routes
+            .iter()
+            .map(|(name, r)| (name.clone(), r.partitions))
+            .collect();
+        self.routed_views.send_if_modified(|known| {
+            let changed = **known != views;
+            if changed {
+                *known = Arc::new(views);
+            }
+            changed
+        });
         self.key_routes.send_if_modified(|known| {
             let changed = **known != *routes;
             if changed {

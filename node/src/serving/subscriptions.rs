@@ -772,6 +772,9 @@ enum AnyShard {
 struct IdleShard {
     d: Delivery,
     routes: Option<watch::Receiver<crate::views::KeyRoutes>>,
+    /// At most one move a period: the client hears of positions only in
+    /// progress messages, once a period.
+    every: Duration,
 }
 
 impl IdleShard {
@@ -797,6 +800,10 @@ impl IdleShard {
                 .and_then(|r| r.verified_seqs.get(self.d.shard as usize).copied());
             if let Some(v) = verified.filter(|v| *v > cursor) {
                 cursor = self.stand_at(v).await?;
+                tokio::select! {
+                    _ = self.d.out.closed() => return Ok(()),
+                    _ = tokio::time::sleep(self.every) => {}
+                }
             }
         }
     }
@@ -1226,11 +1233,8 @@ impl Subscription for SubscriptionService {
         // A replica's keys are routed only while every shard's records show
         // them where Kafka's partitioner puts them: a read that leaves shards
         // unread for that ends when it stops, and resumes over every shard.
-        let mut routes = self.views.watch_key_routes();
-        let route = routes
-            .borrow_and_update()
-            .get(&req.view)
-            .map(|r| r.partitions);
+        let mut routes = self.views.watch_routed_views();
+        let route = routes.borrow_and_update().get(&req.view).copied();
         let read = self
             .views
             .shards_of_keys(&req.view, &keys)
@@ -1239,7 +1243,7 @@ impl Subscription for SubscriptionService {
             let view = req.view.clone();
             async move {
                 while routes.changed().await.is_ok() {
-                    if routes.borrow_and_update().get(&view).map(|r| r.partitions) != route {
+                    if routes.borrow_and_update().get(&view).copied() != route {
                         return refuse(
                             tonic::Code::Unavailable,
                             format!(
@@ -1353,7 +1357,8 @@ impl Subscription for SubscriptionService {
                 };
                 if !read {
                     let routes = route.map(|_| self.views.watch_key_routes());
-                    return AnyShard::Idle(Box::new(IdleShard { d, routes }));
+                    let every = self.config.progress_interval;
+                    return AnyShard::Idle(Box::new(IdleShard { d, routes, every }));
                 }
                 match (remote, &self.peers) {
                     (Some(holders), Some(peers)) => AnyShard::Remote(Box::new(RemoteShard {
