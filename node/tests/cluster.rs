@@ -2703,21 +2703,10 @@ async fn a_keyed_read_is_served_by_its_keys_shard_alone_while_the_feed_shows_kaf
         })
         .await;
     let producer = kafka_partitioned_producer(&cluster._broker);
-    let send = |key: String, value: Vec<u8>, partition: Option<i32>| {
-        let producer = producer.clone();
-        async move { publish_keyed(&producer, TOPIC, &key, &value, partition).await }
-    };
     let mut feed = feed::Citizens::default();
-    let mut partition_of: BTreeMap<String, i32> = BTreeMap::new();
-    for i in 0..200 {
-        let change = feed.change(i, false, false);
-        for e in change.events {
-            let p = send(change.key.clone(), e.value.unwrap(), None).await;
-            partition_of.insert(change.key.clone(), p);
-        }
-    }
-    let used: BTreeSet<i32> = partition_of.values().copied().collect();
-    assert_eq!(used.len(), PARTITIONS as usize, "every partition got keys");
+    let partition_of = feed
+        .publish_partitioned(&producer, TOPIC, 200, PARTITIONS)
+        .await;
     for m in [0, 1, 2] {
         eventually_async(
             &format!("ndc-{m} routes the view's keys"),
@@ -2840,7 +2829,7 @@ async fn a_keyed_read_is_served_by_its_keys_shard_alone_while_the_feed_shows_kaf
     let change = feed.change(0, false, false);
     let elsewhere = (partition_of[&key] + 1) % PARTITIONS;
     let value = change.events[0].value.clone().unwrap();
-    send(key.clone(), value, Some(elsewhere)).await;
+    publish_keyed(&producer, TOPIC, &key, &value, Some(elsewhere)).await;
     for m in [0, 1, 2] {
         eventually_async(
             &format!("ndc-{m} no longer routes the view's keys"),

@@ -55,8 +55,9 @@ fn partition_of(line: &Value) -> u32 {
         .expect("a Kafka stream")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sharded_view_is_fanned_in_and_resumed_by_a_vector_token() {
+/// A broker with the topic, a directory, and a node's configuration with
+/// the view in `SHARDS` shards.
+async fn sharded_view() -> (Broker, tempfile::TempDir, ndc_node::config::NodeConfig) {
     let broker = Broker::start();
     broker.create_topic(TOPIC, PARTITIONS).await;
     let dir = tempfile::tempdir().unwrap();
@@ -66,6 +67,12 @@ async fn a_sharded_view_is_fanned_in_and_resumed_by_a_vector_token() {
         &[("citizens", TOPIC, &["person_id"])],
     );
     config.views[0].shards = SHARDS;
+    (broker, dir, config)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sharded_view_is_fanned_in_and_resumed_by_a_vector_token() {
+    let (broker, dir, mut config) = sharded_view().await;
     config.pipeline.max_batch_records = 100;
     // Two state writers: shards 0 and 2 on the first, 1 on the second.
     config.pipeline.writers = 2;
@@ -302,37 +309,16 @@ fn snapshot_positions(lines: &[Value]) -> Option<Vec<u64>> {
 /// and keyed reads from then on read every shard.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keyed_read_goes_to_its_keys_shard_while_the_feed_shows_kafkas_partitioner() {
-    let broker = Broker::start();
-    broker.create_topic(TOPIC, PARTITIONS).await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = node_config(
-        &dir.path().join("node"),
-        &broker.bootstrap,
-        &[("citizens", TOPIC, &["person_id"])],
-    );
-    config.views[0].shards = SHARDS;
+    let (broker, dir, config) = sharded_view().await;
     let mut node = NodeProcess::start_new(bin(), config, dir.path(), "node").unwrap();
     node.wait_ready(Duration::from_secs(60)).await.unwrap();
     let (grpc, http) = (node.grpc(), node.http());
 
     let producer = kafka_partitioned_producer(&broker);
-    let send = |key: String, value: Vec<u8>, partition: Option<i32>| {
-        let producer = producer.clone();
-        async move { publish_keyed(&producer, TOPIC, &key, &value, partition).await }
-    };
     let mut feed = feed::Citizens::default();
-    let mut partition_of: BTreeMap<String, i32> = BTreeMap::new();
-    for i in 0..60 {
-        let change = feed.change(i, false, false);
-        for e in change.events {
-            let key = String::from_utf8(e.key).unwrap();
-            assert_eq!(key, change.key, "the feed's keys are canonical JSON");
-            let p = send(key, e.value.unwrap(), None).await;
-            partition_of.insert(change.key.clone(), p);
-        }
-    }
-    let used: std::collections::BTreeSet<i32> = partition_of.values().copied().collect();
-    assert_eq!(used.len(), PARTITIONS as usize, "every partition got keys");
+    let partition_of = feed
+        .publish_partitioned(&producer, TOPIC, 60, PARTITIONS)
+        .await;
     eventually_async(
         "the view's keys routed to their shards",
         Duration::from_secs(30),
@@ -373,7 +359,7 @@ async fn a_keyed_read_goes_to_its_keys_shard_while_the_feed_shows_kafkas_partiti
     // An update where the partitioner puts it: delivered as ever.
     let change = feed.change(0, false, false);
     let value = change.events[0].value.clone().unwrap();
-    send(key.clone(), value, None).await;
+    publish_keyed(&producer, TOPIC, &key, &value, None).await;
     eventually(
         "the update in the key's partition",
         Duration::from_secs(30),
@@ -397,7 +383,7 @@ async fn a_keyed_read_goes_to_its_keys_shard_while_the_feed_shows_kafkas_partiti
     let change = feed.change(0, false, false);
     let value = change.events[0].value.clone().unwrap();
     let elsewhere = (partition_of[&key] + 1) % PARTITIONS;
-    send(key.clone(), value, Some(elsewhere)).await;
+    publish_keyed(&producer, TOPIC, &key, &value, Some(elsewhere)).await;
     eventually_async(
         "the view's keys no longer routed",
         Duration::from_secs(30),

@@ -72,3 +72,31 @@ impl Citizens {
         }
     }
 }
+
+impl Citizens {
+    /// Inserts people `0..n` through `producer` into `topic`, where its
+    /// partitioner puts each key; returns each key's partition, checking
+    /// that the feed's keys are canonical JSON and that every one of the
+    /// topic's `partitions` got some.
+    pub async fn publish_partitioned(
+        &mut self,
+        producer: &rdkafka::producer::FutureProducer,
+        topic: &str,
+        n: u64,
+        partitions: i32,
+    ) -> BTreeMap<String, i32> {
+        let mut partition_of = BTreeMap::new();
+        for i in 0..n {
+            let change = self.change(i, false, false);
+            for e in change.events {
+                assert_eq!(e.key, change.key.as_bytes(), "keys are canonical JSON");
+                let value = e.value.expect("an insert has a value");
+                let p = crate::publish_keyed(producer, topic, &change.key, &value, None).await;
+                partition_of.insert(change.key.clone(), p);
+            }
+        }
+        let used: std::collections::BTreeSet<i32> = partition_of.values().copied().collect();
+        assert_eq!(used.len(), partitions as usize, "every partition got keys");
+        partition_of
+    }
+}
