@@ -350,6 +350,17 @@ impl ViewRegistry {
             .map(|(name, r)| (name.clone(), r.partitions))
             .collect();
         self.routed_views.send_if_modified(|known| {
+            for name in known.keys().filter(|n| !views.contains_key(*n)) {
+                tracing::warn!(
+                    view = %name,
+                    "the view's keys are no longer known to sit in their shards (a shard's \
+                     owner logged the record out of place): keyed reads now read every shard, \
+                     and keyed subscriptions that relied on it resume over every shard"
+                );
+            }
+            for name in views.keys().filter(|n| !known.contains_key(*n)) {
+                tracing::info!(view = %name, "keyed reads of the view go to their keys' shards");
+            }
             let changed = **known != views;
             if changed {
                 *known = Arc::new(views);

@@ -412,30 +412,40 @@ async fn a_keyed_read_goes_to_its_keys_shard_while_the_feed_shows_kafkas_partiti
         ended.is_some_and(|n| n >= 1.0),
         "the routed stream was ended: {ended:?}"
     );
-    // The node says why, naming the partition, never the key (a person).
+    // The node says so (a WARN: keyed reads changed), and the shard's owner
+    // says why, naming the partition, never the key (a person).
     let log = std::fs::read_to_string(node.log_path()).unwrap();
+    let plain = |line: &str| {
+        let mut out = String::new();
+        let mut in_escape = false;
+        for c in line.chars() {
+            match (in_escape, c) {
+                (false, '\u{1b}') => in_escape = true,
+                (true, 'm') => in_escape = false,
+                (false, c) => out.push(c),
+                _ => {}
+            }
+        }
+        out
+    };
     let warning = log
         .lines()
+        .map(plain)
+        .find(|l| l.contains("WARN") && l.contains("no longer known to sit in their shards"))
+        .expect("a warning that keyed reads now read every shard");
+    assert!(warning.contains("view=citizens"), "{warning}");
+    let why = log
+        .lines()
+        .map(plain)
         .find(|l| l.contains("not in the partition Kafka's default partitioner gives"))
-        .expect("a warning about the record out of place");
-    // Without its colours.
-    let mut plain = String::new();
-    let mut in_escape = false;
-    for c in warning.chars() {
-        match (in_escape, c) {
-            (false, '\u{1b}') => in_escape = true,
-            (true, 'm') => in_escape = false,
-            (false, c) => plain.push(c),
-            _ => {}
-        }
-    }
+        .expect("the owner's account of the record out of place");
     let person = serde_json::from_str::<Value>(&key).unwrap()["person_id"]
         .as_str()
         .unwrap()
         .to_string();
     assert!(
-        plain.contains(&format!("partition={elsewhere}")) && !plain.contains(&person),
-        "{plain}"
+        why.contains(&format!("partition={elsewhere}")) && !why.contains(&person),
+        "{why}"
     );
 
     // From now on a keyed read reads every shard.

@@ -1703,14 +1703,21 @@ impl Txn<'_> {
     /// shard"). Only a change of that is written (and, for a cluster owner,
     /// logged for the shard's holders): the first keyed record, or the first
     /// out of place, after which the view is never routed again. Returns
-    /// what the view's metadata says now when this record changed it.
+    /// what the view's metadata said before and says now when this record
+    /// changed it.
     pub fn check_key_placement(
         &mut self,
         view: ViewId,
         key: &Key,
         partition: i32,
         partitions: u32,
-    ) -> Result<Option<crate::shard::KeyPlacement>, StoreError> {
+    ) -> Result<
+        Option<(
+            Option<crate::shard::KeyPlacement>,
+            crate::shard::KeyPlacement,
+        )>,
+        StoreError,
+    > {
         let fits = i64::from(crate::shard::kafka_partition(key.as_bytes(), partitions))
             == i64::from(partition);
         let seen = crate::shard::KeyPlacement {
@@ -1719,12 +1726,13 @@ impl Txn<'_> {
         };
         let meta = self.meta_mut(view)?;
         let now = crate::shard::merge_key_placement(meta.key_placement, seen);
-        if meta.key_placement == Some(now) {
+        let before = meta.key_placement;
+        if before == Some(now) {
             return Ok(None);
         }
         meta.key_placement = Some(now);
         self.record(view, &[], || effect::Kind::KeyPlacement(now));
-        Ok(Some(now))
+        Ok(Some((before, now)))
     }
 
     /// The name of one of the store's views (for logs).

@@ -239,7 +239,9 @@ impl KafkaSource {
                                 decoded,
                                 topic: Some(topic_arc.clone()),
                                 partition: Some(partition),
-                                partitions,
+                                // Checked only where it matters: a view of one
+                                // shard has no shard to route a key to.
+                                partitions: partitions.filter(|_| route.shards.len() > 1),
                                 epoch,
                                 assignment: held.as_ref().map(|h| h.assignment),
                                 raw_key: if keep_raw { m.key().map(<[u8]>::to_vec) } else { None },

@@ -899,17 +899,20 @@ fn apply_input(
             if outcome != Outcome::AlreadyApplied
                 && let (Some(key), Some(p), Some(n)) =
                     (&event.key, input.partition, input.partitions)
-                && let Some(now) = txn.check_key_placement(input.view, key, p, n)?
+                && let Some((before, now)) = txn.check_key_placement(input.view, key, p, n)?
                 && now.broken
             {
-                // Which key is not said: keys name people.
-                warn!(
-                    view = %txn.view_name(input.view),
+                // Which key is not said: keys name people. Whether the view
+                // was routed, and so whether its keyed reads change, is the
+                // serving side's to say (`ViewRegistry::set_key_routes`).
+                info!(
+                    view = txn.view_name(input.view),
                     partition = p,
                     partitions = n,
-                    "a keyed record is not in the partition Kafka's default partitioner gives \
-                     its key (another partitioner, a key layout other than canonical JSON, or \
-                     partitions added): keyed reads of this view now read every shard"
+                    after_records_in_place = before.is_some(),
+                    "a keyed record is not in the partition Kafka's default partitioner gives its \
+                     key (another partitioner, a key layout other than canonical JSON, or \
+                     partitions added): keyed reads of this view read every shard"
                 );
             }
             if matches!(
