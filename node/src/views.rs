@@ -129,6 +129,14 @@ pub struct ServedView {
     pub split_by: Option<Arc<str>>,
 }
 
+impl ServedView {
+    /// Split by source partition into more than one shard: a keyed read
+    /// goes to one shard only while its keys are routed.
+    fn keys_by_partition(&self) -> bool {
+        self.split_by.is_none() && self.shards.len() > 1
+    }
+}
+
 /// A shard to serve: its store view and last committed sequence.
 #[derive(Debug, Clone)]
 pub struct ShardHead {
@@ -147,9 +155,9 @@ pub struct ViewRegistry {
     /// one is asking the wrong node, not naming a view that does not exist.
     closed: Arc<std::sync::atomic::AtomicBool>,
     /// Replica views whose keys are routed to their shards, with the
-    /// partition count they are placed by ([`ndc_operators::shard`], "Keys
-    /// routed to their shard"): from the leader in a cluster, from the
-    /// node's own shards alone.
+    /// partition count they are placed by and each shard's verified point
+    /// ([`ndc_operators::shard`], "Keys routed to their shard"): from the
+    /// leader in a cluster, from the node's own shards alone.
     key_routes: Arc<watch::Sender<KeyRoutes>>,
     /// The same views with their partition counts only: changes only when a
     /// view is routed or stops being routed (the verified points above move
@@ -260,58 +268,52 @@ impl ViewRegistry {
     }
 
     /// The shards that may hold rows with the given keys (JSON objects of
-    /// the key columns), in shard order: every shard unless the view is
-    /// split by national ID.
+    /// the key columns), in shard order: only the keys' shards when the
+    /// key decides the shard (a view split by national ID, or a replica
+    /// while its keys are routed), else every shard.
     pub fn shards_of_keys(&self, name: &str, keys: &[ndc_operators::Key]) -> Option<Vec<bool>> {
+        use ndc_operators::shard;
         let views = self.read();
         let view = views.get(name)?;
         let n = view.shards.len();
         if keys.is_empty() || n < 2 {
             return Some(vec![true; n]);
         }
-        let Some(column) = &view.split_by else {
-            // A replica: its keys' shards are known only while routed.
-            let Some(partitions) = self.key_route(name) else {
-                metrics::counter!(metric::KEYED_READS, "shards" => "all").increment(1);
-                return Some(vec![true; n]);
-            };
-            let mut wanted = vec![false; n];
-            for key in keys {
-                let shard = ndc_operators::shard::of_key(key.as_bytes(), partitions, n as u32);
-                if let Some(w) = wanted.get_mut(shard as usize) {
-                    *w = true;
-                }
-            }
-            metrics::counter!(metric::KEYED_READS, "shards" => "routed").increment(1);
-            return Some(wanted);
+        // A replica's keys' shards are known only while routed.
+        let partitions = match view.split_by {
+            Some(_) => None,
+            None => self.key_route(name),
         };
-        metrics::counter!(metric::KEYED_READS, "shards" => "routed").increment(1);
+        let shard_of = |key: &ndc_operators::Key| match (&view.split_by, partitions) {
+            (Some(column), _) => serde_json::from_str::<serde_json::Value>(key.as_str())
+                .ok()
+                .and_then(|k| ndc_operators::merge::national_id_text(k.get(&**column)?))
+                .map(|id| shard::of_national_id(&id, n as u32)),
+            (None, Some(p)) => Some(shard::of_key(key.as_bytes(), p, n as u32)),
+            (None, None) => None,
+        };
         let mut wanted = vec![false; n];
         for key in keys {
-            let id = serde_json::from_str::<serde_json::Value>(key.as_str())
-                .ok()
-                .and_then(|k| ndc_operators::merge::national_id_text(k.get(&**column)?));
-            match id {
-                Some(id) => {
-                    let shard = ndc_operators::shard::of_national_id(&id, n as u32) as usize;
-                    if let Some(w) = wanted.get_mut(shard) {
-                        *w = true;
-                    }
+            match shard_of(key).and_then(|s| wanted.get_mut(s as usize)) {
+                Some(w) => *w = true,
+                // A key without its national ID, or of a replica not routed,
+                // could be anywhere.
+                None => {
+                    metrics::counter!(metric::KEYED_READS, "shards" => "all").increment(1);
+                    return Some(vec![true; n]);
                 }
-                // A key without it could be anywhere.
-                None => return Some(vec![true; n]),
             }
         }
+        metrics::counter!(metric::KEYED_READS, "shards" => "routed").increment(1);
         Some(wanted)
     }
 
     /// Whether a keyed read of the view reads only its keys' shards.
     pub fn keyed_reads_routed(&self, name: &str) -> bool {
-        let split = match self.read().get(name) {
-            Some(v) if v.shards.len() > 1 => v.split_by.is_some(),
-            _ => return false,
-        };
-        split || self.key_route(name).is_some()
+        match self.read().get(name) {
+            Some(v) if v.shards.len() > 1 => v.split_by.is_some() || self.key_route(name).is_some(),
+            _ => false,
+        }
     }
 
     /// The partition count a replica view's keys are routed by, while they
@@ -332,13 +334,13 @@ impl ViewRegistry {
         self.routed_views.subscribe()
     }
 
-    /// Replaces the routed views (the leader's word in a cluster, see
-    /// `publish_local_key_routes` on a single node).
+    /// Replaces the routed views (the leader's word in a cluster,
+    /// [`ViewRegistry::local_key_routes`] on a single node).
     pub fn set_key_routes(&self, routes: KeyRoutes) {
         let sharded: Vec<String> = self
             .read()
             .iter()
-            .filter(|(_, v)| v.split_by.is_none() && v.shards.len() > 1)
+            .filter(|(_, v)| v.keys_by_partition())
             .map(|(name, _)| name.clone())
             .collect();
         for name in sharded {
@@ -381,7 +383,7 @@ impl ViewRegistry {
         let views: Vec<(String, Vec<Arc<str>>)> = self
             .read()
             .iter()
-            .filter(|(_, v)| v.split_by.is_none() && v.shards.len() > 1)
+            .filter(|(_, v)| v.keys_by_partition())
             .map(|(name, v)| {
                 let names = v.shards.iter().map(|s| s.store_name.clone()).collect();
                 (name.clone(), names)

@@ -129,8 +129,9 @@ pub use ndc_proto::state::KeyPlacement;
 /// What a shard's records showed, `known` so far, once they also showed
 /// `seen`: broken once anything was out of place or came over another
 /// partition count, and for good (the partition count first seen is kept).
-/// Order-insensitive over a run of observations, so a holder applying an
-/// observation twice, or late, ends where the owner does.
+/// Whether the result is broken does not depend on the order of the
+/// observations nor on one seen twice, so a holder applying an observation
+/// again, or late, is broken exactly when the owner is.
 pub fn merge_key_placement(known: Option<KeyPlacement>, seen: KeyPlacement) -> KeyPlacement {
     match known {
         None => seen,
