@@ -238,6 +238,9 @@ struct LeaderView {
     /// When a round of heartbeats to a quorum, started at this instant,
     /// last confirmed this node's leadership.
     confirmed_at: Option<Instant>,
+    /// The routed views as last computed, and when: every node's heartbeat
+    /// gets them, computed at most once per heartbeat interval.
+    key_routes: Option<(Instant, ndc_proto::cluster::KeyRoutes)>,
 }
 
 /// Ids of the members (voters and learners) of the applied membership.
@@ -1007,7 +1010,7 @@ impl Coordinator {
                     .collect(),
             },
         );
-        reply.key_routes = self.known_key_routes(&view);
+        reply.key_routes = self.known_key_routes(&mut view);
         reply.accepted = true;
         reply.lease_ms = u64::try_from(self.inner.config.lease.as_millis()).unwrap_or(u64::MAX);
         reply
@@ -1019,7 +1022,12 @@ impl Coordinator {
     /// still silent is down, and the other holders of its shards apply the
     /// same log). Before that `None`: nodes keep what they had rather
     /// than drop a route only because a new leader has not heard of it.
-    fn known_key_routes(&self, view: &LeaderView) -> Option<ndc_proto::cluster::KeyRoutes> {
+    fn known_key_routes(&self, view: &mut LeaderView) -> Option<ndc_proto::cluster::KeyRoutes> {
+        if let Some((at, routes)) = &view.key_routes
+            && at.elapsed() < self.inner.config.heartbeat_interval
+        {
+            return Some(routes.clone());
+        }
         let applied = self.inner.applied.borrow().clone();
         let members = member_ids(&applied);
         let heard_all = members.iter().all(|m| view.reports.contains_key(m));
@@ -1034,9 +1042,8 @@ impl Coordinator {
             .iter()
             .map(|(n, r)| (*n, &r.key_placements))
             .collect();
-        let routes = state::key_routes(&applied.cluster, &members, &reports);
-        Some(ndc_proto::cluster::KeyRoutes {
-            routes: routes
+        let routes = ndc_proto::cluster::KeyRoutes {
+            routes: state::key_routes(&applied.cluster, &members, &reports)
                 .into_iter()
                 .map(|(view, r)| ndc_proto::cluster::KeyRoute {
                     view,
@@ -1044,7 +1051,9 @@ impl Coordinator {
                     verified_seqs: r.verified_seqs,
                 })
                 .collect(),
-        })
+        };
+        view.key_routes = Some((Instant::now(), routes.clone()));
+        Some(routes)
     }
 
     fn reset_if_new_term(&self, view: &mut LeaderView, term: u64) {
@@ -1058,6 +1067,7 @@ impl Coordinator {
                 since: Some(Instant::now()),
                 reports: HashMap::new(),
                 confirmed_at: None,
+                key_routes: None,
             };
         }
     }

@@ -525,6 +525,9 @@ async fn follow_assignments(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_report = std::time::Instant::now() - Duration::from_secs(1);
     let mut next_assignment = 0u64;
+    // The Raft index of the state the topics' partition counts were last
+    // taken from.
+    let mut counted_at: Option<Option<u64>> = None;
     // Partitions gained and not yet caught up: when, and from which offset.
     let mut restoring: HashMap<(String, i32), (std::time::Instant, u64)> = HashMap::new();
     loop {
@@ -541,14 +544,19 @@ async fn follow_assignments(
         let owned = {
             let applied = coordinator.watch().borrow().clone();
             // The partitions the leader registered for each topic, from its
-            // metadata: what Kafka's partitioner divides by.
+            // metadata: what Kafka's partitioner divides by (counted again
+            // only when the replicated state has changed).
+            let index = applied.last_applied.map(|l| l.index);
             let mut counts: HashMap<&str, BTreeSet<&str>> = HashMap::new();
-            for pid in &applied.cluster.partitions {
-                let mut parts = pid.rsplitn(3, '/');
-                if let (Some(p), Some(topic)) = (parts.next(), parts.next())
-                    && assigner.routes.contains_key(topic)
-                {
-                    counts.entry(topic).or_default().insert(p);
+            if counted_at != Some(index) {
+                counted_at = Some(index);
+                for pid in &applied.cluster.partitions {
+                    let mut parts = pid.rsplitn(3, '/');
+                    if let (Some(p), Some(topic)) = (parts.next(), parts.next())
+                        && assigner.routes.contains_key(topic)
+                    {
+                        counts.entry(topic).or_default().insert(p);
+                    }
                 }
             }
             for (topic, partitions) in counts {
